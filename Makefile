@@ -1,0 +1,26 @@
+# The two commands a new user needs:  make demo   and   make test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tokenmill-installed
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_torch.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	bash scripts/install_torch.sh $(PY)
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+demo: setup
+	$(VENV)/bin/tokenmill demo --json runs/demo/summary.json
+
+clean:
+	rm -rf $(VENV) runs

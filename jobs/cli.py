@@ -1,0 +1,73 @@
+"""The `tokenmill` command line.
+
+Each subcommand lives in its own module with a `register(subparsers)` function that adds its
+parser and sets `run=handler`; heavy imports (torch, ray) happen inside handlers so `--help`
+stays fast. A handler returns a JSON-ready summary dict, written to `--json PATH` if given.
+A `UserError` is printed as one line and exits 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from models.errors import UserError
+
+# Order here is the order in `tokenmill --help`.
+COMMAND_MODULES = [
+    "jobs.demo",
+    "jobs.bench",
+]
+
+EXIT_USER_ERROR = 2
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="PATH", type=Path, help="write the result summary as JSON to PATH")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config file (omit to use the embedded defaults)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=200 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenmill",
+        description="Train image tokenizers (VAE family, VQ-VAE) on Ray and tokenize datasets into Zarr.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def run_handler(handler: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace) -> int:
+    try:
+        result = handler(args)
+    except UserError as err:
+        print(f"tokenmill {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"tokenmill {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if getattr(args, "json", None):
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_handler(args.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Pure single-device PyTorch models: the VAE family and the VQ family.
+
+Importing `models` registers every model class for `build_model` / `load_model`.
+"""
+
+from models.errors import UserError
+from models.serialization import build_model, load_model, register_model, save_model
+
+__all__ = ["UserError", "build_model", "load_model", "register_model", "save_model"]

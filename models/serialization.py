@@ -1,0 +1,131 @@
+"""Save and load models as a directory: `config.json` + `model.safetensors`. Nothing is unpickled.
+
+Every model class is registered under its class name with `@register_model`; it must
+expose `self.config` (a dataclass) and accept that dataclass as its only constructor argument.
+`load_model(path)` reads `config.json`, rebuilds the dataclass, constructs the class and loads
+the weights strictly, so a checkpoint from another architecture fails with a clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.errors import UserError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+_MODELS: dict[str, type[torch.nn.Module]] = {}
+
+
+def register_model(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
+    """Class decorator: make `cls` loadable by `load_model` and buildable by `build_model`."""
+    config_cls = getattr(cls, "config_class", None)
+    if config_cls is None or not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"{cls.__name__} needs a dataclass `config_class` to be registered")
+    _MODELS[cls.__name__] = cls
+    return cls
+
+
+def registered_models() -> dict[str, type[torch.nn.Module]]:
+    return dict(_MODELS)
+
+
+def model_class_for_kind(kind: str) -> type[torch.nn.Module]:
+    """The model class whose config dataclass has `kind == kind` (e.g. "vae", "vqvae")."""
+    for cls in _MODELS.values():
+        if getattr(cls.config_class, "kind", None) == kind:
+            return cls
+    known = sorted(str(getattr(c.config_class, "kind", "?")) for c in _MODELS.values())
+    raise UserError(f"unknown model kind {kind!r}; known kinds: {', '.join(known)}")
+
+
+def build_model(config: Any) -> torch.nn.Module:
+    """Build a fresh model from its config dataclass (or a dict with a `kind` key)."""
+    if isinstance(config, dict):
+        cls = model_class_for_kind(config.get("kind", ""))
+        config = _config_from_dict(cls, config)
+    else:
+        cls = model_class_for_kind(config.kind)
+    return cls(config)
+
+
+def _config_from_dict(cls: type[torch.nn.Module], values: dict[str, Any]) -> Any:
+    config_cls = cls.config_class
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(
+            f"{cls.__name__} config has unknown keys {unknown}; it was probably written by a "
+            "different tokenmill version — retrain or upgrade tokenmill"
+        )
+    return config_cls(**values)
+
+
+def model_config_dict(model: torch.nn.Module) -> dict[str, Any]:
+    return dataclasses.asdict(model.config)
+
+
+def save_model(model: torch.nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write `path/config.json` and `path/model.safetensors`; returns the directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "class": type(model).__name__,
+        "config": model_config_dict(model),
+        "extra": extra or {},
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    # safetensors refuses shared storage; contiguous clones keep tied weights safe to save.
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_FILE))
+    return path
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """The parsed `config.json` of a saved model directory (class, config, extra)."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise UserError(f"{path} is not a tokenmill model directory: {CONFIG_FILE} is missing")
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path} is not valid JSON ({err}); re-save the model") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{config_path} has format_version {meta.get('format_version')!r}, this tokenmill "
+            f"reads {FORMAT_VERSION}; upgrade tokenmill or re-save the model"
+        )
+    return meta
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the saved model class from `config.json` and load its safetensors weights."""
+    path = Path(path)
+    meta = read_model_config(path)
+    cls = _MODELS.get(meta.get("class", ""))
+    if cls is None:
+        raise UserError(
+            f"{path}: unknown model class {meta.get('class')!r}; known: {', '.join(sorted(_MODELS))}"
+        )
+    model = cls(_config_from_dict(cls, meta["config"]))
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise UserError(f"{path}: {WEIGHTS_FILE} is missing; the model directory is incomplete")
+    state = load_file(str(weights_path), device=str(map_location))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"{weights_path} does not match {cls.__name__}({meta['config']}): "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
+            "the weights come from a different architecture"
+        )
+    return model.to(map_location)

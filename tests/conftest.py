@@ -1,0 +1,105 @@
+"""Shared fixtures: one local Ray instance, a loopback S3 server (moto) and a real MLflow server.
+
+The S3 endpoint and credentials are exported as environment variables at import time, before
+any Ray process starts, so Ray workers (which inherit the driver's environment) reach the same
+server through plain s3fs without extra options.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+S3_PORT = free_port()
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_ENDPOINT_URL_S3=S3_ENDPOINT,
+)
+# Keep Ray quiet and small on 2-core machines.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance shared by the whole test session (4 logical CPUs on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server on 127.0.0.1; yields fsspec storage options for s3fs."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield {
+        "endpoint_url": S3_ENDPOINT,
+        "storage_options": {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": S3_ENDPOINT}},
+    }
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """A fresh, empty bucket for one test; yields its `s3://name` URL."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    name = f"test-{time.time_ns()}"
+    fs.mkdir(name)
+    yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend; yields its tracking URI."""
+    root: Path = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", str(root / "artifacts"),
+        ],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"mlflow server did not start; see {root / 'server.log'}")
+            time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
