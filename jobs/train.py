@@ -1,0 +1,129 @@
+"""`tokenmill train CONFIG [--set k=v ...]` and `python -m jobs.train CONFIG` (for `ray job submit`).
+
+Driver side of training: validate the config and the data before Ray starts, create (or
+find, when resuming) the MLflow run, start Ray Train's TorchTrainer over the streamed shards,
+then export the final model (config.json + safetensors) and register it in MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs.cli import add_config_options, add_json_option
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a model with Ray Train DDP on sharded data, tracked in MLflow",
+        description="Train any model of the VAE or VQ family (configs/*.yaml). Rerunning with the same "
+        "run.name resumes from the latest checkpoint. RAY_ADDRESS / MLFLOW_TRACKING_URI move it to a cluster.",
+    )
+    add_config_options(parser)
+    add_json_option(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.train_config import load_train_config
+
+    config = load_train_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
+    return train(config)
+
+
+def train(config) -> dict[str, Any]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.ray_setup import ensure_ray
+    from jobs.train_worker import train_loop_per_worker
+    from pipeline import tracking
+    from pipeline.config import to_plain
+    from pipeline.train_data import resolve_training_data
+
+    run_dir = config.run.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = resolve_training_data(config)  # missing / empty shards fail here, before Ray work
+    tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, run_dir)
+    tracking.require_reachable(tracking_uri)
+    run_id = tracking.get_or_create_run(
+        tracking_uri, config.tracking.experiment, config.run.name,
+        tags={"tokenmill.data_manifest_sha256": data.manifest_sha256, "tokenmill.git_commit": tracking.git_commit(),
+              "tokenmill.model_kind": config.model.kind},
+    )
+    tracking.log_params_once(tracking_uri, run_id, tracking.flatten(to_plain(config)))
+
+    ensure_ray()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,  # fixed name + storage path: a rerun resumes from the latest checkpoint
+            storage_path=config.run.resolved_storage_path(),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+        ),
+        datasets={"train": data.train_dataset(), "val": data.val_dataset()},
+        # Equal split of the training stream so ranks never see unequal batch counts (DDP hang);
+        # validation is read whole by every rank, which evaluates every world_size-th batch.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+
+    model_dir = run_dir / "model"
+    with result.checkpoint.as_directory() as directory:
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(Path(directory) / "model", model_dir)
+    registered_name = config.tracking.registered_model or config.run.name
+    version = tracking.register_model_dir(
+        tracking_uri, run_id, model_dir, registered_name,
+        tags={"tokenmill.data_manifest_sha256": data.manifest_sha256, "tokenmill.step": str(result.metrics["step"])},
+    )
+    summary = {
+        "run_name": config.run.name,
+        "final_metrics": result.metrics,
+        "checkpoint": result.checkpoint.path,
+        "model_dir": str(model_dir.resolve()),
+        "mlflow_tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+        "registered_model": registered_name,
+        "model_version": version,
+        "model_uri": f"models:/{registered_name}/{version}",
+    }
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    metrics = {k: v for k, v in summary["final_metrics"].items() if k.startswith("val/")}
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+    print(f"trained {summary['run_name']}: step {summary['final_metrics']['step']}  {shown}")
+    print(f"  model     {summary['model_dir']}  ({summary['model_uri']})")
+    print(f"  mlflow    {summary['mlflow_tracking_uri']}  run {summary['mlflow_run_id']}")
+    print(f"  checkpoint {summary['checkpoint']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import run_handler
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__)
+    add_config_options(parser)
+    add_json_option(parser)
+    args = parser.parse_args(argv)
+    args.command = "train"
+    return run_handler(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+What every rank does, in order: build the model, wrap it for DDP, inject the quantizers'
+collectives, restore the latest checkpoint (if any), then loop: step, log (rank 0),
+validate on the whole validation split (all ranks, sums all-reduced), checkpoint and
+`ray.train.report` (all ranks, same cadence). Rank 0 alone writes to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import ray.train
+import ray.train.torch
+from models.serialization import build_model, save_model
+from models.training import TrainStep
+from pipeline.stream import to_model_input
+from pipeline.train_config import TrainJobConfig
+from pipeline.train_state import TrainState, load_train_state, save_train_state
+from pipeline import validation
+from pipeline.train_tracking import RankZeroLogger
+from pipeline.train_objectives import make_kl_schedule, make_optim_config
+
+# Fault injection for the fault-tolerance test: the last rank raises once at this step unless the run
+# was restored from a checkpoint.
+FAIL_AT_STEP_ENV = "TOKENMILL_FAIL_AT_STEP"
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    config = TrainJobConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    _seed_everything(config.train.seed + rank)
+
+    model = build_model(config.model)
+    module = model  # the unwrapped model: what EMA, validation and checkpoints see
+    model = ray.train.torch.prepare_model(model)
+    device = next(module.parameters()).device
+    if world_size > 1:
+        _inject_collectives(module)
+
+    steps = config.train.steps
+    trainer = TrainStep(model, make_optim_config(config, steps))
+    kl_weight = make_kl_schedule(config.kl) if getattr(module, "has_kl", False) else None
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_train_state(Path(directory), module, trainer, device)
+    restored_step = state.step
+
+    logger = RankZeroLogger(loop_config, config, module, rank) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    images_per_step = config.train.batch_size * world_size
+    started, last_log_step, last_log_time = time.time(), state.step, time.time()
+
+    while state.step < steps and not state.stopped_early:
+        batches = train_shard.iter_torch_batches(
+            batch_size=config.train.batch_size, drop_last=True, device=str(device),
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=config.train.seed + 1000 * state.epoch + rank,
+        )
+        for batch_index, batch in enumerate(batches):
+            if batch_index < state.batch_in_epoch:
+                continue  # resuming mid-epoch: skip what the restored step already consumed
+            x, y = to_model_input(batch)  # x: (B, C, H, W) float in [0, 1]; y: (B,) int64
+            forward_kwargs = {"kl_weight": kl_weight(state.step)} if kl_weight else {}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.bf16):
+                output, stats = trainer.step(x, y, **forward_kwargs)
+            state.step += 1
+            state.batch_in_epoch = batch_index + 1
+            _maybe_fail(state.step, rank == world_size - 1, restored_step)
+
+            if logger and state.step % config.train.log_every == 0:
+                now = time.time()
+                img_s = (state.step - last_log_step) * images_per_step / max(now - last_log_time, 1e-9)
+                logger.log_step(state.step, steps, output, stats, img_s, forward_kwargs, trainer)
+                last_log_step, last_log_time = state.step, now
+
+            is_last = state.step >= steps
+            if state.step % config.train.val_every == 0 or is_last:
+                metrics = validation.evaluate(trainer.eval_model(), val_shard, config, device, rank, world_size)
+                state.record_validation(metrics, config.train.early_stop)
+                if logger:
+                    logger.log_validation(state.step, metrics, trainer.eval_model(), val_shard)
+            if state.step % config.train.checkpoint_every == 0 or is_last or state.stopped_early:
+                _report_with_checkpoint(state, module, trainer, rank, config)
+            if is_last or state.stopped_early:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    if logger:
+        logger.finish(state, restored_step, time.time() - started)
+
+
+def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank: int, config) -> None:
+    """All ranks report; rank 0 attaches the checkpoint (model weights are replicated by DDP)."""
+    metrics = {"step": state.step, "epoch": state.epoch, "skipped_updates": trainer.skipped, **state.last_val}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_train_state(Path(directory), state, module, trainer)
+        # The exportable model (EMA weights when EMA is on): config.json + model.safetensors.
+        save_model(trainer.eval_model(), Path(directory) / "model")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _inject_collectives(module: torch.nn.Module) -> None:
+    from models.quantizers.collectives import torch_distributed_collectives, set_collectives
+
+    set_collectives(module, *torch_distributed_collectives())
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _maybe_fail(step: int, is_last_rank: bool, restored_step: int) -> None:
+    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
+    if fail_at and is_last_rank and step == fail_at and restored_step == 0:
+        raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")

@@ -1,0 +1,120 @@
+"""The typed config of `tokenmill train`: one section per component.
+
+The `model` section is a tagged union (on `kind`) of every registered model's own config
+dataclass, so adding a model class adds its config here automatically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import pydantic
+
+import models  # noqa: F401 - registers every model class
+from models.serialization import registered_models
+from pipeline.config import StrictModel, load_config
+from pipeline.decode import TransformConfig
+
+
+def _model_union() -> Any:
+    config_classes = tuple(cls.config_class for cls in registered_models().values())
+    return Annotated[Union[config_classes], pydantic.Field(discriminator="kind")]
+
+
+ModelConfig = _model_union()
+
+
+class DataSection(StrictModel):
+    # A shard directory/URL with manifest.json, or a built-in source (`builtin:mnist5k`) that is
+    # sharded once into `<run.root>/shards/<name>` before training.
+    shards: str = "builtin:mnist5k"
+    train_split: str = "train"
+    val_split: str = "val"
+    transform: TransformConfig = TransformConfig()
+    shuffle_buffer: int = 1024
+    storage_options: dict[str, Any] = {}
+
+
+class OptimSection(StrictModel):
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    skip_grad_norm: float = 1e4  # skip updates whose gradient norm is above this (counted)
+    ema_decay: float = 0.999
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays the LR to this fraction of `lr`
+
+
+class KLSection(StrictModel):
+    """β and its schedule for models with a KL term (ignored by the VQ family)."""
+
+    schedule: Literal["constant", "linear", "cyclical"] = "linear"
+    beta: float = 1.0
+    warmup_steps: int = 1000  # linear: steps from 0 to beta; cyclical: the cycle length
+    cycle_ramp: float = 0.5  # cyclical: fraction of each cycle spent ramping up
+
+
+class EarlyStopSection(StrictModel):
+    metric: Optional[str] = None  # e.g. "val/psnr" or "val/nll_nats"; None disables early stopping
+    mode: Literal["min", "max"] = "min"
+    patience: int = 3  # validations without improvement before stopping
+
+
+class TrainSection(StrictModel):
+    steps: int = pydantic.Field(2000, gt=0)
+    batch_size: int = pydantic.Field(64, gt=0)  # per worker
+    seed: int = 0
+    bf16: bool = False
+    log_every: int = pydantic.Field(20, gt=0)
+    val_every: int = pydantic.Field(500, gt=0)
+    checkpoint_every: int = pydantic.Field(500, gt=0)
+    iw_samples: int = pydantic.Field(16, gt=0)  # K of the importance-weighted NLL (VAE family)
+    early_stop: EarlyStopSection = EarlyStopSection()
+
+
+class ScalingSection(StrictModel):
+    num_workers: int = pydantic.Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+class RunSection(StrictModel):
+    name: str = "tokenmill"
+    # Local directory for the run's SQLite MLflow store, exported model and built-in shards.
+    root: str = "runs"
+    # Where Ray Train keeps checkpoints (local path or s3://...); default <root>/ray.
+    storage_path: Optional[str] = None
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+
+    def run_dir(self) -> Path:
+        return Path(self.root) / self.name
+
+    def resolved_storage_path(self) -> str:
+        if self.storage_path:
+            return self.storage_path
+        return str((Path(self.root) / "ray").resolve())
+
+
+class TrackingSection(StrictModel):
+    tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else SQLite under the run dir
+    experiment: str = "tokenmill"
+    registered_model: Optional[str] = None  # default: the run name
+    log_images: bool = True
+
+
+class TrainJobConfig(StrictModel):
+    model: ModelConfig  # type: ignore[valid-type]
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    kl: KLSection = KLSection()
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    tracking: TrackingSection = TrackingSection()
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainJobConfig:
+    return load_config(TrainJobConfig, path, overrides)
