@@ -1,0 +1,121 @@
+"""The optimisation step shared by the demo, the benchmarks and the distributed trainer.
+
+`TrainStep(model, OptimConfig(...)).step(x, y, kl_weight=β)` runs forward, backward, AdamW with
+warm-up + cosine learning rate, gradient clipping, and keeps EMA weights for evaluation.
+An update is skipped (and counted) when the gradient norm is NaN/inf or above
+`skip_grad_norm` (VDVAE). The decision uses only the gradient norm: under DDP the gradients
+are all-reduced during backward, so every rank computes the same norm and skips together; a
+NaN/inf loss on any rank makes the all-reduced gradients non-finite on every rank. Nothing
+here knows about ranks or files.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 200.0  # max total grad norm; 0 disables clipping
+    skip_grad_norm: float = 0.0  # skip updates whose grad norm exceeds this; 0 skips only NaN/inf
+    ema_decay: float = 0.999  # 0 disables EMA weights
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
+    total_steps: int = 0  # cosine decay to lr·min_lr_ratio at total_steps; 0 keeps lr constant
+    min_lr_ratio: float = 0.1
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+def lr_factor(step: int, config: OptimConfig) -> float:
+    """Multiplier of `config.lr` at optimiser step `step` (0-based)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.total_steps <= config.warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - config.warmup_steps) / (config.total_steps - config.warmup_steps))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TrainStep:
+    """Owns the optimizer, LR scheduler, EMA copy and step counters of one model.
+
+    `model` may be DDP-wrapped; the EMA copy shadows the unwrapped module (`model.module`) and is
+    a plain module in eval mode, usable directly for evaluation and saving.
+    """
+
+    def __init__(self, model: nn.Module, config: OptimConfig):
+        self.model = model
+        self.config = config
+        self.module = getattr(model, "module", model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
+        self.ema: nn.Module | None = None
+        if config.ema_decay > 0:
+            self.ema = copy.deepcopy(self.module).eval().requires_grad_(False)
+        self.steps = 0  # calls to step()
+        self.skipped = 0  # of which updates were skipped
+
+    def step(self, x: torch.Tensor, y: torch.Tensor | None = None, **forward_kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        """One forward/backward/update. Returns (model output, stats: loss, grad_norm, lr, skipped)."""
+        self.model.train()
+        output = self.model(x, y, **forward_kwargs)
+        self.optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()  # always: skipping backward on one DDP rank would hang the others
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))  # norm before clipping
+        too_large = 0 < self.config.skip_grad_norm < grad_norm
+        skipped = not math.isfinite(grad_norm) or too_large
+        lr = self.optimizer.param_groups[0]["lr"]
+        if skipped:
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self._update_ema()
+        self.scheduler.step()  # the schedule follows calls, identical on every rank
+        self.steps += 1
+        stats = {"loss": float(output.loss.detach()), "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
+        return output, stats
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.config.ema_decay
+        for shadow, live in zip(self.ema.parameters(), self.module.parameters()):
+            shadow.lerp_(live.detach(), 1.0 - decay)
+        for shadow, live in zip(self.ema.buffers(), self.module.buffers()):
+            shadow.copy_(live)
+
+    def eval_model(self) -> nn.Module:
+        """The module to evaluate: EMA weights when enabled, else the live (unwrapped) module."""
+        return self.ema if self.ema is not None else self.module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "steps": self.steps,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.steps = int(state["steps"])
+        self.skipped = int(state["skipped"])
