@@ -1,0 +1,42 @@
+"""Dataset-level codebook statistics: per-code counts merged from every shard, usage, perplexity.
+
+Each writer counts its own shard's codes (exact integers), so merging is a plain sum and the
+result does not depend on which actor finished first. Counts travel sparse (only used codes)
+because codebooks can have millions of entries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def count_codes(codes: np.ndarray, codebook_size: int) -> np.ndarray:
+    """codes (any shape, ints in [0, K)) -> int64 (K,) counts."""
+    return np.bincount(codes.reshape(-1).astype(np.int64), minlength=codebook_size)[:codebook_size]
+
+
+def to_sparse(counts: np.ndarray) -> dict[str, list[int]]:
+    used = np.flatnonzero(counts)
+    return {"codes": used.tolist(), "counts": counts[used].tolist()}
+
+
+def from_sparse(sparse: dict[str, list[int]], codebook_size: int) -> np.ndarray:
+    counts = np.zeros(codebook_size, dtype=np.int64)
+    counts[np.asarray(sparse["codes"], dtype=np.int64)] = np.asarray(sparse["counts"], dtype=np.int64)
+    return counts
+
+
+def summarize(counts: np.ndarray) -> dict[str, float | int]:
+    """usage = fraction of codes used at least once; perplexity = exp(entropy of the code
+    distribution) — K when every code is equally likely, 1 when one code takes everything."""
+    total = int(counts.sum())
+    used = int(np.count_nonzero(counts))
+    if total == 0:
+        return {"tokens": 0, "used_codes": 0, "usage": 0.0, "perplexity": 0.0}
+    p = counts[counts > 0] / total
+    return {
+        "tokens": total,
+        "used_codes": used,
+        "usage": used / len(counts),
+        "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+    }
