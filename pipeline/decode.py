@@ -1,0 +1,162 @@
+"""Robust image decoding and fixed-size transforms, shared by the writer, the stream and `inspect`.
+
+`decode_image(data, transform, draw)` turns the bytes of one image member into a uint8 array
+of shape (size, size, channels), whatever the file holds: grey, grey+alpha, RGB, RGBA,
+palette (with or without transparency), bilevel, CMYK or 16-bit images. Anything that cannot
+become such an array raises `DecodeError` with a short reason, so callers skip and count it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import warnings
+from typing import Literal
+
+import numpy as np
+import pydantic
+from PIL import Image
+
+from pipeline.config import StrictModel
+
+# Member extensions the decoder accepts, in the order a sample's image member is chosen.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
+
+# Transparent pixels are composited onto this grey level (white) before alpha is dropped.
+BACKGROUND = 255
+
+
+class DecodeError(ValueError):
+    """One sample that cannot be decoded; the message is the short reason that gets reported."""
+
+
+class TransformConfig(StrictModel):
+    """How every decoded image becomes one fixed-size training array (size, size, channels)."""
+
+    size: int = pydantic.Field(32, ge=1, le=4096)
+    channels: Literal[1, 3] = 3
+    # resize: squash to size x size; center-crop: shorter side to size, central window;
+    # random-crop: shorter side to a random length in [size, size * crop_jitter], random window.
+    resize: Literal["resize", "center-crop", "random-crop"] = "center-crop"
+    crop_jitter: float = pydantic.Field(1.15, ge=1.0, le=2.0)
+    hflip: bool = False
+    # Decompression-bomb guard: images with more pixels than this are rejected unread.
+    max_pixels: int = pydantic.Field(40_000_000, ge=1)
+
+
+class Draw:
+    """Per-sample random choices (flip, crop) seeded by a hash of (seed, epoch, key):
+    deterministic whatever task, worker or order a sample is decoded in."""
+
+    def __init__(self, seed: int, epoch: int, key: str):
+        digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
+        self.rng = random.Random(int.from_bytes(digest, "little"))
+
+    def take(self, n: int) -> int:
+        """A number in [0, n)."""
+        return self.rng.randrange(n)
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """A lazily decoded PIL image, after the pixel-count guard (only the header is read)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise DecodeError("decompression bomb: too many pixels") from None
+    except Exception as err:  # PIL raises many types for bad headers
+        raise DecodeError(f"not an image: {type(err).__name__}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError(f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
+    if width == 0 or height == 0:
+        raise DecodeError("empty image")
+    return image
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An image in mode L (grey) or RGB with alpha composited onto BACKGROUND; 16-bit and
+    32-bit grey scaled to 8 bits, palette expanded."""
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        return image
+    if mode.startswith("I;16") or mode == "I":  # 16-bit grey (0..65535) -> 0..255
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "L")
+    if mode == "F":  # float grey, [0, 1] if it fits there, else 0..255
+        pixels = np.asarray(image, dtype=np.float64)
+        pixels = pixels * 255.0 if pixels.max(initial=0.0) <= 1.0 else pixels
+        return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "L")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode == "PA":
+        image = image.convert("RGBA")
+    elif mode == "1":
+        return image.convert("L")
+    if image.mode in ("LA", "La", "RGBA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (BACKGROUND,) * 3 + (255,))
+        composite = Image.alpha_composite(background, rgba).convert("RGB")
+        return composite.convert("L") if image.mode in ("LA", "La") else composite
+    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...
+
+
+def load_pixels(data: bytes, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """Decode `data` fully into an L or RGB image. `draft_size` lets JPEG decode at a reduced
+    scale that still keeps both sides >= draft_size (much faster for large photos)."""
+    image = open_image(data, max_pixels)
+    try:
+        if draft_size is not None and image.format == "JPEG":
+            image.draft("RGB" if image.mode != "L" else "L", (draft_size, draft_size))
+        image.load()
+        return to_8bit(image)
+    except DecodeError:
+        raise
+    except Exception as err:  # truncated or corrupt pixel data
+        raise DecodeError(f"corrupt image data: {type(err).__name__}: {err}"[:200]) from None
+
+
+def resize_crop(image: Image.Image, transform: TransformConfig, draw: Draw | None) -> Image.Image:
+    """An image of exactly size x size (resize mode squashes; crop modes keep the aspect)."""
+    size, (width, height) = transform.size, image.size
+    if transform.resize == "resize":
+        return image if (width, height) == (size, size) else image.resize((size, size), Image.BILINEAR)
+    short = size
+    if transform.resize == "random-crop" and draw is not None:
+        short = size + draw.take(int(size * (transform.crop_jitter - 1.0)) + 1)
+    scale = short / min(width, height)
+    new_w, new_h = max(short, round(width * scale)), max(short, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    if transform.resize == "random-crop" and draw is not None:
+        left, top = draw.take(new_w - size + 1), draw.take(new_h - size + 1)
+    else:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    if (left, top, new_w, new_h) == (0, 0, size, size):
+        return image
+    return image.crop((left, top, left + size, top + size))
+
+
+def decode_image(data: bytes, transform: TransformConfig, draw: Draw | None = None) -> np.ndarray:
+    """Bytes of one image member -> uint8 (size, size, channels). Raises DecodeError.
+    `draw` supplies the random choices of random-crop / hflip (None: center, no flip)."""
+    image = load_pixels(data, transform.max_pixels, draft_size=transform.size)
+    # now: mode L or RGB, 8 bits, any size
+    image = image.convert("L") if transform.channels == 1 else image.convert("RGB")
+    image = resize_crop(image, transform, draw)
+    # now: (size, size), the configured channels
+    pixels = np.asarray(image, dtype=np.uint8)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if transform.hflip and draw is not None and draw.take(2):
+        pixels = pixels[:, ::-1]
+    return pixels
+
+
+def native_pixels(data: bytes, max_pixels: int) -> np.ndarray:
+    """Bytes -> uint8 (H, W, C) at the original size, C = 1 for grey sources and 3 otherwise
+    (what the shard writer stores and what `inspect --verify` checks)."""
+    pixels = np.asarray(load_pixels(data, max_pixels), dtype=np.uint8)
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels

@@ -1,0 +1,127 @@
+"""Reading WebDataset tars sample by sample through fsspec, with damage reported, not raised.
+
+webdataset has no `s3://` handler and its error handlers sleep per error, so the stream, the
+indexer and `inspect --verify` all read shards here: `iter_samples(fileobj)` groups consecutive
+members by key exactly like webdataset (`base_plus_ext`: the key is the member name up to the
+first dot of its base name) and ends with a `TarDamage` item when the archive is empty or cut
+short, keeping every sample read before the damage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+from webdataset.tariterators import base_plus_ext
+
+from pipeline.decode import IMAGE_EXTENSIONS
+
+
+@dataclass
+class Sample:
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)  # extension (lower case) -> bytes
+
+    def image_member(self) -> tuple[str, bytes] | None:
+        """(extension, bytes) of the image member, preferring IMAGE_EXTENSIONS order."""
+        for ext in IMAGE_EXTENSIONS:
+            if ext in self.members:
+                return ext, self.members[ext]
+        return None
+
+    def label(self) -> int:
+        """The `cls` member as an int, -1 when absent or not an integer."""
+        try:
+            return int(self.members["cls"].decode().strip())
+        except (KeyError, ValueError, UnicodeDecodeError):
+            return -1
+
+
+@dataclass
+class TarDamage:
+    reason: str  # "empty tar", "not a tar archive: ...", "truncated tar: ..."
+    key: str = ""  # the sample being read when the damage was hit (dropped), if any
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) of an fsspec URL; `storage_options` go to the filesystem."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def join(base: str, name: str) -> str:
+    """`base/name` for URLs and local paths alike (a URL already absolute is returned as is)."""
+    if "://" in name or name.startswith("/"):
+        return name
+    return posixpath.join(base.rstrip("/"), name)
+
+
+def iter_samples(fileobj) -> Iterator[Sample | TarDamage]:
+    """Samples of one tar stream in archive order; a final TarDamage if the tar is empty or
+    damaged. Members whose names have no extension and `__meta__` members are skipped."""
+    current: Sample | None = None
+    members = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as archive:
+            for info in archive:
+                if not info.isfile():
+                    continue
+                members += 1
+                key, ext = base_plus_ext(info.name)
+                if key is None or posixpath.basename(key).startswith("__"):
+                    continue
+                data = archive.extractfile(info).read()
+                if current is not None and current.key != key:
+                    yield current
+                    current = None
+                current = current or Sample(key)
+                current.members[ext.lower()] = data
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        if members == 0:
+            reason = "empty tar" if "empty" in str(err) else f"not a tar archive: {err}"
+        else:
+            reason = f"truncated tar: {err}"
+        yield TarDamage(reason, current.key if current else "")
+        return
+    if current is not None:
+        yield current
+    elif members == 0:
+        yield TarDamage("empty tar")
+
+
+class HashingWriter:
+    """A write-only file wrapper that counts bytes and computes their sha256 on the way."""
+
+    def __init__(self, fileobj):
+        self.fileobj, self.sha256, self.bytes = fileobj, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.fileobj.write(data)
+
+    def flush(self) -> None:
+        self.fileobj.flush()
+
+
+class HashingReader:
+    """A read-only file wrapper that counts bytes and computes their sha256; `drain()` reads
+    the rest (tar readers stop at the end-of-archive marker, before the padding)."""
+
+    def __init__(self, fileobj):
+        self.fileobj, self.sha256, self.bytes = fileobj, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fileobj.read(size)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
