@@ -1,0 +1,48 @@
+"""Codebook usage over a whole evaluation set: per-code counts, usage fraction, perplexity.
+
+A per-batch perplexity says little about a 512-code book fed 64 images; `CodebookStats`
+accumulates counts over every batch. Indices of a residual quantizer (..., stages) are counted
+per stage.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def code_counts(indices: Tensor, codebook_size: int, stages: int = 1) -> Tensor:
+    """(S, K) int64 counts of `indices` ((...) for one stage, (..., S) for S stages)."""
+    flat = indices.reshape(-1, stages).long()  # (N, S)
+    offsets = torch.arange(stages, device=flat.device) * codebook_size
+    counts = torch.bincount((flat + offsets).reshape(-1), minlength=stages * codebook_size)
+    return counts.reshape(stages, codebook_size)
+
+
+def usage_and_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """From (S, K) counts: fraction of codes used at least once, and exp(entropy) of the code
+    distribution; both averaged over stages."""
+    counts = counts.double()
+    probs = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(1)  # (S,)
+    return (counts > 0).double().mean().float(), entropy.exp().mean().float()
+
+
+class CodebookStats:
+    def __init__(self, codebook_size: int, stages: int = 1) -> None:
+        self.codebook_size, self.stages = codebook_size, stages
+        self.counts = torch.zeros(stages, codebook_size, dtype=torch.long)  # (S, K)
+
+    def update(self, indices: Tensor) -> None:
+        self.counts += code_counts(indices.detach(), self.codebook_size, self.stages).cpu()
+
+    @property
+    def usage(self) -> float:
+        return float(usage_and_perplexity(self.counts)[0])
+
+    @property
+    def perplexity(self) -> float:
+        return float(usage_and_perplexity(self.counts)[1])
+
+    def as_dict(self) -> dict[str, float | list]:
+        return {"usage": self.usage, "perplexity": self.perplexity, "counts": self.counts.tolist()}

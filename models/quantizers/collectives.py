@@ -1,0 +1,79 @@
+"""Collectives injected into quantizers: EMA statistics, k-means init and dead-code restarts.
+
+Models know nothing of ranks: the trainer builds a `Collectives` (from torch.distributed, after
+wrapping DDP) and hands it to every quantizer with `set_collectives(model, collectives)`. The
+default is a single process: both functions are no-ops, rank 0 of a world of 1.
+
+`rank` and `world_size` are carried only so `sample_rows` can emulate an all-gather with one sum
+all-reduce: that is what lets every rank pick the *same global rows* a single process fed the
+concatenated batches would pick (restart vectors and k-means seeds then match exactly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def _noop(tensor: Tensor) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Collectives:
+    all_reduce: Callable[[Tensor], None] = _noop  # in place: sum over ranks
+    broadcast: Callable[[Tensor], None] = _noop  # in place: every rank gets rank 0's tensor
+    rank: int = 0
+    world_size: int = 1
+
+
+def distributed_collectives(group=None) -> Collectives:
+    """The real collectives from torch.distributed, or the single-process no-ops when it is not
+    initialised (so the same trainer code runs on a laptop)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return Collectives()
+    return Collectives(
+        all_reduce=lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group),
+        broadcast=lambda t: dist.broadcast(t, src=dist.get_global_rank(group, 0) if group else 0, group=group),
+        rank=dist.get_rank(group),
+        world_size=dist.get_world_size(group),
+    )
+
+
+def set_collectives(module: nn.Module, collectives: Collectives) -> int:
+    """Give `collectives` to every quantizer under `module` (a model or its DDP wrapper);
+    returns how many quantizers received them."""
+    found = 0
+    for child in module.modules():
+        if hasattr(child, "collectives"):
+            child.collectives = collectives
+            found += 1
+    return found
+
+
+def sample_rows(rows: Tensor, m: int, generator: torch.Generator, collectives: Collectives) -> Tensor:
+    """m rows (m, d) picked at random from the rank-ordered concatenation of every rank's `rows`
+    (n, d); identical on every rank, and equal to what one process holding the concatenation
+    would pick with the same generator. Distinct rows when there are enough. Always three
+    collectives, whatever the data."""
+    n = torch.zeros(collectives.world_size, dtype=torch.long, device=rows.device)
+    n[collectives.rank] = rows.shape[0]
+    collectives.all_reduce(n)  # (world,) rows held by each rank
+    total, offset = int(n.sum()), int(n[: collectives.rank].sum())
+    if total >= m:
+        picks = torch.randperm(total, generator=generator)[:m]
+    else:
+        picks = torch.randint(total, (m,), generator=generator)
+    picks = picks.to(rows.device)
+    collectives.broadcast(picks)  # rank 0's draw wins, should a generator ever drift
+    local = picks - offset
+    mine = (local >= 0) & (local < rows.shape[0])  # (m,) picks this rank holds
+    # Ranks that do not hold a pick contribute zeros, so the sum is the gathered row.
+    out = rows[local.clamp(0, rows.shape[0] - 1)] * mine.unsqueeze(1).to(rows.dtype)
+    collectives.all_reduce(out)
+    return out

@@ -1,0 +1,220 @@
+"""VQ-VAE (van den Oord et al. 2017) and the two-level VQ-VAE-2 (Razavi et al. 2019).
+
+Both are image tokenizers: `encode(x)` gives int64 codes, `decode(codes)` images in [0, 1], and
+in eval mode `decode(encode(x))` is bit-identical to `forward(x).recon`.
+
+Loss (per image, the scale of a summed Gaussian log-likelihood up to constants): the squared
+error summed over pixels, plus the quantizer loss scaled by the same number of pixel values, so
+the β/recon balance is the usual mean-based VQ-VAE objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.codebook_stats import code_counts, usage_and_perplexity
+from models.layers import conv_decoder, conv_encoder, upsample
+from models.quantizers import Collectives, QuantizerConfig, build_quantizer, set_collectives
+from models.serialization import register_model
+
+
+def _quantizer_config(value: QuantizerConfig | dict) -> QuantizerConfig:
+    # `load_model` / `build_model` pass the nested config as a dict.
+    return QuantizerConfig(**value) if isinstance(value, dict) else value
+
+
+@dataclass
+class VQVAEConfig:
+    kind: Literal["vqvae"] = "vqvae"
+    in_channels: int = 1
+    image_size: int = 32
+    hidden: int = 64
+    res_blocks: int = 2
+    downsample: Literal[4, 8, 16] = 4
+    latent_dim: int = 64
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        self.quantizer = _quantizer_config(self.quantizer)
+
+
+@dataclass
+class VQVAE2Config:
+    kind: Literal["vqvae2"] = "vqvae2"
+    in_channels: int = 1
+    image_size: int = 32
+    hidden: int = 64
+    res_blocks: int = 2
+    bottom_downsample: Literal[4, 8] = 4  # image -> bottom codes
+    top_downsample: Literal[2, 4] = 2  # bottom codes -> top codes
+    latent_dim: int = 64
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # one instance per level
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        self.quantizer = _quantizer_config(self.quantizer)
+
+
+@dataclass
+class VQOutput:
+    loss: Tensor  # scalar, per image
+    recon: Tensor  # (B, C, H, W) in [0, 1]
+    metrics: dict[str, Tensor]
+    indices: Tensor | tuple[Tensor, Tensor]  # encode()'s codes
+
+
+def _to_last(z: Tensor) -> Tensor:  # (B, D, h, w) -> (B, h, w, D)
+    return z.permute(0, 2, 3, 1)
+
+
+def _to_first(z: Tensor) -> Tensor:  # (B, h, w, D) -> (B, D, h, w)
+    # Contiguous: conv kernels pick algorithms by memory layout, and recon must match decode bit for bit.
+    return z.permute(0, 3, 1, 2).contiguous()
+
+
+def _stages(quantizer: nn.Module) -> int:
+    return getattr(quantizer, "num_stages", 1)
+
+
+def _recon_metrics(x: Tensor, recon: Tensor, vq_loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    mse = F.mse_loss(recon.float(), x.float())
+    pixels = x[0].numel()
+    loss = pixels * (mse + vq_loss)
+    metrics = {"mse": mse.detach(), "psnr": (-10 * torch.log10(mse.detach().clamp(min=1e-10))),
+               "vq_loss": vq_loss.detach(), "distortion": (pixels * mse).detach()}
+    return loss, metrics
+
+
+def _code_metrics(indices: Tensor, quantizer: nn.Module, suffix: str = "") -> dict[str, Tensor]:
+    usage, perplexity = usage_and_perplexity(code_counts(indices, quantizer.codebook_size, _stages(quantizer)))
+    return {f"usage{suffix}": usage, f"perplexity{suffix}": perplexity}
+
+
+class _Tokenizer(nn.Module):
+    """What both models share: collectives injection and the no-grad tokenizer entry points."""
+
+    def set_collectives(self, collectives: Collectives) -> None:
+        """Called by the trainer after wrapping DDP; reaches every quantizer of the model."""
+        set_collectives(self, collectives)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor):
+        return self._encode(x)
+
+    @torch.no_grad()
+    def decode(self, codes) -> Tensor:
+        return self._decode(codes)
+
+
+@register_model
+class VQVAE(_Tokenizer):
+    """Codes: (B, h, w) int64 for vq/fsq, (B, h, w, stages) for rvq; h = image_size / downsample."""
+
+    config_class = VQVAEConfig
+    has_kl = False
+
+    def __init__(self, config: VQVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoder = conv_encoder(c.in_channels, c.hidden, c.latent_dim, c.downsample, c.res_blocks)
+        self.quantizer = build_quantizer(c.quantizer, c.latent_dim)
+        self.decoder = conv_decoder(c.latent_dim, c.hidden, c.in_channels, c.downsample, c.res_blocks)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        side = self.config.image_size // self.config.downsample
+        stages = _stages(self.quantizer)
+        return (side, side) if stages == 1 else (side, side, stages)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
+        """x: (B, C, H, W) in [0, 1]; labels are ignored."""
+        q = self.quantizer(_to_last(self.encoder(x)))  # codes (B, h, w, D)
+        recon = torch.sigmoid(self.decoder(_to_first(q.codes)))
+        loss, metrics = _recon_metrics(x, recon, q.loss)
+        return VQOutput(loss, recon, metrics | _code_metrics(q.indices, self.quantizer), q.indices)
+
+    def _encode(self, x: Tensor) -> Tensor:
+        return self.quantizer(_to_last(self.encoder(x))).indices
+
+    def _decode(self, codes: Tensor) -> Tensor:
+        return torch.sigmoid(self.decoder(_to_first(self.quantizer.indices_to_codes(codes))))
+
+
+@register_model
+class VQVAE2(_Tokenizer):
+    """Codes: a tuple (top (B, ht, wt), bottom (B, hb, wb)) int64 (a trailing stages axis for
+    rvq); the bottom level is conditioned on the decoded top level, as in VQ-VAE-2."""
+
+    config_class = VQVAE2Config
+    has_kl = False
+
+    def __init__(self, config: VQVAE2Config) -> None:
+        super().__init__()
+        self.config = config
+        c, d = config, config.latent_dim
+        self.encoder_bottom = conv_encoder(c.in_channels, c.hidden, c.hidden, c.bottom_downsample, c.res_blocks)
+        self.encoder_top = conv_encoder(c.hidden, c.hidden, d, c.top_downsample, c.res_blocks)
+        self.quantizer_top = build_quantizer(c.quantizer, d)
+        self.decoder_top = conv_decoder(d, c.hidden, d, c.top_downsample, c.res_blocks)  # top -> bottom grid
+        self.pre_bottom = nn.Conv2d(c.hidden + d, d, 1)
+        # Different seed: the two levels must not draw the same restart rows.
+        self.quantizer_bottom = build_quantizer(c.quantizer, d, seed_offset=1000)
+        self.upsample_top = upsample(d, d, c.top_downsample)
+        self.decoder = conv_decoder(2 * d, c.hidden, c.in_channels, c.bottom_downsample, c.res_blocks)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer_bottom.codebook_size
+
+    @property
+    def token_shape(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        c = self.config
+        bottom = c.image_size // c.bottom_downsample
+        top = bottom // c.top_downsample
+        stages = _stages(self.quantizer_bottom)
+        extra = () if stages == 1 else (stages,)
+        return (top, top, *extra), (bottom, bottom, *extra)
+
+    def _quantize(self, x: Tensor):
+        h_bottom = self.encoder_bottom(x)  # (B, hidden, hb, wb)
+        q_top = self.quantizer_top(_to_last(self.encoder_top(h_bottom)))  # (B, ht, wt, D)
+        top_on_bottom = self.decoder_top(_to_first(q_top.codes))  # (B, D, hb, wb)
+        q_bottom = self.quantizer_bottom(_to_last(self.pre_bottom(torch.cat([h_bottom, top_on_bottom], 1))))
+        return q_top, q_bottom
+
+    def _decode_codes(self, top: Tensor, bottom: Tensor) -> Tensor:
+        """top (B, D, ht, wt), bottom (B, D, hb, wb) quantized latents -> images."""
+        return torch.sigmoid(self.decoder(torch.cat([bottom, self.upsample_top(top)], 1)))
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
+        q_top, q_bottom = self._quantize(x)
+        recon = self._decode_codes(_to_first(q_top.codes), _to_first(q_bottom.codes))
+        loss, metrics = _recon_metrics(x, recon, q_top.loss + q_bottom.loss)
+        metrics |= _code_metrics(q_top.indices, self.quantizer_top, "/top")
+        metrics |= _code_metrics(q_bottom.indices, self.quantizer_bottom, "/bottom")
+        metrics |= {"usage": (metrics["usage/top"] + metrics["usage/bottom"]) / 2,
+                    "perplexity": metrics["perplexity/bottom"]}
+        return VQOutput(loss, recon, metrics, (q_top.indices, q_bottom.indices))
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        q_top, q_bottom = self._quantize(x)
+        return q_top.indices, q_bottom.indices
+
+    def _decode(self, codes: tuple[Tensor, Tensor]) -> Tensor:
+        top, bottom = codes
+        return self._decode_codes(
+            _to_first(self.quantizer_top.indices_to_codes(top)), _to_first(self.quantizer_bottom.indices_to_codes(bottom))
+        )
