@@ -1,13 +1,14 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-What every rank does, in order: build the model, wrap it for DDP, inject the quantizers'
-collectives, restore the latest checkpoint (if any), then loop: step, log (rank 0),
-validate on the whole validation split (all ranks, sums all-reduced), checkpoint and
-`ray.train.report` (all ranks, same cadence). Rank 0 alone writes to MLflow.
+Every rank: build the model, wrap it for DDP, inject the quantizers' collectives, restore the
+latest checkpoint (if any), then loop: step; validate on the whole validation split (sums
+all-reduced, so all ranks agree on early stopping); checkpoint and `ray.train.report` at the
+same steps on every rank. Rank 0 alone prints progress and writes to MLflow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -16,21 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
 import ray.train
 import ray.train.torch
+import torch
+
+from models.quantizers.collectives import distributed_collectives, set_collectives
 from models.serialization import build_model, save_model
 from models.training import TrainStep
+from pipeline import validation
 from pipeline.stream import to_model_input
 from pipeline.train_config import TrainJobConfig
+from pipeline.train_logging import RankZeroLogger
 from pipeline.train_state import TrainState, load_train_state, save_train_state
-from pipeline import validation
-from pipeline.train_tracking import RankZeroLogger
-from pipeline.train_objectives import make_kl_schedule, make_optim_config
 
-# Fault injection for the fault-tolerance test: the last rank raises once at this step unless the run
-# was restored from a checkpoint.
+# Fault injection for the fault-tolerance test: the last rank raises once at this step, unless
+# the attempt was restored from a checkpoint.
 FAIL_AT_STEP_ENV = "TOKENMILL_FAIL_AT_STEP"
 
 
@@ -40,29 +41,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     _seed_everything(config.train.seed + rank)
 
-    model = build_model(config.model)
-    module = model  # the unwrapped model: what EMA, validation and checkpoints see
-    model = ray.train.torch.prepare_model(model)
+    module = build_model(config.model)  # the unwrapped model: what EMA, validation and checkpoints see
+    model = ray.train.torch.prepare_model(module)  # DDP when world_size > 1, moved to the device
     device = next(module.parameters()).device
-    if world_size > 1:
-        _inject_collectives(module)
-
+    set_collectives(module, distributed_collectives())  # no-ops unless distributed
     steps = config.train.steps
-    trainer = TrainStep(model, make_optim_config(config, steps))
-    kl_weight = make_kl_schedule(config.kl) if getattr(module, "has_kl", False) else None
+    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps))
+    kl_weight = config.kl if getattr(module, "has_kl", False) else None
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_train_state(Path(directory), module, trainer, device)
-    restored_step = state.step
+    resumed_from = state.step
 
-    logger = RankZeroLogger(loop_config, config, module, rank) if rank == 0 else None
+    logger = None
+    if rank == 0:
+        logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], config.tracking.log_images, steps)
+        if resumed_from:
+            print(f"resumed from step {resumed_from}", flush=True)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     images_per_step = config.train.batch_size * world_size
-    started, last_log_step, last_log_time = time.time(), state.step, time.time()
+    last_log_step, last_log_time = state.step, time.time()
 
     while state.step < steps and not state.stopped_early:
         batches = train_shard.iter_torch_batches(
@@ -72,29 +74,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         for batch_index, batch in enumerate(batches):
             if batch_index < state.batch_in_epoch:
-                continue  # resuming mid-epoch: skip what the restored step already consumed
+                continue  # resuming mid-epoch: skip what the restored steps already consumed
             x, y = to_model_input(batch)  # x: (B, C, H, W) float in [0, 1]; y: (B,) int64
-            forward_kwargs = {"kl_weight": kl_weight(state.step)} if kl_weight else {}
+            extra = {"kl_weight": kl_weight(state.step)} if kl_weight else {}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.bf16):
-                output, stats = trainer.step(x, y, **forward_kwargs)
+                output, stats = trainer.step(x, y, **extra)
             state.step += 1
             state.batch_in_epoch = batch_index + 1
-            _maybe_fail(state.step, rank == world_size - 1, restored_step)
+            _maybe_fail(state.step, rank == world_size - 1, resumed_from)
 
             if logger and state.step % config.train.log_every == 0:
                 now = time.time()
                 img_s = (state.step - last_log_step) * images_per_step / max(now - last_log_time, 1e-9)
-                logger.log_step(state.step, steps, output, stats, img_s, forward_kwargs, trainer)
+                logger.log_step(state.step, output, stats, img_s, {**extra, "skipped_updates": trainer.skipped})
                 last_log_step, last_log_time = state.step, now
 
             is_last = state.step >= steps
             if state.step % config.train.val_every == 0 or is_last:
-                metrics = validation.evaluate(trainer.eval_model(), val_shard, config, device, rank, world_size)
-                state.record_validation(metrics, config.train.early_stop)
-                if logger:
-                    logger.log_validation(state.step, metrics, trainer.eval_model(), val_shard)
+                _validate(state, trainer.eval_model(), val_shard, config, device, rank, world_size, logger)
             if state.step % config.train.checkpoint_every == 0 or is_last or state.stopped_early:
-                _report_with_checkpoint(state, module, trainer, rank, config)
+                _report_with_checkpoint(state, module, trainer, rank, resumed_from)
             if is_last or state.stopped_early:
                 break
         else:
@@ -102,12 +101,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.batch_in_epoch = 0
 
     if logger:
-        logger.finish(state, restored_step, time.time() - started)
+        logger.finish()
 
 
-def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank: int, config) -> None:
-    """All ranks report; rank 0 attaches the checkpoint (model weights are replicated by DDP)."""
-    metrics = {"step": state.step, "epoch": state.epoch, "skipped_updates": trainer.skipped, **state.last_val}
+def _validate(state, model, val_shard, config, device, rank, world_size, logger) -> None:
+    batches = val_shard.iter_torch_batches(batch_size=config.train.batch_size, device=str(device))
+    metrics, counts = validation.evaluate(model, batches, config.train.iw_samples, rank, world_size)
+    state.record_validation(metrics, config.train.early_stop)
+    if logger:
+        first = next(iter(val_shard.iter_torch_batches(batch_size=16, device=str(device))), None)
+        logger.log_validation(state.step, metrics, counts, model, first)
+
+
+def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank: int, resumed_from: int) -> None:
+    """All ranks report at the same steps; rank 0 attaches the checkpoint (DDP keeps weights equal)."""
+    metrics = {"step": state.step, "epoch": state.epoch, "skipped_updates": trainer.skipped,
+               "resumed_from_step": resumed_from, "stopped_early": state.stopped_early, **state.last_val}
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -118,19 +127,13 @@ def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _inject_collectives(module: torch.nn.Module) -> None:
-    from models.quantizers.collectives import torch_distributed_collectives, set_collectives
-
-    set_collectives(module, *torch_distributed_collectives())
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _maybe_fail(step: int, is_last_rank: bool, restored_step: int) -> None:
+def _maybe_fail(step: int, is_last_rank: bool, resumed_from: int) -> None:
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
-    if fail_at and is_last_rank and step == fail_at and restored_step == 0:
+    if fail_at and is_last_rank and step == fail_at and resumed_from == 0:
         raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")

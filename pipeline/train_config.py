@@ -12,7 +12,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 import pydantic
 
 import models  # noqa: F401 - registers every model class
+from models.schedules import KLSchedule
 from models.serialization import registered_models
+from models.training import OptimConfig
 from pipeline.config import StrictModel, load_config
 from pipeline.decode import TransformConfig
 
@@ -34,26 +36,6 @@ class DataSection(StrictModel):
     transform: TransformConfig = TransformConfig()
     shuffle_buffer: int = 1024
     storage_options: dict[str, Any] = {}
-
-
-class OptimSection(StrictModel):
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.99)
-    grad_clip: float = 1.0
-    skip_grad_norm: float = 1e4  # skip updates whose gradient norm is above this (counted)
-    ema_decay: float = 0.999
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decays the LR to this fraction of `lr`
-
-
-class KLSection(StrictModel):
-    """β and its schedule for models with a KL term (ignored by the VQ family)."""
-
-    schedule: Literal["constant", "linear", "cyclical"] = "linear"
-    beta: float = 1.0
-    warmup_steps: int = 1000  # linear: steps from 0 to beta; cyclical: the cycle length
-    cycle_ramp: float = 0.5  # cyclical: fraction of each cycle spent ramping up
 
 
 class EarlyStopSection(StrictModel):
@@ -108,8 +90,8 @@ class TrackingSection(StrictModel):
 class TrainJobConfig(StrictModel):
     model: ModelConfig  # type: ignore[valid-type]
     data: DataSection = DataSection()
-    optim: OptimSection = OptimSection()
-    kl: KLSection = KLSection()
+    optim: OptimConfig = OptimConfig()  # total_steps 0 means train.steps
+    kl: KLSchedule = KLSchedule()  # used by models with a KL term only
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()

@@ -1,0 +1,58 @@
+"""The data a training run reads: shard URLs per split, the manifest hash, and the Ray Datasets.
+
+Resolved on the driver before Ray work starts, so a missing manifest, a split without shards
+or a missing shard fails the job at once with the URL in the message.
+A built-in source (`builtin:mnist5k`) is sharded once into `<run.root>/shards/<name>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.manifest import read_manifest, shards_for_split
+from pipeline.sources import BUILTIN_SOURCES
+from pipeline.stream import check_shards, image_dataset
+
+
+@dataclass
+class TrainingData:
+    shards_url: str
+    train_urls: list[str]
+    val_urls: list[str]
+    manifest_sha256: str
+    config: Any  # the job's DataSection
+    seed: int
+
+    def train_dataset(self):
+        return image_dataset(self.train_urls, self.config.transform, self.config.storage_options,
+                             shuffle_seed=self.seed)
+
+    def val_dataset(self):
+        return image_dataset(self.val_urls, self.config.transform.model_copy(update={"resize": "center-crop", "hflip": False}),
+                             self.config.storage_options)
+
+
+def materialize_builtin(source: str, root: str | Path) -> str:
+    """Shard a built-in source once under `root/shards/<name>` (a rerun finds it complete)."""
+    from pipeline.shard_writer import write_shards
+
+    dest = Path(root).resolve() / "shards" / source.split(":", 1)[1]
+    write_shards(source, str(dest), progress=False)
+    return str(dest)
+
+
+def resolve_training_data(config) -> TrainingData:
+    data = config.data
+    url = data.shards
+    if url in BUILTIN_SOURCES:
+        url = materialize_builtin(url, config.run.root)
+    train_urls = shards_for_split(url, data.train_split, data.storage_options)
+    val_urls = shards_for_split(url, data.val_split, data.storage_options)
+    check_shards(train_urls + val_urls, data.storage_options)
+    manifest = read_manifest(url, data.storage_options)
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return TrainingData(url, train_urls, val_urls, digest, data, config.train.seed)

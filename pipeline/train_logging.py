@@ -1,0 +1,92 @@
+"""What rank 0 tells the user and MLflow during training.
+
+Progress lines on stdout (Ray forwards them to the driver), metrics by step, system metrics,
+and image artifacts: reconstructions, samples, interpolations (VAE family) and the codebook
+usage histogram (VQ family). Only rank 0 constructs this, so one process writes to MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.latent_ops import interpolate, make_grid
+from pipeline.stream import to_model_input
+
+
+def _to_hwc_uint8(grid: torch.Tensor) -> np.ndarray:
+    """(C, H, W) floats in [0, 1] -> (H, W, C) uint8 for mlflow.log_image."""
+    pixels = (grid.detach().float().cpu().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+
+
+def usage_histogram(counts: torch.Tensor, height: int = 64) -> np.ndarray:
+    """Per-code counts (K,) -> (height, K, 3) uint8 bar chart, codes sorted by count."""
+    counts = counts.double().sort(descending=True).values
+    bars = (counts / counts.max().clamp(min=1) * height).round().long()  # (K,)
+    rows = torch.arange(height, 0, -1).unsqueeze(1)  # (height, 1)
+    image = (rows <= bars.unsqueeze(0)).numpy()  # (height, K) bool
+    return np.where(image[..., None], np.uint8(40), np.uint8(235)).repeat(3, axis=2)
+
+
+class RankZeroLogger:
+    def __init__(self, tracking_uri: str, run_id: str, log_images: bool, total_steps: int):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        # Reattach to the driver's run; system metrics (CPU, memory, GPU) are sampled from here.
+        self.run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        self.mlflow = mlflow
+        self.log_images = log_images
+        self.total_steps = total_steps
+        self.started = time.time()
+
+    def log_step(self, step: int, output: Any, stats: dict[str, Any], img_s: float, extra: dict[str, float]) -> None:
+        metrics = {f"train/{k}": float(v) for k, v in output.metrics.items() if torch.as_tensor(v).numel() == 1}
+        metrics.update({"train/loss": stats["loss"], "train/grad_norm": stats["grad_norm"], "train/lr": stats["lr"],
+                        "train/img_per_s": img_s, **{f"train/{k}": float(v) for k, v in extra.items()}})
+        self.mlflow.log_metrics(_finite(metrics), step=step)
+        elapsed = time.time() - self.started
+        eta = elapsed / max(step, 1) * (self.total_steps - step)
+        print(f"step {step}/{self.total_steps}  loss {stats['loss']:.4f}  {img_s:.0f} img/s  "
+              f"ETA {eta:.0f}s", flush=True)
+
+    def log_validation(
+        self, step: int, metrics: dict[str, float], counts: list[torch.Tensor], model: torch.nn.Module, batch: Any
+    ) -> None:
+        self.mlflow.log_metrics(_finite(metrics), step=step)
+        print(f"step {step}/{self.total_steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if self.log_images and batch is not None:
+            self._log_images(step, model, batch)
+        for level, level_counts in enumerate(counts):  # whole-split counts, (stages, K) per level
+            histogram = usage_histogram(level_counts.sum(0).cpu())
+            self.mlflow.log_image(histogram, artifact_file=f"codebook_usage/level{level}_step_{step:07d}.png")
+
+    @torch.no_grad()
+    def _log_images(self, step: int, model: torch.nn.Module, batch: Any) -> None:
+        was_training = model.training
+        model.eval()
+        x, y = to_model_input(batch)
+        x, y = x[:16], y[:16]  # (16, C, H, W)
+        output = model(x, y)
+        pairs = torch.cat([x, output.recon.float()])  # originals row(s), then reconstructions
+        self._image(make_grid(pairs, nrow=8), f"reconstructions/step_{step:07d}.png")
+        if getattr(model, "has_kl", False):
+            self._image(make_grid(model.sample(16, y=y, temperature=1.0), nrow=8), f"samples/step_{step:07d}.png")
+            if x.shape[0] >= 8:
+                path = interpolate(model, x[:4], x[4:8], steps=8, mode="slerp")
+                self._image(make_grid(path, nrow=8), f"interpolations/step_{step:07d}.png")
+        model.train(was_training)
+
+    def _image(self, grid: torch.Tensor, name: str) -> None:
+        self.mlflow.log_image(_to_hwc_uint8(grid), artifact_file=name)
+
+    def finish(self) -> None:
+        self.mlflow.end_run()
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if np.isfinite(v)}
