@@ -20,6 +20,7 @@ from models.errors import UserError
 # Order here is the order in `tokenmill --help`.
 COMMAND_MODULES = [
     "jobs.demo",
+    "jobs.tokenize",
     "jobs.bench",
 ]
 

@@ -1,0 +1,107 @@
+"""Resolve `--model MODEL` to the bytes of a saved model directory (config.json + model.safetensors).
+
+MODEL is one of:
+  - a local model directory, or any fsspec URL of one (`s3://bucket/runs/x/model`);
+  - an MLflow URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<name>@<alias>`
+    (the trainer logs the directory as the run's `model` artifact and registers that).
+
+The result carries the files' bytes rather than a path: the driver ships them to encoding
+actors through the Ray object store, so actors on other nodes never need the driver's disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from models.errors import UserError
+from models.serialization import CONFIG_FILE, WEIGHTS_FILE
+
+_MLFLOW_PREFIXES = ("runs:/", "models:/")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    uri: str  # what the user passed
+    version: str | None  # "name/3" for registry URIs (aliases resolved), else None
+    config: bytes  # config.json
+    weights: bytes  # model.safetensors
+
+    @property
+    def weights_sha256(self) -> str:
+        return hashlib.sha256(self.weights).hexdigest()
+
+    def materialize(self, directory: str | Path) -> Path:
+        """Write the two files under `directory` (for `models.load_model`)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_bytes(self.config)
+        (directory / WEIGHTS_FILE).write_bytes(self.weights)
+        return directory
+
+
+def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: dict | None = None) -> ModelFiles:
+    """Read MODEL's files; UserError when the reference cannot be resolved or is no model."""
+    if ref.startswith(_MLFLOW_PREFIXES):
+        with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as tmp:
+            local = _download_mlflow(ref, tmp, tracking_uri)
+            return _read_dir(ref, _registry_version(ref, tracking_uri), _model_dir(local, ref))
+    if "://" in ref and not ref.startswith("file://"):
+        fs, path = fsspec.core.url_to_fs(ref, **(storage_options or {}))
+        try:
+            config, weights = fs.cat_file(f"{path}/{CONFIG_FILE}"), fs.cat_file(f"{path}/{WEIGHTS_FILE}")
+        except FileNotFoundError:
+            raise UserError(f"{ref} is not a model directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}") from None
+        return ModelFiles(ref, None, config, weights)
+    path = Path(ref.removeprefix("file://"))
+    if not path.is_dir():
+        raise UserError(f"model {ref!r} is neither a directory nor an MLflow URI (runs:/…, models:/…)")
+    return _read_dir(ref, None, _model_dir(path, ref))
+
+
+def _download_mlflow(ref: str, dst: str, tracking_uri: str | None) -> Path:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=dst, tracking_uri=tracking_uri))
+    except (MlflowException, OSError) as err:
+        where = tracking_uri or mlflow.get_tracking_uri()
+        raise UserError(f"cannot download model {ref} from MLflow at {where}: {str(err).splitlines()[0]}") from None
+
+
+def _registry_version(ref: str, tracking_uri: str | None) -> str | None:
+    """`models:/name/3` -> "name/3"; `models:/name@alias` -> "name/<version the alias points to>"."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", ref.rstrip("/"))
+    if not match:
+        return None
+    name, number, alias = match.groups()
+    if number:
+        return f"{name}/{number}"
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
+
+
+def _model_dir(path: Path, ref: str) -> Path:
+    """The directory holding config.json: `path` itself or its only sub-directory that does
+    (downloads of `runs:/id/model` may land as `<dst>/model/`)."""
+    if (path / CONFIG_FILE).is_file():
+        return path
+    found = sorted(p.parent for p in path.rglob(CONFIG_FILE))
+    if len(found) != 1:
+        raise UserError(f"{ref} is not a model directory: expected one {CONFIG_FILE}, found {len(found)}")
+    return found[0]
+
+
+def _read_dir(ref: str, version: str | None, path: Path) -> ModelFiles:
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"{ref}: {WEIGHTS_FILE} is missing; the model directory is incomplete")
+    return ModelFiles(ref, version, (path / CONFIG_FILE).read_bytes(), weights.read_bytes())

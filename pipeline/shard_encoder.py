@@ -1,0 +1,112 @@
+"""One work unit of `tokenize`: read one input shard, decode, encode, write its rows, then its marker.
+
+A reader thread streams the tar and decodes images into batches while the caller's thread runs
+the model on the previous batch (PIL and torch both release the GIL), so decoding overlaps
+encoding and memory stays at a few batches plus one Zarr shard, whatever the shard's size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from pipeline import codebook_stats
+from pipeline.decode import DecodeError, TransformConfig, decode_image
+from pipeline.token_encoder import TokenEncoder
+from pipeline.token_layout import ShardRows
+from pipeline.token_store import TokenStore
+from pipeline.wds_io import TarDamage, filesystem, iter_samples
+
+PREFETCH_BATCHES = 2
+
+
+@dataclass
+class Batch:
+    images: np.ndarray  # (B, size, size, channels) uint8
+    labels: np.ndarray  # (B,) int64, -1 when the sample has no `cls`
+    keys: list[str]
+
+
+@dataclass
+class DecodedShard:
+    """Batches of one shard in tar order; `corrupt` holds {"key", "reason"} of skipped samples."""
+
+    url: str
+    transform: TransformConfig
+    batch_size: int
+    storage_options: dict[str, Any]
+    corrupt: list[dict[str, str]] = field(default_factory=list)
+
+    def batches(self) -> Iterator[Batch]:
+        images, labels, keys = [], [], []
+        fs, path = filesystem(self.url, self.storage_options)
+        with fs.open(path, "rb") as raw:
+            for item in iter_samples(raw):
+                if isinstance(item, TarDamage):
+                    self.corrupt.append({"key": item.key, "reason": item.reason})
+                    continue
+                found = item.image_member()
+                if found is None:
+                    self.corrupt.append({"key": item.key, "reason": "no image member"})
+                    continue
+                try:
+                    images.append(decode_image(found[1], self.transform))
+                except DecodeError as err:
+                    self.corrupt.append({"key": item.key, "reason": str(err)})
+                    continue
+                labels.append(item.label())
+                keys.append(item.key)
+                if len(keys) == self.batch_size:
+                    yield Batch(np.stack(images), np.array(labels, dtype=np.int64), keys)
+                    images, labels, keys = [], [], []
+        if keys:
+            yield Batch(np.stack(images), np.array(labels, dtype=np.int64), keys)
+
+
+def prefetch(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterator[Batch]:
+    """Run `batches` in a thread, `depth` batches ahead; re-raises its exception here."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                slots.put(batch)
+            slots.put(done)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            slots.put(err)
+
+    threading.Thread(target=produce, daemon=True, name="shard-decode").start()
+    while (item := slots.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def encode_shard(
+    shard: ShardRows, store: TokenStore, shard_rows: int, encoder: TokenEncoder, batch_size: int,
+    storage_options: dict[str, Any], before_marker: Callable[[ShardRows], None] | None = None,
+) -> dict[str, Any]:
+    """Encode every good sample of `shard` into its rows, then write its marker; returns the
+    marker's content. `before_marker` lets tests die between the two."""
+    source = DecodedShard(shard.url, encoder.transform, batch_size, storage_options)
+    counts = {s.name: np.zeros(s.codebook_size, dtype=np.int64) for s in encoder.specs if s.codebook_size}
+    writer = store.writer(shard, shard_rows, encoder.specs)
+    for batch in prefetch(source.batches()):
+        rows = encoder.encode(batch.images, batch.labels)
+        for name in counts:
+            counts[name] += codebook_stats.count_codes(rows[name], len(counts[name]))
+        writer.append({**rows, "keys": np.array(batch.keys, dtype=object), "labels": batch.labels})
+    result = {
+        "rows": writer.close(),
+        "corrupt": source.corrupt,
+        "code_counts": {name: codebook_stats.to_sparse(c) for name, c in counts.items()},
+    }
+    if before_marker is not None:
+        before_marker(shard)
+    store.write_marker(shard, result)
+    return result

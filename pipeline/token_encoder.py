@@ -1,0 +1,82 @@
+"""A saved model, loaded once for inference, that turns uint8 image batches into store rows.
+
+VQ family (`encode(x) -> codes (B, h, w)` or a tuple of them per level): rows of codes, one
+array per level (`codes`, or `codes_0`, `codes_1`, ... in the order `encode` returns them; for
+VQ-VAE-2 that is top, bottom). VAE family with `latents=True` (`encode(x, y) -> (μ, log σ²)`):
+posterior means as float16 (`latents`). Shapes come from encoding one blank image, so every
+model that honours the contract works without per-class code here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.errors import UserError
+from pipeline.decode import TransformConfig
+from pipeline.model_ref import ModelFiles
+from pipeline.token_store import ArraySpec, codes_dtype
+
+
+def model_transform(meta: dict[str, Any]) -> TransformConfig:
+    """How images must look for this model: the transform saved with it (`extra.transform`),
+    else its config's image size and channels with a center crop."""
+    saved = meta.get("extra", {}).get("transform")
+    if saved:
+        return TransformConfig.model_validate(saved)
+    config = meta["config"]
+    channels = config.get("channels", config.get("in_channels", 3))  # VAE vs VQ config field names
+    return TransformConfig(size=config.get("image_size", 32), channels=channels)
+
+
+class TokenEncoder:
+    """`encode(images uint8 (B, H, W, C), labels int64 (B,))` -> {array name: numpy rows}."""
+
+    def __init__(self, files: ModelFiles, latents: bool, device: str = "cpu"):
+        import models
+        from models.serialization import read_model_config
+
+        with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as tmp:
+            path = files.materialize(tmp)
+            self.meta = read_model_config(path)
+            # The trainer exports EMA weights as *the* model, so loading it is loading EMA weights.
+            self.model = models.load_model(path, map_location=device).eval().requires_grad_(False)
+        self.device, self.latents = torch.device(device), latents
+        if latents and not getattr(self.model, "has_kl", False):
+            raise UserError(f"--latents needs a VAE-family model; {files.uri} is a {self.meta['class']}")
+        if not latents and not hasattr(self.model, "codebook_size"):
+            raise UserError(f"{files.uri} is a {self.meta['class']} without codes; pass --latents for VAE models")
+        self.transform = model_transform(self.meta)
+        self.specs = self._probe_specs()
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        if self.latents:
+            try:
+                mu, _ = self.model.encode(x, y)
+            except (TypeError, ValueError):
+                raise UserError(f"{self.meta['class']}.encode does not return (mean, log-variance); "
+                                "--latents supports single-latent VAEs") from None
+            return [mu]
+        codes = self.model.encode(x)
+        return list(codes) if isinstance(codes, (tuple, list)) else [codes]
+
+    def _probe_specs(self) -> list[ArraySpec]:
+        t = self.transform
+        x = torch.zeros(1, t.channels, t.size, t.size, device=self.device)
+        outputs = self._forward(x, torch.zeros(1, dtype=torch.long, device=self.device))
+        if self.latents:
+            return [ArraySpec("latents", tuple(outputs[0].shape[1:]), "float16")]
+        sizes = self.model.codebook_size
+        sizes = list(sizes) if isinstance(sizes, (tuple, list)) else [sizes] * len(outputs)
+        names = ["codes"] if len(outputs) == 1 else [f"codes_{i}" for i in range(len(outputs))]
+        return [ArraySpec(n, tuple(o.shape[1:]), codes_dtype(int(k)), int(k)) for n, o, k in zip(names, outputs, sizes)]
+
+    def encode(self, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W)
+        y = torch.from_numpy(labels).to(self.device).clamp_(min=0)  # conditional VAEs need a class id
+        outputs = self._forward(x, y)
+        return {spec.name: out.cpu().numpy().astype(spec.dtype) for spec, out in zip(self.specs, outputs)}

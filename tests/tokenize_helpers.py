@@ -1,0 +1,98 @@
+"""Builders shared by the token store / tokenize / TokenDataset tests: a tiny untrained VQ-VAE
+(no training needed for exactly-once and layout properties) and small uneven shards."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SIZE = 16
+
+
+def make_vqvae(path: Path, codebook_size: int = 64, seed: int = 0) -> Path:
+    import torch
+
+    from models import save_model
+    from models.quantizers import QuantizerConfig
+    from models.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(seed)
+    config = VQVAEConfig(in_channels=1, image_size=IMAGE_SIZE, hidden=8, res_blocks=1, downsample=4, latent_dim=8,
+                         quantizer=QuantizerConfig(codebook_size=codebook_size))
+    model = VQVAE(config)
+    # One training-mode forward runs the k-means initialisation, so untrained codes still vary.
+    model.train()(torch.from_numpy(images(256, seed=99)).permute(0, 3, 1, 2).float() / 255.0)
+    return save_model(model.eval(), path)
+
+
+def make_vae(path: Path) -> Path:
+    import torch
+
+    from models import save_model
+    from models.vae import GaussianVAE, VAEConfig
+
+    torch.manual_seed(0)
+    return save_model(GaussianVAE(VAEConfig(image_size=IMAGE_SIZE, channels=1, latent_dim=4, hidden=8)).eval(), path)
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 16, 16, 1) uint8 blobs: structured enough that codes vary."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+    cy, cx = rng.uniform(3, 13, (2, n, 1, 1))
+    r = rng.uniform(2, 6, (n, 1, 1))
+    blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2) * 200 + rng.integers(0, 40, (n, IMAGE_SIZE, IMAGE_SIZE))
+    return blob.astype(np.uint8)[..., None]
+
+
+def write_shards(dest: str, n: int = 46, maxcount: int = 9, storage_options: dict | None = None) -> str:
+    """Shards written by the project's shard writer from an .npy source: train shards of 9, 9,
+    9, 9, <9 and a smaller val shard, i.e. uneven sizes."""
+    from pipeline.shard_writer import ShardSettings
+    from pipeline.shard_writer import write_shards as write
+
+    src = Path(dest.split("://")[-1]).parent / "source" if "://" not in dest else None
+    folder = src or Path("/tmp") / f"tm-src-{abs(hash(dest))}"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "images.npy", images(n))
+    np.save(folder / "labels.npy", np.arange(n) % 10)
+    write(str(folder / "images.npy"), dest, ShardSettings(maxcount=maxcount, val_fraction=0.2,
+                                                          labels=str(folder / "labels.npy")),
+          storage_options=storage_options, progress=False)
+    return dest
+
+
+def plant_corrupt(tar_path: Path) -> list[str]:
+    """Replace the second sample's image with garbage and append a sample without an image;
+    returns the keys of both. The manifest stays valid: it counts samples with an image member."""
+    with tarfile.open(tar_path) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers() if m.isfile()]
+    keys = sorted({m.name.split(".")[0] for m, _ in members})
+    bad = keys[1]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        for member, data in members:
+            if member.name.startswith(bad + ".") and member.name.endswith(".png"):
+                data = data[:40]  # a PNG header with its pixel data cut off
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+        extra = tarfile.TarInfo("zz-no-image.cls")
+        extra.size = 1
+        archive.addfile(extra, io.BytesIO(b"3"))
+    tar_path.write_bytes(out.getvalue())
+    return [bad, "zz-no-image"]
+
+
+def array_bytes(store: Path) -> dict[str, bytes]:
+    """Every object of the store's arrays (codes, keys, labels, shard table, codebook counts),
+    by relative path: what "byte for byte identical arrays" compares. Markers and the report
+    group are progress records, not arrays."""
+    out = {}
+    for path in sorted(store.rglob("*")):
+        rel = path.relative_to(store).as_posix()
+        if path.is_file() and not rel.startswith(("markers/", "report/")) and not rel.endswith(".partial"):
+            out[rel] = path.read_bytes()
+    return out
