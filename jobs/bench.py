@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["vae"]
+BENCHMARKS = ["vae", "stream"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -20,6 +20,8 @@ from models.errors import UserError
 # Order here is the order in `tokenmill --help`.
 COMMAND_MODULES = [
     "jobs.demo",
+    "jobs.shard",
+    "jobs.inspect",
     "jobs.tokenize",
     "jobs.bench",
 ]

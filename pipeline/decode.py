@@ -144,7 +144,8 @@ def decode_image(data: bytes, transform: TransformConfig, draw: Draw | None = No
     `draw` supplies the random choices of random-crop / hflip (None: center, no flip)."""
     image = load_pixels(data, transform.max_pixels, draft_size=transform.size)
     # now: mode L or RGB, 8 bits, any size
-    image = image.convert("L") if transform.channels == 1 else image.convert("RGB")
+    mode = "L" if transform.channels == 1 else "RGB"
+    image = image if image.mode == mode else image.convert(mode)
     image = resize_crop(image, transform, draw)
     # now: (size, size), the configured channels
     pixels = np.asarray(image, dtype=np.uint8)

@@ -1,0 +1,114 @@
+"""`tokenmill bench stream`: images/s through the Ray Data stream vs a plain single-process loop.
+
+Both read the same WebDataset shards of 32x32 RGB JPEGs and produce uint8 batches
+(B, 32, 32, 3): the baseline iterates `webdataset.WebDataset` and decodes each image with PIL in
+this process; the Ray path is `pipeline.stream.open_stream` (one task per shard, robust decode,
+numpy batches) iterated with `iter_batches`. The Ray path is measured for each `--cpus` value
+(Ray restarted with that many CPUs) after one warm-up pass that starts the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+from typing import Any
+
+DEFAULT_IMAGES = 20_000
+DEFAULT_SHARDS = 16
+BATCH = 256
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from jobs.cli import add_json_option
+
+    parser = subparsers.add_parser(
+        "stream", help="Ray Data shard stream vs a single-process webdataset + PIL loop (32x32 JPEGs)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="images (default %(default)s)")
+    parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS, help="shards (default %(default)s)")
+    parser.add_argument("--cpus", default=str(os.cpu_count() or 1),
+                        help="comma-separated Ray CPU counts to measure, e.g. 1,2 (default: all cores)")
+    add_json_option(parser)
+    parser.set_defaults(run=run)
+
+
+def make_shards(folder: str, images: int, shards: int) -> list[str]:
+    """`images` smooth random 32x32 RGB images as JPEG shards under `folder`; their URLs."""
+    import numpy as np
+
+    from pipeline.manifest import shard_urls
+    from pipeline.shard_writer import ShardSettings, write_shards
+
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, size=(images, 4, 4, 3), dtype=np.uint8)
+    pixels = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)  # (N, 32, 32, 3) blocky, JPEG-friendly
+    np.save(f"{folder}/images.npy", pixels)
+    settings = ShardSettings(image_format="jpg", maxcount=-(-images // shards), val_fraction=0.0)
+    write_shards(f"{folder}/images.npy", f"{folder}/shards", settings, progress=False)
+    return shard_urls(f"{folder}/shards")
+
+
+def baseline(urls: list[str]) -> tuple[int, float]:
+    """(images, seconds) for webdataset + PIL in this process, batched like the stream."""
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    start, count, batch = time.perf_counter(), 0, []
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        batch.append(np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
+        if len(batch) == BATCH:
+            count += len(np.stack(batch))
+            batch = []
+    count += len(np.stack(batch)) if batch else 0
+    return count, time.perf_counter() - start
+
+
+def ray_stream(urls: list[str], num_cpus: int) -> tuple[int, float]:
+    """(images, seconds) through open_stream with Ray limited to `num_cpus`, after a warm-up."""
+    import ray
+
+    from pipeline.decode import TransformConfig
+    from pipeline.stream import StreamConfig, open_stream
+
+    config = StreamConfig(transform=TransformConfig(size=32, channels=3, resize="resize"), shuffle=False,
+                          ordered=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        for _ in open_stream(urls[:num_cpus], config).dataset.iter_batches(batch_size=BATCH):
+            pass  # warm-up: worker processes started, modules imported
+        start, count = time.perf_counter(), 0
+        for batch in open_stream(urls, config).dataset.iter_batches(batch_size=BATCH, prefetch_batches=4):
+            count += len(batch["image"])
+        return count, time.perf_counter() - start
+    finally:
+        ray.shutdown()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from models.errors import UserError
+
+    cpus = [int(c) for c in args.cpus.split(",") if c.strip()]
+    if not cpus or min(cpus) < 1 or args.images < 1 or args.shards < 1:
+        raise UserError("--cpus needs positive integers, --images and --shards must be >= 1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as folder:
+        urls = make_shards(folder, args.images, args.shards)
+        n, seconds = baseline(urls)
+        baseline_img_s = n / seconds
+        print(f"baseline (webdataset + PIL, 1 process): {baseline_img_s:,.0f} img/s ({n} images)")
+        by_cpus = {}
+        for num_cpus in cpus:
+            m, seconds = ray_stream(urls, num_cpus)
+            if m != n:
+                raise RuntimeError(f"Ray stream delivered {m} images, baseline {n}")
+            by_cpus[str(num_cpus)] = dict(ray_img_s=round(m / seconds, 1), ratio=round(m / seconds / baseline_img_s, 3))
+            print(f"ray stream, num_cpus={num_cpus}: {m / seconds:,.0f} img/s, ratio {m / seconds / baseline_img_s:.2f}")
+    top = by_cpus[str(cpus[-1])]
+    return dict(ray_img_s=top["ray_img_s"], baseline_img_s=round(baseline_img_s, 1), ratio=top["ratio"],
+                num_cpus=cpus[-1], by_num_cpus=by_cpus, images=n, shards=len(urls), batch_size=BATCH,
+                cpu_count=os.cpu_count())

@@ -1,0 +1,104 @@
+"""`tokenmill inspect TARGET [--verify]`: what a dataset holds, and whether it is intact.
+
+TARGET is dispatched to the first inspector in INSPECTORS whose `detect` accepts it; each
+inspector prints a few lines and returns a JSON-ready dict. Shards: a folder of WebDataset
+shards (with or without manifest.json), a manifest.json URL or one .tar URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Callable, NamedTuple
+
+
+class Inspector(NamedTuple):
+    name: str
+    detect: Callable[[str, dict | None], bool]  # (url, storage_options) -> handles it?
+    inspect: Callable[[str, argparse.Namespace], dict[str, Any]]
+
+
+def _is_shards(url: str, storage_options: dict | None) -> bool:
+    from pipeline.wds_io import filesystem, join
+
+    if url.endswith((".tar", "manifest.json")):
+        return True
+    fs, path = filesystem(url, storage_options)
+    return fs.isdir(path) and (fs.isfile(join(path, "manifest.json")) or bool(fs.glob(join(path, "*.tar"))))
+
+
+def inspect_shards(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Counts, splits, formats and image statistics; with --verify every shard is re-read:
+    sha256 and count against the manifest, every member decoded, problems listed by key."""
+    from pipeline.manifest import finalize, index_shards, manifest_url, read_manifest, scan_shard
+    from pipeline.wds_io import join
+
+    options = args.storage_options
+    if url.endswith(".tar"):
+        folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
+        listed = {s["url"]: s for s in (read_manifest(folder, options) or {"shards": []})["shards"]}
+        scan = scan_shard(url, options)
+        scan.entry["url"] = name
+        manifest, problems = finalize(dict(shards=[listed.get(name, scan.entry)])), scan.problems
+    else:
+        folder = url.rsplit("/", 1)[0] if url.endswith(".json") else url
+        manifest, problems = read_manifest(url, options), []
+        if manifest is None:  # a folder of shards without a manifest: scan them
+            manifest, problems = index_shards(url, options, progress=False)
+    result = dict(target=url, manifest=manifest_url(folder) if not url.endswith(".tar") else None,
+                  shards=len(manifest["shards"]), samples=manifest["samples"], splits=manifest["splits"],
+                  formats=manifest["formats"], image_stats=manifest["image_stats"])
+    print(f"{url}: {result['shards']} shards, {result['samples']} samples")
+    for split, s in manifest["splits"].items():
+        print(f"  {split}: {s['samples']} samples in {s['shards']} shards")
+    stats = manifest["image_stats"]
+    print(f"  formats {manifest['formats']}; size h {stats['height']} w {stats['width']}; "
+          f"channels {stats['channels']}; mean {stats['mean']} std {stats['std']}")
+    if args.verify:
+        if not problems:  # not scanned yet: re-read every shard the manifest lists
+            for shard in manifest["shards"]:
+                shard_url = url if url.endswith(".tar") else join(folder, shard["url"])
+                try:
+                    scan = scan_shard(shard_url, options, shard["split"])
+                except FileNotFoundError:
+                    problems.append(dict(shard=shard_url, key="", member="", reason="shard is missing"))
+                    continue
+                problems.extend(scan.problems)
+                for field in ("sha256", "count"):
+                    if scan.entry[field] != shard[field]:
+                        problems.append(dict(shard=shard_url, key="", member="", reason=(
+                            f"{field} {scan.entry[field]} differs from the manifest's {shard[field]}")))
+        result.update(verified=True, ok=not problems, problems=problems)
+        print(f"  verify: {'OK' if not problems else f'{len(problems)} problems'}")
+        for p in problems:
+            print(f"    {p['shard']} key={p['key'] or '-'} member={p['member'] or '-'}: {p['reason']}")
+    return result
+
+
+# First match wins; the token-store inspector goes here too.
+INSPECTORS = [Inspector("shards", _is_shards, inspect_shards)]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from jobs.cli import add_json_option
+
+    parser = subparsers.add_parser(
+        "inspect", help="summarize shards (or another dataset) and optionally verify them",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("target", metavar="TARGET", help="dataset URL (folder, manifest.json or .tar)")
+    parser.add_argument("--verify", action="store_true", help="re-read everything; list corrupt members by key")
+    parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                        help="fsspec storage options as JSON")
+    add_json_option(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from models.errors import UserError
+
+    for inspector in INSPECTORS:
+        if inspector.detect(args.target, args.storage_options):
+            return dict(kind=inspector.name, **inspector.inspect(args.target, args))
+    kinds = ", ".join(i.name for i in INSPECTORS)
+    raise UserError(f"{args.target}: not a dataset tokenmill can inspect ({kinds}); check the URL")

@@ -1,0 +1,70 @@
+"""`tokenmill shard SRC DEST`: write WebDataset shards + manifest.json; `tokenmill shard index URL`
+builds the manifest of existing shards (e.g. img2dataset output) by scanning them.
+
+SRC is an image folder (searched recursively), a .npy/.npz file or builtin:mnist5k /
+builtin:digits; DEST and URL are fsspec URLs (local path, memory://, s3://, gs://). Rerunning the
+same command resumes: shards the manifest lists as complete are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from jobs.cli import add_json_option
+
+    parser = subparsers.add_parser(
+        "shard", help="write images as WebDataset shards with a manifest (or `shard index URL`)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", metavar="SRC", help="image folder, .npy/.npz, builtin:NAME, or the word `index`")
+    parser.add_argument("dest", metavar="DEST", help="output folder URL (with `index`: the folder of shards)")
+    parser.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
+    parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality (default %(default)s)")
+    parser.add_argument("--maxcount", type=int, default=10_000, help="samples per shard (default %(default)s)")
+    parser.add_argument("--maxsize", type=float, default=1e9, help="payload bytes per shard (default %(default)g)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of keys (by sha1 hash) in the val split (default %(default)s)")
+    parser.add_argument("--prefix", default="", help="shard name prefix: PREFIX-train-000000.tar")
+    parser.add_argument("--class-from-subfolder", action="store_true", help="label = first sub-folder name")
+    parser.add_argument("--labels", help=".npy of integer labels for a .npy source")
+    parser.add_argument("--split", choices=["train", "val"], help="with `index`: the split of every shard "
+                        "(default: guessed from names containing val/test)")
+    parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                        help='fsspec storage options, e.g. \'{"anon": true}\'')
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_json_option(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.config import validate
+    from pipeline.manifest import index_shards, manifest_url, write_manifest
+    from pipeline.shard_writer import ShardSettings, write_shards
+
+    if args.src == "index":
+        manifest, problems = index_shards(args.dest, args.storage_options, split=args.split,
+                                          progress=not args.no_progress)
+        write_manifest(args.dest, manifest, args.storage_options)
+        print(f"indexed {len(manifest['shards'])} shards, {manifest['samples']} samples -> {manifest_url(args.dest)}"
+              f"{f'; {len(problems)} problems (see `tokenmill inspect --verify`)' if problems else ''}")
+        return dict(manifest=manifest_url(args.dest), shards=len(manifest["shards"]), samples=manifest["samples"],
+                    splits=manifest["splits"], formats=manifest["formats"], image_stats=manifest["image_stats"],
+                    problems=problems)
+    options = dict(
+        image_format=args.image_format, quality=args.quality, maxcount=args.maxcount, maxsize=int(args.maxsize),
+        val_fraction=args.val_fraction, prefix=args.prefix, class_from_subfolder=args.class_from_subfolder,
+        labels=args.labels,
+    )
+    settings = validate(ShardSettings, options, "tokenmill shard options")
+    summary = write_shards(args.src, args.dest, settings, args.storage_options, progress=not args.no_progress)
+    splits = ", ".join(f"{name} {s['samples']} in {s['shards']} shards" for name, s in summary["splits"].items())
+    print(f"{summary['samples']} samples ({splits}); {summary['shards_written']} shards written, "
+          f"{summary['shards_already_complete']} already complete -> {summary['manifest']}")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} unreadable source images, e.g. {summary['skipped'][0]}")
+    return summary

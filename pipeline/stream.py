@@ -1,0 +1,256 @@
+"""Streaming WebDataset shards through Ray Data into fixed-size training batches.
+
+Shared by the trainer and the tokenizer:
+
+    urls = shards_for_split("s3://bucket/mnist/", "train")       # pipeline.manifest
+    stream = open_stream(urls, StreamConfig(transform=TransformConfig(size=32, channels=1)), epoch=e)
+    for batch in stream.dataset.iter_batches(batch_size=64):    # or hand stream.dataset to Ray Train
+        x, y = to_model_input(batch)                             # (B, C, H, W) float32 in [0, 1], (B,) int64
+    stream.report()  # {"skipped": n, "by_reason": {...}, "errors": [{"shard", "key", "reason"}, ...]}
+
+Rows: `image` uint8 (size, size, channels), `label` int64 (-1 if none), `key` str, `shard` str.
+
+The pipeline, per shard (one Ray task per shard, so a damaged shard costs only itself):
+    shard URL --fsspec open--> tar members --group by key--> samples (key, {ext: bytes})
+      --pick image member / cls--> raw samples --seeded buffer shuffle--> raw samples
+      --decode + transform, `batch_rows` at a time--> numpy batches
+Bad input never raises inside Ray: an undecodable sample, a sample without an image, an empty
+or damaged tar is skipped and recorded with its key and shard in a small `ErrorLog` actor
+(called only when there is something to record); `ShardStream.report()` reads it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pydantic
+import ray
+
+from models.errors import UserError
+from pipeline.config import StrictModel
+from pipeline.decode import DecodeError, Draw, TransformConfig, decode_image
+from pipeline.manifest import read_manifest
+from pipeline.wds_io import TarDamage, filesystem, iter_samples
+
+
+class StreamConfig(StrictModel):
+    transform: TransformConfig = TransformConfig()
+    shuffle: bool = True  # shard order per epoch + a sample buffer per shard, seeded
+    shuffle_buffer: int = pydantic.Field(1000, ge=0)  # samples; 0 keeps shard order inside a shard
+    seed: int = 0
+    batch_rows: int = pydantic.Field(512, ge=1)  # samples decoded per call, rows per output block
+    ordered: bool = True  # deterministic row order (Ray Data preserve_order)
+
+
+# -- checks before any Ray work -----------------------------------------------------------------
+
+def check_shards(urls: list[str], storage_options: dict | None = None) -> None:
+    """One UserError naming the URL for: an empty list, a missing shard, a shard without images
+    (by its folder's manifest when it lists the shard, else by reading tar headers up to the
+    first image member). Damaged/empty tar files are left to the stream, which reports them."""
+    if not urls:
+        raise UserError("no shards to read: the shard list is empty")
+    listings: dict[str, set[str]] = {}
+    manifests: dict[str, dict[str, int]] = {}
+    for url in urls:
+        folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
+        fs, path = filesystem(url, storage_options)
+        if folder not in listings:
+            parent = path.rsplit("/", 1)[0] if "/" in path else "."
+            try:
+                listings[folder] = {p.rstrip("/") for p in fs.ls(parent, detail=False)}
+            except FileNotFoundError:
+                listings[folder] = set()
+            manifest = read_manifest(folder, storage_options) or {"shards": []}
+            manifests[folder] = {s["url"]: s["count"] for s in manifest["shards"]}
+        if path not in listings[folder] and not fs.isfile(path):
+            raise UserError(f"shard {url} does not exist")
+        count = manifests[folder].get(name)
+        if count == 0 or (count is None and not _has_image(fs, path)):
+            raise UserError(f"shard {url} contains no images")
+
+
+def _has_image(fs, path: str) -> bool:
+    """Whether the tar at `path` has an image member (reads only up to the first one);
+    True for damaged tars, which the stream reports instead."""
+    with fs.open(path, "rb") as f:
+        for item in iter_samples(f):
+            if isinstance(item, TarDamage) or item.image_member() is not None:
+                return True
+    return False
+
+
+# -- shuffling ----------------------------------------------------------------------------------
+
+def shard_order(urls: list[str], seed: int, epoch: int, shuffle: bool = True) -> list[str]:
+    """The shard order of one epoch: a seeded permutation (or `urls` as given)."""
+    urls = list(urls)
+    if shuffle:
+        random.Random(f"shards:{seed}:{epoch}").shuffle(urls)
+    return urls
+
+
+def buffer_shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:
+    """webdataset-style local shuffle: keep up to `size` items, emit a random one per new item."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# -- one shard, usable without Ray (the tokenizer's work unit) -----------------------------------
+
+def iter_shard_batches(
+    url: str,
+    config: StreamConfig,
+    errors: list[dict[str, str]],
+    *,
+    epoch: int = 0,
+    storage_options: dict | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Decoded batches of up to `config.batch_rows` rows from one shard; every skipped sample
+    or damage is appended to `errors` as {"shard", "key", "reason"} before the batch after it."""
+    transform = config.transform
+    fs, path = filesystem(url, storage_options)
+
+    def raw_samples(f) -> Iterator[tuple[str, int, bytes]]:
+        for item in iter_samples(f):
+            if isinstance(item, TarDamage):
+                errors.append(dict(shard=url, key=item.key, reason=item.reason))
+                continue
+            found = item.image_member()
+            if found is None:
+                errors.append(dict(shard=url, key=item.key, reason=f"no image member ({', '.join(sorted(item.members))})"))
+                continue
+            yield item.key, item.label(), found[1]
+
+    with fs.open(path, "rb") as f:
+        samples = raw_samples(f)
+        # now: (key, label, image bytes) in archive order; damaged / image-less samples recorded
+        if config.shuffle and config.shuffle_buffer > 1:
+            samples = buffer_shuffle(samples, config.shuffle_buffer, random.Random(f"{config.seed}:{epoch}:{url}"))
+        # now: the same samples, locally shuffled under (seed, epoch, shard)
+        chunk: list[tuple[str, int, bytes]] = []
+        for sample in samples:
+            chunk.append(sample)
+            if len(chunk) == config.batch_rows:
+                yield _decode_chunk(chunk, url, transform, config.seed, epoch, errors)
+                chunk = []
+        if chunk:
+            yield _decode_chunk(chunk, url, transform, config.seed, epoch, errors)
+
+
+def _decode_chunk(chunk, url: str, transform: TransformConfig, seed: int, epoch: int,
+                  errors: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    """Raw samples -> a batch: image (n, size, size, C) uint8, label (n,) int64, key, shard."""
+    random_draws = transform.hflip or transform.resize == "random-crop"
+    images, labels, keys = [], [], []
+    for key, label, data in chunk:
+        try:
+            images.append(decode_image(data, transform, Draw(seed, epoch, key) if random_draws else None))
+        except DecodeError as err:
+            errors.append(dict(shard=url, key=key, reason=str(err)))
+            continue
+        labels.append(label)
+        keys.append(key)
+    shape = (transform.size, transform.size, transform.channels)
+    return {
+        "image": np.stack(images) if images else np.zeros((0, *shape), np.uint8),
+        "label": np.asarray(labels, dtype=np.int64),
+        "key": np.asarray(keys, dtype=object),
+        "shard": np.full(len(keys), url, dtype=object),
+    }
+
+
+# -- the Ray stream -----------------------------------------------------------------------------
+
+@ray.remote(num_cpus=0)
+class ErrorLog:
+    """Collects skipped samples from every read task; duplicates (a re-read epoch) count once."""
+
+    def __init__(self):
+        self.records: dict[tuple[str, str, str], dict[str, str]] = {}
+
+    def add(self, records: list[dict[str, str]]) -> None:
+        for record in records:
+            self.records.setdefault((record["shard"], record["key"], record["reason"]), record)
+
+    def all(self) -> list[dict[str, str]]:
+        return list(self.records.values())
+
+
+def _read_shards(batch: dict[str, np.ndarray], config: StreamConfig, epoch: int,
+                 storage_options: dict | None, log) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data stage: shard URL(s) -> decoded batches; errors reach `log` before each batch."""
+    for url in batch["shard"]:
+        errors: list[dict[str, str]] = []
+        for out in iter_shard_batches(str(url), config, errors, epoch=epoch, storage_options=storage_options):
+            if errors:
+                ray.get(log.add.remote(errors))  # synchronous: recorded before the rows are seen
+                errors.clear()
+            if len(out["key"]):
+                yield out
+        if errors:
+            ray.get(log.add.remote(errors))
+
+
+@dataclass
+class ShardStream:
+    dataset: "ray.data.Dataset"  # rows: image uint8 (H, W, C), label int64, key str, shard str
+    log: Any  # ErrorLog actor handle
+    shards: list[str]  # in this epoch's order
+
+    def errors(self) -> list[dict[str, str]]:
+        """Every sample skipped so far: {"shard", "key", "reason"} (complete once iterated)."""
+        return sorted(ray.get(self.log.all.remote()), key=lambda r: (r["shard"], r["key"], r["reason"]))
+
+    def report(self) -> dict[str, Any]:
+        """{"skipped": n, "by_reason": {reason kind: n}, "errors": [...]} for job summaries."""
+        errors = self.errors()
+        kinds = Counter(r["reason"].split(":")[0].split(" (")[0] for r in errors)
+        return dict(skipped=len(errors), by_reason=dict(sorted(kinds.items())), errors=errors)
+
+
+def open_stream(urls: list[str], config: StreamConfig | None = None, *, epoch: int = 0,
+                storage_options: dict | None = None) -> ShardStream:
+    """A Ray Dataset of decoded rows from shard `urls` (after `check_shards`, which raises a
+    UserError before any Ray work); shard order and local shuffle depend on (seed, epoch)."""
+    import ray.data
+
+    config = config or StreamConfig()
+    check_shards(urls, storage_options)
+    order = shard_order(urls, config.seed, epoch, config.shuffle)
+    log = ErrorLog.remote()
+    dataset = ray.data.from_items([{"shard": url} for url in order], override_num_blocks=len(order))
+    # now: one block per shard URL, in epoch order
+    dataset = dataset.map_batches(
+        _read_shards, batch_size=1, batch_format="numpy",
+        fn_kwargs=dict(config=config, epoch=epoch, storage_options=storage_options, log=log),
+    )
+    # now: rows image (size, size, C) uint8, label, key, shard; bad samples in `log`
+    dataset.context.execution_options.preserve_order = config.ordered
+    return ShardStream(dataset, log, order)
+
+
+def to_model_input(batch: dict[str, Any], device: Any = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """A stream batch -> (x float32 (B, C, H, W) in [0, 1], y int64 (B,)), on `device` if given."""
+    import torch
+
+    images = batch["image"]
+    if not torch.is_tensor(images):
+        images = torch.from_numpy(np.require(images, np.uint8, requirements="W"))  # copies read-only blocks
+    labels = torch.as_tensor(batch["label"], dtype=torch.int64)
+    if device is not None:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
+    return x, labels

@@ -1,0 +1,104 @@
+"""Robust decoding: every image mode becomes the configured channels at a fixed size."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.decode import DecodeError, Draw, TransformConfig, decode_image, native_pixels
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def grey_ramp(h=6, w=10) -> np.ndarray:
+    return (np.arange(h * w).reshape(h, w) * 4).astype(np.uint8)
+
+
+def palette_image(transparent: bool) -> Image.Image:
+    image = Image.fromarray(np.tile(np.arange(4, dtype=np.uint8), (4, 1)), "P")
+    image.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 10, 20, 30] + [0] * 756)
+    if transparent:
+        image.info["transparency"] = 0
+    return image
+
+
+MODES = {
+    "L": lambda: Image.fromarray(grey_ramp(), "L"),
+    "LA": lambda: Image.fromarray(np.dstack([grey_ramp(), np.full((6, 10), 255, np.uint8)]), "LA"),
+    "RGB": lambda: Image.fromarray(np.dstack([grey_ramp()] * 3), "RGB"),
+    "RGBA": lambda: Image.fromarray(np.dstack([grey_ramp()] * 3 + [np.full((6, 10), 128, np.uint8)]), "RGBA"),
+    "P": lambda: palette_image(False),
+    "P+transparency": lambda: palette_image(True),
+    "1": lambda: Image.fromarray(grey_ramp() > 100).convert("1"),
+    "I;16": lambda: Image.fromarray(grey_ramp().astype(np.uint16) * 257),
+    "CMYK": lambda: Image.fromarray(np.dstack([grey_ramp()] * 3), "RGB").convert("CMYK"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_mode_becomes_the_configured_channels(mode, channels):
+    image = MODES[mode]()
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    pixels = decode_image(encode(image, fmt), TransformConfig(size=8, channels=channels, resize="resize"))
+    assert pixels.shape == (8, 8, channels) and pixels.dtype == np.uint8
+
+
+def test_16_bit_grey_is_scaled_not_clipped():
+    ramp = grey_ramp()
+    image = Image.fromarray(ramp.astype(np.uint16) * 257)
+    assert np.array_equal(native_pixels(encode(image, "PNG"), 10**6)[:, :, 0], ramp)
+
+
+def test_alpha_is_composited_onto_white():
+    rgba = np.zeros((4, 4, 4), np.uint8)  # fully transparent black
+    pixels = native_pixels(encode(Image.fromarray(rgba, "RGBA")), 10**6)
+    assert pixels.shape == (4, 4, 3) and (pixels == 255).all()
+
+
+def test_palette_keeps_colours():
+    pixels = native_pixels(encode(palette_image(False)), 10**6)
+    assert pixels[0, :3].tolist() == [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
+
+
+def test_pixel_limit_guards_against_bombs():
+    data = encode(Image.new("L", (200, 200)))
+    with pytest.raises(DecodeError, match="too many pixels"):
+        decode_image(data, TransformConfig(size=8, max_pixels=1000))
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", None])
+def test_garbage_and_truncated_data_raise_decode_error(data):
+    if data is None:  # a JPEG cut in half
+        noisy = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        full = encode(Image.fromarray(noisy), "JPEG")
+        data = full[: len(full) // 2]
+    with pytest.raises(DecodeError):
+        decode_image(data, TransformConfig(size=8))
+
+
+def test_center_crop_keeps_aspect_and_resize_squashes():
+    wide = np.zeros((10, 30), np.uint8)
+    wide[:, 10:20] = 255  # white centre third
+    data = encode(Image.fromarray(wide, "L"))
+    crop = decode_image(data, TransformConfig(size=10, channels=1, resize="center-crop"))
+    assert (crop == 255).all()
+    squashed = decode_image(data, TransformConfig(size=10, channels=1, resize="resize"))
+    assert squashed[:, 0].max() < 128 and squashed[:, 5].min() > 128
+
+
+def test_random_transforms_are_deterministic_per_key_and_epoch():
+    data = encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)))
+    config = TransformConfig(size=16, resize="random-crop", crop_jitter=1.5, hflip=True)
+    same = [decode_image(data, config, Draw(0, 0, "k")) for _ in range(2)]
+    assert np.array_equal(*same)
+    variants = {decode_image(data, config, Draw(0, epoch, "k")).tobytes() for epoch in range(8)}
+    assert len(variants) > 1
+    assert all(decode_image(data, config, Draw(0, e, "k")).shape == (16, 16, 3) for e in range(8))
