@@ -49,6 +49,9 @@ class HVAEConfig:
 
     __pydantic_config__ = {"extra": "forbid"}
 
+    def __post_init__(self) -> None:
+        self.resolutions = tuple(int(r) for r in self.resolutions)  # JSON gives lists back
+
 
 class ResBlock(nn.Module):
     """h + conv3x3(gelu(conv3x3(gelu(h)))); the output conv starts small so deep stacks start near identity."""

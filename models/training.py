@@ -46,7 +46,7 @@ def lr_factor(step: int, config: OptimConfig) -> float:
 
 
 class TrainStep:
-    """Owns the optimizer, LR scheduler, EMA copy and step counters of one model.
+    """Owns the optimizer, EMA copy and step counters (which drive the LR schedule) of one model.
 
     `model` may be DDP-wrapped; the EMA copy shadows the unwrapped module (`model.module`) and is
     a plain module in eval mode, usable directly for evaluation and saving.
@@ -60,7 +60,6 @@ class TrainStep:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.ema: nn.Module | None = None
         if config.ema_decay > 0:
             self.ema = copy.deepcopy(self.module).eval().requires_grad_(False)
@@ -69,6 +68,9 @@ class TrainStep:
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None = None, **forward_kwargs: Any) -> tuple[Any, dict[str, Any]]:
         """One forward/backward/update. Returns (model output, stats: loss, grad_norm, lr, skipped)."""
+        lr = self.config.lr * lr_factor(self.steps, self.config)  # follows calls: identical on every rank
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.model.train()
         output = self.model(x, y, **forward_kwargs)
         self.optimizer.zero_grad(set_to_none=True)
@@ -77,14 +79,12 @@ class TrainStep:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))  # norm before clipping
         too_large = 0 < self.config.skip_grad_norm < grad_norm
         skipped = not math.isfinite(grad_norm) or too_large
-        lr = self.optimizer.param_groups[0]["lr"]
         if skipped:
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
             self._update_ema()
-        self.scheduler.step()  # the schedule follows calls, identical on every rank
         self.steps += 1
         stats = {"loss": float(output.loss.detach()), "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
         return output, stats
@@ -106,15 +106,13 @@ class TrainStep:
     def state_dict(self) -> dict[str, Any]:
         return {
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
-            "steps": self.steps,
+            "steps": self.steps,  # also the position in the learning-rate schedule
             "skipped": self.skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.steps = int(state["steps"])
