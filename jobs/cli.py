@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "jobs.demo",
     "jobs.shard",
     "jobs.inspect",
+    "jobs.train",
     "jobs.tokenize",
     "jobs.bench",
 ]

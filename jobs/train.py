@@ -16,6 +16,9 @@ from typing import Any
 
 from jobs.cli import add_config_options, add_json_option
 
+# Environment the driver forwards to training workers: fault injection (tests) and S3 endpoint.
+FORWARDED_ENV = ("TOKENMILL_FAIL_AT_STEP", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -36,6 +39,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train(config) -> dict[str, Any]:
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -43,7 +47,7 @@ def train(config) -> dict[str, Any]:
     from jobs.train_worker import train_loop_per_worker
     from pipeline import tracking
     from pipeline.config import to_plain
-    from pipeline.train_data import resolve_training_data
+    from pipeline.train_data import TRAIN_COLUMNS, resolve_training_data
 
     run_dir = config.run.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +62,8 @@ def train(config) -> dict[str, Any]:
     tracking.log_params_once(tracking_uri, run_id, tracking.flatten(to_plain(config)))
 
     ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
+    streams = data.open_streams()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id},
@@ -70,8 +76,9 @@ def train(config) -> dict[str, Any]:
             storage_path=config.run.resolved_storage_path(),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}},
         ),
-        datasets={"train": data.train_dataset(), "val": data.val_dataset()},
+        datasets={name: stream.dataset.select_columns(TRAIN_COLUMNS) for name, stream in streams.items()},
         # Equal split of the training stream so ranks never see unequal batch counts (DDP hang);
         # validation is read whole by every rank, which evaluates every world_size-th batch.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -100,6 +107,7 @@ def train(config) -> dict[str, Any]:
         "registered_model": registered_name,
         "model_version": version,
         "model_uri": f"models:/{registered_name}/{version}",
+        "skipped_samples": {name: stream.report() for name, stream in streams.items()},
     }
     _print_summary(summary)
     return summary

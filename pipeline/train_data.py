@@ -15,7 +15,10 @@ from typing import Any
 
 from pipeline.manifest import read_manifest, shards_for_split
 from pipeline.sources import BUILTIN_SOURCES
-from pipeline.stream import check_shards, image_dataset
+from pipeline.stream import ShardStream, StreamConfig, check_shards, open_stream
+
+# Ray Train turns every column into a tensor: keep the numeric ones.
+TRAIN_COLUMNS = ["image", "label"]
 
 
 @dataclass
@@ -27,13 +30,16 @@ class TrainingData:
     config: Any  # the job's DataSection
     seed: int
 
-    def train_dataset(self):
-        return image_dataset(self.train_urls, self.config.transform, self.config.storage_options,
-                             shuffle_seed=self.seed)
-
-    def val_dataset(self):
-        return image_dataset(self.val_urls, self.config.transform.model_copy(update={"resize": "center-crop", "hflip": False}),
-                             self.config.storage_options)
+    def open_streams(self) -> dict[str, ShardStream]:
+        """The train stream (shuffled, augmented) and the val stream (fixed order, no augmentation)."""
+        train = StreamConfig(transform=self.config.transform, shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
+        plain = self.config.transform.model_copy(
+            update={"resize": "center-crop" if self.config.transform.resize == "random-crop" else self.config.transform.resize,
+                    "hflip": False})
+        val = StreamConfig(transform=plain, shuffle=False, shuffle_buffer=0)
+        options = self.config.storage_options
+        return {"train": open_stream(self.train_urls, train, storage_options=options),
+                "val": open_stream(self.val_urls, val, storage_options=options)}
 
 
 def materialize_builtin(source: str, root: str | Path) -> str:

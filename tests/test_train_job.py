@@ -1,0 +1,104 @@
+"""The distributed training job end to end: Ray Train DDP with 2 CPU workers over generated
+shards, an injected worker failure, a resumed rerun, and a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from jobs.cli import main as cli_main
+from pipeline.shard_writer import ShardSettings, write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = str(REPO / "configs" / "debug_vqvae.yaml")
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory) -> str:
+    """The 1,797 scikit-learn digits as uneven PNG shards (300 per shard) with a manifest."""
+    dest = tmp_path_factory.mktemp("digits-shards")
+    write_shards("builtin:digits", str(dest), ShardSettings(maxcount=300), progress=False)
+    return str(dest)
+
+
+def train(tmp_path: Path, shards: str, *overrides: str) -> dict:
+    out = tmp_path / f"summary-{len(list(tmp_path.glob('summary-*')))}.json"
+    code = cli_main(["train", DEBUG_CONFIG, "--set", f"data.shards={shards}", "--set", f"run.root={tmp_path}",
+                     *[arg for o in overrides for arg in ("--set", o)], "--json", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def faulty_run(ray_local, mlflow_server, digits_shards, tmp_path_factory, monkeypatch_module):
+    """12 steps, checkpoints every 3; the last rank raises at step 7 once; tracked on the server."""
+    root = tmp_path_factory.mktemp("faulty-run")
+    monkeypatch_module.setenv("TOKENMILL_FAIL_AT_STEP", "7")
+    summary = train(root, digits_shards, f"tracking.tracking_uri={mlflow_server}", "run.name=faulty")
+    monkeypatch_module.delenv("TOKENMILL_FAIL_AT_STEP")
+    return root, summary
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_ddp_run_survives_a_worker_failure(faulty_run):
+    _, summary = faulty_run
+    metrics = summary["final_metrics"]
+    assert metrics["step"] == 12
+    # Restarted from the step-6 checkpoint, not from zero.
+    assert metrics["resumed_from_step"] == 6
+    assert Path(summary["checkpoint"]).is_dir()
+    assert (Path(summary["checkpoint"]) / "train_state.pt").is_file()
+    assert (Path(summary["model_dir"]) / "model.safetensors").is_file()
+
+
+def test_loss_falls_and_server_has_params_metrics_images_model(faulty_run, mlflow_server):
+    _, summary = faulty_run
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["model.kind"] == "vqvae"
+    assert run.data.params["train.steps"] == "12"
+    assert "tokenmill.data_manifest_sha256" in run.data.tags
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert len(losses) >= 3 and losses[-1] < losses[0]
+    assert {"val/psnr", "val/usage"} <= set(run.data.metrics)
+    assert any(key.startswith("system/") for key in run.data.metrics), "system metrics were not logged"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"reconstructions", "codebook_usage", "model"} <= artifacts
+    version = client.get_model_version(summary["registered_model"], summary["model_version"])
+    assert version.run_id == run.info.run_id
+
+
+def test_rerun_with_same_name_resumes(faulty_run, mlflow_server, digits_shards):
+    root, first = faulty_run
+    second = train(root, digits_shards, f"tracking.tracking_uri={mlflow_server}", "run.name=faulty", "train.steps=15")
+    assert second["final_metrics"]["resumed_from_step"] == 12
+    assert second["final_metrics"]["step"] == 15
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert int(second["model_version"]) == int(first["model_version"]) + 1
+
+
+def test_bad_config_exits_2_before_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(DEBUG_CONFIG).read_text().replace("latent_dim:", "latnt_dim:"))
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", str(bad)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "model.latnt_dim: unknown key" in proc.stderr and str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_missing_shards_exit_2(tmp_path):
+    code = cli_main(["train", DEBUG_CONFIG, "--set", f"data.shards={tmp_path / 'nowhere'}",
+                     "--set", f"run.root={tmp_path}"])
+    assert code == 2
