@@ -48,20 +48,17 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     return blob.astype(np.uint8)[..., None]
 
 
-def write_shards(dest: str, n: int = 46, maxcount: int = 9, storage_options: dict | None = None) -> str:
-    """Shards written by the project's shard writer from an .npy source: train shards of 9, 9,
-    9, 9, <9 and a smaller val shard, i.e. uneven sizes."""
+def write_shards(dest: str, source_dir: Path, n: int = 46, storage_options: dict | None = None) -> str:
+    """Shards written by the project's shard writer from an .npy source (labels = index % 10):
+    train shards of 9, 9, 9, 9, <9 and a smaller val shard, i.e. uneven sizes."""
     from pipeline.shard_writer import ShardSettings
     from pipeline.shard_writer import write_shards as write
 
-    src = Path(dest.split("://")[-1]).parent / "source" if "://" not in dest else None
-    folder = src or Path("/tmp") / f"tm-src-{abs(hash(dest))}"
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "images.npy", images(n))
-    np.save(folder / "labels.npy", np.arange(n) % 10)
-    write(str(folder / "images.npy"), dest, ShardSettings(maxcount=maxcount, val_fraction=0.2,
-                                                          labels=str(folder / "labels.npy")),
-          storage_options=storage_options, progress=False)
+    source_dir.mkdir(parents=True, exist_ok=True)
+    np.save(source_dir / "images.npy", images(n))
+    np.save(source_dir / "labels.npy", np.arange(n) % 10)
+    settings = ShardSettings(maxcount=9, val_fraction=0.2, labels=str(source_dir / "labels.npy"))
+    write(str(source_dir / "images.npy"), dest, settings, storage_options=storage_options, progress=False)
     return dest
 
 

@@ -1,0 +1,172 @@
+"""`tokenize` end to end on local Ray: exactly once under driver and actor kills, uneven shards,
+corrupt members, s3:// against moto, lineage refusal, codes that decode to reconstructions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from models.errors import UserError
+from tokenize_helpers import array_bytes, images, make_vae, make_vqvae, plant_corrupt, write_shards
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+N = 46  # source images; shards of 9, 9, 9, 9, <9 train + val
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("tokenize")
+    model = make_vqvae(root / "model")
+    shards = write_shards(str(root / "shards"), root / "source", n=N)
+    corrupt = plant_corrupt(sorted((root / "shards").glob("train-*.tar"))[0])
+    return {"root": root, "model": str(model), "shards": shards, "corrupt": corrupt}
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """An uninterrupted run: what every interrupted run must equal byte for byte."""
+    from jobs.tokenize import tokenize_dataset
+
+    store = data["root"] / "reference.zarr"
+    summary = tokenize_dataset(data["model"], data["shards"], str(store), batch_size=4, actors=2)
+    return {"store": store, "summary": summary}
+
+
+def test_store_is_plain_zarr_and_decodes_to_reconstructions(data, reference):
+    from models import load_model
+
+    summary = reference["summary"]
+    assert summary["samples"] == N - 1  # one planted corrupt image; the image-less sample is not one
+    group = zarr.open_group(str(reference["store"]), mode="r")
+    assert group["codes"].dtype == np.uint16 and group["codes"].shape[1:] == (4, 4)
+    assert group.attrs["lineage"]["codebook_size"] == 64
+    counts = group["shards/count"][:]
+    starts, caps = group["shards/row_start"][:], group["shards/capacity"][:]
+    assert len(set(counts.tolist())) > 1  # uneven input shards
+    assert (starts % group["codes"].shards[0] == 0).all() and (caps % group["codes"].shards[0] == 0).all()
+    reported = {(c["key"], Path(c["shard"]).name) for c in group["report"].attrs["corrupt"]}
+    first = sorted(Path(data["shards"]).glob("train-*.tar"))[0].name
+    assert reported == {(data["corrupt"][0], first), (data["corrupt"][1], first)}
+
+    rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)])
+    keys = group["keys"][:][rows]
+    assert "" not in keys and data["corrupt"][0] not in keys and len(set(keys.tolist())) == N - 1
+    source = images(N)
+    index = np.array([int(k.rsplit("-", 1)[1]) for k in keys])
+    np.testing.assert_array_equal(group["labels"][:][rows], index % 10)
+    model = load_model(data["model"]).eval()
+    x = torch.from_numpy(source[index]).permute(0, 3, 1, 2).float() / 255.0
+    codes = torch.from_numpy(group["codes"][:][rows].astype(np.int64))
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(codes), model(x).recon)
+    counts_k = group["codebook_counts"][:]
+    assert counts_k.sum() == codes.numel() and summary["codebook"]["codes"]["used_codes"] > 1
+
+
+def test_rerun_of_a_finished_store_encodes_nothing(data, reference):
+    from jobs.tokenize import tokenize_dataset
+
+    before = array_bytes(reference["store"])
+    summary = tokenize_dataset(data["model"], data["shards"], str(reference["store"]), batch_size=4)
+    assert summary["encoded_now"] == 0 and summary["skipped_shards"] == summary["input_shards"]
+    assert array_bytes(reference["store"]) == before
+
+
+def test_store_from_another_model_is_refused(data, reference, tmp_path):
+    from jobs.tokenize import tokenize_dataset
+
+    other = make_vqvae(tmp_path / "other", seed=1)
+    with pytest.raises(UserError, match=r"was made by .*model.*this run uses .*other.*--overwrite"):
+        tokenize_dataset(str(other), data["shards"], str(reference["store"]))
+
+
+def _markers(store: Path) -> int:
+    return len(list((store / "markers").glob("*/zarr.json")))
+
+
+def _run_until(cmd: list[str], env: dict, store: Path, markers: int | None) -> int:
+    """Run the driver; SIGKILL its process group once `markers` shards are done (None: to the end)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        if markers is not None and store.exists() and _markers(store) >= markers:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return _markers(store)
+        time.sleep(0.01)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == 0, proc.stderr.read().decode()[-3000:]
+    return _markers(store)
+
+
+def test_killing_the_driver_twice_then_rerunning_gives_identical_arrays(data, reference, tmp_path, ray_local):
+    store = tmp_path / "killed.zarr"
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    cmd = [sys.executable, "-m", "jobs.tokenize", "--model", data["model"], "--data", data["shards"],
+           "--out", str(store), "--batch-size", "4", "--actors", "1"]  # as the reference
+    total = reference["summary"]["input_shards"]
+    first = _run_until(cmd, env, store, markers=1)
+    second = _run_until(cmd, env, store, markers=first + 2)
+    assert 1 <= first < second < total, (first, second, total)  # both kills landed mid-run
+    assert _run_until(cmd, env, store, markers=None) == total
+    assert array_bytes(store) == array_bytes(reference["store"])
+
+
+def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, reference, tmp_path, monkeypatch):
+    from jobs.tokenize import CRASH_ENV, tokenize_dataset
+
+    flag = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ENV, f"2:{flag}")
+    store = tmp_path / "actor-crash.zarr"
+    tokenize_dataset(data["model"], data["shards"], str(store), batch_size=4, actors=2)
+    assert flag.exists()  # the actor really died after writing shard 2's rows, before its marker
+    assert array_bytes(store) == array_bytes(reference["store"])
+
+
+def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):
+    from jobs.tokenize import tokenize_dataset
+
+    options = s3_server["storage_options"]
+    shards = write_shards(f"{s3_bucket}/shards", tmp_path / "source", n=N, storage_options=options)
+    store = f"{s3_bucket}/tokens.zarr"
+    summary = tokenize_dataset(data["model"], shards, store, batch_size=8, actors=2, storage_options=options)
+    assert summary["samples"] == N  # these shards carry no planted corruption
+    remote = zarr.open_group(store, mode="r", storage_options=options)
+    local = zarr.open_group(str(reference["store"]), mode="r")
+    keep = local["keys"][:] != ""
+    same_rows = np.isin(remote["keys"][:], local["keys"][:][keep]) & (remote["keys"][:] != "")
+    np.testing.assert_array_equal(np.sort(remote["keys"][:][same_rows]), np.sort(local["keys"][:][keep]))
+    by_key = dict(zip(remote["keys"][:][same_rows].tolist(), remote["codes"][:][same_rows]))
+    for key, codes in zip(local["keys"][:][keep].tolist(), local["codes"][:][keep]):
+        np.testing.assert_array_equal(by_key[key], codes)
+
+
+def test_latents_for_vae_models(data, tmp_path):
+    from jobs.tokenize import tokenize_dataset
+    from models import load_model
+
+    model_dir = make_vae(tmp_path / "vae")
+    store = tmp_path / "latents.zarr"
+    tokenize_dataset(str(model_dir), data["shards"], str(store), batch_size=8, latents=True, actors=2)
+    group = zarr.open_group(str(store), mode="r")
+    assert group["latents"].dtype == np.float16 and "codes" not in group
+    keys = group["keys"][:]
+    rows = np.flatnonzero(keys != "")
+    index = np.array([int(k.rsplit("-", 1)[1]) for k in keys[rows]])
+    x = torch.from_numpy(images(N)[index]).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        mu, _ = load_model(model_dir).eval().encode(x)
+    np.testing.assert_array_equal(group["latents"][:][rows], mu.numpy().astype(np.float16))
