@@ -93,3 +93,36 @@ def array_bytes(store: Path) -> dict[str, bytes]:
         if path.is_file() and not rel.startswith(("markers/", "report/")) and not rel.endswith(".partial"):
             out[rel] = path.read_bytes()
     return out
+
+
+def build_store(url: str, counts: list[int], splits: list[str], levels: int = 1, codebook_size: int = 50,
+                seed: int = 0):
+    """A finished token store written through the store API alone (no model, no Ray): input
+    shard i has counts[i] good samples with random codes, keys "s{i}-{j}", labels j % 7.
+    Returns (layout, specs, codes per level in item order)."""
+    from pipeline import codebook_stats
+    from pipeline.token_layout import plan_layout
+    from pipeline.token_store import ArraySpec, TokenStore
+
+    rng = np.random.default_rng(seed)
+    shapes = [(2, 2), (4, 4)][:levels]
+    names = ["codes"] if levels == 1 else [f"codes_{i}" for i in range(levels)]
+    specs = [ArraySpec(n, s, "uint16", codebook_size) for n, s in zip(names, shapes)]
+    layout = plan_layout([(f"shard-{i}.tar", split, n) for i, (n, split) in enumerate(zip(counts, splits))],
+                         max(s.row_bytes for s in specs))
+    store = TokenStore(url)
+    store.prepare({"model_uri": "test", "weights_sha256": "0" * 64, "mode": "codes"}, layout, specs, overwrite=False)
+    written = {s.name: [] for s in specs}
+    for shard in layout.shards:
+        n = shard.count
+        columns = {s.name: rng.integers(0, codebook_size, (n, *s.row_shape)).astype(np.uint16) for s in specs}
+        writer = store.writer(shard, layout.shard_rows, specs)
+        writer.append({**columns, "keys": np.array([f"s{shard.index}-{j}" for j in range(n)], dtype=object),
+                       "labels": np.arange(n, dtype=np.int64) % 7})
+        counts_sparse = {s.name: codebook_stats.to_sparse(codebook_stats.count_codes(columns[s.name], codebook_size))
+                         for s in specs}
+        store.write_marker(shard, {"rows": writer.close(), "corrupt": [], "code_counts": counts_sparse})
+        for name in written:
+            written[name].append(columns[name])
+    store.finalize(layout, specs)
+    return layout, specs, {name: parts for name, parts in written.items()}
