@@ -1,0 +1,130 @@
+"""The Ray Data shard stream: exact pixels, bad input skipped and reported, checks before Ray."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.errors import UserError
+from pipeline.decode import TransformConfig
+from pipeline.manifest import shard_urls
+from pipeline.shard_writer import ShardSettings, write_shards
+from pipeline.stream import StreamConfig, check_shards, open_stream, to_model_input
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def png(pixels) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def rows_by_key(stream):
+    rows = {}
+    for batch in stream.dataset.iter_batches(batch_size=16, batch_format="numpy"):
+        for image, label, key, shard in zip(batch["image"], batch["label"], batch["key"], batch["shard"]):
+            assert key not in rows
+            rows[key] = (image, label, shard)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def folder_shards(tmp_path_factory):
+    """27 random 12x12 RGB PNGs in 3 class folders, written as uneven shards (maxcount 4)."""
+    root = tmp_path_factory.mktemp("stream")
+    rng = np.random.default_rng(0)
+    expected = {}
+    for c, name in enumerate(["a", "b", "c"]):
+        (root / "src" / name).mkdir(parents=True)
+        for i in range(9):
+            pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "src" / name / f"{i}.png")
+            expected[f"{name}_{i}"] = (pixels, c)
+    write_shards(str(root / "src"), str(root / "shards"),
+                 ShardSettings(maxcount=4, val_fraction=0.25, class_from_subfolder=True), progress=False)
+    return root, expected
+
+
+def test_folder_to_stream_gives_the_same_pixels(ray_local, folder_shards):
+    root, expected = folder_shards
+    urls = shard_urls(str(root / "shards"))
+    stream = open_stream(urls, StreamConfig(transform=TransformConfig(size=12, channels=3)))
+    rows = rows_by_key(stream)
+    assert sorted(rows) == sorted(expected)
+    for key, (image, label, shard) in rows.items():
+        assert image.dtype == np.uint8 and np.array_equal(image, expected[key][0]), key
+        assert label == expected[key][1] and shard in urls
+    assert stream.report() == {"skipped": 0, "by_reason": {}, "errors": []}
+    batch = stream.dataset.take_batch(5)
+    x, y = to_model_input(batch)
+    assert x.shape == (5, 3, 12, 12) and str(x.dtype) == "torch.float32" and float(x.max()) <= 1.0
+    assert str(y.dtype) == "torch.int64"
+
+
+def test_shuffle_is_deterministic_under_a_seed(ray_local, folder_shards):
+    root, _ = folder_shards
+    urls = shard_urls(str(root / "shards"), "train")
+    config = StreamConfig(transform=TransformConfig(size=8, hflip=True), seed=3, shuffle_buffer=3)
+
+    def keys(epoch):
+        return [str(k) for k in open_stream(urls, config, epoch=epoch).dataset.to_pandas()["key"]]
+
+    first, again, other = keys(0), keys(0), keys(1)
+    assert first == again and sorted(first) == sorted(other) and first != other
+
+
+def test_bad_samples_and_bad_tars_are_reported_and_good_ones_arrive(ray_local, tmp_path):
+    rng = np.random.default_rng(1)
+    good = {f"g{i}": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for i in range(12)}
+    jpeg = io.BytesIO()
+    Image.fromarray(good["g0"]).save(jpeg, format="JPEG")
+    corrupt_jpeg = jpeg.getvalue()[:30] + b"\xff" * 60
+    write_tar(tmp_path / "s0.tar", [("g0.png", png(good["g0"])), ("g0.cls", b"1"),
+                                    ("badjpg.jpg", corrupt_jpeg), ("g1.png", png(good["g1"])),
+                                    ("text.txt", b"not an image"), ("fake.png", b"nope"),
+                                    ("g2.png", png(good["g2"]))])
+    write_tar(tmp_path / "s1.tar", [(f"{k}.png", png(good[k])) for k in ("g3", "g4", "g5")])
+    write_tar(tmp_path / "s2.tar", [(f"{k}.png", png(good[k])) for k in ("g6", "g7", "g8", "g9")])
+    whole = (tmp_path / "s2.tar").read_bytes()
+    (tmp_path / "s2.tar").write_bytes(whole[: 512 * 2 + len(png(good["g6"])) + 700])  # cut inside g7
+    (tmp_path / "s3.tar").write_bytes(b"")  # empty
+    write_tar(tmp_path / "s4.tar", [(f"{k}.png", png(good[k])) for k in ("g10", "g11")])
+    urls = [str(tmp_path / f"s{i}.tar") for i in range(5)]
+
+    stream = open_stream(urls, StreamConfig(transform=TransformConfig(size=8), shuffle=False))
+    rows = rows_by_key(stream)
+    arrived = {k for k in good if k not in ("g7", "g8", "g9")}  # lost behind the cut
+    assert set(rows) == arrived
+    assert all(np.array_equal(rows[k][0], good[k]) for k in arrived)
+    assert rows["g0"][1] == 1 and rows["g1"][1] == -1
+    report = stream.report()
+    found = {(r["shard"].rsplit("/", 1)[-1], r["key"]): r["reason"].split(":")[0].split(" (")[0]
+             for r in report["errors"]}
+    assert found.pop(("s0.tar", "badjpg")) in ("corrupt image data", "not an image")
+    assert found == {("s0.tar", "text"): "no image member", ("s0.tar", "fake"): "not an image",
+                     ("s2.tar", "g7"): "truncated tar", ("s3.tar", ""): "empty tar"}
+    assert report["skipped"] == 5
+
+
+def test_checks_before_ray_name_the_url(tmp_path, folder_shards):
+    root, _ = folder_shards
+    urls = shard_urls(str(root / "shards"))
+    with pytest.raises(UserError, match="empty"):
+        check_shards([])
+    missing = urls[0].replace("000000", "000099")
+    with pytest.raises(UserError, match=f"{missing} does not exist"):
+        open_stream(urls + [missing])
+    write_tar(tmp_path / "docs.tar", [("a.txt", b"x"), ("a.json", b"{}")])
+    with pytest.raises(UserError, match=f"{tmp_path / 'docs.tar'} contains no images"):
+        check_shards([str(tmp_path / "docs.tar")])
