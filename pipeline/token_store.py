@@ -211,6 +211,16 @@ class TokenStore:
         group.attrs.update({"tokenmill": {"format": FORMAT_VERSION, "state": "complete"}, "summary": summary})
         return summary
 
+    def item_rows(self, split: str | None = None) -> np.ndarray:
+        """Store rows of the good samples (of one split) in item order: each input shard's
+        first `count` rows, shards in manifest order. Needs a finished store."""
+        table = self.open_group("r")["shards"]
+        if "count" not in table:
+            raise UserError(f"{self.url} is not finished; rerun `tokenmill tokenize` to complete it")
+        starts, counts, splits = table["row_start"][:], table["count"][:], table["split"][:]
+        keep = np.ones(len(starts), bool) if split is None else splits == split
+        return np.concatenate([np.arange(s, s + n) for s, n in zip(starts[keep], counts[keep])] or [np.empty(0, int)])
+
     # ------------------------------------------------------------------ writers (one per input shard)
     def writer(self, shard: ShardRows, shard_rows: int, specs: list[ArraySpec]) -> "RegionWriter":
         return RegionWriter(self, shard, shard_rows, specs)

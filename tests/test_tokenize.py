@@ -170,3 +170,15 @@ def test_latents_for_vae_models(data, tmp_path):
     with torch.no_grad():
         mu, _ = load_model(model_dir).eval().encode(x)
     np.testing.assert_array_equal(group["latents"][:][rows], mu.numpy().astype(np.float16))
+
+
+def test_decode_command_writes_png_grids_of_the_reconstructions(data, reference, tmp_path):
+    from PIL import Image
+
+    from jobs.cli import main
+
+    assert main(["decode", str(reference["store"]), "--out", str(tmp_path / "png"), "--rows", "0:70"]) == 0
+    grids = sorted((tmp_path / "png").glob("grid-*.png"))
+    assert [g.name for g in grids] == ["grid-00000.png"]  # 0:70 clipped to the 45 items
+    assert Image.open(grids[0]).size == (8 * 18 + 2, 6 * 18 + 2)  # 8 x 6 tiles of 16 px, 2 px padding
+    assert main(["decode", str(reference["store"]), "--out", str(tmp_path / "x"), "--rows", "5:2"]) == 2
