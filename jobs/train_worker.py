@@ -8,6 +8,7 @@ same steps on every rank. Rank 0 alone prints progress and writes to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -63,8 +64,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"resumed from step {resumed_from}", flush=True)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    images_per_step = config.train.batch_size * world_size
-    last_log_step, last_log_time = state.step, time.time()
+    throughput = Throughput(config.train.batch_size * world_size)
 
     while state.step < steps and not state.stopped_early:
         batches = train_shard.iter_torch_batches(
@@ -81,19 +81,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 output, stats = trainer.step(x, y, **extra)
             state.step += 1
             state.batch_in_epoch = batch_index + 1
+            throughput.step_done()
             _maybe_fail(state.step, rank == world_size - 1, resumed_from)
 
             if logger and state.step % config.train.log_every == 0:
-                now = time.time()
-                img_s = (state.step - last_log_step) * images_per_step / max(now - last_log_time, 1e-9)
-                logger.log_step(state.step, output, stats, img_s, {**extra, "skipped_updates": trainer.skipped})
-                last_log_step, last_log_time = state.step, now
+                logger.log_step(state.step, output, stats, throughput.img_per_s(),
+                                {**extra, "skipped_updates": trainer.skipped})
 
             is_last = state.step >= steps
-            if state.step % config.train.val_every == 0 or is_last:
-                _validate(state, trainer.eval_model(), val_shard, config, device, rank, world_size, logger)
-            if state.step % config.train.checkpoint_every == 0 or is_last or state.stopped_early:
-                _report_with_checkpoint(state, module, trainer, rank, resumed_from)
+            with throughput.paused():
+                if state.step % config.train.val_every == 0 or is_last:
+                    _validate(state, trainer.eval_model(), val_shard, config, device, rank, world_size, logger)
+                if state.step % config.train.checkpoint_every == 0 or is_last or state.stopped_early:
+                    _report_with_checkpoint(state, module, trainer, rank, resumed_from, throughput.img_per_s())
             if is_last or state.stopped_early:
                 break
         else:
@@ -113,9 +113,36 @@ def _validate(state, model, val_shard, config, device, rank, world_size, logger)
         logger.log_validation(state.step, metrics, counts, model, first)
 
 
-def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank: int, resumed_from: int) -> None:
+class Throughput:
+    """Training images per second (all ranks): validation and checkpoint time are excluded, and
+    so is the first step of an attempt (start-up and warm-up)."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.seconds, self.steps = 0.0, 0
+        self._mark: float | None = None
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        if self._mark is not None:
+            self.seconds += now - self._mark
+            self.steps += 1
+        self._mark = now
+
+    @contextlib.contextmanager
+    def paused(self):
+        yield
+        if self._mark is not None:
+            self._mark = time.perf_counter()
+
+    def img_per_s(self) -> float:
+        return self.steps * self.images_per_step / self.seconds if self.seconds else 0.0
+
+
+def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank: int, resumed_from: int,
+                            img_per_s: float) -> None:
     """All ranks report at the same steps; rank 0 attaches the checkpoint (DDP keeps weights equal)."""
-    metrics = {"step": state.step, "epoch": state.epoch, "skipped_updates": trainer.skipped,
+    metrics = {"step": state.step, "epoch": state.epoch, "skipped_updates": trainer.skipped, "img_per_s": img_per_s,
                "resumed_from_step": resumed_from, "stopped_early": state.stopped_early, **state.last_val}
     if rank != 0:
         ray.train.report(metrics)

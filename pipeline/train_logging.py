@@ -42,17 +42,18 @@ class RankZeroLogger:
         self.mlflow = mlflow
         self.log_images = log_images
         self.total_steps = total_steps
-        self.started = time.time()
+        self._first_log: tuple[int, float] | None = None  # (step, time) of this attempt's first log
 
     def log_step(self, step: int, output: Any, stats: dict[str, Any], img_s: float, extra: dict[str, float]) -> None:
         metrics = {f"train/{k}": float(v) for k, v in output.metrics.items() if torch.as_tensor(v).numel() == 1}
         metrics.update({"train/loss": stats["loss"], "train/grad_norm": stats["grad_norm"], "train/lr": stats["lr"],
                         "train/img_per_s": img_s, **{f"train/{k}": float(v) for k, v in extra.items()}})
         self.mlflow.log_metrics(_finite(metrics), step=step)
-        elapsed = time.time() - self.started
-        eta = elapsed / max(step, 1) * (self.total_steps - step)
-        print(f"step {step}/{self.total_steps}  loss {stats['loss']:.4f}  {img_s:.0f} img/s  "
-              f"ETA {eta:.0f}s", flush=True)
+        now = time.time()
+        first_step, first_time = self._first_log = self._first_log or (step, now)
+        seconds_per_step = (now - first_time) / (step - first_step) if step > first_step else float("nan")
+        eta = f"{seconds_per_step * (self.total_steps - step):.0f}s" if step > first_step else "?"
+        print(f"step {step}/{self.total_steps}  loss {stats['loss']:.4f}  {img_s:.0f} img/s  ETA {eta}", flush=True)
 
     def log_validation(
         self, step: int, metrics: dict[str, float], counts: list[torch.Tensor], model: torch.nn.Module, batch: Any
