@@ -55,6 +55,7 @@ class TokenDataset(torch.utils.data.Dataset):
         self.resident = len(self) * row_bytes <= cache_bytes
         self.cache_chunks = max(1, cache_bytes // max(1, row_bytes * group[self.specs[0]["name"]].chunks[0]))
         self._tokens: np.ndarray | None = None
+        self._arrays: dict[str, Any] | None = None  # opened zarr arrays (metadata read once)
         self._chunks: OrderedDict = OrderedDict()
 
     @property
@@ -65,7 +66,7 @@ class TokenDataset(torch.utils.data.Dataset):
         return int(self._offsets[-1])
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokens": None, "_chunks": OrderedDict()}
+        return {**self.__dict__, "_tokens": None, "_arrays": None, "_chunks": OrderedDict()}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         batch = self.batch([index])
@@ -109,10 +110,12 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
         """(B, L) codes of store rows through the LRU cache of inner chunks."""
-        group = self.store.open_group("r")
+        if self._arrays is None:
+            group = self.store.open_group("r")
+            self._arrays = {spec["name"]: group[spec["name"]] for spec in self.specs}
         levels = []
         for spec in self.specs:
-            arr = group[spec["name"]]
+            arr = self._arrays[spec["name"]]
             chunk_rows = arr.chunks[0]
             out = np.empty((len(rows), int(np.prod(spec["row_shape"]))), dtype=arr.dtype)
             chunk_ids = rows // chunk_rows

@@ -1,0 +1,222 @@
+"""`tokenmill bench tokenize`: shards -> token store throughput against two baselines, in one run.
+
+- `pipeline_img_s`: `tokenize_dataset` end to end (Ray already up; actor start, reading,
+  decoding, encoding, Zarr writes, markers and finalize all included) on N 32x32 RGB images.
+- `limit_img_s`: the same encoder's forward + nearest code on in-memory tensors at the same
+  batch size, using every CPU (the compute limit); `efficiency = pipeline / limit`.
+- `naive_img_s`: one process, webdataset -> decode -> model -> numpy; `vs_naive = pipeline / naive`.
+- `scale_ratio`: seconds for 4N images / seconds for N (ideal 4); peak RSS of driver + actors
+  for both runs (flat memory: it should not grow with N).
+- `read_ratio`: TokenDataset random batches of 256 vs np.memmap of the same codes (batches/s).
+The model is an untrained VQ-VAE of realistic size (speed does not depend on training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from jobs.cli import add_json_option
+
+    parser = subparsers.add_parser("tokenize", help="tokenize throughput vs compute limit and a naive loop",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20_000, help="N (default %(default)s); the scale run uses 4N")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--actors", type=int, default=None, help="encoding actors (default: one per CPU)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where shards and stores go (default: a temp dir)")
+    add_json_option(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return benchmark(args.workdir, args.images, args.batch_size, args.actors)
+    with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
+        return benchmark(Path(tmp), args.images, args.batch_size, args.actors)
+
+
+def benchmark(root: Path, n: int, batch_size: int, actors: int | None) -> dict[str, Any]:
+    import torch
+
+    from jobs.ray_setup import ensure_ray
+    from jobs.tokenize import tokenize_dataset
+
+    cpus = os.cpu_count() or 1
+    actors = actors or cpus
+    model = _make_model(root / "model")
+    small, large = _make_shards(root, "small", n), _make_shards(root, "large", 4 * n)
+    limit = _limit_img_s(model, batch_size, min(n, 8192), cpus)
+    naive = _naive_img_s(model, small, batch_size, cpus)
+    ensure_ray()
+    runs = {}
+    for name, shards, count in (("small", small, n), ("large", large, 4 * n)):
+        with PeakRSS() as peak:
+            started = time.perf_counter()
+            summary = tokenize_dataset(str(model), shards, str(root / f"{name}.zarr"), batch_size=batch_size,
+                                       actors=actors, overwrite=True)
+            seconds = time.perf_counter() - started
+        assert summary["samples"] == count, summary
+        runs[name] = {"seconds": seconds, "img_s": count / seconds, "peak_rss_mb": peak.mb}
+    read = _read_ratio(root / "small.zarr")
+    pipeline = runs["small"]["img_s"]
+    result = {
+        "images": n, "batch_size": batch_size, "actors": actors, "cpus": cpus, "torch_threads_limit": cpus,
+        "pipeline_img_s": pipeline, "limit_img_s": limit, "efficiency": pipeline / limit,
+        "naive_img_s": naive, "vs_naive": pipeline / naive,
+        "scale_ratio": runs["large"]["seconds"] / runs["small"]["seconds"],
+        "peak_rss_mb": {"n": runs["small"]["peak_rss_mb"], "4n": runs["large"]["peak_rss_mb"]},
+        "memory_ratio": runs["large"]["peak_rss_mb"] / runs["small"]["peak_rss_mb"],
+        "runs": runs, **read,
+    }
+    torch.set_num_threads(cpus)
+    print("  ".join(f"{k}={result[k]:.3g}" for k in ("pipeline_img_s", "limit_img_s", "efficiency", "naive_img_s",
+                                                       "vs_naive", "scale_ratio", "memory_ratio", "read_ratio")))
+    return result
+
+
+def _make_model(path: Path) -> Path:
+    """A CIFAR-sized VQ-VAE tokenizer: 32x32 RGB -> 8x8 codes from 512 entries."""
+    import torch
+
+    from models import save_model
+    from models.quantizers import QuantizerConfig
+    from models.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(in_channels=3, image_size=32, hidden=64, res_blocks=2, downsample=4, latent_dim=64,
+                              quantizer=QuantizerConfig(codebook_size=512)))
+    model.train()(torch.rand(512, 3, 32, 32))  # k-means initialisation: codes in use, as after training
+    return save_model(model.eval(), path)
+
+
+def _images(n: int, seed: int):
+    """(n, 32, 32, 3) uint8: smooth random colour fields (PNG-compressible like real photos)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2) // 2 + rng.integers(0, 64, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def _make_shards(root: Path, name: str, n: int) -> str:
+    import numpy as np
+
+    from pipeline.shard_writer import ShardSettings, write_shards
+
+    dest = root / f"shards-{name}"
+    if not (dest / "manifest.json").exists():
+        np.save(root / f"{name}.npy", _images(n, seed=n))
+        write_shards(str(root / f"{name}.npy"), str(dest), ShardSettings(maxcount=2500, val_fraction=0.0),
+                     progress=False)
+    return str(dest)
+
+
+def _limit_img_s(model_dir: Path, batch_size: int, n: int, threads: int) -> float:
+    import torch
+
+    from models import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(model_dir).eval()
+    x = torch.rand(n, 3, 32, 32)
+    with torch.inference_mode():
+        model.encode(x[:batch_size])  # warm-up
+        started = time.perf_counter()
+        for i in range(0, n, batch_size):
+            model.encode(x[i : i + batch_size]).numpy()
+    return n / (time.perf_counter() - started)
+
+
+def _naive_img_s(model_dir: Path, shards: str, batch_size: int, threads: int) -> float:
+    """The obvious single-process loop: webdataset -> decode -> batches -> encode -> numpy."""
+    import numpy as np
+    import torch
+    import webdataset as wds
+
+    from models import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(model_dir).eval()
+    urls = sorted(str(p) for p in Path(shards).glob("*.tar"))
+    started = time.perf_counter()
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("png").batched(batch_size)
+    codes = []
+    with torch.inference_mode():
+        for (images,) in dataset:
+            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+            codes.append(model.encode(x).numpy().astype(np.uint16))
+    count = sum(len(c) for c in codes)
+    return count / (time.perf_counter() - started)
+
+
+def _read_ratio(store: Path, batch: int = 256, batches: int = 400) -> dict[str, float]:
+    """TokenDataset vs np.memmap of the same codes: random batches of `batch` items/s."""
+    import numpy as np
+    import torch
+
+    from pipeline.token_dataset import TokenDataset
+
+    dataset = TokenDataset(str(store), split=None)
+    codes = np.concatenate([dataset.batch(np.arange(i, min(i + 4096, len(dataset))))["tokens"].numpy()
+                            for i in range(0, len(dataset), 4096)]).astype(np.uint16)
+    path = store.parent / "codes.npy"
+    np.save(path, codes)
+    memmap = np.load(path, mmap_mode="r")
+    rng = np.random.default_rng(0)
+    index = [rng.integers(0, len(dataset), batch) for _ in range(batches)]
+
+    def timed(fetch) -> float:
+        for idx in index[:20]:
+            fetch(idx)  # warm caches (page cache for the memmap, chunk cache for the dataset)
+        started = time.perf_counter()
+        for idx in index:
+            fetch(idx)
+        return batches / (time.perf_counter() - started)
+
+    fresh = TokenDataset(str(store), split=None)
+    ours = timed(lambda idx: fresh.batch(idx)["tokens"])
+    chunked = TokenDataset(str(store), split=None, cache_bytes=len(dataset) * codes.shape[1])  # LRU path, all fits
+    chunked.resident = False
+    ours_chunked = timed(lambda idx: chunked.batch(idx)["tokens"])
+    base = timed(lambda idx: torch.from_numpy(memmap[idx].astype(np.int64)))
+    return {"read_batches_s": ours, "read_chunked_batches_s": ours_chunked, "memmap_batches_s": base,
+            "read_ratio": ours / base, "read_ratio_chunk_cache": ours_chunked / base}
+
+
+class PeakRSS:
+    """Peak summed RSS (MiB) of this process and its Ray worker processes (the local Ray
+    instance is this process's child), sampled every 0.2 s."""
+
+    def __enter__(self) -> "PeakRSS":
+        import psutil
+
+        self.mb, self._stop = 0.0, threading.Event()
+        me = psutil.Process()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                procs = [me] + [p for p in me.children(recursive=True) if p.name().startswith("ray::")]
+                total = 0
+                for proc in procs:
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.mb = max(self.mb, total / 2**20)
+                self._stop.wait(0.2)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
