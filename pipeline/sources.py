@@ -1,4 +1,5 @@
-"""In-memory image sources that ship offline: `builtin:mnist5k` and `builtin:digits`.
+"""Image sources: in-memory built-ins that ship offline (`builtin:mnist5k`, `builtin:digits`), and
+for `tokenmill shard` also image folders and .npy/.npz arrays (`open_source`).
 
 A source yields a `LabeledImages`: uint8 images (N, H, W, C), int64 labels (N,), string keys
 and a fixed train/test split, so every run and every machine sees the same split.
@@ -71,6 +72,8 @@ def load_builtin(name: str) -> LabeledImages:
 # Sources for `tokenmill shard`: a folder of images, .npy/.npz arrays, or a built-in source.
 # The writer plans shards from `keys` (sorted) without loading pixels; `pixels(i)` loads one.
 
+# Source images are stored at their original size; PIL's own bomb threshold still applies.
+SOURCE_MAX_PIXELS = 89_478_485
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
 
@@ -195,7 +198,7 @@ def _folder_source(src: str, class_from_subfolder: bool, storage_options: dict |
 
     def load(i: int) -> np.ndarray:
         try:
-            return native_pixels(fs.cat_file(paths[i]), max_pixels=1 << 31)
+            return native_pixels(fs.cat_file(paths[i]), max_pixels=SOURCE_MAX_PIXELS)
         except DecodeError as err:
             raise DecodeError(f"{origins[i]}: {err}") from None
 

@@ -4,7 +4,8 @@ Both read the same WebDataset shards of 32x32 RGB JPEGs and produce uint8 batche
 (B, 32, 32, 3): the baseline iterates `webdataset.WebDataset` and decodes each image with PIL in
 this process; the Ray path is `pipeline.stream.open_stream` (one task per shard, robust decode,
 numpy batches) iterated with `iter_batches`. The Ray path is measured for each `--cpus` value
-(Ray restarted with that many CPUs) after one warm-up pass that starts the workers.
+(Ray restarted with that many CPUs) after one warm-up pass that starts the workers; the
+baseline is re-measured right before each Ray run and the ratio uses that pair.
 """
 
 from __future__ import annotations
@@ -98,17 +99,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as folder:
         urls = make_shards(folder, args.images, args.shards)
-        n, seconds = baseline(urls)
-        baseline_img_s = n / seconds
-        print(f"baseline (webdataset + PIL, 1 process): {baseline_img_s:,.0f} img/s ({n} images)")
         by_cpus = {}
-        for num_cpus in cpus:
+        for num_cpus in cpus:  # baseline re-measured next to each Ray run: the ratio survives load drift
+            n, seconds = baseline(urls)
+            baseline_img_s = n / seconds
             m, seconds = ray_stream(urls, num_cpus)
             if m != n:
                 raise RuntimeError(f"Ray stream delivered {m} images, baseline {n}")
-            by_cpus[str(num_cpus)] = dict(ray_img_s=round(m / seconds, 1), ratio=round(m / seconds / baseline_img_s, 3))
-            print(f"ray stream, num_cpus={num_cpus}: {m / seconds:,.0f} img/s, ratio {m / seconds / baseline_img_s:.2f}")
+            ray_img_s = m / seconds
+            by_cpus[str(num_cpus)] = dict(ray_img_s=round(ray_img_s, 1), baseline_img_s=round(baseline_img_s, 1),
+                                          ratio=round(ray_img_s / baseline_img_s, 3))
+            print(f"num_cpus={num_cpus}: ray stream {ray_img_s:,.0f} img/s, baseline (webdataset + PIL, "
+                  f"1 process) {baseline_img_s:,.0f} img/s, ratio {ray_img_s / baseline_img_s:.2f}")
     top = by_cpus[str(cpus[-1])]
-    return dict(ray_img_s=top["ray_img_s"], baseline_img_s=round(baseline_img_s, 1), ratio=top["ratio"],
-                num_cpus=cpus[-1], by_num_cpus=by_cpus, images=n, shards=len(urls), batch_size=BATCH,
+    return dict(top, num_cpus=cpus[-1], by_num_cpus=by_cpus, images=n, shards=len(urls), batch_size=BATCH,
                 cpu_count=os.cpu_count())
