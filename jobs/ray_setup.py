@@ -15,4 +15,4 @@ def ensure_ray() -> None:
         return
     # Local: over-subscribe logical CPUs so two training workers and the data tasks fit on a
     # small machine (the workers spend much of their time waiting on each other and on data).
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
