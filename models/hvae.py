@@ -141,7 +141,10 @@ class HierarchicalVAE(nn.Module):
             TopDownGroup(w, c.latent_channels, res_scale)
             for _ in self.resolutions for _ in range(c.groups_per_resolution)
         )
-        self.out = nn.Conv2d(w, self.likelihood.param_channels * self.patch**2, 3, padding=1)
+        # A per-position MLP maps each feature to its patch² pixels' likelihood params (cheap: it
+        # runs at the finest latent resolution, not per pixel).
+        self.out = nn.Sequential(nn.Conv2d(w, 4 * w, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(4 * w, self.likelihood.param_channels * self.patch**2, 1))
         self.group_names = [
             f"{r}x{r}" if c.groups_per_resolution == 1 else f"{r}x{r}.{g}"
             for r in reversed(self.resolutions) for g in range(c.groups_per_resolution)

@@ -65,6 +65,7 @@ class TrainStep:
             self.ema = copy.deepcopy(self.module).eval().requires_grad_(False)
         self.steps = 0  # calls to step()
         self.skipped = 0  # of which updates were skipped
+        self.updates = 0  # of which updates were applied (drives the EMA warm-up)
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None = None, **forward_kwargs: Any) -> tuple[Any, dict[str, Any]]:
         """One forward/backward/update. Returns (model output, stats: loss, grad_norm, lr, skipped)."""
@@ -85,6 +86,7 @@ class TrainStep:
         else:
             self.optimizer.step()
             self._update_ema()
+            self.updates += 1
         self.steps += 1
         stats = {"loss": float(output.loss.detach()), "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
         return output, stats
@@ -93,7 +95,9 @@ class TrainStep:
     def _update_ema(self) -> None:
         if self.ema is None:
             return
-        decay = self.config.ema_decay
+        # Warm-up (as TF's ExponentialMovingAverage): early weights are poor and a slow average
+        # of them would lag far behind on short runs.
+        decay = min(self.config.ema_decay, (1.0 + self.updates) / (10.0 + self.updates))
         for shadow, live in zip(self.ema.parameters(), self.module.parameters()):
             shadow.lerp_(live.detach(), 1.0 - decay)
         for shadow, live in zip(self.ema.buffers(), self.module.buffers()):
@@ -109,6 +113,7 @@ class TrainStep:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "steps": self.steps,  # also the position in the learning-rate schedule
             "skipped": self.skipped,
+            "updates": self.updates,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -117,3 +122,4 @@ class TrainStep:
             self.ema.load_state_dict(state["ema"])
         self.steps = int(state["steps"])
         self.skipped = int(state["skipped"])
+        self.updates = int(state["updates"])

@@ -86,12 +86,22 @@ def test_step_skips_on_huge_grad_norm():
 def test_step_updates_and_ema_moves_toward_the_weights():
     model = small_vae()
     trainer = TrainStep(model, OptimConfig(lr=1e-2, ema_decay=0.75))
+    trainer.updates = 100  # past the EMA warm-up, so the configured decay applies
     before = params_of(model)
     output, stats = trainer.step(batch(), kl_weight=0.5)
     assert not stats["skipped"] and math.isfinite(stats["loss"]) and stats["lr"] == pytest.approx(1e-2)
     assert math.isfinite(float(output.metrics["elbo"]))
     for old, new, ema in zip(before, params_of(model), params_of(trainer.ema)):
         assert torch.allclose(ema, 0.75 * old + 0.25 * new, atol=1e-6)
+
+
+def test_ema_warms_up_from_the_first_updates():
+    model = small_vae()
+    trainer = TrainStep(model, OptimConfig(lr=1e-2, ema_decay=0.999))
+    before = params_of(model)
+    trainer.step(batch())
+    for old, new, ema in zip(before, params_of(model), params_of(trainer.ema)):
+        assert torch.allclose(ema, 0.1 * old + 0.9 * new, atol=1e-6)  # decay min(0.999, 1/10)
     assert not trainer.ema.training and not any(p.requires_grad for p in trainer.ema.parameters())
 
 
@@ -120,7 +130,7 @@ def test_state_dict_round_trip_restores_counters_optimizer_and_ema():
     state = trainer.state_dict()
     fresh = TrainStep(small_vae(), OptimConfig(warmup_steps=5, total_steps=50))
     fresh.load_state_dict(state)
-    assert (fresh.steps, fresh.skipped) == (3, 0)
+    assert (fresh.steps, fresh.skipped, fresh.updates) == (3, 0, 3)
     assert all(torch.equal(a, b) for a, b in zip(params_of(fresh.ema), params_of(trainer.ema)))
     exp_avg = lambda t: [s["exp_avg"] for s in t.optimizer.state_dict()["state"].values()]  # noqa: E731
     assert all(torch.equal(a, b) for a, b in zip(exp_avg(fresh), exp_avg(trainer)))

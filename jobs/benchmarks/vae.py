@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_BUDGET_S = 150.0
+DEFAULT_BUDGET_S = 120.0
 DEFAULT_K = 100
 
 
@@ -88,9 +88,11 @@ def baseline_vae():
 
 
 def hierarchical_vae():
+    """Latent groups at 8x8, 4x4 and 2x2 (the stem folds 4x4 pixel patches into channels), so a
+    training step costs only ~2.5x the MLP VAE's on a CPU."""
     from models.hvae import HierarchicalVAE, HVAEConfig
 
-    return HierarchicalVAE(HVAEConfig(width=32, latent_channels=8, resolutions=(16, 8, 4)))
+    return HierarchicalVAE(HVAEConfig(width=32, latent_channels=8, resolutions=(8, 4, 2)))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
