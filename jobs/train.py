@@ -58,6 +58,7 @@ def train(config) -> dict[str, Any]:
         tracking_uri, config.tracking.experiment, config.run.name,
         tags={"tokenmill.data_manifest_sha256": data.manifest_sha256, "tokenmill.git_commit": tracking.git_commit(),
               "tokenmill.model_kind": config.model.kind},
+        run_dir=run_dir,
     )
     tracking.log_params_once(tracking_uri, run_id, tracking.flatten(to_plain(config)))
 

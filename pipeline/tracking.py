@@ -36,11 +36,20 @@ def client(tracking_uri: str):
     return mlflow.MlflowClient(tracking_uri)
 
 
-def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
-    """The id of the MLflow run for `run_name` (reused when a training run resumes)."""
+def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
+                      run_dir: str | Path | None = None) -> str:
+    """The id of the MLflow run for `run_name` (reused when a training run resumes).
+
+    With a local SQLite store, artifacts go to `<run_dir>/mlartifacts` (MLflow's default would be
+    `./mlruns` in whatever directory the job was started from); a server decides for itself."""
     mlflow_client = client(tracking_uri)
     found = mlflow_client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else mlflow_client.create_experiment(experiment)
+    if found:
+        experiment_id = found.experiment_id
+    else:
+        local = tracking_uri.startswith("sqlite:") and run_dir is not None
+        location = (Path(run_dir).resolve() / "mlartifacts").as_uri() if local else None
+        experiment_id = mlflow_client.create_experiment(experiment, artifact_location=location)
     runs = mlflow_client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1,
         order_by=["attributes.start_time DESC"],
