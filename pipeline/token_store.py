@@ -36,8 +36,9 @@ FORMAT_VERSION = 1
 MARKERS = "markers"
 REPORT = "report"
 # Lineage entries that may differ between runs writing one store: the same weights reached by
-# another URI (runs:/ vs models:/name@alias) or a newer tokenmill produce the same tokens.
-_LINEAGE_LABELS = ("model_uri", "model_version", "tokenmill_version")
+# another URI (runs:/ vs models:/name@alias), the same manifest under another URL, or a newer
+# tokenmill produce the same tokens.
+_LINEAGE_LABELS = ("model_uri", "model_version", "data", "tokenmill_version")
 
 
 def tokenmill_version() -> str:
@@ -109,6 +110,7 @@ class TokenStore:
                 pass  # the driver died while creating: nothing was written yet, start again
             else:
                 self._check_same_run(attrs, lineage, layout, specs)
+                self._remove_partial_files()
                 return
         self._create(lineage, layout, specs)
 
@@ -126,6 +128,13 @@ class TokenStore:
                 f"{_describe_lineage(lineage)} (differs in {', '.join(differs)}); pass --overwrite "
                 "to replace the store or choose another --out"
             )
+
+    def _remove_partial_files(self) -> None:
+        """zarr's local store writes `<key>.<uuid>.partial` then renames; a killed writer leaves
+        the temp file behind (the data it was writing is rewritten by the rerun)."""
+        if "file" in self.fs.protocol:
+            for path in self.fs.glob(f"{self.root}/**/*.partial"):
+                self.fs.rm(path)
 
     def _create(self, lineage: dict, layout: Layout, specs: list[ArraySpec]) -> None:
         attrs = {

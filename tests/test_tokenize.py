@@ -182,3 +182,32 @@ def test_decode_command_writes_png_grids_of_the_reconstructions(data, reference,
     assert [g.name for g in grids] == ["grid-00000.png"]  # 0:70 clipped to the 45 items
     assert Image.open(grids[0]).size == (8 * 18 + 2, 6 * 18 + 2)  # 8 x 6 tiles of 16 px, 2 px padding
     assert main(["decode", str(reference["store"]), "--out", str(tmp_path / "x"), "--rows", "5:2"]) == 2
+
+
+def test_model_references_resolve_to_the_same_weights(tmp_path, mlflow_server):
+    import fsspec
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.model_ref import resolve_model
+
+    model_dir = make_vqvae(tmp_path / "model")
+    uri, name = mlflow_server, f"tok-{time.time_ns()}"  # the server is shared by the session
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment(name)).info.run_id
+    version = tracking.register_model_dir(uri, run_id, model_dir, name, tags={})
+    client.set_registered_model_alias(name, "champion", version)
+    fs = fsspec.filesystem("memory")
+    for file in ("config.json", "model.safetensors"):
+        fs.pipe(f"/models/tok/{file}", (model_dir / file).read_bytes())
+
+    local = resolve_model(str(model_dir))
+    assert local.version is None
+    for ref, expected_version in [(f"runs:/{run_id}/model", None), (f"models:/{name}/1", f"{name}/1"),
+                                  (f"models:/{name}@champion", f"{name}/1"), ("memory://models/tok", None)]:
+        resolved = resolve_model(ref, tracking_uri=uri)
+        assert (resolved.weights_sha256, resolved.version) == (local.weights_sha256, expected_version), ref
+    with pytest.raises(UserError, match="neither a directory nor an MLflow URI"):
+        resolve_model(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match=f"cannot download model models:/{name}-nope/1"):
+        resolve_model(f"models:/{name}-nope/1", tracking_uri=uri)

@@ -90,7 +90,7 @@ def array_bytes(store: Path) -> dict[str, bytes]:
     out = {}
     for path in sorted(store.rglob("*")):
         rel = path.relative_to(store).as_posix()
-        if path.is_file() and not rel.startswith(("markers/", "report/")) and not rel.endswith(".partial"):
+        if path.is_file() and not rel.startswith(("markers/", "report/")):
             out[rel] = path.read_bytes()
     return out
 
