@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-images", type=int, default=500, help="test digits to validate on (default: all %(default)s)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
@@ -65,7 +66,7 @@ def _models(seed: int):
 
     torch.manual_seed(seed)
     config = VQVAEConfig(
-        in_channels=1, image_size=32, hidden=64, res_blocks=1, downsample=4, latent_dim=LATENT_DIM,
+        in_channels=1, image_size=32, hidden=32, res_blocks=1, downsample=4, latent_dim=LATENT_DIM,
         quantizer=QuantizerConfig(codebook_size=CODEBOOK_SIZE, decay=DECAY, kmeans_init=True,
                                   dead_code_threshold=DEAD_CODE_THRESHOLD, seed=seed),
     )
@@ -104,7 +105,7 @@ def _validate(model, x) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    x_train, x_test = _mnist("train"), _mnist("test")
+    x_train, x_test = _mnist("train"), _mnist("test")[: args.val_images]
     models = dict(zip(("ours", "peer"), _models(args.seed)))
     optims = {name: torch.optim.Adam(m.parameters(), lr=args.lr) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -123,12 +124,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
         order.reverse()  # neither model always runs second (warmer caches, other load)
-    result: dict[str, Any] = {"steps": args.steps, "batch_size": args.batch_size, "codebook_size": CODEBOOK_SIZE}
+    result: dict[str, Any] = {"steps": args.steps, "batch_size": args.batch_size, "codebook_size": CODEBOOK_SIZE,
+                              "val_images": x_test.shape[0]}
     for name, model in models.items():
         # Median: robust to the other processes sharing the CPU.
         result[name] = {"step_ms": 1000 * statistics.median(times[name]), **_validate(model, x_test)}
     result["step_time_ratio"] = result["ours"]["step_ms"] / result["peer"]["step_ms"]
-    print(f"VQ-VAE on MNIST-5k, K={CODEBOOK_SIZE}, dim {LATENT_DIM}, {args.steps} steps of {args.batch_size}")
+    print(f"VQ-VAE on MNIST-5k, K={CODEBOOK_SIZE}, dim {LATENT_DIM}, {args.steps} steps of {args.batch_size}, "
+          f"validated on {x_test.shape[0]} test digits")
     print(f"{'quantizer':<10}{'step ms':>10}{'val usage':>12}{'val PSNR':>10}")
     for name in ("ours", "peer"):
         r = result[name]

@@ -36,6 +36,9 @@ class QuantizerConfig:
 
     __pydantic_config__ = {"extra": "forbid"}
 
+    def __post_init__(self) -> None:
+        self.levels = tuple(self.levels)  # JSON/YAML give lists; keep configs comparable
+
 
 def build_quantizer(config: QuantizerConfig, dim: int, seed_offset: int = 0) -> nn.Module:
     """The quantizer `config.kind` for `dim`-channel latents."""
