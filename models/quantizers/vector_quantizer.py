@@ -111,9 +111,10 @@ class VectorQuantizer(nn.Module):
         return QuantizerOutput(codes.reshape(*z.shape[:-1], self.dim), indices.reshape(z.shape[:-1]), loss)
 
     # -- training-time codebook maintenance (collectives live only here) ------------------------
-    def _generator(self) -> torch.Generator:
-        # Seeded by step so every rank (and a resumed run) draws the same restart rows.
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.steps))
+    def _generator(self, stream: int) -> torch.Generator:
+        # Seeded by step so every rank (and a resumed run) draws the same rows; `stream` keeps the
+        # k-means seeds and the same step's restart rows apart.
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + 2 * int(self.steps) + stream)
 
     def _code_stats(self, z: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Global per-code (sums (K, d), counts (K,)) in one all-reduce."""
@@ -126,7 +127,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _kmeans_init(self, z: Tensor) -> None:
         """Lloyd's k-means over the global batch, seeded with K distinct global rows."""
-        centroids = sample_rows(z, self.codebook_size, self._generator(), self.collectives)  # (K, d)
+        centroids = sample_rows(z, self.codebook_size, self._generator(0), self.collectives)  # (K, d)
         counts = torch.zeros(self.codebook_size, device=z.device)
         for _ in range(self.kmeans_iters):
             self.embed.data.copy_(centroids)
@@ -160,7 +161,7 @@ class VectorQuantizer(nn.Module):
         mask comes from all-reduced counts and the rows from `sample_rows`, so every rank agrees;
         rows are drawn for all K codes (fixed shapes: no data-dependent collective)."""
         dead = self.cluster_size < self.dead_code_threshold  # (K,)
-        rows = sample_rows(z, self.codebook_size, self._generator(), self.collectives)  # (K, d)
+        rows = sample_rows(z, self.codebook_size, self._generator(1), self.collectives)  # (K, d)
         self.embed.data.copy_(torch.where(dead[:, None], rows, self.embed))
         self.cluster_size.masked_fill_(dead, self.dead_code_threshold)
         if self.ema:
