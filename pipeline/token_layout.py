@@ -11,7 +11,7 @@ img2dataset's 10,000-sample shards a billion samples make ~100k objects per arra
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 # An inner chunk is what one random read decompresses: small enough for cheap random access.
 TARGET_CHUNK_BYTES = 256 * 1024
@@ -42,9 +42,6 @@ class Layout:
     def to_dict(self) -> dict:
         """What lineage compares: a store laid out differently cannot be resumed."""
         return {"chunk_rows": self.chunk_rows, "shard_rows": self.shard_rows, "rows": self.rows}
-
-    def shard_dicts(self) -> list[dict]:
-        return [asdict(s) for s in self.shards]
 
 
 def _pow2_floor(n: int) -> int:
