@@ -4,7 +4,6 @@ corrupt members, s3:// against moto, lineage refusal, codes that decode to recon
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
