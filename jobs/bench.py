@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["vae", "vq", "stream", "tokenize"]
+BENCHMARKS = ["vae", "vq", "stream", "tokenize", "train"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

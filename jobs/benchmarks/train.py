@@ -1,0 +1,177 @@
+"""`tokenmill bench train`: img/s of the Ray Train job (1 and 2 workers) vs a plain PyTorch loop.
+
+All runs train the same model (the `model` section of --config) with the config's optimiser,
+the same batch per step and worker, and the same in-memory data: the MNIST-5k train split as
+uint8 images. The plain loop is `models.training.TrainStep` in this process on shuffled batches
+of an in-memory tensor, converted per batch like the stream does (`to_model_input`), with torch
+on all CPUs; it runs right before and right after the 1-worker Ray run, and the mean of the two
+is the baseline (load that drifts during the run hits both sides alike). The Ray runs are our
+job's worker loop (`jobs.train_worker.train_loop_per_worker`) under a TorchTrainer fed a
+materialized Ray Dataset of the same arrays: 1 worker with all CPUs, then 2 workers with half
+each (each checks that torch runs on that many threads). Validation and the checkpoint happen
+once, at the end; MLflow writes to a temporary SQLite file. Every number is training-only
+throughput with the first step excluded (Ray: the job's own `img_per_s`, over all ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "vqvae_mnist.yaml"
+VAL_IMAGES = 256
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from jobs.cli import add_json_option
+
+    parser = subparsers.add_parser(
+        "train", help="the Ray Train job (1 and 2 workers) vs a plain PyTorch loop, img/s on MNIST-5k",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.batch_size=32 (repeatable)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per run (default %(default)s)")
+    add_json_option(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from jobs.ray_setup import ensure_ray
+    from pipeline.sources import load_builtin
+    from pipeline.train_config import load_train_config
+
+    cpus = os.cpu_count() or 1
+    config = load_train_config(args.config, [*args.overrides, f"train.steps={args.steps}"])
+    data = load_builtin("builtin:mnist5k")
+    train, val = data.split("train"), data.split("test")
+    result: dict[str, Any] = {"model": config.model.kind, "steps": args.steps, "batch_size": config.train.batch_size,
+                              "cpu_count": cpus, "threads": cpus}
+    plain = [plain_img_per_s(config, train.images, train.labels, threads=cpus)]
+
+    started_ray = not ray.is_initialized()
+    ensure_ray()
+    try:
+        datasets = _ray_datasets(train, val)
+        with tempfile.TemporaryDirectory(prefix="tokenmill-bench-train-") as root:
+            job = dict(args=args, root=root, datasets=datasets)
+            result["ray_1w_img_s"] = ray_img_per_s(**job, workers=1, cpus_per_worker=cpus)
+            plain.append(plain_img_per_s(config, train.images, train.labels, threads=cpus))
+            result["ray_2w_img_s"] = ray_img_per_s(**job, workers=2, cpus_per_worker=max(1, cpus // 2))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    result["plain_img_s_runs"] = plain
+    result["plain_img_s"] = sum(plain) / len(plain)
+    result["ratio"] = result["ray_1w_img_s"] / result["plain_img_s"]
+    _print_table(result)
+    return result
+
+
+def plain_img_per_s(config, images, labels, threads: int) -> float:
+    """One process, TrainStep, shuffled in-memory batches; the first step is not timed."""
+    import torch
+
+    from models.serialization import build_model
+    from models.training import TrainStep
+    from pipeline.stream import to_model_input
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.train.seed)
+    steps, batch = config.train.steps, config.train.batch_size
+    model = build_model(config.model)
+    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps))
+    kl_weight = config.kl if getattr(model, "has_kl", False) else None
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    generator = torch.Generator().manual_seed(config.train.seed)
+    per_epoch = len(images) // batch  # drop_last, as the job
+    for step in range(steps):
+        position = step % per_epoch
+        if position == 0:
+            order = torch.randperm(len(images), generator=generator)
+        index = order[position * batch:(position + 1) * batch]
+        x, y = to_model_input({"image": images[index], "label": labels[index]})
+        extra = {"kl_weight": kl_weight(step)} if kl_weight else {}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.train.bf16):
+            trainer.step(x, y, **extra)
+        if step == 0:
+            start = time.perf_counter()
+    return (steps - 1) * batch / (time.perf_counter() - start)
+
+
+def _ray_datasets(train, val) -> dict[str, Any]:
+    """Materialized Ray Datasets of the arrays, with the stream's columns: image (H, W, C) uint8, label int64."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def rows(images, labels):
+        return [{"image": image, "label": int(label)} for image, label in zip(images, labels)]
+
+    return {"train": ray.data.from_items(rows(train.images, train.labels)).materialize(),
+            "val": ray.data.from_items(rows(val.images[:VAL_IMAGES], val.labels[:VAL_IMAGES])).materialize()}
+
+
+def ray_img_per_s(args: argparse.Namespace, root: str, datasets: dict[str, Any], workers: int,
+                  cpus_per_worker: int) -> float:
+    """Our training job's worker loop under a TorchTrainer; its reported `img_per_s` (all ranks)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline import tracking
+    from pipeline.config import to_plain
+    from pipeline.train_config import load_train_config
+
+    steps = args.steps
+    config = load_train_config(args.config, [
+        *args.overrides, f"train.steps={steps}", f"train.val_every={steps}", f"train.checkpoint_every={steps}",
+        "tracking.log_images=false", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
+        f"run.root={root}", f"run.name=bench-{workers}w", "run.max_failures=0",
+        f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={cpus_per_worker}", "scaling.use_gpu=false",
+    ])
+    run_id = tracking.get_or_create_run(config.tracking.tracking_uri, config.tracking.experiment, config.run.name,
+                                        tags={"tokenmill.benchmark": "train"})
+    trainer = TorchTrainer(
+        _train_loop_checking_threads,
+        train_loop_config={"config": to_plain(config), "tracking_uri": config.tracking.tracking_uri,
+                           "run_id": run_id, "threads": cpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=config.run.name, storage_path=config.run.resolved_storage_path(),
+                                       failure_config=ray.train.FailureConfig(max_failures=0)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    return float(trainer.fit().metrics["img_per_s"])
+
+
+def _train_loop_checking_threads(loop_config: dict[str, Any]) -> None:
+    """The job's worker loop, after checking that torch uses as many threads as the worker has CPUs."""
+    import torch
+
+    from jobs.train_worker import train_loop_per_worker
+
+    if torch.get_num_threads() != loop_config["threads"]:
+        raise RuntimeError(f"torch runs on {torch.get_num_threads()} threads in a worker with "
+                           f"{loop_config['threads']} CPUs (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
+    train_loop_per_worker(loop_config)
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    cpus = result["cpu_count"]
+    print(f"{result['model']} on MNIST-5k, {result['steps']} steps of {result['batch_size']} images per worker, "
+          f"{cpus} CPUs")
+    print(f"{'run':<16}{'workers':>8}{'threads':>9}{'img/s':>10}")
+    for name, key, workers in (("plain PyTorch", "plain_img_s", 1), ("Ray Train job", "ray_1w_img_s", 1),
+                               ("Ray Train job", "ray_2w_img_s", 2)):
+        print(f"{name:<16}{workers:>8}{max(1, cpus // workers):>9}{result[key]:>10.1f}")
+    before, after = result["plain_img_s_runs"]
+    print(f"plain PyTorch before / after the 1-worker Ray run: {before:.1f} / {after:.1f} img/s")
+    print(f"ratio Ray 1 worker / plain: {result['ratio']:.3f} (target >= 0.85)")
