@@ -44,6 +44,12 @@ class TransformConfig(StrictModel):
     # Decompression-bomb guard: images with more pixels than this are rejected unread.
     max_pixels: int = pydantic.Field(40_000_000, ge=1)
 
+    def for_eval(self) -> "TransformConfig":
+        """The same geometry without randomness (validation, tokenization): random-crop becomes
+        center-crop and there is no flip."""
+        resize = "center-crop" if self.resize == "random-crop" else self.resize
+        return self.model_copy(update={"resize": resize, "hflip": False})
+
 
 class Draw:
     """Per-sample random choices (flip, crop) seeded by a hash of (seed, epoch, key):

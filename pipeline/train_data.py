@@ -33,10 +33,7 @@ class TrainingData:
     def open_streams(self) -> dict[str, ShardStream]:
         """The train stream (shuffled, augmented) and the val stream (fixed order, no augmentation)."""
         train = StreamConfig(transform=self.config.transform, shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
-        plain = self.config.transform.model_copy(
-            update={"resize": "center-crop" if self.config.transform.resize == "random-crop" else self.config.transform.resize,
-                    "hflip": False})
-        val = StreamConfig(transform=plain, shuffle=False, shuffle_buffer=0)
+        val = StreamConfig(transform=self.config.transform.for_eval(), shuffle=False, shuffle_buffer=0)
         options = self.config.storage_options
         return {"train": open_stream(self.train_urls, train, storage_options=options),
                 "val": open_stream(self.val_urls, val, storage_options=options)}
