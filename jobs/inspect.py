@@ -2,7 +2,8 @@
 
 TARGET is dispatched to the first inspector in INSPECTORS whose `detect` accepts it; each
 inspector prints a few lines and returns a JSON-ready dict. Shards: a folder of WebDataset
-shards (with or without manifest.json), a manifest.json URL or one .tar URL.
+shards (with or without manifest.json), a manifest.json URL or one .tar URL. Token stores: the
+Zarr store written by `tokenmill tokenize`.
 """
 
 from __future__ import annotations
@@ -75,8 +76,35 @@ def inspect_shards(url: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-# First match wins; the token-store inspector goes here too.
-INSPECTORS = [Inspector("shards", _is_shards, inspect_shards)]
+def _is_token_store(url: str, storage_options: dict | None) -> bool:
+    from pipeline.wds_io import filesystem, join
+
+    fs, path = filesystem(url, storage_options)
+    return fs.isfile(join(path, "zarr.json"))
+
+
+def inspect_token_store(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Shape, dtype and chunking of every array, lineage, progress and codebook statistics."""
+    from pipeline.token_store import describe_store
+
+    result = describe_store(url, args.storage_options)
+    lineage = result["lineage"]
+    print(f"{url}: token store ({result['state']}), {result['input_shards']['finished']}/"
+          f"{result['input_shards']['total']} input shards finished")
+    print(f"  model {lineage['model_uri']} version {lineage.get('model_version')} "
+          f"(weights sha256 {lineage['weights_sha256'][:12]}…), {lineage['mode']}, "
+          f"codebook {lineage.get('codebook_size')}, token shape {lineage['token_shape']}")
+    for name, array in result["arrays"].items():
+        print(f"  {name}: shape {array['shape']} {array['dtype']} chunks {array['chunks']} shards {array['shards']}")
+    if result["summary"]:
+        print(f"  summary: {json.dumps(result['summary'], sort_keys=True)[:600]}")
+    print(f"  corrupt samples skipped: {len(result['corrupt'])}")
+    return result
+
+
+# First match wins.
+INSPECTORS = [Inspector("shards", _is_shards, inspect_shards),
+              Inspector("token_store", _is_token_store, inspect_token_store)]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "inspect", help="summarize shards (or another dataset) and optionally verify them",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("target", metavar="TARGET", help="dataset URL (folder, manifest.json or .tar)")
+    parser.add_argument("target", metavar="TARGET", help="shards (folder, manifest.json or .tar) or a token store URL")
     parser.add_argument("--verify", action="store_true", help="re-read everything; list corrupt members by key")
     parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
                         help="fsspec storage options as JSON")

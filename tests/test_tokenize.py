@@ -3,6 +3,8 @@ corrupt members, s3:// against moto, lineage refusal, codes that decode to recon
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -80,6 +82,20 @@ def test_rerun_of_a_finished_store_encodes_nothing(data, reference):
     summary = tokenize_dataset(data["model"], data["shards"], str(reference["store"]), batch_size=4)
     assert summary["encoded_now"] == 0 and summary["skipped_shards"] == summary["input_shards"]
     assert array_bytes(reference["store"]) == before
+
+
+def test_inspect_prints_shape_dtype_lineage_and_codebook_stats(data, reference, tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "inspect.json"
+    assert main(["inspect", str(reference["store"]), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "token_store"
+    assert result["arrays"]["codes"]["dtype"] == "uint16" and result["arrays"]["codes"]["shape"][1:] == [4, 4]
+    assert result["lineage"]["model_uri"] and result["input_shards"]["finished"] == result["input_shards"]["total"]
+    assert result["summary"]["codebook"]["codes"]["used_codes"] > 1
+    printed = capsys.readouterr().out
+    assert "codes: shape" in printed and "weights sha256" in printed
 
 
 def test_store_from_another_model_is_refused(data, reference, tmp_path):
