@@ -40,11 +40,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def train(config) -> dict[str, Any]:
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from jobs.ray_setup import ensure_ray
-    from jobs.train_worker import train_loop_per_worker
     from pipeline import tracking
     from pipeline.config import to_plain
     from pipeline.train_data import TRAIN_COLUMNS, resolve_training_data
@@ -65,25 +62,8 @@ def train(config) -> dict[str, Any]:
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
     streams = data.open_streams()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.run.name,  # fixed name + storage path: a rerun resumes from the latest checkpoint
-            storage_path=config.run.resolved_storage_path(),
-            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}},
-        ),
-        datasets={name: stream.dataset.select_columns(TRAIN_COLUMNS) for name, stream in streams.items()},
-        # Equal split of the training stream so ranks never see unequal batch counts (DDP hang);
-        # validation is read whole by every rank, which evaluates every world_size-th batch.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
+    datasets = {name: stream.dataset.select_columns(TRAIN_COLUMNS) for name, stream in streams.items()}
+    trainer = build_trainer(config, datasets, tracking_uri, run_id)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
@@ -112,6 +92,36 @@ def train(config) -> dict[str, Any]:
     }
     _print_summary(summary)
     return summary
+
+
+def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: str):
+    """The TorchTrainer that runs `train_loop_per_worker` for `config` over `datasets`
+    ({"train", "val"} Ray Datasets with `image` and `label` columns)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.train_worker import train_loop_per_worker
+    from pipeline.config import to_plain
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,  # fixed name + storage path: a rerun resumes from the latest checkpoint
+            storage_path=config.run.resolved_storage_path(),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}},
+        ),
+        datasets=datasets,
+        # Equal split of the training stream so ranks never see unequal batch counts (DDP hang);
+        # validation is read whole by every rank, which evaluates every world_size-th batch.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ on all CPUs; it runs right before and right after the 1-worker Ray run, and the 
 is the baseline (load that drifts during the run hits both sides alike). The Ray runs are our
 job's worker loop (`jobs.train_worker.train_loop_per_worker`) under a TorchTrainer fed a
 materialized Ray Dataset of the same arrays: 1 worker with all CPUs, then 2 workers with half
-each (each checks that torch runs on that many threads). Validation and the checkpoint happen
+each (the worker sets torch's threads to its CPUs). Validation and the checkpoint happen
 once, at the end; MLflow writes to a temporary SQLite file. Every number is training-only
 throughput with the first step excluded (Ray: the job's own `img_per_s`, over all ranks).
 """
@@ -122,12 +122,9 @@ def _ray_datasets(train, val) -> dict[str, Any]:
 
 def ray_img_per_s(args: argparse.Namespace, root: str, datasets: dict[str, Any], workers: int,
                   cpus_per_worker: int) -> float:
-    """Our training job's worker loop under a TorchTrainer; its reported `img_per_s` (all ranks)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
+    """Our training job's TorchTrainer; its reported `img_per_s` (all ranks)."""
+    from jobs.train import build_trainer
     from pipeline import tracking
-    from pipeline.config import to_plain
     from pipeline.train_config import load_train_config
 
     steps = args.steps
@@ -138,30 +135,8 @@ def ray_img_per_s(args: argparse.Namespace, root: str, datasets: dict[str, Any],
         f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={cpus_per_worker}", "scaling.use_gpu=false",
     ])
     run_id = tracking.get_or_create_run(config.tracking.tracking_uri, config.tracking.experiment, config.run.name,
-                                        tags={"tokenmill.benchmark": "train"})
-    trainer = TorchTrainer(
-        _train_loop_checking_threads,
-        train_loop_config={"config": to_plain(config), "tracking_uri": config.tracking.tracking_uri,
-                           "run_id": run_id, "threads": cpus_per_worker},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=config.run.name, storage_path=config.run.resolved_storage_path(),
-                                       failure_config=ray.train.FailureConfig(max_failures=0)),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    return float(trainer.fit().metrics["img_per_s"])
-
-
-def _train_loop_checking_threads(loop_config: dict[str, Any]) -> None:
-    """The job's worker loop, after checking that torch uses as many threads as the worker has CPUs."""
-    import torch
-
-    from jobs.train_worker import train_loop_per_worker
-
-    if torch.get_num_threads() != loop_config["threads"]:
-        raise RuntimeError(f"torch runs on {torch.get_num_threads()} threads in a worker with "
-                           f"{loop_config['threads']} CPUs (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
-    train_loop_per_worker(loop_config)
+                                        tags={"tokenmill.benchmark": "train"}, run_dir=root)
+    return float(build_trainer(config, datasets, config.tracking.tracking_uri, run_id).fit().metrics["img_per_s"])
 
 
 def _print_table(result: dict[str, Any]) -> None:
