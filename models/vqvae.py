@@ -84,10 +84,16 @@ def _stages(quantizer: nn.Module) -> int:
     return getattr(quantizer, "num_stages", 1)
 
 
-def _recon_metrics(x: Tensor, recon: Tensor, vq_loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    mse = F.mse_loss(recon.float(), x.float())
+def _to_image(prediction: Tensor) -> Tensor:
+    # Linear output clamped only for the image: a sigmoid saturates on MNIST's black background
+    # and the decoder collapses to all-black; the loss sees the unclamped prediction.
+    return prediction.clamp(0, 1)
+
+
+def _recon_metrics(x: Tensor, prediction: Tensor, vq_loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     pixels = x[0].numel()
-    loss = pixels * (mse + vq_loss)
+    loss = pixels * (F.mse_loss(prediction.float(), x.float()) + vq_loss)
+    mse = F.mse_loss(_to_image(prediction.detach()).float(), x.float())
     metrics = {"mse": mse.detach(), "psnr": (-10 * torch.log10(mse.detach().clamp(min=1e-10))),
                "vq_loss": vq_loss.detach(), "distortion": (pixels * mse).detach()}
     return loss, metrics
@@ -142,15 +148,15 @@ class VQVAE(_Tokenizer):
     def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
         """x: (B, C, H, W) in [0, 1]; labels are ignored."""
         q = self.quantizer(_to_last(self.encoder(x)))  # codes (B, h, w, D)
-        recon = torch.sigmoid(self.decoder(_to_first(q.codes)))
-        loss, metrics = _recon_metrics(x, recon, q.loss)
-        return VQOutput(loss, recon, metrics | _code_metrics(q.indices, self.quantizer), q.indices)
+        prediction = self.decoder(_to_first(q.codes))
+        loss, metrics = _recon_metrics(x, prediction, q.loss)
+        return VQOutput(loss, _to_image(prediction), metrics | _code_metrics(q.indices, self.quantizer), q.indices)
 
     def _encode(self, x: Tensor) -> Tensor:
         return self.quantizer(_to_last(self.encoder(x))).indices
 
     def _decode(self, codes: Tensor) -> Tensor:
-        return torch.sigmoid(self.decoder(_to_first(self.quantizer.indices_to_codes(codes))))
+        return _to_image(self.decoder(_to_first(self.quantizer.indices_to_codes(codes))))
 
 
 @register_model
@@ -195,19 +201,19 @@ class VQVAE2(_Tokenizer):
         q_bottom = self.quantizer_bottom(_to_last(self.pre_bottom(torch.cat([h_bottom, top_on_bottom], 1))))
         return q_top, q_bottom
 
-    def _decode_codes(self, top: Tensor, bottom: Tensor) -> Tensor:
-        """top (B, D, ht, wt), bottom (B, D, hb, wb) quantized latents -> images."""
-        return torch.sigmoid(self.decoder(torch.cat([bottom, self.upsample_top(top)], 1)))
+    def _predict(self, top: Tensor, bottom: Tensor) -> Tensor:
+        """top (B, D, ht, wt), bottom (B, D, hb, wb) quantized latents -> unclamped images."""
+        return self.decoder(torch.cat([bottom, self.upsample_top(top)], 1))
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
         q_top, q_bottom = self._quantize(x)
-        recon = self._decode_codes(_to_first(q_top.codes), _to_first(q_bottom.codes))
-        loss, metrics = _recon_metrics(x, recon, q_top.loss + q_bottom.loss)
+        prediction = self._predict(_to_first(q_top.codes), _to_first(q_bottom.codes))
+        loss, metrics = _recon_metrics(x, prediction, q_top.loss + q_bottom.loss)
         metrics |= _code_metrics(q_top.indices, self.quantizer_top, "/top")
         metrics |= _code_metrics(q_bottom.indices, self.quantizer_bottom, "/bottom")
         metrics |= {"usage": (metrics["usage/top"] + metrics["usage/bottom"]) / 2,
                     "perplexity": metrics["perplexity/bottom"]}
-        return VQOutput(loss, recon, metrics, (q_top.indices, q_bottom.indices))
+        return VQOutput(loss, _to_image(prediction), metrics, (q_top.indices, q_bottom.indices))
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         q_top, q_bottom = self._quantize(x)
@@ -215,6 +221,6 @@ class VQVAE2(_Tokenizer):
 
     def _decode(self, codes: tuple[Tensor, Tensor]) -> Tensor:
         top, bottom = codes
-        return self._decode_codes(
+        return _to_image(self._predict(
             _to_first(self.quantizer_top.indices_to_codes(top)), _to_first(self.quantizer_bottom.indices_to_codes(bottom))
-        )
+        ))

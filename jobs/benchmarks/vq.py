@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=600, help="training steps per model (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed first steps (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-images", type=int, default=500, help="test digits to validate on (default: all %(default)s)")
     add_json_option(parser)
