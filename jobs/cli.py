@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "jobs.inspect",
     "jobs.train",
     "jobs.tokenize",
+    "jobs.retrain",
     "jobs.decode",
     "jobs.bench",
 ]

@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 
 from models.quantizers.collectives import distributed_collectives, set_collectives
-from models.serialization import build_model, save_model
+from models.serialization import build_model, load_model, save_model
 from models.training import TrainStep
 from pipeline import validation
 from pipeline.stream import to_model_input
@@ -43,6 +43,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _seed_everything(config.train.seed + rank)
 
     module = build_model(config.model)  # the unwrapped model: what EMA, validation and checkpoints see
+    if config.train.init_from:  # before DDP and TrainStep, so replicas and EMA start from these weights
+        _load_initial_weights(module, config.train.init_from, loop_config["tracking_uri"])
     model = ray.train.torch.prepare_model(module)  # DDP when world_size > 1, moved to the device
     device = next(module.parameters()).device
     set_collectives(module, distributed_collectives())  # no-ops unless distributed
@@ -152,6 +154,19 @@ def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank:
         # The exportable model (EMA weights when EMA is on): config.json + model.safetensors.
         save_model(trainer.eval_model(), Path(directory) / "model")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str) -> None:
+    """Copy the weights of model `ref` into `module` (strict: the architectures must match).
+    Every rank resolves `ref` itself, so it works on nodes that never saw the driver's disk."""
+    import mlflow
+
+    from pipeline.model_ref import resolve_model
+
+    mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through the registry, which follows it
+    with tempfile.TemporaryDirectory(prefix="tokenmill-init-") as directory:
+        source = load_model(resolve_model(ref, tracking_uri).materialize(directory))
+    module.load_state_dict(source.state_dict())
 
 
 def _seed_everything(seed: int) -> None:

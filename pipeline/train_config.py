@@ -53,6 +53,9 @@ class TrainSection(StrictModel):
     val_every: int = pydantic.Field(500, gt=0)
     checkpoint_every: int = pydantic.Field(500, gt=0)
     iw_samples: int = pydantic.Field(16, gt=0)  # K of the importance-weighted NLL (VAE family)
+    # Warm start: a model (directory/URL, runs:/…, models:/NAME/VERSION) of the same architecture
+    # whose weights replace the fresh initialisation; a checkpoint being resumed wins over it.
+    init_from: Optional[str] = None
     early_stop: EarlyStopSection = EarlyStopSection()
 
 

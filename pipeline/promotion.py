@@ -1,0 +1,145 @@
+"""Champion vs challenger: score both on the fixed validation shards, decide, record, promote.
+
+Scores come from `pipeline.validation.evaluate` (the trainer's own validation code) run over the
+fixed shards in manifest order, on a registered model version, so champion and challenger are
+measured by the same code on the same images: VQ family PSNR and codebook usage over the whole
+split, VAE family importance-weighted NLL with seeded samples. Deterministic for a given model.
+
+What a decision leaves in MLflow:
+  - on the challenger's model version and its training run, under `tokenmill.retrain.`:
+    decision, reason, data_version, champion_version, challenger_scores, champion_scores (JSON),
+    and after a promotion store (the new token store's URL) and store_complete;
+  - on the registered model, once per data version, `tokenmill.decided/<data version>`: the
+    idempotency record, written last (after the alias move and the tags) so that it exists only
+    for a decision that fully happened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from models.errors import UserError
+from pipeline.retrain_config import VAE_METRIC, VQ_METRIC, RetrainConfig
+
+TAG = "tokenmill.retrain."
+DECIDED = "tokenmill.decided/"
+HIGHER_IS_BETTER = {VQ_METRIC: True, VAE_METRIC: False}
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str, float]:
+    """Validation metrics of model `model_ref` (e.g. models:/name/3) on the fixed shards."""
+    import torch
+
+    from models.serialization import load_model
+    from pipeline import validation
+    from pipeline.model_ref import resolve_model
+
+    files = resolve_model(model_ref, tracking_uri, config.data.storage_options)
+    with tempfile.TemporaryDirectory(prefix="tokenmill-score-") as directory:
+        model = load_model(files.materialize(directory))
+    torch.manual_seed(config.validation.seed)  # the IW samples of VAEs: same draws for every model
+    metrics, _ = validation.evaluate(model, _validation_batches(config), config.validation.iw_samples)
+    return metrics
+
+
+def _validation_batches(config: RetrainConfig) -> Iterator[dict[str, Any]]:
+    """The fixed split in manifest order, decoded as the trainer decodes validation data."""
+    from pipeline.manifest import shards_for_split
+    from pipeline.stream import StreamConfig, check_shards, iter_shard_batches
+
+    section, options = config.validation, config.data.storage_options
+    urls = shards_for_split(section.shards, section.split, options)
+    check_shards(urls, options)
+    transform = config.data.transform
+    plain = transform.model_copy(update={"hflip": False,  # as TrainingData's val stream: no random draws
+                                         "resize": "center-crop" if transform.resize == "random-crop" else transform.resize})
+    stream = StreamConfig(transform=plain, shuffle=False, shuffle_buffer=0, batch_rows=section.batch_size)
+    errors: list[dict[str, str]] = []  # bad samples are skipped alike for both models
+    images = 0
+    for url in urls:
+        for batch in iter_shard_batches(url, stream, errors, storage_options=options):
+            images += len(batch["key"])
+            if len(batch["key"]):
+                yield batch
+    if not images:
+        raise UserError(f"validation.shards {section.shards} has no readable {section.split} images")
+
+
+# -- deciding -----------------------------------------------------------------------------------
+
+def decide(config: RetrainConfig, challenger: dict[str, float], champion: dict[str, float] | None) -> Decision:
+    """Promote iff the challenger's metric beats the champion's by more than the margin (a tie
+    keeps the champion), its score is finite and (VQ) its codebook usage reaches the floor."""
+    metric, margin = config.metric, config.promotion.margin
+    value = challenger[metric]
+    if not math.isfinite(value):
+        return Decision(False, f"challenger {metric} is {value}")
+    usage = min((v for k, v in challenger.items() if k.startswith("val/usage")), default=None)
+    if usage is not None and usage < config.promotion.usage_floor:
+        return Decision(False, f"challenger codebook usage {usage:.3f} is below the floor {config.promotion.usage_floor}")
+    if champion is None:
+        return Decision(True, f"no {config.promotion.alias} yet; challenger {metric} {value:.4f}")
+    gain = value - champion[metric] if HIGHER_IS_BETTER[metric] else champion[metric] - value
+    verdict = "wins" if gain > margin else "does not win"
+    return Decision(gain > margin, f"challenger {metric} {value:.4f} vs {config.promotion.alias} "
+                                   f"{champion[metric]:.4f}: {verdict} (gain {gain:+.4f}, margin {margin})")
+
+
+# -- the registry -------------------------------------------------------------------------------
+
+def champion_version(client, name: str, alias: str) -> str | None:
+    """The version `alias` points to, or None (no alias, or no registered model yet)."""
+    model = _registered_model(client, name)
+    version = model.aliases.get(alias) if model else None
+    return None if version is None else str(version)
+
+
+def decided(client, name: str, data_version: str) -> dict[str, str] | None:
+    """The decision already taken for `data_version` ({"decision", "model_version", "run_id"}), if any."""
+    model = _registered_model(client, name)
+    record = model.tags.get(DECIDED + data_version) if model else None
+    return json.loads(record) if record else None
+
+
+def record(client, name: str, version: str, run_id: str, tags: dict[str, str]) -> None:
+    """Tag the challenger's model version and its run alike (keys prefixed with `tokenmill.retrain.`)."""
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, TAG + key, value)
+        client.set_tag(run_id, TAG + key, value)
+
+
+def decision_tags(data_version: str, decision: Decision, champion: str | None,
+                  challenger_scores: dict[str, float], champion_scores: dict[str, float] | None) -> dict[str, str]:
+    return {"decision": "promoted" if decision.promote else "kept", "reason": decision.reason,
+            "data_version": data_version, "champion_version": champion or "none",
+            "challenger_scores": json.dumps(challenger_scores, sort_keys=True),
+            "champion_scores": json.dumps(champion_scores, sort_keys=True) if champion_scores else "none"}
+
+
+def mark_decided(client, name: str, data_version: str, version: str, run_id: str, promoted: bool) -> None:
+    """The idempotency record of `data_version`: written last, after the alias move and the tags."""
+    client.set_registered_model_tag(name, DECIDED + data_version, json.dumps(
+        {"decision": "promoted" if promoted else "kept", "model_version": version, "run_id": run_id}))
+
+
+def _registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise

@@ -1,0 +1,120 @@
+"""The typed config of `tokenmill retrain`: a train config for the challenger plus four sections.
+
+The top level is exactly a `tokenmill train` config (model, data, optim, kl, train, scaling, run,
+tracking: same keys, same `--set train.steps=…` overrides) with:
+
+    versions:    where data versions live: every sub-folder of `prefix` holding a manifest.json
+                 is one version, named by its folder; the newest is the lexically greatest name
+                 (use sortable names: `2025-06-01`, `v000042`). Folder names, not timestamps or
+                 mtimes, so "newest" is the same on every machine and under any clock skew.
+    validation:  the fixed shards challenger and champion are both scored on.
+    promotion:   the margin the challenger must win by, the alias it moves, the lock.
+    retokenize:  where the new champion's versioned token stores go.
+
+`data.shards` is chosen by retrain (the newest version) and must not be set; the registered
+model is `tracking.registered_model` (required).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import pydantic
+
+from models.serialization import model_class_for_kind
+from pipeline.config import ConfigError, StrictModel, load_config
+from pipeline.train_config import TrainJobConfig
+
+# The score each model family is judged by on the fixed validation shards (pipeline.validation).
+VQ_METRIC, VAE_METRIC = "val/psnr", "val/nll_nats"
+
+
+class VersionsSection(StrictModel):
+    prefix: str  # fsspec URL; its sub-folders with a manifest.json are the data versions
+
+
+class ValidationSection(StrictModel):
+    shards: str  # fixed shard folder/URL with manifest.json, never a data version being trained on
+    split: str = "val"
+    batch_size: int = pydantic.Field(256, gt=0)
+    iw_samples: int = pydantic.Field(64, gt=0)  # K of the importance-weighted NLL (VAE family)
+    seed: int = 0  # seeds the IW samples so a model's score is reproducible
+
+
+class PromotionSection(StrictModel):
+    alias: str = "champion"
+    # How much better the challenger must be: dB of PSNR (VQ family) or nats per image of the
+    # importance-weighted NLL (VAE family).
+    margin: float = pydantic.Field(0.0, ge=0.0)
+    # VQ family: the challenger's codebook usage (fraction of codes used over the whole split,
+    # lowest level for two-level models) must reach this, so a collapsed codebook never wins.
+    usage_floor: float = pydantic.Field(0.0, ge=0.0, le=1.0)
+    warm_start: bool = True  # challenger starts from the champion's weights (same architecture)
+    # The promotion lock: a holder that has not released it after lock_expiry_s is presumed dead.
+    # It must exceed the time to evaluate both models (the critical section), not the training.
+    lock_expiry_s: int = pydantic.Field(3600, gt=0)
+    lock_wait_s: int = pydantic.Field(900, ge=0)  # how long a run waits for another's lock
+
+
+class RetokenizeSection(StrictModel):
+    # The store of a promotion: <out_prefix>/<data version>/<registered model>-v<model version>
+    out_prefix: str
+    batch_size: int = pydantic.Field(256, gt=0)
+    actors: Optional[int] = None  # default: one per GPU, else per CPU
+
+
+class RetrainConfig(TrainJobConfig):
+    versions: VersionsSection
+    validation: ValidationSection
+    promotion: PromotionSection = PromotionSection()
+    retokenize: RetokenizeSection
+
+    @pydantic.field_validator("data")
+    @classmethod
+    def _retrain_picks_the_shards(cls, data):
+        if "shards" in data.model_fields_set:
+            raise ValueError("data.shards is chosen by retrain (the newest version under versions.prefix); remove it")
+        return data
+
+    @pydantic.field_validator("tracking")
+    @classmethod
+    def _model_is_named(cls, tracking):
+        if not tracking.registered_model:
+            raise ValueError("tracking.registered_model is required: it names the model whose alias retrain moves")
+        return tracking
+
+    @pydantic.field_validator("promotion")
+    @classmethod
+    def _floor_is_for_vq(cls, promotion, info: pydantic.ValidationInfo):
+        model = info.data.get("model")
+        if model is not None and _is_vae(model.kind) and promotion.usage_floor:
+            raise ValueError("promotion.usage_floor applies to VQ models only; VAEs are judged by IW-NLL")
+        return promotion
+
+    @property
+    def metric(self) -> str:
+        return VAE_METRIC if _is_vae(self.model.kind) else VQ_METRIC
+
+    @property
+    def registered_model(self) -> str:
+        return self.tracking.registered_model  # type: ignore[return-value] - required by _check
+
+    def challenger_config(self, shards: str, run_name: str, init_from: str | None) -> TrainJobConfig:
+        """The `tokenmill train` config of one challenger: the train sections of this config on
+        data version `shards`, under its own run name, optionally warm-started."""
+        plain = self.model_dump(mode="json", include=set(TrainJobConfig.model_fields))
+        plain["data"]["shards"] = shards
+        plain["run"]["name"] = run_name
+        plain["train"]["init_from"] = init_from
+        return TrainJobConfig.model_validate(plain)
+
+
+def _is_vae(kind: str) -> bool:
+    return getattr(model_class_for_kind(kind), "has_kl", False)
+
+
+def load_retrain_config(path: str | Path | None, overrides: list[str] = ()) -> RetrainConfig:
+    if path is None:
+        raise ConfigError("tokenmill retrain needs a config file (see configs/retrain_vqvae.yaml)")
+    return load_config(RetrainConfig, path, overrides)
