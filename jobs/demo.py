@@ -1,9 +1,12 @@
-"""`tokenmill demo`: train a small conv VAE on built-in MNIST-5k and report its test likelihood.
+"""`tokenmill demo`: the main job end to end on embedded defaults, on this machine.
 
-Interim demo until tokenization lands: single process, CPU friendly. Trains a conv Gaussian VAE
-with a Bernoulli decoder on dynamically binarized digits, evaluates the ELBO and the
-importance-weighted −log p(x) on the 500 test digits, saves the model and writes a
-reconstruction grid and an interpolation grid as PNG.
+1. shard the built-in MNIST-5k digits into WebDataset tars (+ manifest);
+2. train a VQ-VAE (configs/vqvae_mnist.yaml) with 2 DDP workers on local Ray, tracked in a
+   SQLite MLflow store, and register the model;
+3. tokenize every shard into a Zarr token store with the registered model;
+4. decode a few token rows back into a PNG grid,
+then print where everything is. Rerunning resumes: finished shards, training and tokenization
+are found complete and skipped.
 """
 
 from __future__ import annotations
@@ -13,73 +16,76 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.cli import add_json_option
+
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "vqvae_mnist.yaml"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option
-
     parser = subparsers.add_parser(
-        "demo", help="train a small VAE on built-in MNIST-5k and print its test metrics",
+        "demo", help="shard MNIST-5k, train a VQ-VAE on local Ray, tokenize it into Zarr",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: train for --budget-s seconds)")
-    parser.add_argument("--budget-s", type=float, default=60.0, help="training seconds when --steps is not given (default %(default)s)")
-    parser.add_argument("--k", type=int, default=50, help="importance samples for the test bound (default %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default %(default)s: steady timings on a shared machine)")
+    parser.add_argument("--root", type=Path, default=Path("runs/demo"), help="output directory (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="DDP workers (default %(default)s)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+    from jobs.decode import decode_store
+    from jobs.tokenize import tokenize_dataset
+    from jobs.train import train
+    from pipeline.shard_writer import write_shards
+    from pipeline.train_config import load_train_config
 
-    from jobs.benchmarks.vae import binarize_fixed, mnist_tensors, train
-    from models import save_model
-    from models.evaluation import importance_weighted_nll
-    from models.latent_ops import interpolate
-    from models.training import OptimConfig
-    from models.vae import GaussianVAE, VAEConfig
-    from pipeline.images import save_png_grid
-
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    x_train, _ = mnist_tensors("train")
-    x_test = binarize_fixed(mnist_tensors("test")[0], args.seed)
-    model = GaussianVAE(VAEConfig(arch="conv", hidden=32, latent_dim=16, likelihood="bernoulli"))
-    optim = OptimConfig(lr=2e-3, warmup_steps=50, ema_decay=0.995, skip_grad_norm=2000.0)
-    budget = None if args.steps is not None else args.budget_s
-    trained = train(model, x_train, optim, budget_s=budget, max_steps=args.steps, seed=args.seed)
-    ema = trained.model
+    root = args.root.resolve()
+    shards = write_shards("builtin:mnist5k", str(root / "shards"), progress=False)
+    print(f"[1/4] shards: {shards['shards']} tars, {shards['samples']} images in {shards['dest']}", flush=True)
 
-    torch.manual_seed(args.seed)
-    scores = importance_weighted_nll(ema, x_test, k=args.k)
-    model_dir = save_model(ema, args.out / "model", extra={"source": "builtin:mnist5k", "steps": trained.steps})
-    with torch.no_grad():
-        recon = ema(x_test[:32]).recon  # (32, 1, 32, 32)
-        pairs = interpolate(ema, x_test[0:80:10], x_test[5:85:10], steps=10)  # (80, 1, 32, 32)
-    # Rows alternate originals and reconstructions.
-    recon_png = save_png_grid(torch.stack([x_test[:32], recon], 1).flatten(0, 1)[:64], args.out / "reconstructions.png", nrow=16)
-    interp_png = save_png_grid(pairs, args.out / "interpolations.png", nrow=10)
+    config = load_train_config(PRESET, [
+        f"data.shards={root / 'shards'}", f"run.root={root}", f"train.steps={args.steps}",
+        f"train.val_every={args.steps}", f"train.checkpoint_every={max(args.steps // 4, 1)}",
+        f"scaling.num_workers={args.workers}", "run.name=demo-vqvae",
+    ])
+    print(f"[2/4] training a VQ-VAE for {args.steps} steps on {args.workers} Ray workers ...", flush=True)
+    trained = train(config)
 
-    result = {
-        "steps": trained.steps,
-        "skipped_updates": trained.skipped,
-        "train_seconds": round(trained.seconds, 1),
-        "train_loss": trained.last_loss,
-        "test_elbo_nats": scores["elbo_nats"],
-        "test_nll_nats": scores["nll_nats"],
-        "test_bits_per_dim": scores["bits_per_dim"],
-        "k": args.k,
-        "model_dir": str(model_dir),
-        "reconstructions_png": str(recon_png),
-        "interpolations_png": str(interp_png),
-        "seconds": round(time.perf_counter() - started, 1),
+    store_url = str(root / "tokens.zarr")
+    print(f"[3/4] tokenizing {shards['samples']} images with {trained['model_uri']} ...", flush=True)
+    tokens = tokenize_dataset(trained["model_uri"], str(root / "shards"), store_url,
+                              tracking_uri=trained["mlflow_tracking_uri"])
+    grids = decode_store(store_url, root / "decoded", 0, 64, tracking_uri=trained["mlflow_tracking_uri"])
+    print(f"[4/4] decoded 64 token rows back into {grids[0]}", flush=True)
+
+    metrics = trained["final_metrics"]
+    summary = {
+        "reconstruction_psnr_db": metrics["val/psnr"],
+        "codebook_usage": metrics["val/usage"],
+        "tokenize_img_per_s": tokens["img_per_s"],
+        "train_img_per_s": metrics["img_per_s"],
+        "shards": shards["dest"],
+        "model_dir": trained["model_dir"],
+        "model_uri": trained["model_uri"],
+        "token_store": store_url,
+        "decoded_png": str(grids[0]),
+        "mlflow_tracking_uri": trained["mlflow_tracking_uri"],
+        "mlflow_ui": f"mlflow ui --backend-store-uri {trained['mlflow_tracking_uri']}",
+        "seconds": time.perf_counter() - started,
     }
-    print(f"trained a conv VAE on MNIST-5k for {trained.steps} steps ({trained.seconds:.0f} s)")
-    print(f"test −ELBO {scores['elbo_nats']:.2f} nats, −log p(x) ≤ {scores['nll_nats']:.2f} nats "
-          f"(K={args.k}, {scores['bits_per_dim']:.3f} bits/dim)")
-    print(f"model: {model_dir}\nimages: {recon_png}, {interp_png}")
-    return result
+    _print_summary(summary, tokens)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], tokens: dict[str, Any]) -> None:
+    print("\ntokenmill demo done in {:.0f}s".format(summary["seconds"]))
+    print(f"  reconstruction PSNR  {summary['reconstruction_psnr_db']:.2f} dB (500 validation digits)")
+    print(f"  codebook usage       {summary['codebook_usage']:.1%} of codes on the validation split")
+    print(f"  tokenization         {summary['tokenize_img_per_s']:.0f} img/s, {tokens['samples']} images")
+    print(f"  shards               {summary['shards']}")
+    print(f"  model                {summary['model_dir']}  ({summary['model_uri']})")
+    print(f"  token store          {summary['token_store']}   (tokenmill inspect {summary['token_store']})")
+    print(f"  decoded tokens       {summary['decoded_png']}")
+    print(f"  MLflow UI            {summary['mlflow_ui']}")
