@@ -75,5 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_handler(args.run, args)
 
 
+def module_main(command: str) -> int:
+    """`python -m jobs.<command> ARGS` (what `ray job submit` runs) is `tokenmill <command> ARGS`."""
+    return main([command, *sys.argv[1:]])
+
+
 if __name__ == "__main__":
     sys.exit(main())

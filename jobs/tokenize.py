@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from jobs.cli import add_json_option, run_handler
+from jobs.cli import add_json_option
 
 # Test hook, read by the driver and handed to the actors: "SHARD_INDEX:FLAG_FILE" makes the actor
 # encoding that shard die once, after its rows are written and before its marker (the worst
@@ -28,12 +28,8 @@ CRASH_ENV = "TOKENMILL_TEST_CRASH_SHARD"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("tokenize", help="encode a sharded dataset into a Zarr token store")
-    add_arguments(parser)
-    parser.set_defaults(run=run)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser("tokenize", help="encode a sharded dataset into a Zarr token store",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory/URL, runs:/ID/model, models:/NAME/VERSION or models:/NAME@ALIAS")
     parser.add_argument("--data", required=True, help="shard folder/URL with manifest.json (indexed on the fly if absent)")
     parser.add_argument("--out", required=True, help="token store URL (any fsspec URL)")
@@ -43,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=None, help="encoding actors (default: one per GPU, else per CPU)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI)")
     add_json_option(parser)
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,13 +189,7 @@ def _crash_hook(spec: str):
     return die_once
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.tokenize", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.command = "tokenize"
-    return run_handler(run, args)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import module_main
+
+    sys.exit(module_main("tokenize"))

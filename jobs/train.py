@@ -133,16 +133,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"  checkpoint {summary['checkpoint']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import run_handler
-
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__)
-    add_config_options(parser)
-    add_json_option(parser)
-    args = parser.parse_args(argv)
-    args.command = "train"
-    return run_handler(run, args)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import module_main
+
+    sys.exit(module_main("train"))
