@@ -19,7 +19,7 @@ from typing import Any
 CODEBOOK_SIZE = 512
 LATENT_DIM = 64
 DECAY = 0.99
-DEAD_CODE_THRESHOLD = 1.0
+DEAD_CODE_THRESHOLD = 2.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "vq", help="our VectorQuantizer vs vector-quantize-pytorch inside the same VQ-VAE on MNIST-5k",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--steps", type=int, default=600, help="training steps per model (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per model (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed first steps (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
