@@ -202,16 +202,7 @@ def _finish(result: dict[str, Any], decision: str, reason: str) -> dict[str, Any
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import run_handler
-
-    parser = argparse.ArgumentParser(prog="python -m jobs.retrain", description=__doc__.splitlines()[0])
-    add_config_options(parser)
-    add_json_option(parser)
-    args = parser.parse_args(argv)
-    args.command = "retrain"
-    return run_handler(run, args)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import module_main
+
+    sys.exit(module_main("retrain"))

@@ -62,10 +62,8 @@ def _validation_batches(config: RetrainConfig) -> Iterator[dict[str, Any]]:
     section, options = config.validation, config.data.storage_options
     urls = shards_for_split(section.shards, section.split, options)
     check_shards(urls, options)
-    transform = config.data.transform
-    plain = transform.model_copy(update={"hflip": False,  # as TrainingData's val stream: no random draws
-                                         "resize": "center-crop" if transform.resize == "random-crop" else transform.resize})
-    stream = StreamConfig(transform=plain, shuffle=False, shuffle_buffer=0, batch_rows=section.batch_size)
+    stream = StreamConfig(transform=config.data.transform.for_eval(), shuffle=False, shuffle_buffer=0,
+                          batch_rows=section.batch_size)
     errors: list[dict[str, str]] = []  # bad samples are skipped alike for both models
     images = 0
     for url in urls:
