@@ -41,6 +41,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     _seed_everything(config.train.seed + rank)
+    if not config.scaling.use_gpu:
+        # Ray sets OMP_NUM_THREADS only when the environment has none; match the worker's CPUs.
+        torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
 
     module = build_model(config.model)  # the unwrapped model: what EMA, validation and checkpoints see
     if config.train.init_from:  # before DDP and TrainStep, so replicas and EMA start from these weights
@@ -95,7 +98,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if state.step % config.train.val_every == 0 or is_last:
                     _validate(state, trainer.eval_model(), val_shard, config, device, rank, world_size, logger)
                 if state.step % config.train.checkpoint_every == 0 or is_last or state.stopped_early:
-                    _report_with_checkpoint(state, module, trainer, rank, resumed_from, throughput.img_per_s())
+                    _report_with_checkpoint(state, module, trainer, rank, resumed_from, throughput.img_per_s(), config)
             if is_last or state.stopped_early:
                 break
         else:
@@ -142,7 +145,7 @@ class Throughput:
 
 
 def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank: int, resumed_from: int,
-                            img_per_s: float) -> None:
+                            img_per_s: float, config: TrainJobConfig) -> None:
     """All ranks report at the same steps; rank 0 attaches the checkpoint (DDP keeps weights equal)."""
     metrics = {"step": state.step, "epoch": state.epoch, "skipped_updates": trainer.skipped, "img_per_s": img_per_s,
                "resumed_from_step": resumed_from, "stopped_early": state.stopped_early, **state.last_val}
@@ -152,18 +155,17 @@ def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank:
     with tempfile.TemporaryDirectory() as directory:
         save_train_state(Path(directory), state, module, trainer)
         # The exportable model (EMA weights when EMA is on): config.json + model.safetensors.
-        save_model(trainer.eval_model(), Path(directory) / "model")
+        # The transform travels with the model so tokenization decodes images the way training did.
+        save_model(trainer.eval_model(), Path(directory) / "model",
+                   extra={"transform": config.data.transform.for_eval().model_dump(mode="json")})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def _load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str) -> None:
     """Copy the weights of model `ref` into `module` (strict: the architectures must match).
     Every rank resolves `ref` itself, so it works on nodes that never saw the driver's disk."""
-    import mlflow
-
     from pipeline.model_ref import resolve_model
 
-    mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through the registry, which follows it
     with tempfile.TemporaryDirectory(prefix="tokenmill-init-") as directory:
         source = load_model(resolve_model(ref, tracking_uri).materialize(directory))
     module.load_state_dict(source.state_dict())

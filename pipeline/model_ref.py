@@ -68,6 +68,8 @@ def _download_mlflow(ref: str, dst: str, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    if tracking_uri:  # models:/ URIs resolve through the registry, which is the tracking server
+        mlflow.set_registry_uri(tracking_uri)
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=dst, tracking_uri=tracking_uri))
     except (MlflowException, OSError) as err:
