@@ -78,7 +78,7 @@ def ray_stream(urls: list[str], num_cpus: int) -> tuple[int, float]:
 
     config = StreamConfig(transform=TransformConfig(size=32, channels=3, resize="resize"), shuffle=False,
                           ordered=False)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         for _ in open_stream(urls[:num_cpus], config).dataset.iter_batches(batch_size=BATCH):
             pass  # warm-up: worker processes started, modules imported
