@@ -111,7 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from jobs.cli import add_json_option
 
     parser = subparsers.add_parser(
-        "inspect", help="summarize shards (or another dataset) and optionally verify them",
+        "inspect", help="summarize shards (optionally verify them) or a token store",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("target", metavar="TARGET", help="shards (folder, manifest.json or .tar) or a token store URL")
