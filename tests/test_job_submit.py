@@ -21,7 +21,15 @@ SUBMIT = """
 import sys, time
 from ray.job_submission import JobSubmissionClient, JobStatus
 client = JobSubmissionClient(sys.argv[1])
-job = client.submit_job(entrypoint=sys.argv[2])
+deadline = time.time() + 120
+while True:  # the job agent starts after the dashboard answers: retry until it takes the job
+    try:
+        job = client.submit_job(entrypoint=sys.argv[2])
+        break
+    except RuntimeError as err:
+        if "No available agent" not in str(err) or time.time() > deadline:
+            raise
+        time.sleep(2)
 deadline = time.time() + 480
 while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
     if time.time() > deadline:
@@ -46,6 +54,9 @@ def test_ray_job_submit_train_succeeds(tmp_path):
     head = subprocess.Popen(
         [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=4",
+         # Another Ray instance (the test session's) may hold the default agent ports.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
          "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
