@@ -10,8 +10,8 @@ short, keeping every sample read before the damage.
 from __future__ import annotations
 
 import hashlib
+import lzma
 import posixpath
-import tarfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -20,6 +20,7 @@ import fsspec
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.decode import IMAGE_EXTENSIONS
+from pipeline.tar_reader import TarFormatError, iter_files
 
 
 @dataclass
@@ -67,31 +68,27 @@ def iter_samples(fileobj) -> Iterator[Sample | TarDamage]:
     current: Sample | None = None
     members = 0
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as archive:
-            for info in archive:
-                if not info.isfile():
-                    continue
-                members += 1
-                key, ext = base_plus_ext(info.name)
-                if key is None or posixpath.basename(key).startswith("__"):
-                    continue
-                data = archive.extractfile(info).read()
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
-                current = current or Sample(key)
-                current.members[ext.lower()] = data
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        if members == 0:
-            reason = "empty tar" if "empty" in str(err) else f"not a tar archive: {err}"
+        for name, data in iter_files(fileobj):
+            members += 1
+            key, ext = base_plus_ext(name)
+            if key is None or posixpath.basename(key).startswith("__"):
+                continue
+            if current is not None and current.key != key:
+                yield current
+                current = None
+            current = current or Sample(key)
+            current.members[ext.lower()] = data
+    except (TarFormatError, EOFError, OSError, zlib.error, lzma.LZMAError) as err:
+        if str(err) == "empty tar":
+            reason = "empty tar"
+        elif members == 0:
+            reason = f"not a tar archive: {err}"
         else:
             reason = f"truncated tar: {err}"
         yield TarDamage(reason, current.key if current else "")
         return
     if current is not None:
         yield current
-    elif members == 0:
-        yield TarDamage("empty tar")
 
 
 class HashingWriter:

@@ -102,3 +102,37 @@ def test_random_transforms_are_deterministic_per_key_and_epoch():
     variants = {decode_image(data, config, Draw(0, epoch, "k")).tobytes() for epoch in range(8)}
     assert len(variants) > 1
     assert all(decode_image(data, config, Draw(0, e, "k")).shape == (16, 16, 3) for e in range(8))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("save", [{}, {"optimize": True}, {"interlace": 1}, {"gamma": 0.45}, {"transparency": 0}])
+@pytest.mark.parametrize("shape", [(32, 32), (40, 27)])
+def test_fast_png_path_matches_pil_pixel_for_pixel(monkeypatch, channels, save, shape):
+    import pipeline.decode as decode
+
+    if decode.pyspng is None:
+        pytest.skip("pyspng has no wheel for this platform")
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 256, shape + ((3,) if channels == 3 else ()), dtype=np.uint8)
+    if "transparency" in save and channels == 3:
+        save = {"transparency": (0, 0, 0)}
+    data = io.BytesIO()
+    Image.fromarray(source).save(data, format="PNG", **save)
+    data = data.getvalue()
+    for transform in (TransformConfig(size=32, channels=channels), TransformConfig(size=24, channels=1, resize="resize")):
+        fast = decode_image(data, transform)
+        monkeypatch.setattr(decode, "pyspng", None)
+        slow = decode_image(data, transform)
+        monkeypatch.undo()
+        assert fast.shape == slow.shape == (transform.size, transform.size, transform.channels)
+        np.testing.assert_array_equal(fast, slow)
+    assert decode.fast_png(data, channels, max_pixels=10**6) is not None  # the fast path was taken
+    assert decode.fast_png(data, channels, max_pixels=shape[0] * shape[1] - 1) is None  # the guard holds
+
+
+def test_corrupt_png_gets_the_same_reason_on_the_fast_path():
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise, "RGB"))
+    data = data[: len(data) // 2]  # cut inside the pixel data
+    with pytest.raises(DecodeError, match="corrupt image data"):
+        decode_image(data, TransformConfig(size=32))
