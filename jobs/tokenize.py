@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -128,6 +129,9 @@ def _run_actors(pending, store, shard_rows, files, latents, batch_size, options,
     from jobs.ray_setup import ensure_ray
 
     ensure_ray()
+    # The bar below reports progress; Ray Data's own bars and per-run INFO lines would repeat it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     gpus = 1 if torch.cuda.is_available() else 0
     if actors is None:
         actors = _default_actors(gpus)
