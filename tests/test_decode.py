@@ -136,3 +136,40 @@ def test_corrupt_png_gets_the_same_reason_on_the_fast_path():
     data = data[: len(data) // 2]  # cut inside the pixel data
     with pytest.raises(DecodeError, match="corrupt image data"):
         decode_image(data, TransformConfig(size=32))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("save", [{"subsampling": 0}, {"subsampling": 2}, {"progressive": True}])
+@pytest.mark.parametrize("shape", [(32, 32), (37, 51), (70, 90)])  # 70x90 at size 32: PIL drafts at 1/2
+def test_fast_jpeg_path_matches_pil_pixel_for_pixel(monkeypatch, channels, save, shape):
+    import pipeline.decode as decode
+
+    if decode.simplejpeg is None:
+        pytest.skip("simplejpeg has no wheel for this platform")
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 256, (shape[0] // 8 + 1, shape[1] // 8 + 1, 3), dtype=np.uint8)
+    source = np.repeat(np.repeat(coarse, 8, 0), 8, 1)[: shape[0], : shape[1]]
+    image = Image.fromarray(source).convert("L" if channels == 1 else "RGB")
+    data = io.BytesIO()
+    image.save(data, format="JPEG", quality=90, **save)
+    data = data.getvalue()
+    transform = TransformConfig(size=32, channels=channels)
+    fast = decode_image(data, transform)
+    monkeypatch.setattr(decode, "simplejpeg", None)
+    slow = decode_image(data, transform)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(fast, slow)
+    taken = decode.fast_pixels(data, transform) is not None
+    assert taken == (shape != (70, 90))  # reduced-scale decodes stay on PIL
+
+
+def test_corrupt_or_cmyk_jpeg_takes_the_pil_path():
+    import pipeline.decode as decode
+
+    cmyk = encode(Image.new("CMYK", (32, 32), (10, 20, 30, 40)), "JPEG")
+    assert decode.fast_pixels(cmyk, TransformConfig(size=32)) is None
+    assert decode_image(cmyk, TransformConfig(size=32)).shape == (32, 32, 3)
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise, "RGB"), "JPEG")
+    with pytest.raises(DecodeError, match="corrupt image data"):
+        decode_image(data[: len(data) // 2], TransformConfig(size=32))
