@@ -28,7 +28,7 @@ from models.training import TrainStep
 from pipeline import validation
 from pipeline.stream import to_model_input
 from pipeline.train_config import TrainJobConfig
-from pipeline.train_logging import RankZeroLogger
+from pipeline.train_logging import RankZeroLogger, say
 from pipeline.train_state import TrainState, load_train_state, save_train_state
 
 # Fault injection for the fault-tolerance test: the last rank raises once at this step, unless
@@ -66,7 +66,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], config.tracking.log_images, steps)
         if resumed_from:
-            print(f"resumed from step {resumed_from}", flush=True)
+            say(f"resumed from step {resumed_from}")
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     throughput = Throughput(config.train.batch_size * world_size)

@@ -7,6 +7,7 @@ usage histogram (VQ family). Only rank 0 constructs this, so one process writes 
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -15,6 +16,13 @@ import torch
 
 from models.latent_ops import interpolate, make_grid
 from pipeline.stream import to_model_input
+
+
+def say(line: str) -> None:
+    """One progress line to the driver. Ray Train's patched `print` writes a line twice (to its
+    logger and to the wrapped stream) once MLflow wraps sys.stdout; the original stream is not
+    wrapped, so lines written there arrive once."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def _to_hwc_uint8(grid: torch.Tensor) -> np.ndarray:
@@ -53,13 +61,13 @@ class RankZeroLogger:
         first_step, first_time = self._first_log = self._first_log or (step, now)
         seconds_per_step = (now - first_time) / (step - first_step) if step > first_step else float("nan")
         eta = f"{seconds_per_step * (self.total_steps - step):.0f}s" if step > first_step else "?"
-        print(f"step {step}/{self.total_steps}  loss {stats['loss']:.4f}  {img_s:.0f} img/s  ETA {eta}", flush=True)
+        say(f"step {step}/{self.total_steps}  loss {stats['loss']:.4f}  {img_s:.0f} img/s  ETA {eta}")
 
     def log_validation(
         self, step: int, metrics: dict[str, float], counts: list[torch.Tensor], model: torch.nn.Module, batch: Any
     ) -> None:
         self.mlflow.log_metrics(_finite(metrics), step=step)
-        print(f"step {step}/{self.total_steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        say(f"step {step}/{self.total_steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if self.log_images and batch is not None:
             self._log_images(step, model, batch)
         for level, level_counts in enumerate(counts):  # whole-split counts, (stages, K) per level
