@@ -161,23 +161,23 @@ def resize_crop(image: Image.Image, transform: TransformConfig, draw: Draw | Non
 def decode_image(data: bytes, transform: TransformConfig, draw: Draw | None = None) -> np.ndarray:
     """Bytes of one image member -> uint8 (size, size, channels). Raises DecodeError.
     `draw` supplies the random choices of random-crop / hflip (None: center, no flip)."""
-    pixels = fast_pixels(data, transform)
+    pixels = fast_pixels(data, transform)  # (H, W[, C]) with the configured channels, or None
     if pixels is None or pixels.shape[:2] != (transform.size, transform.size):
-        if pixels is not None:
-            image = Image.fromarray(pixels)
-        else:
-            image = load_pixels(data, transform.max_pixels, draft_size=transform.size)
-            # now: mode L or RGB, 8 bits, any size
-            mode = "L" if transform.channels == 1 else "RGB"
-            image = image if image.mode == mode else image.convert(mode)
-        image = resize_crop(image, transform, draw)
+        image = Image.fromarray(pixels) if pixels is not None else pil_image(data, transform)
         # now: (size, size), the configured channels
-        pixels = np.asarray(image, dtype=np.uint8)
+        pixels = np.asarray(resize_crop(image, transform, draw), dtype=np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if transform.hflip and draw is not None and draw.take(2):
         pixels = pixels[:, ::-1]
     return pixels
+
+
+def pil_image(data: bytes, transform: TransformConfig) -> Image.Image:
+    """Any image PIL can read, as mode L or RGB (the configured channels), 8 bits, any size."""
+    image = load_pixels(data, transform.max_pixels, draft_size=transform.size)
+    mode = "L" if transform.channels == 1 else "RGB"
+    return image if image.mode == mode else image.convert(mode)
 
 
 def fast_pixels(data: bytes, transform: TransformConfig) -> np.ndarray | None:
