@@ -7,20 +7,20 @@ Vocabulary: codes [0, K), then BOS = K, then class tokens K + bos + label (label
 "no class" token K + bos + num_classes). A map-style Dataset: works with DistributedSampler.
 
 Reads are whole chunks: when the split's tokens fit in `cache_bytes` they are read once (whole
-Zarr shards, the fastest path) into one array; otherwise an LRU cache of inner chunks serves
-random access. Nothing is read at construction beyond the small shard table and labels, and
+Zarr shards, the fastest path) into one array; otherwise an LRU cache of inner chunks
+(`pipeline.chunk_cache`) serves random access. Nothing is read at construction beyond the small shard table and labels, and
 the cache is not pickled, so DataLoader workers each fill their own.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
 
 from models.errors import UserError
+from pipeline.chunk_cache import ChunkCache
 from pipeline.token_store import TokenStore
 
 
@@ -53,10 +53,9 @@ class TokenDataset(torch.utils.data.Dataset):
         self.seq_len = sum(int(np.prod(s["row_shape"])) for s in self.specs) + add_bos + class_token
         row_bytes = sum(int(np.prod(s["row_shape"])) * np.dtype(s["dtype"]).itemsize for s in self.specs)
         self.resident = len(self) * row_bytes <= cache_bytes
-        self.cache_chunks = max(1, cache_bytes // max(1, row_bytes * group[self.specs[0]["name"]].chunks[0]))
+        self.cache_bytes = cache_bytes
         self._tokens: np.ndarray | None = None
-        self._arrays: dict[str, Any] | None = None  # opened zarr arrays (metadata read once)
-        self._chunks: OrderedDict = OrderedDict()
+        self._chunks: ChunkCache | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -66,7 +65,7 @@ class TokenDataset(torch.utils.data.Dataset):
         return int(self._offsets[-1])
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokens": None, "_arrays": None, "_chunks": OrderedDict()}
+        return {**self.__dict__, "_tokens": None, "_chunks": None}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         batch = self.batch([index])
@@ -79,7 +78,7 @@ class TokenDataset(torch.utils.data.Dataset):
         if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
             raise IndexError(f"index out of range for {len(self)} items")
         indices = indices % max(len(self), 1)
-        codes = self._resident()[indices] if self.resident else self._gather(self._rows(indices))
+        codes = self._resident()[indices] if self.resident else self._chunk_cache().gather(self._rows(indices))
         labels = self.labels[indices]
         prefix = []
         if self.add_bos:
@@ -108,31 +107,20 @@ class TokenDataset(torch.utils.data.Dataset):
             self._tokens = np.concatenate(levels, axis=1) if len(levels) > 1 else levels[0]
         return self._tokens
 
-    def _gather(self, rows: np.ndarray) -> np.ndarray:
-        """(B, L) codes of store rows through the LRU cache of inner chunks."""
-        if self._arrays is None:
+    def _chunk_cache(self) -> ChunkCache:
+        """Store rows -> (B, L) codes through an LRU cache of inner chunks (all levels share
+        the chunk rows, so one cached chunk holds every level of its rows)."""
+        if self._chunks is None:
             group = self.store.open_group("r")
-            self._arrays = {spec["name"]: group[spec["name"]] for spec in self.specs}
-        levels = []
-        for spec in self.specs:
-            arr = self._arrays[spec["name"]]
-            chunk_rows = arr.chunks[0]
-            out = np.empty((len(rows), int(np.prod(spec["row_shape"]))), dtype=arr.dtype)
-            chunk_ids = rows // chunk_rows
-            for chunk in np.unique(chunk_ids):
-                mask = chunk_ids == chunk
-                out[mask] = self._chunk(spec["name"], arr, int(chunk), chunk_rows)[rows[mask] - chunk * chunk_rows]
-            levels.append(out)
-        return np.concatenate(levels, axis=1) if len(levels) > 1 else levels[0]
+            arrays = [group[spec["name"]] for spec in self.specs]
+            chunk_rows, rows = arrays[0].chunks[0], arrays[0].shape[0]
+            width = sum(int(np.prod(spec["row_shape"])) for spec in self.specs)
+            dtype = np.result_type(*(arr.dtype for arr in arrays))
 
-    def _chunk(self, name: str, arr, chunk: int, chunk_rows: int) -> np.ndarray:
-        key = (name, chunk)
-        if key in self._chunks:
-            self._chunks.move_to_end(key)
-            return self._chunks[key]
-        block = arr[chunk * chunk_rows : (chunk + 1) * chunk_rows]
-        block = block.reshape(len(block), -1)
-        self._chunks[key] = block
-        if len(self._chunks) > self.cache_chunks * len(self.specs):
-            self._chunks.popitem(last=False)
-        return block
+            def load(chunk: int) -> np.ndarray:  # (chunk_rows, L), fewer rows for the last chunk
+                span = slice(chunk * chunk_rows, (chunk + 1) * chunk_rows)
+                return np.concatenate([arr[span].reshape(-1, int(np.prod(arr.shape[1:]))) for arr in arrays], axis=1)
+
+            slots = max(1, self.cache_bytes // (chunk_rows * width * dtype.itemsize))
+            self._chunks = ChunkCache(load, -(-rows // chunk_rows), chunk_rows, width, dtype, slots)
+        return self._chunks
