@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         latents=args.latents, actors=args.actors, tracking_uri=args.tracking_uri,
     )
     print(f"tokenized {summary['samples']} samples ({summary['corrupt']} corrupt skipped) into {args.out}: "
-          f"{summary['encoded_now']} now at {summary['img_per_s']:.0f} img/s, {summary['skipped_shards']} shards "
-          "already done", file=sys.stderr)
+          f"{summary['encoded_now']} now at {summary['img_per_s']:.0f} img/s (start-up {summary['startup_s']:.1f} s), "
+          f"{summary['skipped_shards']} shards already done", file=sys.stderr)
     return summary
 
 
@@ -88,13 +88,15 @@ def tokenize_dataset(
     store.prepare(lineage, layout, encoder.specs, overwrite)
     done = store.finished()
     pending = [s for s in layout.shards if s.index not in done]
-    started = time.perf_counter()
-    encoded = _run_actors(pending, store, layout.shard_rows, files, latents, batch_size, options, actors)
-    seconds = time.perf_counter() - started
+    started = time.time()
+    encoded, first_unit = _run_actors(pending, store, layout.shard_rows, files, latents, batch_size, options, actors)
+    seconds = time.time() - started
     summary = store.finalize(layout, encoder.specs)
     return {
         **summary, "store": store_url, "lineage": lineage, "encoded_now": encoded, "seconds": seconds,
         "img_per_s": encoded / seconds if seconds > 0 else 0.0,
+        # Actor start (process, imports, model load) until the first shard began: a fixed cost per job.
+        "startup_s": max(0.0, first_unit - started),
         "skipped_shards": len(done), "input_shards": len(layout.shards),
     }
 
@@ -118,10 +120,11 @@ def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dic
     return [dict(s, url=join(folder, s["url"])) for s in manifest["shards"]], digest
 
 
-def _run_actors(pending, store, shard_rows, files, latents, batch_size, options, actors) -> int:
-    """Encode `pending` input shards on a Ray Data actor pool; returns samples encoded."""
+def _run_actors(pending, store, shard_rows, files, latents, batch_size, options, actors) -> tuple[int, float]:
+    """Encode `pending` input shards on a Ray Data actor pool; returns the samples encoded and
+    the wall-clock time the first shard began."""
     if not pending:
-        return 0
+        return 0, time.time()
     import ray
     import torch
     from tqdm import tqdm
@@ -145,12 +148,13 @@ def _run_actors(pending, store, shard_rows, files, latents, batch_size, options,
             batch_size=batch_size, storage_options=options, crash_spec=os.environ.get(CRASH_ENV),
         ),
     )
-    encoded = 0
+    encoded, first_unit = 0, float("inf")
     with tqdm(total=len(pending), desc="tokenize", unit="shard", file=sys.stderr) as bar:
         for row in ds.iter_rows():
             encoded += int(row["rows"])
+            first_unit = min(first_unit, float(row["started"]))
             bar.update(1)
-    return encoded
+    return encoded, first_unit
 
 
 def _default_actors(gpus: int) -> int:
@@ -190,10 +194,11 @@ class ShardEncoderActor:
         from pipeline.shard_encoder import encode_shard
         from pipeline.token_layout import ShardRows
 
+        started = time.time()
         shard = ShardRows(**json.loads(batch["shard"][0]))
         result = encode_shard(shard, self.store, self.shard_rows, self.encoder, self.batch_size, self.options,
                               before_marker=self.before_marker)
-        return {"shard": [shard.index], "rows": [result["rows"]]}
+        return {"shard": [shard.index], "rows": [result["rows"]], "started": [started]}
 
 
 def _crash_hook(spec: str):

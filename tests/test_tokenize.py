@@ -49,6 +49,7 @@ def test_store_is_plain_zarr_and_decodes_to_reconstructions(data, reference):
 
     summary = reference["summary"]
     assert summary["samples"] == N - 1  # one planted corrupt image; the image-less sample is not one
+    assert 0 < summary["startup_s"] < summary["seconds"]  # actors start, then shards run
     group = zarr.open_group(str(reference["store"]), mode="r")
     assert group["codes"].dtype == np.uint16 and group["codes"].shape[1:] == (4, 4)
     assert group.attrs["lineage"]["codebook_size"] == 64
