@@ -135,6 +135,7 @@ def _run_actors(pending, store, shard_rows, files, latents, batch_size, options,
     # The bar below reports progress; Ray Data's own bars and per-run INFO lines would repeat it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we know
     gpus = 1 if torch.cuda.is_available() else 0
     if actors is None:
         actors = _default_actors(gpus)
