@@ -25,7 +25,7 @@ class ChunkCache:
         self.chunk_in = np.full(slots, -1, dtype=np.int64)  # slot -> chunk, -1 when free
         self.last_used = np.zeros(slots, dtype=np.int64)  # slot -> tick of its last batch
         self.slab = np.zeros((slots, chunk_rows, width), dtype=dtype)  # pages committed as filled
-        self.tick, self.loads = 0, 0
+        self.tick = 0
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         chunk_ids = rows // self.chunk_rows
@@ -50,7 +50,6 @@ class ChunkCache:
             block = self.load(int(chunk))  # (n, width), n < chunk_rows only for the last chunk
             self.slab[slot, : len(block)] = block
             self.chunk_in[slot], self.slot_of[chunk], self.last_used[slot] = chunk, slot, self.tick
-            self.loads += 1
 
     def _grow(self, extra: int) -> None:
         self.slab = np.concatenate([self.slab, np.zeros((extra, *self.slab.shape[1:]), self.slab.dtype)])

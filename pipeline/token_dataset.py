@@ -8,8 +8,8 @@ Vocabulary: codes [0, K), then BOS = K, then class tokens K + bos + label (label
 
 Reads are whole chunks: when the split's tokens fit in `cache_bytes` they are read once (whole
 Zarr shards, the fastest path) into one array; otherwise an LRU cache of inner chunks
-(`pipeline.chunk_cache`) serves random access. Nothing is read at construction beyond the small shard table and labels, and
-the cache is not pickled, so DataLoader workers each fill their own.
+(`pipeline.chunk_cache`) serves random access. Nothing is read at construction beyond the small
+shard table and labels, and the cache is not pickled, so DataLoader workers each fill their own.
 """
 
 from __future__ import annotations

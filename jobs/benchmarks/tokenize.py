@@ -162,6 +162,9 @@ class ComputeLimit:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        from models import load_model
+
+        self.model = load_model(self.model_dir).eval()
         self.pool = ProcessPoolExecutor(self.actors, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_load_limit_model,
                                         initargs=(str(self.model_dir), max(1, self.cpus // self.actors)))
@@ -171,7 +174,11 @@ class ComputeLimit:
         self.pool.shutdown()
 
     def __call__(self) -> float:
-        self.one_process.append(_limit_img_s(self.model_dir, self.batch_size, self.n, self.cpus))
+        import torch
+
+        torch.set_num_threads(self.cpus)
+        started, ended = _encode_span(self.model, self.batch_size, self.n)
+        self.one_process.append(self.n / (ended - started))
         per_process = self.n // self.actors
         spans = list(self.pool.map(_timed_encode, [self.batch_size] * self.actors, [per_process] * self.actors))
         # From the first start to the last end: any skew between the processes counts against it.
@@ -195,16 +202,6 @@ def _load_limit_model(model_dir: str, threads: int) -> None:
 def _timed_encode(batch_size: int, n: int) -> tuple[float, float]:
     """In a ComputeLimit worker: see `_encode_span`."""
     return _encode_span(_LIMIT_MODEL, batch_size, n)
-
-
-def _limit_img_s(model_dir: Path, batch_size: int, n: int, threads: int) -> float:
-    import torch
-
-    from models import load_model
-
-    torch.set_num_threads(threads)
-    started, ended = _encode_span(load_model(model_dir).eval(), batch_size, n)
-    return n / (ended - started)
 
 
 def _encode_span(model, batch_size: int, n: int) -> tuple[float, float]:
