@@ -63,7 +63,7 @@ def train(config) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
     streams = data.open_streams()
     datasets = {name: stream.dataset.select_columns(TRAIN_COLUMNS) for name, stream in streams.items()}
-    trainer = build_trainer(config, datasets, tracking_uri, run_id)
+    trainer = build_trainer(config, datasets, tracking_uri, run_id, streams["train"].epoch_clock)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
@@ -94,9 +94,10 @@ def train(config) -> dict[str, Any]:
     return summary
 
 
-def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: str):
+def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: str, epoch_clock=None):
     """The TorchTrainer that runs `train_loop_per_worker` for `config` over `datasets`
-    ({"train", "val"} Ray Datasets with `image` and `label` columns)."""
+    ({"train", "val"} Ray Datasets with `image` and `label` columns); `epoch_clock` is the train
+    stream's EpochClock, which the workers set before every pass."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -105,7 +106,8 @@ def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: s
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id},
+        train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "epoch_clock": epoch_clock},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},

@@ -71,7 +71,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     throughput = Throughput(config.train.batch_size * world_size)
 
+    epoch_clock = loop_config.get("epoch_clock")
     while state.step < steps and not state.stopped_early:
+        if epoch_clock is not None:  # this pass reads shard order, shuffle and augmentation of state.epoch
+            ray.get(epoch_clock.set.remote(state.epoch))
         batches = train_shard.iter_torch_batches(
             batch_size=config.train.batch_size, drop_last=True, device=str(device),
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.manifest import read_manifest, shards_for_split
 from pipeline.sources import BUILTIN_SOURCES
-from pipeline.stream import ShardStream, StreamConfig, check_shards, open_stream
+from pipeline.stream import EPOCH_CLOCK, ShardStream, StreamConfig, check_shards, open_stream
 
 # Ray Train turns every column into a tensor: keep the numeric ones.
 TRAIN_COLUMNS = ["image", "label"]
@@ -31,11 +31,12 @@ class TrainingData:
     seed: int
 
     def open_streams(self) -> dict[str, ShardStream]:
-        """The train stream (shuffled, augmented) and the val stream (fixed order, no augmentation)."""
+        """The train stream (shuffled and augmented anew in every epoch, which the training loop
+        sets through `epoch_clock`) and the val stream (fixed order, no augmentation)."""
         train = StreamConfig(transform=self.config.transform, shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
         val = StreamConfig(transform=self.config.transform.for_eval(), shuffle=False, shuffle_buffer=0)
         options = self.config.storage_options
-        return {"train": open_stream(self.train_urls, train, storage_options=options),
+        return {"train": open_stream(self.train_urls, train, epoch=EPOCH_CLOCK, storage_options=options),
                 "val": open_stream(self.val_urls, val, storage_options=options)}
 
 

@@ -7,13 +7,14 @@ import tarfile
 
 import numpy as np
 import pytest
+import ray
 from PIL import Image
 
 from models.errors import UserError
 from pipeline.decode import TransformConfig
 from pipeline.manifest import shard_urls
 from pipeline.shard_writer import ShardSettings, write_shards
-from pipeline.stream import StreamConfig, check_shards, open_stream, to_model_input
+from pipeline.stream import EPOCH_CLOCK, StreamConfig, check_shards, open_stream, to_model_input
 
 
 def write_tar(path, members):
@@ -82,6 +83,29 @@ def test_shuffle_is_deterministic_under_a_seed(ray_local, folder_shards):
 
     first, again, other = keys(0), keys(0), keys(1)
     assert first == again and sorted(first) == sorted(other) and first != other
+
+
+def test_a_clocked_stream_reads_the_epoch_set_before_each_pass(ray_local, folder_shards):
+    """Ray Train re-executes one dataset every epoch: each pass must follow the clock, giving
+    exactly the rows (order and augmentation) of a stream opened at that epoch."""
+    root, _ = folder_shards
+    urls = shard_urls(str(root / "shards"), "train")
+    config = StreamConfig(transform=TransformConfig(size=8, hflip=True), seed=3, shuffle_buffer=3)
+
+    def rows(dataset):
+        frame = dataset.to_pandas()
+        return [(str(k), image.tobytes()) for k, image in zip(frame["key"], frame["image"])]
+
+    stream = open_stream(urls, config, epoch=EPOCH_CLOCK)
+    passes = {}
+    for epoch in (0, 1, 0):
+        ray.get(stream.epoch_clock.set.remote(epoch))
+        passes.setdefault(epoch, []).append(rows(stream.dataset))
+    assert passes[0][0] == passes[0][1] == rows(open_stream(urls, config, epoch=0).dataset)
+    assert passes[1][0] == rows(open_stream(urls, config, epoch=1).dataset)
+    assert [k for k, _ in passes[1][0]] != [k for k, _ in passes[0][0]]  # shard order + buffer shuffle
+    flipped = dict(passes[0][0]).items() ^ dict(passes[1][0]).items()
+    assert flipped  # the same keys with other random flips
 
 
 def test_bad_samples_and_bad_tars_are_reported_and_good_ones_arrive(ray_local, tmp_path):

@@ -87,6 +87,34 @@ def test_rerun_with_same_name_resumes(faulty_run, mlflow_server, digits_shards):
     assert int(second["model_version"]) == int(first["model_version"]) + 1
 
 
+def test_every_epoch_sets_the_train_streams_epoch_clock(ray_local, tmp_path):
+    """Ray Train re-executes one train dataset per epoch; the workers set its epoch clock before
+    every pass, so each epoch reads its own shard order, shuffle and random flips
+    (tests/test_stream.py checks that a pass follows the clock)."""
+    import numpy as np
+    import ray
+
+    from jobs.train import build_trainer
+    from pipeline import tracking
+    from pipeline.train_config import load_train_config
+    from pipeline.train_data import TRAIN_COLUMNS, resolve_training_data
+
+    np.save(tmp_path / "images.npy", np.random.default_rng(0).integers(0, 256, (96, 16, 16), dtype=np.uint8))
+    write_shards(str(tmp_path / "images.npy"), str(tmp_path / "shards"), ShardSettings(maxcount=8), progress=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = load_train_config(DEBUG_CONFIG, [  # ~86 train images: 2 steps of 2x16 per epoch
+        f"data.shards={tmp_path / 'shards'}", f"run.root={tmp_path}", "data.transform.hflip=true",
+        "train.steps=7", "train.val_every=7", "train.checkpoint_every=7", "tracking.log_images=false",
+        f"tracking.tracking_uri={uri}", "run.max_failures=0"])
+    streams = resolve_training_data(config).open_streams()
+    datasets = {name: stream.dataset.select_columns(TRAIN_COLUMNS) for name, stream in streams.items()}
+    run_id = tracking.get_or_create_run(uri, config.tracking.experiment, config.run.name, tags={}, run_dir=tmp_path)
+    clock = streams["train"].epoch_clock
+    metrics = build_trainer(config, datasets, uri, run_id, clock).fit().metrics
+    assert metrics["step"] == 7 and metrics["epoch"] == 3
+    assert ray.get(clock.get.remote()) == 3
+
+
 def test_bad_config_exits_2_before_ray(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(DEBUG_CONFIG).read_text().replace("latent_dim:", "latnt_dim:"))
