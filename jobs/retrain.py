@@ -104,7 +104,7 @@ def retrain(config) -> dict[str, Any]:
     with step("training the challenger"):
         init_from = _warm_start_ref(config, champion, tracking_uri)
         run_name = f"{config.run.name}-{data.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-        summary = _train(config.challenger_config(data.url, run_name, init_from))
+        summary = _train(config.challenger_config(data.url, run_name, init_from, tracking_uri))
     version, run_id = summary["model_version"], summary["mlflow_run_id"]
     result.update(model_version=version, mlflow_run_id=run_id, warm_started_from=init_from)
     with step("scoring the challenger"):

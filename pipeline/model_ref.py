@@ -48,9 +48,7 @@ class ModelFiles:
 def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: dict | None = None) -> ModelFiles:
     """Read MODEL's files; UserError when the reference cannot be resolved or is no model."""
     if ref.startswith(_MLFLOW_PREFIXES):
-        with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as tmp:
-            local = _download_mlflow(ref, tmp, tracking_uri)
-            return _read_dir(ref, _registry_version(ref, tracking_uri), _model_dir(local, ref))
+        return _read_mlflow(ref, tracking_uri)
     if "://" in ref and not ref.startswith("file://"):
         fs, path = fsspec.core.url_to_fs(ref, **(storage_options or {}))
         try:
@@ -64,30 +62,36 @@ def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: di
     return _read_dir(ref, None, _model_dir(path, ref))
 
 
-def _download_mlflow(ref: str, dst: str, tracking_uri: str | None) -> Path:
+def _read_mlflow(ref: str, tracking_uri: str | None) -> ModelFiles:
+    """A `runs:/` or `models:/` model. A registry reference is pinned to its version first (an
+    alias may move meanwhile) and downloaded from that version's source, so the files and the
+    version recorded with them agree. The registry is the tracking store, named explicitly:
+    MLflow resolves `models:/` through the process-wide registry URI, and setting that would
+    change the default of every later job in this process."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri:  # models:/ URIs resolve through the registry, which is the tracking server
-        mlflow.set_registry_uri(tracking_uri)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=dst, tracking_uri=tracking_uri))
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        version = _registry_version(ref, client)
+        source = client.get_model_version_download_uri(*version.rsplit("/", 1)) if version else ref
+        with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
+            return _read_dir(ref, version, _model_dir(Path(local), ref))
     except (MlflowException, OSError) as err:
         where = tracking_uri or mlflow.get_tracking_uri()
         raise UserError(f"cannot download model {ref} from MLflow at {where}: {str(err).splitlines()[0]}") from None
 
 
-def _registry_version(ref: str, tracking_uri: str | None) -> str | None:
-    """`models:/name/3` -> "name/3"; `models:/name@alias` -> "name/<version the alias points to>"."""
+def _registry_version(ref: str, client) -> str | None:
+    """`models:/name/3` -> "name/3"; `models:/name@alias` -> "name/<version the alias points to>";
+    None for `runs:/` URIs."""
     match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", ref.rstrip("/"))
     if not match:
         return None
     name, number, alias = match.groups()
     if number:
         return f"{name}/{number}"
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
 
 

@@ -100,13 +100,16 @@ class RetrainConfig(TrainJobConfig):
     def registered_model(self) -> str:
         return self.tracking.registered_model  # type: ignore[return-value] - required by _check
 
-    def challenger_config(self, shards: str, run_name: str, init_from: str | None) -> TrainJobConfig:
+    def challenger_config(self, shards: str, run_name: str, init_from: str | None,
+                          tracking_uri: str) -> TrainJobConfig:
         """The `tokenmill train` config of one challenger: the train sections of this config on
-        data version `shards`, under its own run name, optionally warm-started."""
+        data version `shards`, under its own run name, optionally warm-started, tracked where
+        retrain tracks (its default store lives under retrain's run directory, not the challenger's)."""
         plain = self.model_dump(mode="json", include=set(TrainJobConfig.model_fields))
         plain["data"]["shards"] = shards
         plain["run"]["name"] = run_name
         plain["train"]["init_from"] = init_from
+        plain["tracking"]["tracking_uri"] = tracking_uri
         return TrainJobConfig.model_validate(plain)
 
 

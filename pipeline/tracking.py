@@ -30,10 +30,12 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | Path) -> str:
 
 
 def client(tracking_uri: str):
+    """A client for `tracking_uri`, whose model registry is the same store. Nothing global is
+    set: `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, which would become the
+    default of every later job in this process."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.MlflowClient(tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],

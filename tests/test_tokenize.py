@@ -200,13 +200,16 @@ def test_decode_command_writes_png_grids_of_the_reconstructions(data, reference,
     assert main(["decode", str(reference["store"]), "--out", str(tmp_path / "x"), "--rows", "5:2"]) == 2
 
 
-def test_model_references_resolve_to_the_same_weights(tmp_path, mlflow_server):
+def test_model_references_resolve_to_the_same_weights(tmp_path, mlflow_server, monkeypatch):
     import fsspec
     import mlflow
 
     from pipeline import tracking
     from pipeline.model_ref import resolve_model
 
+    globals_ = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    for variable in globals_:
+        monkeypatch.delenv(variable, raising=False)
     model_dir = make_vqvae(tmp_path / "model")
     uri, name = mlflow_server, f"tok-{time.time_ns()}"  # the server is shared by the session
     client = mlflow.MlflowClient(uri)
@@ -227,3 +230,7 @@ def test_model_references_resolve_to_the_same_weights(tmp_path, mlflow_server):
         resolve_model(str(tmp_path / "missing"))
     with pytest.raises(UserError, match=f"cannot download model models:/{name}-nope/1"):
         resolve_model(f"models:/{name}-nope/1", tracking_uri=uri)
+    with pytest.raises(UserError, match=f"cannot download model models:/{name}@nope"):
+        resolve_model(f"models:/{name}@nope", tracking_uri=uri)
+    # Nothing process-wide was set: a later job in this process keeps its own default store.
+    assert not [variable for variable in globals_ if variable in os.environ]
