@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import random
 import tempfile
@@ -38,6 +39,9 @@ FAIL_AT_STEP_ENV = "TOKENMILL_FAIL_AT_STEP"
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = TrainJobConfig.model_validate(loop_config["config"])
+    # Rank 0 prints progress; Ray Data's INFO lines for every validation pass would bury it.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": on purpose
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     _seed_everything(config.train.seed + rank)
