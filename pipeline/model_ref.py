@@ -21,6 +21,7 @@ import fsspec
 
 from models.errors import UserError
 from models.serialization import CONFIG_FILE, WEIGHTS_FILE
+from pipeline import tracking
 
 _MLFLOW_PREFIXES = ("runs:/", "models:/")
 
@@ -72,7 +73,7 @@ def _read_mlflow(ref: str, tracking_uri: str | None) -> ModelFiles:
     from mlflow.exceptions import MlflowException
 
     try:
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        client = tracking.client(tracking_uri)
         version = _registry_version(ref, client)
         source = client.get_model_version_download_uri(*version.rsplit("/", 1)) if version else ref
         with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as tmp:

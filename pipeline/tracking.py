@@ -29,10 +29,10 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | Path) -> str:
     return f"sqlite:///{run_dir / 'mlflow.db'}"
 
 
-def client(tracking_uri: str):
-    """A client for `tracking_uri`, whose model registry is the same store. Nothing global is
-    set: `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, which would become the
-    default of every later job in this process."""
+def client(tracking_uri: str | None):
+    """A client for `tracking_uri` (None: MLflow's default) whose model registry is the same
+    store. Nothing global is set: `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI,
+    which would become the default of every later job in this process."""
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
