@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import sys
 import time
@@ -129,13 +128,12 @@ def _run_actors(pending, store, shard_rows, files, latents, batch_size, options,
     import torch
     from tqdm import tqdm
 
-    from jobs.ray_setup import ensure_ray
+    from jobs.ray_setup import ensure_ray, quiet_ray_data_logs
 
     ensure_ray()
     # The bar below reports progress; Ray Data's own bars and per-run INFO lines would repeat it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we know
+    quiet_ray_data_logs()
     gpus = 1 if torch.cuda.is_available() else 0
     if actors is None:
         actors = _default_actors(gpus)

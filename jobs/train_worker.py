@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import random
 import tempfile
@@ -23,6 +22,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from jobs.ray_setup import quiet_ray_data_logs
 from models.quantizers.collectives import distributed_collectives, set_collectives
 from models.serialization import build_model, load_model, save_model
 from models.training import TrainStep
@@ -39,9 +39,7 @@ FAIL_AT_STEP_ENV = "TOKENMILL_FAIL_AT_STEP"
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = TrainJobConfig.model_validate(loop_config["config"])
-    # Rank 0 prints progress; Ray Data's INFO lines for every validation pass would bury it.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": on purpose
+    quiet_ray_data_logs()  # rank 0 prints progress; a line per validation pass would bury it
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     _seed_everything(config.train.seed + rank)
