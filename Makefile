@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	touch $(STAMP)
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 test-fast: setup

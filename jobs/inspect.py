@@ -20,7 +20,7 @@ class Inspector(NamedTuple):
 
 
 def _is_shards(url: str, storage_options: dict | None) -> bool:
-    from pipeline.wds_io import filesystem, join
+    from pipeline.storage import filesystem, join
 
     if url.endswith((".tar", "manifest.json")):
         return True
@@ -31,8 +31,8 @@ def _is_shards(url: str, storage_options: dict | None) -> bool:
 def inspect_shards(url: str, args: argparse.Namespace) -> dict[str, Any]:
     """Counts, splits, formats and image statistics; with --verify every shard is re-read:
     sha256 and count against the manifest, every member decoded, problems listed by key."""
-    from pipeline.manifest import finalize, index_shards, manifest_url, read_manifest, scan_shard
-    from pipeline.wds_io import join
+    from pipeline.shards.manifest import finalize, index_shards, manifest_url, read_manifest, scan_shard
+    from pipeline.storage import join
 
     options = args.storage_options
     if url.endswith(".tar"):
@@ -77,7 +77,7 @@ def inspect_shards(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _is_token_store(url: str, storage_options: dict | None) -> bool:
-    from pipeline.wds_io import filesystem, join
+    from pipeline.storage import filesystem, join
 
     fs, path = filesystem(url, storage_options)
     return fs.isfile(join(path, "zarr.json"))
@@ -85,7 +85,7 @@ def _is_token_store(url: str, storage_options: dict | None) -> bool:
 
 def inspect_token_store(url: str, args: argparse.Namespace) -> dict[str, Any]:
     """Shape, dtype and chunking of every array, lineage, progress and codebook statistics."""
-    from pipeline.token_store import describe_store
+    from pipeline.tokens.store import describe_store
 
     result = describe_store(url, args.storage_options)
     lineage = result["lineage"]

@@ -1,42 +1,19 @@
 """`tokenmill retrain CONFIG [--set k=v ...] [--json PATH]` and `python -m jobs.retrain CONFIG`.
 
-One scheduled retraining round (infra/kuberay/raycronjob-retrain.yaml runs it daily):
-
- 1. find the newest data version under `versions.prefix` (pipeline.data_versions);
-    if it was already decided, say so and stop (finishing an interrupted re-tokenization);
- 2. train a challenger on it with `jobs.train.train`, warm-started from the champion's weights
-    when `promotion.warm_start` and the architectures match;
- 3. score the challenger on the fixed validation shards; then, holding the promotion lock,
-    re-check that no other run decided this data version meanwhile, score the current champion
-    the same way, decide, tag the challenger's run and model version, move the alias on a win
-    and record the data version as decided (pipeline.promotion, pipeline.registry_lock);
- 4. after a promotion, tokenize the data version with the new champion into a new store
-    `<retokenize.out_prefix>/<data version>/<model>-v<version>`.
-
-A failed step leaves the alias where it was and exits 1 with one line naming the step (2 for a
-user mistake: bad config, missing data). Training is per attempt (its own run name), so two
-runs started together each train, and the lock makes sure at most one of them decides.
+One champion/challenger round (`pipeline.registry.retrain` says what happens). A failed step
+leaves the alias where it was and exits 1 with one line naming the step (2 for a user mistake).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-import tempfile
-import time
-import uuid
-from typing import Any, Iterator
+from typing import Any
 
 from jobs.cli import add_config_options, add_json_option
-from models.errors import UserError
 
 EXIT_FAILED = 1
-
-
-class StepFailed(RuntimeError):
-    """A retrain step failed for a reason other than a user mistake; the message is one line."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.retrain_config import load_retrain_config
+    from pipeline.registry.config import load_retrain_config
+    from pipeline.registry.retrain import StepFailed, retrain
 
     config = load_retrain_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
     try:
@@ -62,144 +40,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"promoted": False, "decision": "failed", "reason": str(err)}, indent=2) + "\n")
         raise SystemExit(EXIT_FAILED) from None
-
-
-@contextlib.contextmanager
-def step(name: str) -> Iterator[None]:
-    """Name the step in any failure: UserErrors stay UserErrors (exit 2), the rest become StepFailed."""
-    try:
-        yield
-    except UserError as err:
-        raise UserError(f"{name}: {err}") from None
-    except Exception as err:  # noqa: BLE001 - any failure ends the run with one line
-        raise StepFailed(f"{name} failed: {_one_line(err)}") from err
-
-
-def _one_line(err: BaseException) -> str:
-    """`Type: message`; for a multi-line message (Ray wraps worker tracebacks) its first line and
-    its last, which names the root cause, e.g. "RuntimeError: injected failure at step 1"."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [""]
-    text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')} ... {lines[-1]}"
-    return f"{type(err).__name__}: {text}"
-
-
-def retrain(config) -> dict[str, Any]:
-    from pipeline import promotion, registry_lock, tracking
-    from pipeline.data_versions import newest_version
-
-    name, alias = config.registered_model, config.promotion.alias
-    with step("connecting to MLflow"):
-        tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, config.run.run_dir())
-        tracking.require_reachable(tracking_uri)
-        client = tracking.client(tracking_uri)
-    with step("finding the newest data version"):
-        data = newest_version(config.versions.prefix, config.data.storage_options)
-        already = promotion.decided(client, name, data.name)
-        champion = promotion.champion_version(client, name, alias)
-    result = {"data_version": data.name, "champion_version": champion, "promoted": False, "store_url": None,
-              "challenger_scores": None, "champion_scores": None, "model_version": None}
-    if already:
-        return _already_decided(config, client, tracking_uri, data, already, result)
-
-    with step("training the challenger"):
-        init_from = _warm_start_ref(config, champion, tracking_uri)
-        run_name = f"{config.run.name}-{data.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-        summary = _train(config.challenger_config(data.url, run_name, init_from, tracking_uri))
-    version, run_id = summary["model_version"], summary["mlflow_run_id"]
-    result.update(model_version=version, mlflow_run_id=run_id, warm_started_from=init_from)
-    with step("scoring the challenger"):
-        result["challenger_scores"] = promotion.score(f"models:/{name}/{version}", tracking_uri, config)
-
-    with step("deciding"), registry_lock.acquire(client, f"{name}.retrain-lock", config.promotion.lock_expiry_s,
-                                                 config.promotion.lock_wait_s) as lock:
-        other = promotion.decided(client, name, data.name)
-        if other:  # another run decided this data version while we trained
-            reason = f"data version {data.name} was decided by another run meanwhile (version {other['model_version']})"
-            promotion.record(client, name, version, run_id, {"decision": "superseded", "reason": reason,
-                                                             "data_version": data.name})
-            return _finish(result, "superseded", reason)
-        champion = result["champion_version"] = promotion.champion_version(client, name, alias)
-        if champion:
-            result["champion_scores"] = promotion.score(f"models:/{name}/{champion}", tracking_uri, config)
-        decision = promotion.decide(config, result["challenger_scores"], result["champion_scores"])
-        lock.check()  # the alias moves only while the lock is provably ours
-        if decision.promote:
-            client.set_registered_model_alias(name, alias, version)
-        promotion.record(client, name, version, run_id, promotion.decision_tags(
-            data.name, decision, champion, result["challenger_scores"], result["champion_scores"]))
-        promotion.mark_decided(client, name, data.name, version, run_id, decision.promote)
-    result["promoted"] = decision.promote
-
-    if decision.promote:
-        with step(f"re-tokenizing {data.name} with {name} v{version} (promoted; rerun to resume)"):
-            result["store_url"] = _retokenize(config, client, tracking_uri, data, version, run_id)
-    return _finish(result, "promoted" if decision.promote else "kept", decision.reason)
-
-
-def _train(train_config) -> dict[str, Any]:
-    from jobs.train import train
-
-    return train(train_config)
-
-
-def _warm_start_ref(config, champion: str | None, tracking_uri: str) -> str | None:
-    """`models:/<name>/<champion version>` when warm-starting applies: a fixed version, so a
-    promotion by another run during training changes nothing. None when the champion's
-    architecture differs from `model` (a changed config trains from scratch, and says so)."""
-    if not (config.promotion.warm_start and champion):
-        return None
-    from models.serialization import build_model, load_model
-    from pipeline.model_ref import resolve_model
-
-    ref = f"models:/{config.registered_model}/{champion}"
-    with tempfile.TemporaryDirectory(prefix="tokenmill-champion-") as directory:
-        weights = load_model(resolve_model(ref, tracking_uri).materialize(directory)).state_dict()
-    fresh = build_model(config.model).state_dict()
-    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in fresh.items()}:
-        print(f"retrain: {ref} has another architecture than `model`; training the challenger from scratch",
-              file=sys.stderr)
-        return None
-    return ref
-
-
-def _retokenize(config, client, tracking_uri: str, data, version: str, run_id: str) -> str:
-    """Tokenize data version `data` with model `version` into its own store; resumable."""
-    from jobs.tokenize import tokenize_dataset
-    from pipeline import promotion
-    from pipeline.wds_io import join
-
-    name = config.registered_model
-    store = join(config.retokenize.out_prefix, f"{data.name}/{name}-v{version}")
-    promotion.record(client, name, version, run_id, {"store": store})
-    tokenize_dataset(f"models:/{name}/{version}", data.url, store, batch_size=config.retokenize.batch_size,
-                     actors=config.retokenize.actors, tracking_uri=tracking_uri,
-                     storage_options=config.data.storage_options)
-    promotion.record(client, name, version, run_id, {"store_complete": "true"})
-    return store
-
-
-def _already_decided(config, client, tracking_uri: str, data, record: dict[str, str], result: dict[str, Any]):
-    """A rerun for a decided data version does nothing, except finish the re-tokenization of a
-    promotion whose tokenize step failed."""
-    from pipeline.promotion import TAG
-
-    version = record["model_version"]
-    tags = client.get_model_version(config.registered_model, version).tags
-    result.update(model_version=version, promoted=False, store_url=tags.get(TAG + "store"))
-    reason = f"data version {data.name} was already decided: {record['decision']} version {version}; nothing to do"
-    if record["decision"] == "promoted" and tags.get(TAG + "store_complete") != "true":
-        with step(f"re-tokenizing {data.name} with {config.registered_model} v{version} (resumed)"):
-            result["store_url"] = _retokenize(config, client, tracking_uri, data, version, record["run_id"])
-        reason = f"data version {data.name} was already decided (promoted version {version}); finished its re-tokenization"
-    return _finish(result, "already-decided", reason)
-
-
-def _finish(result: dict[str, Any], decision: str, reason: str) -> dict[str, Any]:
-    result.update(decision=decision, reason=reason)
-    print(f"retrain {result['data_version']}: {decision}: {reason}")
-    if result["store_url"]:
-        print(f"  token store {result['store_url']}")
-    return result
 
 
 if __name__ == "__main__":

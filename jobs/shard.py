@@ -13,7 +13,6 @@ import json
 from typing import Any
 
 
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     from jobs.cli import add_json_option
 
@@ -43,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.config import validate
-    from pipeline.manifest import index_shards, manifest_url, write_manifest
-    from pipeline.shard_writer import ShardSettings, write_shards
+    from pipeline.shards.manifest import index_shards, manifest_url, write_manifest
+    from pipeline.shards.writer import ShardSettings, write_shards
 
     if args.src == "index":
         manifest, problems = index_shards(args.dest, args.storage_options, split=args.split,

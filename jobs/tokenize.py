@@ -3,7 +3,7 @@
 The driver resolves the model and the manifest, plans every input shard's row range, creates
 (or checks the lineage of) the store, then streams the unfinished shards through a Ray Data
 actor pool: one work unit = one input shard, each actor holds the model and writes its own rows
-and marker (`pipeline.shard_encoder`). Finally the driver merges the markers into the report
+and marker (`pipeline.tokens.encode_shard`). Finally the driver merges the markers into the report
 and codebook statistics. Killed anywhere, the same command resumes and ends with the same arrays.
 
 Also `python -m jobs.tokenize ...`.
@@ -12,19 +12,10 @@ Also `python -m jobs.tokenize ...`.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import sys
-import time
 from typing import Any
 
 from jobs.cli import add_json_option
-
-# Test hook, read by the driver and handed to the actors: "SHARD_INDEX:FLAG_FILE" makes the actor
-# encoding that shard die once, after its rows are written and before its marker (the worst
-# moment); FLAG_FILE records that it happened, so Ray's retry of the shard succeeds.
-CRASH_ENV = "TOKENMILL_TEST_CRASH_SHARD"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.tokenize import tokenize_dataset
+
     summary = tokenize_dataset(
         args.model, args.data, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
         latents=args.latents, actors=args.actors, tracking_uri=args.tracking_uri,
@@ -51,164 +44,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{summary['encoded_now']} now at {summary['img_per_s']:.0f} img/s (start-up {summary['startup_s']:.1f} s), "
           f"{summary['skipped_shards']} shards already done", file=sys.stderr)
     return summary
-
-
-def tokenize_dataset(
-    model_ref: str, shards_url: str, store_url: str, *, batch_size: int = 256, overwrite: bool = False,
-    latents: bool = False, actors: int | None = None, tracking_uri: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Tokenize every shard listed by `shards_url`'s manifest into the store at `store_url`.
-    Returns the summary (samples, corrupt, splits, codebook stats, img/s, lineage)."""
-    from models.errors import UserError
-    from pipeline.model_ref import resolve_model
-    from pipeline.token_encoder import TokenEncoder
-    from pipeline.token_layout import plan_layout
-    from pipeline.token_store import TokenStore, tokenmill_version
-
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    options = dict(storage_options or {})
-    files = resolve_model(model_ref, tracking_uri, options)
-    shards, manifest_sha = _manifest_shards(shards_url, options)
-    encoder = TokenEncoder(files, latents)  # on the driver only to learn the arrays' shapes
-    layout = plan_layout([(s["url"], s["split"], s["count"]) for s in shards],
-                         max(spec.row_bytes for spec in encoder.specs))
-    lineage = {
-        "model_uri": files.uri, "model_version": files.version, "weights_sha256": files.weights_sha256,
-        "model_class": encoder.meta["class"], "model_config": encoder.meta["config"],
-        "mode": "latents" if latents else "codes",
-        "codebook_size": getattr(encoder.model, "codebook_size", None) if not latents else None,
-        "token_shape": [list(s.row_shape) for s in encoder.specs],
-        "transform": encoder.transform.model_dump(mode="json"),
-        "manifest_sha256": manifest_sha, "data": shards_url, "tokenmill_version": tokenmill_version(),
-    }
-    store = TokenStore(store_url, options)
-    store.prepare(lineage, layout, encoder.specs, overwrite)
-    done = store.finished()
-    pending = [s for s in layout.shards if s.index not in done]
-    started = time.time()
-    encoded, first_unit = _run_actors(pending, store, layout.shard_rows, files, latents, batch_size, options, actors)
-    seconds = time.time() - started
-    summary = store.finalize(layout, encoder.specs)
-    return {
-        **summary, "store": store_url, "lineage": lineage, "encoded_now": encoded, "seconds": seconds,
-        "img_per_s": encoded / seconds if seconds > 0 else 0.0,
-        # Actor start (process, imports, model load) until the first shard began: a fixed cost per job.
-        "startup_s": max(0.0, first_unit - started),
-        "skipped_shards": len(done), "input_shards": len(layout.shards),
-    }
-
-
-def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
-    """Manifest shard entries with absolute URLs (indexing and writing the manifest when it is
-    missing) and a hash of what decides the store's contents."""
-    from models.errors import UserError
-    from pipeline.manifest import index_shards, manifest_url, read_manifest, write_manifest
-    from pipeline.wds_io import join
-
-    manifest = read_manifest(shards_url, options)
-    if manifest is None:
-        manifest, _ = index_shards(shards_url, options)
-        write_manifest(shards_url, manifest, options)
-    if not manifest["shards"]:
-        raise UserError(f"{manifest_url(shards_url)} lists no shards")
-    folder = manifest_url(shards_url).rsplit("/", 1)[0]
-    identity = [[s["url"], s["split"], s["count"], s["sha256"]] for s in manifest["shards"]]
-    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
-    return [dict(s, url=join(folder, s["url"])) for s in manifest["shards"]], digest
-
-
-def _run_actors(pending, store, shard_rows, files, latents, batch_size, options, actors) -> tuple[int, float]:
-    """Encode `pending` input shards on a Ray Data actor pool; returns the samples encoded and
-    the wall-clock time the first shard began."""
-    if not pending:
-        return 0, time.time()
-    import ray
-    import torch
-    from tqdm import tqdm
-
-    from jobs.ray_setup import ensure_ray, quiet_ray_data_logs
-
-    ensure_ray()
-    # The bar below reports progress; Ray Data's own bars and per-run INFO lines would repeat it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    quiet_ray_data_logs()
-    gpus = 1 if torch.cuda.is_available() else 0
-    if actors is None:
-        actors = _default_actors(gpus)
-    actors = max(1, min(actors, len(pending)))
-    items = [{"shard": json.dumps(s.__dict__)} for s in pending]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardEncoderActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1, num_gpus=gpus,
-        fn_constructor_kwargs=dict(
-            files_ref=[ray.put(files)], store_url=store.url, shard_rows=shard_rows, latents=latents,
-            batch_size=batch_size, storage_options=options, crash_spec=os.environ.get(CRASH_ENV),
-        ),
-    )
-    encoded, first_unit = 0, float("inf")
-    with tqdm(total=len(pending), desc="tokenize", unit="shard", file=sys.stderr) as bar:
-        for row in ds.iter_rows():
-            encoded += int(row["rows"])
-            first_unit = min(first_unit, float(row["started"]))
-            bar.update(1)
-    return encoded, first_unit
-
-
-def _default_actors(gpus: int) -> int:
-    """One actor per GPU, else per CPU. On the local instance `ensure_ray` declares more logical
-    CPUs than the machine has (so training workers and data tasks fit); an actor per logical CPU
-    there over-subscribes the cores (4 actors on 2 cores: ~30% slower than 2, plus two more torch
-    start-ups), so count the cores this process may run on instead."""
-    import ray
-
-    if gpus:
-        return int(ray.cluster_resources().get("GPU", 1))
-    logical = int(ray.cluster_resources().get("CPU", 1))
-    if os.environ.get("RAY_ADDRESS"):
-        return logical
-    return max(1, min(logical, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-class ShardEncoderActor:
-    """A Ray Data actor: loads the model once, then encodes one input shard per call."""
-
-    def __init__(self, files_ref, store_url, shard_rows, latents, batch_size, storage_options, crash_spec):
-        import ray
-        import torch
-
-        from pipeline.token_encoder import TokenEncoder
-        from pipeline.token_store import TokenStore
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":  # one intra-op thread per CPU Ray gave this actor; no oversubscription
-            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.encoder = TokenEncoder(ray.get(files_ref[0]), latents, device)
-        self.store = TokenStore(store_url, storage_options)
-        self.shard_rows, self.batch_size, self.options = shard_rows, batch_size, storage_options
-        self.before_marker = _crash_hook(crash_spec) if crash_spec else None
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.shard_encoder import encode_shard
-        from pipeline.token_layout import ShardRows
-
-        started = time.time()
-        shard = ShardRows(**json.loads(batch["shard"][0]))
-        result = encode_shard(shard, self.store, self.shard_rows, self.encoder, self.batch_size, self.options,
-                              before_marker=self.before_marker)
-        return {"shard": [shard.index], "rows": [result["rows"]], "started": [started]}
-
-
-def _crash_hook(spec: str):
-    index, flag = spec.split(":", 1)
-
-    def die_once(shard) -> None:
-        if shard.index == int(index) and not os.path.exists(flag):
-            open(flag, "w").close()
-            os._exit(1)
-
-    return die_once
 
 
 if __name__ == "__main__":

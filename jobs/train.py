@@ -8,16 +8,10 @@ then export the final model (config.json + safetensors) and register it in MLflo
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
 from jobs.cli import add_config_options, add_json_option
-
-# Environment the driver forwards to training workers: fault injection (tests) and S3 endpoint.
-FORWARDED_ENV = ("TOKENMILL_FAIL_AT_STEP", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,98 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.train_config import load_train_config
+    from pipeline.training.config import load_train_config
+    from pipeline.training.trainer import train
 
     config = load_train_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
-    return train(config)
-
-
-def train(config) -> dict[str, Any]:
-    import ray.data
-
-    from jobs.ray_setup import ensure_ray
-    from pipeline import tracking
-    from pipeline.config import to_plain
-    from pipeline.train_data import TRAIN_COLUMNS, resolve_training_data
-
-    run_dir = config.run.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = resolve_training_data(config)  # missing / empty shards fail here, before Ray work
-    tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, run_dir)
-    tracking.require_reachable(tracking_uri)
-    run_id = tracking.get_or_create_run(
-        tracking_uri, config.tracking.experiment, config.run.name,
-        tags={"tokenmill.data_manifest_sha256": data.manifest_sha256, "tokenmill.git_commit": tracking.git_commit(),
-              "tokenmill.model_kind": config.model.kind},
-        run_dir=run_dir,
-    )
-    tracking.log_params_once(tracking_uri, run_id, tracking.flatten(to_plain(config)))
-
-    ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
-    streams = data.open_streams()
-    datasets = {name: stream.dataset.select_columns(TRAIN_COLUMNS) for name, stream in streams.items()}
-    trainer = build_trainer(config, datasets, tracking_uri, run_id, streams["train"].epoch_clock)
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-
-    model_dir = run_dir / "model"
-    with result.checkpoint.as_directory() as directory:
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(Path(directory) / "model", model_dir)
-    registered_name = config.tracking.registered_model or config.run.name
-    version = tracking.register_model_dir(
-        tracking_uri, run_id, model_dir, registered_name,
-        tags={"tokenmill.data_manifest_sha256": data.manifest_sha256, "tokenmill.step": str(result.metrics["step"])},
-    )
-    summary = {
-        "run_name": config.run.name,
-        "final_metrics": result.metrics,
-        "checkpoint": result.checkpoint.path,
-        "model_dir": str(model_dir.resolve()),
-        "mlflow_tracking_uri": tracking_uri,
-        "mlflow_run_id": run_id,
-        "registered_model": registered_name,
-        "model_version": version,
-        "model_uri": f"models:/{registered_name}/{version}",
-        "skipped_samples": {name: stream.report() for name, stream in streams.items()},
-    }
+    summary = train(config)
     _print_summary(summary)
     return summary
-
-
-def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: str, epoch_clock=None):
-    """The TorchTrainer that runs `train_loop_per_worker` for `config` over `datasets`
-    ({"train", "val"} Ray Datasets with `image` and `label` columns); `epoch_clock` is the train
-    stream's EpochClock, which the workers set before every pass."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from jobs.train_worker import train_loop_per_worker
-    from pipeline.config import to_plain
-
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "epoch_clock": epoch_clock},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.run.name,  # fixed name + storage path: a rerun resumes from the latest checkpoint
-            storage_path=config.run.resolved_storage_path(),
-            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}},
-        ),
-        datasets=datasets,
-        # Equal split of the training stream so ranks never see unequal batch counts (DDP hang);
-        # validation is read whole by every rank, which evaluates every world_size-th batch.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

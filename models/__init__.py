@@ -3,9 +3,12 @@
 Importing `models` registers every model class for `build_model` / `load_model`.
 """
 
+from models import (  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, HierarchicalVAE
+    hvae,
+    vae,
+    vqvae,  # noqa: E402,F401  registers VQVAE, VQVAE2
+)
 from models.errors import UserError
 from models.serialization import build_model, load_model, register_model, save_model
-from models import hvae, vae  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, HierarchicalVAE
-from models import vqvae  # noqa: E402,F401  registers VQVAE, VQVAE2
 
 __all__ = ["UserError", "build_model", "load_model", "register_model", "save_model"]

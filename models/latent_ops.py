@@ -1,7 +1,7 @@
 """Latent-space operations for single-latent VAEs (GaussianVAE, ConditionalVAE).
 
 Codes are posterior means (B, L). Paths and arithmetic act on codes; `decode` and `make_grid`
-turn them back into image tensors; `pipeline.images.save_png_grid` writes them as PNG.
+turn them back into image tensors; `pipeline.grids.save_png_grid` writes them as PNG.
 """
 
 from __future__ import annotations

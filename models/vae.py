@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.gaussian import kl_standard_normal, log_normal, log_standard_normal, reparameterize

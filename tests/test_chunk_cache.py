@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.chunk_cache import ChunkCache
+from pipeline.tokens.chunk_cache import ChunkCache
 
 CHUNK_ROWS = 8
 

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from conftest import free_port
-from pipeline.shard_writer import ShardSettings, write_shards
+
+from pipeline.shards.writer import ShardSettings, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,11 +16,12 @@ import mlflow
 import pytest
 
 from jobs.cli import main as cli_main
-from pipeline import promotion, registry_lock
-from pipeline.data_versions import newest_version
-from pipeline.manifest import read_manifest, write_manifest
-from pipeline.retrain_config import load_retrain_config
-from pipeline.shard_writer import ShardSettings, write_shards
+from pipeline.registry import lock as registry_lock
+from pipeline.registry import promotion
+from pipeline.registry.config import load_retrain_config
+from pipeline.shards.manifest import read_manifest, write_manifest
+from pipeline.shards.versions import newest_version
+from pipeline.shards.writer import ShardSettings, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "debug_retrain_vqvae.yaml")
@@ -84,7 +85,7 @@ def first(world) -> dict:
 
 
 def test_first_retrain_promotes_and_retokenizes(world, first):
-    from pipeline.token_store import TokenStore
+    from pipeline.tokens.store import TokenStore
 
     version = first["model_version"]
     assert first["promoted"] is True and first["decision"] == "promoted"
@@ -155,13 +156,13 @@ def test_two_concurrent_runs_promote_at_most_once(ray_local, mlflow_server, digi
     front of it), so both pass the first "already decided?" check before either can decide. One
     promotes; the other finds the data version decided once it holds the lock. (The two trainings
     take turns only to keep a 2-core test machine responsive; the race is at the lock.)"""
-    import jobs.retrain
+    import pipeline.registry.retrain as retrain_flow
 
     setup = Setup(tmp_path, digits, mlflow_server, "retrain-race")
     setup.add_version("v001")
     config = load_retrain_config(CONFIG, setup.overrides("train.steps=3"))
     barrier, acquire = threading.Barrier(2, timeout=300), registry_lock.acquire
-    one_training, train = threading.Lock(), jobs.retrain._train
+    one_training, train = threading.Lock(), retrain_flow._train
 
     def acquire_together(*args, **kwargs):
         barrier.wait()
@@ -172,12 +173,12 @@ def test_two_concurrent_runs_promote_at_most_once(ray_local, mlflow_server, digi
             return train(train_config)
 
     monkeypatch.setattr(registry_lock, "acquire", acquire_together)
-    monkeypatch.setattr(jobs.retrain, "_train", train_in_turn)
+    monkeypatch.setattr(retrain_flow, "_train", train_in_turn)
     results, errors = [], []
 
     def one_run():
         try:
-            results.append(jobs.retrain.retrain(config))
+            results.append(retrain_flow.retrain(config))
         except BaseException as err:  # noqa: BLE001 - reported by the assertion below
             errors.append(err)
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline.shard_writer as shard_writer
+import pipeline.shards.writer as shard_writer
 from jobs.cli import main
-from pipeline.manifest import index_shards, read_manifest, scan_shard, shard_urls, shards_for_split
-from pipeline.shard_writer import ShardSettings, split_of, write_shards
+from pipeline.shards.manifest import read_manifest, scan_shard, shard_urls, shards_for_split
+from pipeline.shards.writer import ShardSettings, split_of, write_shards
 
 
 def make_folder(root, n_per_class=9, classes=("cat", "dog", "emu")):

@@ -11,10 +11,10 @@ import ray
 from PIL import Image
 
 from models.errors import UserError
-from pipeline.decode import TransformConfig
-from pipeline.manifest import shard_urls
-from pipeline.shard_writer import ShardSettings, write_shards
-from pipeline.stream import EPOCH_CLOCK, StreamConfig, check_shards, open_stream, to_model_input
+from pipeline.shards.images import TransformConfig
+from pipeline.shards.manifest import shard_urls
+from pipeline.shards.stream import EPOCH_CLOCK, StreamConfig, check_shards, open_stream, to_model_input
+from pipeline.shards.writer import ShardSettings, write_shards
 
 
 def write_tar(path, members):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
+from tokenize_helpers import array_bytes, build_store
 
 from models.errors import UserError
-from pipeline import codebook_stats
-from pipeline.token_layout import plan_layout
-from pipeline.token_store import ArraySpec, TokenStore, describe_store
-from tokenize_helpers import array_bytes, build_store
+from pipeline.tokens import codebook_stats
+from pipeline.tokens.layout import plan_layout
+from pipeline.tokens.store import ArraySpec, TokenStore, describe_store
 
 SPECS = [ArraySpec("codes", (2, 2), "uint16", 50)]
 
@@ -48,7 +48,7 @@ def _write(store, layout, shard, codes, keys):
 
 
 def test_rewriting_a_region_after_a_killed_attempt_is_byte_identical(tmp_path, monkeypatch):
-    import pipeline.token_layout as token_layout
+    import pipeline.tokens.layout as token_layout
 
     # 4-row chunks, 8-row Zarr shards: a 20-sample input shard spans three Zarr shards.
     monkeypatch.setattr(token_layout, "TARGET_CHUNK_BYTES", 4 * 8)

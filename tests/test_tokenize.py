@@ -4,7 +4,6 @@ corrupt members, s3:// against moto, lineage refusal, codes that decode to recon
 from __future__ import annotations
 
 import json
-
 import os
 import signal
 import subprocess
@@ -16,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from tokenize_helpers import array_bytes, images, make_vae, make_vqvae, plant_corrupt, write_shards
 
 from models.errors import UserError
-from tokenize_helpers import array_bytes, images, make_vae, make_vqvae, plant_corrupt, write_shards
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +36,7 @@ def data(tmp_path_factory, ray_local):
 @pytest.fixture(scope="module")
 def reference(data):
     """An uninterrupted run: what every interrupted run must equal byte for byte."""
-    from jobs.tokenize import tokenize_dataset
+    from pipeline.tokenize import tokenize_dataset
 
     store = data["root"] / "reference.zarr"
     summary = tokenize_dataset(data["model"], data["shards"], str(store), batch_size=4, actors=2)
@@ -77,7 +76,7 @@ def test_store_is_plain_zarr_and_decodes_to_reconstructions(data, reference):
 
 
 def test_rerun_of_a_finished_store_encodes_nothing(data, reference):
-    from jobs.tokenize import tokenize_dataset
+    from pipeline.tokenize import tokenize_dataset
 
     before = array_bytes(reference["store"])
     summary = tokenize_dataset(data["model"], data["shards"], str(reference["store"]), batch_size=4)
@@ -100,7 +99,7 @@ def test_inspect_prints_shape_dtype_lineage_and_codebook_stats(data, reference, 
 
 
 def test_store_from_another_model_is_refused(data, reference, tmp_path):
-    from jobs.tokenize import tokenize_dataset
+    from pipeline.tokenize import tokenize_dataset
 
     other = make_vqvae(tmp_path / "other", seed=1)
     with pytest.raises(UserError, match=r"was made by .*model.*this run uses .*other.*--overwrite"):
@@ -142,7 +141,7 @@ def test_killing_the_driver_twice_then_rerunning_gives_identical_arrays(data, re
 
 
 def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, reference, tmp_path, monkeypatch):
-    from jobs.tokenize import CRASH_ENV, tokenize_dataset
+    from pipeline.tokenize import CRASH_ENV, tokenize_dataset
 
     flag = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ENV, f"2:{flag}")
@@ -153,7 +152,7 @@ def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, 
 
 
 def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):
-    from jobs.tokenize import tokenize_dataset
+    from pipeline.tokenize import tokenize_dataset
 
     options = s3_server["storage_options"]
     shards = write_shards(f"{s3_bucket}/shards", tmp_path / "source", n=N, storage_options=options)
@@ -171,8 +170,8 @@ def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):
 
 
 def test_latents_for_vae_models(data, tmp_path):
-    from jobs.tokenize import tokenize_dataset
     from models import load_model
+    from pipeline.tokenize import tokenize_dataset
 
     model_dir = make_vae(tmp_path / "vae")
     store = tmp_path / "latents.zarr"
@@ -204,8 +203,8 @@ def test_model_references_resolve_to_the_same_weights(tmp_path, mlflow_server, m
     import fsspec
     import mlflow
 
-    from pipeline import tracking
-    from pipeline.model_ref import resolve_model
+    from pipeline.registry import tracking
+    from pipeline.registry.model_ref import resolve_model
 
     globals_ = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     for variable in globals_:

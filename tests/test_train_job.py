@@ -12,7 +12,7 @@ import mlflow
 import pytest
 
 from jobs.cli import main as cli_main
-from pipeline.shard_writer import ShardSettings, write_shards
+from pipeline.shards.writer import ShardSettings, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = str(REPO / "configs" / "debug_vqvae.yaml")
@@ -94,10 +94,10 @@ def test_every_epoch_sets_the_train_streams_epoch_clock(ray_local, tmp_path):
     import numpy as np
     import ray
 
-    from jobs.train import build_trainer
-    from pipeline import tracking
-    from pipeline.train_config import load_train_config
-    from pipeline.train_data import TRAIN_COLUMNS, resolve_training_data
+    from pipeline.registry import tracking
+    from pipeline.training.config import load_train_config
+    from pipeline.training.data import TRAIN_COLUMNS, resolve_training_data
+    from pipeline.training.trainer import build_trainer
 
     np.save(tmp_path / "images.npy", np.random.default_rng(0).integers(0, 256, (96, 16, 16), dtype=np.uint8))
     write_shards(str(tmp_path / "images.npy"), str(tmp_path / "shards"), ShardSettings(maxcount=8), progress=False)

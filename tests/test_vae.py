@@ -9,7 +9,7 @@ from PIL import Image
 from models.evaluation import importance_weighted_nll
 from models.latent_ops import apply_attribute, attribute_vector, encode, interpolate, lerp, make_grid, slerp
 from models.vae import ConditionalVAE, CVAEConfig, GaussianVAE, VAEConfig
-from pipeline.images import save_png_grid
+from pipeline.grids import save_png_grid
 
 
 def images(n: int = 6, size: int = 16) -> torch.Tensor:

@@ -51,8 +51,8 @@ def images(n: int, seed: int = 0) -> np.ndarray:
 def write_shards(dest: str, source_dir: Path, n: int = 46, storage_options: dict | None = None) -> str:
     """Shards written by the project's shard writer from an .npy source (labels = index % 10):
     train shards of 9, 9, 9, 9, <9 and a smaller val shard, i.e. uneven sizes."""
-    from pipeline.shard_writer import ShardSettings
-    from pipeline.shard_writer import write_shards as write
+    from pipeline.shards.writer import ShardSettings
+    from pipeline.shards.writer import write_shards as write
 
     source_dir.mkdir(parents=True, exist_ok=True)
     np.save(source_dir / "images.npy", images(n))
@@ -100,9 +100,9 @@ def build_store(url: str, counts: list[int], splits: list[str], levels: int = 1,
     """A finished token store written through the store API alone (no model, no Ray): input
     shard i has counts[i] good samples with random codes, keys "s{i}-{j}", labels j % 7.
     Returns (layout, specs, codes per level in item order)."""
-    from pipeline import codebook_stats
-    from pipeline.token_layout import plan_layout
-    from pipeline.token_store import ArraySpec, TokenStore
+    from pipeline.tokens import codebook_stats
+    from pipeline.tokens.layout import plan_layout
+    from pipeline.tokens.store import ArraySpec, TokenStore
 
     rng = np.random.default_rng(seed)
     shapes = [(2, 2), (4, 4)][:levels]

@@ -2,7 +2,7 @@
 
 Both read the same WebDataset shards of 32x32 RGB JPEGs and produce uint8 batches
 (B, 32, 32, 3): the baseline iterates `webdataset.WebDataset` and decodes each image with PIL in
-this process; the Ray path is `pipeline.stream.open_stream` (one task per shard, robust decode,
+this process; the Ray path is `pipeline.shards.stream.open_stream` (one task per shard, robust decode,
 numpy batches) iterated with `iter_batches`. The Ray path is measured for each `--cpus` value
 (Ray restarted with that many CPUs) after one warm-up pass that starts the workers; the
 baseline is re-measured right before each Ray run and the ratio uses that pair.
@@ -41,8 +41,8 @@ def make_shards(folder: str, images: int, shards: int) -> list[str]:
     """`images` smooth random 32x32 RGB images as JPEG shards under `folder`; their URLs."""
     import numpy as np
 
-    from pipeline.manifest import shard_urls
-    from pipeline.shard_writer import ShardSettings, write_shards
+    from pipeline.shards.manifest import shard_urls
+    from pipeline.shards.writer import ShardSettings, write_shards
 
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, size=(images, 4, 4, 3), dtype=np.uint8)
@@ -73,8 +73,8 @@ def ray_stream(urls: list[str], num_cpus: int) -> tuple[int, float]:
     """(images, seconds) through open_stream with Ray limited to `num_cpus`, after a warm-up."""
     import ray
 
-    from pipeline.decode import TransformConfig
-    from pipeline.stream import StreamConfig, open_stream
+    from pipeline.shards.images import TransformConfig
+    from pipeline.shards.stream import StreamConfig, open_stream
 
     config = StreamConfig(transform=TransformConfig(size=32, channels=3, resize="resize"), shuffle=False,
                           ordered=False)

@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def benchmark(root: Path, n: int, batch_size: int, actors: int | None) -> dict[str, Any]:
     import torch
 
-    from jobs.ray_setup import ensure_ray
-    from jobs.tokenize import tokenize_dataset
+    from pipeline.ray_runtime import ensure_ray
+    from pipeline.tokenize import tokenize_dataset
 
     cpus = os.cpu_count() or 1
     actors = actors or cpus
@@ -140,7 +140,7 @@ def _images(n: int, seed: int):
 def _make_shards(root: Path, name: str, n: int) -> str:
     import numpy as np
 
-    from pipeline.shard_writer import ShardSettings, write_shards
+    from pipeline.shards.writer import ShardSettings, write_shards
 
     dest = root / f"shards-{name}"
     if not (dest / "manifest.json").exists():
@@ -271,7 +271,7 @@ def _read_ratio(store: Path, batch: int = 256, batches: int = 400) -> dict[str, 
     import numpy as np
     import torch
 
-    from pipeline.token_dataset import TokenDataset
+    from pipeline.tokens.dataset import TokenDataset
 
     dataset = TokenDataset(str(store), split=None)
     codes = np.concatenate([dataset.batch(np.arange(i, min(i + 4096, len(dataset))))["tokens"].numpy()

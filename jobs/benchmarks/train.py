@@ -6,7 +6,7 @@ uint8 images. The plain loop is `models.training.TrainStep` in this process on s
 of an in-memory tensor, converted per batch like the stream does (`to_model_input`), with torch
 on all CPUs; it runs right before and right after the 1-worker Ray run, and the mean of the two
 is the baseline (load that drifts during the run hits both sides alike). The Ray runs are our
-job's worker loop (`jobs.train_worker.train_loop_per_worker`) under a TorchTrainer fed a
+job's worker loop (`pipeline.training.loop.train_loop_per_worker`) under a TorchTrainer fed a
 materialized Ray Dataset of the same arrays: 1 worker with all CPUs, then 2 workers with half
 each (the worker sets torch's threads to its CPUs). Validation and the checkpoint happen
 once, at the end; MLflow writes to a temporary SQLite file. Every number is training-only
@@ -45,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from jobs.ray_setup import ensure_ray
-    from pipeline.sources import load_builtin
-    from pipeline.train_config import load_train_config
+    from pipeline.ray_runtime import ensure_ray
+    from pipeline.shards.sources import load_builtin
+    from pipeline.training.config import load_train_config
 
     cpus = os.cpu_count() or 1
     config = load_train_config(args.config, [*args.overrides, f"train.steps={args.steps}"])
@@ -82,7 +82,7 @@ def plain_img_per_s(config, images, labels, threads: int) -> float:
 
     from models.serialization import build_model
     from models.training import TrainStep
-    from pipeline.stream import to_model_input
+    from pipeline.shards.stream import to_model_input
 
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
@@ -123,9 +123,9 @@ def _ray_datasets(train, val) -> dict[str, Any]:
 def ray_img_per_s(args: argparse.Namespace, root: str, datasets: dict[str, Any], workers: int,
                   cpus_per_worker: int) -> float:
     """Our training job's TorchTrainer; its reported `img_per_s` (all ranks)."""
-    from jobs.train import build_trainer
-    from pipeline import tracking
-    from pipeline.train_config import load_train_config
+    from pipeline.registry import tracking
+    from pipeline.training.config import load_train_config
+    from pipeline.training.trainer import build_trainer
 
     steps = args.steps
     config = load_train_config(args.config, [

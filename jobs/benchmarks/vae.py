@@ -46,7 +46,7 @@ def mnist_tensors(split: str):
     """MNIST-5k `split` as float (N, 1, 32, 32) grey levels in [0, 1] and int64 labels (N,)."""
     import torch
 
-    from pipeline.sources import load_builtin
+    from pipeline.shards.sources import load_builtin
 
     data = load_builtin("builtin:mnist5k").split(split)
     x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255.0

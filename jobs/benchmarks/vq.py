@@ -79,7 +79,7 @@ def _models(seed: int):
 def _mnist(split: str):
     import torch
 
-    from pipeline.sources import load_builtin
+    from pipeline.shards.sources import load_builtin
 
     data = load_builtin("builtin:mnist5k").split(split)
     return torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255.0  # (N, 1, 32, 32)

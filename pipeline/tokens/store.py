@@ -29,8 +29,8 @@ import numpy as np
 import zarr
 
 from models.errors import UserError
-from pipeline import codebook_stats
-from pipeline.token_layout import Layout, ShardRows
+from pipeline.tokens import codebook_stats
+from pipeline.tokens.layout import Layout, ShardRows
 
 FORMAT_VERSION = 1
 MARKERS = "markers"

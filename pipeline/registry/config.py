@@ -24,9 +24,9 @@ import pydantic
 
 from models.serialization import model_class_for_kind
 from pipeline.config import ConfigError, StrictModel, load_config
-from pipeline.train_config import TrainJobConfig
+from pipeline.training.config import TrainJobConfig
 
-# The score each model family is judged by on the fixed validation shards (pipeline.validation).
+# The score each model family is judged by on the fixed validation shards (pipeline.training.validation).
 VQ_METRIC, VAE_METRIC = "val/psnr", "val/nll_nats"
 
 

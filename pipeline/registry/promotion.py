@@ -1,6 +1,6 @@
 """Champion vs challenger: score both on the fixed validation shards, decide, record, promote.
 
-Scores come from `pipeline.validation.evaluate` (the trainer's own validation code) run over the
+Scores come from `pipeline.training.validation.evaluate` (the trainer's own validation code) run over the
 fixed shards in manifest order, on a registered model version, so champion and challenger are
 measured by the same code on the same images: VQ family PSNR and codebook usage over the whole
 split, VAE family importance-weighted NLL with seeded samples. Deterministic for a given model.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from models.errors import UserError
-from pipeline.retrain_config import VAE_METRIC, VQ_METRIC, RetrainConfig
+from pipeline.registry.config import VAE_METRIC, VQ_METRIC, RetrainConfig
 
 TAG = "tokenmill.retrain."
 DECIDED = "tokenmill.decided/"
@@ -43,8 +43,8 @@ def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str,
     import torch
 
     from models.serialization import load_model
-    from pipeline import validation
-    from pipeline.model_ref import resolve_model
+    from pipeline.registry.model_ref import resolve_model
+    from pipeline.training import validation
 
     files = resolve_model(model_ref, tracking_uri, config.data.storage_options)
     with tempfile.TemporaryDirectory(prefix="tokenmill-score-") as directory:
@@ -56,8 +56,8 @@ def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str,
 
 def _validation_batches(config: RetrainConfig) -> Iterator[dict[str, Any]]:
     """The fixed split in manifest order, decoded as the trainer decodes validation data."""
-    from pipeline.manifest import shards_for_split
-    from pipeline.stream import StreamConfig, check_shards, iter_shard_batches
+    from pipeline.shards.manifest import shards_for_split
+    from pipeline.shards.stream import StreamConfig, check_shards, iter_shard_batches
 
     section, options = config.validation, config.data.storage_options
     urls = shards_for_split(section.shards, section.split, options)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from models.codebook_stats import code_counts, usage_and_perplexity
 from models.evaluation import log_weights
-from pipeline.stream import to_model_input
+from pipeline.shards.stream import to_model_input
 
 
 @torch.no_grad()

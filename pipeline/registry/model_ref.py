@@ -21,7 +21,7 @@ import fsspec
 
 from models.errors import UserError
 from models.serialization import CONFIG_FILE, WEIGHTS_FILE
-from pipeline import tracking
+from pipeline.registry import tracking
 
 _MLFLOW_PREFIXES = ("runs:/", "models:/")
 

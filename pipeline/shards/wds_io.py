@@ -16,11 +16,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import fsspec
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.decode import IMAGE_EXTENSIONS
-from pipeline.tar_reader import TarFormatError, iter_files
+from pipeline.shards.images import IMAGE_EXTENSIONS
+from pipeline.shards.tar_reader import TarFormatError, iter_files
 
 
 @dataclass
@@ -47,19 +46,6 @@ class Sample:
 class TarDamage:
     reason: str  # "empty tar", "not a tar archive: ...", "truncated tar: ..."
     key: str = ""  # the sample being read when the damage was hit (dropped), if any
-
-
-def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) of an fsspec URL; `storage_options` go to the filesystem."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, path
-
-
-def join(base: str, name: str) -> str:
-    """`base/name` for URLs and local paths alike (a URL already absolute is returned as is)."""
-    if "://" in name or name.startswith("/"):
-        return name
-    return posixpath.join(base.rstrip("/"), name)
 
 
 def iter_samples(fileobj) -> Iterator[Sample | TarDamage]:

@@ -14,12 +14,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline import codebook_stats
-from pipeline.decode import DecodeError, TransformConfig, decode_image
-from pipeline.token_encoder import TokenEncoder
-from pipeline.token_layout import ShardRows
-from pipeline.token_store import TokenStore
-from pipeline.wds_io import TarDamage, filesystem, iter_samples
+from pipeline.shards.images import DecodeError, TransformConfig, decode_image
+from pipeline.shards.wds_io import TarDamage, iter_samples
+from pipeline.storage import filesystem
+from pipeline.tokens import codebook_stats
+from pipeline.tokens.encoder import TokenEncoder
+from pipeline.tokens.layout import ShardRows
+from pipeline.tokens.store import TokenStore
 
 PREFETCH_BATCHES = 2
 

@@ -8,7 +8,7 @@ Vocabulary: codes [0, K), then BOS = K, then class tokens K + bos + label (label
 
 Reads are whole chunks: when the split's tokens fit in `cache_bytes` they are read once (whole
 Zarr shards, the fastest path) into one array; otherwise an LRU cache of inner chunks
-(`pipeline.chunk_cache`) serves random access. Nothing is read at construction beyond the small
+(`pipeline.tokens.chunk_cache`) serves random access. Nothing is read at construction beyond the small
 shard table and labels, and the cache is not pickled, so DataLoader workers each fill their own.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from models.errors import UserError
-from pipeline.chunk_cache import ChunkCache
-from pipeline.token_store import TokenStore
+from pipeline.tokens.chunk_cache import ChunkCache
+from pipeline.tokens.store import TokenStore
 
 
 class TokenDataset(torch.utils.data.Dataset):

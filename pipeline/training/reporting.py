@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from models.latent_ops import interpolate, make_grid
-from pipeline.stream import to_model_input
+from pipeline.shards.stream import to_model_input
 
 
 def say(line: str) -> None:

@@ -16,7 +16,7 @@ from models.schedules import KLSchedule
 from models.serialization import registered_models
 from models.training import OptimConfig
 from pipeline.config import StrictModel, load_config
-from pipeline.decode import TransformConfig
+from pipeline.shards.images import TransformConfig
 
 
 def _model_union() -> Any:

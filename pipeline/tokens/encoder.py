@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from models.errors import UserError
-from pipeline.decode import TransformConfig
-from pipeline.model_ref import ModelFiles
-from pipeline.token_store import ArraySpec, codes_dtype
+from pipeline.registry.model_ref import ModelFiles
+from pipeline.shards.images import TransformConfig
+from pipeline.tokens.store import ArraySpec, codes_dtype
 
 
 def model_transform(meta: dict[str, Any]) -> TransformConfig:

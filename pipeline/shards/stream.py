@@ -2,7 +2,7 @@
 
 Shared by the trainer and the tokenizer:
 
-    urls = shards_for_split("s3://bucket/mnist/", "train")       # pipeline.manifest
+    urls = shards_for_split("s3://bucket/mnist/", "train")       # pipeline.shards.manifest
     stream = open_stream(urls, StreamConfig(transform=TransformConfig(size=32, channels=1)), epoch=e)
     for batch in stream.dataset.iter_batches(batch_size=64):
         x, y = to_model_input(batch)                             # (B, C, H, W) float32 in [0, 1], (B,) int64
@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import pydantic
@@ -36,9 +36,13 @@ import ray
 
 from models.errors import UserError
 from pipeline.config import StrictModel
-from pipeline.decode import DecodeError, Draw, TransformConfig, decode_image
-from pipeline.manifest import read_manifest
-from pipeline.wds_io import TarDamage, filesystem, iter_samples
+from pipeline.shards.images import DecodeError, Draw, TransformConfig, decode_image
+from pipeline.shards.manifest import read_manifest
+from pipeline.shards.wds_io import TarDamage, iter_samples
+from pipeline.storage import filesystem
+
+if TYPE_CHECKING:
+    import torch
 
 
 class StreamConfig(StrictModel):

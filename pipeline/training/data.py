@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.manifest import read_manifest, shards_for_split
-from pipeline.sources import BUILTIN_SOURCES
-from pipeline.stream import EPOCH_CLOCK, ShardStream, StreamConfig, check_shards, open_stream
+from pipeline.shards.manifest import read_manifest, shards_for_split
+from pipeline.shards.sources import BUILTIN_SOURCES
+from pipeline.shards.stream import EPOCH_CLOCK, ShardStream, StreamConfig, check_shards, open_stream
 
 # Ray Train turns every column into a tensor: keep the numeric ones.
 TRAIN_COLUMNS = ["image", "label"]
@@ -42,7 +42,7 @@ class TrainingData:
 
 def materialize_builtin(source: str, root: str | Path) -> str:
     """Shard a built-in source once under `root/shards/<name>` (a rerun finds it complete)."""
-    from pipeline.shard_writer import write_shards
+    from pipeline.shards.writer import write_shards
 
     dest = Path(root).resolve() / "shards" / source.split(":", 1)[1]
     write_shards(source, str(dest), progress=False)

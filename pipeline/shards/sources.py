@@ -169,7 +169,7 @@ def _as_uint8(images: np.ndarray, src: str) -> np.ndarray:
 def _folder_source(src: str, class_from_subfolder: bool, storage_options: dict | None) -> ImageSource:
     import fsspec
 
-    from pipeline.decode import DecodeError, native_pixels
+    from pipeline.shards.images import DecodeError, native_pixels
 
     fs, root = fsspec.core.url_to_fs(src, **(storage_options or {}))
     if not fs.isdir(root):

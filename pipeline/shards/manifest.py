@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from models.errors import UserError
-from pipeline.decode import DecodeError, native_pixels
-from pipeline.wds_io import HashingReader, Sample, TarDamage, filesystem, iter_samples, join
+from pipeline.shards.images import DecodeError, native_pixels
+from pipeline.shards.wds_io import HashingReader, Sample, TarDamage, iter_samples
+from pipeline.storage import filesystem, join
 
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")

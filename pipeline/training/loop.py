@@ -22,15 +22,15 @@ import ray.train
 import ray.train.torch
 import torch
 
-from jobs.ray_setup import quiet_ray_data_logs
 from models.quantizers.collectives import distributed_collectives, set_collectives
 from models.serialization import build_model, load_model, save_model
 from models.training import TrainStep
-from pipeline import validation
-from pipeline.stream import to_model_input
-from pipeline.train_config import TrainJobConfig
-from pipeline.train_logging import RankZeroLogger, say
-from pipeline.train_state import TrainState, load_train_state, save_train_state
+from pipeline.ray_runtime import quiet_ray_data_logs
+from pipeline.shards.stream import to_model_input
+from pipeline.training import validation
+from pipeline.training.config import TrainJobConfig
+from pipeline.training.reporting import RankZeroLogger, say
+from pipeline.training.state import TrainState, load_train_state, save_train_state
 
 # Fault injection for the fault-tolerance test: the last rank raises once at this step, unless
 # the attempt was restored from a checkpoint.
@@ -169,7 +169,7 @@ def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank:
 def _load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str) -> None:
     """Copy the weights of model `ref` into `module` (strict: the architectures must match).
     Every rank resolves `ref` itself, so it works on nodes that never saw the driver's disk."""
-    from pipeline.model_ref import resolve_model
+    from pipeline.registry.model_ref import resolve_model
 
     with tempfile.TemporaryDirectory(prefix="tokenmill-init-") as directory:
         source = load_model(resolve_model(ref, tracking_uri).materialize(directory))

@@ -29,10 +29,11 @@ from PIL import Image
 
 from models.errors import UserError
 from pipeline.config import StrictModel
-from pipeline.decode import DecodeError, to_8bit
-from pipeline.manifest import SPLITS, ImageStats, read_manifest, write_manifest
-from pipeline.sources import ImageSource, open_source
-from pipeline.wds_io import HashingWriter, filesystem, join
+from pipeline.shards.images import DecodeError, to_8bit
+from pipeline.shards.manifest import SPLITS, ImageStats, read_manifest, write_manifest
+from pipeline.shards.sources import ImageSource, open_source
+from pipeline.shards.wds_io import HashingWriter
+from pipeline.storage import filesystem, join
 
 
 class ShardSettings(StrictModel):

@@ -1,0 +1,101 @@
+"""Driver side of training: validate the config and the data before Ray starts, create (or
+find, when resuming) the MLflow run, start Ray Train's TorchTrainer over the streamed shards,
+then export the final model (config.json + safetensors) and register it in MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+# Environment the driver forwards to training workers: fault injection (tests) and S3 endpoint.
+FORWARDED_ENV = ("TOKENMILL_FAIL_AT_STEP", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def train(config) -> dict[str, Any]:
+    import ray.data
+
+    from pipeline.config import to_plain
+    from pipeline.ray_runtime import ensure_ray
+    from pipeline.registry import tracking
+    from pipeline.training.data import TRAIN_COLUMNS, resolve_training_data
+
+    run_dir = config.run.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = resolve_training_data(config)  # missing / empty shards fail here, before Ray work
+    tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, run_dir)
+    tracking.require_reachable(tracking_uri)
+    run_id = tracking.get_or_create_run(
+        tracking_uri, config.tracking.experiment, config.run.name,
+        tags={"tokenmill.data_manifest_sha256": data.manifest_sha256, "tokenmill.git_commit": tracking.git_commit(),
+              "tokenmill.model_kind": config.model.kind},
+        run_dir=run_dir,
+    )
+    tracking.log_params_once(tracking_uri, run_id, tracking.flatten(to_plain(config)))
+
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
+    streams = data.open_streams()
+    datasets = {name: stream.dataset.select_columns(TRAIN_COLUMNS) for name, stream in streams.items()}
+    trainer = build_trainer(config, datasets, tracking_uri, run_id, streams["train"].epoch_clock)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+
+    model_dir = run_dir / "model"
+    with result.checkpoint.as_directory() as directory:
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(Path(directory) / "model", model_dir)
+    registered_name = config.tracking.registered_model or config.run.name
+    version = tracking.register_model_dir(
+        tracking_uri, run_id, model_dir, registered_name,
+        tags={"tokenmill.data_manifest_sha256": data.manifest_sha256, "tokenmill.step": str(result.metrics["step"])},
+    )
+    summary = {
+        "run_name": config.run.name,
+        "final_metrics": result.metrics,
+        "checkpoint": result.checkpoint.path,
+        "model_dir": str(model_dir.resolve()),
+        "mlflow_tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+        "registered_model": registered_name,
+        "model_version": version,
+        "model_uri": f"models:/{registered_name}/{version}",
+        "skipped_samples": {name: stream.report() for name, stream in streams.items()},
+    }
+    return summary
+
+
+def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: str, epoch_clock=None):
+    """The TorchTrainer that runs `train_loop_per_worker` for `config` over `datasets`
+    ({"train", "val"} Ray Datasets with `image` and `label` columns); `epoch_clock` is the train
+    stream's EpochClock, which the workers set before every pass."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.config import to_plain
+    from pipeline.training.loop import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "epoch_clock": epoch_clock},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,  # fixed name + storage path: a rerun resumes from the latest checkpoint
+            storage_path=config.run.resolved_storage_path(),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}},
+        ),
+        datasets=datasets,
+        # Equal split of the training stream so ranks never see unequal batch counts (DDP hang);
+        # validation is read whole by every rank, which evaluates every world_size-th batch.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
