@@ -99,7 +99,8 @@ def test_bench_vq_smoke(monkeypatch):
     from jobs.benchmarks import vq
 
     # Random digits-sized images: the smoke test checks the run and its JSON, not MNIST loading.
-    monkeypatch.setattr(vq, "_mnist", lambda split: torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    images = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(vq, "mnist_tensors", lambda split: (images, torch.zeros(64, dtype=torch.int64)))
     args = argparse.Namespace(steps=3, warmup=1, batch_size=8, lr=1e-3, seed=0, val_images=20)
     result = json.loads(json.dumps(vq.run(args)))
     for name in ("ours", "peer"):

@@ -39,18 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def make_shards(folder: str, images: int, shards: int) -> list[str]:
     """`images` smooth random 32x32 RGB images as JPEG shards under `folder`; their URLs."""
-    import numpy as np
-
     from pipeline.shards.manifest import shard_urls
-    from pipeline.shards.writer import ShardSettings, write_shards
+    from pipeline.shards.synthetic import smooth_images, write_image_shards
 
-    rng = np.random.default_rng(0)
-    coarse = rng.integers(0, 256, size=(images, 4, 4, 3), dtype=np.uint8)
-    pixels = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)  # (N, 32, 32, 3) blocky, JPEG-friendly
-    np.save(f"{folder}/images.npy", pixels)
-    settings = ShardSettings(image_format="jpg", maxcount=-(-images // shards), val_fraction=0.0)
-    write_shards(f"{folder}/images.npy", f"{folder}/shards", settings, progress=False)
-    return shard_urls(f"{folder}/shards")
+    dest = write_image_shards(smooth_images(images, seed=0), folder, "images", "jpg", maxcount=-(-images // shards))
+    return shard_urls(dest)
 
 
 def baseline(urls: list[str]) -> tuple[int, float]:

@@ -60,12 +60,14 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None) -> dict[s
     import torch
 
     from pipeline.ray_runtime import ensure_ray
+    from pipeline.shards.synthetic import smooth_images, write_image_shards
     from pipeline.tokenize import tokenize_dataset
 
     cpus = os.cpu_count() or 1
     actors = actors or cpus
     model = _make_model(root / "model")
-    small, large = _make_shards(root, "small", n), _make_shards(root, "large", 4 * n)
+    small, large = (write_image_shards(smooth_images(count, seed=count, noise=True), root, name)
+                    for name, count in (("small", n), ("large", 4 * n)))
 
     # The machine's speed drifts (shared hosts: up to 2x over minutes), so every run is compared
     # with the compute limit measured right before and right after it, in the same conditions:
@@ -126,28 +128,6 @@ def _make_model(path: Path) -> Path:
                               quantizer=QuantizerConfig(codebook_size=512)))
     model.train()(torch.rand(512, 3, 32, 32))  # k-means initialisation: codes in use, as after training
     return save_model(model.eval(), path)
-
-
-def _images(n: int, seed: int):
-    """(n, 32, 32, 3) uint8: smooth random colour fields (PNG-compressible like real photos)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
-    return np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2) // 2 + rng.integers(0, 64, (n, 32, 32, 3), dtype=np.uint8)
-
-
-def _make_shards(root: Path, name: str, n: int) -> str:
-    import numpy as np
-
-    from pipeline.shards.writer import ShardSettings, write_shards
-
-    dest = root / f"shards-{name}"
-    if not (dest / "manifest.json").exists():
-        np.save(root / f"{name}.npy", _images(n, seed=n))
-        write_shards(str(root / f"{name}.npy"), str(dest), ShardSettings(maxcount=2500, val_fraction=0.0),
-                     progress=False)
-    return str(dest)
 
 
 class ComputeLimit:

@@ -42,17 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def mnist_tensors(split: str):
-    """MNIST-5k `split` as float (N, 1, 32, 32) grey levels in [0, 1] and int64 labels (N,)."""
-    import torch
-
-    from pipeline.shards.sources import load_builtin
-
-    data = load_builtin("builtin:mnist5k").split(split)
-    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255.0
-    return x, torch.from_numpy(data.labels)
-
-
 def binarize_fixed(x, seed: int):
     """One fixed Bernoulli draw (the test set must not change between evaluations)."""
     import torch
@@ -102,6 +91,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from models.training import OptimConfig
 
     torch.set_num_threads(args.threads)
+    from pipeline.shards.synthetic import mnist_tensors
+
     x_train, _ = mnist_tensors("train")
     x_test = binarize_fixed(mnist_tensors("test")[0], args.seed)
     result: dict[str, Any] = {"budget_s": args.budget_s, "k": args.k, "threads": args.threads}

