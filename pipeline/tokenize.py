@@ -11,7 +11,6 @@ imports Ray.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -41,7 +40,7 @@ def tokenize_dataset(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     options = dict(storage_options or {})
     files = resolve_model(model_ref, tracking_uri, options)
-    shards, manifest_sha = _manifest_shards(shards_url, options)
+    shards, identity = _manifest_shards(shards_url, options)
     encoder = TokenEncoder(files, latents)  # on the driver only to learn the arrays' shapes
     layout = plan_layout([(s["url"], s["split"], s["count"]) for s in shards],
                          max(spec.row_bytes for spec in encoder.specs))
@@ -52,7 +51,7 @@ def tokenize_dataset(
         "codebook_size": getattr(encoder.model, "codebook_size", None) if not latents else None,
         "token_shape": [list(s.row_shape) for s in encoder.specs],
         "transform": encoder.transform.model_dump(mode="json"),
-        "manifest_sha256": manifest_sha, "data": shards_url, "tokenmill_version": tokenmill_version(),
+        "manifest_identity": identity, "data": shards_url, "tokenmill_version": tokenmill_version(),
     }
     store = TokenStore(store_url, options)
     store.prepare(lineage, layout, encoder.specs, overwrite)
@@ -73,9 +72,9 @@ def tokenize_dataset(
 
 def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     """Manifest shard entries with absolute URLs (indexing and writing the manifest when it is
-    missing) and a hash of what decides the store's contents."""
+    missing) and the manifest's identity, which decides the store's contents."""
     from models.errors import UserError
-    from pipeline.shards.manifest import index_shards, manifest_url, read_manifest, write_manifest
+    from pipeline.shards.manifest import index_shards, manifest_identity, manifest_url, read_manifest, write_manifest
     from pipeline.storage import join
 
     manifest = read_manifest(shards_url, options)
@@ -85,9 +84,7 @@ def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dic
     if not manifest["shards"]:
         raise UserError(f"{manifest_url(shards_url)} lists no shards")
     folder = manifest_url(shards_url).rsplit("/", 1)[0]
-    identity = [[s["url"], s["split"], s["count"], s["sha256"]] for s in manifest["shards"]]
-    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
-    return [dict(s, url=join(folder, s["url"])) for s in manifest["shards"]], digest
+    return [dict(s, url=join(folder, s["url"])) for s in manifest["shards"]], manifest_identity(manifest)
 
 
 def _run_actors(pending, store, shard_rows, files, latents, batch_size, options, actors) -> tuple[int, float]:

@@ -61,13 +61,15 @@ def test_ddp_run_survives_a_worker_failure(faulty_run):
     assert (Path(summary["model_dir"]) / "model.safetensors").is_file()
 
 
-def test_loss_falls_and_server_has_params_metrics_images_model(faulty_run, mlflow_server):
+def test_loss_falls_and_server_has_params_metrics_images_model(faulty_run, mlflow_server, digits_shards):
+    from pipeline.shards.manifest import manifest_identity, read_manifest
+
     _, summary = faulty_run
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["model.kind"] == "vqvae"
     assert run.data.params["train.steps"] == "12"
-    assert "tokenmill.data_manifest_sha256" in run.data.tags
+    assert run.data.tags["tokenmill.data_manifest_identity"] == manifest_identity(read_manifest(digits_shards))
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert {"val/psnr", "val/usage"} <= set(run.data.metrics)

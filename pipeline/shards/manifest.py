@@ -15,6 +15,7 @@ Shard `url`s are relative to the manifest's folder (absolute URLs are allowed to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -134,6 +135,14 @@ def write_manifest(folder: str, manifest: dict[str, Any], storage_options: dict 
     temp = f"{path}.{uuid.uuid4().hex}.tmp"
     fs.pipe_file(temp, (json.dumps(finalize(manifest), indent=1) + "\n").encode())
     fs.mv(temp, path)
+
+
+def manifest_identity(manifest: dict[str, Any]) -> str:
+    """The sha256 that names a dataset's contents: each listed shard's url, split, count and
+    sha256, in manifest order. Totals, statistics and settings are left out (derived or
+    descriptive), so a rewritten manifest of the same shards keeps its identity."""
+    identity = [[s["url"], s["split"], s["count"], s["sha256"]] for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 def shard_urls(url: str, split: str | None = None, storage_options: dict | None = None) -> list[str]:
