@@ -17,11 +17,6 @@ import sys
 import time
 from typing import Any
 
-# Test hook, read by the driver and handed to the actors: "SHARD_INDEX:FLAG_FILE" makes the actor
-# encoding that shard die once, after its rows are written and before its marker (the worst
-# moment); FLAG_FILE records that it happened, so Ray's retry of the shard succeeds.
-CRASH_ENV = "TOKENMILL_TEST_CRASH_SHARD"
-
 
 def tokenize_dataset(
     model_ref: str, shards_url: str, store_url: str, *, batch_size: int = 256, overwrite: bool = False,
@@ -96,6 +91,7 @@ def _run_actors(pending, store, shard_rows, files, latents, batch_size, options,
     import torch
     from tqdm import tqdm
 
+    from pipeline import faults
     from pipeline.ray_runtime import ensure_ray, quiet_ray_data_logs
 
     ensure_ray()
@@ -107,13 +103,15 @@ def _run_actors(pending, store, shard_rows, files, latents, batch_size, options,
         actors = _default_actors(gpus)
     actors = max(1, min(actors, len(pending)))
     items = [{"shard": json.dumps(s.__dict__)} for s in pending]
+    fault_env = faults.env_vars()  # tests: actors do not inherit this process's environment
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardEncoderActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=gpus,
         fn_constructor_kwargs=dict(
             files_ref=[ray.put(files)], store_url=store.url, shard_rows=shard_rows, latents=latents,
-            batch_size=batch_size, storage_options=options, crash_spec=os.environ.get(CRASH_ENV),
+            batch_size=batch_size, storage_options=options,
         ),
+        **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}),
     )
     encoded, first_unit = 0, float("inf")
     with tqdm(total=len(pending), desc="tokenize", unit="shard", file=sys.stderr) as bar:
@@ -142,7 +140,7 @@ def _default_actors(gpus: int) -> int:
 class ShardEncoderActor:
     """A Ray Data actor: loads the model once, then encodes one input shard per call."""
 
-    def __init__(self, files_ref, store_url, shard_rows, latents, batch_size, storage_options, crash_spec):
+    def __init__(self, files_ref, store_url, shard_rows, latents, batch_size, storage_options):
         import ray
         import torch
 
@@ -155,7 +153,6 @@ class ShardEncoderActor:
         self.encoder = TokenEncoder(ray.get(files_ref[0]), latents, device)
         self.store = TokenStore(store_url, storage_options)
         self.shard_rows, self.batch_size, self.options = shard_rows, batch_size, storage_options
-        self.before_marker = _crash_hook(crash_spec) if crash_spec else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from pipeline.tokens.encode_shard import encode_shard
@@ -163,17 +160,5 @@ class ShardEncoderActor:
 
         started = time.time()
         shard = ShardRows(**json.loads(batch["shard"][0]))
-        result = encode_shard(shard, self.store, self.shard_rows, self.encoder, self.batch_size, self.options,
-                              before_marker=self.before_marker)
+        result = encode_shard(shard, self.store, self.shard_rows, self.encoder, self.batch_size, self.options)
         return {"shard": [shard.index], "rows": [result["rows"]], "started": [started]}
-
-
-def _crash_hook(spec: str):
-    index, flag = spec.split(":", 1)
-
-    def die_once(shard) -> None:
-        if shard.index == int(index) and not os.path.exists(flag):
-            open(flag, "w").close()
-            os._exit(1)
-
-    return die_once

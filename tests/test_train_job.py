@@ -37,10 +37,13 @@ def train(tmp_path: Path, shards: str, *overrides: str) -> dict:
 @pytest.fixture(scope="module")
 def faulty_run(ray_local, mlflow_server, digits_shards, tmp_path_factory, monkeypatch_module):
     """12 steps, checkpoints every 3; the last rank raises at step 7 once; tracked on the server."""
+    from pipeline import faults
+
     root = tmp_path_factory.mktemp("faulty-run")
-    monkeypatch_module.setenv("TOKENMILL_FAIL_AT_STEP", "7")
+    monkeypatch_module.setenv(faults.ENV, f"train.step,step=7,rank=1,once={root / 'failed-once'}")
     summary = train(root, digits_shards, f"tracking.tracking_uri={mlflow_server}", "run.name=faulty")
-    monkeypatch_module.delenv("TOKENMILL_FAIL_AT_STEP")
+    monkeypatch_module.delenv(faults.ENV)
+    assert (root / "failed-once").exists()  # the failure really happened
     return root, summary
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline import faults
 from pipeline.shards.images import TransformConfig
 from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
 from pipeline.tokens import codebook_stats
@@ -69,10 +70,10 @@ def prefetch(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterato
 
 def encode_shard(
     shard: ShardRows, store: TokenStore, shard_rows: int, encoder: TokenEncoder, batch_size: int,
-    storage_options: dict[str, Any], before_marker: Callable[[ShardRows], None] | None = None,
+    storage_options: dict[str, Any],
 ) -> dict[str, Any]:
     """Encode every good sample of `shard` into its rows, then write its marker; returns the
-    marker's content. `before_marker` lets tests die between the two."""
+    marker's content."""
     source = DecodedShard(shard.url, encoder.transform, batch_size, storage_options)
     counts = {s.name: np.zeros(s.codebook_size, dtype=np.int64) for s in encoder.specs if s.codebook_size}
     writer = store.writer(shard, shard_rows, encoder.specs)
@@ -86,7 +87,6 @@ def encode_shard(
         "corrupt": source.corrupt,
         "code_counts": {name: codebook_stats.to_sparse(c) for name, c in counts.items()},
     }
-    if before_marker is not None:
-        before_marker(shard)
+    faults.hit("tokenize.before_marker", shard=shard.index)  # tests: die at the worst moment
     store.write_marker(shard, result)
     return result

@@ -10,8 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline import faults
+
 # Environment the driver forwards to training workers: fault injection (tests) and S3 endpoint.
-FORWARDED_ENV = ("TOKENMILL_FAIL_AT_STEP", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def train(config) -> dict[str, Any]:
