@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -50,7 +51,7 @@ class StreamConfig(StrictModel):
     shuffle: bool = True  # shard order per epoch + a sample buffer per shard, seeded
     shuffle_buffer: int = pydantic.Field(1000, ge=0)  # decoded samples; 0 keeps shard order inside a shard
     seed: int = 0
-    batch_rows: int = pydantic.Field(512, ge=1)  # samples decoded per call, rows per output block
+    batch_rows: int = pydantic.Field(512, ge=1)  # rows per output block
     ordered: bool = True  # deterministic row order (Ray Data preserve_order)
 
 
@@ -85,9 +86,10 @@ def check_shards(urls: list[str], storage_options: dict | None = None) -> None:
 def _has_image(url: str, storage_options: dict | None) -> bool:
     """Whether the shard at `url` has an image member (reads only up to the first one, without
     decoding it); True for damaged tars, which the stream reports instead."""
-    for item in read_shard(url, None, storage_options):
-        if not isinstance(item, ShardError) or item.reason != NO_IMAGE:
-            return True
+    with closing(read_shard(url, None, storage_options)) as items:  # closes the file on an early return
+        for item in items:
+            if not isinstance(item, ShardError) or item.reason != NO_IMAGE:
+                return True
     return False
 
 
