@@ -31,48 +31,20 @@ def _is_shards(url: str, storage_options: dict | None) -> bool:
 def inspect_shards(url: str, args: argparse.Namespace) -> dict[str, Any]:
     """Counts, splits, formats and image statistics; with --verify every shard is re-read:
     sha256 and count against the manifest, every member decoded, problems listed by key."""
-    from pipeline.shards.manifest import finalize, index_shards, manifest_url, read_manifest, scan_shard
-    from pipeline.storage import join
+    from pipeline.shards.verify import inspect_shards as describe
 
-    options = args.storage_options
-    if url.endswith(".tar"):
-        folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
-        listed = {s["url"]: s for s in (read_manifest(folder, options) or {"shards": []})["shards"]}
-        scan = scan_shard(url, options)
-        scan.entry["url"] = name
-        manifest, problems = finalize(dict(shards=[listed.get(name, scan.entry)])), scan.problems
-    else:
-        folder = url.rsplit("/", 1)[0] if url.endswith(".json") else url
-        manifest, problems = read_manifest(url, options), []
-        if manifest is None:  # a folder of shards without a manifest: scan them
-            manifest, problems = index_shards(url, options, progress=False)
-    result = dict(target=url, manifest=manifest_url(folder) if not url.endswith(".tar") else None,
-                  shards=len(manifest["shards"]), samples=manifest["samples"], splits=manifest["splits"],
-                  formats=manifest["formats"], image_stats=manifest["image_stats"])
+    result = describe(url, args.storage_options, args.verify)
     print(f"{url}: {result['shards']} shards, {result['samples']} samples")
-    for split, s in manifest["splits"].items():
+    for split, s in result["splits"].items():
         print(f"  {split}: {s['samples']} samples in {s['shards']} shards")
-    stats = manifest["image_stats"]
-    print(f"  formats {manifest['formats']}; size h {stats['height']} w {stats['width']}; "
+    stats = result["image_stats"]
+    print(f"  formats {result['formats']}; size h {stats['height']} w {stats['width']}; "
           f"channels {stats['channels']}; mean {stats['mean']} std {stats['std']}")
     if args.verify:
-        if not problems:  # not scanned yet: re-read every shard the manifest lists
-            for shard in manifest["shards"]:
-                shard_url = url if url.endswith(".tar") else join(folder, shard["url"])
-                try:
-                    scan = scan_shard(shard_url, options, shard["split"])
-                except FileNotFoundError:
-                    problems.append(dict(shard=shard_url, key="", member="", reason="shard is missing"))
-                    continue
-                problems.extend(scan.problems)
-                for field in ("sha256", "count"):
-                    if scan.entry[field] != shard[field]:
-                        problems.append(dict(shard=shard_url, key="", member="", reason=(
-                            f"{field} {scan.entry[field]} differs from the manifest's {shard[field]}")))
-        result.update(verified=True, ok=not problems, problems=problems)
+        problems = result["problems"]
         print(f"  verify: {'OK' if not problems else f'{len(problems)} problems'}")
         for p in problems:
-            print(f"    {p['shard']} key={p['key'] or '-'} member={p['member'] or '-'}: {p['reason']}")
+            print(f"    {p['shard']} key={p['key'] or '-'}: {p['reason']}")
     return result
 
 

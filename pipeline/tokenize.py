@@ -11,17 +11,11 @@ imports Ray.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 import time
 from typing import Any
-
-# Test hook, read by the driver and handed to the actors: "SHARD_INDEX:FLAG_FILE" makes the actor
-# encoding that shard die once, after its rows are written and before its marker (the worst
-# moment); FLAG_FILE records that it happened, so Ray's retry of the shard succeeds.
-CRASH_ENV = "TOKENMILL_TEST_CRASH_SHARD"
 
 
 def tokenize_dataset(
@@ -41,7 +35,7 @@ def tokenize_dataset(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     options = dict(storage_options or {})
     files = resolve_model(model_ref, tracking_uri, options)
-    shards, manifest_sha = _manifest_shards(shards_url, options)
+    shards, identity = _manifest_shards(shards_url, options)
     encoder = TokenEncoder(files, latents)  # on the driver only to learn the arrays' shapes
     layout = plan_layout([(s["url"], s["split"], s["count"]) for s in shards],
                          max(spec.row_bytes for spec in encoder.specs))
@@ -52,7 +46,7 @@ def tokenize_dataset(
         "codebook_size": getattr(encoder.model, "codebook_size", None) if not latents else None,
         "token_shape": [list(s.row_shape) for s in encoder.specs],
         "transform": encoder.transform.model_dump(mode="json"),
-        "manifest_sha256": manifest_sha, "data": shards_url, "tokenmill_version": tokenmill_version(),
+        "manifest_identity": identity, "data": shards_url, "tokenmill_version": tokenmill_version(),
     }
     store = TokenStore(store_url, options)
     store.prepare(lineage, layout, encoder.specs, overwrite)
@@ -73,9 +67,9 @@ def tokenize_dataset(
 
 def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     """Manifest shard entries with absolute URLs (indexing and writing the manifest when it is
-    missing) and a hash of what decides the store's contents."""
+    missing) and the manifest's identity, which decides the store's contents."""
     from models.errors import UserError
-    from pipeline.shards.manifest import index_shards, manifest_url, read_manifest, write_manifest
+    from pipeline.shards.manifest import index_shards, manifest_identity, manifest_url, read_manifest, write_manifest
     from pipeline.storage import join
 
     manifest = read_manifest(shards_url, options)
@@ -85,9 +79,7 @@ def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dic
     if not manifest["shards"]:
         raise UserError(f"{manifest_url(shards_url)} lists no shards")
     folder = manifest_url(shards_url).rsplit("/", 1)[0]
-    identity = [[s["url"], s["split"], s["count"], s["sha256"]] for s in manifest["shards"]]
-    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
-    return [dict(s, url=join(folder, s["url"])) for s in manifest["shards"]], digest
+    return [dict(s, url=join(folder, s["url"])) for s in manifest["shards"]], manifest_identity(manifest)
 
 
 def _run_actors(pending, store, shard_rows, files, latents, batch_size, options, actors) -> tuple[int, float]:
@@ -99,6 +91,7 @@ def _run_actors(pending, store, shard_rows, files, latents, batch_size, options,
     import torch
     from tqdm import tqdm
 
+    from pipeline import faults
     from pipeline.ray_runtime import ensure_ray, quiet_ray_data_logs
 
     ensure_ray()
@@ -110,13 +103,15 @@ def _run_actors(pending, store, shard_rows, files, latents, batch_size, options,
         actors = _default_actors(gpus)
     actors = max(1, min(actors, len(pending)))
     items = [{"shard": json.dumps(s.__dict__)} for s in pending]
+    fault_env = faults.env_vars()  # tests: actors do not inherit this process's environment
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardEncoderActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=gpus,
         fn_constructor_kwargs=dict(
             files_ref=[ray.put(files)], store_url=store.url, shard_rows=shard_rows, latents=latents,
-            batch_size=batch_size, storage_options=options, crash_spec=os.environ.get(CRASH_ENV),
+            batch_size=batch_size, storage_options=options,
         ),
+        **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}),
     )
     encoded, first_unit = 0, float("inf")
     with tqdm(total=len(pending), desc="tokenize", unit="shard", file=sys.stderr) as bar:
@@ -145,7 +140,7 @@ def _default_actors(gpus: int) -> int:
 class ShardEncoderActor:
     """A Ray Data actor: loads the model once, then encodes one input shard per call."""
 
-    def __init__(self, files_ref, store_url, shard_rows, latents, batch_size, storage_options, crash_spec):
+    def __init__(self, files_ref, store_url, shard_rows, latents, batch_size, storage_options):
         import ray
         import torch
 
@@ -158,7 +153,6 @@ class ShardEncoderActor:
         self.encoder = TokenEncoder(ray.get(files_ref[0]), latents, device)
         self.store = TokenStore(store_url, storage_options)
         self.shard_rows, self.batch_size, self.options = shard_rows, batch_size, storage_options
-        self.before_marker = _crash_hook(crash_spec) if crash_spec else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from pipeline.tokens.encode_shard import encode_shard
@@ -166,17 +160,5 @@ class ShardEncoderActor:
 
         started = time.time()
         shard = ShardRows(**json.loads(batch["shard"][0]))
-        result = encode_shard(shard, self.store, self.shard_rows, self.encoder, self.batch_size, self.options,
-                              before_marker=self.before_marker)
+        result = encode_shard(shard, self.store, self.shard_rows, self.encoder, self.batch_size, self.options)
         return {"shard": [shard.index], "rows": [result["rows"]], "started": [started]}
-
-
-def _crash_hook(spec: str):
-    index, flag = spec.split(":", 1)
-
-    def die_once(shard) -> None:
-        if shard.index == int(index) and not os.path.exists(flag):
-            open(flag, "w").close()
-            os._exit(1)
-
-    return die_once

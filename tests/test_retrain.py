@@ -141,7 +141,7 @@ def test_challenger_that_does_not_win_keeps_the_champion(world, first):
 def test_failed_step_leaves_the_champion_untouched(world, first, monkeypatch, capsys):
     world.add_version("v003")
     champion_before = world.champion()
-    monkeypatch.setenv("TOKENMILL_FAIL_AT_STEP", "1")  # the training worker raises; max_failures is 0
+    monkeypatch.setenv("TOKENMILL_FAULTS", "train.step,step=1")  # the training worker raises; max_failures is 0
     code, decision = world.cli("promotion.margin=0")
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -12,7 +12,7 @@ from PIL import Image
 
 import pipeline.shards.writer as shard_writer
 from jobs.cli import main
-from pipeline.shards.manifest import read_manifest, scan_shard, shard_urls, shards_for_split
+from pipeline.shards.manifest import manifest_identity, read_manifest, scan_shard, shard_urls, shards_for_split
 from pipeline.shards.writer import ShardSettings, split_of, write_shards
 
 
@@ -138,6 +138,8 @@ def test_index_existing_shards_and_inspect_verify(tmp_path, capsys):
     assert [(s["url"], s["count"], s["sha256"]) for s in indexed["shards"]] == \
            [(s["url"], s["count"], s["sha256"]) for s in written["shards"]]
     assert indexed["formats"] == {"jpg": 12}
+    # Same shards, other settings and source: the same identity (what stores and runs record).
+    assert indexed["source"] != written["source"] and manifest_identity(indexed) == manifest_identity(written)
 
     # plant a corrupt JPEG and a sample with no image member in the first shard
     first = dest / indexed["shards"][0]["url"]

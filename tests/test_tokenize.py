@@ -141,10 +141,11 @@ def test_killing_the_driver_twice_then_rerunning_gives_identical_arrays(data, re
 
 
 def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, reference, tmp_path, monkeypatch):
-    from pipeline.tokenize import CRASH_ENV, tokenize_dataset
+    from pipeline import faults
+    from pipeline.tokenize import tokenize_dataset
 
     flag = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, f"2:{flag}")
+    monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,shard=2,action=exit,once={flag}")
     store = tmp_path / "actor-crash.zarr"
     tokenize_dataset(data["model"], data["shards"], str(store), batch_size=4, actors=2)
     assert flag.exists()  # the actor really died after writing shard 2's rows, before its marker

@@ -37,10 +37,13 @@ def train(tmp_path: Path, shards: str, *overrides: str) -> dict:
 @pytest.fixture(scope="module")
 def faulty_run(ray_local, mlflow_server, digits_shards, tmp_path_factory, monkeypatch_module):
     """12 steps, checkpoints every 3; the last rank raises at step 7 once; tracked on the server."""
+    from pipeline import faults
+
     root = tmp_path_factory.mktemp("faulty-run")
-    monkeypatch_module.setenv("TOKENMILL_FAIL_AT_STEP", "7")
+    monkeypatch_module.setenv(faults.ENV, f"train.step,step=7,rank=1,once={root / 'failed-once'}")
     summary = train(root, digits_shards, f"tracking.tracking_uri={mlflow_server}", "run.name=faulty")
-    monkeypatch_module.delenv("TOKENMILL_FAIL_AT_STEP")
+    monkeypatch_module.delenv(faults.ENV)
+    assert (root / "failed-once").exists()  # the failure really happened
     return root, summary
 
 
@@ -61,13 +64,15 @@ def test_ddp_run_survives_a_worker_failure(faulty_run):
     assert (Path(summary["model_dir"]) / "model.safetensors").is_file()
 
 
-def test_loss_falls_and_server_has_params_metrics_images_model(faulty_run, mlflow_server):
+def test_loss_falls_and_server_has_params_metrics_images_model(faulty_run, mlflow_server, digits_shards):
+    from pipeline.shards.manifest import manifest_identity, read_manifest
+
     _, summary = faulty_run
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["model.kind"] == "vqvae"
     assert run.data.params["train.steps"] == "12"
-    assert "tokenmill.data_manifest_sha256" in run.data.tags
+    assert run.data.tags["tokenmill.data_manifest_identity"] == manifest_identity(read_manifest(digits_shards))
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert {"val/psnr", "val/usage"} <= set(run.data.metrics)

@@ -19,6 +19,14 @@ import pydantic
 from PIL import Image
 
 from pipeline.config import StrictModel
+from pipeline.shards.problems import (
+    CORRUPT_IMAGE,
+    DECOMPRESSION_BOMB,
+    EMPTY_IMAGE,
+    NOT_AN_IMAGE,
+    TOO_MANY_PIXELS,
+    reason,
+)
 
 # Fast decoders for the common cases (Linux wheels); PIL handles everything else.
 try:
@@ -84,14 +92,14 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise DecodeError("decompression bomb: too many pixels") from None
+        raise DecodeError(reason(DECOMPRESSION_BOMB, "too many pixels")) from None
     except Exception as err:  # PIL raises many types for bad headers
-        raise DecodeError(f"not an image: {type(err).__name__}") from None
+        raise DecodeError(reason(NOT_AN_IMAGE, type(err).__name__)) from None
     width, height = image.size
     if width * height > max_pixels:
-        raise DecodeError(f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
+        raise DecodeError(reason(TOO_MANY_PIXELS, f"{width}x{height} > max_pixels={max_pixels}"))
     if width == 0 or height == 0:
-        raise DecodeError("empty image")
+        raise DecodeError(EMPTY_IMAGE)
     return image
 
 
@@ -134,7 +142,7 @@ def load_pixels(data: bytes, max_pixels: int, draft_size: int | None = None) -> 
     except DecodeError:
         raise
     except Exception as err:  # truncated or corrupt pixel data
-        raise DecodeError(f"corrupt image data: {type(err).__name__}: {err}"[:200]) from None
+        raise DecodeError(reason(CORRUPT_IMAGE, f"{type(err).__name__}: {err}")[:200]) from None
 
 
 def resize_crop(image: Image.Image, transform: TransformConfig, draw: Draw | None) -> Image.Image:

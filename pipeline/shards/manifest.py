@@ -15,17 +15,20 @@ Shard `url`s are relative to the manifest's folder (absolute URLs are allowed to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from models.errors import UserError
-from pipeline.shards.images import DecodeError, native_pixels
-from pipeline.shards.wds_io import HashingReader, Sample, TarDamage, iter_samples
+from pipeline.shards.images import native_pixels
+from pipeline.shards.problems import BAD_CLS, BAD_JSON, ShardError
+from pipeline.shards.reader import ShardSample, read_samples
+from pipeline.shards.wds_io import HashingReader
 from pipeline.storage import filesystem, join
 
 MANIFEST_NAME = "manifest.json"
@@ -134,6 +137,14 @@ def write_manifest(folder: str, manifest: dict[str, Any], storage_options: dict 
     fs.mv(temp, path)
 
 
+def manifest_identity(manifest: dict[str, Any]) -> str:
+    """The sha256 that names a dataset's contents: each listed shard's url, split, count and
+    sha256, in manifest order. Totals, statistics and settings are left out (derived or
+    descriptive), so a rewritten manifest of the same shards keeps its identity."""
+    identity = [[s["url"], s["split"], s["count"], s["sha256"]] for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
 def shard_urls(url: str, split: str | None = None, storage_options: dict | None = None) -> list[str]:
     """Absolute URLs of the shards a manifest lists (all, or one split), in manifest order."""
     manifest = read_manifest(url, storage_options)
@@ -159,36 +170,29 @@ def shards_for_split(manifest: str, split: str, storage_options: dict | None = N
 @dataclass
 class ShardScan:
     entry: dict[str, Any]  # a manifest shard entry (url as given)
-    problems: list[dict[str, str]]  # {"shard", "key", "member", "reason"}
+    problems: list[dict[str, str]]  # {"shard", "key", "reason"}
 
 
 def scan_shard(url: str, storage_options: dict | None = None, split: str = "train") -> ShardScan:
-    """Read one shard end to end: sha256 and bytes of the file, samples with an image, formats,
-    image statistics, and every member that does not decode (images fully, `cls` as an int,
-    `json` as JSON), a sample without an image, or damage to the tar itself."""
+    """Read one shard end to end: sha256 and bytes of the file, samples with an image (decodable
+    or not), formats, image statistics, and every sample whose image does not decode (at its
+    original size), whose `cls` is not an int or `json` not JSON, without an image, or damage."""
     fs, path = filesystem(url, storage_options)
     stats, formats, problems, keys = ImageStats(), {}, [], []
 
-    def problem(key: str, member: str, reason: str) -> None:
-        problems.append(dict(shard=url, key=key, member=member, reason=reason))
+    def decode(key: str, ext: str, data: bytes) -> np.ndarray:
+        keys.append(key)
+        formats[ext] = formats.get(ext, 0) + 1
+        return native_pixels(data, SCAN_MAX_PIXELS)
 
     with fs.open(path, "rb") as raw:
         reader = HashingReader(raw)
-        for item in iter_samples(reader):
-            if isinstance(item, TarDamage):
-                problem(item.key, "", item.reason)
+        for item in read_samples(reader, url, decode):
+            if isinstance(item, ShardError):
+                problems.append(item.as_dict())
                 continue
-            found = item.image_member()
-            if found is None:
-                problem(item.key, ",".join(sorted(item.members)), "no image member")
-                continue
-            keys.append(item.key)
-            formats[found[0]] = formats.get(found[0], 0) + 1
-            try:
-                stats.add(native_pixels(found[1], SCAN_MAX_PIXELS))
-            except DecodeError as err:
-                problem(item.key, found[0], str(err))
-            _check_metadata(item, problem)
+            stats.add(item.pixels)
+            problems.extend(e.as_dict() for e in _metadata_errors(url, item))
         reader.drain()
     entry = dict(url=url, split=split, count=len(keys), bytes=reader.bytes, sha256=reader.sha256.hexdigest(),
                  formats=formats, first_key=keys[0] if keys else "", last_key=keys[-1] if keys else "",
@@ -196,14 +200,14 @@ def scan_shard(url: str, storage_options: dict | None = None, split: str = "trai
     return ShardScan(entry, problems)
 
 
-def _check_metadata(sample: Sample, problem) -> None:
-    if "cls" in sample.members and sample.label() < 0:
-        problem(sample.key, "cls", "cls is not a non-negative integer")
+def _metadata_errors(url: str, sample: ShardSample) -> Iterator[ShardError]:
+    if "cls" in sample.members and sample.label < 0:
+        yield ShardError(url, sample.key, BAD_CLS)
     if "json" in sample.members:
         try:
             json.loads(sample.members["json"])
         except (ValueError, UnicodeDecodeError):
-            problem(sample.key, "json", "json member is not valid JSON")
+            yield ShardError(url, sample.key, BAD_JSON)
 
 
 def guess_split(name: str) -> str:

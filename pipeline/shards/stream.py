@@ -15,9 +15,8 @@ the training loop sets (from its checkpointed counter) before the pass begins.
 Rows: `image` uint8 (size, size, channels), `label` int64 (-1 if none), `key` str, `shard` str.
 
 The pipeline, per shard (one Ray task per shard, so a damaged shard costs only itself):
-    shard URL --fsspec open--> tar members --group by key--> samples (key, {ext: bytes})
-      --pick image member / cls--> raw samples --seeded buffer shuffle--> raw samples
-      --decode + transform, `batch_rows` at a time--> numpy batches
+    shard URL --pipeline.shards.reader (tar, group by key, decode + transform)--> decoded samples
+      --seeded buffer shuffle--> decoded samples --`batch_rows` at a time--> numpy batches
 Bad input never raises inside Ray: an undecodable sample, a sample without an image, an empty
 or damaged tar is skipped and recorded with its key and shard in a small `ErrorLog` actor
 (called only when there is something to record); `ShardStream.report()` reads it.
@@ -27,6 +26,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -36,9 +36,10 @@ import ray
 
 from models.errors import UserError
 from pipeline.config import StrictModel
-from pipeline.shards.images import DecodeError, Draw, TransformConfig, decode_image
+from pipeline.shards.images import TransformConfig
 from pipeline.shards.manifest import read_manifest
-from pipeline.shards.wds_io import TarDamage, iter_samples
+from pipeline.shards.problems import NO_IMAGE, ShardError, kind_of
+from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
 from pipeline.storage import filesystem
 
 if TYPE_CHECKING:
@@ -48,9 +49,9 @@ if TYPE_CHECKING:
 class StreamConfig(StrictModel):
     transform: TransformConfig = TransformConfig()
     shuffle: bool = True  # shard order per epoch + a sample buffer per shard, seeded
-    shuffle_buffer: int = pydantic.Field(1000, ge=0)  # samples; 0 keeps shard order inside a shard
+    shuffle_buffer: int = pydantic.Field(1000, ge=0)  # decoded samples; 0 keeps shard order inside a shard
     seed: int = 0
-    batch_rows: int = pydantic.Field(512, ge=1)  # samples decoded per call, rows per output block
+    batch_rows: int = pydantic.Field(512, ge=1)  # rows per output block
     ordered: bool = True  # deterministic row order (Ray Data preserve_order)
 
 
@@ -78,16 +79,16 @@ def check_shards(urls: list[str], storage_options: dict | None = None) -> None:
         if path not in listings[folder] and not fs.isfile(path):
             raise UserError(f"shard {url} does not exist")
         count = manifests[folder].get(name)
-        if count == 0 or (count is None and not _has_image(fs, path)):
+        if count == 0 or (count is None and not _has_image(url, storage_options)):
             raise UserError(f"shard {url} contains no images")
 
 
-def _has_image(fs, path: str) -> bool:
-    """Whether the tar at `path` has an image member (reads only up to the first one);
-    True for damaged tars, which the stream reports instead."""
-    with fs.open(path, "rb") as f:
-        for item in iter_samples(f):
-            if isinstance(item, TarDamage) or item.image_member() is not None:
+def _has_image(url: str, storage_options: dict | None) -> bool:
+    """Whether the shard at `url` has an image member (reads only up to the first one, without
+    decoding it); True for damaged tars, which the stream reports instead."""
+    with closing(read_shard(url, None, storage_options)) as items:  # closes the file on an early return
+        for item in items:
+            if not isinstance(item, ShardError) or item.reason != NO_IMAGE:
                 return True
     return False
 
@@ -128,56 +129,15 @@ def iter_shard_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Decoded batches of up to `config.batch_rows` rows from one shard; every skipped sample
     or damage is appended to `errors` as {"shard", "key", "reason"} before the batch after it."""
-    transform = config.transform
-    fs, path = filesystem(url, storage_options)
-
-    def raw_samples(f) -> Iterator[tuple[str, int, bytes]]:
-        for item in iter_samples(f):
-            if isinstance(item, TarDamage):
-                errors.append(dict(shard=url, key=item.key, reason=item.reason))
-                continue
-            found = item.image_member()
-            if found is None:
-                errors.append(dict(shard=url, key=item.key, reason=f"no image member ({', '.join(sorted(item.members))})"))
-                continue
-            yield item.key, item.label(), found[1]
-
-    with fs.open(path, "rb") as f:
-        samples = raw_samples(f)
-        # now: (key, label, image bytes) in archive order; damaged / image-less samples recorded
-        if config.shuffle and config.shuffle_buffer > 1:
-            samples = buffer_shuffle(samples, config.shuffle_buffer, random.Random(f"{config.seed}:{epoch}:{url}"))
-        # now: the same samples, locally shuffled under (seed, epoch, shard)
-        chunk: list[tuple[str, int, bytes]] = []
-        for sample in samples:
-            chunk.append(sample)
-            if len(chunk) == config.batch_rows:
-                yield _decode_chunk(chunk, url, transform, config.seed, epoch, errors)
-                chunk = []
-        if chunk:
-            yield _decode_chunk(chunk, url, transform, config.seed, epoch, errors)
-
-
-def _decode_chunk(chunk, url: str, transform: TransformConfig, seed: int, epoch: int,
-                  errors: list[dict[str, str]]) -> dict[str, np.ndarray]:
-    """Raw samples -> a batch: image (n, size, size, C) uint8, label (n,) int64, key, shard."""
-    random_draws = transform.hflip or transform.resize == "random-crop"
-    images, labels, keys = [], [], []
-    for key, label, data in chunk:
-        try:
-            images.append(decode_image(data, transform, Draw(seed, epoch, key) if random_draws else None))
-        except DecodeError as err:
-            errors.append(dict(shard=url, key=key, reason=str(err)))
-            continue
-        labels.append(label)
-        keys.append(key)
-    shape = (transform.size, transform.size, transform.channels)
-    return {
-        "image": np.stack(images) if images else np.zeros((0, *shape), np.uint8),
-        "label": np.asarray(labels, dtype=np.int64),
-        "key": np.asarray(keys, dtype=object),
-        "shard": np.full(len(keys), url, dtype=object),
-    }
+    decode = pixels_decoder(config.transform, config.seed, epoch)
+    samples = good_samples(read_shard(url, decode, storage_options), errors)
+    # now: decoded samples in archive order; damaged / image-less / undecodable samples in `errors`
+    if config.shuffle and config.shuffle_buffer > 1:
+        samples = buffer_shuffle(samples, config.shuffle_buffer, random.Random(f"{config.seed}:{epoch}:{url}"))
+    # now: the same samples, locally shuffled under (seed, epoch, shard)
+    for images, labels, keys in sample_batches(samples, config.batch_rows):
+        yield {"image": images, "label": labels, "key": np.asarray(keys, dtype=object),
+               "shard": np.full(len(keys), url, dtype=object)}
 
 
 # -- the Ray stream -----------------------------------------------------------------------------
@@ -249,7 +209,7 @@ class ShardStream:
     def report(self) -> dict[str, Any]:
         """{"skipped": n, "by_reason": {reason kind: n}, "errors": [...]} for job summaries."""
         errors = self.errors()
-        kinds = Counter(r["reason"].split(":")[0].split(" (")[0] for r in errors)
+        kinds = Counter(kind_of(r["reason"]) for r in errors)
         return dict(skipped=len(errors), by_reason=dict(sorted(kinds.items())), errors=errors)
 
 

@@ -10,13 +10,11 @@ says `"complete": false`) or without a manifest yet is not a version.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 
 from models.errors import UserError
-from pipeline.shards.manifest import read_manifest
+from pipeline.shards.manifest import manifest_identity, read_manifest
 from pipeline.storage import filesystem, join
 
 # Version names end up in MLflow tag keys and store URLs: keep them to a portable alphabet.
@@ -27,7 +25,7 @@ VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 class DataVersion:
     name: str
     url: str  # the shard folder, for `data.shards` and `tokenize --data`
-    manifest_sha256: str
+    manifest_identity: str  # pipeline.shards.manifest.manifest_identity
 
 
 def newest_version(prefix: str, storage_options: dict | None = None) -> DataVersion:
@@ -43,7 +41,6 @@ def newest_version(prefix: str, storage_options: dict | None = None) -> DataVers
         url = join(prefix, name)
         manifest = read_manifest(url, storage_options)
         if manifest is not None and manifest.get("complete", True) and manifest.get("shards"):
-            digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-            return DataVersion(name, url, digest)
+            return DataVersion(name, url, manifest_identity(manifest))
     raise UserError(f"no data version under {prefix}: expected sub-folders (e.g. 2025-06-01/) with a complete "
                     "manifest.json written by `tokenmill shard`")

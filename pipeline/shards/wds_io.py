@@ -1,10 +1,10 @@
 """Reading WebDataset tars sample by sample through fsspec, with damage reported, not raised.
 
-webdataset has no `s3://` handler and its error handlers sleep per error, so the stream, the
-indexer and `inspect --verify` all read shards here: `iter_samples(fileobj)` groups consecutive
-members by key exactly like webdataset (`base_plus_ext`: the key is the member name up to the
-first dot of its base name) and ends with a `TarDamage` item when the archive is empty or cut
-short, keeping every sample read before the damage.
+webdataset has no `s3://` handler and its error handlers sleep per error, so the shard reader
+(`pipeline.shards.reader`) reads tars here: `iter_samples(fileobj)` groups consecutive members
+by key exactly like webdataset (`base_plus_ext`: the key is the member name up to the first
+dot of its base name) and ends with a `TarDamage` item when the archive is empty or cut short,
+keeping every sample read before the damage.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Iterator
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.shards.images import IMAGE_EXTENSIONS
+from pipeline.shards.problems import EMPTY_TAR, NOT_A_TAR, TRUNCATED_TAR, reason
 from pipeline.shards.tar_reader import TarFormatError, iter_files
 
 
@@ -44,7 +45,7 @@ class Sample:
 
 @dataclass
 class TarDamage:
-    reason: str  # "empty tar", "not a tar archive: ...", "truncated tar: ..."
+    reason: str  # EMPTY_TAR, NOT_A_TAR: ..., TRUNCATED_TAR: ... (pipeline.shards.problems)
     key: str = ""  # the sample being read when the damage was hit (dropped), if any
 
 
@@ -65,13 +66,13 @@ def iter_samples(fileobj) -> Iterator[Sample | TarDamage]:
             current = current or Sample(key)
             current.members[ext.lower()] = data
     except (TarFormatError, EOFError, OSError, zlib.error, lzma.LZMAError) as err:
-        if str(err) == "empty tar":
-            reason = "empty tar"
+        if str(err) == EMPTY_TAR:
+            why = EMPTY_TAR
         elif members == 0:
-            reason = f"not a tar archive: {err}"
+            why = reason(NOT_A_TAR, err)
         else:
-            reason = f"truncated tar: {err}"
-        yield TarDamage(reason, current.key if current else "")
+            why = reason(TRUNCATED_TAR, err)
+        yield TarDamage(why, current.key if current else "")
         return
     if current is not None:
         yield current

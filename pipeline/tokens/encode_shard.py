@@ -10,13 +10,13 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.shards.images import DecodeError, TransformConfig, decode_image
-from pipeline.shards.wds_io import TarDamage, iter_samples
-from pipeline.storage import filesystem
+from pipeline import faults
+from pipeline.shards.images import TransformConfig
+from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
 from pipeline.tokens import codebook_stats
 from pipeline.tokens.encoder import TokenEncoder
 from pipeline.tokens.layout import ShardRows
@@ -34,7 +34,7 @@ class Batch:
 
 @dataclass
 class DecodedShard:
-    """Batches of one shard in tar order; `corrupt` holds {"key", "reason"} of skipped samples."""
+    """Batches of one shard in tar order; `corrupt` holds {"shard", "key", "reason"} of skipped samples."""
 
     url: str
     transform: TransformConfig
@@ -43,29 +43,9 @@ class DecodedShard:
     corrupt: list[dict[str, str]] = field(default_factory=list)
 
     def batches(self) -> Iterator[Batch]:
-        images, labels, keys = [], [], []
-        fs, path = filesystem(self.url, self.storage_options)
-        with fs.open(path, "rb") as raw:
-            for item in iter_samples(raw):
-                if isinstance(item, TarDamage):
-                    self.corrupt.append({"key": item.key, "reason": item.reason})
-                    continue
-                found = item.image_member()
-                if found is None:
-                    self.corrupt.append({"key": item.key, "reason": "no image member"})
-                    continue
-                try:
-                    images.append(decode_image(found[1], self.transform))
-                except DecodeError as err:
-                    self.corrupt.append({"key": item.key, "reason": str(err)})
-                    continue
-                labels.append(item.label())
-                keys.append(item.key)
-                if len(keys) == self.batch_size:
-                    yield Batch(np.stack(images), np.array(labels, dtype=np.int64), keys)
-                    images, labels, keys = [], [], []
-        if keys:
-            yield Batch(np.stack(images), np.array(labels, dtype=np.int64), keys)
+        items = read_shard(self.url, pixels_decoder(self.transform), self.storage_options)
+        for images, labels, keys in sample_batches(good_samples(items, self.corrupt), self.batch_size):
+            yield Batch(images, labels, keys)
 
 
 def prefetch(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterator[Batch]:
@@ -90,10 +70,10 @@ def prefetch(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterato
 
 def encode_shard(
     shard: ShardRows, store: TokenStore, shard_rows: int, encoder: TokenEncoder, batch_size: int,
-    storage_options: dict[str, Any], before_marker: Callable[[ShardRows], None] | None = None,
+    storage_options: dict[str, Any],
 ) -> dict[str, Any]:
     """Encode every good sample of `shard` into its rows, then write its marker; returns the
-    marker's content. `before_marker` lets tests die between the two."""
+    marker's content."""
     source = DecodedShard(shard.url, encoder.transform, batch_size, storage_options)
     counts = {s.name: np.zeros(s.codebook_size, dtype=np.int64) for s in encoder.specs if s.codebook_size}
     writer = store.writer(shard, shard_rows, encoder.specs)
@@ -107,7 +87,6 @@ def encode_shard(
         "corrupt": source.corrupt,
         "code_counts": {name: codebook_stats.to_sparse(c) for name, c in counts.items()},
     }
-    if before_marker is not None:
-        before_marker(shard)
+    faults.hit("tokenize.before_marker", shard=shard.index)  # tests: die at the worst moment
     store.write_marker(shard, result)
     return result

@@ -1,4 +1,4 @@
-"""The data a training run reads: shard URLs per split, the manifest hash, and the Ray Datasets.
+"""The data a training run reads: shard URLs per split, the manifest identity, and the Ray Datasets.
 
 Resolved on the driver before Ray work starts, so a missing manifest, a split without shards
 or a missing shard fails the job at once with the URL in the message.
@@ -7,13 +7,11 @@ A built-in source (`builtin:mnist5k`) is sharded once into `<run.root>/shards/<n
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.shards.manifest import read_manifest, shards_for_split
+from pipeline.shards.manifest import manifest_identity, read_manifest, shards_for_split
 from pipeline.shards.sources import BUILTIN_SOURCES
 from pipeline.shards.stream import EPOCH_CLOCK, ShardStream, StreamConfig, check_shards, open_stream
 
@@ -26,7 +24,7 @@ class TrainingData:
     shards_url: str
     train_urls: list[str]
     val_urls: list[str]
-    manifest_sha256: str
+    manifest_identity: str  # pipeline.shards.manifest.manifest_identity
     config: Any  # the job's DataSection
     seed: int
 
@@ -57,6 +55,5 @@ def resolve_training_data(config) -> TrainingData:
     train_urls = shards_for_split(url, data.train_split, data.storage_options)
     val_urls = shards_for_split(url, data.val_split, data.storage_options)
     check_shards(train_urls + val_urls, data.storage_options)
-    manifest = read_manifest(url, data.storage_options)
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    return TrainingData(url, train_urls, val_urls, digest, data, config.train.seed)
+    identity = manifest_identity(read_manifest(url, data.storage_options))
+    return TrainingData(url, train_urls, val_urls, identity, data, config.train.seed)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
 import tempfile
 import time
@@ -25,16 +24,13 @@ import torch
 from models.quantizers.collectives import distributed_collectives, set_collectives
 from models.serialization import build_model, load_model, save_model
 from models.training import TrainStep
+from pipeline import faults
 from pipeline.ray_runtime import quiet_ray_data_logs
 from pipeline.shards.stream import to_model_input
 from pipeline.training import validation
 from pipeline.training.config import TrainJobConfig
 from pipeline.training.reporting import RankZeroLogger, say
 from pipeline.training.state import TrainState, load_train_state, save_train_state
-
-# Fault injection for the fault-tolerance test: the last rank raises once at this step, unless
-# the attempt was restored from a checkpoint.
-FAIL_AT_STEP_ENV = "TOKENMILL_FAIL_AT_STEP"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -92,7 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.step += 1
             state.batch_in_epoch = batch_index + 1
             throughput.step_done()
-            _maybe_fail(state.step, rank == world_size - 1, resumed_from)
+            faults.hit("train.step", step=state.step, rank=rank)  # tests: a worker fails here
 
             if logger and state.step % config.train.log_every == 0:
                 logger.log_step(state.step, output, stats, throughput.img_per_s(),
@@ -181,8 +177,3 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
-def _maybe_fail(step: int, is_last_rank: bool, resumed_from: int) -> None:
-    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
-    if fail_at and is_last_rank and step == fail_at and resumed_from == 0:
-        raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")

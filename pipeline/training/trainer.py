@@ -10,8 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline import faults
+
 # Environment the driver forwards to training workers: fault injection (tests) and S3 endpoint.
-FORWARDED_ENV = ("TOKENMILL_FAIL_AT_STEP", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def train(config) -> dict[str, Any]:
@@ -29,7 +31,7 @@ def train(config) -> dict[str, Any]:
     tracking.require_reachable(tracking_uri)
     run_id = tracking.get_or_create_run(
         tracking_uri, config.tracking.experiment, config.run.name,
-        tags={"tokenmill.data_manifest_sha256": data.manifest_sha256, "tokenmill.git_commit": tracking.git_commit(),
+        tags={"tokenmill.data_manifest_identity": data.manifest_identity, "tokenmill.git_commit": tracking.git_commit(),
               "tokenmill.model_kind": config.model.kind},
         run_dir=run_dir,
     )
@@ -52,7 +54,7 @@ def train(config) -> dict[str, Any]:
     registered_name = config.tracking.registered_model or config.run.name
     version = tracking.register_model_dir(
         tracking_uri, run_id, model_dir, registered_name,
-        tags={"tokenmill.data_manifest_sha256": data.manifest_sha256, "tokenmill.step": str(result.metrics["step"])},
+        tags={"tokenmill.data_manifest_identity": data.manifest_identity, "tokenmill.step": str(result.metrics["step"])},
     )
     summary = {
         "run_name": config.run.name,

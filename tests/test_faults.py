@@ -1,0 +1,42 @@
+"""Fault injection: off unless TOKENMILL_FAULTS is set, fires only where its conditions hold,
+once per flag file, and a typo is an error, not a silently healthy run."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import faults
+
+
+def test_off_unless_the_variable_is_set(monkeypatch):
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.hit("train.step", step=7, rank=1)
+    assert faults.env_vars() == {}
+
+
+def test_fires_where_the_conditions_hold_and_once_per_flag(monkeypatch, tmp_path):
+    flag = tmp_path / "fired"
+    monkeypatch.setenv(faults.ENV, f"train.step,step=7,rank=1,once={flag}")
+    assert faults.env_vars() == {faults.ENV: f"train.step,step=7,rank=1,once={flag}"}
+    faults.hit("train.step", step=7, rank=0)
+    faults.hit("train.step", step=6, rank=1)
+    faults.hit("tokenize.before_marker", shard=7)
+    assert not flag.exists()
+    with pytest.raises(faults.InjectedFault, match="train.step"):
+        faults.hit("train.step", step=7, rank=1)
+    assert flag.exists()
+    faults.hit("train.step", step=7, rank=1)  # the retried attempt passes
+
+
+def test_without_once_it_fires_every_time(monkeypatch):
+    monkeypatch.setenv(faults.ENV, "tokenize.before_marker,shard=2")
+    for _ in range(2):
+        with pytest.raises(faults.InjectedFault):
+            faults.hit("tokenize.before_marker", shard=2)
+
+
+@pytest.mark.parametrize("spec", ["train.stpe,step=1", "train.step,shard=1", "train.step,step", "train.step,action=die"])
+def test_a_bad_spec_is_an_error(monkeypatch, spec):
+    monkeypatch.setenv(faults.ENV, spec)
+    with pytest.raises(ValueError, match=faults.ENV):
+        faults.hit("train.step", step=1, rank=0)
