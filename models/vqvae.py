@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.codebook_stats import code_counts, usage_and_perplexity
+from models.evaluation import psnr
 from models.layers import conv_decoder, conv_encoder, upsample
 from models.quantizers import Collectives, QuantizerConfig, build_quantizer, set_collectives
 from models.serialization import register_model
@@ -94,14 +95,14 @@ def _recon_metrics(x: Tensor, prediction: Tensor, vq_loss: Tensor) -> tuple[Tens
     pixels = x[0].numel()
     loss = pixels * (F.mse_loss(prediction.float(), x.float()) + vq_loss)
     mse = F.mse_loss(_to_image(prediction.detach()).float(), x.float())
-    metrics = {"mse": mse.detach(), "psnr": (-10 * torch.log10(mse.detach().clamp(min=1e-10))),
+    metrics = {"mse": mse.detach(), "psnr": psnr(mse.detach()),
                "vq_loss": vq_loss.detach(), "distortion": (pixels * mse).detach()}
     return loss, metrics
 
 
 def _code_metrics(indices: Tensor, quantizer: nn.Module, suffix: str = "") -> dict[str, Tensor]:
     usage, perplexity = usage_and_perplexity(code_counts(indices, quantizer.codebook_size, _stages(quantizer)))
-    return {f"usage{suffix}": usage, f"perplexity{suffix}": perplexity}
+    return {f"usage{suffix}": usage.float(), f"perplexity{suffix}": perplexity.float()}
 
 
 class _Tokenizer(nn.Module):

@@ -90,6 +90,7 @@ def _validate(model, x) -> dict[str, float]:
     import torch
 
     from models.codebook_stats import CodebookStats
+    from models.evaluation import psnr
 
     stats, squared_error = CodebookStats(CODEBOOK_SIZE), 0.0
     model.eval()
@@ -99,7 +100,7 @@ def _validate(model, x) -> dict[str, float]:
             stats.update(out.indices)
             squared_error += float((out.recon - batch).pow(2).sum())
     mse = squared_error / x.numel()
-    return {"val_usage": stats.usage, "val_perplexity": stats.perplexity, "val_psnr": -10 * torch.log10(torch.tensor(mse)).item()}
+    return {"val_usage": stats.usage, "val_perplexity": stats.perplexity, "val_psnr": psnr(torch.tensor(mse)).item()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
