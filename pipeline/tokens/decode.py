@@ -22,7 +22,6 @@ def decode_store(store_url: str, out: Path, start: int, stop: int, *, split: str
     from models.errors import UserError
     from pipeline.grids import save_png_grid
     from pipeline.registry.model_ref import resolve_model
-    from pipeline.tokens.encoder import TokenEncoder
     from pipeline.tokens.store import TokenStore
 
     store = TokenStore(store_url, storage_options)
@@ -32,7 +31,7 @@ def decode_store(store_url: str, out: Path, start: int, stop: int, *, split: str
     if files.weights_sha256 != lineage["weights_sha256"]:
         raise UserError(f"{files.uri} has weights sha256 {files.weights_sha256[:12]}…, but {store_url} was "
                         f"made with {lineage['weights_sha256'][:12]}…; pass the store's model with --model")
-    model = TokenEncoder(files, latents=lineage["mode"] == "latents").model
+    model = files.load()[0].eval()
     rows = store.item_rows(split)[start:stop]
     if len(rows) == 0:
         raise UserError(f"{store_url} has {len(store.item_rows(split))} items; --rows {start}:{stop} selects none")
