@@ -1,4 +1,5 @@
-"""Token decoding: stored codes or latents back to images through the store's model.
+"""Detokenizing: stored codes or latents back to images through the store's model (the inverse of
+`pipeline.tokenize`; image *file* decoding is `pipeline.shards.images`).
 
 Rows are item indices over the store's good samples in store order (input shard order, then tar
 order; `split` picks one split, as `TokenDataset` numbers them). The model is the one the
@@ -12,7 +13,7 @@ from pathlib import Path
 GRID = 64  # images per PNG (8 x 8)
 
 
-def decode_store(store_url: str, out: Path, start: int, stop: int, *, split: str | None = None,
+def detokenize_store(store_url: str, out: Path, start: int, stop: int, *, split: str | None = None,
                  model_ref: str | None = None, tracking_uri: str | None = None,
                  storage_options: dict | None = None) -> list[Path]:
     """Decode items [start, stop) of `store_url` and write them as PNG grids of 64 under `out`."""
