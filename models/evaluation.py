@@ -10,6 +10,7 @@ Also PSNR, so the VQ family's training metrics, validation and benchmarks comput
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,8 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
     return -10.0 * torch.log10(mse.clamp(min=1e-10))
 
 
-def bits_per_dim(nats: float, dims: int) -> float:
+def bits_per_dim(nats: Any, dims: int) -> Any:
+    """Nats per image (a float or a tensor) -> bits per dimension."""
     return nats / (dims * math.log(2.0)) if dims else float("nan")
 
 

@@ -30,15 +30,17 @@ def _quantizer_config(value: QuantizerConfig | dict) -> QuantizerConfig:
 
 
 @dataclass
-class VQVAEConfig:
-    kind: Literal["vqvae"] = "vqvae"
+class _VQConfig:
+    """What both VQ configs hold; each adds its `kind` (which keeps the first slot) and its
+    down-sampling factors."""
+
+    kind: str = ""
     in_channels: int = 1
     image_size: int = 32
     hidden: int = 64
     res_blocks: int = 2
-    downsample: Literal[4, 8, 16] = 4
     latent_dim: int = 64
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # VQ-VAE-2: one instance per level
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -47,21 +49,20 @@ class VQVAEConfig:
 
 
 @dataclass
-class VQVAE2Config:
-    kind: Literal["vqvae2"] = "vqvae2"
-    in_channels: int = 1
-    image_size: int = 32
-    hidden: int = 64
-    res_blocks: int = 2
-    bottom_downsample: Literal[4, 8] = 4  # image -> bottom codes
-    top_downsample: Literal[2, 4] = 2  # bottom codes -> top codes
-    latent_dim: int = 64
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # one instance per level
+class VQVAEConfig(_VQConfig):
+    kind: Literal["vqvae"] = "vqvae"
+    downsample: Literal[4, 8, 16] = 4
 
     __pydantic_config__ = {"extra": "forbid"}
 
-    def __post_init__(self) -> None:
-        self.quantizer = _quantizer_config(self.quantizer)
+
+@dataclass
+class VQVAE2Config(_VQConfig):
+    kind: Literal["vqvae2"] = "vqvae2"
+    bottom_downsample: Literal[4, 8] = 4  # image -> bottom codes
+    top_downsample: Literal[2, 4] = 2  # bottom codes -> top codes
+
+    __pydantic_config__ = {"extra": "forbid"}
 
 
 @dataclass
