@@ -1,4 +1,4 @@
-"""The main job end to end on embedded defaults, on this machine.
+"""`tokenmill demo`: the main job end to end on embedded defaults, on this machine.
 
 1. shard the built-in MNIST-5k digits into WebDataset tars (+ manifest);
 2. train a VQ-VAE (configs/vqvae_mnist.yaml) with 2 DDP workers on local Ray, tracked in a
