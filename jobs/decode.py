@@ -27,11 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.tokens.decode import decode_store
+    from pipeline.tokens.detokenize import detokenize_store
 
     start, stop = _parse_rows(args.rows)
-    paths = decode_store(args.store, args.out, start, stop, split=args.split, model_ref=args.model,
-                         tracking_uri=args.tracking_uri)
+    paths = detokenize_store(args.store, args.out, start, stop, split=args.split, model_ref=args.model,
+                             tracking_uri=args.tracking_uri)
     print(f"wrote {len(paths)} PNG grid(s) to {args.out}")
     return {"store": args.store, "rows": [start, stop], "pngs": [str(p) for p in paths]}
 

@@ -21,11 +21,13 @@ def code_counts(indices: Tensor, codebook_size: int, stages: int = 1) -> Tensor:
 
 def usage_and_perplexity(counts: Tensor) -> tuple[Tensor, Tensor]:
     """From (S, K) counts: fraction of codes used at least once, and exp(entropy) of the code
-    distribution; both averaged over stages."""
+    distribution (K when every code is equally likely, 1 when one code takes everything); both
+    averaged over stages, as float64 scalars. The one place this formula lives: training metrics,
+    validation and the token store's statistics all call it."""
     counts = counts.double()
     probs = counts / counts.sum(1, keepdim=True).clamp(min=1)
     entropy = -(probs * probs.clamp(min=1e-30).log()).sum(1)  # (S,)
-    return (counts > 0).double().mean().float(), entropy.exp().mean().float()
+    return (counts > 0).double().mean(), entropy.exp().mean()
 
 
 class CodebookStats:

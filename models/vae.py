@@ -7,13 +7,13 @@ elbo = −(distortion + rate), loss = distortion + kl_weight · rate (free bits 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
+from models.evaluation import bits_per_dim
 from models.gaussian import kl_standard_normal, log_normal, log_standard_normal, reparameterize
 from models.likelihoods import make_likelihood
 from models.schedules import free_bits_rate
@@ -45,7 +45,7 @@ def assemble_output(
         "elbo": elbo.detach(),
         "distortion": distortion.detach(),
         "rate": rate.detach(),
-        "bits_per_dim": (-elbo / (dims * math.log(2.0))).detach(),
+        "bits_per_dim": bits_per_dim(-elbo, dims).detach(),
     }
     for name, kl in (group_kl or {}).items():
         metrics[f"kl/{name}"] = kl.mean().detach()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.codebook_stats import code_counts, usage_and_perplexity
+from models.evaluation import psnr
 from models.layers import conv_decoder, conv_encoder, upsample
 from models.quantizers import Collectives, QuantizerConfig, build_quantizer, set_collectives
 from models.serialization import register_model
@@ -29,15 +30,17 @@ def _quantizer_config(value: QuantizerConfig | dict) -> QuantizerConfig:
 
 
 @dataclass
-class VQVAEConfig:
-    kind: Literal["vqvae"] = "vqvae"
+class _VQConfig:
+    """What both VQ configs hold; each adds its `kind` (which keeps the first slot) and its
+    down-sampling factors."""
+
+    kind: str = ""
     in_channels: int = 1
     image_size: int = 32
     hidden: int = 64
     res_blocks: int = 2
-    downsample: Literal[4, 8, 16] = 4
     latent_dim: int = 64
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # VQ-VAE-2: one instance per level
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -46,21 +49,20 @@ class VQVAEConfig:
 
 
 @dataclass
-class VQVAE2Config:
-    kind: Literal["vqvae2"] = "vqvae2"
-    in_channels: int = 1
-    image_size: int = 32
-    hidden: int = 64
-    res_blocks: int = 2
-    bottom_downsample: Literal[4, 8] = 4  # image -> bottom codes
-    top_downsample: Literal[2, 4] = 2  # bottom codes -> top codes
-    latent_dim: int = 64
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # one instance per level
+class VQVAEConfig(_VQConfig):
+    kind: Literal["vqvae"] = "vqvae"
+    downsample: Literal[4, 8, 16] = 4
 
     __pydantic_config__ = {"extra": "forbid"}
 
-    def __post_init__(self) -> None:
-        self.quantizer = _quantizer_config(self.quantizer)
+
+@dataclass
+class VQVAE2Config(_VQConfig):
+    kind: Literal["vqvae2"] = "vqvae2"
+    bottom_downsample: Literal[4, 8] = 4  # image -> bottom codes
+    top_downsample: Literal[2, 4] = 2  # bottom codes -> top codes
+
+    __pydantic_config__ = {"extra": "forbid"}
 
 
 @dataclass
@@ -94,14 +96,14 @@ def _recon_metrics(x: Tensor, prediction: Tensor, vq_loss: Tensor) -> tuple[Tens
     pixels = x[0].numel()
     loss = pixels * (F.mse_loss(prediction.float(), x.float()) + vq_loss)
     mse = F.mse_loss(_to_image(prediction.detach()).float(), x.float())
-    metrics = {"mse": mse.detach(), "psnr": (-10 * torch.log10(mse.detach().clamp(min=1e-10))),
+    metrics = {"mse": mse.detach(), "psnr": psnr(mse.detach()),
                "vq_loss": vq_loss.detach(), "distortion": (pixels * mse).detach()}
     return loss, metrics
 
 
 def _code_metrics(indices: Tensor, quantizer: nn.Module, suffix: str = "") -> dict[str, Tensor]:
     usage, perplexity = usage_and_perplexity(code_counts(indices, quantizer.codebook_size, _stages(quantizer)))
-    return {f"usage{suffix}": usage, f"perplexity{suffix}": perplexity}
+    return {f"usage{suffix}": usage.float(), f"perplexity{suffix}": perplexity.float()}
 
 
 class _Tokenizer(nn.Module):

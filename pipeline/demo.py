@@ -1,4 +1,4 @@
-"""The main job end to end on embedded defaults, on this machine.
+"""`tokenmill demo`: the main job end to end on embedded defaults, on this machine.
 
 1. shard the built-in MNIST-5k digits into WebDataset tars (+ manifest);
 2. train a VQ-VAE (configs/vqvae_mnist.yaml) with 2 DDP workers on local Ray, tracked in a
@@ -22,7 +22,7 @@ def run_demo(root: Path, steps: int, workers: int) -> dict[str, Any]:
     """Shard MNIST-5k, train, tokenize and decode under `root`; returns the summary."""
     from pipeline.shards.writer import write_shards
     from pipeline.tokenize import tokenize_dataset
-    from pipeline.tokens.decode import decode_store
+    from pipeline.tokens.detokenize import detokenize_store
     from pipeline.training.config import load_train_config
     from pipeline.training.trainer import train
 
@@ -43,7 +43,7 @@ def run_demo(root: Path, steps: int, workers: int) -> dict[str, Any]:
     print(f"[3/4] tokenizing {shards['samples']} images with {trained['model_uri']} ...", flush=True)
     tokens = tokenize_dataset(trained["model_uri"], str(root / "shards"), store_url,
                               tracking_uri=trained["mlflow_tracking_uri"])
-    grids = decode_store(store_url, root / "decoded", 0, 64, tracking_uri=trained["mlflow_tracking_uri"])
+    grids = detokenize_store(store_url, root / "decoded", 0, 64, tracking_uri=trained["mlflow_tracking_uri"])
     print(f"[4/4] decoded 64 token rows back into {grids[0]}", flush=True)
 
     metrics = trained["final_metrics"]

@@ -53,7 +53,8 @@ def tokenize_dataset(
     done = store.finished()
     pending = [s for s in layout.shards if s.index not in done]
     started = time.time()
-    encoded, first_unit = _run_actors(pending, store, layout.shard_rows, files, latents, batch_size, options, actors)
+    encoded, first_unit = _run_actors(pending, store, layout.rows_per_zarr_shard, files, latents, batch_size, options,
+                                      actors)
     seconds = time.time() - started
     summary = store.finalize(layout, encoder.specs)
     return {
@@ -82,7 +83,7 @@ def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dic
     return [dict(s, url=join(folder, s["url"])) for s in manifest["shards"]], manifest_identity(manifest)
 
 
-def _run_actors(pending, store, shard_rows, files, latents, batch_size, options, actors) -> tuple[int, float]:
+def _run_actors(pending, store, rows_per_zarr_shard, files, latents, batch_size, options, actors) -> tuple[int, float]:
     """Encode `pending` input shards on a Ray Data actor pool; returns the samples encoded and
     the wall-clock time the first shard began."""
     if not pending:
@@ -108,8 +109,8 @@ def _run_actors(pending, store, shard_rows, files, latents, batch_size, options,
         ShardEncoderActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=gpus,
         fn_constructor_kwargs=dict(
-            files_ref=[ray.put(files)], store_url=store.url, shard_rows=shard_rows, latents=latents,
-            batch_size=batch_size, storage_options=options,
+            files_ref=[ray.put(files)], store_url=store.url, rows_per_zarr_shard=rows_per_zarr_shard,
+            latents=latents, batch_size=batch_size, storage_options=options,
         ),
         **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}),
     )
@@ -140,7 +141,7 @@ def _default_actors(gpus: int) -> int:
 class ShardEncoderActor:
     """A Ray Data actor: loads the model once, then encodes one input shard per call."""
 
-    def __init__(self, files_ref, store_url, shard_rows, latents, batch_size, storage_options):
+    def __init__(self, files_ref, store_url, rows_per_zarr_shard, latents, batch_size, storage_options):
         import ray
         import torch
 
@@ -152,13 +153,13 @@ class ShardEncoderActor:
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.encoder = TokenEncoder(ray.get(files_ref[0]), latents, device)
         self.store = TokenStore(store_url, storage_options)
-        self.shard_rows, self.batch_size, self.options = shard_rows, batch_size, storage_options
+        self.rows_per_zarr_shard, self.batch_size, self.options = rows_per_zarr_shard, batch_size, storage_options
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from pipeline.tokens.encode_shard import encode_shard
-        from pipeline.tokens.layout import ShardRows
+        from pipeline.tokens.layout import InputShardSlot
 
         started = time.time()
-        shard = ShardRows(**json.loads(batch["shard"][0]))
-        result = encode_shard(shard, self.store, self.shard_rows, self.encoder, self.batch_size, self.options)
+        shard = InputShardSlot(**json.loads(batch["shard"][0]))
+        result = encode_shard(shard, self.store, self.rows_per_zarr_shard, self.encoder, self.batch_size, self.options)
         return {"shard": [shard.index], "rows": [result["rows"]], "started": [started]}

@@ -124,32 +124,17 @@ ANY_OBJ = {"type": "object"}
 STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 POD_TEMPLATE = k8s_ref("api.core.v1.PodTemplateSpec")
 
+# What head and worker groups share. KubeRay passes rayStartParams to `ray start` and its CRD
+# types them map[string]string: an unquoted number (num-cpus: 0) is rejected by the API server.
+GROUP = {"rayStartParams": STR_MAP, "template": POD_TEMPLATE, "suspend": BOOL}
 HEAD_GROUP = obj(
-    {
-        # KubeRay passes these to `ray start` and its CRD types them map[string]string: an
-        # unquoted number (num-cpus: 0) is rejected by the API server.
-        "rayStartParams": STR_MAP,
-        "template": POD_TEMPLATE,
-        "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-        "headService": ANY_OBJ,
-        "enableIngress": BOOL,
-        "suspend": BOOL,
-    },
+    {**GROUP, "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "headService": ANY_OBJ,
+     "enableIngress": BOOL},
     required=("template",),
 )
 WORKER_GROUP = obj(
-    {
-        "groupName": STR,
-        "replicas": INT,
-        "minReplicas": INT,
-        "maxReplicas": INT,
-        "idleTimeoutSeconds": INT,
-        "numOfHosts": INT,
-        "rayStartParams": STR_MAP,
-        "template": POD_TEMPLATE,
-        "scaleStrategy": ANY_OBJ,
-        "suspend": BOOL,
-    },
+    {**GROUP, "groupName": STR, "replicas": INT, "minReplicas": INT, "maxReplicas": INT, "idleTimeoutSeconds": INT,
+     "numOfHosts": INT, "scaleStrategy": ANY_OBJ},
     required=("groupName", "template"),
 )
 AUTOSCALER = obj(

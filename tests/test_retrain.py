@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import mlflow
 import pytest
+from job_helpers import run_misspelt_config, write_digits_shards
 
 from jobs.cli import main as cli_main
 from pipeline.registry import lock as registry_lock
@@ -21,7 +20,6 @@ from pipeline.registry import promotion
 from pipeline.registry.config import load_retrain_config
 from pipeline.shards.manifest import read_manifest, write_manifest
 from pipeline.shards.versions import newest_version
-from pipeline.shards.writer import ShardSettings, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "debug_retrain_vqvae.yaml")
@@ -31,9 +29,7 @@ DIGITS = 1797  # samples in builtin:digits
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     """builtin:digits as PNG shards of 600 with a manifest (a data version, and the fixed val split)."""
-    dest = tmp_path_factory.mktemp("digits")
-    write_shards("builtin:digits", str(dest), ShardSettings(maxcount=600), progress=False)
-    return dest
+    return write_digits_shards(tmp_path_factory.mktemp("digits"), 600)
 
 
 class Setup:
@@ -247,9 +243,5 @@ def test_newest_version_is_the_greatest_complete_folder_name(digits, tmp_path):
 
 
 def test_bad_config_exits_2_before_any_work(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(Path(CONFIG).read_text().replace("margin:", "margn:"))
-    proc = subprocess.run([sys.executable, "-m", "jobs.retrain", str(bad)], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
-    assert proc.returncode == 2
-    assert "promotion.margn: unknown key" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_misspelt_config("jobs.retrain", CONFIG, "margin", "margn", tmp_path)
+    assert "promotion.margn: unknown key" in proc.stderr

@@ -78,8 +78,8 @@ def test_unfinished_store_and_unknown_split_are_user_errors(store, tmp_path):
     from pipeline.tokens.store import TokenStore
 
     url, _ = store
-    with pytest.raises(UserError, match="no 'test' samples"):
-        TokenDataset(url, split="test")
+    with pytest.raises(UserError, match="no 'holdout' samples"):
+        TokenDataset(url, split="holdout")
     partial = tmp_path / "partial.zarr"
     build_store(str(partial), [3], ["train"])
     group = TokenStore(str(partial)).open_group("r+")

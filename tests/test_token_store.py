@@ -17,11 +17,11 @@ SPECS = [ArraySpec("codes", (2, 2), "uint16", 50)]
 
 def test_every_input_shard_owns_whole_zarr_shards_even_when_uneven():
     layout = plan_layout([("a", "train", 10_000), ("b", "train", 3), ("c", "val", 9_999), ("d", "train", 0)], 512)
-    assert layout.chunk_rows == 512 and layout.shard_rows == 10_240
+    assert layout.chunk_rows == 512 and layout.rows_per_zarr_shard == 10_240
     end = 0
     for shard in layout.shards:
-        assert shard.row_start == end and shard.row_start % layout.shard_rows == 0
-        assert shard.capacity % layout.shard_rows == 0 and shard.capacity >= shard.count
+        assert shard.row_start == end and shard.row_start % layout.rows_per_zarr_shard == 0
+        assert shard.capacity % layout.rows_per_zarr_shard == 0 and shard.capacity >= shard.count
         end += shard.capacity
     assert layout.rows == end
 
@@ -29,18 +29,18 @@ def test_every_input_shard_owns_whole_zarr_shards_even_when_uneven():
 def test_a_billion_samples_make_about_100k_objects_per_array():
     # img2dataset's default: 10,000 samples per shard; 16x16 uint16 codes per sample.
     layout = plan_layout([("s", "train", 10_000)] * 100, 16 * 16 * 2)
-    objects_per_billion = 1e9 / 10_000 * (layout.shards[0].capacity // layout.shard_rows)
+    objects_per_billion = 1e9 / 10_000 * (layout.shards[0].capacity // layout.rows_per_zarr_shard)
     assert objects_per_billion <= 100_000
 
 
 def test_input_shards_bigger_than_a_zarr_shard_span_several():
     layout = plan_layout([("big", "train", 3_000_000), ("small", "train", 5)], 32 * 32 * 4)
-    assert layout.shard_rows * 4096 <= 256 * 1024 * 1024  # an object stays <= 256 MiB
-    assert layout.shards[0].capacity // layout.shard_rows > 1
+    assert layout.rows_per_zarr_shard * 4096 <= 256 * 1024 * 1024  # an object stays <= 256 MiB
+    assert layout.shards[0].capacity // layout.rows_per_zarr_shard > 1
 
 
 def _write(store, layout, shard, codes, keys):
-    writer = store.writer(shard, layout.shard_rows, SPECS)
+    writer = store.writer(shard, layout.rows_per_zarr_shard, SPECS)
     for i in range(0, len(keys), 3):
         writer.append({"codes": codes[i : i + 3], "keys": np.array(keys[i : i + 3], dtype=object),
                        "labels": np.arange(i, min(i + 3, len(keys)))})
@@ -54,7 +54,7 @@ def test_rewriting_a_region_after_a_killed_attempt_is_byte_identical(tmp_path, m
     monkeypatch.setattr(token_layout, "TARGET_CHUNK_BYTES", 4 * 8)
     monkeypatch.setattr(token_layout, "MAX_SHARD_BYTES", 8 * 8)
     layout = plan_layout([("a", "train", 20), ("b", "train", 6)], 8)
-    assert layout.shards[0].capacity == 24 and layout.shard_rows == 8
+    assert layout.shards[0].capacity == 24 and layout.rows_per_zarr_shard == 8
     codes = np.random.default_rng(0).integers(0, 50, (20, 2, 2)).astype(np.uint16)
     keys = [f"k{i}" for i in range(20)]
     clean, dirty = TokenStore(str(tmp_path / "clean.zarr")), TokenStore(str(tmp_path / "dirty.zarr"))
@@ -92,7 +92,8 @@ def test_finalize_merges_markers_into_counts_report_and_describe(tmp_path):
     info = describe_store(url)
     assert info["state"] == "complete" and info["input_shards"] == {"total": 3, "finished": 3}
     assert info["summary"]["splits"] == {"train": 7, "val": 9}
-    assert info["arrays"]["codes"]["dtype"] == "uint16" and info["arrays"]["codes"]["shards"][0] == layout.shard_rows
+    codes = info["arrays"]["codes"]
+    assert codes["dtype"] == "uint16" and codes["shards"][0] == layout.rows_per_zarr_shard
     expected = codebook_stats.count_codes(np.concatenate(written["codes"]), 50)
     np.testing.assert_array_equal(zarr.open_group(url, mode="r")["codebook_counts"][:], expected)
     stats = info["summary"]["codebook"]["codes"]

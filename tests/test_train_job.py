@@ -4,12 +4,11 @@ shards, an injected worker failure, a resumed rerun, and a real MLflow server.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
+from job_helpers import run_misspelt_config, write_digits_shards
 
 from jobs.cli import main as cli_main
 from pipeline.shards.writer import ShardSettings, write_shards
@@ -21,9 +20,7 @@ DEBUG_CONFIG = str(REPO / "configs" / "debug_vqvae.yaml")
 @pytest.fixture(scope="module")
 def digits_shards(tmp_path_factory) -> str:
     """The 1,797 scikit-learn digits as uneven PNG shards (300 per shard) with a manifest."""
-    dest = tmp_path_factory.mktemp("digits-shards")
-    write_shards("builtin:digits", str(dest), ShardSettings(maxcount=300), progress=False)
-    return str(dest)
+    return str(write_digits_shards(tmp_path_factory.mktemp("digits-shards"), 300))
 
 
 def train(tmp_path: Path, shards: str, *overrides: str) -> dict:
@@ -121,13 +118,8 @@ def test_every_epoch_sets_the_train_streams_epoch_clock(ray_local, tmp_path):
 
 
 def test_bad_config_exits_2_before_ray(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(Path(DEBUG_CONFIG).read_text().replace("latent_dim:", "latnt_dim:"))
-    proc = subprocess.run([sys.executable, "-m", "jobs.train", str(bad)], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
-    assert proc.returncode == 2
-    assert "model.latnt_dim: unknown key" in proc.stderr and str(bad) in proc.stderr
-    assert "Traceback" not in proc.stderr
+    proc = run_misspelt_config("jobs.train", DEBUG_CONFIG, "latent_dim", "latnt_dim", tmp_path)
+    assert "model.latnt_dim: unknown key" in proc.stderr and proc.args[-1] in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
 
 

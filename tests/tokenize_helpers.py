@@ -116,7 +116,7 @@ def build_store(url: str, counts: list[int], splits: list[str], levels: int = 1,
     for shard in layout.shards:
         n = shard.count
         columns = {s.name: rng.integers(0, codebook_size, (n, *s.row_shape)).astype(np.uint16) for s in specs}
-        writer = store.writer(shard, layout.shard_rows, specs)
+        writer = store.writer(shard, layout.rows_per_zarr_shard, specs)
         writer.append({**columns, "keys": np.array([f"s{shard.index}-{j}" for j in range(n)], dtype=object),
                        "labels": np.arange(n, dtype=np.int64) % 7})
         counts_sparse = {s.name: codebook_stats.to_sparse(codebook_stats.count_codes(columns[s.name], codebook_size))

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpus = os.cpu_count() or 1
     config = load_train_config(args.config, [*args.overrides, f"train.steps={args.steps}"])
     data = load_builtin("builtin:mnist5k")
-    train, val = data.split("train"), data.split("test")
+    train, val = data.split("train"), data.split("val")
     result: dict[str, Any] = {"model": config.model.kind, "steps": args.steps, "batch_size": config.train.batch_size,
                               "cpu_count": cpus, "threads": cpus}
     plain = [plain_img_per_s(config, train.images, train.labels, threads=cpus)]

@@ -2,7 +2,7 @@
 
 Both train on the MNIST-5k train split (4,500 digits, dynamically binarized: every batch is a
 fresh Bernoulli draw of the grey levels) with a Bernoulli decoder, for the same number of
-seconds each, and are scored on the 500 test digits (one fixed binarization) with the
+seconds each, and are scored on the 500 val digits (one fixed binarization) with the
 importance-weighted bound on −log p(x) using their EMA weights.
 """
 
@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="training seconds per model (default %(default)s)")
-    parser.add_argument("--k", type=int, default=DEFAULT_K, help="importance samples for the test bound (default %(default)s)")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="importance samples for the val bound (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default %(default)s: steady timings on a shared machine)")
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def binarize_fixed(x, seed: int):
-    """One fixed Bernoulli draw (the test set must not change between evaluations)."""
+    """One fixed Bernoulli draw (the val set must not change between evaluations)."""
     import torch
 
     return torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
@@ -94,17 +94,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.shards.synthetic import mnist_tensors
 
     x_train, _ = mnist_tensors("train")
-    x_test = binarize_fixed(mnist_tensors("test")[0], args.seed)
+    x_val = binarize_fixed(mnist_tensors("val")[0], args.seed)
     result: dict[str, Any] = {"budget_s": args.budget_s, "k": args.k, "threads": args.threads}
     for name, make, lr in (("vae", baseline_vae, 1e-3), ("hvae", hierarchical_vae, 2e-3)):
         torch.manual_seed(args.seed)
         optim = OptimConfig(lr=lr, warmup_steps=100, grad_clip=200.0, skip_grad_norm=2000.0, ema_decay=0.998)
         trained = train(make(), x_train, optim, budget_s=args.budget_s, seed=args.seed)
         torch.manual_seed(args.seed)
-        scores = importance_weighted_nll(trained.model, x_test, k=args.k)
+        scores = importance_weighted_nll(trained.model, x_val, k=args.k)
         result[name] = {"nll_nats": scores["nll_nats"], "elbo_nats": scores["elbo_nats"],
                         "steps": trained.steps, "skipped": trained.skipped}
-    print(f"binarized MNIST-5k test (500 digits), {args.budget_s:g} s training each, IW bound with K={args.k}")
+    print(f"binarized MNIST-5k val (500 digits), {args.budget_s:g} s training each, IW bound with K={args.k}")
     print(f"{'model':<8}{'steps':>8}{'-ELBO':>10}{'NLL':>10}  (nats, lower is better)")
     for name in ("vae", "hvae"):
         r = result[name]

@@ -4,7 +4,7 @@ Both quantizers sit in the same VQ-VAE encoder/decoder (identical initial weight
 same codebook (K=512, dim 64), EMA decay, k-means init, dead-code threshold, commitment weight,
 optimiser, batches and seed, trained on the MNIST-5k train split. Steps alternate between the
 two models (and which goes first), so CPU contention hits both alike; the first steps are warm-up
-and not timed. Validation runs on the 500 test digits: codebook usage over the whole split
+and not timed. Validation runs on the 500 val digits: codebook usage over the whole split
 (`CodebookStats`) and PSNR of the reconstructions.
 """
 
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-images", type=int, default=500, help="test digits to validate on (default: all %(default)s)")
+    parser.add_argument("--val-images", type=int, default=500, help="val digits to validate on (default: all %(default)s)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
@@ -83,6 +83,7 @@ def _validate(model, x) -> dict[str, float]:
     import torch
 
     from models.codebook_stats import CodebookStats
+    from models.evaluation import psnr
 
     stats, squared_error = CodebookStats(CODEBOOK_SIZE), 0.0
     model.eval()
@@ -92,13 +93,13 @@ def _validate(model, x) -> dict[str, float]:
             stats.update(out.indices)
             squared_error += float((out.recon - batch).pow(2).sum())
     mse = squared_error / x.numel()
-    return {"val_usage": stats.usage, "val_perplexity": stats.perplexity, "val_psnr": -10 * torch.log10(torch.tensor(mse)).item()}
+    return {"val_usage": stats.usage, "val_perplexity": stats.perplexity, "val_psnr": psnr(torch.tensor(mse)).item()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    x_train, x_test = mnist_tensors("train")[0], mnist_tensors("test")[0][: args.val_images]
+    x_train, x_val = mnist_tensors("train")[0], mnist_tensors("val")[0][: args.val_images]
     models = dict(zip(("ours", "peer"), _models(args.seed)))
     optims = {name: torch.optim.Adam(m.parameters(), lr=args.lr) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -118,13 +119,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 times[name].append(time.perf_counter() - start)
         order.reverse()  # neither model always runs second (warmer caches, other load)
     result: dict[str, Any] = {"steps": args.steps, "batch_size": args.batch_size, "codebook_size": CODEBOOK_SIZE,
-                              "val_images": x_test.shape[0]}
+                              "val_images": x_val.shape[0]}
     for name, model in models.items():
         # Median: robust to the other processes sharing the CPU.
-        result[name] = {"step_ms": 1000 * statistics.median(times[name]), **_validate(model, x_test)}
+        result[name] = {"step_ms": 1000 * statistics.median(times[name]), **_validate(model, x_val)}
     result["step_time_ratio"] = result["ours"]["step_ms"] / result["peer"]["step_ms"]
     print(f"VQ-VAE on MNIST-5k, K={CODEBOOK_SIZE}, dim {LATENT_DIM}, {args.steps} steps of {args.batch_size}, "
-          f"validated on {x_test.shape[0]} test digits")
+          f"validated on {x_val.shape[0]} val digits")
     print(f"{'quantizer':<10}{'step ms':>10}{'val usage':>12}{'val PSNR':>10}")
     for name in ("ours", "peer"):
         r = result[name]

@@ -16,11 +16,13 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fsspec
+import torch
 
 from models.errors import UserError
-from models.serialization import CONFIG_FILE, WEIGHTS_FILE
+from models.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model, read_model_config
 from pipeline.registry import tracking
 
 _MLFLOW_PREFIXES = ("runs:/", "models:/")
@@ -37,13 +39,14 @@ class ModelFiles:
     def weights_sha256(self) -> str:
         return hashlib.sha256(self.weights).hexdigest()
 
-    def materialize(self, directory: str | Path) -> Path:
-        """Write the two files under `directory` (for `models.load_model`)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_bytes(self.config)
-        (directory / WEIGHTS_FILE).write_bytes(self.weights)
-        return directory
+    def load(self, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The model with its weights, and its parsed config.json (class, config, extra). The one
+        way pipeline code turns a resolved reference into a model."""
+        with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as directory:
+            path = Path(directory)
+            (path / CONFIG_FILE).write_bytes(self.config)
+            (path / WEIGHTS_FILE).write_bytes(self.weights)
+            return load_model(path, map_location=map_location), read_model_config(path)
 
 
 def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: dict | None = None) -> ModelFiles:

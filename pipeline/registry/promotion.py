@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -42,13 +41,10 @@ def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str,
     """Validation metrics of model `model_ref` (e.g. models:/name/3) on the fixed shards."""
     import torch
 
-    from models.serialization import load_model
     from pipeline.registry.model_ref import resolve_model
     from pipeline.training import validation
 
-    files = resolve_model(model_ref, tracking_uri, config.data.storage_options)
-    with tempfile.TemporaryDirectory(prefix="tokenmill-score-") as directory:
-        model = load_model(files.materialize(directory))
+    model, _ = resolve_model(model_ref, tracking_uri, config.data.storage_options).load()
     torch.manual_seed(config.validation.seed)  # the IW samples of VAEs: same draws for every model
     metrics, _ = validation.evaluate(model, _validation_batches(config), config.validation.iw_samples)
     return metrics

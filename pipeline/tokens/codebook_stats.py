@@ -8,6 +8,9 @@ because codebooks can have millions of entries.
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from models.codebook_stats import usage_and_perplexity
 
 
 def count_codes(codes: np.ndarray, codebook_size: int) -> np.ndarray:
@@ -27,16 +30,10 @@ def from_sparse(sparse: dict[str, list[int]], codebook_size: int) -> np.ndarray:
 
 
 def summarize(counts: np.ndarray) -> dict[str, float | int]:
-    """usage = fraction of codes used at least once; perplexity = exp(entropy of the code
-    distribution) — K when every code is equally likely, 1 when one code takes everything."""
+    """(K,) counts -> tokens, used codes, usage and perplexity (`models.codebook_stats`)."""
     total = int(counts.sum())
-    used = int(np.count_nonzero(counts))
     if total == 0:
         return {"tokens": 0, "used_codes": 0, "usage": 0.0, "perplexity": 0.0}
-    p = counts[counts > 0] / total
-    return {
-        "tokens": total,
-        "used_codes": used,
-        "usage": used / len(counts),
-        "perplexity": float(np.exp(-(p * np.log(p)).sum())),
-    }
+    usage, perplexity = usage_and_perplexity(torch.from_numpy(np.asarray(counts))[None])  # (1, K)
+    return {"tokens": total, "used_codes": int(np.count_nonzero(counts)), "usage": float(usage),
+            "perplexity": float(perplexity)}

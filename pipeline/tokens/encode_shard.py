@@ -19,7 +19,7 @@ from pipeline.shards.images import TransformConfig
 from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
 from pipeline.tokens import codebook_stats
 from pipeline.tokens.encoder import TokenEncoder
-from pipeline.tokens.layout import ShardRows
+from pipeline.tokens.layout import InputShardSlot
 from pipeline.tokens.store import TokenStore
 
 PREFETCH_BATCHES = 2
@@ -69,14 +69,14 @@ def prefetch(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterato
 
 
 def encode_shard(
-    shard: ShardRows, store: TokenStore, shard_rows: int, encoder: TokenEncoder, batch_size: int,
+    shard: InputShardSlot, store: TokenStore, rows_per_zarr_shard: int, encoder: TokenEncoder, batch_size: int,
     storage_options: dict[str, Any],
 ) -> dict[str, Any]:
     """Encode every good sample of `shard` into its rows, then write its marker; returns the
     marker's content."""
     source = DecodedShard(shard.url, encoder.transform, batch_size, storage_options)
     counts = {s.name: np.zeros(s.codebook_size, dtype=np.int64) for s in encoder.specs if s.codebook_size}
-    writer = store.writer(shard, shard_rows, encoder.specs)
+    writer = store.writer(shard, rows_per_zarr_shard, encoder.specs)
     for batch in prefetch(source.batches()):
         rows = encoder.encode(batch.images, batch.labels)
         for name in counts:

@@ -9,7 +9,6 @@ model that honours the contract works without per-class code here.
 
 from __future__ import annotations
 
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -36,14 +35,9 @@ class TokenEncoder:
     """`encode(images uint8 (B, H, W, C), labels int64 (B,))` -> {array name: numpy rows}."""
 
     def __init__(self, files: ModelFiles, latents: bool, device: str = "cpu"):
-        import models
-        from models.serialization import read_model_config
-
-        with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as tmp:
-            path = files.materialize(tmp)
-            self.meta = read_model_config(path)
-            # The trainer exports EMA weights as *the* model, so loading it is loading EMA weights.
-            self.model = models.load_model(path, map_location=device).eval().requires_grad_(False)
+        # The trainer exports EMA weights as *the* model, so loading it is loading EMA weights.
+        model, self.meta = files.load(map_location=device)
+        self.model = model.eval().requires_grad_(False)
         self.device, self.latents = torch.device(device), latents
         if latents and not getattr(self.model, "has_kl", False):
             raise UserError(f"--latents needs a VAE-family model; {files.uri} is a {self.meta['class']}")

@@ -30,7 +30,7 @@ import zarr
 
 from models.errors import UserError
 from pipeline.tokens import codebook_stats
-from pipeline.tokens.layout import Layout, ShardRows
+from pipeline.tokens.layout import InputShardSlot, Layout
 
 FORMAT_VERSION = 1
 MARKERS = "markers"
@@ -144,7 +144,7 @@ class TokenStore:
             "arrays": [_spec_json(s) for s in specs],
         }
         group = zarr.create_group(overwrite=True, attributes=attrs, **_zarr_kwargs(self.url, self.storage_options))
-        rows, shard = layout.rows, layout.shard_rows
+        rows, shard = layout.rows, layout.rows_per_zarr_shard
         for spec in specs:
             fill = 0.0 if spec.codebook_size is None else 0
             group.create_array(
@@ -231,10 +231,10 @@ class TokenStore:
         return np.concatenate([np.arange(s, s + n) for s, n in zip(starts[keep], counts[keep])] or [np.empty(0, int)])
 
     # ------------------------------------------------------------------ writers (one per input shard)
-    def writer(self, shard: ShardRows, shard_rows: int, specs: list[ArraySpec]) -> "RegionWriter":
-        return RegionWriter(self, shard, shard_rows, specs)
+    def writer(self, shard: InputShardSlot, rows_per_zarr_shard: int, specs: list[ArraySpec]) -> "RegionWriter":
+        return RegionWriter(self, shard, rows_per_zarr_shard, specs)
 
-    def write_marker(self, shard: ShardRows, result: dict[str, Any]) -> None:
+    def write_marker(self, shard: InputShardSlot, result: dict[str, Any]) -> None:
         """Called after the shard's rows are committed: its existence means "done"."""
         attrs = {"shard": shard.index, "url": shard.url, **result}
         zarr.create_group(overwrite=True, attributes=attrs, **_zarr_kwargs(f"{self.url}/{MARKERS}/{shard.index:06d}",
@@ -247,10 +247,10 @@ class RegionWriter:
     `close()` pads the last Zarr shard and rewrites any remaining one as fill, which also
     replaces whatever an earlier, killed attempt left there."""
 
-    def __init__(self, store: TokenStore, shard: ShardRows, shard_rows: int, specs: list[ArraySpec]):
+    def __init__(self, store: TokenStore, shard: InputShardSlot, rows_per_zarr_shard: int, specs: list[ArraySpec]):
         group = store.open_group("r+")
         self.arrays = {name: group[name] for name in [s.name for s in specs] + ["keys", "labels"]}
-        self.shard, self.shard_rows = shard, shard_rows
+        self.shard, self.rows_per_zarr_shard = shard, rows_per_zarr_shard
         self.pending: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}
         self.pending_rows = 0
         self.next_row = shard.row_start  # first row of the Zarr shard being filled
@@ -266,8 +266,8 @@ class RegionWriter:
             self.pending[name].append(columns[name])
         self.pending_rows += n
         self.rows += n
-        while self.pending_rows >= self.shard_rows:
-            self._flush(self.shard_rows)
+        while self.pending_rows >= self.rows_per_zarr_shard:
+            self._flush(self.rows_per_zarr_shard)
 
     def close(self) -> int:
         """Write the rest (padded) and blank the unused tail of the range; returns good rows."""
@@ -278,11 +278,11 @@ class RegionWriter:
 
     def _flush(self, n: int) -> None:
         """Write the first n pending rows, padded with fill values, as the next whole Zarr shard."""
-        lo, hi = self.next_row, self.next_row + self.shard_rows
+        lo, hi = self.next_row, self.next_row + self.rows_per_zarr_shard
         for name, arr in self.arrays.items():
             parts = self.pending[name]
             data = np.concatenate(parts) if parts else np.empty((0, *arr.shape[1:]), dtype=_np_dtype(arr))
-            block = np.full((self.shard_rows, *arr.shape[1:]), arr.fill_value, dtype=_np_dtype(arr))
+            block = np.full((self.rows_per_zarr_shard, *arr.shape[1:]), arr.fill_value, dtype=_np_dtype(arr))
             block[:n] = data[:n]
             arr[lo:hi] = block
             self.pending[name] = [data[n:]] if len(data) > n else []

@@ -22,7 +22,7 @@ import ray.train.torch
 import torch
 
 from models.quantizers.collectives import distributed_collectives, set_collectives
-from models.serialization import build_model, load_model, save_model
+from models.serialization import build_model, save_model
 from models.training import TrainStep
 from pipeline import faults
 from pipeline.ray_runtime import quiet_ray_data_logs
@@ -167,8 +167,7 @@ def _load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str) 
     Every rank resolves `ref` itself, so it works on nodes that never saw the driver's disk."""
     from pipeline.registry.model_ref import resolve_model
 
-    with tempfile.TemporaryDirectory(prefix="tokenmill-init-") as directory:
-        source = load_model(resolve_model(ref, tracking_uri).materialize(directory))
+    source, _ = resolve_model(ref, tracking_uri).load()
     module.load_state_dict(source.state_dict())
 
 

@@ -10,14 +10,13 @@ accumulated over the whole split (per level for two-level models).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 
 from models.codebook_stats import code_counts, usage_and_perplexity
-from models.evaluation import log_weights
+from models.evaluation import bits_per_dim, iw_bounds, psnr
 from pipeline.shards.stream import to_model_input
 
 
@@ -40,14 +39,12 @@ def evaluate(
         x, y = to_model_input(batch)  # x: (B, C, H, W) in [0, 1], on the model's device
         pixels = x[0].numel()
         if is_vae:
-            lw = log_weights(model, x, y, k=iw_samples)  # (K, B)
-            iw = torch.logsumexp(lw, dim=0) - math.log(iw_samples)  # (B,) log p(x) bound
-            totals += torch.stack([torch.tensor(float(x.shape[0]), device=device), -iw.sum(), -lw.mean(0).sum()]).double()
+            iw, elbo = iw_bounds(model, x, y, k=iw_samples)  # (B,) log p(x) bound, (B,) ELBO
+            totals += torch.stack([torch.tensor(float(x.shape[0]), device=device), -iw.sum(), -elbo.sum()]).double()
         else:
             output = model(x, y)
             mse = ((output.recon.float() - x) ** 2).flatten(1).mean(1)  # (B,)
-            psnr = -10.0 * torch.log10(mse.clamp(min=1e-10))
-            totals += torch.stack([torch.tensor(float(x.shape[0]), device=device), mse.sum(), psnr.sum()]).double()
+            totals += torch.stack([torch.tensor(float(x.shape[0]), device=device), mse.sum(), psnr(mse).sum()]).double()
             levels = output.indices if isinstance(output.indices, tuple) else (output.indices,)
             batch_counts = [_level_counts(model, level) for level in levels]
             counts = batch_counts if not counts else [a + b for a, b in zip(counts, batch_counts)]
@@ -63,7 +60,7 @@ def evaluate(
     if is_vae:
         nll = float(totals[1]) / images
         return {"val/nll_nats": nll, "val/elbo_nats": float(totals[2]) / images,
-                "val/bits_per_dim": nll / (pixels * math.log(2.0)) if pixels else float("nan")}, []
+                "val/bits_per_dim": bits_per_dim(nll, pixels)}, []
     metrics = {"val/mse": float(totals[1]) / images, "val/psnr": float(totals[2]) / images}
     for level, level_counts in enumerate(counts):
         usage, perplexity = usage_and_perplexity(level_counts.cpu())

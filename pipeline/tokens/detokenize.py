@@ -1,4 +1,5 @@
-"""Token decoding: stored codes or latents back to images through the store's model.
+"""Detokenizing: stored codes or latents back to images through the store's model (the inverse of
+`pipeline.tokenize`; image *file* decoding is `pipeline.shards.images`).
 
 Rows are item indices over the store's good samples in store order (input shard order, then tar
 order; `split` picks one split, as `TokenDataset` numbers them). The model is the one the
@@ -12,7 +13,7 @@ from pathlib import Path
 GRID = 64  # images per PNG (8 x 8)
 
 
-def decode_store(store_url: str, out: Path, start: int, stop: int, *, split: str | None = None,
+def detokenize_store(store_url: str, out: Path, start: int, stop: int, *, split: str | None = None,
                  model_ref: str | None = None, tracking_uri: str | None = None,
                  storage_options: dict | None = None) -> list[Path]:
     """Decode items [start, stop) of `store_url` and write them as PNG grids of 64 under `out`."""
@@ -22,7 +23,6 @@ def decode_store(store_url: str, out: Path, start: int, stop: int, *, split: str
     from models.errors import UserError
     from pipeline.grids import save_png_grid
     from pipeline.registry.model_ref import resolve_model
-    from pipeline.tokens.encoder import TokenEncoder
     from pipeline.tokens.store import TokenStore
 
     store = TokenStore(store_url, storage_options)
@@ -32,7 +32,7 @@ def decode_store(store_url: str, out: Path, start: int, stop: int, *, split: str
     if files.weights_sha256 != lineage["weights_sha256"]:
         raise UserError(f"{files.uri} has weights sha256 {files.weights_sha256[:12]}…, but {store_url} was "
                         f"made with {lineage['weights_sha256'][:12]}…; pass the store's model with --model")
-    model = TokenEncoder(files, latents=lineage["mode"] == "latents").model
+    model = files.load()[0].eval()
     rows = store.item_rows(split)[start:stop]
     if len(rows) == 0:
         raise UserError(f"{store_url} has {len(store.item_rows(split))} items; --rows {start}:{stop} selects none")
