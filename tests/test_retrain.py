@@ -246,6 +246,7 @@ def test_newest_version_is_the_greatest_complete_folder_name(digits, tmp_path):
     assert (found.name, found.url) == ("2025-02-01", str(tmp_path / "2025-02-01"))
 
 
+@pytest.mark.slow  # a `python -m jobs.retrain` process
 def test_bad_config_exits_2_before_any_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(CONFIG).read_text().replace("margin:", "margn:"))

@@ -115,6 +115,7 @@ def test_every_epoch_sets_the_train_streams_epoch_clock(ray_local, tmp_path):
     assert ray.get(clock.get.remote()) == 3
 
 
+@pytest.mark.slow  # a `python -m jobs.train` process
 def test_bad_config_exits_2_before_ray(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(DEBUG_CONFIG).read_text().replace("latent_dim:", "latnt_dim:"))
