@@ -93,16 +93,21 @@ class TopDownGroup(nn.Module):
         return mu, raw_log_std, feature
 
     def forward(
-        self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float = 1.0, posterior_z: bool = True
+        self, h: torch.Tensor, enc: torch.Tensor | None, temperature: float = 1.0,
+        z: torch.Tensor | None = None, posterior_mean: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Advance h by one group. With `enc` (bottom-up activation) z ~ q, else z ~ p(·; temperature)."""
+        """Advance h by one group. A given z (B, zc, r, r) is used as is; else with `enc` (bottom-up
+        activation) z ~ q (its mean with `posterior_mean`), else z ~ p(·; temperature)."""
         p_mu, p_raw, feature = self.prior_params(h)
         p_log_std = soft_clamp(p_raw)
         stats: dict[str, torch.Tensor] = {}
-        if enc is not None:
+        if z is not None:
+            pass  # decoding given latents: no posterior, no stats
+        elif enc is not None:
             d_mu, d_raw = self.posterior(torch.cat([h, enc], dim=1)).chunk(2, dim=1)
             q_mu, q_log_std = p_mu + d_mu, soft_clamp(p_raw + d_raw)
-            z = q_mu + torch.exp(q_log_std) * torch.randn_like(q_mu)
+            z = q_mu if posterior_mean else q_mu + torch.exp(q_log_std) * torch.randn_like(q_mu)
+            stats["q_mu"], stats["q_log_std"] = q_mu, q_log_std  # (B, zc, r, r)
             stats["kl"] = kl_normal(q_mu, 2 * q_log_std, p_mu, 2 * p_log_std)  # (B, zc, r, r)
             stats["log_q"] = log_normal(z, q_mu, 2 * q_log_std).flatten(1).sum(1)  # (B,)
             stats["log_p"] = log_normal(z, p_mu, 2 * p_log_std).flatten(1).sum(1)  # (B,)
@@ -161,16 +166,20 @@ class HierarchicalVAE(nn.Module):
             acts[r] = h
         return acts
 
-    def _top_down(self, batch: int, acts: dict[int, torch.Tensor] | None, temperature: float = 1.0):
-        """Run all groups coarse -> fine; returns the likelihood params and per-group stats."""
+    def _top_down(self, batch: int, acts: dict[int, torch.Tensor] | None, temperature: float = 1.0,
+                  latents: list[torch.Tensor] | None = None, posterior_mean: bool = False):
+        """Run all groups coarse -> fine (with the given per-group `latents`, if any); returns the
+        likelihood params and per-group stats."""
         h = self.h_top.expand(batch, -1, -1, -1)
         per_group: list[dict[str, torch.Tensor]] = []
         groups = iter(self.groups)
+        given = iter(latents) if latents is not None else None
         for r in reversed(self.resolutions):
             if h.shape[-1] != r:
                 h = F.interpolate(h, scale_factor=r // h.shape[-1], mode="nearest")
             for _ in range(self.config.groups_per_resolution):
-                h, stats = next(groups)(h, None if acts is None else acts[r], temperature)
+                h, stats = next(groups)(h, None if acts is None else acts[r], temperature,
+                                        next(given) if given is not None else None, posterior_mean)
                 per_group.append(stats)
         params = F.pixel_shuffle(self.out(F.gelu(h)), self.patch)  # (B, P, H, W)
         return params, per_group
@@ -201,4 +210,26 @@ class HierarchicalVAE(nn.Module):
     def sample(self, n: int, y: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
         """n images (n, C, H, W) from the prior; temperature scales every group's σ (0: deterministic)."""
         params, _ = self._top_down(n, None, temperature)
+        return self.likelihood.mean(params)
+
+    @property
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        """(zc, r, r) of every latent group, coarse -> fine (the order of `encode`'s code)."""
+        zc, per_res = self.config.latent_channels, self.config.groups_per_resolution
+        return [(zc, r, r) for r in reversed(self.resolutions) for _ in range(per_res)]
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) in [0, 1] -> posterior μ, log σ² (B, L), every group's (zc, r, r) flattened
+        and concatenated coarse -> fine. Deterministic: each group is conditioned on the posterior
+        means of the groups above it, so `decode(μ)` is the mean-latent reconstruction."""
+        _, per_group = self._top_down(x.shape[0], self.bottom_up(x), posterior_mean=True)
+        mu = torch.cat([g["q_mu"].flatten(1) for g in per_group], dim=1)
+        logvar = torch.cat([2 * g["q_log_std"].flatten(1) for g in per_group], dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, L) as `encode` lays it out -> mean images (B, C, H, W) in [0, 1]."""
+        sizes = [math.prod(shape) for shape in self.latent_shapes]
+        groups = [part.reshape(-1, *shape) for part, shape in zip(z.split(sizes, dim=1), self.latent_shapes)]
+        params, _ = self._top_down(z.shape[0], None, latents=groups)
         return self.likelihood.mean(params)

@@ -1,6 +1,6 @@
-"""Latent-space operations for single-latent VAEs (GaussianVAE, ConditionalVAE).
+"""Latent-space operations for the VAE family (GaussianVAE, ConditionalVAE, HierarchicalVAE).
 
-Codes are posterior means (B, L). Paths and arithmetic act on codes; `decode` and `make_grid`
+Codes are posterior means (B, L) (a hierarchical VAE's groups flattened into one vector). Paths and arithmetic act on codes; `decode` and `make_grid`
 turn them back into image tensors; `pipeline.grids.save_png_grid` writes them as PNG.
 """
 
@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def has_latent_paths(model: nn.Module) -> bool:
+    """Whether `model` has continuous Gaussian codes to walk between: a KL term (VAE family) and
+    `encode`/`decode`. VQ models encode to discrete codes, which have no paths."""
+    return bool(getattr(model, "has_kl", False)) and callable(getattr(model, "encode", None)) \
+        and callable(getattr(model, "decode", None))
 
 
 @torch.no_grad()

@@ -36,6 +36,28 @@ os.environ.update(
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# Fixtures that start Ray or a server: a test using one, directly or through another fixture, is
+# `slow`, so `make test-fast` (-m "not slow") skips it. Tests that start processes themselves
+# (subprocess, ray heads, torch.multiprocessing) carry an explicit @pytest.mark.slow.
+SLOW_FIXTURES = {"ray_local", "mlflow_server", "s3_server", "s3_bucket"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_ray(request):
+    """A test not marked slow that starts Ray (e.g. through `ensure_ray`) fails: mark it or use `ray_local`."""
+    ray = sys.modules.get("ray")
+    already = request.node.get_closest_marker("slow") is not None or (ray is not None and ray.is_initialized())
+    yield
+    ray = sys.modules.get("ray")
+    if not already and ray is not None and ray.is_initialized():
+        pytest.fail("this test started Ray but is not marked slow; use the ray_local fixture or @pytest.mark.slow")
+
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -84,3 +84,28 @@ def test_iw_bound_for_hvae_uses_all_groups():
 def test_invalid_resolutions_fail_early():
     with pytest.raises(ValueError, match="resolutions"):
         small_hvae(resolutions=(6, 3))
+
+
+def test_encode_gives_deterministic_posterior_means_that_decode_reconstructs():
+    model = small_hvae(groups_per_resolution=2)
+    x = images(8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):  # fit x without the KL term, so the posterior carries x's information
+        optimizer.zero_grad()
+        model(x, kl_weight=0.0).loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        mu, logvar = model.encode(x)
+        torch.manual_seed(2)
+        again, _ = model.encode(x)
+        # 2 groups each at 2x2, 4x4 and 8x8 with 2 channels
+        assert mu.shape == logvar.shape == (8, 2 * 2 * (4 + 16 + 64))
+        assert torch.equal(mu, again)
+        recon = model.decode(mu)
+        sampled = model(x).recon
+    assert recon.shape == x.shape
+    mean_mse, sampled_mse = float(((recon - x) ** 2).mean()), float(((sampled - x) ** 2).mean())
+    assert mean_mse <= sampled_mse * 1.1 + 1e-3, (mean_mse, sampled_mse)
+    assert mean_mse < 0.5 * float(((x.mean() - x) ** 2).mean())  # far better than a constant image

@@ -11,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import free_port
 
 from pipeline.shards.writer import ShardSettings, write_shards
+
+pytestmark = pytest.mark.slow  # starts a Ray head and job clients as processes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -242,6 +242,7 @@ def test_newest_version_is_the_greatest_complete_folder_name(digits, tmp_path):
     assert (found.name, found.url) == ("2025-02-01", str(tmp_path / "2025-02-01"))
 
 
+@pytest.mark.slow  # a `python -m jobs.retrain` process
 def test_bad_config_exits_2_before_any_work(tmp_path):
     proc = run_misspelt_config("jobs.retrain", CONFIG, "margin", "margn", tmp_path)
     assert "promotion.margn: unknown key" in proc.stderr

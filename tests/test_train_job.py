@@ -117,6 +117,7 @@ def test_every_epoch_sets_the_train_streams_epoch_clock(ray_local, tmp_path):
     assert ray.get(clock.get.remote()) == 3
 
 
+@pytest.mark.slow  # a `python -m jobs.train` process
 def test_bad_config_exits_2_before_ray(tmp_path):
     proc = run_misspelt_config("jobs.train", DEBUG_CONFIG, "latent_dim", "latnt_dim", tmp_path)
     assert "model.latnt_dim: unknown key" in proc.stderr and proc.args[-1] in proc.stderr

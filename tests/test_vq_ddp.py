@@ -3,11 +3,14 @@ one process fed both halves concatenated; k-means init and dead-code restarts in
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models.quantizers import VectorQuantizer, distributed_collectives, set_collectives
+
+pytestmark = pytest.mark.slow  # spawns two gloo processes
 
 STEPS = 6
 ROWS_PER_RANK = 96

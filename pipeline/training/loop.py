@@ -36,21 +36,45 @@ from pipeline.training.state import TrainState, load_train_state, save_train_sta
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = TrainJobConfig.model_validate(loop_config["config"])
     quiet_ray_data_logs()  # rank 0 prints progress; a line per validation pass would bury it
+    run = _start_rank(config, loop_config)
+    epoch_clock = loop_config.get("epoch_clock")
+    while run.state.step < config.train.steps and not run.state.stopped_early:
+        if epoch_clock is not None:  # this pass reads shard order, shuffle and augmentation of state.epoch
+            ray.get(epoch_clock.set.remote(run.state.epoch))
+        _train_one_pass(run)
+    if run.logger:
+        run.logger.finish()
+
+
+@dataclasses.dataclass
+class _RankRun:
+    """What one rank's loop works with, built once per attempt by `_start_rank`."""
+
+    config: TrainJobConfig
+    rank: int
+    world_size: int
+    module: torch.nn.Module  # unwrapped: what EMA, validation and checkpoints see
+    trainer: TrainStep
+    device: torch.device
+    kl_weight: Any  # the KL schedule (step -> weight) for models with a KL term, else None
+    state: TrainState
+    resumed_from: int
+    logger: RankZeroLogger | None  # rank 0 only
+    train_shard: Any
+    val_shard: Any
+    throughput: Throughput
+
+
+def _start_rank(config: TrainJobConfig, loop_config: dict[str, Any]) -> _RankRun:
+    """Seed, build and wrap the model, restore the latest checkpoint (if any), open the data shards."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     _seed_everything(config.train.seed + rank)
     if not config.scaling.use_gpu:
         # Ray sets OMP_NUM_THREADS only when the environment has none; match the worker's CPUs.
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
-
-    module = build_model(config.model)  # the unwrapped model: what EMA, validation and checkpoints see
-    if config.train.init_from:  # before DDP and TrainStep, so replicas and EMA start from these weights
-        _load_initial_weights(module, config.train.init_from, loop_config["tracking_uri"])
-    model = ray.train.torch.prepare_model(module)  # DDP when world_size > 1, moved to the device
+    module, trainer = _build_model_and_trainer(config, loop_config["tracking_uri"])
     device = next(module.parameters()).device
-    set_collectives(module, distributed_collectives())  # no-ops unless distributed
-    steps = config.train.steps
-    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps))
     kl_weight = config.kl if getattr(module, "has_kl", False) else None
 
     state = TrainState()
@@ -58,56 +82,77 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_train_state(Path(directory), module, trainer, device)
-    resumed_from = state.step
 
     logger = None
     if rank == 0:
-        logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], config.tracking.log_images, steps)
-        if resumed_from:
-            say(f"resumed from step {resumed_from}")
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    throughput = Throughput(config.train.batch_size * world_size)
+        logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], config.tracking.log_images,
+                                config.train.steps)
+        if state.step:
+            say(f"resumed from step {state.step}")
+    return _RankRun(config, rank, world_size, module, trainer, device, kl_weight, state, state.step, logger,
+                    ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"),
+                    Throughput(config.train.batch_size * world_size))
 
-    epoch_clock = loop_config.get("epoch_clock")
-    while state.step < steps and not state.stopped_early:
-        if epoch_clock is not None:  # this pass reads shard order, shuffle and augmentation of state.epoch
-            ray.get(epoch_clock.set.remote(state.epoch))
-        batches = train_shard.iter_torch_batches(
-            batch_size=config.train.batch_size, drop_last=True, device=str(device),
-            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-            local_shuffle_seed=config.train.seed + 1000 * state.epoch + rank,
-        )
-        for batch_index, batch in enumerate(batches):
-            if batch_index < state.batch_in_epoch:
-                continue  # resuming mid-epoch: skip what the restored steps already consumed
-            x, y = to_model_input(batch)  # x: (B, C, H, W) float in [0, 1]; y: (B,) int64
-            extra = {"kl_weight": kl_weight(state.step)} if kl_weight else {}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.bf16):
-                output, stats = trainer.step(x, y, **extra)
-            state.step += 1
-            state.batch_in_epoch = batch_index + 1
-            throughput.step_done()
-            faults.hit("train.step", step=state.step, rank=rank)  # tests: a worker fails here
 
-            if logger and state.step % config.train.log_every == 0:
-                logger.log_step(state.step, output, stats, throughput.img_per_s(),
-                                {**extra, "skipped_updates": trainer.skipped})
+def _build_model_and_trainer(config: TrainJobConfig, tracking_uri: str) -> tuple[torch.nn.Module, TrainStep]:
+    """The unwrapped model (on its device, collectives injected) and the TrainStep over its DDP wrapper."""
+    module = build_model(config.model)  # the unwrapped model: what EMA, validation and checkpoints see
+    if config.train.init_from:  # before DDP and TrainStep, so replicas and EMA start from these weights
+        _load_initial_weights(module, config.train.init_from, tracking_uri)
+    model = ray.train.torch.prepare_model(module)  # DDP when world_size > 1, moved to the device
+    set_collectives(module, distributed_collectives())  # no-ops unless distributed
+    steps = config.train.steps
+    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps))
+    return module, trainer
 
-            is_last = state.step >= steps
-            with throughput.paused():
-                if state.step % config.train.val_every == 0 or is_last:
-                    _validate(state, trainer.eval_model(), val_shard, config, device, rank, world_size, logger)
-                if state.step % config.train.checkpoint_every == 0 or is_last or state.stopped_early:
-                    _report_with_checkpoint(state, module, trainer, rank, resumed_from, throughput.img_per_s(), config)
-            if is_last or state.stopped_early:
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
 
-    if logger:
-        logger.finish()
+def _train_one_pass(run: _RankRun) -> None:
+    """One pass over this rank's train shard (the rest of it when resuming mid-epoch), until the
+    last step or an early stop; a full pass advances the epoch."""
+    config, state = run.config, run.state
+    batches = run.train_shard.iter_torch_batches(
+        batch_size=config.train.batch_size, drop_last=True, device=str(run.device),
+        local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+        local_shuffle_seed=config.train.seed + 1000 * state.epoch + run.rank,
+    )
+    for batch_index, batch in enumerate(batches):
+        if batch_index < state.batch_in_epoch:
+            continue  # resuming mid-epoch: skip what the restored steps already consumed
+        _train_step(run, batch)
+        state.batch_in_epoch = batch_index + 1
+        if _validate_and_checkpoint(run):
+            return
+    state.epoch += 1
+    state.batch_in_epoch = 0
+
+
+def _train_step(run: _RankRun, batch: Any) -> None:
+    """One optimizer step on `batch`; rank 0 logs the step's metrics every `log_every` steps."""
+    config, state = run.config, run.state
+    x, y = to_model_input(batch)  # x: (B, C, H, W) float in [0, 1]; y: (B,) int64
+    extra = {"kl_weight": run.kl_weight(state.step)} if run.kl_weight else {}
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.train.bf16):
+        output, stats = run.trainer.step(x, y, **extra)
+    state.step += 1
+    run.throughput.step_done()
+    faults.hit("train.step", step=state.step, rank=run.rank)  # tests: a worker fails here
+    if run.logger and state.step % config.train.log_every == 0:
+        run.logger.log_step(state.step, output, stats, run.throughput.img_per_s(),
+                            {**extra, "skipped_updates": run.trainer.skipped})
+
+
+def _validate_and_checkpoint(run: _RankRun) -> bool:
+    """Validate and checkpoint when due (every rank at the same steps); True once training is done."""
+    config, state = run.config, run.state
+    is_last = state.step >= config.train.steps
+    with run.throughput.paused():
+        if state.step % config.train.val_every == 0 or is_last:
+            _validate(state, run.trainer.eval_model(), run.val_shard, config, run.device, run.rank, run.world_size,
+                      run.logger)
+        if state.step % config.train.checkpoint_every == 0 or is_last or state.stopped_early:
+            _report_with_checkpoint(state, run.module, run.trainer, run.rank, run.resumed_from,
+                                    run.throughput.img_per_s(), config)
+    return is_last or state.stopped_early
 
 
 def _validate(state, model, val_shard, config, device, rank, world_size, logger) -> None:

@@ -1,8 +1,8 @@
 """What rank 0 tells the user and MLflow during training.
 
 Progress lines on stdout (Ray forwards them to the driver), metrics by step, system metrics,
-and image artifacts: reconstructions, samples, interpolations (VAE family) and the codebook
-usage histogram (VQ family). Only rank 0 constructs this, so one process writes to MLflow.
+and image artifacts: each model shows what it offers (`image_panels`): reconstructions, samples
+at several temperatures, latent interpolations, and the codebook usage histogram (VQ family). Only rank 0 constructs this, so one process writes to MLflow.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.latent_ops import interpolate, make_grid
+from models.latent_ops import has_latent_paths, interpolate, make_grid
 from pipeline.shards.stream import to_model_input
 
 
@@ -79,15 +79,8 @@ class RankZeroLogger:
         was_training = model.training
         model.eval()
         x, y = to_model_input(batch)
-        x, y = x[:16], y[:16]  # (16, C, H, W)
-        output = model(x, y)
-        pairs = torch.cat([x, output.recon.float()])  # originals row(s), then reconstructions
-        self._image(make_grid(pairs, nrow=8), f"reconstructions/step_{step:07d}.png")
-        if getattr(model, "has_kl", False):
-            self._image(make_grid(model.sample(16, y=y, temperature=1.0), nrow=8), f"samples/step_{step:07d}.png")
-            if x.shape[0] >= 8:
-                path = interpolate(model, x[:4], x[4:8], steps=8, mode="slerp")
-                self._image(make_grid(path, nrow=8), f"interpolations/step_{step:07d}.png")
+        for folder, grid in image_panels(model, x[:16], y[:16]):  # x: (≤16, C, H, W)
+            self._image(grid, f"{folder}/step_{step:07d}.png")
         model.train(was_training)
 
     def _image(self, grid: torch.Tensor, name: str) -> None:
@@ -95,6 +88,24 @@ class RankZeroLogger:
 
     def finish(self) -> None:
         self.mlflow.end_run()
+
+
+SAMPLE_TEMPERATURES = (1.0, 0.8, 0.6, 0.4)  # one row of samples each: lower is smoother, less diverse
+
+
+def image_panels(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(folder, grid) for every view `model` supports, chosen by what it offers, not by its kind:
+    reconstructions (any model), samples (a `sample` method), interpolations (continuous codes)."""
+    pairs = torch.cat([x, model(x, y).recon.float()])  # originals row(s), then reconstructions
+    panels = [("reconstructions", make_grid(pairs, nrow=8))]
+    if callable(getattr(model, "sample", None)):
+        n = min(8, x.shape[0])
+        rows = [model.sample(n, y=y[:n], temperature=t) for t in SAMPLE_TEMPERATURES]  # each (n, C, H, W)
+        panels.append(("samples", make_grid(torch.cat(rows), nrow=n)))
+    if has_latent_paths(model) and x.shape[0] >= 8:
+        path = interpolate(model, x[:4], x[4:8], steps=8, mode="slerp")  # (4·8, C, H, W)
+        panels.append(("interpolations", make_grid(path, nrow=8)))
+    return panels
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
