@@ -61,13 +61,15 @@ def apply_attribute(codes: torch.Tensor, vector: torch.Tensor, scales: list[floa
 
 
 def interpolate(
-    model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, steps: int = 8, mode: str = "slerp"
+    model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, steps: int = 8, mode: str = "slerp",
+    y0: torch.Tensor | None = None, y1: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Image pairs x0, x1 (B, C, H, W) -> decoded paths (B·steps, C, H, W), one row per pair."""
+    """Image pairs x0, x1 (B, C, H, W) -> decoded paths (B·steps, C, H, W), one row per pair.
+    Conditional models encode each end with its labels y0, y1 (B,) and decode a row under y0."""
     path = slerp if mode == "slerp" else lerp
-    z0, z1 = encode(model, x0), encode(model, x1)
+    z0, z1 = encode(model, x0, y0), encode(model, x1, y1)
     codes = torch.cat([path(a, b, steps) for a, b in zip(z0, z1)])  # (B·steps, L)
-    return decode(model, codes)
+    return decode(model, codes, None if y0 is None else y0.repeat_interleave(steps))
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:

@@ -106,3 +106,15 @@ def test_interpolation_grid_to_png(tmp_path):
         assert image.size == (5 * 18 + 2, 2 * 18 + 2)
     with pytest.raises(ValueError, match="C in 1 or 3"):
         save_png_grid(torch.zeros(2, 2, 4, 4), tmp_path / "bad.png")
+
+
+def test_training_image_panels_work_for_the_conditional_vae():
+    """Image logging walks latent paths under the pair's labels; a CVAE's encoder needs them."""
+    from models.vae import ConditionalVAE, CVAEConfig
+    from pipeline.training.reporting import image_panels
+
+    model = ConditionalVAE(CVAEConfig()).eval()
+    x, y = torch.rand(8, model.config.channels, 32, 32), torch.arange(8) % 10
+    panels = dict(image_panels(model, x, y))
+    assert set(panels) == {"reconstructions", "samples", "interpolations"}
+    assert panels["interpolations"].shape[0] == model.config.channels

@@ -103,7 +103,7 @@ def image_panels(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> li
         rows = [model.sample(n, y=y[:n], temperature=t) for t in SAMPLE_TEMPERATURES]  # each (n, C, H, W)
         panels.append(("samples", make_grid(torch.cat(rows), nrow=n)))
     if has_latent_paths(model) and x.shape[0] >= 8:
-        path = interpolate(model, x[:4], x[4:8], steps=8, mode="slerp")  # (4·8, C, H, W)
+        path = interpolate(model, x[:4], x[4:8], steps=8, mode="slerp", y0=y[:4], y1=y[4:8])  # (4·8, C, H, W)
         panels.append(("interpolations", make_grid(path, nrow=8)))
     return panels
 
