@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from jobs.cli import add_json_option
+
+if TYPE_CHECKING:
+    from pipeline.demo import DemoSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> DemoSummary:
     from pipeline.demo import run_demo
 
     return run_demo(args.root, args.steps, args.workers)

@@ -29,7 +29,7 @@ from pipeline.ray_runtime import quiet_ray_data_logs
 from pipeline.shards.stream import to_model_input
 from pipeline.training import validation
 from pipeline.training.config import TrainJobConfig
-from pipeline.training.reporting import RankZeroLogger, say
+from pipeline.training.reporting import RankZeroLogger
 from pipeline.training.state import TrainState, load_train_state, save_train_state
 
 # Fault injection for the fault-tolerance test: the last rank raises once at this step, unless
@@ -66,9 +66,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = None
     if rank == 0:
-        logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], config.tracking.log_images, steps)
+        logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], config.tracking.log_images, steps,
+                                loop_config.get("progress"))
         if resumed_from:
-            say(f"resumed from step {resumed_from}")
+            logger.say(resumed_from, f"resumed from step {resumed_from}")
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     throughput = Throughput(config.train.batch_size * world_size)
