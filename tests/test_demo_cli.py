@@ -44,7 +44,7 @@ def run_demo_cli(root: Path, *flags: str) -> subprocess.CompletedProcess:
 
 def console_lines(proc: subprocess.CompletedProcess) -> list[str]:
     """What a terminal shows: stdout and stderr lines; a progress bar redrawn with \\r is one line."""
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    return [line for line in (proc.stdout + proc.stderr).split("\n") if line.strip()]
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,6 @@ class TrainProgress:
         for kind, step, text in events:
             if kind == "line":
                 self.bar.write(text, file=sys.stderr)
-                continue
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(step - self.bar.n)
+            else:
+                self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(step - self.bar.n)  # validation lines come at steps the loss lines may skip
