@@ -2,8 +2,10 @@
 
 Each subcommand lives in its own module with a `register(subparsers)` function that adds its
 parser and sets `run=handler`; heavy imports (torch, ray) happen inside handlers so `--help`
-stays fast. A handler returns a JSON-ready summary dict, written to `--json PATH` if given.
-A `UserError` is printed as one line and exits 2; no traceback.
+stays fast. A handler returns its summary (a dict, or a dataclass with `to_json()`), written to
+`--json PATH` if given.
+A `UserError` is printed as one line and exits 2; no traceback. `--verbose` lets Ray's and
+MLflow's own log lines through (`pipeline.console`).
 """
 
 from __future__ import annotations
@@ -49,13 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokenmill",
         description="Train image tokenizers (VAE family, VQ-VAE) on Ray and tokenize datasets into Zarr.",
     )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's and MLflow's own log lines too (also TOKENMILL_VERBOSE=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
-def run_handler(handler: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace) -> int:
+def run_handler(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     try:
         result = handler(args)
     except UserError as err:
@@ -66,12 +70,17 @@ def run_handler(handler: Callable[[argparse.Namespace], dict[str, Any]], args: a
         return 130
     if getattr(args, "json", None):
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        plain = result.to_json() if hasattr(result, "to_json") else result
+        args.json.write_text(json.dumps(plain, indent=2, sort_keys=True, default=str) + "\n")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline import console
+
     args = build_parser().parse_args(argv)
+    console.set_verbose(args.verbose)
+    console.configure()
     return run_handler(args.run, args)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from jobs.cli import add_json_option
 from pipeline import demo
@@ -22,5 +21,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> demo.DemoSummary:
     return demo.run_demo(args.root, args.steps, args.workers)

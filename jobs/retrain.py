@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from jobs.cli import add_config_options, add_json_option
+
+if TYPE_CHECKING:
+    from pipeline.registry.retrain import RetrainResult
 
 EXIT_FAILED = 1
 
@@ -27,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> RetrainResult:
     from pipeline.registry.config import load_retrain_config
     from pipeline.registry.retrain import StepFailed, retrain
 

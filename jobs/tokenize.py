@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from jobs.cli import add_json_option
+
+if TYPE_CHECKING:
+    from pipeline.tokenize import TokenizeSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,16 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> TokenizeSummary:
     from pipeline.tokenize import tokenize_dataset
 
     summary = tokenize_dataset(
         args.model, args.data, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
         latents=args.latents, actors=args.actors, tracking_uri=args.tracking_uri,
     )
-    print(f"tokenized {summary['samples']} samples ({summary['corrupt']} corrupt skipped) into {args.out}: "
-          f"{summary['encoded_now']} now at {summary['img_per_s']:.0f} img/s (start-up {summary['startup_s']:.1f} s), "
-          f"{summary['skipped_shards']} shards already done", file=sys.stderr)
+    print(f"tokenized {summary.samples} samples ({summary.corrupt} corrupt skipped) into {args.out}: "
+          f"{summary.encoded_now} now at {summary.img_per_s:.0f} img/s (start-up {summary.startup_s:.1f} s), "
+          f"{summary.skipped_shards} shards already done", file=sys.stderr)
     return summary
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from jobs.cli import add_config_options, add_json_option
+
+if TYPE_CHECKING:
+    from pipeline.training.trainer import TrainSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> TrainSummary:
     from pipeline.training.config import load_train_config
     from pipeline.training.trainer import train
 
@@ -35,13 +38,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    metrics = {k: v for k, v in summary["final_metrics"].items() if k.startswith("val/")}
+def _print_summary(summary: TrainSummary) -> None:
+    metrics = {k: v for k, v in summary.final_metrics.items() if k.startswith("val/")}
     shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-    print(f"trained {summary['run_name']}: step {summary['final_metrics']['step']}  {shown}")
-    print(f"  model     {summary['model_dir']}  ({summary['model_uri']})")
-    print(f"  mlflow    {summary['mlflow_tracking_uri']}  run {summary['mlflow_run_id']}")
-    print(f"  checkpoint {summary['checkpoint']}")
+    print(f"trained {summary.run_name}: step {summary.final_metrics['step']}  {shown}")
+    print(f"  model     {summary.model_dir}  ({summary.model_uri})")
+    print(f"  mlflow    {summary.mlflow_tracking_uri}  run {summary.mlflow_run_id}")
+    print(f"  checkpoint {summary.checkpoint}")
 
 
 if __name__ == "__main__":

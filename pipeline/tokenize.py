@@ -11,6 +11,7 @@ imports Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,13 +19,33 @@ import time
 from typing import Any
 
 
+@dataclasses.dataclass
+class TokenizeSummary:
+    """What a tokenization produced; `to_json()` is what `tokenmill tokenize --json` writes."""
+
+    samples: int  # good samples in the store (all shards, also those done by an earlier run)
+    corrupt: int  # samples skipped as unreadable
+    splits: dict[str, int]  # samples per split
+    codebook: dict[str, Any]  # per code array: usage statistics
+    store: str
+    lineage: dict[str, Any]
+    encoded_now: int  # samples this run encoded
+    seconds: float  # this run's encoding wall-clock time
+    img_per_s: float
+    startup_s: float  # actor start (process, imports, model load) until the first shard began
+    skipped_shards: int  # input shards found finished
+    input_shards: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def tokenize_dataset(
     model_ref: str, shards_url: str, store_url: str, *, batch_size: int = 256, overwrite: bool = False,
     latents: bool = False, actors: int | None = None, tracking_uri: str | None = None,
     storage_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Tokenize every shard listed by `shards_url`'s manifest into the store at `store_url`.
-    Returns the summary (samples, corrupt, splits, codebook stats, img/s, lineage)."""
+) -> TokenizeSummary:
+    """Tokenize every shard listed by `shards_url`'s manifest into the store at `store_url`."""
     from models.errors import UserError
     from pipeline.registry.model_ref import resolve_model
     from pipeline.tokens.encoder import TokenEncoder
@@ -56,14 +77,14 @@ def tokenize_dataset(
     encoded, first_unit = _run_actors(pending, store, layout.rows_per_zarr_shard, files, latents, batch_size, options,
                                       actors)
     seconds = time.time() - started
-    summary = store.finalize(layout, encoder.specs)
-    return {
-        **summary, "store": store_url, "lineage": lineage, "encoded_now": encoded, "seconds": seconds,
-        "img_per_s": encoded / seconds if seconds > 0 else 0.0,
-        # Actor start (process, imports, model load) until the first shard began: a fixed cost per job.
-        "startup_s": max(0.0, first_unit - started),
-        "skipped_shards": len(done), "input_shards": len(layout.shards),
-    }
+    stored = store.finalize(layout, encoder.specs)
+    return TokenizeSummary(
+        samples=stored["samples"], corrupt=stored["corrupt"], splits=stored["splits"], codebook=stored["codebook"],
+        store=store_url, lineage=lineage, encoded_now=encoded, seconds=seconds,
+        img_per_s=encoded / seconds if seconds > 0 else 0.0,
+        startup_s=max(0.0, first_unit - started),  # a fixed cost per job
+        skipped_shards=len(done), input_shards=len(layout.shards),
+    )
 
 
 def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:

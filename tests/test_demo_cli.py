@@ -1,11 +1,19 @@
-"""`tokenmill bench vae` end to end through the CLI, with a tiny budget."""
+"""`tokenmill bench vae` and `tokenmill demo` end to end through the CLI, with tiny budgets."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from jobs.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_vae_writes_both_models(tmp_path, capsys):
@@ -17,3 +25,58 @@ def test_bench_vae_writes_both_models(tmp_path, capsys):
         assert {"nll_nats", "elbo_nats"} <= set(result[name])
         assert math.isfinite(result[name]["nll_nats"]) and result[name]["nll_nats"] <= result[name]["elbo_nats"]
     assert "hvae" in capsys.readouterr().out
+
+
+# Ray's and MLflow's chatter that quiet mode keeps off the console (it stays in Ray's log files).
+CHATTER = ("PlacementGroupCleaner", "TrainingReport", "RayTrainWorker", "TrainController", "SplitCoordinator",
+           " INFO ", "Downloading artifacts", "worker processes have been started", "Started a local Ray instance")
+
+
+def run_demo_cli(root: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TOKENMILL_VERBOSE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs", *flags, "demo", "--steps", "20", "--workers", "1", "--root", str(root),
+         "--json", str(root / "summary.json")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+
+
+def console_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """What a terminal shows: stdout and stderr lines; a progress bar redrawn with \\r is one line."""
+    return [line for line in (proc.stdout + proc.stderr).split("\n") if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def quiet_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("demo")
+    return root, run_demo_cli(root)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_prints_only_its_own_lines(quiet_demo):
+    root, proc = quiet_demo
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((root / "summary.json").read_text())
+    assert set(summary) == {
+        "reconstruction_psnr_db", "codebook_usage", "tokenize_img_per_s", "train_img_per_s", "shards", "model_dir",
+        "model_uri", "token_store", "decoded_png", "mlflow_tracking_uri", "mlflow_ui", "seconds"}
+    assert Path(summary["decoded_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["model_uri"].startswith("models:/") and 0 < summary["codebook_usage"] <= 1
+    lines = console_lines(proc)
+    assert [line for line in lines if any(noise in line for noise in CHATTER)] == []
+    assert len(lines) <= 40, "\n".join(lines)
+    text = "\n".join(lines)
+    for ours in ("[1/4] shards", "[2/4] training", "[3/4] tokenizing", "[4/4] decoded", "tokenmill demo done",
+                 "train: 100%", "tokenize: 100%"):
+        assert ours in text, text
+
+
+@pytest.mark.slow
+def test_demo_verbose_shows_ray_output(quiet_demo):
+    """A rerun of the finished demo resumes (nothing left to train or tokenize); --verbose lets Ray's lines through."""
+    root, first = quiet_demo
+    assert first.returncode == 0
+    proc = run_demo_cli(root, "--verbose")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Started a local Ray instance" in proc.stdout + proc.stderr

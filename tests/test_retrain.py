@@ -184,12 +184,12 @@ def test_two_concurrent_runs_promote_at_most_once(ray_local, mlflow_server, digi
     for thread in threads:
         thread.join(timeout=600)
     assert not errors, [repr(e) for e in errors]
-    assert sorted(r["decision"] for r in results) == ["promoted", "superseded"]
-    winner = next(r for r in results if r["promoted"])
-    loser = next(r for r in results if not r["promoted"])
-    assert {winner["model_version"], loser["model_version"]} == {"1", "2"}  # both trained
-    assert setup.champion() == winner["model_version"]
-    assert setup.version_tags(loser["model_version"])["tokenmill.retrain.decision"] == "superseded"
+    assert sorted(r.decision for r in results) == ["promoted", "superseded"]
+    winner = next(r for r in results if r.promoted)
+    loser = next(r for r in results if not r.promoted)
+    assert {winner.model_version, loser.model_version} == {"1", "2"}  # both trained
+    assert setup.champion() == winner.model_version
+    assert setup.version_tags(loser.model_version)["tokenmill.retrain.decision"] == "superseded"
     decided = [k for k in setup.client.get_registered_model("retrain-race").tags if k.startswith(promotion.DECIDED)]
     assert decided == [promotion.DECIDED + "v001"]
 

@@ -47,8 +47,8 @@ def test_store_is_plain_zarr_and_decodes_to_reconstructions(data, reference):
     from models import load_model
 
     summary = reference["summary"]
-    assert summary["samples"] == N - 1  # one planted corrupt image; the image-less sample is not one
-    assert 0 < summary["startup_s"] < summary["seconds"]  # actors start, then shards run
+    assert summary.samples == N - 1  # one planted corrupt image; the image-less sample is not one
+    assert 0 < summary.startup_s < summary.seconds  # actors start, then shards run
     group = zarr.open_group(str(reference["store"]), mode="r")
     assert group["codes"].dtype == np.uint16 and group["codes"].shape[1:] == (4, 4)
     assert group.attrs["lineage"]["codebook_size"] == 64
@@ -72,7 +72,7 @@ def test_store_is_plain_zarr_and_decodes_to_reconstructions(data, reference):
     with torch.no_grad():
         torch.testing.assert_close(model.decode(codes), model(x).recon)
     counts_k = group["codebook_counts"][:]
-    assert counts_k.sum() == codes.numel() and summary["codebook"]["codes"]["used_codes"] > 1
+    assert counts_k.sum() == codes.numel() and summary.codebook["codes"]["used_codes"] > 1
 
 
 def test_rerun_of_a_finished_store_encodes_nothing(data, reference):
@@ -80,7 +80,7 @@ def test_rerun_of_a_finished_store_encodes_nothing(data, reference):
 
     before = array_bytes(reference["store"])
     summary = tokenize_dataset(data["model"], data["shards"], str(reference["store"]), batch_size=4)
-    assert summary["encoded_now"] == 0 and summary["skipped_shards"] == summary["input_shards"]
+    assert summary.encoded_now == 0 and summary.skipped_shards == summary.input_shards
     assert array_bytes(reference["store"]) == before
 
 
@@ -132,7 +132,7 @@ def test_killing_the_driver_twice_then_rerunning_gives_identical_arrays(data, re
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     cmd = [sys.executable, "-m", "jobs.tokenize", "--model", data["model"], "--data", data["shards"],
            "--out", str(store), "--batch-size", "4", "--actors", "1"]  # as the reference
-    total = reference["summary"]["input_shards"]
+    total = reference["summary"].input_shards
     first = _run_until(cmd, env, store, markers=1)
     second = _run_until(cmd, env, store, markers=first + 2)
     assert 1 <= first < second < total, (first, second, total)  # both kills landed mid-run
@@ -159,7 +159,7 @@ def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):
     shards = write_shards(f"{s3_bucket}/shards", tmp_path / "source", n=N, storage_options=options)
     store = f"{s3_bucket}/tokens.zarr"
     summary = tokenize_dataset(data["model"], shards, store, batch_size=8, actors=2, storage_options=options)
-    assert summary["samples"] == N  # these shards carry no planted corruption
+    assert summary.samples == N  # these shards carry no planted corruption
     remote = zarr.open_group(store, mode="r", storage_options=options)
     local = zarr.open_group(str(reference["store"]), mode="r")
     keep = local["keys"][:] != ""

@@ -86,12 +86,12 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None) -> dict[s
                 summary = tokenize_dataset(str(model), shards, str(root / f"{name}.zarr"), batch_size=batch_size,
                                            actors=actors, overwrite=True)
                 seconds = time.perf_counter() - started
-            assert summary["samples"] == count, summary
+            assert summary.samples == count, summary
             limits.append(limit())
             around = (limits[-2] + limits[-1]) / 2
             runs[name] = {"seconds": seconds, "img_s": count / seconds, "peak_rss_mb": peak.mb,
                           "limit_img_s": around, "efficiency": count / seconds / around,
-                          "startup_s": summary["startup_s"], "steady_img_s": count / (seconds - summary["startup_s"])}
+                          "startup_s": summary.startup_s, "steady_img_s": count / (seconds - summary.startup_s)}
     read = _read_ratio(root / "small.zarr")
     pipeline, limit_small = runs["small"]["img_s"], runs["small"]["limit_img_s"]
     result = {

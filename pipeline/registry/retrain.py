@@ -19,12 +19,16 @@ runs started together each train, and the lock makes sure at most one of them de
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 import uuid
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from models.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.training.trainer import TrainSummary
 
 
 class StepFailed(RuntimeError):
@@ -42,6 +46,26 @@ def step(name: str) -> Iterator[None]:
         raise StepFailed(f"{name} failed: {_one_line(err)}") from err
 
 
+@dataclasses.dataclass
+class RetrainResult:
+    """One round's outcome; `to_json()` is what `tokenmill retrain --json` writes."""
+
+    data_version: str
+    champion_version: str | None  # the champion when the round decided (or started)
+    promoted: bool = False
+    store_url: str | None = None  # the re-tokenized store after a promotion
+    challenger_scores: dict[str, float] | None = None
+    champion_scores: dict[str, float] | None = None
+    model_version: str | None = None  # the challenger's registered version
+    mlflow_run_id: str | None = None  # the challenger's training run
+    warm_started_from: str | None = None  # models:/<name>/<champion version>, or None (from scratch)
+    decision: str = ""  # promoted | kept | superseded | already-decided
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def _one_line(err: BaseException) -> str:
     """`Type: message`; for a multi-line message (Ray wraps worker tracebacks) its first line and
     its last, which names the root cause, e.g. "RuntimeError: injected failure at step 1"."""
@@ -50,7 +74,7 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def retrain(config) -> dict[str, Any]:
+def retrain(config) -> RetrainResult:
     from pipeline.registry import lock as registry_lock
     from pipeline.registry import promotion, tracking
     from pipeline.shards.versions import newest_version
@@ -64,8 +88,7 @@ def retrain(config) -> dict[str, Any]:
         data = newest_version(config.versions.prefix, config.data.storage_options)
         already = promotion.decided(client, name, data.name)
         champion = promotion.champion_version(client, name, alias)
-    result = {"data_version": data.name, "champion_version": champion, "promoted": False, "store_url": None,
-              "challenger_scores": None, "champion_scores": None, "model_version": None}
+    result = RetrainResult(data_version=data.name, champion_version=champion)
     if already:
         return _already_decided(config, client, tracking_uri, data, already, result)
 
@@ -73,10 +96,10 @@ def retrain(config) -> dict[str, Any]:
         init_from = _warm_start_ref(config, champion, tracking_uri)
         run_name = f"{config.run.name}-{data.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
         summary = _train(config.challenger_config(data.url, run_name, init_from, tracking_uri))
-    version, run_id = summary["model_version"], summary["mlflow_run_id"]
-    result.update(model_version=version, mlflow_run_id=run_id, warm_started_from=init_from)
+    version, run_id = summary.model_version, summary.mlflow_run_id
+    result.model_version, result.mlflow_run_id, result.warm_started_from = version, run_id, init_from
     with step("scoring the challenger"):
-        result["challenger_scores"] = promotion.score(f"models:/{name}/{version}", tracking_uri, config)
+        result.challenger_scores = promotion.score(f"models:/{name}/{version}", tracking_uri, config)
 
     with step("deciding"), registry_lock.acquire(client, f"{name}.retrain-lock", config.promotion.lock_expiry_s,
                                                  config.promotion.lock_wait_s) as lock:
@@ -86,25 +109,25 @@ def retrain(config) -> dict[str, Any]:
             promotion.record(client, name, version, run_id, {"decision": "superseded", "reason": reason,
                                                              "data_version": data.name})
             return _finish(result, "superseded", reason)
-        champion = result["champion_version"] = promotion.champion_version(client, name, alias)
+        champion = result.champion_version = promotion.champion_version(client, name, alias)
         if champion:
-            result["champion_scores"] = promotion.score(f"models:/{name}/{champion}", tracking_uri, config)
-        decision = promotion.decide(config, result["challenger_scores"], result["champion_scores"])
+            result.champion_scores = promotion.score(f"models:/{name}/{champion}", tracking_uri, config)
+        decision = promotion.decide(config, result.challenger_scores, result.champion_scores)
         lock.check()  # the alias moves only while the lock is provably ours
         if decision.promote:
             client.set_registered_model_alias(name, alias, version)
         promotion.record(client, name, version, run_id, promotion.decision_tags(
-            data.name, decision, champion, result["challenger_scores"], result["champion_scores"]))
+            data.name, decision, champion, result.challenger_scores, result.champion_scores))
         promotion.mark_decided(client, name, data.name, version, run_id, decision.promote)
-    result["promoted"] = decision.promote
+    result.promoted = decision.promote
 
     if decision.promote:
         with step(f"re-tokenizing {data.name} with {name} v{version} (promoted; rerun to resume)"):
-            result["store_url"] = _retokenize(config, client, tracking_uri, data, version, run_id)
+            result.store_url = _retokenize(config, client, tracking_uri, data, version, run_id)
     return _finish(result, "promoted" if decision.promote else "kept", decision.reason)
 
 
-def _train(train_config) -> dict[str, Any]:
+def _train(train_config) -> TrainSummary:
     from pipeline.training.trainer import train
 
     return train(train_config)
@@ -145,25 +168,26 @@ def _retokenize(config, client, tracking_uri: str, data, version: str, run_id: s
     return store
 
 
-def _already_decided(config, client, tracking_uri: str, data, record: dict[str, str], result: dict[str, Any]):
+def _already_decided(config, client, tracking_uri: str, data, record: dict[str, str],
+                     result: RetrainResult) -> RetrainResult:
     """A rerun for a decided data version does nothing, except finish the re-tokenization of a
     promotion whose tokenize step failed."""
     from pipeline.registry.promotion import TAG
 
     version = record["model_version"]
     tags = client.get_model_version(config.registered_model, version).tags
-    result.update(model_version=version, promoted=False, store_url=tags.get(TAG + "store"))
+    result.model_version, result.promoted, result.store_url = version, False, tags.get(TAG + "store")
     reason = f"data version {data.name} was already decided: {record['decision']} version {version}; nothing to do"
     if record["decision"] == "promoted" and tags.get(TAG + "store_complete") != "true":
         with step(f"re-tokenizing {data.name} with {config.registered_model} v{version} (resumed)"):
-            result["store_url"] = _retokenize(config, client, tracking_uri, data, version, record["run_id"])
+            result.store_url = _retokenize(config, client, tracking_uri, data, version, record["run_id"])
         reason = f"data version {data.name} was already decided (promoted version {version}); finished its re-tokenization"
     return _finish(result, "already-decided", reason)
 
 
-def _finish(result: dict[str, Any], decision: str, reason: str) -> dict[str, Any]:
-    result.update(decision=decision, reason=reason)
-    print(f"retrain {result['data_version']}: {decision}: {reason}")
-    if result["store_url"]:
-        print(f"  token store {result['store_url']}")
+def _finish(result: RetrainResult, decision: str, reason: str) -> RetrainResult:
+    result.decision, result.reason = decision, reason
+    print(f"retrain {result.data_version}: {decision}: {reason}")
+    if result.store_url:
+        print(f"  token store {result.store_url}")
     return result

@@ -29,7 +29,7 @@ from pipeline.ray_runtime import quiet_ray_data_logs
 from pipeline.shards.stream import to_model_input
 from pipeline.training import validation
 from pipeline.training.config import TrainJobConfig
-from pipeline.training.reporting import RankZeroLogger, say
+from pipeline.training.reporting import RankZeroLogger
 from pipeline.training.state import TrainState, load_train_state, save_train_state
 
 
@@ -86,9 +86,9 @@ def _start_rank(config: TrainJobConfig, loop_config: dict[str, Any]) -> _RankRun
     logger = None
     if rank == 0:
         logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], config.tracking.log_images,
-                                config.train.steps)
+                                config.train.steps, loop_config.get("progress"))
         if state.step:
-            say(f"resumed from step {state.step}")
+            logger.say(state.step, f"resumed from step {state.step}")
     return _RankRun(config, rank, world_size, module, trainer, device, kl_weight, state, state.step, logger,
                     ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"),
                     Throughput(config.train.batch_size * world_size))

@@ -1,8 +1,10 @@
 """What rank 0 tells the user and MLflow during training.
 
-Progress lines on stdout (Ray forwards them to the driver), metrics by step, system metrics,
+Progress to the driver's bar (`pipeline.training.progress`; lines on stdout when there is no
+board, which Ray forwards to the driver only with --verbose), metrics by step, system metrics,
 and image artifacts: each model shows what it offers (`image_panels`): reconstructions, samples
-at several temperatures, latent interpolations, and the codebook usage histogram (VQ family). Only rank 0 constructs this, so one process writes to MLflow.
+at several temperatures, latent interpolations, and the codebook usage histogram (VQ family).
+Only rank 0 constructs this, so one process writes to MLflow.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def usage_histogram(counts: torch.Tensor, height: int = 64) -> np.ndarray:
 
 
 class RankZeroLogger:
-    def __init__(self, tracking_uri: str, run_id: str, log_images: bool, total_steps: int):
+    def __init__(self, tracking_uri: str, run_id: str, log_images: bool, total_steps: int, board=None):
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri)
@@ -50,6 +52,7 @@ class RankZeroLogger:
         self.mlflow = mlflow
         self.log_images = log_images
         self.total_steps = total_steps
+        self.board = board  # the driver's ProgressBoard actor, or None
         self._first_log: tuple[int, float] | None = None  # (step, time) of this attempt's first log
 
     def log_step(self, step: int, output: Any, stats: dict[str, Any], img_s: float, extra: dict[str, float]) -> None:
@@ -57,6 +60,9 @@ class RankZeroLogger:
         metrics.update({"train/loss": stats["loss"], "train/grad_norm": stats["grad_norm"], "train/lr": stats["lr"],
                         "train/img_per_s": img_s, **{f"train/{k}": float(v) for k, v in extra.items()}})
         self.mlflow.log_metrics(_finite(metrics), step=step)
+        if self.board is not None:
+            self.board.post.remote(("step", step, f"loss {stats['loss']:.4f}  {img_s:.0f} img/s"))
+            return
         now = time.time()
         first_step, first_time = self._first_log = self._first_log or (step, now)
         seconds_per_step = (now - first_time) / (step - first_step) if step > first_step else float("nan")
@@ -67,12 +73,19 @@ class RankZeroLogger:
         self, step: int, metrics: dict[str, float], counts: list[torch.Tensor], model: torch.nn.Module, batch: Any
     ) -> None:
         self.mlflow.log_metrics(_finite(metrics), step=step)
-        say(f"step {step}/{self.total_steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.say(step, f"step {step}/{self.total_steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if self.log_images and batch is not None:
             self._log_images(step, model, batch)
         for level, level_counts in enumerate(counts):  # whole-split counts, (stages, K) per level
             histogram = usage_histogram(level_counts.sum(0).cpu())
             self.mlflow.log_image(histogram, artifact_file=f"codebook_usage/level{level}_step_{step:07d}.png")
+
+    def say(self, step: int, line: str) -> None:
+        """A progress line above the driver's bar (or on stdout without a board)."""
+        if self.board is not None:
+            self.board.post.remote(("line", step, line))
+        else:
+            say(line)
 
     @torch.no_grad()
     def _log_images(self, step: int, model: torch.nn.Module, batch: Any) -> None:

@@ -5,6 +5,7 @@ then export the final model (config.json + safetensors) and register it in MLflo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -16,13 +17,33 @@ from pipeline import faults
 FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
-def train(config) -> dict[str, Any]:
+@dataclasses.dataclass
+class TrainSummary:
+    """What a training run produced; `to_json()` is what `tokenmill train --json` writes."""
+
+    run_name: str
+    final_metrics: dict[str, Any]  # rank 0's last report: step, epoch, img_per_s, val/* ...
+    checkpoint: str  # the latest Ray Train checkpoint directory
+    model_dir: str  # the exported model: config.json + model.safetensors
+    mlflow_tracking_uri: str
+    mlflow_run_id: str
+    registered_model: str
+    model_version: str
+    model_uri: str  # models:/<registered_model>/<model_version>
+    skipped_samples: dict[str, Any]  # per split: the stream's skip-and-count report
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train(config) -> TrainSummary:
     import ray.data
 
     from pipeline.config import to_plain
     from pipeline.ray_runtime import ensure_ray
     from pipeline.registry import tracking
     from pipeline.training.data import TRAIN_COLUMNS, resolve_training_data
+    from pipeline.training.progress import TrainProgress
 
     run_dir = config.run.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -41,40 +62,41 @@ def train(config) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
     streams = data.open_streams()
     datasets = {name: stream.dataset.select_columns(TRAIN_COLUMNS) for name, stream in streams.items()}
-    trainer = build_trainer(config, datasets, tracking_uri, run_id, streams["train"].epoch_clock)
-    result = trainer.fit()
+    with TrainProgress(config.train.steps) as progress:
+        trainer = build_trainer(config, datasets, tracking_uri, run_id, streams["train"].epoch_clock, progress.board)
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
 
-    model_dir = run_dir / "model"
-    with result.checkpoint.as_directory() as directory:
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(Path(directory) / "model", model_dir)
+    model_dir = _export_model(result.checkpoint, run_dir / "model")
     registered_name = config.tracking.registered_model or config.run.name
     version = tracking.register_model_dir(
         tracking_uri, run_id, model_dir, registered_name,
         tags={"tokenmill.data_manifest_identity": data.manifest_identity, "tokenmill.step": str(result.metrics["step"])},
     )
-    summary = {
-        "run_name": config.run.name,
-        "final_metrics": result.metrics,
-        "checkpoint": result.checkpoint.path,
-        "model_dir": str(model_dir.resolve()),
-        "mlflow_tracking_uri": tracking_uri,
-        "mlflow_run_id": run_id,
-        "registered_model": registered_name,
-        "model_version": version,
-        "model_uri": f"models:/{registered_name}/{version}",
-        "skipped_samples": {name: stream.report() for name, stream in streams.items()},
-    }
-    return summary
+    return TrainSummary(
+        run_name=config.run.name, final_metrics=result.metrics, checkpoint=result.checkpoint.path,
+        model_dir=str(model_dir.resolve()), mlflow_tracking_uri=tracking_uri, mlflow_run_id=run_id,
+        registered_model=registered_name, model_version=version, model_uri=f"models:/{registered_name}/{version}",
+        skipped_samples={name: stream.report() for name, stream in streams.items()},
+    )
 
 
-def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: str, epoch_clock=None):
+def _export_model(checkpoint, model_dir: Path) -> Path:
+    """Copy the checkpoint's exportable model (config.json + safetensors) to `model_dir`."""
+    with checkpoint.as_directory() as directory:
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(Path(directory) / "model", model_dir)
+    return model_dir
+
+
+def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: str, epoch_clock=None,
+                  progress=None):
     """The TorchTrainer that runs `train_loop_per_worker` for `config` over `datasets`
     ({"train", "val"} Ray Datasets with `image` and `label` columns); `epoch_clock` is the train
-    stream's EpochClock, which the workers set before every pass."""
+    stream's EpochClock, which the workers set before every pass; `progress` is the driver's
+    ProgressBoard (None: rank 0 prints its progress lines instead)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -84,7 +106,7 @@ def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: s
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "epoch_clock": epoch_clock},
+                           "epoch_clock": epoch_clock, "progress": progress},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
