@@ -51,12 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokenmill",
         description="Train image tokenizers (VAE family, VQ-VAE) on Ray and tokenize datasets into Zarr.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show Ray's and MLflow's own log lines too (also TOKENMILL_VERBOSE=1)")
+    add_verbose_option(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for subparser in set(subparsers.choices.values()):  # `tokenmill train --verbose …` works too
+        add_verbose_option(subparser, default=argparse.SUPPRESS)
     return parser
+
+
+def add_verbose_option(parser: argparse.ArgumentParser, default: Any) -> None:
+    # SUPPRESS on subcommands: a subcommand without the flag keeps what the top level parsed.
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="show Ray's and MLflow's own log lines too (also TOKENMILL_VERBOSE=1)")
 
 
 def run_handler(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
