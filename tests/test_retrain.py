@@ -209,7 +209,10 @@ def test_two_concurrent_runs_promote_at_most_once(ray_local, mlflow_server, digi
 
 def test_lock_excludes_expires_and_is_never_released_by_a_former_holder(mlflow_server):
     client = mlflow.MlflowClient(mlflow_server)
-    first = registry_lock.acquire(client, "lock-test", expiry_s=4.0, wait_s=0)
+    # A fresh server answers its first registry requests slowly; warm it first, or run first, this
+    # test could see its short-lived lock expire before the LockBusy check.
+    registry_lock.acquire(client, "lock-test-warm-up", expiry_s=60, wait_s=0).release()
+    first = registry_lock.acquire(client, "lock-test", expiry_s=8.0, wait_s=0)
     with pytest.raises(registry_lock.LockBusy, match="held by"):
         registry_lock.acquire(client, "lock-test", expiry_s=60, wait_s=0)
     second = registry_lock.acquire(client, "lock-test", expiry_s=60, wait_s=30, poll_s=0.2)  # breaks it once expired
