@@ -22,7 +22,8 @@ EXIT_FAILED = 1
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "retrain", help="train a challenger on the newest data, promote it over the champion if it wins, re-tokenize",
-        description="Champion/challenger retraining (configs/retrain_vqvae.yaml). Idempotent per data version; "
+        description="Champion/challenger retraining (configs/retrain_vqvae.yaml on this machine, "
+        "configs/retrain_vqvae_cluster.yaml on a cluster). Idempotent per data version; "
         "concurrent runs promote at most once. RAY_ADDRESS / MLFLOW_TRACKING_URI move it to a cluster.",
     )
     add_config_options(parser)

@@ -2,8 +2,11 @@
 builds the manifest of existing shards (e.g. img2dataset output) by scanning them.
 
 SRC is an image folder (searched recursively), a .npy/.npz file or builtin:mnist5k /
-builtin:digits; DEST and URL are fsspec URLs (local path, memory://, s3://, gs://). Rerunning the
-same command resumes: shards the manifest lists as complete are skipped.
+builtin:digits; DEST and URL are fsspec URLs (local path, memory://, s3://, gs://). Samples are
+written in a seeded random order (--seed, recorded in the manifest; --no-shuffle keeps source
+order), so class-sorted sources give shards that mix classes; the val split is chosen by a hash
+of each key. The same command gives byte-identical shards, and rerunning it resumes: shards the
+manifest lists as complete are skipped.
 """
 
 from __future__ import annotations
@@ -24,13 +27,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("dest", metavar="DEST", help="output folder URL (with `index`: the folder of shards)")
     parser.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
     parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality (default %(default)s)")
-    parser.add_argument("--maxcount", type=int, default=10_000, help="samples per shard (default %(default)s)")
+    parser.add_argument("--maxcount", type=int, default=None,
+                        help="samples per shard (default 10000; 1000 for builtin: sources)")
     parser.add_argument("--maxsize", type=float, default=1e9, help="payload bytes per shard (default %(default)g)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of keys (by sha1 hash) in the val split (default %(default)s)")
     parser.add_argument("--prefix", default="", help="shard name prefix: PREFIX-train-000000.tar")
     parser.add_argument("--class-from-subfolder", action="store_true", help="label = first sub-folder name")
     parser.add_argument("--labels", help=".npy of integer labels for a .npy source")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the shuffled sample order, recorded in the manifest (default %(default)s)")
+    parser.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                        help="write samples in source (key) order instead of a seeded random order")
     parser.add_argument("--split", choices=["train", "val"], help="with `index`: the split of every shard "
                         "(default: guessed from names containing val/test)")
     parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
@@ -57,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = dict(
         image_format=args.image_format, quality=args.quality, maxcount=args.maxcount, maxsize=int(args.maxsize),
         val_fraction=args.val_fraction, prefix=args.prefix, class_from_subfolder=args.class_from_subfolder,
-        labels=args.labels,
+        labels=args.labels, shuffle=args.shuffle, seed=args.seed,
     )
     settings = validate(ShardSettings, options, "tokenmill shard options")
     summary = write_shards(args.src, args.dest, settings, args.storage_options, progress=not args.no_progress)

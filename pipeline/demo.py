@@ -1,6 +1,7 @@
 """`tokenmill demo`: the main job end to end on embedded defaults, on this machine.
 
-1. shard the built-in MNIST-5k digits into WebDataset tars (+ manifest);
+1. shard the built-in MNIST-5k digits into WebDataset tars (+ manifest): shuffled, 1,000 per
+   shard, so the 5 train shards mix every digit and Ray Data reads them in parallel;
 2. train a VQ-VAE (configs/vqvae_mnist.yaml) with 2 DDP workers on local Ray, tracked in a
    SQLite MLflow store, and register the model;
 3. tokenize every shard into a Zarr token store with the registered model;

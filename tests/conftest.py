@@ -8,6 +8,7 @@ server through plain s3fs without extra options.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def mlflow_server(tmp_path_factory):
             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
             "--artifacts-destination", str(root / "artifacts"),
         ],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: see teardown
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -123,5 +124,9 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
     yield uri
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # on a loaded machine its children (uvicorn, job runner) stop slowly
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     log.close()

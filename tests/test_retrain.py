@@ -33,23 +33,32 @@ def digits(tmp_path_factory) -> Path:
 
 
 class Setup:
-    """One registered model's world: its data versions, token stores and retrain overrides."""
+    """One registered model's world: its data versions, token stores and retrain overrides.
+    Each data version lives under a prefix of its own (`versions_with`), so a test sees exactly
+    the version it names whichever tests ran before it (the registry is what they share)."""
 
-    def __init__(self, root: Path, digits: Path, tracking_uri: str, model: str):
+    def __init__(self, root: Path, digits: Path, tracking_uri: str, model: str, validation: str | None = None):
         self.root, self.digits, self.tracking_uri, self.model = root, digits, tracking_uri, model
+        self.validation = validation or str(digits)
         self.client = mlflow.MlflowClient(tracking_uri)
 
-    def add_version(self, name: str) -> None:
-        shutil.copytree(self.digits, self.root / "versions" / name)  # shard URLs are relative: a copy is valid
+    def versions_with(self, name: str) -> Path:
+        """A versions prefix holding only data version `name` (a copy of the digits shards)."""
+        prefix = self.root / f"versions-{name}"
+        if not (prefix / name).exists():
+            shutil.copytree(self.digits, prefix / name)  # shard URLs are relative: a copy is valid
+        return prefix
 
-    def overrides(self, *extra: str) -> list[str]:
-        return [f"versions.prefix={self.root / 'versions'}", f"validation.shards={self.digits}",
+    def overrides(self, version: str, *extra: str) -> list[str]:
+        return [f"versions.prefix={self.versions_with(version)}", f"validation.shards={self.validation}",
                 f"retokenize.out_prefix={self.root / 'tokens'}", f"run.root={self.root / 'runs'}",
                 f"tracking.tracking_uri={self.tracking_uri}", f"tracking.registered_model={self.model}", *extra]
 
-    def cli(self, *extra: str) -> tuple[int, dict]:
+    def cli(self, version: str, *extra: str) -> tuple[int, dict]:
+        """`tokenmill retrain` with data version `version` the newest: (exit code, its --json)."""
         out = self.root / f"decision-{len(list(self.root.glob('decision-*')))}.json"
-        args = ["retrain", CONFIG, *[a for o in self.overrides(*extra) for a in ("--set", o)], "--json", str(out)]
+        overrides = self.overrides(version, *extra)
+        args = ["retrain", CONFIG, *[a for o in overrides for a in ("--set", o)], "--json", str(out)]
         try:
             code = cli_main(args)
         except SystemExit as exit_:
@@ -68,14 +77,14 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def world(ray_local, mlflow_server, digits, tmp_path_factory) -> Setup:
-    setup = Setup(tmp_path_factory.mktemp("retrain"), digits, mlflow_server, "retrain-a")
-    setup.add_version("v001")
-    return setup
+    """Shared by the tests below (they build on one registry; none changes this object), with
+    the fixed validation set given as builtin:digits, which retrain shards once under run.root."""
+    return Setup(tmp_path_factory.mktemp("retrain"), digits, mlflow_server, "retrain-a", "builtin:digits")
 
 
 @pytest.fixture(scope="module")
 def first(world) -> dict:
-    code, decision = world.cli()
+    code, decision = world.cli("v001")
     assert code == 0
     return decision
 
@@ -101,11 +110,12 @@ def test_first_retrain_promotes_and_retokenizes(world, first):
     assert len(store.item_rows()) == DIGITS
     assert store.attrs()["lineage"]["model_version"] == f"retrain-a/{version}"
     assert tags["tokenmill.retrain.store_complete"] == "true"
+    assert read_manifest(str(world.root / "runs" / "shards" / "digits"))["complete"]  # builtin validation set
 
 
 def test_second_run_on_the_same_data_version_is_a_noop(world, first):
     versions_before = len(world.versions())
-    code, decision = world.cli()
+    code, decision = world.cli("v001")
     assert code == 0
     assert decision["decision"] == "already-decided" and decision["promoted"] is False
     assert "already decided" in decision["reason"] and decision["model_version"] == first["model_version"]
@@ -117,8 +127,7 @@ def test_second_run_on_the_same_data_version_is_a_noop(world, first):
 def test_challenger_that_does_not_win_keeps_the_champion(world, first):
     """Warm-started from the champion and trained one more step: close to it, but a margin of
     1000 dB cannot be won; the alias stays, and the decision is recorded on the version."""
-    world.add_version("v002")
-    code, decision = world.cli("train.steps=1", "promotion.margin=1000")
+    code, decision = world.cli("v002", "train.steps=1", "promotion.margin=1000")
     assert code == 0
     assert decision["promoted"] is False and decision["decision"] == "kept" and decision["store_url"] is None
     assert decision["data_version"] == "v002" and decision["champion_version"] == first["model_version"]
@@ -135,10 +144,9 @@ def test_challenger_that_does_not_win_keeps_the_champion(world, first):
 
 
 def test_failed_step_leaves_the_champion_untouched(world, first, monkeypatch, capsys):
-    world.add_version("v003")
     champion_before = world.champion()
     monkeypatch.setenv("TOKENMILL_FAULTS", "train.step,step=1")  # the training worker raises; max_failures is 0
-    code, decision = world.cli("promotion.margin=0")
+    code, decision = world.cli("v003", "promotion.margin=0")
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("tokenmill retrain: error: training the challenger failed:") and "champion is unchanged" in err
@@ -155,8 +163,7 @@ def test_two_concurrent_runs_promote_at_most_once(ray_local, mlflow_server, digi
     import pipeline.registry.retrain as retrain_flow
 
     setup = Setup(tmp_path, digits, mlflow_server, "retrain-race")
-    setup.add_version("v001")
-    config = load_retrain_config(CONFIG, setup.overrides("train.steps=3"))
+    config = load_retrain_config(CONFIG, setup.overrides("v001", "train.steps=3"))
     barrier, acquire = threading.Barrier(2, timeout=300), registry_lock.acquire
     one_training, train = threading.Lock(), retrain_flow._train
 
@@ -198,7 +205,10 @@ def test_two_concurrent_runs_promote_at_most_once(ray_local, mlflow_server, digi
 
 def test_lock_excludes_expires_and_is_never_released_by_a_former_holder(mlflow_server):
     client = mlflow.MlflowClient(mlflow_server)
-    first = registry_lock.acquire(client, "lock-test", expiry_s=4.0, wait_s=0)
+    # A fresh server answers its first registry requests slowly; warm it first, or run first, this
+    # test could see its short-lived lock expire before the LockBusy check.
+    registry_lock.acquire(client, "lock-test-warm-up", expiry_s=60, wait_s=0).release()
+    first = registry_lock.acquire(client, "lock-test", expiry_s=8.0, wait_s=0)
     with pytest.raises(registry_lock.LockBusy, match="held by"):
         registry_lock.acquire(client, "lock-test", expiry_s=60, wait_s=0)
     second = registry_lock.acquire(client, "lock-test", expiry_s=60, wait_s=30, poll_s=0.2)  # breaks it once expired

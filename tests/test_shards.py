@@ -67,6 +67,54 @@ def test_folder_to_shards_manifest_and_scan(tmp_path):
     assert all(np.array_equal(seen[k], expected[k][0]) for k in expected)
 
 
+def samples_in_shard_order(dest) -> list[tuple[str, str, int]]:
+    """(split, key, label) of every sample of `dest`, in manifest then tar order (the order readers see)."""
+    samples = []
+    for entry in read_manifest(str(dest))["shards"]:
+        with tarfile.open(dest / entry["url"]) as tar:
+            samples += [(entry["split"], m.name.split(".")[0], int(tar.extractfile(m).read()))
+                        for m in tar if m.name.endswith(".cls")]
+    return samples
+
+
+def test_class_sorted_source_gives_class_mixed_shards(tmp_path):
+    """builtin:mnist5k is class-sorted; its shuffled shards mix all digits from the first batch on,
+    in several train shards (Ray Data reads them in parallel)."""
+    summary = write_shards("builtin:mnist5k", str(tmp_path / "m"), progress=False)
+    assert summary["splits"] == {"train": {"shards": 5, "samples": 4500}, "val": {"shards": 1, "samples": 500}}
+    manifest = read_manifest(str(tmp_path / "m"))
+    assert manifest["settings"]["shuffle"] is True and manifest["settings"]["seed"] == 0
+    assert manifest["settings"]["maxcount"] == 1000  # the resolved default is recorded
+    train = [label for split, _, label in samples_in_shard_order(tmp_path / "m") if split == "train"][:256]
+    assert len(set(train)) >= 8, sorted(set(train))
+
+
+def test_seeded_order_is_reproducible_and_no_shuffle_keeps_key_order(tmp_path):
+    make_folder(tmp_path / "src", n_per_class=10)  # keys sorted = class-sorted (cat_, dog_, emu_)
+    src = str(tmp_path / "src")
+
+    def shard(name: str, *options: str) -> dict[str, list[str]]:
+        """Keys of each split in shard order."""
+        assert main(["shard", src, str(tmp_path / name), "--maxcount", "4", "--class-from-subfolder",
+                     "--no-progress", *options]) == 0
+        samples = samples_in_shard_order(tmp_path / name)
+        assert all(split == split_of(key, 0.1) for split, key, _ in samples)  # val chosen by key hash, as before
+        return {split: [key for s, key, _ in samples if s == split] for split in ("train", "val")}
+
+    a, again, other, plain = shard("a", "--seed", "3"), shard("b", "--seed", "3"), shard("c", "--seed", "4"), \
+        shard("d", "--no-shuffle")
+    tars = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert tars == sorted(p.name for p in (tmp_path / "b").glob("*.tar")) and len(tars) > 2
+    assert all((tmp_path / "a" / t).read_bytes() == (tmp_path / "b" / t).read_bytes() for t in tars)
+    assert a == again and a["train"] != other["train"]
+    for split in ("train", "val"):
+        assert sorted(a[split]) == sorted(other[split]) == plain[split] and len(plain[split]) > 1
+    assert a["train"] != plain["train"] and {k.split("_")[0] for k in a["train"][:9]} == {"cat", "dog", "emu"}
+    settings = read_manifest(str(tmp_path / "a"))["settings"]
+    assert (settings["shuffle"], settings["seed"]) == (True, 3)
+    assert read_manifest(str(tmp_path / "d"))["settings"]["shuffle"] is False
+
+
 def test_arrays_with_labels_and_maxsize(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (30, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "data.npz", images=images, labels=np.arange(30) % 5)
@@ -84,9 +132,11 @@ class Interrupted(Exception):
 
 def test_interrupted_runs_resume_without_duplicates(tmp_path, monkeypatch):
     make_folder(tmp_path / "src", n_per_class=10)
-    settings = ShardSettings(maxcount=3, val_fraction=0.2)
+    settings = ShardSettings(maxcount=3, val_fraction=0.2, seed=11)  # shuffled: the resume replans the same order
     write_shards(str(tmp_path / "src"), str(tmp_path / "clean"), settings, progress=False)
     clean = read_manifest(str(tmp_path / "clean"))
+    firsts = [s["first_key"] for s in clean["shards"] if s["split"] == "train"]
+    assert firsts != sorted(firsts)
 
     real_manifest, real_encode = shard_writer.write_manifest, shard_writer.encode_image
     calls = {"manifest": 0, "encode": 0}
@@ -115,6 +165,8 @@ def test_interrupted_runs_resume_without_duplicates(tmp_path, monkeypatch):
     resumed = read_manifest(dest)
     assert [(s["url"], s["count"], s["sha256"]) for s in resumed["shards"]] == \
            [(s["url"], s["count"], s["sha256"]) for s in clean["shards"]]
+    assert all((tmp_path / "out" / s["url"]).read_bytes() == (tmp_path / "clean" / s["url"]).read_bytes()
+               for s in clean["shards"])
     keys = [k for url in shard_urls(dest) for k in tarfile.open(url).getnames() if k.endswith(".png")]
     assert len(keys) == len(set(keys)) == 30
     assert not list((tmp_path / "out").glob("*.partial"))
@@ -124,6 +176,9 @@ def test_interrupted_runs_resume_without_duplicates(tmp_path, monkeypatch):
 def test_rerun_with_other_settings_is_refused(tmp_path):
     write_shards("builtin:digits", str(tmp_path / "d"), ShardSettings(maxcount=1000), progress=False)
     assert main(["shard", "builtin:digits", str(tmp_path / "d"), "--maxcount", "10", "--no-progress"]) == 2
+    assert main(["shard", "builtin:digits", str(tmp_path / "d"), "--seed", "1", "--no-progress"]) == 2
+    assert main(["shard", "builtin:digits", str(tmp_path / "d"), "--no-shuffle", "--no-progress"]) == 2
+    assert main(["shard", "builtin:digits", str(tmp_path / "d"), "--no-progress"]) == 0  # defaults: maxcount 1000
 
 
 def test_index_existing_shards_and_inspect_verify(tmp_path, capsys):

@@ -35,7 +35,9 @@ class VersionsSection(StrictModel):
 
 
 class ValidationSection(StrictModel):
-    shards: str  # fixed shard folder/URL with manifest.json, never a data version being trained on
+    # Fixed shard folder/URL with manifest.json, never a data version being trained on; or
+    # builtin:NAME, sharded once under run.root/shards/NAME (a laptop preset needs no extra step).
+    shards: str
     split: str = "val"
     batch_size: int = pydantic.Field(256, gt=0)
     iw_samples: int = pydantic.Field(64, gt=0)  # K of the importance-weighted NLL (VAE family)
@@ -119,5 +121,6 @@ def _is_vae(kind: str) -> bool:
 
 def load_retrain_config(path: str | Path | None, overrides: list[str] = ()) -> RetrainConfig:
     if path is None:
-        raise ConfigError("tokenmill retrain needs a config file (see configs/retrain_vqvae.yaml)")
+        raise ConfigError("tokenmill retrain needs a config file (configs/retrain_vqvae.yaml on this machine, "
+                          "configs/retrain_vqvae_cluster.yaml on a cluster)")
     return load_config(RetrainConfig, path, overrides)

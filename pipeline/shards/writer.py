@@ -6,8 +6,12 @@ Layout (img2dataset-compatible samples):  DEST/[prefix-]{train,val}-000000.tar, 
     KEY.json           {"key", "source", "width", "height", "original_width", "original_height",
                         "status": "success", "label"[, "class"]}
 
-Exactly once and resumable: each split's records are planned in key order; a shard is written
-to `NAME.partial`, moved to `NAME`, and only then appended to the manifest, which is rewritten
+Shuffled: each split's records are planned in a seeded order (sha1 of seed and key, the same on
+every machine), so a class-sorted source (MNIST, a folder of class sub-folders) gives shards and
+shuffle buffers that mix every class; `shuffle=False` keeps key order. `seed` is one of the
+settings the manifest records.
+
+Exactly once and resumable: a rerun plans the same order; a shard is written to `NAME.partial`, moved to `NAME`, and only then appended to the manifest, which is rewritten
 atomically after every shard. A rerun starts after the last shard the manifest lists (each
 entry records `plan_end`, its end in the planned order), so an interrupted run never counts a
 half-written shard and never duplicates a sample. Tar members carry mtime 0, so a shard's bytes
@@ -31,7 +35,7 @@ from models.errors import UserError
 from pipeline.config import StrictModel
 from pipeline.shards.images import DecodeError, to_8bit
 from pipeline.shards.manifest import SPLITS, ImageStats, read_manifest, write_manifest
-from pipeline.shards.sources import ImageSource, open_source
+from pipeline.shards.sources import BUILTIN_SOURCES, ImageSource, open_source
 from pipeline.shards.wds_io import HashingWriter
 from pipeline.storage import filesystem, join
 
@@ -41,12 +45,16 @@ class ShardSettings(StrictModel):
 
     image_format: Literal["jpg", "png", "webp"] = "png"
     quality: int = pydantic.Field(95, ge=1, le=100)  # jpg / webp
-    maxcount: int = pydantic.Field(10_000, ge=1)  # samples per shard
+    # Samples per shard; None: 10,000, or 1,000 for the small built-in sources (several shards,
+    # so Ray Data reads them in parallel). The manifest records the resolved number.
+    maxcount: int | None = pydantic.Field(None, ge=1)
     maxsize: int = pydantic.Field(1_000_000_000, ge=1)  # payload bytes per shard (webdataset semantics)
     val_fraction: float = pydantic.Field(0.1, ge=0.0, lt=1.0)  # ignored by sources with a fixed split
     prefix: str = pydantic.Field("", pattern=r"^[\w-]*$")
     class_from_subfolder: bool = False
     labels: str | None = None  # .npy of labels for a .npy source
+    shuffle: bool = True  # False: samples in key order (class-sorted sources stay class-sorted)
+    seed: int = 0  # of the shuffled order: the same seed and source give byte-identical shards
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -59,10 +67,25 @@ def shard_name(prefix: str, split: str, index: int) -> str:
     return f"{prefix + '-' if prefix else ''}{split}-{index:06d}.tar"
 
 
+def default_maxcount(src: str) -> int:
+    return 1_000 if src in BUILTIN_SOURCES else 10_000
+
+
+def shuffle_order(keys: list[str], records: list[int], seed: int) -> list[int]:
+    """`records` sorted by sha1(seed, key): a seeded shuffle that depends on nothing but the
+    seed and each key (no RNG implementation, no machine), so every rerun plans the same order."""
+    salt = f"tokenmill-shuffle:{seed}:".encode()
+    return sorted(records, key=lambda i: hashlib.sha1(salt + keys[i].encode()).digest())
+
+
 def plan(source: ImageSource, settings: ShardSettings) -> dict[str, list[int]]:
-    """Record indices of each split, in key order (the order shards are filled in)."""
+    """Record indices of each split in the order shards are filled in: shuffled by
+    `settings.seed`, or key order without `settings.shuffle`."""
     splits = source.fixed_split or [split_of(key, settings.val_fraction) for key in source.keys]
-    return {split: [i for i, s in enumerate(splits) if s == split] for split in SPLITS}
+    planned = {split: [i for i, s in enumerate(splits) if s == split] for split in SPLITS}
+    if settings.shuffle:
+        planned = {split: shuffle_order(source.keys, records, settings.seed) for split, records in planned.items()}
+    return planned
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -148,9 +171,11 @@ def write_shards(src: str, dest: str, settings: ShardSettings | None = None,
     from tqdm import tqdm
 
     settings = settings or ShardSettings()
+    if settings.maxcount is None:
+        settings = settings.model_copy(update=dict(maxcount=default_maxcount(src)))
     source = open_source(src, class_from_subfolder=settings.class_from_subfolder, labels=settings.labels,
                          storage_options=storage_options)
-    # now: source.keys sorted and unique; pixels not loaded yet
+    # now: source.keys sorted and unique; pixels not loaded yet; settings.maxcount resolved
     planned = plan(source, settings)
     fixed = dict(source=src, **settings.model_dump())
     manifest = read_manifest(dest, storage_options)
