@@ -41,9 +41,9 @@ class TokenEncoder:
 
         with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as tmp:
             path = files.materialize(tmp)
-            self.meta = read_model_config(path)
+            self.meta = read_model_config(path, files.uri)  # errors name the user's model, not `tmp`
             # The trainer exports EMA weights as *the* model, so loading it is loading EMA weights.
-            self.model = models.load_model(path, map_location=device).eval().requires_grad_(False)
+            self.model = models.load_model(path, map_location=device, name=files.uri).eval().requires_grad_(False)
         self.device, self.latents = torch.device(device), latents
         if latents and not getattr(self.model, "has_kl", False):
             raise UserError(f"--latents needs a VAE-family model; {files.uri} is a {self.meta['class']}")
