@@ -38,15 +38,12 @@ CASES = [
     # -- shard
     ("shard-missing-src", "shard {F}/missing {F}/out", ["{F}/missing"]),
     ("shard-empty-folder", "shard {F}/empty {F}/out", ["{F}/empty"]),
-    ("shard-text-folder", "shard {F}/texts {F}/out", ["{F}/texts"]),
     ("shard-garbage-npy", "shard {F}/texts/a.npy {F}/out", ["{F}/texts/a.npy"]),
     ("shard-missing-labels", "shard {F}/imgs.npy {F}/out --labels {F}/missing.npy", ["{F}/missing.npy"]),
     ("shard-dest-is-a-file", "shard {F}/imgs.npy {F}/texts/a.txt", ["{F}/texts/a.txt"]),
     # ShardSettings validates the numbers: the message names the setting and the value
     ("shard-maxcount-neg", "shard {F}/imgs.npy {F}/out --maxcount -1", ["maxcount", "-1"]),
-    ("shard-maxsize-0", "shard {F}/imgs.npy {F}/out --maxsize 0", ["maxsize", "0"]),
     ("shard-val-fraction-2", "shard {F}/imgs.npy {F}/out --val-fraction 2", ["val_fraction", "2"]),
-    ("shard-quality-0", "shard {F}/imgs.npy {F}/out --format jpg --quality 0", ["quality", "0"]),
     ("shard-maxcount-abc", "shard {F}/imgs.npy {F}/out --maxcount abc", ["--maxcount", "abc"]),
     ("shard-storage-options-not-json", "shard {F}/imgs.npy {F}/out --storage-options not-json",
      ["--storage-options", "not-json"]),
@@ -54,15 +51,12 @@ CASES = [
     # -- shard index
     ("index-missing", "shard index {F}/missing", ["{F}/missing"]),
     ("index-empty-folder", "shard index {F}/empty", ["{F}/empty"]),
-    ("index-text-folder", "shard index {F}/texts", ["{F}/texts"]),
     ("index-garbage-tar", "shard index {F}/badtar", ["{F}/badtar"]),
     ("index-storage-options-not-json", "shard index {F}/shards --storage-options not-json", ["not-json"]),
     # -- inspect
     ("inspect-missing", "inspect {F}/missing", ["{F}/missing"]),
     ("inspect-missing-tar", "inspect {F}/missing.tar", ["{F}/missing.tar"]),
-    ("inspect-missing-manifest", "inspect {F}/missing/manifest.json", ["{F}/missing/manifest.json"]),
     ("inspect-empty-folder", "inspect {F}/empty", ["{F}/empty"]),
-    ("inspect-text-folder", "inspect {F}/texts", ["{F}/texts"]),
     ("inspect-garbage-manifest", "inspect {F}/badmanifest", ["{F}/badmanifest"]),
     ("inspect-garbage-tar-folder", "inspect {F}/badtar", ["{F}/badtar"]),
     ("inspect-garbage-zarr", "inspect {F}/badzarr", ["{F}/badzarr"]),
@@ -72,12 +66,9 @@ CASES = [
     ("train-garbage-yaml", "train {F}/bad.yaml", ["{F}/bad.yaml"]),
     ("train-config-is-folder", "train {F}/empty", ["{F}/empty"]),
     ("train-steps-abc", "train {TRAIN} --set train.steps=abc", ["train.steps=abc"]),
-    ("train-steps-0", "train {TRAIN} --set train.steps=0", ["train.steps=0"]),
     ("train-unknown-key", "train {TRAIN} --set train.stpes=3", ["train.stpes"]),
-    ("train-not-key-value", "train {TRAIN} --set train.steps", ["train.steps"]),
     ("train-missing-shards", "train {TRAIN} --set data.shards={F}/missing --set run.root={F}/runs",
      ["{F}/missing"]),
-    ("train-empty-shards", "train {TRAIN} --set data.shards={F}/empty --set run.root={F}/runs", ["{F}/empty"]),
     ("train-garbage-manifest", "train {TRAIN} --set data.shards={F}/badmanifest --set run.root={F}/runs",
      ["{F}/badmanifest"]),
     ("train-init-missing", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs "
@@ -89,41 +80,35 @@ CASES = [
     # -- tokenize
     ("tokenize-model-missing", "tokenize --model {F}/missing --data {F}/shards --out {F}/t0.zarr", ["{F}/missing"]),
     ("tokenize-model-empty", "tokenize --model {F}/empty --data {F}/shards --out {F}/t1.zarr", ["{F}/empty"]),
-    ("tokenize-model-texts", "tokenize --model {F}/texts --data {F}/shards --out {F}/t2.zarr", ["{F}/texts"]),
     ("tokenize-model-garbage-weights", "tokenize --model {F}/badweights --data {F}/shards --out {F}/t3.zarr",
      ["{F}/badweights"]),
     ("tokenize-model-garbage-config", "tokenize --model {F}/badconfig --data {F}/shards --out {F}/t4.zarr",
      ["{F}/badconfig"]),
     ("tokenize-data-missing", "tokenize --model {F}/model --data {F}/missing --out {F}/t5.zarr", ["{F}/missing"]),
     ("tokenize-data-empty", "tokenize --model {F}/model --data {F}/empty --out {F}/t6.zarr", ["{F}/empty"]),
-    ("tokenize-data-texts", "tokenize --model {F}/model --data {F}/texts --out {F}/t7.zarr", ["{F}/texts"]),
     ("tokenize-data-garbage-manifest", "tokenize --model {F}/model --data {F}/badmanifest --out {F}/t8.zarr",
      ["{F}/badmanifest"]),
     ("tokenize-data-garbage-tar", "tokenize --model {F}/model --data {F}/badtar --out {F}/t9.zarr", ["{F}/badtar"]),
     ("tokenize-out-garbage-zarr", "tokenize --model {F}/model --data {F}/shards --out {F}/badzarr", ["{F}/badzarr"]),
     ("tokenize-out-foreign-zarr", "tokenize --model {F}/model --data {F}/shards --out {F}/foreignzarr",
      ["{F}/foreignzarr"]),
+    ("tokenize-out-other-run", "tokenize --model {F}/model --data {F}/shards --out {F}/store.zarr", ["{F}/store.zarr"]),
     ("tokenize-out-is-a-file", "tokenize --model {F}/model --data {F}/shards --out {F}/imgs.npy", ["{F}/imgs.npy"]),
     ("tokenize-batch-size-0", "tokenize --model {F}/model --data {F}/shards --out {F}/t10.zarr --batch-size 0",
      ["--batch-size", "0"]),
     ("tokenize-actors-0", "tokenize --model {F}/model --data {F}/shards --out {F}/t11.zarr --actors 0",
      ["--actors", "0"]),
     # -- retrain
-    ("retrain-missing-config", "retrain {F}/missing.yaml", ["{F}/missing.yaml"]),
-    ("retrain-garbage-yaml", "retrain {F}/bad.yaml", ["{F}/bad.yaml"]),
     ("retrain-margin-negative", "retrain {RETRAIN} --set promotion.margin=-1", ["promotion.margin=-1"]),
-    ("retrain-steps-abc", "retrain {RETRAIN} --set train.steps=abc", ["train.steps=abc"]),
     ("retrain-versions-missing", "retrain {RETRAIN} --set versions.prefix={F}/missing --set run.root={F}/runs",
      ["{F}/missing"]),
     ("retrain-validation-missing", "retrain {RETRAIN} --set versions.prefix={F}/versions --set run.root={F}/runs "
      "--set validation.shards={F}/missing", ["{F}/missing"]),
     # -- decode
     ("decode-missing-store", "decode {F}/missing --out {F}/dec", ["{F}/missing"]),
-    ("decode-empty-folder", "decode {F}/empty --out {F}/dec", ["{F}/empty"]),
     ("decode-garbage-zarr", "decode {F}/badzarr --out {F}/dec", ["{F}/badzarr"]),
     ("decode-foreign-zarr", "decode {F}/foreignzarr --out {F}/dec", ["{F}/foreignzarr"]),
     ("decode-rows-reversed", "decode {F}/store.zarr --out {F}/dec --rows 5:2", ["--rows", "5:2"]),
-    ("decode-rows-abc", "decode {F}/store.zarr --out {F}/dec --rows abc", ["--rows", "abc"]),
     ("decode-rows-past-end", "decode {F}/store.zarr --out {F}/dec --rows 100:200", ["100:200"]),
     ("decode-unknown-split", "decode {F}/store.zarr --out {F}/dec --split nosuch", ["nosuch"]),
     ("decode-model-missing", "decode {F}/store.zarr --out {F}/dec --model {F}/missing", ["{F}/missing"]),
@@ -147,7 +132,6 @@ CASES = [
     ("bench-tokenize-workdir-is-a-file", "bench tokenize --images 8 --workdir {F}/imgs.npy", ["{F}/imgs.npy"]),
     ("bench-train-steps-0", "bench train --steps 0", ["--steps", "0"]),
     ("bench-train-missing-config", "bench train --config {F}/missing.yaml", ["{F}/missing.yaml"]),
-    ("bench-train-set-abc", "bench train --set train.batch_size=abc", ["train.batch_size=abc"]),
 ]
 
 # Good input on the same fixtures succeeds, so a refusal above is about the bad input alone.
@@ -179,7 +163,8 @@ def _store_for(url: str, model: Path) -> None:
     build_store(url, [3, 2], ["train", "val"], codebook_size=16)
     group = zarr.open_group(url, mode="r+")
     sha = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
-    group.attrs["lineage"] = {"model_uri": str(model), "weights_sha256": sha, "mode": "codes"}
+    group.attrs["lineage"] = {**group.attrs["lineage"], "model_uri": str(model), "weights_sha256": sha,
+                              "token_shape": [[2, 2]], "codebook_size": 16}
 
 
 def _build_fixtures(root: Path) -> None:
@@ -230,7 +215,7 @@ def results(tmp_path_factory):
     names = {"F": str(fixtures), "TRAIN": TRAIN, "RETRAIN": RETRAIN}
     work = root / "cwd"  # anything a job writes to a relative default path lands here
     work.mkdir()
-    with ThreadPoolExecutor(max_workers=6) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {case: pool.submit(_run, command.format(**names).split(), work, env)
                    for case, command, *_ in CASES + CONTROLS}
         done = {case: future.result() for case, future in futures.items()}
