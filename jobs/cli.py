@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from models.errors import UserError
-
 # Order here is the order in `tokenmill --help`.
 COMMAND_MODULES = [
     "jobs.demo",
@@ -46,6 +44,54 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# argparse `type=` validators: a bad value is refused before any work with argparse's one
+# `error: argument --NAME: ...` line (exit 2), which names the option and the value typed.
+def int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def output_folder(text: str) -> Path:
+    """A local folder the job writes into: it may not exist yet, but must not be a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; expected a folder (it is created if missing)")
+    return path
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """`--storage-options JSON`: a JSON object (fsspec keyword arguments)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"anon\": true}}', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenmill",
@@ -67,6 +113,8 @@ def add_verbose_option(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def run_handler(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    from models.errors import UserError  # imports torch (models/__init__): not for --help or a bad argument
+
     try:
         result = handler(args)
     except UserError as err:

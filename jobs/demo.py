@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jobs.cli import add_json_option
+from jobs.cli import add_json_option, output_folder, positive_int
 from pipeline import demo
 
 
@@ -14,9 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="shard MNIST-5k, train a VQ-VAE on local Ray, tokenize it into Zarr",
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--root", type=Path, default=Path("runs/demo"), help="output directory (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=600, help="training steps (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="DDP workers (default %(default)s)")
+    parser.add_argument("--root", type=output_folder, default=Path("runs/demo"), help="output directory (default %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=600, help="training steps (default %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="DDP workers (default %(default)s)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 

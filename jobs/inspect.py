@@ -80,7 +80,7 @@ INSPECTORS = [Inspector("shards", _is_shards, inspect_shards),
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option
+    from jobs.cli import add_json_option, json_object
 
     parser = subparsers.add_parser(
         "inspect", help="summarize shards (optionally verify them) or a token store",
@@ -88,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("target", metavar="TARGET", help="shards (folder, manifest.json or .tar) or a token store URL")
     parser.add_argument("--verify", action="store_true", help="re-read everything; list corrupt members by key")
-    parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+    parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
                         help="fsspec storage options as JSON")
     add_json_option(parser)
     parser.set_defaults(run=run)
@@ -96,7 +96,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from models.errors import UserError
+    from pipeline.storage import filesystem
 
+    fs, path = filesystem(args.target, args.storage_options)
+    if not fs.exists(path):
+        raise UserError(f"{args.target} does not exist; check the URL")
     for inspector in INSPECTORS:
         if inspector.detect(args.target, args.storage_options):
             return dict(kind=inspector.name, **inspector.inspect(args.target, args))

@@ -12,12 +12,11 @@ manifest lists as complete are skipped.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option
+    from jobs.cli import add_json_option, json_object
 
     parser = subparsers.add_parser(
         "shard", help="write images as WebDataset shards with a manifest (or `shard index URL`)",
@@ -41,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="write samples in source (key) order instead of a seeded random order")
     parser.add_argument("--split", choices=["train", "val"], help="with `index`: the split of every shard "
                         "(default: guessed from names containing val/test)")
-    parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+    parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
                         help='fsspec storage options, e.g. \'{"anon": true}\'')
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_option(parser)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.errors import UserError
@@ -90,41 +91,52 @@ def save_model(model: torch.nn.Module, path: str | Path, extra: dict[str, Any] |
     return path
 
 
-def read_model_config(path: str | Path) -> dict[str, Any]:
-    """The parsed `config.json` of a saved model directory (class, config, extra)."""
+def read_model_config(path: str | Path, name: str | None = None) -> dict[str, Any]:
+    """The parsed `config.json` of a saved model directory (class, config, extra). Errors call
+    the model `name` (what the user passed, when `path` is a temporary copy), else `path`."""
+    name = name or str(path)
     config_path = Path(path) / CONFIG_FILE
     if not config_path.is_file():
-        raise UserError(f"{path} is not a tokenmill model directory: {CONFIG_FILE} is missing")
+        raise UserError(f"{name} is not a tokenmill model directory: {CONFIG_FILE} is missing")
     try:
         meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_path} is not valid JSON ({err}); re-save the model") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{name}: {CONFIG_FILE} is not valid JSON ({err}); re-save the model") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
         raise UserError(
-            f"{config_path} has format_version {meta.get('format_version')!r}, this tokenmill "
+            f"{name}: {CONFIG_FILE} has format_version {found!r}, this tokenmill "
             f"reads {FORMAT_VERSION}; upgrade tokenmill or re-save the model"
         )
     return meta
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the saved model class from `config.json` and load its safetensors weights."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", name: str | None = None) -> torch.nn.Module:
+    """Rebuild the saved model class from `config.json` and load its safetensors weights.
+    Anything unreadable is a UserError calling the model `name` (default: `path`)."""
     path = Path(path)
-    meta = read_model_config(path)
+    name = name or str(path)
+    meta = read_model_config(path, name)
     cls = _MODELS.get(meta.get("class", ""))
     if cls is None:
         raise UserError(
-            f"{path}: unknown model class {meta.get('class')!r}; known: {', '.join(sorted(_MODELS))}"
+            f"{name}: unknown model class {meta.get('class')!r}; known: {', '.join(sorted(_MODELS))}"
         )
+    if not isinstance(meta.get("config"), dict):
+        raise UserError(f"{name}: {CONFIG_FILE} has no `config` section; re-save the model")
     model = cls(_config_from_dict(cls, meta["config"]))
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
-        raise UserError(f"{path}: {WEIGHTS_FILE} is missing; the model directory is incomplete")
-    state = load_file(str(weights_path), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        raise UserError(f"{name}: {WEIGHTS_FILE} is missing; the model directory is incomplete")
+    try:
+        state = load_file(str(weights_path), device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)  # shape mismatch: RuntimeError
+    except (SafetensorError, RuntimeError) as err:
+        raise UserError(f"{name}: {WEIGHTS_FILE} is unreadable or does not fit {cls.__name__} "
+                        f"({str(err).strip().splitlines()[-1].strip()}); re-save the model") from None
     if missing or unexpected:
         raise UserError(
-            f"{weights_path} does not match {cls.__name__}({meta['config']}): "
+            f"{name}: {WEIGHTS_FILE} does not match {cls.__name__}({meta['config']}): "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
             "the weights come from a different architecture"
         )

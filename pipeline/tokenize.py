@@ -54,6 +54,8 @@ def tokenize_dataset(
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if actors is not None and actors < 1:
+        raise UserError(f"--actors must be >= 1, got {actors}")
     options = dict(storage_options or {})
     files = resolve_model(model_ref, tracking_uri, options)
     shards, identity = _manifest_shards(shards_url, options)

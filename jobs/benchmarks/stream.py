@@ -23,18 +23,29 @@ BATCH = 256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option
+    from jobs.cli import add_json_option, positive_int
 
     parser = subparsers.add_parser(
         "stream", help="Ray Data shard stream vs a single-process webdataset + PIL loop (32x32 JPEGs)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="images (default %(default)s)")
-    parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS, help="shards (default %(default)s)")
-    parser.add_argument("--cpus", default=str(os.cpu_count() or 1),
+    parser.add_argument("--images", type=positive_int, default=DEFAULT_IMAGES, help="images (default %(default)s)")
+    parser.add_argument("--shards", type=positive_int, default=DEFAULT_SHARDS, help="shards (default %(default)s)")
+    parser.add_argument("--cpus", type=_cpu_counts, default=str(os.cpu_count() or 1),
                         help="comma-separated Ray CPU counts to measure, e.g. 1,2 (default: all cores)")
     add_json_option(parser)
     parser.set_defaults(run=run)
+
+
+def _cpu_counts(text: str) -> list[int]:
+    """`--cpus 1,2` -> [1, 2]; refused by argparse unless every entry is a positive integer."""
+    try:
+        cpus = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        cpus = []
+    if not cpus or min(cpus) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return cpus
 
 
 def make_shards(folder: str, images: int, shards: int) -> list[str]:
@@ -84,11 +95,7 @@ def ray_stream(urls: list[str], num_cpus: int) -> tuple[int, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from models.errors import UserError
-
-    cpus = [int(c) for c in args.cpus.split(",") if c.strip()]
-    if not cpus or min(cpus) < 1 or args.images < 1 or args.shards < 1:
-        raise UserError("--cpus needs positive integers, --images and --shards must be >= 1")
+    cpus = args.cpus
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as folder:
         urls = make_shards(folder, args.images, args.shards)

@@ -36,14 +36,14 @@ from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option
+    from jobs.cli import add_json_option, output_folder, positive_int
 
     parser = subparsers.add_parser("tokenize", help="tokenize throughput vs compute limit and a naive loop",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=100_000, help="N (default %(default)s); the scale run uses 4N")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--actors", type=int, default=None, help="encoding actors (default: one per CPU)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where shards and stores go (default: a temp dir)")
+    parser.add_argument("--images", type=positive_int, default=100_000, help="N (default %(default)s); the scale run uses 4N")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--actors", type=positive_int, default=None, help="encoding actors (default: one per CPU)")
+    parser.add_argument("--workdir", type=output_folder, default=None, help="where shards and stores go (default: a temp dir)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 

@@ -28,7 +28,7 @@ VAL_IMAGES = 256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option
+    from jobs.cli import add_json_option, positive_int
 
     parser = subparsers.add_parser(
         "train", help="the Ray Train job (1 and 2 workers) vs a plain PyTorch loop, img/s on MNIST-5k",
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.batch_size=32 (repeatable)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per run (default %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=200, help="training steps per run (default %(default)s)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 

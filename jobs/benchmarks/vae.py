@@ -27,16 +27,16 @@ class TrainResult:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option
+    from jobs.cli import add_json_option, positive_float, positive_int
 
     parser = subparsers.add_parser(
         "vae", help="one-layer VAE vs hierarchical VAE on binarized MNIST-5k at equal training time",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="training seconds per model (default %(default)s)")
-    parser.add_argument("--k", type=int, default=DEFAULT_K, help="importance samples for the val bound (default %(default)s)")
+    parser.add_argument("--budget-s", type=positive_float, default=DEFAULT_BUDGET_S, help="training seconds per model (default %(default)s)")
+    parser.add_argument("--k", type=positive_int, default=DEFAULT_K, help="importance samples for the val bound (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default %(default)s: steady timings on a shared machine)")
     add_json_option(parser)
     parser.set_defaults(run=run)

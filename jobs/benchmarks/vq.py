@@ -25,18 +25,18 @@ DEAD_CODE_THRESHOLD = 2.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option
+    from jobs.cli import add_json_option, nonnegative_int, positive_float, positive_int
 
     parser = subparsers.add_parser(
         "vq", help="our VectorQuantizer vs vector-quantize-pytorch inside the same VQ-VAE on MNIST-5k",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--steps", type=int, default=1000, help="training steps per model (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed first steps (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--steps", type=positive_int, default=1000, help="training steps per model (default %(default)s)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=20, help="untimed first steps (default %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--lr", type=positive_float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-images", type=int, default=500, help="val digits to validate on (default: all %(default)s)")
+    parser.add_argument("--val-images", type=positive_int, default=500, help="val digits to validate on (default: all %(default)s)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 

@@ -46,7 +46,8 @@ class ModelFiles:
             path = Path(directory)
             (path / CONFIG_FILE).write_bytes(self.config)
             (path / WEIGHTS_FILE).write_bytes(self.weights)
-            return load_model(path, map_location=map_location), read_model_config(path)
+            # Errors name the reference the user gave, not this temporary folder.
+            return load_model(path, map_location=map_location, name=self.uri), read_model_config(path, self.uri)
 
 
 def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: dict | None = None) -> ModelFiles:

@@ -105,11 +105,16 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict[str, An
     """The manifest of folder/manifest `url`, or None when there is none."""
     fs, path = filesystem(manifest_url(url), storage_options)
     try:
-        return json.loads(fs.cat_file(path))
+        manifest = json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as err:
+    except NotADirectoryError:
+        raise UserError(f"{url} is a file, not a folder of shards") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{manifest_url(url)} is not valid JSON ({err}); delete it and rerun") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise UserError(f"{manifest_url(url)} is not a shard manifest (no `shards` list); delete it and rerun")
+    return manifest
 
 
 def finalize(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -234,6 +239,10 @@ def index_shards(url: str, storage_options: dict | None = None, split: str | Non
         scan.entry["url"] = name
         shards.append(scan.entry)
         problems.extend(scan.problems)
+    if not any(s["count"] for s in shards):  # e.g. files named .tar that are not tar archives
+        first = problems[0] if problems else dict(shard=join(url, names[0]), reason="no samples")
+        raise UserError(f"{url}: none of its {len(names)} .tar shards holds a readable sample "
+                        f"(e.g. {first['shard']}: {first['reason']})")
     manifest = dict(format="webdataset", version=1, source=url, settings={"indexed": True}, classes=None,
                     shards=shards)
     return finalize(manifest), problems

@@ -26,7 +26,7 @@ def detokenize_store(store_url: str, out: Path, start: int, stop: int, *, split:
     from pipeline.tokens.store import TokenStore
 
     store = TokenStore(store_url, storage_options)
-    attrs = store.attrs()
+    attrs = store.token_attrs()
     lineage = attrs["lineage"]
     files = resolve_model(model_ref or lineage["model_uri"], tracking_uri, storage_options)
     if files.weights_sha256 != lineage["weights_sha256"]:

@@ -89,10 +89,24 @@ class TokenStore:
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
 
     def open_group(self, mode: str = "r") -> zarr.Group:
-        return zarr.open_group(mode=mode, zarr_format=3, **_zarr_kwargs(self.url, self.storage_options))
+        try:
+            return zarr.open_group(mode=mode, zarr_format=3, **_zarr_kwargs(self.url, self.storage_options))
+        except (OSError, ValueError, zarr.errors.BaseZarrError) as err:  # missing, not a group, corrupt JSON
+            raise UserError(f"{self.url} is not a readable Zarr token store ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); check the URL") from None
 
     def attrs(self) -> dict[str, Any]:
         return dict(self.open_group("r").attrs)
+
+    def token_attrs(self) -> dict[str, Any]:
+        """The attributes of the tokenmill store at `url` (lineage, layout, arrays); UserError
+        naming the URL when there is no store, or a Zarr group tokenmill did not write."""
+        if not self.exists():
+            raise UserError(f"{self.url} is not a token store (no zarr.json); create one with `tokenmill tokenize`")
+        attrs = self.attrs()
+        if "lineage" not in attrs or "arrays" not in attrs:
+            raise UserError(f"{self.url} is a Zarr group but not a tokenmill token store")
+        return attrs
 
     def exists(self) -> bool:
         return self.fs.exists(f"{self.root}/zarr.json")
@@ -101,12 +115,14 @@ class TokenStore:
     def prepare(self, lineage: dict[str, Any], layout: Layout, specs: list[ArraySpec], overwrite: bool) -> None:
         """Create the store, or check that the existing one was made by the same model and
         config (else UserError naming both, unless `overwrite`)."""
-        if self.exists():
+        if self.fs.isfile(self.root):
+            raise UserError(f"{self.url} is a file; the token store must be a folder (choose another --out)")
+        if self.exists() and overwrite:
+            self.fs.rm(self.root, recursive=True)
+        elif self.exists():
             attrs = self.attrs()
             state = attrs.get("tokenmill", {}).get("state")
-            if overwrite:
-                self.fs.rm(self.root, recursive=True)
-            elif state == "creating" and not self.finished():
+            if state == "creating" and not self.finished():
                 pass  # the driver died while creating: nothing was written yet, start again
             else:
                 self._check_same_run(attrs, lineage, layout, specs)
@@ -227,6 +243,8 @@ class TokenStore:
         if "count" not in table:
             raise UserError(f"{self.url} is not finished; rerun `tokenmill tokenize` to complete it")
         starts, counts, splits = table["row_start"][:], table["count"][:], table["split"][:]
+        if split is not None and split not in set(splits.tolist()):
+            raise UserError(f"{self.url} has no split {split!r}; its splits: {', '.join(sorted(set(splits.tolist())))}")
         keep = np.ones(len(starts), bool) if split is None else splits == split
         return np.concatenate([np.arange(s, s + n) for s, n in zip(starts[keep], counts[keep])] or [np.empty(0, int)])
 
@@ -313,12 +331,8 @@ def describe_store(url: str, storage_options: dict[str, Any] | None = None) -> d
     """What `tokenmill inspect STORE` prints: arrays (shape, dtype, chunks, shards), lineage,
     progress, sample counts per split and codebook statistics."""
     store = TokenStore(url, storage_options)
-    if not store.exists():
-        raise UserError(f"{url} is not a token store (no zarr.json); create one with `tokenmill tokenize`")
+    attrs = store.token_attrs()
     group = store.open_group("r")
-    attrs = dict(group.attrs)
-    if "lineage" not in attrs:
-        raise UserError(f"{url} is a Zarr group but not a tokenmill token store")
     names = [spec["name"] for spec in attrs["arrays"]] + ["keys", "labels"]
     arrays = {}
     for name in names:

@@ -98,7 +98,7 @@ def _build_model_and_trainer(config: TrainJobConfig, tracking_uri: str) -> tuple
     """The unwrapped model (on its device, collectives injected) and the TrainStep over its DDP wrapper."""
     module = build_model(config.model)  # the unwrapped model: what EMA, validation and checkpoints see
     if config.train.init_from:  # before DDP and TrainStep, so replicas and EMA start from these weights
-        _load_initial_weights(module, config.train.init_from, tracking_uri)
+        load_initial_weights(module, config.train.init_from, tracking_uri)
     model = ray.train.torch.prepare_model(module)  # DDP when world_size > 1, moved to the device
     set_collectives(module, distributed_collectives())  # no-ops unless distributed
     steps = config.train.steps
@@ -207,13 +207,19 @@ def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str) -> None:
+def load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str) -> None:
     """Copy the weights of model `ref` into `module` (strict: the architectures must match).
-    Every rank resolves `ref` itself, so it works on nodes that never saw the driver's disk."""
+    Every rank resolves `ref` itself, so it works on nodes that never saw the driver's disk; the
+    driver calls it once on a fresh model before Ray starts, so a bad `ref` is a UserError at once."""
+    from models.errors import UserError
     from pipeline.registry.model_ref import resolve_model
 
     source, _ = resolve_model(ref, tracking_uri).load()
-    module.load_state_dict(source.state_dict())
+    try:
+        module.load_state_dict(source.state_dict())
+    except RuntimeError as err:  # "Error(s) in loading state_dict for X:\n\tsize mismatch for ..."
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][-1][:300]
+        raise UserError(f"train.init_from {ref} does not fit the `model` section of the config ({detail})") from None
 
 
 def _seed_everything(seed: int) -> None:

@@ -50,6 +50,11 @@ def train(config) -> TrainSummary:
     data = resolve_training_data(config)  # missing / empty shards fail here, before Ray work
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, run_dir)
     tracking.require_reachable(tracking_uri)
+    if config.train.init_from:  # a warm start that cannot load fails here, not later on every rank
+        from models.serialization import build_model
+        from pipeline.training.loop import load_initial_weights
+
+        load_initial_weights(build_model(config.model), config.train.init_from, tracking_uri)
     run_id = tracking.get_or_create_run(
         tracking_uri, config.tracking.experiment, config.run.name,
         tags={"tokenmill.data_manifest_identity": data.manifest_identity, "tokenmill.git_commit": tracking.git_commit(),
