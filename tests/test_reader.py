@@ -78,7 +78,7 @@ def test_stream_tokenization_and_scan_report_a_dirty_shard_identically(ray_local
     layout = plan_layout([(dirty_shard, "train", 7)], max(spec.row_bytes for spec in encoder.specs))
     store = TokenStore(str(tmp_path / "tokens.zarr"))
     store.prepare({"model_uri": "test", "mode": "codes"}, layout, encoder.specs, overwrite=False)
-    result = encode_shard(layout.shards[0], store, layout.shard_rows, encoder, 2, {})
+    result = encode_shard(layout.shards[0], store, layout.rows_per_zarr_shard, encoder, 2, {})
     assert result["rows"] == 4
     store.finalize(layout, encoder.specs)
     tokenized = describe_store(str(tmp_path / "tokens.zarr"))["corrupt"]  # the store's report

@@ -50,18 +50,24 @@ def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str,
     return metrics
 
 
-def _validation_batches(config: RetrainConfig) -> Iterator[dict[str, Any]]:
-    """The fixed split in manifest order, decoded as the trainer decodes validation data."""
+def validation_shard_urls(config: RetrainConfig) -> list[str]:
+    """The fixed validation split's shard URLs; UserError when its manifest is missing."""
     from pipeline.shards.manifest import shards_for_split
     from pipeline.shards.sources import BUILTIN_SOURCES
-    from pipeline.shards.stream import StreamConfig, check_shards, iter_shard_batches
     from pipeline.training.data import materialize_builtin
 
-    section, options = config.validation, config.data.storage_options
-    shards = section.shards
+    shards = config.validation.shards
     if shards in BUILTIN_SOURCES:  # sharded once under run.root/shards/<name>, like a train config's data
         shards = materialize_builtin(shards, config.run.root)
-    urls = shards_for_split(shards, section.split, options)
+    return shards_for_split(shards, config.validation.split, config.data.storage_options)
+
+
+def _validation_batches(config: RetrainConfig) -> Iterator[dict[str, Any]]:
+    """The fixed split in manifest order, decoded as the trainer decodes validation data."""
+    from pipeline.shards.stream import StreamConfig, check_shards, iter_shard_batches
+
+    section, options = config.validation, config.data.storage_options
+    urls = validation_shard_urls(config)
     check_shards(urls, options)
     stream = StreamConfig(transform=config.data.transform.for_eval(), shuffle=False, shuffle_buffer=0,
                           batch_rows=section.batch_size)

@@ -77,14 +77,13 @@ def _one_line(err: BaseException) -> str:
 def retrain(config) -> RetrainResult:
     from pipeline.registry import lock as registry_lock
     from pipeline.registry import promotion, tracking
-    from pipeline.shards.manifest import shards_for_split
     from pipeline.shards.versions import newest_version
 
     name, alias = config.registered_model, config.promotion.alias
     with step("finding the newest data version"):  # data first: a wrong prefix fails before any work
         data = newest_version(config.versions.prefix, config.data.storage_options)
     with step("checking the validation shards"):  # scored only after training: check them now
-        shards_for_split(config.validation.shards, config.validation.split, config.data.storage_options)
+        promotion.validation_shard_urls(config)
     with step("connecting to MLflow"):
         tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, config.run.run_dir())
         tracking.require_reachable(tracking_uri)
