@@ -125,7 +125,9 @@ def run_handler(handler: Callable[[argparse.Namespace], Any], args: argparse.Nam
         return 130
     if getattr(args, "json", None):
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        plain = result.to_json() if hasattr(result, "to_json") else result
+        from pipeline.redaction import redact
+
+        plain = redact(result.to_json() if hasattr(result, "to_json") else result)
         args.json.write_text(json.dumps(plain, indent=2, sort_keys=True, default=str) + "\n")
     return 0
 

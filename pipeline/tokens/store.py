@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 
 from models.errors import UserError
+from pipeline.redaction import redact
 from pipeline.tokens import codebook_stats
 from pipeline.tokens.layout import InputShardSlot, Layout
 
@@ -114,7 +115,8 @@ class TokenStore:
     # ------------------------------------------------------------------ driver: create / resume
     def prepare(self, lineage: dict[str, Any], layout: Layout, specs: list[ArraySpec], overwrite: bool) -> None:
         """Create the store, or check that the existing one was made by the same model and
-        config (else UserError naming both, unless `overwrite`)."""
+        config (else UserError naming both, unless `overwrite`). The lineage is recorded redacted."""
+        lineage = redact(lineage)
         if self.fs.isfile(self.root):
             raise UserError(f"{self.url} is a file; the token store must be a folder (choose another --out)")
         if self.exists() and overwrite:

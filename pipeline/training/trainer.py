@@ -14,7 +14,10 @@ from typing import Any
 from pipeline import faults
 
 # Environment the driver forwards to training workers: fault injection (tests) and S3 endpoint.
-FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Never credentials: a runtime env is visible to every dashboard / state-API user of a shared
+# cluster. Local Ray workers inherit the driver's environment anyway (the driver starts local Ray);
+# on KubeRay every pod gets its own AWS_* from the `tokenmill-s3` secret (infra/kuberay/raycluster.yaml).
+FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL_S3")
 
 
 @dataclasses.dataclass
@@ -41,6 +44,7 @@ def train(config) -> TrainSummary:
 
     from pipeline.config import to_plain
     from pipeline.ray_runtime import ensure_ray
+    from pipeline.redaction import redact
     from pipeline.registry import tracking
     from pipeline.training.data import TRAIN_COLUMNS, resolve_training_data
     from pipeline.training.progress import TrainProgress
@@ -61,7 +65,7 @@ def train(config) -> TrainSummary:
               "tokenmill.model_kind": config.model.kind},
         run_dir=run_dir,
     )
-    tracking.log_params_once(tracking_uri, run_id, tracking.flatten(to_plain(config)))
+    tracking.log_params_once(tracking_uri, run_id, tracking.flatten(redact(to_plain(config))))
 
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
@@ -96,6 +100,11 @@ def _export_model(checkpoint, model_dir: Path) -> Path:
     return model_dir
 
 
+def worker_env_vars() -> dict[str, str]:
+    """The driver's environment that training workers get through the Ray runtime env (no secrets)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
 def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: str, epoch_clock=None,
                   progress=None):
     """The TorchTrainer that runs `train_loop_per_worker` for `config` over `datasets`
@@ -121,7 +130,7 @@ def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: s
             storage_path=config.run.resolved_storage_path(),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}},
+            worker_runtime_env={"env_vars": worker_env_vars()},
         ),
         datasets=datasets,
         # Equal split of the training stream so ranks never see unequal batch counts (DDP hang);
