@@ -38,6 +38,23 @@ class TrainingData:
                 "val": open_stream(self.val_urls, val, storage_options=options)}
 
 
+def ingest_config(datasets: dict[str, Any]):
+    """The Ray Train DataConfig for `datasets` ({"train", "val"}): the train stream is split
+    equally between ranks (unequal batch counts would hang DDP); val is read whole by every rank.
+
+    Ray Train replaces each dataset's execution options with its ingest defaults, which drops the
+    `preserve_order` the stream set; so it is passed through per dataset. Validation needs it (every
+    rank must see val batches in one order, see `validation.rank_share`), and so does the
+    mid-epoch resume skip (the batches skipped must be the ones the restored steps consumed)."""
+    import ray.train
+
+    options = {}
+    for name, dataset in datasets.items():
+        options[name] = ray.train.DataConfig.default_ingest_options()
+        options[name].preserve_order = dataset.context.execution_options.preserve_order
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
+
+
 def materialize_builtin(source: str, root: str | Path) -> str:
     """Shard a built-in source once under `root/shards/<name>` (a rerun finds it complete)."""
     from pipeline.shards.writer import write_shards

@@ -30,7 +30,7 @@ from pipeline.shards.stream import to_model_input
 from pipeline.training import validation
 from pipeline.training.config import TrainJobConfig
 from pipeline.training.reporting import RankZeroLogger
-from pipeline.training.state import TrainState, load_train_state, save_train_state
+from pipeline.training.state import TrainState, gather_rng_states, load_train_state, save_train_state
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -81,7 +81,7 @@ def _start_rank(config: TrainJobConfig, loop_config: dict[str, Any]) -> _RankRun
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = load_train_state(Path(directory), module, trainer, device)
+            state = load_train_state(Path(directory), module, trainer, device, rank)
 
     logger = None
     if rank == 0:
@@ -192,14 +192,16 @@ class Throughput:
 
 def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank: int, resumed_from: int,
                             img_per_s: float, config: TrainJobConfig) -> None:
-    """All ranks report at the same steps; rank 0 attaches the checkpoint (DDP keeps weights equal)."""
+    """All ranks report at the same steps; rank 0 attaches the checkpoint (DDP keeps weights equal,
+    and every rank's RNG state reaches it through a gather)."""
     metrics = {"step": state.step, "epoch": state.epoch, "skipped_updates": trainer.skipped, "img_per_s": img_per_s,
                "resumed_from_step": resumed_from, "stopped_early": state.stopped_early, **state.last_val}
+    rng_states = gather_rng_states(next(module.parameters()).device)  # every rank's, for rank 0 to save
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        save_train_state(Path(directory), state, module, trainer)
+        save_train_state(Path(directory), state, module, trainer, rng_states)
         # The exportable model (EMA weights when EMA is on): config.json + model.safetensors.
         # The transform travels with the model so tokenization decodes images the way training did.
         save_model(trainer.eval_model(), Path(directory) / "model",

@@ -1,6 +1,6 @@
 """Training state that survives a restart: counters, early-stopping memory and checkpoint I/O.
 
-A checkpoint directory holds `train_state.pt` (model, TrainStep state, counters, RNG), loaded
+A checkpoint directory holds `train_state.pt` (model, TrainStep state, counters, each rank's RNG), loaded
 with `torch.load(weights_only=True)` — tensors and plain containers only, nothing unpickled.
 """
 
@@ -44,30 +44,60 @@ class TrainState:
             self.stopped_early = self.validations_without_improvement >= early_stop.patience
 
 
-def save_train_state(directory: Path, state: TrainState, module: torch.nn.Module, trainer: Any) -> None:
+def save_train_state(directory: Path, state: TrainState, module: torch.nn.Module, trainer: Any,
+                     rng_states: list[dict[str, Any]]) -> None:
+    """`rng_states`: every rank's `rank_rng_state`, indexed by rank (`gather_rng_states`)."""
     payload = {
         "state": dataclasses.asdict(state),
         "model": module.state_dict(),
         "trainer": trainer.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-        },
+        "rng": list(rng_states),
     }
     torch.save(payload, directory / STATE_FILE)
 
 
-def load_train_state(directory: Path, module: torch.nn.Module, trainer: Any, device: torch.device) -> TrainState:
+def load_train_state(directory: Path, module: torch.nn.Module, trainer: Any, device: torch.device,
+                     rank: int = 0) -> TrainState:
+    """Restore the model, trainer and counters, and this rank's own RNG state. A rank that the
+    saving run did not have (a bigger world now), or an old checkpoint with one shared RNG state,
+    keeps the RNG it was seeded with (seed + rank): ranks must not share random streams."""
     payload = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     module.load_state_dict(payload["model"])
     module.to(device)
     trainer.load_state_dict(payload["trainer"])
-    torch.set_rng_state(payload["rng"]["torch"])
-    if payload["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-    random.setstate(_as_tuple(payload["rng"]["python"]))
+    rng = payload["rng"]
+    if isinstance(rng, list) and rank < len(rng):
+        restore_rank_rng(rng[rank], device)
     return TrainState(**payload["state"])
+
+
+def rank_rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's RNG state: torch CPU, Python `random` and the CUDA generator of `device` only
+    (never the other devices: another node may see fewer GPUs). Tensors, ints and None only, so
+    `torch.load(weights_only=True)` reads it back."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # (n,) uint8
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def restore_rank_rng(rng: dict[str, Any], device: torch.device) -> None:
+    """Set the RNG state saved by `rank_rng_state` (the CUDA part on `device` only)."""
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    random.setstate(_as_tuple(rng["python"]))
+
+
+def gather_rng_states(device: torch.device) -> list[dict[str, Any]]:
+    """Every rank's `rank_rng_state`, indexed by rank (a collective: all ranks call it together),
+    so rank 0 alone writes the checkpoint and still saves each rank's random streams."""
+    import torch.distributed as dist
+
+    mine = rank_rng_state(device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def _as_tuple(value: Any) -> Any:

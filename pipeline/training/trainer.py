@@ -115,6 +115,7 @@ def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: s
     from ray.train.torch import TorchTrainer
 
     from pipeline.config import to_plain
+    from pipeline.training.data import ingest_config
     from pipeline.training.loop import train_loop_per_worker
 
     return TorchTrainer(
@@ -133,7 +134,5 @@ def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: s
             worker_runtime_env={"env_vars": worker_env_vars()},
         ),
         datasets=datasets,
-        # Equal split of the training stream so ranks never see unequal batch counts (DDP hang);
-        # validation is read whole by every rank, which evaluates every world_size-th batch.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ingest_config(datasets),  # train split equally, val whole; stream order kept
     )

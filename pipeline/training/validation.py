@@ -1,8 +1,10 @@
 """Validation over the whole validation split, shared across ranks.
 
-Every rank reads the (unsplit) validation stream and evaluates every `world_size`-th batch; the
-sums are all-reduced once at the end, so every rank returns the same numbers (which makes
-early-stopping decisions identical) and no sample is dropped or counted twice.
+Every rank reads the (unsplit) validation stream and evaluates every `world_size`-th batch
+(`rank_share`); the sums are all-reduced once at the end, so every rank returns the same numbers
+(which makes early-stopping decisions identical) and no sample is dropped or counted twice. That
+needs the same row order on every rank: the stream preserves order, and Ray Train keeps it only
+through `pipeline.training.data.ingest_config`. `val/images` is the number of images counted.
 VAE family: importance-weighted NLL and ELBO (nats per image) and bits/dim.
 VQ family: MSE, PSNR (mean over images) and codebook usage / perplexity from counts
 accumulated over the whole split (per level for two-level models).
@@ -10,7 +12,7 @@ accumulated over the whole split (per level for two-level models).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,9 +35,7 @@ def evaluate(
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # images, then two metric sums
     counts: list[torch.Tensor] = []  # per level: (stages, K) code counts
     pixels = 0
-    for index, batch in enumerate(batches):
-        if index % world_size != rank:
-            continue
+    for batch in rank_share(batches, rank, world_size):
         x, y = to_model_input(batch)  # x: (B, C, H, W) in [0, 1], on the model's device
         pixels = x[0].numel()
         if is_vae:
@@ -59,15 +59,23 @@ def evaluate(
     images = max(float(totals[0]), 1.0)
     if is_vae:
         nll = float(totals[1]) / images
-        return {"val/nll_nats": nll, "val/elbo_nats": float(totals[2]) / images,
+        return {"val/images": float(totals[0]), "val/nll_nats": nll, "val/elbo_nats": float(totals[2]) / images,
                 "val/bits_per_dim": bits_per_dim(nll, pixels)}, []
-    metrics = {"val/mse": float(totals[1]) / images, "val/psnr": float(totals[2]) / images}
+    metrics = {"val/images": float(totals[0]), "val/mse": float(totals[1]) / images, "val/psnr": float(totals[2]) / images}
     for level, level_counts in enumerate(counts):
         usage, perplexity = usage_and_perplexity(level_counts.cpu())
         suffix = "" if len(counts) == 1 else f"_level{level}"
         metrics[f"val/usage{suffix}"] = float(usage)
         metrics[f"val/perplexity{suffix}"] = float(perplexity)
     return metrics, counts
+
+
+def rank_share(batches: Iterable[Any], rank: int, world_size: int) -> Iterator[Any]:
+    """This rank's batches: every `world_size`-th, from `rank` on. The ranks' shares are disjoint
+    and cover the stream only if every rank's stream yields the same batches in the same order."""
+    for index, batch in enumerate(batches):
+        if index % world_size == rank:
+            yield batch
 
 
 def _level_counts(model: torch.nn.Module, indices: torch.Tensor) -> torch.Tensor:
