@@ -7,6 +7,7 @@ A built-in source (`builtin:mnist5k`) is sharded once into `<run.root>/shards/<n
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,13 @@ def ingest_config(datasets: dict[str, Any]):
     rank must see val batches in one order, see `validation.rank_share`), and so does the
     mid-epoch resume skip (the batches skipped must be the ones the restored steps consumed)."""
     import ray.train
+    from ray.util.annotations import RayDeprecationWarning
 
     options = {}
     for name, dataset in datasets.items():
-        options[name] = ray.train.DataConfig.default_ingest_options()
+        with warnings.catch_warnings():  # Ray's own defaults pass its deprecated `exclude_resources`
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            options[name] = ray.train.DataConfig.default_ingest_options()
         options[name].preserve_order = dataset.context.execution_options.preserve_order
     return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
 
