@@ -55,7 +55,7 @@ def run_preset(preset: Path, shards: str, root: Path, tracking_uri: str) -> dict
         from pipeline.training.trainer import train
 
         config = load_retrain_config(preset, overrides)
-        return train(config.challenger_config(shards, preset.stem, None, tracking_uri))
+        return train(config.challenger_config(shards, preset.stem, None, tracking_uri)).to_json()
     out = root / "summary.json"
     sets = [arg for o in [*overrides, f"data.shards={shards}"] for arg in ("--set", o)]
     assert cli_main(["train", str(preset), *sets, "--json", str(out)]) == 0
@@ -68,14 +68,14 @@ def test_preset_trains_validates_and_logs_images(preset, ray_local, tiny_shards,
         pytest.skip(COVERED_ELSEWHERE[preset.stem])
     summary = run_preset(preset, tiny_shards, tmp_path, tracking_uri)
 
-    metrics = summary.final_metrics
+    metrics = summary["final_metrics"]
     assert metrics["step"] == STEPS
     val = {k: v for k, v in metrics.items() if k.startswith("val/")}
     assert val and all(math.isfinite(v) for v in val.values()), val
-    assert (Path(summary.model_dir) / "model.safetensors").is_file()
+    assert (Path(summary["model_dir"]) / "model.safetensors").is_file()
 
-    client = mlflow.MlflowClient(summary.mlflow_tracking_uri)
-    run_id = summary.mlflow_run_id
+    client = mlflow.MlflowClient(summary["mlflow_tracking_uri"])
+    run_id = summary["mlflow_run_id"]
     kind = client.get_run(run_id).data.params["model.kind"]
     for folder in EXPECTED_IMAGES[kind]:
         names = [Path(a.path).name for a in client.list_artifacts(run_id, folder)]
