@@ -31,14 +31,16 @@ def test_redact_masks_secret_keys_and_url_passwords_only():
                                            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}},
               "creds": [{"api_key": "a", "password": "p", "aws_secret_access_key": "x", "credentials": {"a": 1}}],
               "tracking_uri": "https://alice:pw@mlflow.example/x", "token_shape": [[4, 4]],
-              "retokenize": {"out_prefix": "s3://b/t"}, "sort_key": "label", "tokenmill_version": "1"}
+              "retokenize": {"out_prefix": "s3://b/t"}, "sort_key": "label", "tokenmill_version": "1",
+              "problems": [{"shard": "a.tar", "key": "sample-7", "reason": "no image member"}], "token": 5}
     out = redact(config)
     options = out["data"]["storage_options"]
     assert options == {"key": MASK, "secret": MASK, "token": None, "AWS_Session_Token": MASK,
                        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
     assert out["creds"] == [{"api_key": MASK, "password": MASK, "aws_secret_access_key": MASK, "credentials": MASK}]
     assert out["tracking_uri"] == f"https://{MASK}@mlflow.example/x"
-    for plain in ("token_shape", "retokenize", "sort_key", "tokenmill_version"):  # common words stay
+    # Common words stay, and outside options `key`/`token` are a sample's key or a model's token.
+    for plain in ("token_shape", "retokenize", "sort_key", "tokenmill_version", "problems", "token"):
         assert out[plain] == config[plain]
     assert config["data"]["storage_options"]["secret"] == "s"  # a copy: the job keeps the real values
 
