@@ -22,6 +22,7 @@ ENV = "TOKENMILL_FAULTS"
 POINTS = {
     "train.step": ("step", "rank"),  # after a training step (the step just done), on every rank
     "tokenize.before_marker": ("shard",),  # an input shard's rows are written, its marker is not
+    "store.create": (),  # a new store's nodes are written, its root zarr.json (the commit) is not
 }
 ACTIONS = ("raise", "exit")
 

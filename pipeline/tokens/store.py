@@ -1,16 +1,25 @@
 """The Zarr v3 token store: layout, lineage, shard-aligned region writes, markers, report.
 
-Layout of STORE (every node is plain Zarr v3, so `zarr.open_group(STORE)` reads it all):
+Layout of STORE (every node is Zarr v3 with dimension names, so `zarr.open_group(STORE)` and
+`xarray.open_zarr(STORE)` read it without a warning; see `store_nodes`):
 
-    codes | codes_<level>...   (rows, h, w) uint16/uint32   — or `latents` (rows, ...) float16
-    keys                       (rows,) str, "" on padding rows
-    labels                     (rows,) int64, -1 when none / padding
-    shards/{url,split,row_start,capacity,count}   one entry per input shard (driver-written)
-    codebook_counts[_<level>]  (K,) int64 per-code counts over the whole dataset (driver-written)
+    codes | codes_<level>...   (sample, h, w) uint16/uint32   — or `latents` (sample, ...) float16
+    keys                       (sample,) str, "" on padding rows
+    labels                     (sample,) int64, -1 when none / padding
+    valid                      (sample,) bool: the row holds a good sample (driver-written at finalize)
+    shards/{url,split,row_start,capacity,count}   (input_shard,) one entry per input shard
+    codebook_counts[_<level>]  (code,) int64 per-code counts over the whole dataset (driver-written)
+    markers                    group whose attributes name the run that created the store (its
+                               claim, written first and only if absent)
     markers/<shard>            a group per finished input shard; its attributes are the shard's
                                result (rows, corrupt samples, code counts). Written by the shard's
                                writer only after its rows are committed.
     report                     group whose attributes list every corrupt sample (key, shard, reason)
+
+Creation is safe with several drivers at once and resumable: a driver claims the store
+(`markers/zarr.json`, create-if-absent), writes every other node as whole objects (the same bytes
+for the same run; nothing is deleted) and commits the root `zarr.json` last, create-if-absent.
+A store without the root is half-created: the next run with the same identity completes it.
 
 Input shard i owns rows [row_start, row_start + capacity) (see `token_layout`); its good samples
 fill the first `count` rows in tar order. Only the driver writes attributes and the small
@@ -19,7 +28,9 @@ driver arrays, before any writer starts (create) and after all have finished (fi
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -29,13 +40,17 @@ import numpy as np
 import zarr
 
 from models.errors import UserError
+from pipeline import faults
 from pipeline.redaction import redact
-from pipeline.tokens import codebook_stats
+from pipeline.tokens import codebook_stats, store_nodes
 from pipeline.tokens.layout import InputShardSlot, Layout
+from pipeline.tokens.objects import is_local, put_object
+from pipeline.tokens.store_nodes import MARKERS, REPORT
 
-FORMAT_VERSION = 1
-MARKERS = "markers"
-REPORT = "report"
+# 2: dimension names, `valid`, the markers group as the creation claim, consolidated root.
+FORMAT_VERSION = 2
+# `valid` is written in blocks of about this many rows (bytes), whole Zarr shards each.
+VALID_BLOCK_ROWS = 1 << 24
 # Lineage entries that may differ between runs writing one store: the same weights reached by
 # another URI (runs:/ vs models:/name@alias), the same manifest under another URL, or a newer
 # tokenmill produce the same tokens.
@@ -88,6 +103,7 @@ class TokenStore:
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.opened_at = time.time()
 
     def open_group(self, mode: str = "r") -> zarr.Group:
         try:
@@ -114,28 +130,32 @@ class TokenStore:
 
     # ------------------------------------------------------------------ driver: create / resume
     def prepare(self, lineage: dict[str, Any], layout: Layout, specs: list[ArraySpec], overwrite: bool) -> None:
-        """Create the store, or check that the existing one was made by the same model and
-        config (else UserError naming both, unless `overwrite`). The lineage is recorded redacted."""
+        """Create the store (completing a half-created one), or check that the existing one was
+        made by the same model and config (else UserError naming both, unless `overwrite`).
+        Several drivers may call this at once. The lineage is recorded redacted."""
         lineage = redact(lineage)
+        self.fs.invalidate_cache()  # s3fs caches listings; another driver may have written since
         if self.fs.isfile(self.root):
             raise UserError(f"{self.url} is a file; the token store must be a folder (choose another --out)")
-        if self.exists() and overwrite:
+        if overwrite and self.fs.exists(self.root):
             self.fs.rm(self.root, recursive=True)
-        elif self.exists():
-            attrs = self.attrs()
-            state = attrs.get("tokenmill", {}).get("state")
-            if state == "creating" and not self.finished():
-                pass  # the driver died while creating: nothing was written yet, start again
-            else:
-                self._check_same_run(attrs, lineage, layout, specs)
-                self._remove_partial_files()
-                return
-        self._create(lineage, layout, specs)
+        attrs = {
+            "tokenmill": {"format": FORMAT_VERSION, "state": "open"},
+            "lineage": lineage,
+            "layout": layout.to_dict(),
+            "arrays": [_spec_json(s) for s in specs],
+        }
+        if not self.exists():
+            self._create(attrs, layout, specs)
+        self._check_same_run(self.attrs(), lineage, layout, specs)
 
     def _check_same_run(self, attrs: dict, lineage: dict, layout: Layout, specs: list[ArraySpec]) -> None:
-        if attrs.get("tokenmill", {}).get("format") != FORMAT_VERSION:
-            raise UserError(f"{self.url} is not a tokenmill token store (format {FORMAT_VERSION}); "
-                            "choose another --out or pass --overwrite")
+        found = attrs.get("tokenmill", {}).get("format")
+        if found is None:
+            raise UserError(f"{self.url} is not a tokenmill token store; choose another --out or pass --overwrite")
+        if found != FORMAT_VERSION:
+            raise UserError(f"{self.url} is a token store of format {found}, older than this tokenmill's "
+                            f"{FORMAT_VERSION}; pass --overwrite to rewrite it or choose another --out")
         old = {"lineage": attrs.get("lineage", {}), "layout": attrs.get("layout"), "arrays": attrs.get("arrays")}
         new = {"lineage": lineage, "layout": layout.to_dict(), "arrays": [_spec_json(s) for s in specs]}
         old_id, new_id = _identity(old), _identity(new)
@@ -147,45 +167,53 @@ class TokenStore:
                 "to replace the store or choose another --out"
             )
 
-    def _remove_partial_files(self) -> None:
-        """zarr's local store writes `<key>.<uuid>.partial` then renames; a killed writer leaves
-        the temp file behind (the data it was writing is rewritten by the rerun)."""
-        if "file" in self.fs.protocol:
-            for path in self.fs.glob(f"{self.root}/**/*.partial"):
-                self.fs.rm(path)
+    def _create(self, attrs: dict[str, Any], layout: Layout, specs: list[ArraySpec]) -> None:
+        """Claim, write every node, commit the root. A driver that loses the claim to a run with
+        the same identity writes the same bytes (a crashed creator's store gets completed); one
+        that loses the root commit resumes the store the winner committed."""
+        claim = {"identity": _identity_hash(attrs), "creator": _describe_lineage(attrs["lineage"])}
+        objects = store_nodes.build(attrs, claim, layout, specs)
+        self._claim(objects.pop(f"{MARKERS}/zarr.json"), claim)
+        root = objects.pop("zarr.json")
+        for key, data in objects.items():
+            put_object(self.fs, f"{self.root}/{key}", data)
+        faults.hit("store.create")  # tests: die with every node written but the root
+        put_object(self.fs, f"{self.root}/zarr.json", root, exclusive=True)
 
-    def _create(self, lineage: dict, layout: Layout, specs: list[ArraySpec]) -> None:
-        attrs = {
-            "tokenmill": {"format": FORMAT_VERSION, "state": "creating"},
-            "lineage": lineage,
-            "layout": layout.to_dict(),
-            "arrays": [_spec_json(s) for s in specs],
-        }
-        group = zarr.create_group(overwrite=True, attributes=attrs, **_zarr_kwargs(self.url, self.storage_options))
-        rows, shard = layout.rows, layout.rows_per_zarr_shard
-        for spec in specs:
-            fill = 0.0 if spec.codebook_size is None else 0
-            group.create_array(
-                spec.name, shape=(rows, *spec.row_shape), dtype=spec.dtype, fill_value=fill,
-                chunks=(layout.chunk_rows, *spec.row_shape), shards=(shard, *spec.row_shape),
-            )
-        # One object per Zarr shard for the small per-row arrays too (no inner chunking needed).
-        group.create_array("keys", shape=(rows,), dtype=str, fill_value="", chunks=(shard,))
-        group.create_array("labels", shape=(rows,), dtype="int64", fill_value=-1, chunks=(shard,))
-        table = group.create_group("shards")
-        n = len(layout.shards)
-        columns = {
-            "url": np.array([s.url for s in layout.shards], dtype=object),
-            "split": np.array([s.split for s in layout.shards], dtype=object),
-            "row_start": np.array([s.row_start for s in layout.shards], dtype=np.int64),
-            "capacity": np.array([s.capacity for s in layout.shards], dtype=np.int64),
-        }
-        for name, values in columns.items():
-            dtype = str if values.dtype == object else values.dtype
-            fill = "" if dtype is str else 0
-            arr = table.create_array(name, shape=(n,), dtype=dtype, chunks=(max(n, 1),), fill_value=fill)
-            arr[:] = values
-        group.attrs.update({"tokenmill": {"format": FORMAT_VERSION, "state": "open"}})
+    def _claim(self, data: bytes, claim: dict[str, Any]) -> None:
+        """Own the creation of this store, or share it with a run of the same identity."""
+        path = f"{self.root}/{MARKERS}/zarr.json"
+        # List before looking for the claim: a creator writes its claim before any other node.
+        entries = {p.rstrip("/").rsplit("/", 1)[-1] for p in self._list_root()} - {MARKERS}
+        if not self.fs.exists(path) and entries:
+            raise UserError(f"{self.url} holds other files (e.g. {sorted(entries)[0]}) but no token store; "
+                            "choose another --out or pass --overwrite to replace them")
+        if put_object(self.fs, path, data, exclusive=True):
+            return
+        theirs = json.loads(self.fs.cat_file(path)).get("attributes", {})
+        if theirs.get("identity") != claim["identity"]:
+            raise UserError(f"{self.url} is being created by another run ({theirs.get('creator', '?')}), or such a "
+                            f"run died while creating it; this run uses {claim['creator']}. Wait and rerun, or "
+                            "pass --overwrite to replace it")
+
+    def _list_root(self) -> list[str]:
+        try:
+            return self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+
+    def _remove_stale_partial_files(self) -> None:
+        """zarr's local store writes `<key>.<uuid>.partial` then renames; a killed writer leaves
+        the temp file behind (the data it was writing is rewritten by the rerun). Only files older
+        than this driver are removed: a concurrent driver's writer may be filling a younger one."""
+        if not is_local(self.fs):
+            return
+        for path in self.fs.glob(f"{self.root}/**/*.partial"):
+            try:
+                if self.fs.modified(path).timestamp() < self.opened_at:
+                    self.fs.rm(path)
+            except FileNotFoundError:  # renamed meanwhile
+                pass
 
     # ------------------------------------------------------------------ driver: progress / finalize
     def finished(self) -> dict[int, dict[str, Any]]:
@@ -201,8 +229,10 @@ class TokenStore:
         return done
 
     def finalize(self, layout: Layout, specs: list[ArraySpec]) -> dict[str, Any]:
-        """After every marker exists: per-shard counts, merged codebook counts, the report and
-        the summary attributes. Deterministic: merges in shard order, no timestamps."""
+        """After every marker exists: per-shard counts, `valid`, merged codebook counts, the
+        report, the summary attributes and the consolidated root. Deterministic (merges in shard
+        order, no timestamps) and writing data into existing nodes only, so two drivers
+        finalizing at once write the same bytes."""
         done = self.finished()
         missing = [s.url for s in layout.shards if s.index not in done]
         if missing:
@@ -210,10 +240,8 @@ class TokenStore:
         group = self.open_group("r+")
         ordered = [done[s.index] for s in layout.shards]
         counts = np.array([m["rows"] for m in ordered], dtype=np.int64)
-        table = group["shards"]
-        if "count" not in table:
-            table.create_array("count", shape=counts.shape, dtype="int64", chunks=(max(len(counts), 1),), fill_value=-1)
-        table["count"][:] = counts
+        group["shards/count"][:] = counts
+        _write_valid(group["valid"], layout, counts)
         codebook = {}
         for spec in specs:
             if spec.codebook_size is None:
@@ -221,30 +249,27 @@ class TokenStore:
             total = np.zeros(spec.codebook_size, dtype=np.int64)
             for marker in ordered:
                 total += codebook_stats.from_sparse(marker["code_counts"][spec.name], spec.codebook_size)
-            arr = group.create_array(spec.counts_name, shape=total.shape, dtype="int64",
-                                     chunks=total.shape, fill_value=0, overwrite=True)
-            arr[:] = total
+            group[spec.counts_name][:] = total
             codebook[spec.name] = codebook_stats.summarize(total)
         corrupt = [dict(item, shard=s.url) for s, m in zip(layout.shards, ordered) for item in m["corrupt"]]
-        report = {"samples": int(counts.sum()), "corrupt_count": len(corrupt), "corrupt": corrupt}
-        if REPORT in group:
-            group[REPORT].attrs.put(report)
-        else:
-            group.create_group(REPORT, attributes=report)
+        group[REPORT].attrs.put({"samples": int(counts.sum()), "corrupt_count": len(corrupt), "corrupt": corrupt})
         splits: dict[str, int] = {}
         for s, n in zip(layout.shards, counts.tolist()):
             splits[s.split] = splits.get(s.split, 0) + n
         summary = {"samples": int(counts.sum()), "corrupt": len(corrupt), "splits": splits, "codebook": codebook}
         group.attrs.update({"tokenmill": {"format": FORMAT_VERSION, "state": "complete"}, "summary": summary})
+        put_object(self.fs, f"{self.root}/zarr.json",
+                   store_nodes.consolidated_root(_zarr_kwargs(self.url, self.storage_options)))
+        self._remove_stale_partial_files()
         return summary
 
     def item_rows(self, split: str | None = None) -> np.ndarray:
         """Store rows of the good samples (of one split) in item order: each input shard's
         first `count` rows, shards in manifest order. Needs a finished store."""
         table = self.open_group("r")["shards"]
-        if "count" not in table:
-            raise UserError(f"{self.url} is not finished; rerun `tokenmill tokenize` to complete it")
         starts, counts, splits = table["row_start"][:], table["count"][:], table["split"][:]
+        if (counts < 0).any():
+            raise UserError(f"{self.url} is not finished; rerun `tokenmill tokenize` to complete it")
         if split is not None and split not in set(splits.tolist()):
             raise UserError(f"{self.url} has no split {split!r}; its splits: {', '.join(sorted(set(splits.tolist())))}")
         keep = np.ones(len(starts), bool) if split is None else splits == split
@@ -257,8 +282,9 @@ class TokenStore:
     def write_marker(self, shard: InputShardSlot, result: dict[str, Any]) -> None:
         """Called after the shard's rows are committed: its existence means "done"."""
         attrs = {"shard": shard.index, "url": shard.url, **result}
-        zarr.create_group(overwrite=True, attributes=attrs, **_zarr_kwargs(f"{self.url}/{MARKERS}/{shard.index:06d}",
-                                                                         self.storage_options))
+        # A whole-object put, never zarr's overwrite (which deletes first): a concurrent driver's
+        # writer of the same shard may be writing the same marker.
+        put_object(self.fs, f"{self.root}/{MARKERS}/{shard.index:06d}/zarr.json", store_nodes.group_json(attrs))
 
 
 class RegionWriter:
@@ -314,6 +340,20 @@ def _np_dtype(arr: zarr.Array) -> Any:
     return object if arr.dtype.kind == "T" else arr.dtype
 
 
+def _write_valid(valid: zarr.Array, layout: Layout, counts: np.ndarray) -> None:
+    """valid[row] = the row holds a good sample (each input shard's first `count` rows); written
+    in blocks of whole Zarr shards, so memory stays bounded at any store size."""
+    starts = np.array([s.row_start for s in layout.shards], dtype=np.int64)
+    ends = starts + counts
+    step = max(1, VALID_BLOCK_ROWS // layout.rows_per_zarr_shard) * layout.rows_per_zarr_shard
+    for lo in range(0, layout.rows, step):
+        hi = min(lo + step, layout.rows)
+        edges = np.zeros(hi - lo + 1, dtype=np.int64)
+        np.add.at(edges, np.clip(starts, lo, hi) - lo, 1)
+        np.add.at(edges, np.clip(ends, lo, hi) - lo, -1)
+        valid[lo:hi] = np.cumsum(edges)[:-1] > 0
+
+
 def _spec_json(spec: ArraySpec) -> dict[str, Any]:
     return {**asdict(spec), "row_shape": list(spec.row_shape)}
 
@@ -322,6 +362,10 @@ def _identity(run: dict[str, Any]) -> dict[str, Any]:
     """What must match to resume: everything but the labels in `_LINEAGE_LABELS`."""
     lineage = {k: v for k, v in run["lineage"].items() if k not in _LINEAGE_LABELS}
     return {**lineage, "layout": run["layout"], "arrays": run["arrays"]}
+
+
+def _identity_hash(run: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(_identity(run), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _describe_lineage(lineage: dict[str, Any]) -> str:
@@ -335,7 +379,7 @@ def describe_store(url: str, storage_options: dict[str, Any] | None = None) -> d
     store = TokenStore(url, storage_options)
     attrs = store.token_attrs()
     group = store.open_group("r")
-    names = [spec["name"] for spec in attrs["arrays"]] + ["keys", "labels"]
+    names = [spec["name"] for spec in attrs["arrays"]] + ["keys", "labels"] + (["valid"] if "valid" in group else [])
     arrays = {}
     for name in names:
         arr = group[name]
