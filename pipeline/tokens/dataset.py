@@ -102,7 +102,8 @@ class TokenDataset(torch.utils.data.Dataset):
             levels = []
             for spec in self.specs:
                 arr = group[spec["name"]]
-                parts = [arr[s : s + n].reshape(n, -1) for s, n in zip(self._starts, counts)]
+                width = int(np.prod(arr.shape[1:]))  # not -1: an input shard may have no good sample
+                parts = [arr[s : s + n].reshape(n, width) for s, n in zip(self._starts, counts)]
                 levels.append(np.concatenate(parts))
             self._tokens = np.concatenate(levels, axis=1) if len(levels) > 1 else levels[0]
         return self._tokens
