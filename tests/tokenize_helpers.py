@@ -126,3 +126,17 @@ def build_store(url: str, counts: list[int], splits: list[str], levels: int = 1,
             written[name].append(columns[name])
     store.finalize(layout, specs)
     return layout, specs, {name: parts for name, parts in written.items()}
+
+
+def race_setup(model: str):
+    """What the store-creation race tests pass to `TokenStore.prepare`: a small layout of four
+    input shards and a lineage naming `model` (runs of different models race too)."""
+    import hashlib
+
+    from pipeline.tokens.layout import plan_layout
+    from pipeline.tokens.store import ArraySpec
+
+    specs = [ArraySpec("codes", (4, 4), "uint16", 64)]
+    layout = plan_layout([(f"shard-{i}.tar", "train" if i < 3 else "val", 9) for i in range(4)], 32)
+    lineage = {"model_uri": model, "weights_sha256": hashlib.sha256(model.encode()).hexdigest(), "mode": "codes"}
+    return lineage, layout, specs

@@ -31,6 +31,15 @@ def put_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclusi
     return True
 
 
+def put_objects(fs: fsspec.AbstractFileSystem, objects: dict[str, bytes]) -> None:
+    """`put_object` for many paths; on object stores the PUTs run concurrently."""
+    if is_local(fs):
+        for path, data in objects.items():
+            _put_local(path, data, exclusive=False)
+    elif objects:
+        fs.pipe(objects)
+
+
 def _put_local(path: str, data: bytes, exclusive: bool) -> bool:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # zarr's own temporary suffix: the store removes stale `*.partial` files of killed writers.

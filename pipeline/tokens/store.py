@@ -44,7 +44,7 @@ from pipeline import faults
 from pipeline.redaction import redact
 from pipeline.tokens import codebook_stats, store_nodes
 from pipeline.tokens.layout import InputShardSlot, Layout
-from pipeline.tokens.objects import is_local, put_object
+from pipeline.tokens.objects import is_local, put_object, put_objects
 from pipeline.tokens.store_nodes import MARKERS, REPORT
 
 # 2: dimension names, `valid`, the markers group as the creation claim, consolidated root.
@@ -175,8 +175,7 @@ class TokenStore:
         objects = store_nodes.build(attrs, claim, layout, specs)
         self._claim(objects.pop(f"{MARKERS}/zarr.json"), claim)
         root = objects.pop("zarr.json")
-        for key, data in objects.items():
-            put_object(self.fs, f"{self.root}/{key}", data)
+        put_objects(self.fs, {f"{self.root}/{key}": data for key, data in objects.items()})
         faults.hit("store.create")  # tests: die with every node written but the root
         put_object(self.fs, f"{self.root}/zarr.json", root, exclusive=True)
 
