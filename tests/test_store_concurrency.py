@@ -17,7 +17,7 @@ from tokenize_helpers import array_bytes, make_vqvae, race_setup, write_shards
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-SAME, OTHER = 20, 6  # races between runs of one model, then between runs of two models
+SAME, OTHER = 20, 3  # races between runs of one model, then between runs of two models
 
 # One process per driver; each iteration both wait at a file barrier, then call the real
 # `TokenStore.prepare` at the same moment (imports happen once, before the first race).
@@ -86,7 +86,7 @@ def test_two_tokenize_commands_started_at_once_end_with_the_single_run_store(tmp
     from pipeline.tokenize import tokenize_dataset
 
     model = make_vqvae(tmp_path / "model")
-    shards = write_shards(str(tmp_path / "shards"), tmp_path / "source", n=28)
+    shards = write_shards(str(tmp_path / "shards"), tmp_path / "source", n=20)
     reference = tmp_path / "reference.zarr"
     tokenize_dataset(str(model), shards, str(reference), batch_size=4, actors=1)
     store = tmp_path / "raced.zarr"

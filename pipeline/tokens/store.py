@@ -217,6 +217,7 @@ class TokenStore:
     # ------------------------------------------------------------------ driver: progress / finalize
     def finished(self) -> dict[int, dict[str, Any]]:
         """Marker attributes of every finished input shard, by shard index."""
+        self.fs.invalidate_cache()  # s3fs would answer from an earlier listing of markers/
         paths = sorted(self.fs.glob(f"{self.root}/{MARKERS}/*/zarr.json"))
         if not paths:
             return {}
