@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 import zarr
 from tokenize_helpers import build_store
 
@@ -20,7 +21,7 @@ COUNTS, SPLITS = [6, 0, 9, 3, 5], ["train", "train", "val", "train", "val"]
 def test_megatron_export_is_read_back_by_megatron_core_as_token_dataset_items(tmp_path):
     with warnings.catch_warnings():  # megatron-core's notes about Transformer Engine and Apex
         warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
     url = str(tmp_path / "s.zarr")
     build_store(url, COUNTS, SPLITS, levels=2)
@@ -35,6 +36,14 @@ def test_megatron_export_is_read_back_by_megatron_core_as_token_dataset_items(tm
     np.testing.assert_array_equal(np.stack([megatron[i] for i in range(len(megatron))]), items)
     np.testing.assert_array_equal(megatron.document_indices, np.arange(len(expected) + 1))
     assert megatron[0].dtype == np.uint16 and items[:, 0].tolist() == [50] * len(items)  # BOS = K
+    # Byte for byte what megatron-core's own builder writes for these sequences.
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for row in items:
+        builder.add_item(torch.from_numpy(row))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "ref.idx"))
+    for ext in ("bin", "idx"):
+        assert (tmp_path / "out" / f"tokens.{ext}").read_bytes() == (tmp_path / f"ref.{ext}").read_bytes(), ext
     meta = json.loads((tmp_path / "out" / "tokens.json").read_text())
     assert meta["lineage"] == zarr.open_group(url, mode="r").attrs["lineage"]
     assert meta["vocab_size"] == expected.vocab_size and meta["class_token"]["first"] == 51 and meta["split"] == "all"

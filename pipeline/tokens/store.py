@@ -118,6 +118,9 @@ class TokenStore:
     def token_attrs(self) -> dict[str, Any]:
         """The attributes of the tokenmill store at `url` (lineage, layout, arrays); UserError
         naming the URL when there is no store, or a Zarr group tokenmill did not write."""
+        if not self.exists() and self.fs.exists(f"{self.root}/{MARKERS}/zarr.json"):
+            raise UserError(f"{self.url} is a half-created token store (its creating run stopped before the "
+                            "commit); rerun the same `tokenmill tokenize` to complete it")
         if not self.exists():
             raise UserError(f"{self.url} is not a token store (no zarr.json); create one with `tokenmill tokenize`")
         attrs = self.attrs()
