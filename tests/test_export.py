@@ -46,7 +46,7 @@ def test_megatron_export_is_read_back_by_megatron_core_as_token_dataset_items(tm
         assert (tmp_path / "out" / f"tokens.{ext}").read_bytes() == (tmp_path / f"ref.{ext}").read_bytes(), ext
     meta = json.loads((tmp_path / "out" / "tokens.json").read_text())
     assert meta["lineage"] == zarr.open_group(url, mode="r").attrs["lineage"]
-    assert meta["vocab_size"] == expected.vocab_size and meta["class_token"]["first"] == 51 and meta["split"] == "all"
+    assert meta["bos_id"] == 50 and meta["vocab_size"] == expected.vocab_size and meta["class_ids"]["first"] == 51 and meta["split"] == "all"
     assert json.loads(summary.read_text())["samples"] == sum(COUNTS)
 
 
@@ -65,7 +65,7 @@ def test_parquet_export_of_one_split_is_read_back_by_datasets(tmp_path):
     assert loaded["label"] == items["labels"].tolist() and set(loaded["split"]) == {"val"}
     assert loaded["key"] == [f"s2-{j}" for j in range(9)] + [f"s4-{j}" for j in range(5)]
     meta = json.loads(pq.read_schema(out).metadata[b"tokenmill"])
-    assert meta["lineage"]["model_uri"] == "test" and meta["bos_token"] is None and meta["store"] == url
+    assert meta["lineage"]["model_uri"] == "test" and meta["bos_id"] is None and meta["store"] == url
 
 
 def test_an_unfinished_store_or_a_missing_split_is_a_user_error(tmp_path, capsys):

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import UserError
+from pipeline.redaction import redact
 from pipeline.storage import filesystem
 from pipeline.tokens.dataset import TokenDataset
 
@@ -84,16 +85,17 @@ def _metadata(dataset: TokenDataset, store_url: str, split: str, dtype: np.dtype
     """The export's lineage and vocabulary: enough to train on it and to trace it to its store."""
     attrs = dataset.store.attrs()
     k, bos = dataset.codebook_size, dataset.add_bos
-    return {
+    # Key names avoid a "token" suffix, which `redact` treats as a secret's name.
+    return redact({
         "store": store_url, "split": split, "samples": len(dataset), "seq_len": dataset.seq_len,
         "dtype": dtype.name, "vocab_size": dataset.vocab_size, "codebook_size": k,
-        "bos_token": k if bos else None,
-        "class_token": {"first": k + bos, "num_classes": dataset.num_classes, "no_class": k + bos + dataset.num_classes}
+        "bos_id": k if bos else None,
+        "class_ids": {"first": k + bos, "num_classes": dataset.num_classes, "no_class": k + bos + dataset.num_classes}
         if dataset.class_token else None,
         "arrays": dataset.specs,  # levels, concatenated in this order after the prefix tokens
-        "lineage": attrs["lineage"],  # recorded redacted by the store
+        "lineage": attrs["lineage"],
         "store_summary": attrs.get("summary"),
-    }
+    })
 
 
 def _batches(dataset: TokenDataset, split: str, batch_size: int):
