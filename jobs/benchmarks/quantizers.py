@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--lr", type=positive_float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch CPU threads (default %(default)s: on a shared machine, one thread per process "
+                             "keeps step times from waiting on descheduled sibling threads)")
     parser.add_argument("--train-patches", type=positive_int, default=4000, help="photo patches to train on")
     parser.add_argument("--val-images", type=positive_int, default=500, help="val images per dataset (default %(default)s)")
     parser.add_argument("--families", type=_names(FAMILIES + OPTIONAL_FAMILIES), default=list(FAMILIES),
@@ -219,15 +222,21 @@ def _compare(family: str, x_train, x_val, args: argparse.Namespace) -> dict[str,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import sys
 
+    import torch
     from tqdm import tqdm
 
+    threads, before = getattr(args, "threads", 1), torch.get_num_threads()
     result: dict[str, Any] = {"steps": args.steps, "batch_size": args.batch_size, "latent_dim": LATENT_DIM,
-                              "results": {}}
+                              "threads": threads, "results": {}}
     data = _datasets(args)
     jobs = [(dataset, family) for dataset in data for family in args.families]
-    for dataset, family in tqdm(jobs, desc="quantizer pairs", unit="pair", file=sys.stderr):
-        x_train, x_val = data[dataset]
-        result["results"].setdefault(dataset, {})[family] = _compare(family, x_train, x_val, args)
+    torch.set_num_threads(threads)
+    try:
+        for dataset, family in tqdm(jobs, desc="quantizer pairs", unit="pair", file=sys.stderr):
+            x_train, x_val = data[dataset]
+            result["results"].setdefault(dataset, {})[family] = _compare(family, x_train, x_val, args)
+    finally:
+        torch.set_num_threads(before)  # a caller in the same process (a test) keeps its setting
     for dataset, (x_train, x_val) in data.items():
         result[f"{dataset}_images"] = {"train": x_train.shape[0], "val": x_val.shape[0]}
     _print_table(result)
