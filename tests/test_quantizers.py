@@ -252,24 +252,29 @@ def test_simvq_codebook_stays_frozen_while_its_projection_learns():
     assert not torch.allclose(simvq.codebook(), codes_before)  # all codes moved with W
 
 
-def test_llamagen_l2_low_dim_large_codebook_trains_without_collapse():
-    """16,384 l2-normalised 8-dim codes behind a learned projection (LlamaGen's VQ): after a few
-    steps a held-out batch spreads over thousands of codes."""
+def _codes_used_after_training(**options) -> int:
+    """Distinct codes a held-out batch of 4,096 uses after 4 steps on correlated latents."""
     torch.manual_seed(0)
-    vq = VectorQuantizer(32, codebook_size=16384, codebook_dim=8, cosine=True, ema=False, kmeans_iters=2).train()
+    vq = VectorQuantizer(32, codebook_size=16384, ema=False, kmeans_iters=1, **options).train()
     mixing = torch.randn(32, 32) / 32**0.5  # correlated latents, as an encoder would give
     optimiser = torch.optim.Adam(vq.parameters(), lr=1e-3)
-    for _ in range(5):
-        z = torch.randn(2048, 32) @ mixing
+    for _ in range(4):
+        z = torch.randn(1024, 32) @ mixing
         out = vq(z)
         loss = out.loss + (out.codes - z).pow(2).mean()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     with torch.no_grad():
-        used = vq.eval()(torch.randn(4096, 32) @ mixing).indices.unique().numel()
-    # Measured: 2,695 codes; without l2-normalisation (same steps) 184; uniform draws would give ~3,600.
-    assert used > 2000, used
+        return vq.eval()(torch.randn(4096, 32) @ mixing).indices.unique().numel()
+
+
+def test_llamagen_l2_low_dim_large_codebook_trains_without_collapse():
+    """16,384 l2-normalised 8-dim codes behind a learned projection (LlamaGen's VQ) spread a held-out
+    batch over far more codes than unnormalised ones (measured: 1,876 vs 164 of 4,096 rows)."""
+    llamagen = _codes_used_after_training(codebook_dim=8, cosine=True)
+    plain = _codes_used_after_training(codebook_dim=8, cosine=False, kmeans_init=False, dead_code_threshold=0.0)
+    assert llamagen > 1200 and plain < 400, (llamagen, plain)
 
 
 def test_18_bit_lfq_tokenizer_gets_a_uint32_token_store(tmp_path):
