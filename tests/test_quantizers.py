@@ -1,15 +1,19 @@
 """Quantizer unit tests: straight-through gradients, EMA arithmetic, k-means init, dead-code
-restarts, index round trips, FSQ bijection, fp32 under bf16 autocast, codebook statistics."""
+restarts, index round trips, FSQ bijection, fp32 under bf16 autocast, codebook statistics; the
+rotation trick, the LFQ/BSQ entropy penalty, SimVQ's frozen codebook, LlamaGen-style codes."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from models.codebook_stats import CodebookStats
-from models.quantizers import FSQ, ResidualVQ, VectorQuantizer
+from models.quantizers import BSQ, FSQ, LFQ, Collectives, ResidualVQ, SimVQ, VectorQuantizer
+from models.quantizers.entropy import entropy_penalty
+from models.quantizers.rotation import rotate_onto
 
 
 def _plain_vq(**options) -> VectorQuantizer:
@@ -106,8 +110,15 @@ def test_dead_codes_restart_at_encoder_outputs():
         lambda: VectorQuantizer(8, codebook_size=16, ema=False),
         lambda: ResidualVQ(8, num_stages=3, codebook_size=16, codebook_dim=4),
         lambda: FSQ(8, levels=(4, 3, 5)),
+        lambda: VectorQuantizer(8, codebook_size=16, rotation_trick=True),
+        lambda: VectorQuantizer(8, codebook_size=1024, codebook_dim=4, cosine=True, ema=False),
+        lambda: LFQ(8, bits=5),
+        lambda: LFQ(8, bits=8),
+        lambda: BSQ(8, bits=18, group_bits=9),
+        lambda: SimVQ(8, codebook_size=16, rotation_trick=True),
     ],
-    ids=["vq", "cosine", "factorized", "codebook-loss", "rvq", "fsq"],
+    ids=["vq", "cosine", "factorized", "codebook-loss", "rvq", "fsq", "rotation", "l2-lowdim", "lfq",
+         "lfq-no-projection", "bsq-18bit", "simvq"],
 )
 def test_indices_to_codes_round_trip(make):
     torch.manual_seed(0)
@@ -172,3 +183,114 @@ def test_codebook_stats_accumulate_over_batches():
     rvq_stats = CodebookStats(4, stages=2)
     rvq_stats.update(torch.tensor([[0, 3], [1, 3]]))  # (N, stages)
     assert rvq_stats.counts.tolist() == [[1, 1, 0, 0], [0, 0, 0, 2]]
+
+
+def test_rotation_trick_keeps_the_forward_and_rotates_the_gradient():
+    torch.manual_seed(0)
+    ste, rotation = VectorQuantizer(8, codebook_size=16), VectorQuantizer(8, codebook_size=16, rotation_trick=True)
+    rotation.load_state_dict(ste.state_dict())
+    z, upstream = torch.randn(64, 8), torch.randn(64, 8)
+    outputs, grads = [], []
+    for vq in (ste, rotation):
+        zi = z.clone().requires_grad_(True)
+        out = vq.train()(zi)  # same k-means init and update: same codes
+        (out.codes * upstream).sum().backward()
+        outputs.append(out)
+        grads.append(zi.grad)
+    assert torch.equal(outputs[0].codes, outputs[1].codes) and torch.equal(outputs[0].indices, outputs[1].indices)
+    torch.testing.assert_close(grads[0], upstream)  # straight-through copies the gradient
+    assert not torch.allclose(grads[1], grads[0], atol=1e-3)
+    q = outputs[0].codes.detach()
+    # λR maps e onto q, and its Jacobian is λR: the gradient is λRᵀg, of norm λ‖g‖.
+    torch.testing.assert_close(rotate_onto(z, q), q, atol=1e-5, rtol=1e-5)
+    scale = q.norm(dim=1) / z.norm(dim=1)
+    torch.testing.assert_close(grads[1].norm(dim=1), scale * upstream.norm(dim=1))
+
+
+def test_entropy_penalty_is_minimal_for_confident_uniform_codes():
+    bits = 6
+    every_code = ((torch.arange(2**bits)[:, None] >> torch.arange(bits)) & 1) * 2.0 - 1  # (64, 6) ±1
+    confident = 50 * every_code.repeat(3, 1)  # each code used 3 times, bits certain
+    log_k = bits * math.log(2)
+    for group_bits in (6, 3, 1):  # exact, grouped, per bit: all reach the minimum −log K here
+        uniform = entropy_penalty(confident, group_bits, 1.0, Collectives())
+        assert abs(uniform.item() + log_k) < 1e-4, group_bits
+    collapsed = entropy_penalty(50 * every_code[:1].repeat(192, 1), 6, 1.0, Collectives())
+    unsure = entropy_penalty(torch.zeros(192, bits), 6, 1.0, Collectives())
+    assert abs(collapsed.item()) < 1e-4 and abs(unsure.item()) < 1e-4  # no code diversity / no confidence
+    half_used = entropy_penalty(50 * every_code[:32].repeat(6, 1), 6, 1.0, Collectives())
+    assert abs(half_used.item() + log_k - math.log(2)) < 1e-4
+    logits = torch.randn(192, bits, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        penalty = entropy_penalty(logits.bfloat16(), 3, 1.0, Collectives())
+    assert penalty.dtype == torch.float32 and penalty.isfinite()
+    assert -log_k <= penalty.item() <= log_k
+
+
+def test_lfq_entropy_term_only_in_training():
+    lfq = LFQ(4, bits=4, beta=0.0)
+    z = torch.randn(32, 4)
+    assert lfq.train()(z).loss.item() < 0  # the penalty is negative once codes differ
+    assert lfq.eval()(z).loss.item() == 0
+    bsq = BSQ(4, bits=4).eval()
+    codes = bsq(torch.randn(32, 4)).codes
+    torch.testing.assert_close(codes.norm(dim=1), torch.ones(32))  # BSQ codes lie on the unit sphere
+
+
+def test_simvq_codebook_stays_frozen_while_its_projection_learns():
+    torch.manual_seed(0)
+    simvq = SimVQ(8, codebook_size=32).train()
+    frozen, codes_before = simvq.frozen_codebook.clone(), simvq.codebook().detach().clone()
+    assert "frozen_codebook" in simvq.state_dict()
+    assert all(p is not simvq.frozen_codebook for p in simvq.parameters())
+    optimiser = torch.optim.SGD(simvq.parameters(), lr=0.5)
+    for _ in range(3):
+        optimiser.zero_grad()
+        simvq(torch.randn(64, 8)).loss.backward()
+        optimiser.step()
+    assert torch.equal(simvq.frozen_codebook, frozen)
+    assert not torch.allclose(simvq.codebook(), codes_before)  # all codes moved with W
+
+
+def _codes_used_after_training(**options) -> int:
+    """Distinct codes a held-out batch of 4,096 uses after 4 steps on correlated latents."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(32, codebook_size=16384, ema=False, kmeans_iters=1, **options).train()
+    mixing = torch.randn(32, 32) / 32**0.5  # correlated latents, as an encoder would give
+    optimiser = torch.optim.Adam(vq.parameters(), lr=1e-3)
+    for _ in range(4):
+        z = torch.randn(1024, 32) @ mixing
+        out = vq(z)
+        loss = out.loss + (out.codes - z).pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        return vq.eval()(torch.randn(4096, 32) @ mixing).indices.unique().numel()
+
+
+def test_llamagen_l2_low_dim_large_codebook_trains_without_collapse():
+    """16,384 l2-normalised 8-dim codes behind a learned projection (LlamaGen's VQ) spread a held-out
+    batch over far more codes than unnormalised ones (measured: 1,876 vs 164 of 4,096 rows)."""
+    llamagen = _codes_used_after_training(codebook_dim=8, cosine=True)
+    plain = _codes_used_after_training(codebook_dim=8, cosine=False, kmeans_init=False, dead_code_threshold=0.0)
+    assert llamagen > 1200 and plain < 400, (llamagen, plain)
+
+
+def test_18_bit_lfq_tokenizer_gets_a_uint32_token_store(tmp_path):
+    from models import save_model
+    from models.quantizers import QuantizerConfig
+    from models.vqvae import VQVAE, VQVAEConfig
+    from pipeline.registry.model_ref import resolve_model
+    from pipeline.tokens.encoder import TokenEncoder
+
+    config = VQVAEConfig(in_channels=1, image_size=16, hidden=8, res_blocks=1, latent_dim=8,
+                         quantizer=QuantizerConfig(kind="lfq", bits=18, entropy_group_bits=9))
+    model = VQVAE(config)
+    assert model.codebook_size == 2**18
+    encoder = TokenEncoder(resolve_model(str(save_model(model.eval(), tmp_path / "lfq18"))), latents=False)
+    (spec,) = encoder.specs
+    assert spec.dtype == "uint32" and spec.codebook_size == 2**18 and spec.row_shape == (4, 4)
+    codes = encoder.encode(np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8),
+                           np.zeros(3, dtype=np.int64))["codes"]
+    assert codes.dtype == np.uint32

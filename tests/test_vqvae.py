@@ -19,6 +19,10 @@ QUANTIZERS = {
     "vq": QuantizerConfig(codebook_size=32),
     "rvq": QuantizerConfig(kind="rvq", codebook_size=16, num_stages=2, codebook_dim=4),
     "fsq": QuantizerConfig(kind="fsq", levels=(5, 3, 3)),
+    "lfq": QuantizerConfig(kind="lfq", bits=6),
+    "bsq": QuantizerConfig(kind="bsq", bits=6, entropy_group_bits=3),
+    "simvq": QuantizerConfig(kind="simvq", codebook_size=32, rotation_trick=True),
+    "vq-rotation": QuantizerConfig(codebook_size=32, rotation_trick=True),
 }
 
 

@@ -1,7 +1,8 @@
 """Quantizers for the VQ family and the typed sub-config that picks one.
 
 Every quantizer maps `(..., dim)` latents to `QuantizerOutput(codes, indices, loss)`, has
-`indices_to_codes(indices)` (exactly the forward's codes) and `codebook_size`.
+`indices_to_codes(indices)` (exactly the forward's codes) and `codebook_size`. Kinds: vq (EMA or codebook
+loss; cosine, factorized, rotation trick), rvq, fsq, lfq, bsq (sign bits + entropy penalty), simvq.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ from torch import nn
 
 from models.quantizers.collectives import Collectives, distributed_collectives, set_collectives
 from models.quantizers.fsq import FSQ
+from models.quantizers.lfq import BSQ, LFQ
 from models.quantizers.residual_vq import ResidualVQ
+from models.quantizers.simvq import SimVQ
 from models.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer
 
 
 @dataclass
 class QuantizerConfig:
-    kind: Literal["vq", "rvq", "fsq"] = "vq"
-    codebook_size: int = 512  # vq, rvq (per stage)
+    kind: Literal["vq", "rvq", "fsq", "lfq", "bsq", "simvq"] = "vq"
+    codebook_size: int = 512  # vq, rvq (per stage), simvq
     codebook_dim: int = 0  # vq, rvq: 0 looks up in the latent dim; >0 a factorized low-dim lookup
-    beta: float = 0.25  # commitment weight
+    beta: float = 0.25  # commitment weight (all but fsq)
     ema: bool = True  # EMA codebook updates instead of the codebook loss
     decay: float = 0.99
     eps: float = 1e-5  # Laplace smoothing of EMA counts
@@ -32,7 +35,13 @@ class QuantizerConfig:
     cosine: bool = False  # l2-normalised codes and inputs
     num_stages: int = 4  # rvq
     levels: tuple[int, ...] = (8, 5, 5, 5)  # fsq: values per dimension
-    seed: int = 0  # restart/k-means draws
+    seed: int = 0  # restart/k-means draws; simvq: the frozen codebook
+    rotation_trick: bool = False  # vq, simvq: rotation-trick gradient instead of straight-through
+    bits: int = 10  # lfq, bsq: codebook of 2^bits sign codes
+    entropy_weight: float = 0.1  # lfq, bsq: weight of the entropy penalty
+    diversity: float = 1.0  # lfq, bsq: codebook-entropy weight inside the penalty
+    inv_temperature: float = 100.0  # lfq, bsq: sharpness of the soft code assignment
+    entropy_group_bits: int = 10  # lfq, bsq: codebook entropy exact up to this many bits, grouped above
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -44,6 +53,14 @@ def build_quantizer(config: QuantizerConfig, dim: int, seed_offset: int = 0) -> 
     """The quantizer `config.kind` for `dim`-channel latents."""
     if config.kind == "fsq":
         return FSQ(dim, config.levels)
+    if config.kind in ("lfq", "bsq"):
+        binary = LFQ if config.kind == "lfq" else BSQ
+        return binary(dim, config.bits, beta=config.beta, entropy_weight=config.entropy_weight,
+                      diversity=config.diversity, inv_temperature=config.inv_temperature,
+                      group_bits=config.entropy_group_bits)
+    if config.kind == "simvq":
+        return SimVQ(dim, config.codebook_size, beta=config.beta, rotation_trick=config.rotation_trick,
+                     seed=config.seed + seed_offset)
     options = dict(
         codebook_size=config.codebook_size, codebook_dim=config.codebook_dim, beta=config.beta,
         ema=config.ema, decay=config.decay, eps=config.eps, kmeans_init=config.kmeans_init,
@@ -53,11 +70,11 @@ def build_quantizer(config: QuantizerConfig, dim: int, seed_offset: int = 0) -> 
     if config.kind == "rvq":
         return ResidualVQ(dim, num_stages=config.num_stages, **options)
     if config.kind == "vq":
-        return VectorQuantizer(dim, **options)
-    raise ValueError(f"unknown quantizer kind {config.kind!r}; use vq, rvq or fsq")
+        return VectorQuantizer(dim, rotation_trick=config.rotation_trick, **options)
+    raise ValueError(f"unknown quantizer kind {config.kind!r}; use vq, rvq, fsq, lfq, bsq or simvq")
 
 
 __all__ = [
-    "FSQ", "Collectives", "QuantizerConfig", "QuantizerOutput", "ResidualVQ", "VectorQuantizer",
+    "BSQ", "FSQ", "LFQ", "Collectives", "QuantizerConfig", "QuantizerOutput", "ResidualVQ", "SimVQ", "VectorQuantizer",
     "build_quantizer", "distributed_collectives", "set_collectives",
 ]

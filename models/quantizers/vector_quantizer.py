@@ -3,7 +3,8 @@
 Codebook learning is either the codebook loss ‖sg(z) − e‖² or EMA updates (decay, Laplace
 smoothing); both add β·‖z − sg(e)‖². k-means initialisation from the first training batch and
 dead-code restarts keep usage high. Optional cosine (l2-normalised) codes and a factorized
-low-dimensional lookup (ViT-VQGAN). Distances and every codebook statistic run in fp32 with
+low-dimensional lookup (ViT-VQGAN; with both, LlamaGen's 16,384 x 8 codebook), and the rotation
+trick (rotation.py) in place of the straight-through estimator. Distances and every codebook statistic run in fp32 with
 autocast disabled: bf16 distances pick wrong codes and bf16 EMA sums overflow/lose mass.
 
 Distributed: statistics go through the injected `collectives` (see collectives.py) and are
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.quantizers.collectives import Collectives, sample_rows
+from models.quantizers.rotation import rotation_trick
 
 
 @dataclass
@@ -50,13 +52,14 @@ class VectorQuantizer(nn.Module):
         dead_code_threshold: float = 1.0,
         cosine: bool = False,
         seed: int = 0,
+        rotation_trick: bool = False,
     ) -> None:
         super().__init__()
         self.dim, self.codebook_size = dim, codebook_size
         self.lookup_dim = codebook_dim or dim
         self.beta, self.ema, self.decay, self.eps = beta, ema, decay, eps
         self.kmeans_iters, self.dead_code_threshold = kmeans_iters, dead_code_threshold
-        self.cosine, self.seed = cosine, seed
+        self.cosine, self.seed, self.rotation_trick = cosine, seed, rotation_trick
         factorized = self.lookup_dim != dim
         self.project_in = nn.Linear(dim, self.lookup_dim) if factorized else nn.Identity()
         self.project_out = nn.Linear(self.lookup_dim, dim) if factorized else nn.Identity()
@@ -107,7 +110,8 @@ class VectorQuantizer(nn.Module):
             if update:
                 self._update(flat.detach(), indices)
             # The decoder's gradient goes to the encoder only; the codebook learns from its own term.
-            codes = self.project_out(straight_through(quantized.detach(), flat))
+            gradient_path = rotation_trick if self.rotation_trick else straight_through
+            codes = self.project_out(gradient_path(quantized.detach(), flat))
         return QuantizerOutput(codes.reshape(*z.shape[:-1], self.dim), indices.reshape(z.shape[:-1]), loss)
 
     # -- training-time codebook maintenance (collectives live only here) ------------------------

@@ -45,3 +45,22 @@ def write_image_shards(images: np.ndarray, root: str | Path, name: str, image_fo
         settings = ShardSettings(image_format=image_format, maxcount=maxcount, val_fraction=0.0)
         write_shards(str(root / f"{name}.npy"), str(dest), settings, progress=False)
     return str(dest)
+
+
+def photo_patches(split: str, n: int, size: int = 32, seed: int = 0):
+    """n random size×size RGB patches, float (n, 3, size, size) in [0, 1], cut from the two photos
+    that ship inside scikit-learn (`load_sample_images`: 427×640 each, no download). `train` cuts
+    from the left 512 columns of each photo, `val` from the right 128: the splits share no pixel."""
+    import torch
+    from sklearn.datasets import load_sample_images
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, got {split!r}")
+    photos = [np.asarray(image) for image in load_sample_images().images]  # (427, 640, 3) uint8
+    rng = np.random.default_rng([seed, split == "val"])
+    which = rng.integers(len(photos), size=n)
+    columns = (0, 512 - size) if split == "train" else (512, 640 - size)
+    rows_at = rng.integers(0, photos[0].shape[0] - size + 1, size=n)
+    cols_at = rng.integers(columns[0], columns[1] + 1, size=n)
+    patches = np.stack([photos[k][r : r + size, c : c + size] for k, r, c in zip(which, rows_at, cols_at)])
+    return torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255.0

@@ -1,0 +1,71 @@
+"""Lookup-free quantization (LFQ, MAGVIT-v2 / Open-MAGVIT2) and binary spherical quantization
+(BSQ, Zhao et al. 2024): each of `bits` latent dimensions becomes a sign bit, the code is the
+vector of signs and its index the bits read as a binary number (bit i has weight 2^i), so a
+codebook of 2^bits needs no table and no lookup.
+
+LFQ codes are ±1; BSQ first l2-normalises the latent and its codes are ±1/√bits (on the unit
+sphere). Both train with the straight-through estimator, a β commitment term, and the entropy
+penalty of entropy.py (confident bits, all codes used over the *global* batch), computed in fp32
+with one all-reduce per training step; eval mode and no_grad run no collective and skip it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.quantizers.collectives import Collectives
+from models.quantizers.entropy import entropy_penalty
+from models.quantizers.vector_quantizer import QuantizerOutput, straight_through
+
+
+class LFQ(nn.Module):
+    spherical = False
+
+    def __init__(self, dim: int, bits: int = 10, beta: float = 0.25, entropy_weight: float = 0.1,
+                 diversity: float = 1.0, inv_temperature: float = 100.0, group_bits: int = 10) -> None:
+        super().__init__()
+        if not 1 <= bits <= 31:
+            raise ValueError(f"LFQ/BSQ bits must be in [1, 31] (codebook 2^bits), got {bits}")
+        self.dim, self.bits, self.codebook_size = dim, bits, 2**bits
+        self.beta, self.entropy_weight, self.diversity = beta, entropy_weight, diversity
+        self.inv_temperature, self.group_bits = inv_temperature, group_bits
+        self.scale = 1 / math.sqrt(bits) if self.spherical else 1.0  # |code value| per bit
+        self.project_in = nn.Linear(dim, bits) if bits != dim else nn.Identity()
+        self.project_out = nn.Linear(bits, dim) if bits != dim else nn.Identity()
+        self.register_buffer("_basis", 2 ** torch.arange(bits), persistent=False)  # (bits,) int64
+        self.collectives = Collectives()
+
+    def _signs(self, bits_on: Tensor) -> Tensor:
+        """bool (..., bits) -> fp32 codes ±scale."""
+        return torch.where(bits_on, self.scale, -self.scale).float()
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """z: (..., dim) -> codes (..., dim), indices (...) in [0, 2^bits)."""
+        with torch.autocast(z.device.type, enabled=False):
+            h = self.project_in(z.float()).reshape(-1, self.bits)  # (N, bits) fp32
+            if self.spherical:
+                h = F.normalize(h, dim=-1)
+            on = h > 0
+            quantized, indices = self._signs(on), (on.long() * self._basis).sum(-1)  # (N, bits), (N,)
+            loss = self.beta * F.mse_loss(h, quantized)
+            if self.training and torch.is_grad_enabled() and self.entropy_weight > 0:
+                logits = 4 * self.inv_temperature * self.scale * h  # p(bit on | z) = sigmoid(logit)
+                loss = loss + self.entropy_weight * entropy_penalty(logits, self.group_bits, self.diversity,
+                                                                    self.collectives)
+            codes = self.project_out(straight_through(quantized, h))
+        return QuantizerOutput(codes.reshape(*z.shape[:-1], self.dim), indices.reshape(z.shape[:-1]), loss)
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """(...) int64 -> (..., dim), exactly the forward's codes."""
+        with torch.autocast(indices.device.type, enabled=False):
+            return self.project_out(self._signs((indices.unsqueeze(-1) & self._basis) != 0))
+
+
+class BSQ(LFQ):
+    """LFQ on the unit sphere: l2-normalised latents, codes ±1/√bits."""
+
+    spherical = True
