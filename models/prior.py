@@ -165,6 +165,8 @@ class CausalSelfAttention(nn.Module):
         t = q.shape[2]
         if start == 0:  # square: the usual causal mask
             mask, causal = None, True
+        elif t == 1:  # one new token (sampling): it sees every cached key
+            mask, causal = None, False
         else:  # query i at index start + i sees keys [0, start + i]
             mask = torch.arange(k.shape[2], device=x.device)[None] <= start + torch.arange(t, device=x.device)[:, None]
             causal = False
@@ -329,7 +331,7 @@ class TransformerPrior(nn.Module):
         n = cond.shape[0]
         seq = cond if null is None else torch.cat([cond, null])  # (R, P), R = n or 2n
         cache = KVCache(c.depth, c.prefix_len + c.seq_len) if use_cache else None
-        step_input = seq
+        step_input = seq  # with the cache: only the tokens it has not seen
         codes = []
         with _autocast(seq.device, dtype):
             for _ in range(c.seq_len):
@@ -340,7 +342,8 @@ class TransformerPrior(nn.Module):
                 code = sample_logits(logits, temperature, top_k, top_p, generator)  # (n,)
                 codes.append(code)
                 step_input = code.repeat(seq.shape[0] // n)[:, None]  # (R, 1)
-                seq = torch.cat([seq, step_input], dim=1)
+                if not use_cache:
+                    seq = torch.cat([seq, step_input], dim=1)
         self.train(was_training)
         return torch.stack(codes, dim=1)  # (n, N)
 
