@@ -36,15 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("prior", help="train a prior on an MNIST-5k token store; data, bits, samples, KV",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=positive_int, default=1200, help="prior training steps (default %(default)s)")
-    parser.add_argument("--segment", type=positive_int, default=20, help="steps per data-source segment")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=800, help="prior training steps (default %(default)s)")
+    parser.add_argument("--segment", type=positive_int, default=10, help="steps per data-source segment")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--lr", type=positive_float, default=2e-3)
-    parser.add_argument("--dim", type=positive_int, default=128)
+    parser.add_argument("--dim", type=positive_int, default=96)
     parser.add_argument("--depth", type=positive_int, default=4)
     parser.add_argument("--heads", type=positive_int, default=4)
-    parser.add_argument("--vq-steps", type=positive_int, default=600, help="tokenizer training steps")
-    parser.add_argument("--classifier-epochs", type=positive_int, default=4)
+    parser.add_argument("--vq-steps", type=positive_int, default=300, help="tokenizer training steps")
+    parser.add_argument("--classifier-epochs", type=positive_int, default=8)
     parser.add_argument("--per-class", type=positive_int, default=100, help="samples per class")
     parser.add_argument("--cfg", type=float, default=3.0, help="class-free guidance scale of the samples")
     parser.add_argument("--kv-rows", type=positive_int, default=32, help="rows sampled for kv_speedup")
@@ -289,28 +289,39 @@ def train_prior(prior, store_url: str, args: argparse.Namespace) -> dict[str, An
                "streaming": _store_batches(streaming, args.batch_size, args.workers, args.seed)}
     schedule = OptimConfig(lr=args.lr, warmup_steps=min(100, args.steps // 10), total_steps=args.steps)
     opt = torch.optim.AdamW(prior.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    seconds, counted = dict.fromkeys(sources, 0.0), dict.fromkeys(sources, 0)
+    step_seconds: dict[str, list[float]] = {name: [] for name in sources}
     prior.train()
-    for segment, first in enumerate(range(0, args.steps, args.segment)):
+    for step in range(args.steps):
+        segment = step // args.segment
         name = list(sources)[segment % len(sources)]
         begun = time.perf_counter()
-        for step in range(first, min(first + args.segment, args.steps)):
-            for group in opt.param_groups:
-                group["lr"] = args.lr * lr_factor(step, schedule)
-            loss = prior.loss(next(sources[name]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
-            opt.step()
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_factor(step, schedule)
+        loss = prior.loss(next(sources[name]))  # the batch's wait counts in the step's time
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
+        opt.step()
         if segment >= len(sources):  # the first round starts the loaders' workers: not timed
-            seconds[name] += time.perf_counter() - begun
-            counted[name] += min(first + args.segment, args.steps) - first
+            step_seconds[name].append(time.perf_counter() - begun)
     prior.eval()
-    rate = {name: counted[name] / seconds[name] if seconds[name] else None for name in sources}
-    ratio = {name: rate[name] / rate["memory"] if rate[name] and rate["memory"] else None
-             for name in ("resident", "streaming")}
-    return {"train_loss": float(loss.detach()), "steps_per_s": rate, "data_ratio_resident": ratio["resident"],
-            "data_ratio_streaming": ratio["streaming"]}
+    return {"train_loss": float(loss.detach()), **_data_ratios(step_seconds)}
+
+
+def _data_ratios(step_seconds: dict[str, list[float]]) -> dict[str, Any]:
+    """Steps/s per source from the median step time (robust to the preemptions of a shared
+    machine) and from the mean (which a slow reader's occasional stalls would show)."""
+    import statistics
+
+    timed = {name: s for name, s in step_seconds.items() if s}
+    median = {name: 1 / statistics.median(s) for name, s in timed.items()}
+    mean = {name: len(s) / sum(s) for name, s in timed.items()}
+    out: dict[str, Any] = {"steps_per_s_median": median, "steps_per_s_mean": mean}
+    for name in ("resident", "streaming"):
+        ok = name in timed and "memory" in timed
+        out[f"data_ratio_{name}"] = median[name] / median["memory"] if ok else None
+        out[f"data_ratio_{name}_mean"] = mean[name] / mean["memory"] if ok else None
+    return out
 
 
 # -- 4. evaluation -----------------------------------------------------------------------------
@@ -353,9 +364,11 @@ def sample_quality(prior, tokenizer, classifier, val, args: argparse.Namespace) 
     sample_s = time.perf_counter() - begun
     samples = codes_to_images(tokenizer, codes, prior.config.grid)
     predicted, sample_features = classify(classifier, samples)
-    x_train, y_train = mnist_tensors("train")
+    x_train, y_train = mnist_tensors("train")  # sorted by class: take a random subset
+    subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(2))[: len(samples)]
+    x_train, y_train = x_train[subset], y_train[subset]
     with torch.no_grad():
-        recon = tokenizer.decode(tokenizer.encode(x_train[: len(samples)]))
+        recon = torch.cat([tokenizer.decode(tokenizer.encode(part)) for part in x_train.split(500)])
     random_codes = torch.randint(0, prior.config.codebook_size, codes.shape, generator=torch.Generator().manual_seed(1))
     real = classify(classifier, x_val)[1]
     recon_predicted, recon_features = classify(classifier, recon)
