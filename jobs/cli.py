@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "jobs.retrain",
     "jobs.decode",
     "jobs.export",
+    "jobs.sample",
     "jobs.bench",
 ]
 

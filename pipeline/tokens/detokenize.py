@@ -13,6 +13,20 @@ from pathlib import Path
 GRID = 64  # images per PNG (8 x 8)
 
 
+def resolve_recorded_model(ref: str, weights_sha256: str, owner: str, hint: str, tracking_uri: str | None = None,
+                           storage_options: dict | None = None):
+    """The model `ref` (a `ModelFiles`) after checking its weights are the ones `owner` (a store,
+    a prior) recorded in its lineage; UserError ending with `hint` when they are not."""
+    from models.errors import UserError
+    from pipeline.registry.model_ref import resolve_model
+
+    files = resolve_model(ref, tracking_uri, storage_options)
+    if files.weights_sha256 != weights_sha256:
+        raise UserError(f"{files.uri} has weights sha256 {files.weights_sha256[:12]}…, but {owner} was "
+                        f"made with {weights_sha256[:12]}…; {hint}")
+    return files
+
+
 def detokenize_store(store_url: str, out: Path, start: int, stop: int, *, split: str | None = None,
                  model_ref: str | None = None, tracking_uri: str | None = None,
                  storage_options: dict | None = None) -> list[Path]:
@@ -22,16 +36,13 @@ def detokenize_store(store_url: str, out: Path, start: int, stop: int, *, split:
 
     from models.errors import UserError
     from pipeline.grids import save_png_grid
-    from pipeline.registry.model_ref import resolve_model
     from pipeline.tokens.store import TokenStore
 
     store = TokenStore(store_url, storage_options)
     attrs = store.token_attrs()
     lineage = attrs["lineage"]
-    files = resolve_model(model_ref or lineage["model_uri"], tracking_uri, storage_options)
-    if files.weights_sha256 != lineage["weights_sha256"]:
-        raise UserError(f"{files.uri} has weights sha256 {files.weights_sha256[:12]}…, but {store_url} was "
-                        f"made with {lineage['weights_sha256'][:12]}…; pass the store's model with --model")
+    files = resolve_recorded_model(model_ref or lineage["model_uri"], lineage["weights_sha256"], store_url,
+                                   "pass the store's model with --model", tracking_uri, storage_options)
     model = files.load()[0].eval()
     rows = store.item_rows(split)[start:stop]
     if len(rows) == 0:
