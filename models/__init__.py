@@ -1,10 +1,11 @@
-"""Pure single-device PyTorch models: the VAE family and the VQ family.
+"""Pure single-device PyTorch models: the VAE family, the VQ family and the Transformer prior.
 
 Importing `models` registers every model class for `build_model` / `load_model`.
 """
 
 from models import (  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, HierarchicalVAE
     hvae,
+    prior,  # noqa: E402,F401  registers TransformerPrior
     vae,
     vqvae,  # noqa: E402,F401  registers VQVAE, VQVAE2
 )
