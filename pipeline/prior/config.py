@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 
 import pydantic
 
+from models.prior import PriorConfig
 from models.training import OptimConfig
 from pipeline.config import StrictModel, load_config
 from pipeline.training.config import RunSection, ScalingSection, TrackingSection
@@ -32,18 +33,22 @@ class PriorDataSection(StrictModel):
 
 
 class PriorModelSection(StrictModel):
+    """`models.prior.PriorConfig`'s fields and defaults; the first three default to the store's."""
+
     kind: Literal["prior"] = "prior"
     codebook_size: Optional[int] = pydantic.Field(None, gt=0)  # None: the store's
     num_classes: Optional[int] = pydantic.Field(None, ge=0)  # None: the store's labels; 0: unconditional
     grid: Optional[list[list[int]]] = None  # [[h, w]] per level; None: the store's
-    dim: int = pydantic.Field(128, gt=0)
-    depth: int = pydantic.Field(4, gt=0)
-    heads: int = pydantic.Field(4, gt=0)
-    mlp_ratio: float = pydantic.Field(4.0, gt=0)
-    positions: Literal["learned", "rope2d"] = "learned"
-    label_dropout: float = pydantic.Field(0.1, ge=0, le=1)  # classifier-free guidance needs some
-    dropout: float = pydantic.Field(0.0, ge=0, lt=1)
-    tie_weights: bool = True
+    dim: int = pydantic.Field(PriorConfig.dim, gt=0)
+    depth: int = pydantic.Field(PriorConfig.depth, gt=0)
+    heads: int = pydantic.Field(PriorConfig.heads, gt=0)
+    mlp_ratio: float = pydantic.Field(PriorConfig.mlp_ratio, gt=0)
+    positions: Literal["learned", "rope2d"] = PriorConfig.positions
+    rope_base: float = pydantic.Field(PriorConfig.rope_base, gt=0)
+    label_dropout: float = pydantic.Field(PriorConfig.label_dropout, ge=0, lt=1)  # classifier-free guidance needs some
+    dropout: float = pydantic.Field(PriorConfig.dropout, ge=0, lt=1)
+    tie_weights: bool = PriorConfig.tie_weights
+    norm: Literal["layernorm", "rmsnorm"] = PriorConfig.norm
 
 
 class PriorTrainSection(StrictModel):

@@ -45,6 +45,7 @@ class _Checked:
 
 def check_inputs(config: PriorJobConfig, tracking_uri: str | None) -> _Checked:
     """Open both splits, match the model section to the store, and resolve the tokenizer."""
+    from models.errors import UserError
     from models.prior import PriorConfig
     from pipeline.prior import data
     from pipeline.tokens.detokenize import store_tokenizer
@@ -53,7 +54,10 @@ def check_inputs(config: PriorJobConfig, tracking_uri: str | None) -> _Checked:
     fields = data.resolve_model_fields(config.model, data.store_vocab(probe))
     for split in (config.data.train_split, config.data.val_split):
         data.open_split(config.data, split, fields["num_classes"])  # UserError: no such split
-    PriorConfig(**fields)  # the model's own checks (e.g. dim divisible by heads), before Ray
+    try:
+        PriorConfig(**fields)  # the model's own checks (e.g. dim divisible by heads), before Ray
+    except ValueError as err:
+        raise UserError(f"model: {err}") from None
     tokenizer = store_tokenizer(config.data.store, tracking_uri=tracking_uri,
                                 storage_options=config.data.storage_options,
                                 hint="the prior's sample grids need the store's own tokenizer")
@@ -113,11 +117,10 @@ def build_prior_trainer(config: PriorJobConfig, checked: _Checked, tracking_uri:
 
 def _write_lineage(model_dir, config: PriorJobConfig, checked: _Checked) -> None:
     """lineage.json next to the prior's config.json: the store, its tokenizer and the vocabulary."""
+    from models.prior import PriorConfig
     from pipeline.prior.lineage import write_prior_lineage
     from pipeline.redaction import redact
 
-    fields = checked.model_fields
-    k, c = fields["codebook_size"], fields["num_classes"]
-    vocab = {"codebook_size": k, "bos": k, "class_offset": k + 1, "num_classes": c, "null_class": k + 1 + c}
+    prior = PriorConfig(**checked.model_fields)
     write_prior_lineage(model_dir, store_url=redact(config.data.store), tokenizer_uri=checked.tokenizer.uri,
-                        tokenizer_sha256=checked.tokenizer.weights_sha256, vocab=vocab, grid=fields["grid"])
+                        tokenizer_sha256=checked.tokenizer.weights_sha256, vocab=prior.vocab(), grid=prior.grid)

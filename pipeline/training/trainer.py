@@ -111,7 +111,6 @@ def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: s
     ({"train", "val"} Ray Datasets with `image` and `label` columns); `epoch_clock` is the train
     stream's EpochClock, which the workers set before every pass; `progress` is the driver's
     ProgressBoard (None: rank 0 prints its progress lines instead)."""
-    import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.config import to_plain
