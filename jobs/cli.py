@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "jobs.train_prior",
     "jobs.retrain",
     "jobs.decode",
+    "jobs.sample",
     "jobs.bench",
 ]
 

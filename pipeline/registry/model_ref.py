@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class ModelFiles:
     version: str | None  # "name/3" for registry URIs (aliases resolved), else None
     config: bytes  # config.json
     weights: bytes  # model.safetensors
+    extras: dict[str, bytes] = field(default_factory=dict)  # optional side files asked for, when present
 
     @property
     def weights_sha256(self) -> str:
@@ -50,24 +51,28 @@ class ModelFiles:
             return load_model(path, map_location=map_location, name=self.uri), read_model_config(path, self.uri)
 
 
-def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: dict | None = None) -> ModelFiles:
-    """Read MODEL's files; UserError when the reference cannot be resolved or is no model."""
+def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: dict | None = None,
+                  extra_files: tuple[str, ...] = ()) -> ModelFiles:
+    """Read MODEL's files; UserError when the reference cannot be resolved or is no model.
+    `extra_files`: optional side files of the model directory (e.g. a prior's lineage.json),
+    returned in `extras` when present."""
     if ref.startswith(_MLFLOW_PREFIXES):
-        return _read_mlflow(ref, tracking_uri)
+        return _read_mlflow(ref, tracking_uri, extra_files)
     if "://" in ref and not ref.startswith("file://"):
         fs, path = fsspec.core.url_to_fs(ref, **(storage_options or {}))
         try:
             config, weights = fs.cat_file(f"{path}/{CONFIG_FILE}"), fs.cat_file(f"{path}/{WEIGHTS_FILE}")
         except FileNotFoundError:
             raise UserError(f"{ref} is not a model directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}") from None
-        return ModelFiles(ref, None, config, weights)
+        extras = {name: fs.cat_file(f"{path}/{name}") for name in extra_files if fs.exists(f"{path}/{name}")}
+        return ModelFiles(ref, None, config, weights, extras)
     path = Path(ref.removeprefix("file://"))
     if not path.is_dir():
         raise UserError(f"model {ref!r} is neither a directory nor an MLflow URI (runs:/…, models:/…)")
-    return _read_dir(ref, None, _model_dir(path, ref))
+    return _read_dir(ref, None, _model_dir(path, ref), extra_files)
 
 
-def _read_mlflow(ref: str, tracking_uri: str | None) -> ModelFiles:
+def _read_mlflow(ref: str, tracking_uri: str | None, extra_files: tuple[str, ...] = ()) -> ModelFiles:
     """A `runs:/` or `models:/` model. A registry reference is pinned to its version first (an
     alias may move meanwhile) and downloaded from that version's source, so the files and the
     version recorded with them agree. The registry is the tracking store, named explicitly:
@@ -82,7 +87,7 @@ def _read_mlflow(ref: str, tracking_uri: str | None) -> ModelFiles:
         source = client.get_model_version_download_uri(*version.rsplit("/", 1)) if version else ref
         with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as tmp:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
-            return _read_dir(ref, version, _model_dir(Path(local), ref))
+            return _read_dir(ref, version, _model_dir(Path(local), ref), extra_files)
     except (MlflowException, OSError) as err:
         where = tracking_uri or mlflow.get_tracking_uri()
         raise UserError(f"cannot download model {ref} from MLflow at {where}: {str(err).splitlines()[0]}") from None
@@ -111,8 +116,9 @@ def _model_dir(path: Path, ref: str) -> Path:
     return found[0]
 
 
-def _read_dir(ref: str, version: str | None, path: Path) -> ModelFiles:
+def _read_dir(ref: str, version: str | None, path: Path, extra_files: tuple[str, ...] = ()) -> ModelFiles:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{ref}: {WEIGHTS_FILE} is missing; the model directory is incomplete")
-    return ModelFiles(ref, version, (path / CONFIG_FILE).read_bytes(), weights.read_bytes())
+    extras = {name: (path / name).read_bytes() for name in extra_files if (path / name).is_file()}
+    return ModelFiles(ref, version, (path / CONFIG_FILE).read_bytes(), weights.read_bytes(), extras)
