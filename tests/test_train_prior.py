@@ -20,7 +20,7 @@ from pipeline.prior.config import PriorDataSection
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = str(REPO / "configs" / "debug_prior.yaml")
-K = 64  # make_vqvae's codebook
+K = 64  # the tokenizer's codebook; 8x8 images -> 2x2 codes, build_store's grid
 COUNTS, SPLITS = [20, 13, 10, 15], ["train", "train", "val", "train"]  # 48 train items, 10 val
 
 
@@ -43,7 +43,7 @@ def learnable_store(url: str, tokenizer: Path | None) -> str:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("prior-store")
-    return learnable_store(str(root / "tokens.zarr"), make_vqvae(root / "tokenizer", codebook_size=K))
+    return learnable_store(str(root / "tokens.zarr"), make_vqvae(root / "tokenizer", codebook_size=K, image_size=8))
 
 
 # -- the partition, no Ray ------------------------------------------------------------------------
@@ -82,12 +82,13 @@ def test_streaming_split_reads_the_same_tokens_as_the_resident_one(store):
 
 
 # -- refusals before Ray ---------------------------------------------------------------------------
-def test_store_whose_tokenizer_is_missing_or_differs_is_refused_before_ray(tmp_path, capsys):
+def test_store_whose_tokenizer_is_missing_differs_or_misfits_is_refused_before_ray(tmp_path, capsys):
     missing = learnable_store(str(tmp_path / "missing.zarr"), None)
-    other = make_vqvae(tmp_path / "other", codebook_size=K)
+    other = make_vqvae(tmp_path / "other", codebook_size=K, image_size=8)
     differs = learnable_store(str(tmp_path / "differs.zarr"), other)
-    make_vqvae(other, codebook_size=K, seed=1)  # the same path now holds other weights
-    for url, reason in ((missing, "cannot be read"), (differs, "weights sha256")):
+    make_vqvae(other, codebook_size=K, seed=1, image_size=8)  # the same path now holds other weights
+    misfit = learnable_store(str(tmp_path / "misfit.zarr"), make_vqvae(tmp_path / "16px", codebook_size=K))  # 4x4 codes
+    for url, reason in ((missing, "is neither a directory"), (differs, "weights sha256"), (misfit, "does not fit")):
         code = cli_main(["train-prior", DEBUG_CONFIG, "--set", f"data.store={url}", "--set", f"run.root={tmp_path}"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and reason in err[0] and url in err[0], err
@@ -125,7 +126,7 @@ def test_ddp_prior_learns_resumes_and_reads_each_item_once_per_epoch(ray_local, 
     val = sorted(client.get_metric_history(run_id, "val/bits_per_token"), key=lambda m: m.step)
     assert [m.step for m in val] == [3, 4, 6, 9] and val[-1].value < val[0].value
     samples = [a.path for a in client.list_artifacts(run_id, "samples")]
-    assert samples == ["samples/step_0000006.png", "samples/step_0000009.png"]
+    assert samples == [f"samples/step_{s:07d}.png" for s in (4, 6, 9)]  # every 6 steps and at each run's end
 
     from pipeline.prior.lineage import read_prior_lineage
 

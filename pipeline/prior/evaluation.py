@@ -35,30 +35,22 @@ def bits_per_token(prior: torch.nn.Module, batches: Iterable[dict], device: torc
     return float(totals[0] / totals[1].clamp(min=1) / LN2)
 
 
-def sample_labels(num_classes: int, per_class: int, rows: int) -> torch.Tensor | None:
-    """(n,) labels, one row of `per_class` per class; None (unconditional) gives `rows` rows."""
-    if num_classes == 0:
-        return None
-    return torch.arange(num_classes).repeat_interleave(per_class)
-
-
 @torch.no_grad()
 def sample_grid(prior: torch.nn.Module, tokenizer: torch.nn.Module, sample, seed: int, path: Path) -> Path:
-    """Sample `sample.per_class` sequences per class (`sample`: the config's sample section),
-    decode them with `tokenizer` and write one PNG row per class at `path`."""
+    """Sample `sample.per_class` sequences per class (`sample`: the config's sample section; an
+    unconditional prior gets `sample.rows` rows), decode them with `tokenizer` (`tokenmill sample`'s
+    own steps) and write one PNG row per class at `path`."""
     from pipeline.grids import save_png_grid
-    from pipeline.tokens.detokenize import codes_to_images
+    from pipeline.prior.sampling import SampleOptions, codes_to_images, draw_codes, sample_labels
 
     was_training = prior.training
     prior.eval()
     config = prior.config
-    labels = sample_labels(config.num_classes, sample.per_class, sample.rows)
-    n = len(labels) if labels is not None else sample.per_class * sample.rows
-    generator = torch.Generator(device=next(prior.parameters()).device).manual_seed(seed)  # same noise each time
-    if labels is not None:
-        labels = labels.to(generator.device)
-    codes = prior.sample(n, labels, cfg_scale=sample.cfg_scale, temperature=sample.temperature,
-                         top_k=sample.top_k, generator=generator)  # (n, N)
+    labels = sample_labels(config, None, sample.per_class)  # None when unconditional
+    options = SampleOptions(cfg_scale=sample.cfg_scale if labels is not None else 1.0,
+                            temperature=sample.temperature, top_k=sample.top_k, seed=seed)
+    device = next(prior.parameters()).device
+    codes = draw_codes(prior, labels, options, device, n=sample.per_class * sample.rows)  # (n, N) on CPU
     prior.train(was_training)
-    images = codes_to_images(tokenizer, codes.cpu(), config.grid)  # (n, C, H, W)
+    images = codes_to_images(tokenizer, codes, config.grid)  # (n, C, H, W)
     return save_png_grid(images, path, nrow=sample.per_class)

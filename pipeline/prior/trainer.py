@@ -48,20 +48,37 @@ def check_inputs(config: PriorJobConfig, tracking_uri: str | None) -> _Checked:
     from models.errors import UserError
     from models.prior import PriorConfig
     from pipeline.prior import data
-    from pipeline.tokens.detokenize import store_tokenizer
 
     probe = data.open_split(config.data, config.data.train_split, 0)
     fields = data.resolve_model_fields(config.model, data.store_vocab(probe))
     for split in (config.data.train_split, config.data.val_split):
         data.open_split(config.data, split, fields["num_classes"])  # UserError: no such split
     try:
-        PriorConfig(**fields)  # the model's own checks (e.g. dim divisible by heads), before Ray
+        prior = PriorConfig(**fields)  # the model's own checks (e.g. dim divisible by heads), before Ray
     except ValueError as err:
         raise UserError(f"model: {err}") from None
-    tokenizer = store_tokenizer(config.data.store, tracking_uri=tracking_uri,
-                                storage_options=config.data.storage_options,
-                                hint="the prior's sample grids need the store's own tokenizer")
-    return _Checked(fields, tokenizer)
+    return _Checked(fields, store_tokenizer(config, prior, tracking_uri))
+
+
+def store_tokenizer(config: PriorJobConfig, prior, tracking_uri: str | None):
+    """The `ModelFiles` of the tokenizer the store's lineage names, with the recorded weights
+    sha256 and a code shape that fits `prior` (PriorConfig); UserError otherwise."""
+    from models.errors import UserError
+    from pipeline.prior.sampling import check_tokenizer_fits
+    from pipeline.tokens.detokenize import resolve_recorded_model
+    from pipeline.tokens.store import TokenStore
+
+    data = config.data
+    lineage = TokenStore(data.store, data.storage_options).token_attrs()["lineage"]
+    hint = "train-prior needs the store's own tokenizer (it decodes the sample grids and goes into the lineage)"
+    try:
+        files = resolve_recorded_model(lineage["model_uri"], lineage["weights_sha256"], data.store, hint,
+                                       tracking_uri, data.storage_options)
+        check_tokenizer_fits(files.load()[0], prior, files.uri)
+    except UserError as err:  # not found, other weights (that message ends with the hint), other code shapes
+        detail = str(err) if str(err).endswith(hint) else f"{err}; {hint}"
+        raise UserError(f"the tokenizer of {data.store} is unusable: {detail}") from None
+    return files
 
 
 def train_prior(config: PriorJobConfig) -> PriorTrainSummary:
@@ -118,9 +135,9 @@ def build_prior_trainer(config: PriorJobConfig, checked: _Checked, tracking_uri:
 def _write_lineage(model_dir, config: PriorJobConfig, checked: _Checked) -> None:
     """lineage.json next to the prior's config.json: the store, its tokenizer and the vocabulary."""
     from models.prior import PriorConfig
-    from pipeline.prior.lineage import write_prior_lineage
+    from pipeline.prior.lineage import prior_lineage, write_prior_lineage
     from pipeline.redaction import redact
 
     prior = PriorConfig(**checked.model_fields)
-    write_prior_lineage(model_dir, store_url=redact(config.data.store), tokenizer_uri=checked.tokenizer.uri,
-                        tokenizer_sha256=checked.tokenizer.weights_sha256, vocab=prior.vocab(), grid=prior.grid)
+    tokenizer = {"model_uri": checked.tokenizer.uri, "weights_sha256": checked.tokenizer.weights_sha256}
+    write_prior_lineage(model_dir, prior_lineage(redact(config.data.store), tokenizer, prior.vocab(), prior.grid))
