@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--root", type=output_folder, default=Path("runs/demo"), help="output directory (default %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=600, help="training steps (default %(default)s)")
-    parser.add_argument("--prior-steps", type=positive_int, default=800,
+    parser.add_argument("--prior-steps", type=positive_int, default=600,
                         help="Transformer prior training steps (default %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=2, help="DDP workers (default %(default)s)")
     add_json_option(parser)
