@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "jobs.inspect",
     "jobs.train",
     "jobs.tokenize",
+    "jobs.train_prior",
     "jobs.retrain",
     "jobs.decode",
     "jobs.export",

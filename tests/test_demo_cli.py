@@ -36,7 +36,8 @@ def run_demo_cli(root: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("TOKENMILL_VERBOSE", None)
     return subprocess.run(
-        [sys.executable, "-m", "jobs", *flags, "demo", "--steps", "20", "--workers", "1", "--root", str(root),
+        [sys.executable, "-m", "jobs", *flags, "demo", "--steps", "20", "--prior-steps", "10", "--workers", "1",
+         "--root", str(root),
          "--json", str(root / "summary.json")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
@@ -60,15 +61,18 @@ def test_demo_runs_end_to_end_and_prints_only_its_own_lines(quiet_demo):
     summary = json.loads((root / "summary.json").read_text())
     assert set(summary) == {
         "reconstruction_psnr_db", "codebook_usage", "tokenize_img_per_s", "train_img_per_s", "shards", "model_dir",
-        "model_uri", "token_store", "decoded_png", "mlflow_tracking_uri", "mlflow_ui", "seconds"}
-    assert Path(summary["decoded_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        "model_uri", "token_store", "decoded_png", "prior_val_bits_per_token", "prior_model_uri", "samples_png",
+        "mlflow_tracking_uri", "mlflow_ui", "seconds"}
+    for png in ("decoded_png", "samples_png"):
+        assert Path(summary[png]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 < summary["prior_val_bits_per_token"] < 12  # below log2(4096); a 512-code uniform guess is 9
     assert summary["model_uri"].startswith("models:/") and 0 < summary["codebook_usage"] <= 1
     lines = console_lines(proc)
     assert [line for line in lines if any(noise in line for noise in CHATTER)] == []
     assert len(lines) <= 40, "\n".join(lines)
     text = "\n".join(lines)
-    for ours in ("[1/4] shards", "[2/4] training", "[3/4] tokenizing", "[4/4] decoded", "tokenmill demo done",
-                 "train: 100%", "tokenize: 100%"):
+    for ours in ("[1/6] shards", "[2/6] training", "[3/6] tokenizing", "[4/6] decoded", "[5/6] training a Transformer",
+                 "[6/6] sampled", "tokenmill demo done", "train: 100%", "tokenize: 100%", "train-prior: 100%"):
         assert ours in text, text
 
 

@@ -20,7 +20,9 @@ from pipeline.shards.writer import ShardSettings, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
-COVERED_ELSEWHERE = {"debug_retrain_vqvae": "tests/test_retrain.py runs this retrain preset end to end"}
+COVERED_ELSEWHERE = {"debug_retrain_vqvae": "tests/test_retrain.py runs this retrain preset end to end",
+                     "debug_prior": "a `tokenmill train-prior` preset: tests/test_train_prior.py runs it",
+                     "prior_mnist": "a `tokenmill train-prior` preset: tests/test_train_prior.py loads it, the demo runs it"}
 STEPS = 2
 SHRINK = [f"train.steps={STEPS}", f"train.val_every={STEPS}", f"train.checkpoint_every={STEPS}", "train.log_every=1",
           "train.batch_size=8", "train.iw_samples=2", "data.shuffle_buffer=16", "scaling.num_workers=1",

@@ -12,7 +12,7 @@ import numpy as np
 IMAGE_SIZE = 16
 
 
-def make_vqvae(path: Path, codebook_size: int = 64, seed: int = 0) -> Path:
+def make_vqvae(path: Path, codebook_size: int = 64, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
     import torch
 
     from models import save_model
@@ -20,7 +20,7 @@ def make_vqvae(path: Path, codebook_size: int = 64, seed: int = 0) -> Path:
     from models.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(seed)
-    config = VQVAEConfig(in_channels=1, image_size=IMAGE_SIZE, hidden=8, res_blocks=1, downsample=4, latent_dim=8,
+    config = VQVAEConfig(in_channels=1, image_size=image_size, hidden=8, res_blocks=1, downsample=4, latent_dim=8,
                          quantizer=QuantizerConfig(codebook_size=codebook_size))
     model = VQVAE(config)
     # One training-mode forward runs the k-means initialisation, so untrained codes still vary.

@@ -69,7 +69,7 @@ def _start_rank(config: TrainJobConfig, loop_config: dict[str, Any]) -> _RankRun
     """Seed, build and wrap the model, restore the latest checkpoint (if any), open the data shards."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    _seed_everything(config.train.seed + rank)
+    seed_everything(config.train.seed + rank)
     if not config.scaling.use_gpu:
         # Ray sets OMP_NUM_THREADS only when the environment has none; match the worker's CPUs.
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
@@ -224,7 +224,7 @@ def load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str) -
         raise UserError(f"train.init_from {ref} does not fit the `model` section of the config ({detail})") from None
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

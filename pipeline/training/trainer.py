@@ -77,7 +77,7 @@ def train(config) -> TrainSummary:
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
 
-    model_dir = _export_model(result.checkpoint, run_dir / "model")
+    model_dir = export_model(result.checkpoint, run_dir / "model")
     registered_name = config.tracking.registered_model or config.run.name
     version = tracking.register_model_dir(
         tracking_uri, run_id, model_dir, registered_name,
@@ -91,7 +91,7 @@ def train(config) -> TrainSummary:
     )
 
 
-def _export_model(checkpoint, model_dir: Path) -> Path:
+def export_model(checkpoint, model_dir: Path) -> Path:
     """Copy the checkpoint's exportable model (config.json + safetensors) to `model_dir`."""
     with checkpoint.as_directory() as directory:
         if model_dir.exists():
@@ -111,7 +111,6 @@ def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: s
     ({"train", "val"} Ray Datasets with `image` and `label` columns); `epoch_clock` is the train
     stream's EpochClock, which the workers set before every pass; `progress` is the driver's
     ProgressBoard (None: rank 0 prints its progress lines instead)."""
-    import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.config import to_plain
@@ -122,17 +121,29 @@ def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: s
         train_loop_per_worker,
         train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id,
                            "epoch_clock": epoch_clock, "progress": progress},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.run.name,  # fixed name + storage path: a rerun resumes from the latest checkpoint
-            storage_path=config.run.resolved_storage_path(),
-            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env_vars()},
-        ),
+        scaling_config=scaling_config(config.scaling),
+        run_config=run_config(config.run),
         datasets=datasets,
         dataset_config=ingest_config(datasets),  # train split equally, val whole; stream order kept
+    )
+
+
+def scaling_config(scaling):
+    """Ray Train's ScalingConfig for a job's `scaling` section (workers, GPU, CPUs per worker)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                   resources_per_worker={"CPU": scaling.cpus_per_worker})
+
+
+def run_config(run):
+    """Ray Train's RunConfig for a job's `run` section: a fixed name and storage path (a rerun
+    resumes from the latest checkpoint), retries, checkpoints kept, the forwarded environment."""
+    import ray.train
+
+    return ray.train.RunConfig(
+        name=run.name, storage_path=run.resolved_storage_path(),
+        failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
+        worker_runtime_env={"env_vars": worker_env_vars()},
     )

@@ -1,0 +1,138 @@
+"""`tokenmill train-prior`: the data partition (no Ray), refusal of a store whose tokenizer is
+missing or differs (before Ray), and a 2-worker DDP run on local Ray that learns, resumes at the
+right batch and reads every training item exactly once per epoch across ranks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from tokenize_helpers import build_store, make_vqvae
+
+from jobs.cli import main as cli_main
+from pipeline.prior import data as prior_data
+from pipeline.prior.config import PriorDataSection
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = str(REPO / "configs" / "debug_prior.yaml")
+K = 64  # the tokenizer's codebook; 8x8 images -> 2x2 codes, build_store's grid
+COUNTS, SPLITS = [20, 13, 10, 15], ["train", "train", "val", "train"]  # 48 train items, 10 val
+
+
+def learnable_store(url: str, tokenizer: Path | None) -> str:
+    """build_store's store (2x2 codes, labels j % 7) with codes a function of the label, so a prior
+    can learn them; its lineage names `tokenizer` (None: a model that does not exist)."""
+    import zarr
+
+    build_store(url, COUNTS, SPLITS, codebook_size=K)
+    group = zarr.open_group(url, mode="r+")
+    labels = group["labels"][:]
+    group["codes"][:] = ((np.maximum(labels, 0) * 5)[:, None] + np.arange(4)).reshape(-1, 2, 2) % K
+    sha = hashlib.sha256((tokenizer / "model.safetensors").read_bytes()).hexdigest() if tokenizer else "0" * 64
+    lineage = dict(group.attrs["lineage"], model_uri=str(tokenizer or Path(url).parent / "no-such-model"),
+                   weights_sha256=sha)
+    group.attrs.update({"lineage": lineage})
+    return url
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("prior-store")
+    return learnable_store(str(root / "tokens.zarr"), make_vqvae(root / "tokenizer", codebook_size=K, image_size=8))
+
+
+# -- the partition, no Ray ------------------------------------------------------------------------
+def test_partition_reads_each_item_once_per_epoch_and_resumes_at_the_batch(store):
+    dataset = prior_data.open_split(PriorDataSection(store=store), "train", 7)
+    ranks = [prior_data.TrainBatches(dataset, "train", r, 2, 5, seed=3, window_chunks=4) for r in range(2)]
+    assert ranks[0].partition.batches_per_epoch == 4  # 48 items, global batch 10: 8 dropped
+    for epoch in range(2):
+        seen = [i for rank in ranks for _, batch in rank.epoch(epoch) for i in batch["indices"].tolist()]
+        assert len(seen) == len(set(seen)) == 40
+    assert not np.array_equal(ranks[0].order(0), ranks[0].order(1))  # a new order (and remainder) per epoch
+    full = [b["indices"].tolist() for _, b in ranks[1].epoch(1)]
+    assert [b["indices"].tolist() for _, b in ranks[1].epoch(1, start=2)] == full[2:]
+    batch = next(ranks[0].epoch(0))[1]  # [BOS, class, 4 codes]; class = K + 1 + label
+    assert batch["tokens"].shape == (5, 6) and (batch["tokens"][:, 0] == K).all()
+    assert (batch["tokens"][:, 1] == K + 1 + batch["labels"]).all()
+
+
+def test_chunk_level_shuffle_is_a_permutation_that_keeps_windows_together():
+    chunk_of = np.repeat(np.arange(12), 10)  # 120 items in 12 chunks of 10
+    order = prior_data.epoch_order(120, seed=0, epoch=0, chunk_of=chunk_of, window_chunks=3)
+    assert sorted(order.tolist()) == list(range(120))
+    windows = chunk_of[order].reshape(4, 30)  # every 30 consecutive items come from 3 chunks
+    assert all(len(set(w.tolist())) == 3 for w in windows)
+    assert not np.array_equal(order, prior_data.epoch_order(120, 0, 1, chunk_of, 3))
+
+
+def test_streaming_split_reads_the_same_tokens_as_the_resident_one(store):
+    small = prior_data.open_split(PriorDataSection(store=store, cache_mb=1e-6), "train", 7)
+    resident = prior_data.open_split(PriorDataSection(store=store), "train", 7)
+    assert resident.resident and not small.resident
+    stream = prior_data.TrainBatches(small, "train", 0, 2, 4, seed=0, window_chunks=2)
+    assert stream.chunk_of is not None
+    for _, batch in stream.epoch(0):
+        assert np.array_equal(batch["tokens"], resident.batch(batch["indices"])["tokens"])
+
+
+# -- refusals before Ray ---------------------------------------------------------------------------
+def test_store_whose_tokenizer_is_missing_differs_or_misfits_is_refused_before_ray(tmp_path, capsys):
+    missing = learnable_store(str(tmp_path / "missing.zarr"), None)
+    other = make_vqvae(tmp_path / "other", codebook_size=K, image_size=8)
+    differs = learnable_store(str(tmp_path / "differs.zarr"), other)
+    make_vqvae(other, codebook_size=K, seed=1, image_size=8)  # the same path now holds other weights
+    misfit = learnable_store(str(tmp_path / "misfit.zarr"), make_vqvae(tmp_path / "16px", codebook_size=K))  # 4x4 codes
+    for url, reason in ((missing, "is neither a directory"), (differs, "weights sha256"), (misfit, "does not fit")):
+        code = cli_main(["train-prior", DEBUG_CONFIG, "--set", f"data.store={url}", "--set", f"run.root={tmp_path}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and reason in err[0] and url in err[0], err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not (tmp_path / "ray").exists()
+
+
+# -- 2-worker DDP on local Ray ---------------------------------------------------------------------
+def train(root: Path, store: str, *overrides: str) -> dict:
+    out = root / f"summary-{len(list(root.glob('summary-*')))}.json"
+    sets = [f"data.store={store}", f"run.root={root}", f"data.item_log={root / 'items'}", *overrides]
+    assert cli_main(["train-prior", DEBUG_CONFIG, *[a for o in sets for a in ("--set", o)], "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_ddp_prior_learns_resumes_and_reads_each_item_once_per_epoch(ray_local, store, tmp_path):
+    first = train(tmp_path, store, "train.steps=4")  # stops mid-epoch 0 (6 batches of 2 x 4)
+    second = train(tmp_path, store, "train.steps=9")  # resumes at batch 4 of epoch 0
+    metrics = second["final_metrics"]
+    assert first["final_metrics"]["step"] == 4 and metrics["resumed_from_step"] == 4 and metrics["step"] == 9
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+
+    seen: dict[int, list[int]] = {}  # epoch -> items read by either rank, across both runs
+    for rank in (0, 1):
+        for line in (tmp_path / "items" / f"rank{rank}.txt").read_text().splitlines():
+            epoch, _, *items = map(int, line.split())
+            seen.setdefault(epoch, []).extend(items)
+    assert len(seen[0]) == len(set(seen[0])) == 48  # the whole epoch, resumed mid-way, no repeats
+    assert len(seen[1]) == len(set(seen[1])) == 3 * 8
+
+    client = mlflow.MlflowClient(second["mlflow_tracking_uri"])
+    run_id = second["mlflow_run_id"]
+    history = sorted(client.get_metric_history(run_id, "train/bits_per_token"), key=lambda m: m.step)
+    assert len(history) == 9 and history[-1].value < history[0].value - 0.5, [m.value for m in history]
+    val = sorted(client.get_metric_history(run_id, "val/bits_per_token"), key=lambda m: m.step)
+    assert [m.step for m in val] == [3, 4, 6, 9] and val[-1].value < val[0].value
+    samples = [a.path for a in client.list_artifacts(run_id, "samples")]
+    assert samples == [f"samples/step_{s:07d}.png" for s in (4, 6, 9)]  # every 6 steps and at each run's end
+
+    from pipeline.prior.lineage import read_prior_lineage
+
+    lineage = read_prior_lineage(second["model_dir"])
+    tokenizer = Path(store).parent / "tokenizer"
+    assert lineage["store_url"] == store and lineage["tokenizer_uri"] == str(tokenizer)
+    assert lineage["tokenizer_sha256"] == hashlib.sha256((tokenizer / "model.safetensors").read_bytes()).hexdigest()
+    assert lineage["vocab"]["bos"] == K and lineage["grid"] == [[2, 2]]
+    assert client.get_model_version(second["registered_model"], second["model_version"]).run_id == run_id
