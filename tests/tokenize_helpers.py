@@ -126,3 +126,15 @@ def build_store(url: str, counts: list[int], splits: list[str], levels: int = 1,
             written[name].append(columns[name])
     store.finalize(layout, specs)
     return layout, specs, {name: parts for name, parts in written.items()}
+
+
+def make_hvae(path: Path) -> Path:
+    """An untrained hierarchical VAE with latent groups at 4x4 and 8x8 (2 channels each)."""
+    import torch
+
+    from models import save_model
+    from models.hvae import HierarchicalVAE, HVAEConfig
+
+    torch.manual_seed(0)
+    config = HVAEConfig(image_size=IMAGE_SIZE, channels=1, width=8, latent_channels=2, resolutions=(8, 4))
+    return save_model(HierarchicalVAE(config).eval(), path)
