@@ -165,3 +165,13 @@ def test_diffusers_references_that_are_missing_or_not_an_autoencoder(tmp_path, m
             resolve_tokenizer(ref)
     with pytest.raises(UserError, match="--latents 'median'"):
         ExtractionOptions.build("median")
+
+
+def test_without_diffusers_the_error_names_the_extra(monkeypatch):
+    import sys
+
+    from pipeline.tokens.diffusers_adapter import import_diffusers
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed: `import diffusers` fails
+    with pytest.raises(UserError, match=r'pip install "tokenmill\[diffusers\]"'):
+        import_diffusers()
