@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=output_folder, help="folder for grid-XXXXX.png")
     parser.add_argument("--rows", default="0:64", help="item range a:b (default %(default)s)")
     parser.add_argument("--split", default=None, help="number items within one split (default: all)")
-    parser.add_argument("--model", default=None, help="model to decode with (default: the store's lineage)")
+    parser.add_argument("--model", default=None, help="model to decode with, also diffusers:PATH (default: the store's lineage)")
     parser.add_argument("--tracking-uri", default=None)
     add_json_option(parser)
     parser.set_defaults(run=run)

@@ -24,12 +24,21 @@ if TYPE_CHECKING:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("tokenize", help="encode a sharded dataset into a Zarr token store",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory/URL, runs:/ID/model, models:/NAME/VERSION or models:/NAME@ALIAS")
+    parser.add_argument("--model", required=True, help="model directory/URL, runs:/ID/model, models:/NAME/VERSION, "
+                        "models:/NAME@ALIAS, or diffusers:PATH (a VQModel/AutoencoderKL save_pretrained folder or URL, "
+                        "or a hub id in the local Hugging Face cache)")
     parser.add_argument("--data", required=True, help="shard folder/URL with manifest.json (indexed on the fly if absent)")
     parser.add_argument("--out", required=True, help="token store URL (any fsspec URL)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--overwrite", action="store_true", help="replace a store made by another model or config")
-    parser.add_argument("--latents", action="store_true", help="VAE models: store posterior means (float16)")
+    parser.add_argument("--latents", nargs="?", const="mean", default=None, choices=["mean", "sample"],
+                        help="VAE models and diffusers AutoencoderKL: store latents (float16): the posterior mean "
+                        "(default) or a sample seeded by the sample's key")
+    parser.add_argument("--size", type=int, default=None, help="diffusers models: image size (default: the config's)")
+    parser.add_argument("--crop", default=None, choices=["center", "resize"],
+                        help="diffusers models: center crop (default) or squash to the size")
+    parser.add_argument("--augment", default=None, choices=["flip"],
+                        help="store each sample's variants (flip: as is and mirrored); readers pick one per epoch")
     parser.add_argument("--actors", type=int, default=None, help="encoding actors (default: one per GPU, else per CPU core)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI)")
     add_json_option(parser)
@@ -41,7 +50,8 @@ def run(args: argparse.Namespace) -> TokenizeSummary:
 
     summary = tokenize_dataset(
         args.model, args.data, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
-        latents=args.latents, actors=args.actors, tracking_uri=args.tracking_uri,
+        latents=args.latents or False, actors=args.actors, tracking_uri=args.tracking_uri, size=args.size,
+        crop=args.crop, augment=args.augment,
     )
     print(f"tokenized {summary.samples} samples ({summary.corrupt} corrupt skipped) into {args.out}: "
           f"{summary.encoded_now} now at {summary.img_per_s:.0f} img/s (start-up {summary.startup_s:.1f} s), "

@@ -42,13 +42,15 @@ class TokenizeSummary:
 
 def tokenize_dataset(
     model_ref: str, shards_url: str, store_url: str, *, batch_size: int = 256, overwrite: bool = False,
-    latents: bool = False, actors: int | None = None, tracking_uri: str | None = None,
-    storage_options: dict[str, Any] | None = None,
+    latents: bool | str = False, actors: int | None = None, tracking_uri: str | None = None,
+    storage_options: dict[str, Any] | None = None, size: int | None = None, crop: str | None = None,
+    augment: str | None = None,
 ) -> TokenizeSummary:
-    """Tokenize every shard listed by `shards_url`'s manifest into the store at `store_url`."""
+    """Tokenize every shard listed by `shards_url`'s manifest into the store at `store_url`.
+    `latents`: False (codes), True/"mean" or "sample"; `size`/`crop` (diffusers models) and
+    `augment`: see `pipeline.tokens.extraction`."""
     from models.errors import UserError
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.tokens.encoder import TokenEncoder
+    from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer, tokenizer_lineage
     from pipeline.tokens.layout import plan_layout
     from pipeline.tokens.store import TokenStore, tokenmill_version
 
@@ -57,18 +59,14 @@ def tokenize_dataset(
     if actors is not None and actors < 1:
         raise UserError(f"--actors must be >= 1, got {actors}")
     options = dict(storage_options or {})
-    files = resolve_model(model_ref, tracking_uri, options)
+    extraction = ExtractionOptions.build(latents, size, crop, augment)
+    files = resolve_tokenizer(model_ref, tracking_uri, options)
     shards, identity = _manifest_shards(shards_url, options)
-    encoder = TokenEncoder(files, latents)  # on the driver only to learn the arrays' shapes
+    encoder = load_tokenizer(files, extraction)  # on the driver only to learn the arrays' shapes
     layout = plan_layout([(s["url"], s["split"], s["count"]) for s in shards],
                          max(spec.row_bytes for spec in encoder.specs))
     lineage = {
-        "model_uri": files.uri, "model_version": files.version, "weights_sha256": files.weights_sha256,
-        "model_class": encoder.meta["class"], "model_config": encoder.meta["config"],
-        "mode": "latents" if latents else "codes",
-        "codebook_size": getattr(encoder.model, "codebook_size", None) if not latents else None,
-        "token_shape": [list(s.row_shape) for s in encoder.specs],
-        "transform": encoder.transform.model_dump(mode="json"),
+        **tokenizer_lineage(files, encoder, extraction),
         "manifest_identity": identity, "data": shards_url, "tokenmill_version": tokenmill_version(),
     }
     store = TokenStore(store_url, options)
@@ -76,8 +74,8 @@ def tokenize_dataset(
     done = store.finished()
     pending = [s for s in layout.shards if s.index not in done]
     started = time.time()
-    encoded, first_unit = _run_actors(pending, store, layout.rows_per_zarr_shard, files, latents, batch_size, options,
-                                      actors)
+    encoded, first_unit = _run_actors(pending, store, layout.rows_per_zarr_shard, files, extraction, batch_size,
+                                      options, actors)
     seconds = time.time() - started
     stored = store.finalize(layout, encoder.specs)
     return TokenizeSummary(
@@ -106,7 +104,7 @@ def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dic
     return [dict(s, url=join(folder, s["url"])) for s in manifest["shards"]], manifest_identity(manifest)
 
 
-def _run_actors(pending, store, rows_per_zarr_shard, files, latents, batch_size, options, actors) -> tuple[int, float]:
+def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_size, options, actors) -> tuple[int, float]:
     """Encode `pending` input shards on a Ray Data actor pool; returns the samples encoded and
     the wall-clock time the first shard began."""
     if not pending:
@@ -133,7 +131,7 @@ def _run_actors(pending, store, rows_per_zarr_shard, files, latents, batch_size,
         num_cpus=1, num_gpus=gpus,
         fn_constructor_kwargs=dict(
             files_ref=[ray.put(files)], store_url=store.url, rows_per_zarr_shard=rows_per_zarr_shard,
-            latents=latents, batch_size=batch_size, storage_options=options,
+            extraction=extraction, batch_size=batch_size, storage_options=options,
         ),
         **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}),
     )
@@ -164,17 +162,17 @@ def _default_actors(gpus: int) -> int:
 class ShardEncoderActor:
     """A Ray Data actor: loads the model once, then encodes one input shard per call."""
 
-    def __init__(self, files_ref, store_url, rows_per_zarr_shard, latents, batch_size, storage_options):
+    def __init__(self, files_ref, store_url, rows_per_zarr_shard, extraction, batch_size, storage_options):
         import ray
         import torch
 
-        from pipeline.tokens.encoder import TokenEncoder
+        from pipeline.tokens.extraction import load_tokenizer
         from pipeline.tokens.store import TokenStore
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":  # one intra-op thread per CPU Ray gave this actor; no oversubscription
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.encoder = TokenEncoder(ray.get(files_ref[0]), latents, device)
+        self.encoder = load_tokenizer(ray.get(files_ref[0]), extraction, device)
         self.store = TokenStore(store_url, storage_options)
         self.rows_per_zarr_shard, self.batch_size, self.options = rows_per_zarr_shard, batch_size, storage_options
 

@@ -98,6 +98,14 @@ CASES = [
      ["--batch-size", "0"]),
     ("tokenize-actors-0", "tokenize --model {F}/model --data {F}/shards --out {F}/t11.zarr --actors 0",
      ["--actors", "0"]),
+    ("tokenize-diffusers-missing", "tokenize --model diffusers:{F}/missing --data {F}/shards --out {F}/t12.zarr",
+     ["diffusers:{F}/missing"]),
+    ("tokenize-diffusers-not-an-autoencoder", "tokenize --model diffusers:{F}/unet --data {F}/shards --out {F}/t13.zarr",
+     ["diffusers:{F}/unet", "UNet2DModel"]),
+    ("tokenize-diffusers-tokenmill-model", "tokenize --model diffusers:{F}/model --data {F}/shards --out {F}/t14.zarr",
+     ["diffusers:{F}/model", "not a VQModel or AutoencoderKL"]),
+    ("tokenize-latents-unknown", "tokenize --model {F}/model --data {F}/shards --out {F}/t15.zarr --latents median",
+     ["--latents", "median"]),
     # -- retrain
     ("retrain-margin-negative", "retrain {RETRAIN} --set promotion.margin=-1", ["promotion.margin=-1"]),
     ("retrain-versions-missing", "retrain {RETRAIN} --set versions.prefix={F}/missing --set run.root={F}/runs",
@@ -182,6 +190,8 @@ def _build_fixtures(root: Path) -> None:
     (root / "badzarr" / "zarr.json").write_text("{not json")
     zarr.create_group(str(root / "foreignzarr"), zarr_format=3).create_array("x", shape=(3,), dtype="int64")
     (root / "bad.yaml").write_text("model: [unclosed\n")
+    (root / "unet").mkdir()
+    (root / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
     _save_tiny_vqvae(root / "badweights")
     (root / "badweights" / "model.safetensors").write_bytes(b"garbage " * 32)
     _save_tiny_vqvae(root / "badconfig")

@@ -71,7 +71,7 @@ def test_distributed_sampler_and_dataloader_cover_every_item_once(store):
             seen.extend(batch["tokens"][:, :4].tolist())
     assert len(seen) == 42  # 42 items split evenly over 2 ranks, none padded
     ds.batch([0])
-    assert pickle.loads(pickle.dumps(ds))._tokens is None  # workers do not receive the cache
+    assert pickle.loads(pickle.dumps(ds))._rows_all is None  # workers do not receive the cache
 
 
 def test_unfinished_store_and_unknown_split_are_user_errors(store, tmp_path):

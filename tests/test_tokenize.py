@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from tokenize_helpers import array_bytes, images, make_vae, make_vqvae, plant_corrupt, write_shards
+from tokenize_helpers import array_bytes, images, make_hvae, make_vae, make_vqvae, plant_corrupt, write_shards
 
 from models.errors import UserError
 
@@ -186,6 +186,39 @@ def test_latents_for_vae_models(data, tmp_path):
     with torch.no_grad():
         mu, _ = load_model(model_dir).eval().encode(x)
     np.testing.assert_array_equal(group["latents"][:][rows], mu.numpy().astype(np.float16))
+
+
+def test_hierarchical_vae_latents_per_group_read_back_and_decode_to_its_reconstructions(data, tmp_path):
+    from jobs.cli import main
+    from models import load_model
+    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokens.detokenize import StoreDecoder
+    from pipeline.tokens.latent_dataset import LatentDataset
+
+    model_dir = make_hvae(tmp_path / "hvae")
+    store = tmp_path / "hvae.zarr"
+    tokenize_dataset(str(model_dir), data["shards"], str(store), batch_size=8, latents=True, actors=1)
+    group = zarr.open_group(str(store), mode="r")
+    assert [a["name"] for a in group.attrs["arrays"]] == ["latents_4x4", "latents_8x8"]  # coarse -> fine
+    assert group["latents_4x4"].dtype == np.float16 and group["latents_8x8"].shape[1:] == (2, 8, 8)
+    assert group.attrs["lineage"]["adapter"] == "tokenmill" and len(group.attrs["lineage"]["config_sha256"]) == 64
+    ds = LatentDataset(str(store), split=None)
+    keys = np.concatenate([group["keys"][:][s : s + n] for s, n in zip(group["shards/row_start"][:],
+                                                                       group["shards/count"][:])])
+    index = np.array([int(k.rsplit("-", 1)[1]) for k in keys])
+    x = torch.from_numpy(images(N)[index]).permute(0, 3, 1, 2).float() / 255.0
+    model = load_model(model_dir).eval()
+    with torch.no_grad():
+        mu, _ = model.encode(x)  # (B, 2*4*4 + 2*8*8), groups coarse -> fine
+        recon = model.decode(mu)  # the model's own reconstructions from the posterior means
+    batch = ds.batch(np.arange(len(ds)))
+    stored = torch.cat([batch["latents_4x4"].flatten(1), batch["latents_8x8"].flatten(1)], dim=1)
+    torch.testing.assert_close(stored, mu.half().float(), atol=1e-3, rtol=1e-3)  # float16 rounding
+    np.testing.assert_array_equal(batch["labels"].numpy(), index % 10)
+    decoded = next(StoreDecoder(str(store)).images(0, len(ds)))
+    torch.testing.assert_close(decoded, recon, atol=1e-2, rtol=0)
+    assert main(["decode", str(store), "--out", str(tmp_path / "png"), "--rows", "0:8"]) == 0
+    assert len(list((tmp_path / "png").glob("grid-*.png"))) == 1
 
 
 def test_decode_command_writes_png_grids_of_the_reconstructions(data, reference, tmp_path):

@@ -140,3 +140,15 @@ def race_setup(model: str):
     layout = plan_layout([(f"shard-{i}.tar", "train" if i < 3 else "val", 9) for i in range(4)], 32)
     lineage = {"model_uri": model, "weights_sha256": hashlib.sha256(model.encode()).hexdigest(), "mode": "codes"}
     return lineage, layout, specs
+
+
+def make_hvae(path: Path) -> Path:
+    """An untrained hierarchical VAE with latent groups at 4x4 and 8x8 (2 channels each)."""
+    import torch
+
+    from models import save_model
+    from models.hvae import HierarchicalVAE, HVAEConfig
+
+    torch.manual_seed(0)
+    config = HVAEConfig(image_size=IMAGE_SIZE, channels=1, width=8, latent_channels=2, resolutions=(8, 4))
+    return save_model(HierarchicalVAE(config).eval(), path)

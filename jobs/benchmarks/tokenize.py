@@ -44,16 +44,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--actors", type=positive_int, default=None, help="encoding actors (default: one per CPU)")
     parser.add_argument("--workdir", type=output_folder, default=None, help="where shards and stores go (default: a temp dir)")
+    parser.add_argument("--kl-vs-fastdit", action="store_true",
+                        help="instead: a tiny diffusers AutoencoderKL through tokenmill vs fast-DiT's extraction loop "
+                        "(jobs/benchmarks/kl_extract.py)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    chosen = benchmark
+    if args.kl_vs_fastdit:
+        from jobs.benchmarks.kl_extract import benchmark_kl as chosen
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        return benchmark(args.workdir, args.images, args.batch_size, args.actors)
+        return chosen(args.workdir, args.images, args.batch_size, args.actors)
     with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
-        return benchmark(Path(tmp), args.images, args.batch_size, args.actors)
+        return chosen(Path(tmp), args.images, args.batch_size, args.actors)
 
 
 def benchmark(root: Path, n: int, batch_size: int, actors: int | None) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 
 Rows are item indices over the store's good samples in store order (input shard order, then tar
 order; `split` picks one split, as `TokenDataset` numbers them). The model is the one the
-store's lineage names (or `model_ref`), checked against the recorded weights sha256.
+store's lineage names (or `model_ref`): a tokenmill model or a `diffusers:` autoencoder, checked
+against the recorded weights sha256. Every store decodes: codes, single latents, a hierarchical
+VAE's latent groups; of a store written with `--augment`, the un-augmented variant 0.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ def resolve_recorded_model(ref: str, weights_sha256: str, owner: str, hint: str,
     """The model `ref` (a `ModelFiles`) after checking its weights are the ones `owner` (a store,
     a prior) recorded in its lineage; UserError ending with `hint` when they are not."""
     from models.errors import UserError
-    from pipeline.registry.model_ref import resolve_model
+    from pipeline.tokens.extraction import resolve_tokenizer
 
-    files = resolve_model(ref, tracking_uri, storage_options)
+    files = resolve_tokenizer(ref, tracking_uri, storage_options)
     if files.weights_sha256 != weights_sha256:
         raise UserError(f"{files.uri} has weights sha256 {files.weights_sha256[:12]}…, but {owner} was "
                         f"made with {weights_sha256[:12]}…; {hint}")
@@ -31,31 +33,50 @@ def detokenize_store(store_url: str, out: Path, start: int, stop: int, *, split:
                  model_ref: str | None = None, tracking_uri: str | None = None,
                  storage_options: dict | None = None) -> list[Path]:
     """Decode items [start, stop) of `store_url` and write them as PNG grids of 64 under `out`."""
-    import numpy as np
-    import torch
-
-    from models.errors import UserError
     from pipeline.grids import save_png_grid
-    from pipeline.tokens.store import TokenStore
 
-    store = TokenStore(store_url, storage_options)
-    attrs = store.token_attrs()
-    lineage = attrs["lineage"]
-    files = resolve_recorded_model(model_ref or lineage["model_uri"], lineage["weights_sha256"], store_url,
-                                   "pass the store's model with --model", tracking_uri, storage_options)
-    model = files.load()[0].eval()
-    rows = store.item_rows(split)[start:stop]
-    if len(rows) == 0:
-        raise UserError(f"{store_url} has {len(store.item_rows(split))} items; --rows {start}:{stop} selects none")
-    group = store.open_group("r")
-    names = [spec["name"] for spec in attrs["arrays"]]
+    decoder = StoreDecoder(store_url, model_ref=model_ref, tracking_uri=tracking_uri,
+                           storage_options=storage_options)
     paths = []
-    for i in range(0, len(rows), GRID):
-        chunk = rows[i : i + GRID]
-        # Contiguous runs make whole-chunk reads; zarr's orthogonal index handles any set.
-        values = [torch.from_numpy(group[n].oindex[chunk].astype(np.float32 if n == "latents" else np.int64))
-                  for n in names]
-        with torch.no_grad():
-            images = model.decode(values[0] if len(values) == 1 else tuple(values))
-        paths.append(save_png_grid(images, out / f"grid-{(start + i) // GRID:05d}.png"))
+    for i, images in enumerate(decoder.images(start, stop, split)):
+        paths.append(save_png_grid(images, out / f"grid-{start // GRID + i:05d}.png"))
     return paths
+
+
+class StoreDecoder:
+    """A store and the tokenizer its lineage names; `images(start, stop)` yields batches of
+    `GRID` decoded items (B, C, H, W) in [0, 1]."""
+
+    def __init__(self, store_url: str, *, model_ref: str | None = None, tracking_uri: str | None = None,
+                 storage_options: dict | None = None):
+        from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer
+        from pipeline.tokens.store import TokenStore
+        from pipeline.tokens.store_rows import store_variants
+
+        self.url, self.store = store_url, TokenStore(store_url, storage_options)
+        attrs = self.store.token_attrs()
+        lineage = attrs["lineage"]
+        files = resolve_recorded_model(model_ref or lineage["model_uri"], lineage["weights_sha256"], store_url,
+                                       "pass the store's model with --model", tracking_uri, storage_options)
+        self.tokenizer = load_tokenizer(files, ExtractionOptions.from_lineage(lineage))
+        self.names = [spec["name"] for spec in attrs["arrays"]]
+        self.variants = store_variants(lineage)
+
+    def images(self, start: int, stop: int, split: str | None = None):
+        import numpy as np
+
+        from models.errors import UserError
+        from pipeline.tokens.extraction import decode_rows
+
+        items = self.store.item_rows(split)
+        rows = items[start:stop]
+        if len(rows) == 0:
+            raise UserError(f"{self.url} has {len(items)} items; --rows {start}:{stop} selects none")
+        group = self.store.open_group("r")
+        for i in range(0, len(rows), GRID):
+            chunk = rows[i : i + GRID]
+            # Contiguous runs make whole-chunk reads; zarr's orthogonal index handles any set.
+            arrays = [np.asarray(group[n].oindex[chunk]) for n in self.names]
+            if self.variants > 1:
+                arrays = [a[:, 0] for a in arrays]
+            yield decode_rows(self.tokenizer, self.names, arrays)

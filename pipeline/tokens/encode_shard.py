@@ -18,7 +18,6 @@ from pipeline import faults
 from pipeline.shards.images import TransformConfig
 from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
 from pipeline.tokens import codebook_stats
-from pipeline.tokens.encoder import TokenEncoder
 from pipeline.tokens.layout import InputShardSlot
 from pipeline.tokens.store import TokenStore
 
@@ -69,7 +68,7 @@ def prefetch(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterato
 
 
 def encode_shard(
-    shard: InputShardSlot, store: TokenStore, rows_per_zarr_shard: int, encoder: TokenEncoder, batch_size: int,
+    shard: InputShardSlot, store: TokenStore, rows_per_zarr_shard: int, encoder, batch_size: int,
     storage_options: dict[str, Any],
 ) -> dict[str, Any]:
     """Encode every good sample of `shard` into its rows, then write its marker; returns the
@@ -78,7 +77,7 @@ def encode_shard(
     counts = {s.name: np.zeros(s.codebook_size, dtype=np.int64) for s in encoder.specs if s.codebook_size}
     writer = store.writer(shard, rows_per_zarr_shard, encoder.specs)
     for batch in prefetch(source.batches()):
-        rows = encoder.encode(batch.images, batch.labels)
+        rows = encoder.encode(batch.images, batch.labels, batch.keys)  # keys seed per-sample draws
         for name in counts:
             counts[name] += codebook_stats.count_codes(rows[name], len(counts[name]))
         writer.append({**rows, "keys": np.array(batch.keys, dtype=object), "labels": batch.labels})

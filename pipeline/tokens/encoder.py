@@ -3,7 +3,8 @@
 VQ family (`encode(x) -> codes (B, h, w)` or a tuple of them per level): rows of codes, one
 array per level (`codes`, or `codes_0`, `codes_1`, ... in the order `encode` returns them; for
 VQ-VAE-2 that is top, bottom). VAE family with `latents=True` (`encode(x, y) -> (μ, log σ²)`):
-posterior means as float16 (`latents`). Shapes come from encoding one blank image, so every
+posterior means as float16 (`latents`, or `latents_<group>` per group of a hierarchical VAE,
+see `pipeline.tokens.latent_groups`). Shapes come from encoding one blank image, so every
 model that honours the contract works without per-class code here.
 """
 
@@ -17,6 +18,7 @@ import torch
 from models.errors import UserError
 from pipeline.registry.model_ref import ModelFiles
 from pipeline.shards.images import TransformConfig
+from pipeline.tokens.latent_groups import latent_names, split_latents
 from pipeline.tokens.store import ArraySpec, codes_dtype
 
 
@@ -53,8 +55,8 @@ class TokenEncoder:
                 mu, _ = self.model.encode(x, y)
             except (TypeError, ValueError):
                 raise UserError(f"{self.meta['class']}.encode does not return (mean, log-variance); "
-                                "--latents supports single-latent VAEs") from None
-            return [mu]
+                                "--latents supports VAE-family models") from None
+            return split_latents(self.model, mu)
         codes = self.model.encode(x)
         return list(codes) if isinstance(codes, (tuple, list)) else [codes]
 
@@ -63,13 +65,13 @@ class TokenEncoder:
         x = torch.zeros(1, t.channels, t.size, t.size, device=self.device)
         outputs = self._forward(x, torch.zeros(1, dtype=torch.long, device=self.device))
         if self.latents:
-            return [ArraySpec("latents", tuple(outputs[0].shape[1:]), "float16")]
+            return [ArraySpec(n, tuple(o.shape[1:]), "float16") for n, o in zip(latent_names(self.model), outputs)]
         sizes = self.model.codebook_size
         sizes = list(sizes) if isinstance(sizes, (tuple, list)) else [sizes] * len(outputs)
         names = ["codes"] if len(outputs) == 1 else [f"codes_{i}" for i in range(len(outputs))]
         return [ArraySpec(n, tuple(o.shape[1:]), codes_dtype(int(k)), int(k)) for n, o, k in zip(names, outputs, sizes)]
 
-    def encode(self, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    def encode(self, images: np.ndarray, labels: np.ndarray, keys: list[str] | None = None) -> dict[str, np.ndarray]:
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W)
         y = torch.from_numpy(labels).to(self.device).clamp_(min=0)  # conditional VAEs need a class id
         outputs = self._forward(x, y)

@@ -1,0 +1,129 @@
+"""Which tokenizer `tokenize` and `decode` use, and how: the model reference (native or
+`diffusers:`), the latent mode, preprocessing overrides and augmentation at extraction.
+
+`load_tokenizer` returns an object with the interface the tokenize job uses: `specs`,
+`transform`, `encode(images, labels, keys) -> {array: rows}`; `decode_rows` inverts it.
+`--augment flip` stores every sample twice (as is, mirrored) along axis 1 of each array
+(LlamaGen's ten-crop and fast-DiT's flips do the same offline); readers pick one variant per
+item and epoch (`pipeline.tokens.store_rows`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.errors import UserError
+from pipeline.tokens.diffusers_adapter import PREFIX, DiffusersFiles, DiffusersTokenizer, resolve_diffusers
+from pipeline.tokens.latent_groups import join_latents
+from pipeline.tokens.store import ArraySpec
+
+LATENT_MODES = ("mean", "sample")
+CROPS = ("center", "resize")
+AUGMENTS = {"flip": 2}  # name -> variants per sample
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    latents: str | None = None  # None: codes; "mean" or "sample" (diffusers AutoencoderKL only)
+    size: int | None = None  # diffusers: image size instead of the config's sample_size
+    crop: str | None = None  # diffusers: "center" (default) or "resize"
+    augment: str | None = None  # None or a name in AUGMENTS
+
+    @classmethod
+    def build(cls, latents: bool | str | None = None, size: int | None = None, crop: str | None = None,
+              augment: str | None = None) -> "ExtractionOptions":
+        """Checked options; `latents=True` means "mean" (the flag's meaning before it took a value)."""
+        latents = "mean" if latents is True else (latents or None)
+        if latents is not None and latents not in LATENT_MODES:
+            raise UserError(f"--latents {latents!r}: choose one of {', '.join(LATENT_MODES)}")
+        if size is not None and size < 1:
+            raise UserError(f"--size must be >= 1, got {size}")
+        if crop is not None and crop not in CROPS:
+            raise UserError(f"--crop {crop!r}: choose one of {', '.join(CROPS)}")
+        if augment is not None and augment not in AUGMENTS:
+            raise UserError(f"--augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
+        return cls(latents, size, crop, augment)
+
+    @classmethod
+    def from_lineage(cls, lineage: dict[str, Any]) -> "ExtractionOptions":
+        """The options a store was made with (decoding needs only the mode)."""
+        mode = lineage.get("latents") or ("mean" if lineage.get("mode") == "latents" else None)
+        return cls(latents=mode)
+
+
+def resolve_tokenizer(ref: str, tracking_uri: str | None = None, storage_options: dict | None = None):
+    """`ModelFiles` (native models: paths, runs:/, models:/) or `DiffusersFiles` (`diffusers:`)."""
+    if ref.startswith(PREFIX):
+        return resolve_diffusers(ref, storage_options)
+    from pipeline.registry.model_ref import resolve_model
+
+    return resolve_model(ref, tracking_uri, storage_options)
+
+
+def load_tokenizer(files, options: ExtractionOptions, device: str = "cpu"):
+    """The loaded tokenizer for `files`, wrapped in the augmentation when one is asked for."""
+    if isinstance(files, DiffusersFiles):
+        tokenizer = DiffusersTokenizer(files, options.latents, device, options.size, options.crop)
+    else:
+        from pipeline.tokens.encoder import TokenEncoder
+
+        if options.size is not None or options.crop is not None:
+            raise UserError("--size/--crop apply to diffusers: models; a tokenmill model uses the transform "
+                            "saved with it")
+        if options.latents == "sample":
+            raise UserError("--latents sample is for diffusers AutoencoderKL models; tokenmill VAEs store "
+                            "posterior means (--latents mean)")
+        tokenizer = TokenEncoder(files, options.latents is not None, device)
+    return Augmented(tokenizer, options.augment) if options.augment else tokenizer
+
+
+def tokenizer_lineage(files, tokenizer, options: ExtractionOptions) -> dict[str, Any]:
+    """The store lineage's model part: which weights and config, what was stored and how."""
+    base = tokenizer.inner if isinstance(tokenizer, Augmented) else tokenizer
+    if isinstance(base, DiffusersTokenizer):
+        model = base.lineage()
+    else:
+        model = {"adapter": "tokenmill", "model_class": base.meta["class"], "model_config": base.meta["config"],
+                 "config_sha256": hashlib.sha256(files.config).hexdigest(),
+                 "codebook_size": getattr(base.model, "codebook_size", None) if not options.latents else None}
+    return {
+        "model_uri": files.uri, "model_version": files.version, "weights_sha256": files.weights_sha256, **model,
+        "mode": "latents" if options.latents else "codes",
+        "token_shape": [list(s.row_shape) for s in tokenizer.specs],
+        "transform": tokenizer.transform.model_dump(mode="json"),
+        **({"augment": {"name": options.augment, "variants": AUGMENTS[options.augment]}} if options.augment else {}),
+    }
+
+
+class Augmented:
+    """Encodes each batch once per variant and stacks the rows along axis 1: row shape (V, ...)."""
+
+    def __init__(self, inner, augment: str):
+        self.inner, self.augment = inner, augment
+        self.transform = inner.transform
+        self.specs = [ArraySpec(s.name, (AUGMENTS[augment], *s.row_shape), s.dtype, s.codebook_size)
+                      for s in inner.specs]
+
+    def encode(self, images: np.ndarray, labels: np.ndarray, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+        keys = list(keys) if keys is not None else [str(i) for i in range(len(images))]
+        variants = [(images, keys), (np.ascontiguousarray(images[:, :, ::-1]), [f"{k}#flip" for k in keys])]
+        rows = [self.inner.encode(view, labels, view_keys) for view, view_keys in variants]
+        return {name: np.stack([r[name] for r in rows], axis=1) for name in rows[0]}
+
+
+@torch.inference_mode()
+def decode_rows(tokenizer, names: list[str], arrays: list[np.ndarray]) -> torch.Tensor:
+    """Stored rows (one array per store array, one variant) -> images (B, C, H, W) in [0, 1]."""
+    if isinstance(tokenizer, DiffusersTokenizer):
+        return tokenizer.decode(arrays)
+    model = tokenizer.model
+    if names[0].startswith("latents"):
+        z = join_latents([torch.from_numpy(a.astype(np.float32)).to(tokenizer.device) for a in arrays])
+        return model.decode(z).cpu()
+    codes = [torch.from_numpy(a.astype(np.int64)).to(tokenizer.device) for a in arrays]
+    return model.decode(codes[0] if len(codes) == 1 else tuple(codes)).cpu()
