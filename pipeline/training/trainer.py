@@ -46,9 +46,11 @@ def train(config) -> TrainSummary:
     from pipeline.ray_runtime import ensure_ray
     from pipeline.redaction import redact
     from pipeline.registry import tracking
+    from pipeline.training.cluster_check import check_cluster_storage
     from pipeline.training.data import TRAIN_COLUMNS, resolve_training_data
     from pipeline.training.progress import TrainProgress
 
+    check_cluster_storage(config)  # node-local paths on a multi-node cluster: refused before any work
     run_dir = config.run.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     data = resolve_training_data(config)  # missing / empty shards fail here, before Ray work
