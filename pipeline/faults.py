@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 ENV = "TOKENMILL_FAULTS"
+STORAGE_ENV = "TOKENMILL_STORAGE_FAULTS"  # object-storage write faults (pipeline.storage_faults)
 # point -> the values it passes to `hit`
 POINTS = {
     "train.step": ("step", "rank"),  # after a training step (the step just done), on every rank
@@ -70,8 +71,8 @@ def hit(point: str, **values: object) -> None:
 
 
 def env_vars() -> dict[str, str]:
-    """{TOKENMILL_FAULTS: value} when set, else {}: the environment to forward to Ray workers."""
-    return {ENV: os.environ[ENV]} if os.environ.get(ENV) else {}
+    """TOKENMILL_FAULTS and TOKENMILL_STORAGE_FAULTS where set: the environment to forward to Ray workers."""
+    return {name: os.environ[name] for name in (ENV, STORAGE_ENV) if os.environ.get(name)}
 
 
 def _first_time(flag: str) -> bool:

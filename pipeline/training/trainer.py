@@ -17,7 +17,7 @@ from pipeline import faults
 # Never credentials: a runtime env is visible to every dashboard / state-API user of a shared
 # cluster. Local Ray workers inherit the driver's environment anyway (the driver starts local Ray);
 # on KubeRay every pod gets its own AWS_* from the `tokenmill-s3` secret (infra/kuberay/raycluster.yaml).
-FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL_S3")
+FORWARDED_ENV = (faults.ENV, faults.STORAGE_ENV, "AWS_ENDPOINT_URL_S3")
 
 
 @dataclasses.dataclass
