@@ -190,6 +190,7 @@ class TokenStore:
     # ------------------------------------------------------------------ driver: progress / finalize
     def finished(self) -> dict[int, dict[str, Any]]:
         """Marker attributes of every finished input shard, by shard index."""
+        self.fs.invalidate_cache(f"{self.root}/{MARKERS}")  # writers on other processes added markers since
         paths = sorted(self.fs.glob(f"{self.root}/{MARKERS}/*/zarr.json"))
         if not paths:
             return {}
