@@ -183,6 +183,7 @@ class ShardEncoderActor:
         self.encoder = TokenEncoder(ray.get(files_ref[0]), latents, device)
         self.store = TokenStore(store_url, storage_options)
         self.rows_per_zarr_shard, self.batch_size, self.options = rows_per_zarr_shard, batch_size, storage_options
+        self.worker = {"node": ray.get_runtime_context().get_node_id()}  # in each marker: who wrote the shard
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from pipeline.storage_retry import StorageError, retry_storage
@@ -193,7 +194,7 @@ class ShardEncoderActor:
         shard = InputShardSlot(**json.loads(batch["shard"][0]))
         try:  # a shard's rows and marker are rewritten whole, so a transient storage error reruns the unit
             result = retry_storage(lambda: encode_shard(shard, self.store, self.rows_per_zarr_shard, self.encoder,
-                                                        self.batch_size, self.options),
+                                                        self.batch_size, self.options, self.worker),
                                    what=f"input shard {shard.index} ({shard.url})", url=self.store.url)
         except StorageError as err:  # the driver reports it: a UserError raised here reaches it as a traceback
             return {"shard": [shard.index], "rows": [0], "started": [started], "error": [str(err)]}
