@@ -123,6 +123,14 @@ def wait_for_waiting(flag: Path, timeout: float = 240, count: int = 1) -> list[i
     raise TimeoutError(f"no process reached the fault that waits for {flag}")
 
 
+def wait_for_file(path: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.5)
+
+
 def s3_objects(fs, root: str) -> dict[str, bytes]:
     """Every object of a store under `root` without its progress records (markers, report)."""
     paths = sorted(p for p in fs.find(root) if not p[len(root) + 1:].startswith(("markers/", "report/")))
@@ -182,6 +190,9 @@ def test_train_restores_the_worker_group_after_losing_rank_1s_node(cluster, data
     ) for a in ("--set", o)]
     proc = driver(cluster, args, env={"TOKENMILL_FAULTS": f"train.step,step=4,rank=1,action=wait,until={go}"})
     (rank1,) = wait_for_waiting(go)
+    # Ray Train restores what its controller has registered; it registers a reported checkpoint
+    # (step 3) a moment later, recording it in this snapshot.
+    wait_for_file(tmp_path / "ray" / "multinode-train" / "checkpoint_manager_snapshot.json")
     victim = cluster.node_of(rank1)
     cluster.remove(victim)
     go.touch()
