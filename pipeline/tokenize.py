@@ -51,6 +51,7 @@ def tokenize_dataset(
     `augment`: see `pipeline.tokens.extraction`."""
     from models.errors import UserError
     from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer, tokenizer_lineage
+    from pipeline.storage_retry import retry_storage
     from pipeline.tokens.layout import plan_layout
     from pipeline.tokens.store import TokenStore, tokenmill_version
 
@@ -70,14 +71,14 @@ def tokenize_dataset(
         "manifest_identity": identity, "data": shards_url, "tokenmill_version": tokenmill_version(),
     }
     store = TokenStore(store_url, options)
-    store.prepare(lineage, layout, encoder.specs, overwrite)
-    done = store.finished()
+    retry_storage(lambda: store.prepare(lineage, layout, encoder.specs, overwrite), what="creating the store", url=store_url)
+    done = retry_storage(store.finished, what="reading the store's markers", url=store_url)
     pending = [s for s in layout.shards if s.index not in done]
     started = time.time()
     encoded, first_unit = _run_actors(pending, store, layout.rows_per_zarr_shard, files, extraction, batch_size,
                                       options, actors)
     seconds = time.time() - started
-    stored = store.finalize(layout, encoder.specs)
+    stored = retry_storage(lambda: store.finalize(layout, encoder.specs), what="finalizing the store", url=store_url)
     return TokenizeSummary(
         samples=stored["samples"], corrupt=stored["corrupt"], splits=stored["splits"], codebook=stored["codebook"],
         store=store_url, lineage=lineage, encoded_now=encoded, seconds=seconds,
@@ -135,12 +136,17 @@ def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_si
         ),
         **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}),
     )
-    encoded, first_unit = 0, float("inf")
+    encoded, first_unit, failed = 0, float("inf"), []
     with tqdm(total=len(pending), desc="tokenize", unit="shard", file=sys.stderr) as bar:
         for row in ds.iter_rows():
+            failed += [row["error"]] if row["error"] else []  # the other shards still finish: a rerun does less
             encoded += int(row["rows"])
             first_unit = min(first_unit, float(row["started"]))
             bar.update(1)
+    if failed:
+        from pipeline.storage_retry import StorageError
+
+        raise StorageError(failed[0] + (f" ({len(failed) - 1} more input shards failed)" if len(failed) > 1 else ""))
     return encoded, first_unit
 
 
@@ -175,12 +181,19 @@ class ShardEncoderActor:
         self.encoder = load_tokenizer(ray.get(files_ref[0]), extraction, device)
         self.store = TokenStore(store_url, storage_options)
         self.rows_per_zarr_shard, self.batch_size, self.options = rows_per_zarr_shard, batch_size, storage_options
+        self.worker = {"node": ray.get_runtime_context().get_node_id()}  # in each marker: who wrote the shard
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from pipeline.storage_retry import StorageError, retry_storage
         from pipeline.tokens.encode_shard import encode_shard
         from pipeline.tokens.layout import InputShardSlot
 
         started = time.time()
         shard = InputShardSlot(**json.loads(batch["shard"][0]))
-        result = encode_shard(shard, self.store, self.rows_per_zarr_shard, self.encoder, self.batch_size, self.options)
-        return {"shard": [shard.index], "rows": [result["rows"]], "started": [started]}
+        try:  # a shard's rows and marker are rewritten whole, so a transient storage error reruns the unit
+            result = retry_storage(lambda: encode_shard(shard, self.store, self.rows_per_zarr_shard, self.encoder,
+                                                        self.batch_size, self.options, self.worker),
+                                   what=f"input shard {shard.index} ({shard.url})", url=self.store.url)
+        except StorageError as err:  # the driver reports it: a UserError raised here reaches it as a traceback
+            return {"shard": [shard.index], "rows": [0], "started": [started], "error": [str(err)]}
+        return {"shard": [shard.index], "rows": [result["rows"]], "started": [started], "error": [""]}

@@ -35,8 +35,30 @@ def test_without_once_it_fires_every_time(monkeypatch):
             faults.hit("tokenize.before_marker", shard=2)
 
 
-@pytest.mark.parametrize("spec", ["train.stpe,step=1", "train.step,shard=1", "train.step,step", "train.step,action=die"])
+@pytest.mark.parametrize("spec", ["train.stpe,step=1", "train.step,shard=1", "train.step,step", "train.step,action=die",
+                                  "train.step,action=wait", "train.step,until=/tmp/x"])
 def test_a_bad_spec_is_an_error(monkeypatch, spec):
     monkeypatch.setenv(faults.ENV, spec)
     with pytest.raises(ValueError, match=faults.ENV):
         faults.hit("train.step", step=1, rank=0)
+
+
+def test_wait_holds_the_process_until_the_flag_exists(monkeypatch, tmp_path):
+    import os
+    import threading
+    import time
+
+    go = tmp_path / "go"
+    monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,shard=1,action=wait,until={go}")
+    monkeypatch.setenv(faults.STORAGE_ENV, f"rate=0.02,dir={tmp_path}")
+    assert set(faults.env_vars()) == {faults.ENV, faults.STORAGE_ENV}  # both reach Ray workers
+    waiter = threading.Thread(target=faults.hit, args=("tokenize.before_marker",), kwargs={"shard": 1})
+    waiter.start()
+    deadline = time.time() + 10
+    while not (tmp_path / f"go.waiting-{os.getpid()}").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / f"go.waiting-{os.getpid()}").exists() and waiter.is_alive()
+    go.touch()
+    waiter.join(timeout=5)
+    assert not waiter.is_alive()
+    faults.hit("tokenize.before_marker", shard=1)  # the flag exists: passes at once

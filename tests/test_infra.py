@@ -399,3 +399,88 @@ def test_legacy_cronjob_submits_the_raycronjob_template_as_a_valid_rayjob():
     (cron,) = [doc for _, _, doc in ALL_DOCS if doc["kind"] == "CronJob"]
     command = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[-1].endswith("/raycronjob-retrain.yaml")
+
+
+# ------------------------------------------------------------------------------------------------
+# What the shipped jobs run with: GPUs, shared storage, the MLflow server (issue 17)
+
+MLFLOW_SERVICE = "http://mlflow:5000"  # infra/mlflow/mlflow.yaml's Service, same namespace
+
+
+def job_specs() -> Iterator[tuple[str, dict]]:
+    """(file, RayJob spec) of every RayJob and of every RayCronJob's job template."""
+    for rel, _, doc in ALL_DOCS:
+        if doc["kind"] == "RayJob":
+            yield rel, doc["spec"]
+        elif doc["kind"] == "RayCronJob":
+            yield rel, doc["spec"]["jobTemplate"]
+
+
+def entrypoint_config(entrypoint: str):
+    """The typed config a `python -m jobs.train|retrain CONFIG --set ...` entrypoint runs with."""
+    import shlex
+
+    from pipeline.registry.config import load_retrain_config
+    from pipeline.training.config import load_train_config
+
+    words = shlex.split(entrypoint)
+    module, path = words[words.index("-m") + 1], words[words.index("-m") + 2]
+    overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+    load = {"jobs.train": load_train_config, "jobs.retrain": load_retrain_config}[module]
+    return load(REPO / path.replace(f"{APP_DIR}/", ""), overrides)
+
+
+def gpu_worker_group(cluster_name: str) -> dict:
+    (cluster,) = [doc for _, _, doc in ALL_DOCS if doc["kind"] == "RayCluster" and doc["metadata"]["name"] == cluster_name]
+    groups = [g for g in cluster["spec"]["workerGroupSpecs"]
+              if any(c.get("image") == f"{IMAGE}:cuda" for c in g["template"]["spec"]["containers"])]
+    assert groups, f"RayCluster {cluster_name} has no worker group running {IMAGE}:cuda"
+    return groups[0]
+
+
+def test_training_jobs_use_gpus_shared_storage_and_the_mlflow_server():
+    """Every shipped training RayJob (train, scheduled retrain) trains on the GPU worker group,
+    reads shards and keeps checkpoints on s3://, logs to the MLflow server, and so passes the
+    multi-node refusal of node-local storage."""
+    from pipeline.training.cluster_check import check_cluster_storage
+
+    trained = []
+    for rel, spec in job_specs():
+        if not re.search(r"-m jobs\.(train|retrain)\b", spec["entrypoint"]):
+            continue
+        config = entrypoint_config(spec["entrypoint"])
+        trained.append(rel)
+        assert config.scaling.use_gpu, f"{rel}: scaling.use_gpu must be true"
+        assert config.run.resolved_storage_path().startswith("s3://"), f"{rel}: checkpoints must be on s3://"
+        assert config.tracking.tracking_uri == MLFLOW_SERVICE, f"{rel}: tracking_uri must be {MLFLOW_SERVICE}"
+        if hasattr(config, "versions"):  # retrain: the data version is found at run time, under versions.prefix
+            for url in (config.versions.prefix, config.validation.shards, config.retokenize.out_prefix):
+                assert url.startswith("s3://"), f"{rel}: {url} must be on s3://"
+            config = config.challenger_config(f"{config.versions.prefix}/v1", "challenger", None, MLFLOW_SERVICE)
+        assert config.data.shards.startswith("s3://"), f"{rel}: data.shards must be on s3://"
+        check_cluster_storage(config, nodes=4)  # raises on anything node-local
+        group = gpu_worker_group(spec["clusterSelector"]["ray.io/cluster"])
+        gpu = group["template"]["spec"]["containers"][0]["resources"]
+        assert int(gpu["limits"]["nvidia.com/gpu"]) >= 1 and int(gpu["requests"]["nvidia.com/gpu"]) >= 1
+        assert group["maxReplicas"] * int(gpu["limits"]["nvidia.com/gpu"]) >= config.scaling.num_workers
+    assert sorted(trained) == ["infra/kuberay/raycronjob-retrain.yaml", "infra/kuberay/rayjob-train.yaml"]
+
+
+def test_tokenize_job_reads_the_model_from_the_mlflow_server():
+    (spec,) = [spec for _, spec in job_specs() if "-m jobs.tokenize" in spec["entrypoint"]]
+    words = spec["entrypoint"].split()
+    assert words[words.index("--tracking-uri") + 1] == MLFLOW_SERVICE
+    assert all(words[words.index(flag) + 1].startswith("s3://") for flag in ("--data", "--out"))
+
+
+def test_cuda_image_records_gpu_system_metrics():
+    """MLflow's GPU system metrics need `pynvml` (the nvidia-ml-py package): the cuda variant
+    installs infra/requirements-cuda.txt, which lists it."""
+    requirements = INFRA / "requirements-cuda.txt"
+    names = [re.split(r"[<>=!~;\[ ]", line.strip())[0].lower()
+             for line in requirements.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert "nvidia-ml-py" in names
+    dockerfile = DOCKERFILE.read_text()
+    assert "infra/requirements-cuda.txt" in copied_into_image()
+    (cuda_line,) = [line for line in dockerfile.splitlines() if line.strip().startswith("cuda)")]
+    assert "-r infra/requirements-cuda.txt" in cuda_line

@@ -219,11 +219,14 @@ def open_stream(urls: list[str], config: StreamConfig | None = None, *, epoch: i
     UserError before any Ray work); shard order, local shuffle and random augmentation depend on
     (seed, epoch). With `epoch=EPOCH_CLOCK` every pass reads its epoch from `stream.epoch_clock`."""
     import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     config = config or StreamConfig()
     check_shards(urls, storage_options)
-    clock = EpochClock.remote() if epoch == EPOCH_CLOCK else None
-    log = ErrorLog.remote()
+    # On the driver's node: they live as long as the job, whichever worker node is lost meanwhile.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    clock = EpochClock.options(scheduling_strategy=here).remote() if epoch == EPOCH_CLOCK else None
+    log = ErrorLog.options(scheduling_strategy=here).remote()
     dataset = ray.data.from_items([{"position": i} for i in range(len(urls))], override_num_blocks=len(urls))
     # now: one block per position in the epoch's shard order (the read task maps it to a URL)
     dataset = dataset.map_batches(

@@ -21,6 +21,7 @@ from webdataset.tariterators import base_plus_ext
 from pipeline.shards.images import IMAGE_EXTENSIONS
 from pipeline.shards.problems import EMPTY_TAR, NOT_A_TAR, TRUNCATED_TAR, reason
 from pipeline.shards.tar_reader import TarFormatError, iter_files
+from pipeline.storage_retry import is_transient
 
 
 @dataclass
@@ -66,6 +67,8 @@ def iter_samples(fileobj) -> Iterator[Sample | TarDamage]:
             current = current or Sample(key)
             current.members[ext.lower()] = data
     except (TarFormatError, EOFError, OSError, zlib.error, lzma.LZMAError) as err:
+        if is_transient(err) or isinstance(err, (PermissionError, FileNotFoundError)):
+            raise  # the storage failed, not the tar: never count its samples as lost (storage_retry retries)
         if str(err) == EMPTY_TAR:
             why = EMPTY_TAR
         elif members == 0:

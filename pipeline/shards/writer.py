@@ -38,6 +38,7 @@ from pipeline.shards.manifest import SPLITS, ImageStats, read_manifest, write_ma
 from pipeline.shards.sources import BUILTIN_SOURCES, ImageSource, open_source
 from pipeline.shards.wds_io import HashingWriter
 from pipeline.storage import filesystem, join
+from pipeline.storage_retry import retry_storage
 
 
 class ShardSettings(StrictModel):
@@ -149,6 +150,22 @@ class _ShardJob:
             self.fs.rm(partial)
         return entry
 
+    def write_shard_retried(self, name: str, split: str, records: list[int], start: int, progress) -> dict[str, Any]:
+        """`write_shard`, started again from the same record after a transient storage error
+        (it rewrites `name.partial` whole); StorageError naming the shard otherwise."""
+        skipped, shown = len(self.skipped), progress.n
+
+        def attempt() -> dict[str, Any]:
+            del self.skipped[skipped:]
+            progress.n = shown
+            return self.write_shard(name, split, records, start, progress)
+
+        return retry_storage(attempt, what=f"writing shard {name}", url=join(self.dest, name))
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        retry_storage(lambda: write_manifest(self.dest, manifest, self.storage_options),
+                      what="writing the manifest", url=join(self.dest, "manifest.json"))
+
     def sample(self, i: int, pixels: np.ndarray) -> dict[str, Any]:
         source, label = self.source, int(self.source.labels[i])
         meta = dict(key=source.keys[i], source=source.origins[i], width=pixels.shape[1], height=pixels.shape[0],
@@ -196,13 +213,13 @@ def write_shards(src: str, dest: str, settings: ShardSettings | None = None,
         for split in SPLITS:
             records, start, index = planned[split], starts[split], len(done[split])
             while start < len(records):
-                entry = job.write_shard(shard_name(settings.prefix, split, index), split, records, start, bar)
+                entry = job.write_shard_retried(shard_name(settings.prefix, split, index), split, records, start, bar)
                 start, index = entry["plan_end"], index + 1
                 if entry["count"]:
                     manifest["shards"].append(entry)
-                    write_manifest(dest, manifest, storage_options)  # commit point of this shard
+                    job.write_manifest(manifest)  # commit point of this shard
     manifest["complete"] = True
-    write_manifest(dest, manifest, storage_options)
+    job.write_manifest(manifest)
     return dict(dest=dest, manifest=join(dest, "manifest.json"), shards=len(manifest["shards"]),
                 shards_written=len(manifest["shards"]) - resumed, shards_already_complete=resumed,
                 samples=manifest["samples"], splits=manifest["splits"], image_stats=manifest["image_stats"],

@@ -69,10 +69,10 @@ def prefetch(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterato
 
 def encode_shard(
     shard: InputShardSlot, store: TokenStore, rows_per_zarr_shard: int, encoder, batch_size: int,
-    storage_options: dict[str, Any],
+    storage_options: dict[str, Any], worker: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Encode every good sample of `shard` into its rows, then write its marker; returns the
-    marker's content."""
+    marker's content. `worker` (e.g. {"node": Ray node id}) is recorded in the marker."""
     source = DecodedShard(shard.url, encoder.transform, batch_size, storage_options)
     counts = {s.name: np.zeros(s.codebook_size, dtype=np.int64) for s in encoder.specs if s.codebook_size}
     writer = store.writer(shard, rows_per_zarr_shard, encoder.specs)
@@ -85,6 +85,7 @@ def encode_shard(
         "rows": writer.close(),
         "corrupt": source.corrupt,
         "code_counts": {name: codebook_stats.to_sparse(c) for name, c in counts.items()},
+        "worker": worker or {},
     }
     faults.hit("tokenize.before_marker", shard=shard.index)  # tests: die at the worst moment
     store.write_marker(shard, result)

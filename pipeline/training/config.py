@@ -73,6 +73,9 @@ class RunSection(StrictModel):
     storage_path: Optional[str] = None
     max_failures: int = 2
     keep_checkpoints: int = 2
+    # On a multi-node Ray cluster local paths are refused (pipeline.training.cluster_check) unless
+    # they are on a filesystem every node mounts at the same path (NFS): then set this true.
+    shared_storage: bool = False
 
     def run_dir(self) -> Path:
         return Path(self.root) / self.name

@@ -17,7 +17,7 @@ from pipeline import faults
 # Never credentials: a runtime env is visible to every dashboard / state-API user of a shared
 # cluster. Local Ray workers inherit the driver's environment anyway (the driver starts local Ray);
 # on KubeRay every pod gets its own AWS_* from the `tokenmill-s3` secret (infra/kuberay/raycluster.yaml).
-FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL_S3")
+FORWARDED_ENV = (faults.ENV, faults.STORAGE_ENV, "AWS_ENDPOINT_URL_S3")
 
 
 @dataclasses.dataclass
@@ -46,9 +46,11 @@ def train(config) -> TrainSummary:
     from pipeline.ray_runtime import ensure_ray
     from pipeline.redaction import redact
     from pipeline.registry import tracking
+    from pipeline.training.cluster_check import check_cluster_storage
     from pipeline.training.data import TRAIN_COLUMNS, resolve_training_data
     from pipeline.training.progress import TrainProgress
 
+    check_cluster_storage(config)  # node-local paths on a multi-node cluster: refused before any work
     run_dir = config.run.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     data = resolve_training_data(config)  # missing / empty shards fail here, before Ray work
