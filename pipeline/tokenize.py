@@ -50,8 +50,8 @@ def tokenize_dataset(
     `latents`: False (codes), True/"mean" or "sample"; `size`/`crop` (diffusers models) and
     `augment`: see `pipeline.tokens.extraction`."""
     from models.errors import UserError
-    from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer, tokenizer_lineage
     from pipeline.storage_retry import retry_storage
+    from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer, tokenizer_lineage
     from pipeline.tokens.layout import plan_layout
     from pipeline.tokens.store import TokenStore, tokenmill_version
 
