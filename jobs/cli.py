@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "jobs.tokenize",
     "jobs.retrain",
     "jobs.decode",
+    "jobs.eval",
     "jobs.bench",
 ]
 

@@ -6,6 +6,7 @@ Importing `models` registers every model class for `build_model` / `load_model`.
 from models import (  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, HierarchicalVAE
     hvae,
     vae,
+    vqgan,  # noqa: E402,F401  registers VQGAN
     vqvae,  # noqa: E402,F401  registers VQVAE, VQVAE2
 )
 from models.errors import UserError
