@@ -82,10 +82,10 @@ def missing_weights(config: LPIPSWeights) -> str | None:
     lin = Path(config.lin_path) if config.lin_path else _default_lin_path()
     if not vgg.is_file():
         return (f"LPIPS needs torchvision's VGG16 ImageNet weights: put {VGG_FILE} at {vgg} "
-                "(or set the vgg_path of the perceptual weights)")
+                "(or name it: loss.perceptual.vgg_path in a train config, --lpips-vgg for eval)")
     if not lin.is_file():
         return (f"LPIPS needs lpips' linear heads: copy lpips/weights/v0.1/vgg.pth from the lpips wheel "
-                f"(pip download lpips --no-deps) to {lin} (or set the lin_path of the perceptual weights)")
+                f"(pip download lpips --no-deps) to {lin} (or name it: loss.perceptual.lin_path, --lpips-lin)")
     return None
 
 

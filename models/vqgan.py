@@ -28,7 +28,7 @@ class VQGANConfig:
     kind: Literal["vqgan"] = "vqgan"
     in_channels: int = 3
     image_size: int = 64
-    channels: int = 64  # width at full resolution; level i has channels * channel_mult[i]
+    base_channels: int = 64  # width at full resolution; level i has base_channels * channel_mult[i]
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # one entry per resolution: downsample = 2**(len - 1)
     res_blocks: int = 2  # per resolution (decoder: one more, as in taming)
     attention: bool = True  # self-attention at the lowest resolution (and in the middle block)
@@ -103,9 +103,9 @@ class Encoder(nn.Sequential):
     """(B, in, H, W) -> (B, latent_dim, H/f, W/f), f = 2**(len(channel_mult) - 1)."""
 
     def __init__(self, c: VQGANConfig) -> None:
-        widths = [c.channels * m for m in c.channel_mult]
-        layers: list[nn.Module] = [nn.Conv2d(c.in_channels, c.channels, 3, padding=1)]
-        width = c.channels
+        widths = [c.base_channels * m for m in c.channel_mult]
+        layers: list[nn.Module] = [nn.Conv2d(c.in_channels, c.base_channels, 3, padding=1)]
+        width = c.base_channels
         for i, out in enumerate(widths):
             lowest = i == len(widths) - 1
             layers += _level(width, out, c.res_blocks, c.attention and lowest)
@@ -120,7 +120,7 @@ class Decoder(nn.Sequential):
     """(B, latent_dim, h, w) -> (B, in, h*f, w*f); the last module is the output conv."""
 
     def __init__(self, c: VQGANConfig) -> None:
-        widths = [c.channels * m for m in reversed(c.channel_mult)]
+        widths = [c.base_channels * m for m in reversed(c.channel_mult)]
         width = widths[0]
         layers: list[nn.Module] = [nn.Conv2d(c.latent_dim, width, 3, padding=1), *_middle(width, c.attention)]
         for i, out in enumerate(widths):

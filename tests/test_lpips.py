@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from models.errors import UserError
-from models.lpips import LPIPS, LPIPSWeights, resolve_lpips_weights
+from models.lpips import LIN_SHA256, LPIPS, LPIPSWeights, resolve_lpips_weights
 
 VGG16_CFG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
@@ -99,3 +99,12 @@ def test_missing_or_foreign_weights_name_the_file(tmp_path):
         resolve_lpips_weights(LPIPSWeights(str(tmp_path / "absent" / "vgg.pth"), str(lin_path)))
     with pytest.raises(UserError, match="not the published"):
         resolve_lpips_weights(LPIPSWeights(str(vgg_path), str(lin_path)))  # random weights, sha256 checked
+
+
+def test_the_installed_lpips_packages_heads_are_found_and_verified(tmp_path):
+    if importlib.util.find_spec("lpips") is None:
+        pytest.skip("lpips is not installed (make setup installs it with --no-deps)")
+    vgg_path, _ = write_random_lpips_weights(tmp_path)
+    found = resolve_lpips_weights(LPIPSWeights(str(vgg_path), verify_sha256=False))
+    assert found.lin_path.parts[-3:] == ("weights", "v0.1", "vgg.pth") and found.lin_sha256 == LIN_SHA256
+    assert LPIPS.from_files(found).lins[0].weight.shape == (1, 64, 1, 1)  # the published heads load

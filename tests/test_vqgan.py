@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -27,7 +28,7 @@ TINY_VQ = {"kind": "vq", "codebook_size": 16, "kmeans_init": False}
 
 
 def tiny_vqgan(size: int, mult: tuple[int, ...], quantizer: dict = TINY_VQ) -> VQGAN:
-    return VQGAN(VQGANConfig(image_size=size, channels=8, channel_mult=mult, res_blocks=1, latent_dim=4,
+    return VQGAN(VQGANConfig(image_size=size, base_channels=8, channel_mult=mult, res_blocks=1, latent_dim=4,
                              quantizer=quantizer))
 
 
@@ -82,6 +83,16 @@ def test_adaptive_weight_comes_from_the_decoders_last_layer():
     # Hinge: zero once real logits pass +1 and fake logits pass -1.
     assert float(discriminator_loss(torch.full((2,), 2.0), torch.full((2,), -2.0), "hinge")) == 0.0
     assert float(discriminator_loss(torch.zeros(2), torch.zeros(2), "non-saturating")) == pytest.approx(np.log(2))
+
+
+def test_ssim_equals_torchmetrics():
+    torchmetrics_ssim = pytest.importorskip("torchmetrics.functional.image").structural_similarity_index_measure
+    from models.evaluation import ssim
+
+    x = torch.rand(3, 3, 24, 24, dtype=torch.float64)
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    assert torch.allclose(ssim(x, y), torchmetrics_ssim(y, x, data_range=1.0, reduction="none"), atol=1e-12)
+    assert torch.allclose(ssim(x, x), torch.ones(3, dtype=torch.float64))
 
 
 def test_missing_lpips_weights_stop_the_job_before_training(tmp_path, capsys):
@@ -140,6 +151,8 @@ def test_checkpoint_holds_the_discriminator_and_resume_restores_it(trained):
     # 4 restored + 3 new steps; a fresh discriminator would have counted 3.
     assert state["trainer"]["discriminator"]["steps"] == 7 and state["trainer"]["steps"] == 9
     assert not any(k.startswith(("disc", "lpips")) for k in load_model(resumed["model_dir"]).state_dict())
+    tags = mlflow.MlflowClient(first["mlflow_tracking_uri"]).get_run(first["mlflow_run_id"]).data.tags
+    assert len(tags["tokenmill.lpips.vgg_sha256"]) == 64 and len(tags["tokenmill.lpips.lin_sha256"]) == 64
 
 
 def test_eval_twice_gives_identical_json_and_a_png(trained, rgb_shards, tmp_path):

@@ -77,7 +77,7 @@ def _model(size: int, seed: int):
     from models.vqgan import VQGAN, VQGANConfig
 
     torch.manual_seed(seed)
-    return VQGAN(VQGANConfig(image_size=size, channels=16, channel_mult=(1, 2, 2), res_blocks=1, latent_dim=16,
+    return VQGAN(VQGANConfig(image_size=size, base_channels=16, channel_mult=(1, 2, 2), res_blocks=1, latent_dim=16,
                              quantizer={"kind": "vq", "codebook_size": 512, "codebook_dim": 8, "cosine": True,
                                         "kmeans_init": False, "seed": seed}))
 
