@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "jobs.decode",
     "jobs.export",
     "jobs.sample",
+    "jobs.eval",
     "jobs.bench",
 ]
 

@@ -7,6 +7,7 @@ from models import (  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, 
     hvae,
     prior,  # noqa: E402,F401  registers TransformerPrior
     vae,
+    vqgan,  # noqa: E402,F401  registers VQGAN
     vqvae,  # noqa: E402,F401  registers VQVAE, VQVAE2
 )
 from models.errors import UserError

@@ -75,3 +75,69 @@ def importance_weighted_nll(
     n = x.shape[0]
     nll = -iw_sum / n
     return {"nll_nats": nll, "elbo_nats": -elbo_sum / n, "bits_per_dim": bits_per_dim(nll, x[0].numel()), "k": k}
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004) of images in [0, 1], (B, C, H, W) each -> (B,): a Gaussian
+    window (11, σ 1.5; smaller for images under 6 px) over the reflect-padded image, mean over
+    channels and positions — torchmetrics' SSIM with data_range=1 (tests/test_eval.py compares)."""
+    x, y = x.double(), y.double()
+    channels = x.shape[1]
+    window = min(window, 2 * min(x.shape[-2:]) - 1)
+    window -= 1 - window % 2  # odd
+    pad = (window - 1) // 2
+    coords = torch.arange(window, dtype=torch.float64, device=x.device) - pad
+    g = torch.exp(-((coords / sigma) ** 2) / 2)
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window)  # (C, 1, k, k)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> local means, same size
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(t, (pad,) * 4, mode="reflect"), kernel, groups=channels)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = (blur(x * x) - mu_x**2).clamp(min=0), (blur(y * y) - mu_y**2).clamp(min=0)
+    cov = blur(x * y) - mu_x * mu_y
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return index.flatten(1).mean(1)
+
+
+def high_frequency_power(x: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
+    """Mean spectral power |FFT2|² of (B, C, H, W) images at radial frequencies above `cutoff`
+    cycles/pixel (Nyquist is 0.5), per image (B,). The ratio reconstructions / originals says how
+    much fine detail survives: 1.0 is as sharp as the data, blurry reconstructions are below 1."""
+    x = x.double()
+    power = torch.fft.fft2(x - x.mean((-2, -1), keepdim=True)).abs() ** 2  # (B, C, H, W)
+    fy = torch.fft.fftfreq(x.shape[-2], device=x.device, dtype=torch.float64)
+    fx = torch.fft.fftfreq(x.shape[-1], device=x.device, dtype=torch.float64)
+    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff  # (H, W)
+    return power[..., high].mean((-1, -2)) if high.any() else power.new_zeros(x.shape[0])
+
+
+class ReconstructionMetrics:
+    """Sums over images of per-image MSE, PSNR, SSIM and high-frequency power (originals and
+    reconstructions), in one float64 vector `totals` that callers may all-reduce across ranks.
+    The one place these metrics are computed: `tokenmill train` validation, `tokenmill eval` and
+    the benchmarks all call it."""
+
+    NAMES = ("images", "mse", "psnr", "ssim", "hf_power_recon", "hf_power_data")
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.totals = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, recon: torch.Tensor) -> None:
+        """x, recon: (B, C, H, W) in [0, 1]."""
+        x, recon = x.double(), recon.double()
+        mse = ((recon - x) ** 2).flatten(1).mean(1)  # (B,)
+        parts = [torch.full_like(mse, 1.0), mse, psnr(mse), ssim(x, recon), high_frequency_power(recon),
+                 high_frequency_power(x)]
+        self.totals += torch.stack([p.sum() for p in parts]).to(self.totals.device)
+
+    def result(self) -> dict[str, float]:
+        """Means over images, and hf_ratio = high-frequency power of reconstructions / originals."""
+        sums = dict(zip(self.NAMES, self.totals.tolist()))
+        images = max(sums["images"], 1.0)
+        return {"images": sums["images"], "mse": sums["mse"] / images, "psnr": sums["psnr"] / images,
+                "ssim": sums["ssim"] / images,
+                "hf_ratio": sums["hf_power_recon"] / sums["hf_power_data"] if sums["hf_power_data"] else float("nan")}

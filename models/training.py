@@ -69,13 +69,22 @@ class TrainStep:
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None = None, **forward_kwargs: Any) -> tuple[Any, dict[str, Any]]:
         """One forward/backward/update. Returns (model output, stats: loss, grad_norm, lr, skipped)."""
-        lr = self.config.lr * lr_factor(self.steps, self.config)  # follows calls: identical on every rank
+        lr = self.start_step()
+        output = self.model(x, y, **forward_kwargs)
+        return output, self.apply(output.loss, lr)
+
+    def start_step(self) -> float:
+        """Set this step's learning rate (it follows calls: identical on every rank) and train mode."""
+        lr = self.config.lr * lr_factor(self.steps, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        output = self.model(x, y, **forward_kwargs)
+        return lr
+
+    def apply(self, loss: torch.Tensor, lr: float) -> dict[str, Any]:
+        """Backward `loss`, clip, then update (or skip on a NaN/inf or too large gradient norm)."""
         self.optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()  # always: skipping backward on one DDP rank would hang the others
+        loss.backward()  # always: skipping backward on one DDP rank would hang the others
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))  # norm before clipping
         too_large = 0 < self.config.skip_grad_norm < grad_norm
@@ -88,8 +97,7 @@ class TrainStep:
             self._update_ema()
             self.updates += 1
         self.steps += 1
-        stats = {"loss": float(output.loss.detach()), "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
-        return output, stats
+        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -71,6 +71,7 @@ class VQOutput:
     recon: Tensor  # (B, C, H, W) in [0, 1]
     metrics: dict[str, Tensor]
     indices: Tensor | tuple[Tensor, Tensor]  # encode()'s codes
+    prediction: Tensor | None = None  # VQGAN: the unclamped output (with grad) the GAN/perceptual terms see
 
 
 def _to_last(z: Tensor) -> Tensor:  # (B, D, h, w) -> (B, h, w, D)

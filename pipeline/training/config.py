@@ -15,6 +15,7 @@ import models  # noqa: F401 - registers every model class
 from models.schedules import KLSchedule
 from models.serialization import registered_models
 from models.training import OptimConfig
+from models.vqgan_loss import VQGANLossConfig
 from pipeline.config import StrictModel, load_config
 from pipeline.shards.images import TransformConfig
 
@@ -98,6 +99,7 @@ class TrainJobConfig(StrictModel):
     data: DataSection = DataSection()
     optim: OptimConfig = OptimConfig()  # total_steps 0 means train.steps
     kl: KLSchedule = KLSchedule()  # used by models with a KL term only
+    loss: Optional[VQGANLossConfig] = None  # perceptual + adversarial terms (VQGAN); None: the model's own loss
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()

@@ -28,6 +28,7 @@ from pipeline import faults
 from pipeline.ray_runtime import quiet_ray_data_logs
 from pipeline.shards.stream import to_model_input
 from pipeline.training import validation
+from pipeline.training.adversarial import build_train_step
 from pipeline.training.config import TrainJobConfig
 from pipeline.training.reporting import RankZeroLogger
 from pipeline.training.state import TrainState, gather_rng_states, load_train_state, save_train_state
@@ -101,8 +102,9 @@ def _build_model_and_trainer(config: TrainJobConfig, tracking_uri: str) -> tuple
         load_initial_weights(module, config.train.init_from, tracking_uri)
     model = ray.train.torch.prepare_model(module)  # DDP when world_size > 1, moved to the device
     set_collectives(module, distributed_collectives())  # no-ops unless distributed
-    steps = config.train.steps
-    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps))
+    optim = dataclasses.replace(config.optim, total_steps=config.optim.total_steps or config.train.steps)
+    # With a `loss` section: the two-optimizer VQGAN step; its discriminator goes into DDP the same way.
+    trainer = build_train_step(model, optim, config.loss, wrap=ray.train.torch.prepare_model)
     return module, trainer
 
 

@@ -42,10 +42,12 @@ class TrainSummary:
 def train(config) -> TrainSummary:
     import ray.data
 
+    from models.serialization import model_class_for_kind
     from pipeline.config import to_plain
     from pipeline.ray_runtime import ensure_ray
     from pipeline.redaction import redact
     from pipeline.registry import tracking
+    from pipeline.training.adversarial import require_loss_weights
     from pipeline.training.cluster_check import check_cluster_storage
     from pipeline.training.data import TRAIN_COLUMNS, resolve_training_data
     from pipeline.training.progress import TrainProgress
@@ -53,6 +55,7 @@ def train(config) -> TrainSummary:
     check_cluster_storage(config)  # node-local paths on a multi-node cluster: refused before any work
     run_dir = config.run.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
+    loss_tags = require_loss_weights(config.loss, model_class_for_kind(config.model.kind))  # before any work
     data = resolve_training_data(config)  # missing / empty shards fail here, before Ray work
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, run_dir)
     tracking.require_reachable(tracking_uri)
@@ -64,7 +67,7 @@ def train(config) -> TrainSummary:
     run_id = tracking.get_or_create_run(
         tracking_uri, config.tracking.experiment, config.run.name,
         tags={"tokenmill.data_manifest_identity": data.manifest_identity, "tokenmill.git_commit": tracking.git_commit(),
-              "tokenmill.model_kind": config.model.kind},
+              "tokenmill.model_kind": config.model.kind, **loss_tags},
         run_dir=run_dir,
     )
     tracking.log_params_once(tracking_uri, run_id, tracking.flatten(redact(to_plain(config))))

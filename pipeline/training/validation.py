@@ -6,8 +6,9 @@ Every rank reads the (unsplit) validation stream and evaluates every `world_size
 needs the same row order on every rank: the stream preserves order, and Ray Train keeps it only
 through `pipeline.training.data.ingest_config`. `val/images` is the number of images counted.
 VAE family: importance-weighted NLL and ELBO (nats per image) and bits/dim.
-VQ family: MSE, PSNR (mean over images) and codebook usage / perplexity from counts
-accumulated over the whole split (per level for two-level models).
+VQ family: MSE, PSNR, SSIM (means over images) and hf_ratio from `models.evaluation.ReconstructionMetrics`
+(the code `tokenmill eval` uses), and codebook usage / perplexity from counts accumulated over the
+whole split (per level for two-level models).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from models.codebook_stats import code_counts, usage_and_perplexity
-from models.evaluation import bits_per_dim, iw_bounds, psnr
+from models.evaluation import ReconstructionMetrics, bits_per_dim, iw_bounds
 from pipeline.shards.stream import to_model_input
 
 
@@ -32,7 +33,8 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     is_vae = getattr(model, "has_kl", False)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # images, then two metric sums
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # VAE: images, then two metric sums
+    recon = ReconstructionMetrics(device)  # VQ family
     counts: list[torch.Tensor] = []  # per level: (stages, K) code counts
     pixels = 0
     for batch in rank_share(batches, rank, world_size):
@@ -43,8 +45,7 @@ def evaluate(
             totals += torch.stack([torch.tensor(float(x.shape[0]), device=device), -iw.sum(), -elbo.sum()]).double()
         else:
             output = model(x, y)
-            mse = ((output.recon.float() - x) ** 2).flatten(1).mean(1)  # (B,)
-            totals += torch.stack([torch.tensor(float(x.shape[0]), device=device), mse.sum(), psnr(mse).sum()]).double()
+            recon.update(x, output.recon)
             levels = output.indices if isinstance(output.indices, tuple) else (output.indices,)
             batch_counts = [_level_counts(model, level) for level in levels]
             counts = batch_counts if not counts else [a + b for a, b in zip(counts, batch_counts)]
@@ -54,6 +55,7 @@ def evaluate(
         counts = [torch.zeros(s, model.codebook_size, dtype=torch.long, device=device) for s in _level_stages(model)]
     if world_size > 1:
         dist.all_reduce(totals)
+        dist.all_reduce(recon.totals)
         for level_counts in counts:
             dist.all_reduce(level_counts)
     images = max(float(totals[0]), 1.0)
@@ -61,7 +63,7 @@ def evaluate(
         nll = float(totals[1]) / images
         return {"val/images": float(totals[0]), "val/nll_nats": nll, "val/elbo_nats": float(totals[2]) / images,
                 "val/bits_per_dim": bits_per_dim(nll, pixels)}, []
-    metrics = {"val/images": float(totals[0]), "val/mse": float(totals[1]) / images, "val/psnr": float(totals[2]) / images}
+    metrics = {f"val/{k}": v for k, v in recon.result().items()}
     for level, level_counts in enumerate(counts):
         usage, perplexity = usage_and_perplexity(level_counts.cpu())
         suffix = "" if len(counts) == 1 else f"_level{level}"

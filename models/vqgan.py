@@ -1,0 +1,184 @@
+"""VQGAN-class tokenizer (Esser et al. 2021, taming-transformers; LlamaGen's VQ-16): a ResNet
+encoder/decoder with GroupNorm + SiLU, channel multipliers per resolution and self-attention at
+the lowest resolution, around any quantizer of `models.quantizers`.
+
+Images are (B, C, H, W) in [0, 1] at the interface and [-1, 1] inside (taming's range).
+`forward` returns the reconstruction loss (L1 or L2, mean over pixels) plus the quantizer's
+loss; the perceptual and adversarial terms are added by the training step
+(`pipeline.training.adversarial`), which also reads `last_layer` for taming's adaptive weight.
+The exported model is the tokenizer alone: no discriminator, no LPIPS network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.quantizers import QuantizerConfig, build_quantizer
+from models.serialization import register_model
+from models.vqvae import VQOutput, _code_metrics, _quantizer_config, _stages, _to_first, _to_last, _Tokenizer
+
+
+@dataclass
+class VQGANConfig:
+    kind: Literal["vqgan"] = "vqgan"
+    in_channels: int = 3
+    image_size: int = 64
+    base_channels: int = 64  # width at full resolution; level i has base_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # one entry per resolution: downsample = 2**(len - 1)
+    res_blocks: int = 2  # per resolution (decoder: one more, as in taming)
+    attention: bool = True  # self-attention at the lowest resolution (and in the middle block)
+    latent_dim: int = 64  # quantizer input dim (taming's embed_dim)
+    recon_loss: Literal["l1", "l2"] = "l1"
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)
+        self.quantizer = _quantizer_config(self.quantizer)
+        if len(self.channel_mult) not in (3, 4, 5):
+            raise ValueError(f"channel_mult needs 3, 4 or 5 entries (downsample 4, 8 or 16), got {self.channel_mult}")
+        if self.image_size % self.downsample:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the downsample factor {self.downsample}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 shortcut when the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            _norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            _norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.shortcut(x) + self.block(x)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions, residual."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # each (B, hw, C)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, hw, C)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+def _level(in_channels: int, out_channels: int, blocks: int, attention: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i in range(blocks):
+        layers.append(ResBlock(in_channels if i == 0 else out_channels, out_channels))
+        if attention:
+            layers.append(AttnBlock(out_channels))
+    return layers
+
+
+def _middle(channels: int, attention: bool) -> list[nn.Module]:
+    return [ResBlock(channels, channels), *([AttnBlock(channels)] if attention else []), ResBlock(channels, channels)]
+
+
+class Encoder(nn.Sequential):
+    """(B, in, H, W) -> (B, latent_dim, H/f, W/f), f = 2**(len(channel_mult) - 1)."""
+
+    def __init__(self, c: VQGANConfig) -> None:
+        widths = [c.base_channels * m for m in c.channel_mult]
+        layers: list[nn.Module] = [nn.Conv2d(c.in_channels, c.base_channels, 3, padding=1)]
+        width = c.base_channels
+        for i, out in enumerate(widths):
+            lowest = i == len(widths) - 1
+            layers += _level(width, out, c.res_blocks, c.attention and lowest)
+            width = out
+            if not lowest:
+                layers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))  # halve H, W
+        layers += [*_middle(width, c.attention), _norm(width), nn.SiLU(), nn.Conv2d(width, c.latent_dim, 3, padding=1)]
+        super().__init__(*layers)
+
+
+class Decoder(nn.Sequential):
+    """(B, latent_dim, h, w) -> (B, in, h*f, w*f); the last module is the output conv."""
+
+    def __init__(self, c: VQGANConfig) -> None:
+        widths = [c.base_channels * m for m in reversed(c.channel_mult)]
+        width = widths[0]
+        layers: list[nn.Module] = [nn.Conv2d(c.latent_dim, width, 3, padding=1), *_middle(width, c.attention)]
+        for i, out in enumerate(widths):
+            layers += _level(width, out, c.res_blocks + 1, c.attention and i == 0)
+            width = out
+            if i < len(widths) - 1:
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)]
+        layers += [_norm(width), nn.SiLU(), nn.Conv2d(width, c.in_channels, 3, padding=1)]
+        super().__init__(*layers)
+
+
+@register_model
+class VQGAN(_Tokenizer):
+    """Codes: (B, h, w) int64 ((B, h, w, stages) for rvq); h = image_size / downsample."""
+
+    config_class = VQGANConfig
+    has_kl = False
+
+    def __init__(self, config: VQGANConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = build_quantizer(config.quantizer, config.latent_dim)
+        self.decoder = Decoder(config)
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's output conv weight: where taming's adaptive GAN weight compares gradients."""
+        return self.decoder[-1].weight
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        side = self.config.image_size // self.config.downsample
+        stages = _stages(self.quantizer)
+        return (side, side) if stages == 1 else (side, side, stages)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
+        """x: (B, C, H, W) in [0, 1]; labels are ignored. `prediction` is the unclamped output in [0, 1] scale."""
+        q = self.quantizer(_to_last(self.encoder(2 * x - 1)))  # codes (B, h, w, D)
+        prediction = self._predict(q.codes)
+        distance = F.l1_loss if self.config.recon_loss == "l1" else F.mse_loss
+        recon_loss = distance(prediction.float(), x.float())
+        mse = F.mse_loss(prediction.detach().clamp(0, 1).float(), x.float())
+        metrics = {"recon_loss": recon_loss.detach(), "vq_loss": q.loss.detach(), "mse": mse,
+                   "psnr": -10 * torch.log10(mse.clamp(min=1e-10))} | _code_metrics(q.indices, self.quantizer)
+        return VQOutput(recon_loss + q.loss, prediction.clamp(0, 1), metrics, q.indices, prediction)
+
+    def _predict(self, codes: Tensor) -> Tensor:
+        """Quantized latents (B, h, w, D) -> unclamped images in the [0, 1] scale."""
+        return (self.decoder(_to_first(codes)) + 1) / 2
+
+    def _encode(self, x: Tensor) -> Tensor:
+        return self.quantizer(_to_last(self.encoder(2 * x - 1))).indices
+
+    def _decode(self, codes: Tensor) -> Tensor:
+        return self._predict(self.quantizer.indices_to_codes(codes)).clamp(0, 1)
+

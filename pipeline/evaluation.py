@@ -1,0 +1,217 @@
+"""`tokenmill eval`: a tokenizer judged over a whole split under a pinned protocol.
+
+Every good sample of the split's shards is read once, in manifest then tar order, through the one
+shard reader with the transform saved with the model (its eval form: center crop, no flip), and
+reconstructed as `decode(encode(x))` (the model's eval-mode forward). Metrics:
+  - PSNR, SSIM, MSE, hf_ratio: `models.evaluation.ReconstructionMetrics` (what training validation uses);
+  - codebook usage, perplexity and code entropy (bits) from counts over the whole split;
+  - LPIPS (VGG, v0.1) when its two weight files are present (`models.lpips`), with their sha256;
+  - rFID when torch-fidelity's Inception and its weights are present, else "unavailable: <why>".
+Nothing is random and the order is fixed, so two runs give identical numbers. A PNG shows the
+first 8 originals above their reconstructions; with a tracking URI everything also goes to MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.codebook_stats import CodebookStats
+from models.errors import UserError
+from models.evaluation import ReconstructionMetrics
+from models.lpips import LIN_SHA256, LPIPS, VGG_SHA256, LPIPSWeights, missing_weights, resolve_lpips_weights
+from pipeline.grids import save_png_grid
+from pipeline.shards.manifest import shards_for_split
+from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
+
+PROTOCOL_VERSION = "tokenmill-eval/1"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception
+PNG_IMAGES = 8
+
+
+@dataclasses.dataclass
+class EvalSummary:
+    """`to_json()` is what `tokenmill eval --json` writes: identical for identical inputs."""
+
+    model: str
+    model_sha256: str
+    data: str
+    split: str
+    protocol: dict[str, Any]
+    metrics: dict[str, float]
+    lpips: str | dict[str, str]  # the weights' paths and sha256, or "unavailable: ..."
+    rfid: str | dict[str, str]
+    skipped_samples: dict[str, Any]
+    png: str
+    mlflow_run_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    batch_size: int = 64
+    lpips: LPIPSWeights = dataclasses.field(default_factory=lambda: LPIPSWeights(verify_sha256=False))
+    inception_path: str | None = None  # default: <torch hub>/checkpoints/INCEPTION_FILE
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI; neither: no MLflow
+
+
+def evaluate(model_ref: str, data: str, split: str, out_dir: str | Path, options: EvalOptions) -> EvalSummary:
+    from pipeline.registry.model_ref import resolve_model
+    from pipeline.tokens.encoder import model_transform
+
+    tracking_uri = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    files = resolve_model(model_ref, tracking_uri, options.storage_options)
+    model, meta = files.load()
+    if not hasattr(model, "codebook_size"):
+        raise UserError(f"{model_ref} is a {meta['class']}; tokenmill eval measures tokenizers (VQ family)")
+    model.eval().requires_grad_(False)
+    transform = model_transform(meta).for_eval()
+    urls = shards_for_split(data, split, options.storage_options)  # UserError: no such split / manifest
+    lpips, lpips_info = _lpips(options.lpips)
+    inception, rfid_info = _inception(options.inception_path)
+    torch.manual_seed(0)  # nothing below draws; pinned anyway so a future quantizer cannot vary runs
+    run = _Accumulators(model, lpips, inception)
+    errors: list[dict[str, str]] = []
+    for url in tqdm(urls, desc=f"eval {split}", unit="shard", leave=False):
+        samples = good_samples(read_shard(url, pixels_decoder(transform), options.storage_options), errors)
+        for images, _, _ in sample_batches(samples, options.batch_size):
+            run.update(torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0))  # (B, C, H, W)
+    if run.images == 0:
+        raise UserError(f"{data}: the {split} split has no readable image")
+    png = save_png_grid(torch.cat([run.first, run.first_recon]), Path(out_dir) / "reconstructions.png",
+                        nrow=max(1, run.first.shape[0]))
+    summary = EvalSummary(
+        model=model_ref, model_sha256=files.weights_sha256, data=data, split=split,
+        protocol=_protocol(transform, options, meta), metrics=run.result(),
+        lpips=lpips_info, rfid=rfid_info if inception is None else {**rfid_info, "images": run.images},
+        skipped_samples={"count": len(errors), "samples": errors[:20]}, png=str(png),
+    )
+    if tracking_uri:
+        summary.mlflow_run_id = _log_to_mlflow(summary, tracking_uri)
+    return summary
+
+
+def _protocol(transform, options: EvalOptions, meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "version": PROTOCOL_VERSION,
+        "transform": transform.model_dump(mode="json"),  # resize / crop to the model's size, no randomness
+        "reconstruction": "model eval forward = decode(encode(x)), clamped to [0, 1]",
+        "evaluator": "models.evaluation.ReconstructionMetrics: per-image MSE and PSNR (dB, peak 1), SSIM "
+                     "(Gaussian 11/1.5, reflect padding, as torchmetrics), hf_ratio (FFT power above 0.25 "
+                     "cycles/px, recon/original); float64 sums over every image",
+        "codebook": "counts over the whole split; usage = codes used / K, perplexity = exp(H), entropy in bits",
+        "lpips": "VGG16 + lpips v0.1 linear heads, inputs scaled to [-1, 1], mean over images",
+        "rfid": "Frechet distance of torch-fidelity inception-v3-compat pool features, originals vs reconstructions",
+        "batch_size": options.batch_size,
+        "model_class": meta["class"],
+    }
+
+
+class _Accumulators:
+    """Running sums over batches: reconstruction metrics, code counts, LPIPS, Inception features."""
+
+    def __init__(self, model: torch.nn.Module, lpips: LPIPS | None, inception: Any) -> None:
+        self.model, self.lpips, self.inception = model, lpips, inception
+        self.recon = ReconstructionMetrics()
+        stages = model.token_shape[-1] if len(model.token_shape) == 3 else 1
+        self.codes = CodebookStats(model.codebook_size, stages) if not isinstance(model.token_shape[0], tuple) else None
+        self.lpips_sum, self.images = 0.0, 0
+        self.features: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        self.first = self.first_recon = None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        output = self.model(x)
+        recon = output.recon.float()  # (B, C, H, W) in [0, 1]
+        self.recon.update(x, recon)
+        self.images += x.shape[0]
+        if self.codes is not None:
+            self.codes.update(output.indices)
+        if self.lpips is not None:
+            self.lpips_sum += float(self.lpips(_rgb(x) * 2 - 1, _rgb(recon) * 2 - 1).double().sum())
+        if self.inception is not None:
+            for side, images in zip(self.features, (x, recon)):
+                side.append(self.inception(_uint8_rgb(images))[0].double().numpy())
+        if self.first is None:
+            self.first, self.first_recon = x[:PNG_IMAGES], recon[:PNG_IMAGES]
+
+    def result(self) -> dict[str, float]:
+        metrics = self.recon.result()
+        if self.codes is not None:
+            metrics |= {"usage": self.codes.usage, "perplexity": self.codes.perplexity,
+                        "code_entropy_bits": math.log2(self.codes.perplexity)}
+        if self.lpips is not None:
+            metrics["lpips"] = self.lpips_sum / self.images
+        if self.inception is not None:
+            metrics["rfid"] = frechet_distance(np.concatenate(self.features[0]), np.concatenate(self.features[1]))
+        return metrics
+
+
+def _rgb(x: torch.Tensor) -> torch.Tensor:
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def _uint8_rgb(x: torch.Tensor) -> torch.Tensor:
+    return (_rgb(x).clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+
+
+def _lpips(weights: LPIPSWeights) -> tuple[LPIPS | None, str | dict[str, str]]:
+    problem = missing_weights(weights)
+    if problem:
+        return None, f"unavailable: {problem}"
+    found = resolve_lpips_weights(weights)
+    published = found.vgg_sha256.startswith(VGG_SHA256) and found.lin_sha256 == LIN_SHA256
+    return LPIPS.from_files(found), {**found.describe(), "published_weights": str(published).lower()}
+
+
+def _inception(path: str | None) -> tuple[Any, str | dict[str, str]]:
+    """torch-fidelity's FID Inception from a local weights file, or (None, "unavailable: why")."""
+    from models.lpips import hub_checkpoints, sha256_of
+
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except Exception as err:  # noqa: BLE001 - ImportError, or torchvision failing inside it
+        return None, (f"unavailable: torch-fidelity cannot be imported ({type(err).__name__}: {err}); "
+                      "it needs torchvision, which CPU-only installs here lack")
+    weights = Path(path) if path else hub_checkpoints() / INCEPTION_FILE
+    if not weights.is_file():
+        return None, f"unavailable: put torch-fidelity's {INCEPTION_FILE} at {weights} (or pass --inception)"
+    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    return extractor.eval(), {"inception": str(weights), "inception_sha256": sha256_of(weights)}
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between two (N, D) feature sets: |μa − μb|² + tr(Σa + Σb − 2 (Σa Σb)^½), in float64."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eigenvalues = np.linalg.eigvals(cov_a @ cov_b)  # tr sqrt(Σa Σb) = Σ sqrt(λ) (λ real, ≥ 0 up to rounding)
+    trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+
+
+def _log_to_mlflow(summary: EvalSummary, tracking_uri: str) -> str:
+    import mlflow
+
+    from pipeline.registry.tracking import flatten
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("tokenmill-eval")
+    with mlflow.start_run(run_name=f"eval-{Path(summary.model).name or summary.model}") as run:
+        mlflow.log_params(flatten({"protocol": summary.protocol, "model": summary.model, "data": summary.data,
+                                   "split": summary.split}))
+        mlflow.set_tags({"tokenmill.model_sha256": summary.model_sha256,
+                         "tokenmill.lpips": str(summary.lpips)[:5000], "tokenmill.rfid": str(summary.rfid)[:5000]})
+        mlflow.log_metrics({k: v for k, v in summary.metrics.items() if math.isfinite(v)})
+        mlflow.log_artifact(summary.png)
+        mlflow.log_dict(summary.to_json(), "eval.json")
+        return run.info.run_id
