@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -43,9 +42,12 @@ class TokenizeSummary:
 def tokenize_dataset(
     model_ref: str, shards_url: str, store_url: str, *, batch_size: int = 256, overwrite: bool = False,
     latents: bool = False, actors: int | None = None, tracking_uri: str | None = None,
-    storage_options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None, gpus: int | None = None, precision: str = "fp32",
+    decode_threads: int | None = None,
 ) -> TokenizeSummary:
-    """Tokenize every shard listed by `shards_url`'s manifest into the store at `store_url`."""
+    """Tokenize every shard listed by `shards_url`'s manifest into the store at `store_url`.
+    `gpus`/`actors`/`decode_threads` shape the actor pool (`pipeline.tokenize_pool.plan_pool`);
+    `precision` is the encoder's autocast dtype (fp32, bf16, fp16)."""
     from models.errors import UserError
     from pipeline.registry.model_ref import resolve_model
     from pipeline.tokens.encoder import TokenEncoder
@@ -56,6 +58,12 @@ def tokenize_dataset(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if actors is not None and actors < 1:
         raise UserError(f"--actors must be >= 1, got {actors}")
+    if gpus is not None and gpus < 0:
+        raise UserError(f"--gpus must be >= 0, got {gpus}")
+    if decode_threads is not None and decode_threads < 1:
+        raise UserError(f"--decode-threads must be >= 1, got {decode_threads}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
     options = dict(storage_options or {})
     files = resolve_model(model_ref, tracking_uri, options)
     shards, identity = _manifest_shards(shards_url, options)
@@ -76,8 +84,9 @@ def tokenize_dataset(
     done = store.finished()
     pending = [s for s in layout.shards if s.index not in done]
     started = time.time()
+    pool = dict(actors=actors, gpus=gpus, decode_threads=decode_threads, precision=precision)
     encoded, first_unit = _run_actors(pending, store, layout.rows_per_zarr_shard, files, latents, batch_size, options,
-                                      actors)
+                                      pool)
     seconds = time.time() - started
     stored = store.finalize(layout, encoder.specs)
     return TokenizeSummary(
@@ -106,34 +115,34 @@ def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dic
     return [dict(s, url=join(folder, s["url"])) for s in manifest["shards"]], manifest_identity(manifest)
 
 
-def _run_actors(pending, store, rows_per_zarr_shard, files, latents, batch_size, options, actors) -> tuple[int, float]:
-    """Encode `pending` input shards on a Ray Data actor pool; returns the samples encoded and
-    the wall-clock time the first shard began."""
+def _run_actors(pending, store, rows_per_zarr_shard, files, latents, batch_size, options, pool) -> tuple[int, float]:
+    """Encode `pending` input shards on a Ray Data actor pool (shaped by `pool`: actors, gpus,
+    decode_threads, precision); returns the samples encoded and the time the first shard began."""
     if not pending:
         return 0, time.time()
     import ray
-    import torch
     from tqdm import tqdm
 
     from pipeline import faults
     from pipeline.ray_runtime import ensure_ray, quiet_ray_data_logs
+    from pipeline.tokenize_pool import local_cores, plan_pool
 
     ensure_ray()
     # The bar below reports progress; Ray Data's own bars and per-run INFO lines would repeat it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     quiet_ray_data_logs()
-    gpus = 1 if torch.cuda.is_available() else 0
-    if actors is None:
-        actors = _default_actors(gpus)
-    actors = max(1, min(actors, len(pending)))
+    # The driver may sit on a CPU head node: decide from the cluster, not from this process's torch.
+    plan = plan_pool(ray.cluster_resources(), len(pending), gpus=pool["gpus"], actors=pool["actors"],
+                     decode_threads=pool["decode_threads"], local_cores=local_cores())
     items = [{"shard": json.dumps(s.__dict__)} for s in pending]
     fault_env = faults.env_vars()  # tests: actors do not inherit this process's environment
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardEncoderActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1, num_gpus=gpus,
+        ShardEncoderActor, batch_size=1, compute=ray.data.ActorPoolStrategy(**plan.strategy_kwargs()),
+        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
         fn_constructor_kwargs=dict(
             files_ref=[ray.put(files)], store_url=store.url, rows_per_zarr_shard=rows_per_zarr_shard,
-            latents=latents, batch_size=batch_size, storage_options=options,
+            latents=latents, batch_size=batch_size, storage_options=options, use_gpu=bool(plan.num_gpus),
+            precision=pool["precision"], decode_threads=plan.decode_threads,
         ),
         **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}),
     )
@@ -146,37 +155,27 @@ def _run_actors(pending, store, rows_per_zarr_shard, files, latents, batch_size,
     return encoded, first_unit
 
 
-def _default_actors(gpus: int) -> int:
-    """One actor per GPU, else per CPU. On the local instance `ensure_ray` declares more logical
-    CPUs than the machine has (so training workers and data tasks fit); an actor per logical CPU
-    there over-subscribes the cores (4 actors on 2 cores: ~30% slower than 2, plus two more torch
-    start-ups), so count the cores this process may run on instead."""
-    import ray
-
-    if gpus:
-        return int(ray.cluster_resources().get("GPU", 1))
-    logical = int(ray.cluster_resources().get("CPU", 1))
-    if os.environ.get("RAY_ADDRESS"):
-        return logical
-    return max(1, min(logical, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 class ShardEncoderActor:
     """A Ray Data actor: loads the model once, then encodes one input shard per call."""
 
-    def __init__(self, files_ref, store_url, rows_per_zarr_shard, latents, batch_size, storage_options):
+    def __init__(self, files_ref, store_url, rows_per_zarr_shard, latents, batch_size, storage_options,
+                 use_gpu=False, precision="fp32", decode_threads=1):
         import ray
         import torch
 
+        from models.errors import UserError
         from pipeline.tokens.encoder import TokenEncoder
         from pipeline.tokens.store import TokenStore
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":  # one intra-op thread per CPU Ray gave this actor; no oversubscription
+        if use_gpu and not torch.cuda.is_available():
+            raise UserError("tokenize planned GPU actors (--gpus or the cluster's GPUs), but this node's torch "
+                            "sees no CUDA device; install a CUDA build of torch or pass --gpus 0")
+        if not use_gpu:  # intra-op threads = the CPUs Ray reserved for this actor: no oversubscription
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.encoder = TokenEncoder(ray.get(files_ref[0]), latents, device)
+        self.encoder = TokenEncoder(ray.get(files_ref[0]), latents, "cuda" if use_gpu else "cpu", precision)
         self.store = TokenStore(store_url, storage_options)
         self.rows_per_zarr_shard, self.batch_size, self.options = rows_per_zarr_shard, batch_size, storage_options
+        self.decode_threads = decode_threads
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from pipeline.tokens.encode_shard import encode_shard
@@ -184,5 +183,6 @@ class ShardEncoderActor:
 
         started = time.time()
         shard = InputShardSlot(**json.loads(batch["shard"][0]))
-        result = encode_shard(shard, self.store, self.rows_per_zarr_shard, self.encoder, self.batch_size, self.options)
+        result = encode_shard(shard, self.store, self.rows_per_zarr_shard, self.encoder, self.batch_size, self.options,
+                              self.decode_threads)
         return {"shard": [shard.index], "rows": [result["rows"]], "started": [started]}
