@@ -88,7 +88,8 @@ def plain_img_per_s(config, images, labels, threads: int) -> float:
     torch.manual_seed(config.train.seed)
     steps, batch = config.train.steps, config.train.batch_size
     model = build_model(config.model)
-    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps))
+    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps),
+                        precision=config.train.resolved_precision())
     kl_weight = config.kl if getattr(model, "has_kl", False) else None
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     generator = torch.Generator().manual_seed(config.train.seed)
@@ -100,8 +101,7 @@ def plain_img_per_s(config, images, labels, threads: int) -> float:
         index = order[position * batch:(position + 1) * batch]
         x, y = to_model_input({"image": images[index], "label": labels[index]})
         extra = {"kl_weight": kl_weight(step)} if kl_weight else {}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.train.bf16):
-            trainer.step(x, y, **extra)
+        trainer.step(x, y, **extra)
         if step == 0:
             start = time.perf_counter()
     return (steps - 1) * batch / (time.perf_counter() - start)

@@ -102,7 +102,8 @@ def _build_model_and_trainer(config: TrainJobConfig, tracking_uri: str) -> tuple
     model = ray.train.torch.prepare_model(module)  # DDP when world_size > 1, moved to the device
     set_collectives(module, distributed_collectives())  # no-ops unless distributed
     steps = config.train.steps
-    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps))
+    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps),
+                        precision=config.train.resolved_precision())
     return module, trainer
 
 
@@ -131,8 +132,7 @@ def _train_step(run: _RankRun, batch: Any) -> None:
     config, state = run.config, run.state
     x, y = to_model_input(batch)  # x: (B, C, H, W) float in [0, 1]; y: (B,) int64
     extra = {"kl_weight": run.kl_weight(state.step)} if run.kl_weight else {}
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.train.bf16):
-        output, stats = run.trainer.step(x, y, **extra)
+    output, stats = run.trainer.step(x, y, **extra)  # autocast (train.precision) covers its forward only
     state.step += 1
     run.throughput.step_done()
     faults.hit("train.step", step=state.step, rank=run.rank)  # tests: a worker fails here
