@@ -35,7 +35,7 @@ def test_vq_training_step_reads_the_device_at_most_twice():
 
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(in_channels=3, image_size=32, hidden=32, res_blocks=1, downsample=4, latent_dim=16,
-                              quantizer=QuantizerConfig(codebook_size=64, dead_code_threshold=0.0))).cuda()
+                              quantizer=QuantizerConfig(codebook_size=64))).cuda()
     step = TrainStep(model, OptimConfig(ema_decay=0.99), precision="bf16")
     x = torch.rand(64, 3, 32, 32, device="cuda")
     step.step(x)  # k-means init: reads the device (once per run)
