@@ -96,7 +96,7 @@ def read_shard_threaded(url: str, decode: Decoder, threads: int, storage_options
 def pixels_decoder(transform: TransformConfig, seed: int = 0, epoch: int = 0) -> Decoder:
     """The decoder of the stream and of tokenization: (size, size, channels) uint8 arrays; random
     crops and flips (when `transform` has them) drawn from (seed, epoch, key)."""
-    if transform.hflip or transform.resize == "random-crop":
+    if transform.hflip or transform.resize.startswith("random"):
         return lambda key, ext, data: decode_image(data, transform, Draw(seed, epoch, key))
     return lambda key, ext, data: decode_image(data, transform)
 
