@@ -34,6 +34,7 @@ class TokenizeSummary:
     startup_s: float  # actor start (process, imports, model load) until the first shard began
     skipped_shards: int  # input shards found finished
     input_shards: int
+    finalize_s: float = 0.0  # the driver merging markers into counts, report and codebook statistics
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,12 +90,13 @@ def tokenize_dataset(
                                       pool)
     seconds = time.time() - started
     stored = store.finalize(layout, encoder.specs)
+    finalize_s = time.time() - started - seconds
     return TokenizeSummary(
         samples=stored["samples"], corrupt=stored["corrupt"], splits=stored["splits"], codebook=stored["codebook"],
         store=store_url, lineage=lineage, encoded_now=encoded, seconds=seconds,
         img_per_s=encoded / seconds if seconds > 0 else 0.0,
         startup_s=max(0.0, first_unit - started),  # a fixed cost per job
-        skipped_shards=len(done), input_shards=len(layout.shards),
+        skipped_shards=len(done), input_shards=len(layout.shards), finalize_s=finalize_s,
     )
 
 
