@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=positive_int, default=None, help="parallel shard writers (default: cores)")
     parser.add_argument("--maxcount", type=positive_int, default=10_000, help="samples per shard (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--px256", type=int, default=2048,
+                        help="also tokenize this many 256x256 JPEGs in img2dataset shards with the x16 debug "
+                             "model: img/s and actor peak RSS (0: skip; default %(default)s)")
+    parser.add_argument("--only-256", action="store_true", help="run the 256-px measurement alone")
     parser.add_argument("--workdir", type=output_folder, default=None, help="where data goes (default: a temp dir)")
     add_json_option(parser)
     parser.set_defaults(run=run)
@@ -42,11 +46,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        return benchmark(args.workdir, args.images, workers, args.maxcount, args.batch_size)
     with tempfile.TemporaryDirectory(prefix="tokenmill-scale-") as tmp:
-        return benchmark(Path(tmp), args.images, workers, args.maxcount, args.batch_size)
+        root = Path(tmp) if args.workdir is None else args.workdir
+        root.mkdir(parents=True, exist_ok=True)
+        result = {} if args.only_256 else benchmark(root, args.images, workers, args.maxcount, args.batch_size)
+        if args.px256 > 0:
+            result["px256"] = tokenize_256(root / "px256", args.px256, batch_size=64)
+        return result
+
+
+def tokenize_256(root: Path, n: int, batch_size: int) -> dict[str, Any]:
+    """img2dataset-layout shards of `n` 256x256 photo-like JPEGs (512 per shard) tokenized with
+    configs/debug_vqvae_f16.yaml's x16 model (untrained: speed does not depend on training)."""
+    import torch
+
+    from models.serialization import build_model, save_model
+    from pipeline.ray_runtime import ensure_ray
+    from pipeline.shards.synthetic import photo_like_images, write_img2dataset_shards
+    from pipeline.training.config import load_train_config
+
+    config = load_train_config(Path(__file__).resolve().parents[2] / "configs" / "debug_vqvae_f16.yaml")
+    for start in range(0, n, 512):
+        write_img2dataset_shards(photo_like_images(min(512, n - start), size=256, seed=start), root / "shards",
+                                 per_shard=512, first_shard=start // 512)
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    model.train()(torch.from_numpy(photo_like_images(64, seed=10**6)).permute(0, 3, 1, 2).float() / 255)
+    save_model(model.eval(), root / "model", extra={"transform": config.data.transform.for_eval().model_dump()})
+    ensure_ray()
+    run = _tokenize(root / "model", root / "shards", root / "tokens.zarr", batch_size)
+    line = (f"256 px, x16 model: {run['images']} images, {run['img_s']:.1f} img/s end to end "
+            f"(start-up {run['startup_s']:.1f} s), actor peak RSS {[round(x) for x in run['actor_peak_rss_mb']]} MiB "
+            f"at batch {batch_size}")
+    print(line)
+    return dict(run, batch_size=batch_size, line=line)
 
 
 def benchmark(root: Path, n: int, workers: int, maxcount: int, batch_size: int) -> dict[str, Any]:

@@ -66,7 +66,8 @@ def photo_like_images(n: int, size: int = 256, seed: int = 0) -> np.ndarray:
     return out
 
 
-def write_img2dataset_shards(images: np.ndarray, folder: str | Path, per_shard: int, quality: int = 90) -> list[str]:
+def write_img2dataset_shards(images: np.ndarray, folder: str | Path, per_shard: int, quality: int = 90,
+                             first_shard: int = 0) -> list[str]:
     """`images` as tars in img2dataset's output layout: `00000.tar`, ... with KEY.jpg, KEY.json
     (img2dataset's metadata fields) and KEY.txt (a caption) per sample, keys `SSSSSIIII`.
     No manifest: `tokenmill shard index` or `tokenize` (on the fly) builds it. Returns the paths."""
@@ -79,7 +80,7 @@ def write_img2dataset_shards(images: np.ndarray, folder: str | Path, per_shard: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for shard, start in enumerate(range(0, len(images), per_shard)):
+    for shard, start in enumerate(range(0, len(images), per_shard), start=first_shard):
         path = folder / f"{shard:05d}.tar"
         with tarfile.open(path, "w") as tar:
             for i, pixels in enumerate(images[start:start + per_shard]):
