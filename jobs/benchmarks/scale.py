@@ -164,6 +164,16 @@ def objects_for(samples: int, per_shard: int, row_bytes: int, per_row_arrays: in
             "objects_total": per_array * per_row_arrays + shards + 20}
 
 
+def _is_encoder(proc) -> bool:
+    """A Ray Data actor process of the tokenize job (idle Ray workers become actors in place)."""
+    import psutil
+
+    try:
+        return "MapWorker" in proc.name() or "ShardEncoder" in " ".join(proc.cmdline()[:1])
+    except psutil.Error:
+        return False
+
+
 class PeakRSSByProcess:
     """Peak RSS (MiB) of this process and of each Ray actor process that encodes, sampled every 0.2 s."""
 
@@ -172,7 +182,7 @@ class PeakRSSByProcess:
 
         self.driver_mb, self._actors, self._stop = 0.0, {}, threading.Event()
         me = psutil.Process()
-        before = {p.pid for p in me.children(recursive=True)}  # an earlier run's actors may still be exiting
+        before = {p.pid for p in me.children(recursive=True) if _is_encoder(p)}  # an earlier run's, exiting
 
         def sample() -> None:
             while not self._stop.is_set():
@@ -185,7 +195,7 @@ class PeakRSSByProcess:
                     if proc.pid in before:
                         continue
                     try:
-                        if "MapWorker" in proc.name() or "ShardEncoder" in " ".join(proc.cmdline()[:1]):
+                        if _is_encoder(proc):
                             self._actors[proc.pid] = max(self._actors.get(proc.pid, 0.0), proc.memory_info().rss / 2**20)
                     except psutil.Error:
                         pass

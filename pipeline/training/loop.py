@@ -157,11 +157,21 @@ def _validate_and_checkpoint(run: _RankRun) -> bool:
 
 def _validate(state, model, val_shard, config, device, rank, world_size, logger) -> None:
     batches = val_shard.iter_torch_batches(batch_size=config.train.batch_size, device=str(device))
-    metrics, counts = validation.evaluate(model, batches, config.train.iw_samples, rank, world_size)
+    # Rank 0's images come from its first val batch: a second pass over a split stream by rank 0
+    # alone would wait for the other ranks.
+    first: list[Any] = []
+    metrics, counts = validation.evaluate(model, _keep_first(batches, first), config.train.iw_samples, rank,
+                                          world_size)
     state.record_validation(metrics, config.train.early_stop)
     if logger:
-        first = next(iter(val_shard.iter_torch_batches(batch_size=16, device=str(device))), None)
-        logger.log_validation(state.step, metrics, counts, model, first)
+        logger.log_validation(state.step, metrics, counts, model, first[0] if first else None)
+
+
+def _keep_first(batches, into: list):
+    for batch in batches:
+        if not into:
+            into.append(batch)
+        yield batch
 
 
 class Throughput:
