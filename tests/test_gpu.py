@@ -46,18 +46,18 @@ def test_tokenize_encoder_on_cuda_bf16_matches_fp32(tmp_path: Path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from tokenize_helpers import images, make_vqvae
+    from tokenize_helpers import briefly_trained_demo_vqvae
 
     from pipeline.registry.model_ref import resolve_model
     from pipeline.tokens.encoder import TokenEncoder
 
-    files = resolve_model(str(make_vqvae(tmp_path / "model")))
-    batch, labels = images(512, seed=5), np.zeros(512, dtype=np.int64)
-    cpu = TokenEncoder(files, latents=False).encode(batch, labels)["codes"]
-    cuda32 = TokenEncoder(files, latents=False, device="cuda").encode(batch, labels)["codes"]
-    cuda16 = TokenEncoder(files, latents=False, device="cuda", precision="bf16").encode(batch, labels)["codes"]
-    assert (cpu == cuda32).mean() >= 0.999
-    assert (cuda16 == cuda32).mean() >= 0.8  # an untrained model's codes sit close: the CPU test uses a trained one
+    path, val = briefly_trained_demo_vqvae(tmp_path / "model")
+    files, labels = resolve_model(str(path)), np.zeros(len(val), dtype=np.int64)
+    cpu = TokenEncoder(files, latents=False).encode(val, labels)["codes"]
+    cuda32 = TokenEncoder(files, latents=False, device="cuda").encode(val, labels)["codes"]
+    cuda16 = TokenEncoder(files, latents=False, device="cuda", precision="bf16").encode(val, labels)["codes"]
+    assert (cpu == cuda32).mean() >= 0.99  # cuDNN convolutions use TF32 by default: a few near-ties flip
+    assert (cuda16 == cuda32).mean() >= 0.99
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenize_helpers import make_vqvae, plant_corrupt, write_shards
+from tokenize_helpers import briefly_trained_demo_vqvae, make_vqvae, plant_corrupt, write_shards
 
 from pipeline.tokenize_pool import plan_pool
 
@@ -38,30 +38,19 @@ def test_pool_follows_the_cluster_not_the_driver():
 
 
 def test_bf16_codes_agree_with_fp32(tmp_path: Path):
-    """The demo's VQ-VAE (configs/vqvae_mnist.yaml: 512 codes, 8x8 tokens) trained briefly (40
-    steps of 32 digits) so that its codes spread: bf16 autocast codes against fp32 codes on the
-    500 val digits (32,000 tokens). Measured 0.996 here; an untrained model's few codes say little."""
+    """The demo's VQ-VAE trained briefly (40 steps of 32 digits, so its codes spread): bf16
+    autocast codes against fp32 codes on the 500 val digits (32,000 tokens). Measured 0.996
+    here; an untrained model's few codes would say little."""
     import torch
 
-    from models.serialization import build_model, save_model
-    from models.training import OptimConfig, TrainStep
     from pipeline.registry.model_ref import resolve_model
-    from pipeline.shards.sources import load_builtin
     from pipeline.tokens.encoder import TokenEncoder
-    from pipeline.training.config import load_train_config
 
-    digits = load_builtin("builtin:mnist5k").images  # (5000, 32, 32, 1) uint8; the last 500 are val
-    x = torch.from_numpy(digits[:4500]).permute(0, 3, 1, 2).float() / 255
+    path, val = briefly_trained_demo_vqvae(tmp_path / "model")
+    files, labels = resolve_model(str(path)), np.zeros(len(val), dtype=np.int64)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a loaded 2-core machine: one thread is much steadier than two
+    torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        model = build_model(load_train_config("configs/vqvae_mnist.yaml").model)
-        step = TrainStep(model, OptimConfig(lr=1e-3, ema_decay=0))
-        for _ in range(40):
-            step.step(x[torch.randint(0, len(x), (32,))])
-        files = resolve_model(str(save_model(model.eval(), tmp_path / "model")))
-        val, labels = digits[4500:], np.zeros(500, dtype=np.int64)
         fp32 = TokenEncoder(files, latents=False).encode(val, labels)["codes"]
         bf16 = TokenEncoder(files, latents=False, precision="bf16").encode(val, labels)["codes"]
     finally:
