@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="write samples in source (key) order instead of a seeded random order")
     parser.add_argument("--split", choices=["train", "val"], help="with `index`: the split of every shard "
                         "(default: guessed from names containing val/test)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="parallel shard writers (Ray actors), each its own shard sequence; the same "
+                             "seed and N give the same tars, another N other shard boundaries (default 1)")
     parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
                         help='fsspec storage options, e.g. \'{"anon": true}\'')
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from models.errors import UserError
     from pipeline.config import validate
     from pipeline.shards.manifest import index_shards, manifest_url, write_manifest
     from pipeline.shards.writer import ShardSettings, write_shards
@@ -67,7 +71,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         labels=args.labels, shuffle=args.shuffle, seed=args.seed,
     )
     settings = validate(ShardSettings, options, "tokenmill shard options")
-    summary = write_shards(args.src, args.dest, settings, args.storage_options, progress=not args.no_progress)
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1:
+        from pipeline.shards.parallel_writer import write_shards_parallel
+
+        summary = write_shards_parallel(args.src, args.dest, settings, args.storage_options, args.workers,
+                                        progress=not args.no_progress)
+    else:
+        summary = write_shards(args.src, args.dest, settings, args.storage_options, progress=not args.no_progress)
     splits = ", ".join(f"{name} {s['samples']} in {s['shards']} shards" for name, s in summary["splits"].items())
     print(f"{summary['samples']} samples ({splits}); {summary['shards_written']} shards written, "
           f"{summary['shards_already_complete']} already complete -> {summary['manifest']}")

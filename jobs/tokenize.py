@@ -39,7 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="diffusers models: center crop (default) or squash to the size")
     parser.add_argument("--augment", default=None, choices=["flip"],
                         help="store each sample's variants (flip: as is and mirrored); readers pick one per epoch")
-    parser.add_argument("--actors", type=int, default=None, help="encoding actors (default: one per GPU, else per CPU core)")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="most encoding actors (default: one per GPU, else per CPU core, of the cluster)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPU actors, up to N (0: CPU only; default: GPUs if the cluster has any; "
+                             "pass N on a cluster that autoscales GPU nodes from zero)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="encoder autocast dtype; codes are still chosen in fp32 (default %(default)s)")
+    parser.add_argument("--decode-threads", type=int, default=None,
+                        help="image decode threads (= CPUs reserved) per actor (default: 1 on CPU, "
+                             "the node's CPUs per GPU up to 4 on GPU)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI)")
     add_json_option(parser)
     parser.set_defaults(run=run)
@@ -51,7 +60,8 @@ def run(args: argparse.Namespace) -> TokenizeSummary:
     summary = tokenize_dataset(
         args.model, args.data, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
         latents=args.latents or False, actors=args.actors, tracking_uri=args.tracking_uri, size=args.size,
-        crop=args.crop, augment=args.augment,
+        crop=args.crop, augment=args.augment, gpus=args.gpus, precision=args.precision,
+        decode_threads=args.decode_threads,
     )
     print(f"tokenized {summary.samples} samples ({summary.corrupt} corrupt skipped) into {args.out}: "
           f"{summary.encoded_now} now at {summary.img_per_s:.0f} img/s (start-up {summary.startup_s:.1f} s), "

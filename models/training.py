@@ -11,6 +11,7 @@ here knows about ranks or files.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -45,16 +46,24 @@ def lr_factor(step: int, config: OptimConfig) -> float:
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class TrainStep:
     """Owns the optimizer, EMA copy and step counters (which drive the LR schedule) of one model.
 
     `model` may be DDP-wrapped; the EMA copy shadows the unwrapped module (`model.module`) and is
-    a plain module in eval mode, usable directly for evaluation and saving.
+    a plain module in eval mode, usable directly for evaluation and saving. `precision` bf16/fp16
+    runs the forward (only) under autocast; backward follows the forward's dtypes and the
+    optimizer steps fp32 weights. fp16 adds a GradScaler (bf16 has fp32's range and needs none).
     """
 
-    def __init__(self, model: nn.Module, config: OptimConfig):
+    def __init__(self, model: nn.Module, config: OptimConfig, precision: str = "fp32"):
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
         self.model = model
         self.config = config
+        self.precision = precision
         self.module = getattr(model, "module", model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -66,11 +75,19 @@ class TrainStep:
         self.steps = 0  # calls to step()
         self.skipped = 0  # of which updates were skipped
         self.updates = 0  # of which updates were applied (drives the EMA warm-up)
+        device = next(iter(self.params)).device if self.params else torch.device("cpu")
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def _autocast(self):
+        dtype = AUTOCAST_DTYPES[self.precision]
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device_type, dtype=dtype)
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None = None, **forward_kwargs: Any) -> tuple[Any, dict[str, Any]]:
         """One forward/backward/update. Returns (model output, stats: loss, grad_norm, lr, skipped)."""
         lr = self.start_step()
-        output = self.model(x, y, **forward_kwargs)
+        with self._autocast():  # the forward only: backward and the optimizer step stay outside
+            output = self.model(x, y, **forward_kwargs)
         return output, self.apply(output.loss, lr)
 
     def start_step(self) -> float:
@@ -84,20 +101,30 @@ class TrainStep:
     def apply(self, loss: torch.Tensor, lr: float) -> dict[str, Any]:
         """Backward `loss`, clip, then update (or skip on a NaN/inf or too large gradient norm)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # always: skipping backward on one DDP rank would hang the others
+        # Always backward: skipping it on one DDP rank would hang the others.
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip and judge the true gradients
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))  # norm before clipping
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # norm before clipping
+        # One device read per step for both numbers (the skip decision needs the norm on the host).
+        grad_norm, loss_value = torch.stack([norm.float(), loss.detach().float()]).tolist()
         too_large = 0 < self.config.skip_grad_norm < grad_norm
         skipped = not math.isfinite(grad_norm) or too_large
         if skipped:
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            self.optimizer.step()
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
             self._update_ema()
             self.updates += 1
+        if self.scaler:
+            self.scaler.update()  # an inf/NaN step lowers the scale, so fp16 recovers
         self.steps += 1
-        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
+        return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -122,6 +149,7 @@ class TrainStep:
             "steps": self.steps,  # also the position in the learning-rate schedule
             "skipped": self.skipped,
             "updates": self.updates,
+            **({"scaler": self.scaler.state_dict()} if self.scaler else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -131,3 +159,5 @@ class TrainStep:
         self.steps = int(state["steps"])
         self.skipped = int(state["skipped"])
         self.updates = int(state["updates"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -35,6 +34,7 @@ class TokenizeSummary:
     startup_s: float  # actor start (process, imports, model load) until the first shard began
     skipped_shards: int  # input shards found finished
     input_shards: int
+    finalize_s: float = 0.0  # the driver merging markers into counts, report and codebook statistics
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -44,11 +44,12 @@ def tokenize_dataset(
     model_ref: str, shards_url: str, store_url: str, *, batch_size: int = 256, overwrite: bool = False,
     latents: bool | str = False, actors: int | None = None, tracking_uri: str | None = None,
     storage_options: dict[str, Any] | None = None, size: int | None = None, crop: str | None = None,
-    augment: str | None = None,
+    augment: str | None = None, gpus: int | None = None, precision: str = "fp32", decode_threads: int | None = None,
 ) -> TokenizeSummary:
     """Tokenize every shard listed by `shards_url`'s manifest into the store at `store_url`.
     `latents`: False (codes), True/"mean" or "sample"; `size`/`crop` (diffusers models) and
-    `augment`: see `pipeline.tokens.extraction`."""
+    `augment`: see `pipeline.tokens.extraction`. `gpus`/`actors`/`decode_threads` shape the actor
+    pool (`pipeline.tokenize_pool.plan_pool`); `precision` is the encoder's autocast dtype."""
     from models.errors import UserError
     from pipeline.storage_retry import retry_storage
     from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer, tokenizer_lineage
@@ -59,6 +60,12 @@ def tokenize_dataset(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if actors is not None and actors < 1:
         raise UserError(f"--actors must be >= 1, got {actors}")
+    if gpus is not None and gpus < 0:
+        raise UserError(f"--gpus must be >= 0, got {gpus}")
+    if decode_threads is not None and decode_threads < 1:
+        raise UserError(f"--decode-threads must be >= 1, got {decode_threads}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
     options = dict(storage_options or {})
     extraction = ExtractionOptions.build(latents, size, crop, augment)
     files = resolve_tokenizer(model_ref, tracking_uri, options)
@@ -75,16 +82,18 @@ def tokenize_dataset(
     done = retry_storage(store.finished, what="reading the store's markers", url=store_url)
     pending = [s for s in layout.shards if s.index not in done]
     started = time.time()
+    pool = dict(actors=actors, gpus=gpus, decode_threads=decode_threads, precision=precision)
     encoded, first_unit = _run_actors(pending, store, layout.rows_per_zarr_shard, files, extraction, batch_size,
-                                      options, actors)
+                                      options, pool)
     seconds = time.time() - started
     stored = retry_storage(lambda: store.finalize(layout, encoder.specs), what="finalizing the store", url=store_url)
+    finalize_s = time.time() - started - seconds
     return TokenizeSummary(
         samples=stored["samples"], corrupt=stored["corrupt"], splits=stored["splits"], codebook=stored["codebook"],
         store=store_url, lineage=lineage, encoded_now=encoded, seconds=seconds,
         img_per_s=encoded / seconds if seconds > 0 else 0.0,
         startup_s=max(0.0, first_unit - started),  # a fixed cost per job
-        skipped_shards=len(done), input_shards=len(layout.shards),
+        skipped_shards=len(done), input_shards=len(layout.shards), finalize_s=finalize_s,
     )
 
 
@@ -105,34 +114,34 @@ def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dic
     return [dict(s, url=join(folder, s["url"])) for s in manifest["shards"]], manifest_identity(manifest)
 
 
-def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_size, options, actors) -> tuple[int, float]:
-    """Encode `pending` input shards on a Ray Data actor pool; returns the samples encoded and
-    the wall-clock time the first shard began."""
+def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_size, options, pool) -> tuple[int, float]:
+    """Encode `pending` input shards on a Ray Data actor pool (shaped by `pool`: actors, gpus,
+    decode_threads, precision); returns the samples encoded and the time the first shard began."""
     if not pending:
         return 0, time.time()
     import ray
-    import torch
     from tqdm import tqdm
 
     from pipeline import faults
     from pipeline.ray_runtime import ensure_ray, quiet_ray_data_logs
+    from pipeline.tokenize_pool import local_cores, plan_pool
 
     ensure_ray()
     # The bar below reports progress; Ray Data's own bars and per-run INFO lines would repeat it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     quiet_ray_data_logs()
-    gpus = 1 if torch.cuda.is_available() else 0
-    if actors is None:
-        actors = _default_actors(gpus)
-    actors = max(1, min(actors, len(pending)))
+    # The driver may sit on a CPU head node: decide from the cluster, not from this process's torch.
+    plan = plan_pool(ray.cluster_resources(), len(pending), gpus=pool["gpus"], actors=pool["actors"],
+                     decode_threads=pool["decode_threads"], local_cores=local_cores())
     items = [{"shard": json.dumps(s.__dict__)} for s in pending]
     fault_env = faults.env_vars()  # tests: actors do not inherit this process's environment
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardEncoderActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1, num_gpus=gpus,
+        ShardEncoderActor, batch_size=1, compute=ray.data.ActorPoolStrategy(**plan.strategy_kwargs()),
+        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
         fn_constructor_kwargs=dict(
             files_ref=[ray.put(files)], store_url=store.url, rows_per_zarr_shard=rows_per_zarr_shard,
-            extraction=extraction, batch_size=batch_size, storage_options=options,
+            extraction=extraction, batch_size=batch_size, storage_options=options, use_gpu=bool(plan.num_gpus),
+            precision=pool["precision"], decode_threads=plan.decode_threads,
         ),
         **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}),
     )
@@ -150,37 +159,27 @@ def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_si
     return encoded, first_unit
 
 
-def _default_actors(gpus: int) -> int:
-    """One actor per GPU, else per CPU. On the local instance `ensure_ray` declares more logical
-    CPUs than the machine has (so training workers and data tasks fit); an actor per logical CPU
-    there over-subscribes the cores (4 actors on 2 cores: ~30% slower than 2, plus two more torch
-    start-ups), so count the cores this process may run on instead."""
-    import ray
-
-    if gpus:
-        return int(ray.cluster_resources().get("GPU", 1))
-    logical = int(ray.cluster_resources().get("CPU", 1))
-    if os.environ.get("RAY_ADDRESS"):
-        return logical
-    return max(1, min(logical, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 class ShardEncoderActor:
     """A Ray Data actor: loads the model once, then encodes one input shard per call."""
 
-    def __init__(self, files_ref, store_url, rows_per_zarr_shard, extraction, batch_size, storage_options):
+    def __init__(self, files_ref, store_url, rows_per_zarr_shard, extraction, batch_size, storage_options,
+                 use_gpu=False, precision="fp32", decode_threads=1):
         import ray
         import torch
 
+        from models.errors import UserError
         from pipeline.tokens.extraction import load_tokenizer
         from pipeline.tokens.store import TokenStore
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":  # one intra-op thread per CPU Ray gave this actor; no oversubscription
+        if use_gpu and not torch.cuda.is_available():
+            raise UserError("tokenize planned GPU actors (--gpus or the cluster's GPUs), but this node's torch "
+                            "sees no CUDA device; install a CUDA build of torch or pass --gpus 0")
+        if not use_gpu:  # intra-op threads = the CPUs Ray reserved for this actor: no oversubscription
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.encoder = load_tokenizer(ray.get(files_ref[0]), extraction, device)
+        self.encoder = load_tokenizer(ray.get(files_ref[0]), extraction, "cuda" if use_gpu else "cpu", precision)
         self.store = TokenStore(store_url, storage_options)
         self.rows_per_zarr_shard, self.batch_size, self.options = rows_per_zarr_shard, batch_size, storage_options
+        self.decode_threads = decode_threads
         self.worker = {"node": ray.get_runtime_context().get_node_id()}  # in each marker: who wrote the shard
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +191,8 @@ class ShardEncoderActor:
         shard = InputShardSlot(**json.loads(batch["shard"][0]))
         try:  # a shard's rows and marker are rewritten whole, so a transient storage error reruns the unit
             result = retry_storage(lambda: encode_shard(shard, self.store, self.rows_per_zarr_shard, self.encoder,
-                                                        self.batch_size, self.options, self.worker),
+                                                        self.batch_size, self.options, self.worker,
+                                                        self.decode_threads),
                                    what=f"input shard {shard.index} ({shard.url})", url=self.store.url)
         except StorageError as err:  # the driver reports it: a UserError raised here reaches it as a traceback
             return {"shard": [shard.index], "rows": [0], "started": [started], "error": [str(err)]}

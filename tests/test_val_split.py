@@ -1,5 +1,5 @@
-"""Validation over several val shards with 2 Ray Train workers: Ray Train must keep the stream's
-row order, so that `validation.rank_share` gives every val image to exactly one rank."""
+"""Validation over several val shards with 2 Ray Train workers: the val stream is split between
+ranks without dropping rows, so every val image is read (decoded) by exactly one rank."""
 
 from __future__ import annotations
 
@@ -38,18 +38,13 @@ def write_val_shards(root: Path) -> tuple[list[str], list[str]]:
 
 
 def _record_val_keys(loop_config: dict) -> None:
-    """A Ray Train worker: the keys of the whole val stream and of this rank's share, to a file."""
+    """A Ray Train worker: the keys of its share of the val stream, to a file."""
     import ray.train
 
-    from pipeline.training.validation import rank_share
-
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    rank = ray.train.get_context().get_world_rank()
     shard = ray.train.get_dataset_shard("val")
-    seen = [list(b["key"]) for b in shard.iter_batches(batch_size=5, batch_format="numpy")]
-    mine = [key for batch in rank_share(seen, rank, world_size) for key in batch]
-    out = Path(loop_config["out"]) / f"rank{rank}.json"
-    out.write_text(json.dumps({"seen": [k for b in seen for k in b], "mine": mine}))
+    seen = [key for b in shard.iter_batches(batch_size=5, batch_format="numpy") for key in b["key"]]
+    (Path(loop_config["out"]) / f"rank{rank}.json").write_text(json.dumps({"seen": [str(k) for k in seen]}))
 
 
 def test_each_val_image_is_counted_by_exactly_one_rank(ray_local, tmp_path):
@@ -71,7 +66,5 @@ def test_each_val_image_is_counted_by_exactly_one_rank(ray_local, tmp_path):
     ).fit()
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for rank in ranks:
-        assert rank["seen"] == keys  # every rank reads the whole split in the stream's order
-    counted = ranks[0]["mine"] + ranks[1]["mine"]
+    counted = ranks[0]["seen"] + ranks[1]["seen"]  # each rank decodes its share only
     assert len(counted) == sum(SHARD_SIZES) and sorted(counted) == sorted(keys)

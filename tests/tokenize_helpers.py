@@ -152,3 +152,29 @@ def make_hvae(path: Path) -> Path:
     torch.manual_seed(0)
     config = HVAEConfig(image_size=IMAGE_SIZE, channels=1, width=8, latent_channels=2, resolutions=(8, 4))
     return save_model(HierarchicalVAE(config).eval(), path)
+
+
+def briefly_trained_demo_vqvae(path: Path, steps: int = 40):
+    """The demo's VQ-VAE (configs/vqvae_mnist.yaml: 512 codes, 8x8 tokens) trained `steps` steps
+    of 32 MNIST digits on one thread, so that its codes spread; returns (saved path, the 500
+    val digits uint8 (500, 32, 32, 1))."""
+    import torch
+
+    from models.serialization import build_model, save_model
+    from models.training import OptimConfig, TrainStep
+    from pipeline.shards.sources import load_builtin
+    from pipeline.training.config import load_train_config
+
+    digits = load_builtin("builtin:mnist5k").images  # (5000, 32, 32, 1) uint8; the last 500 are val
+    x = torch.from_numpy(digits[:4500]).permute(0, 3, 1, 2).float() / 255
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a loaded 2-core machine: one thread is much steadier than two
+    try:
+        torch.manual_seed(0)
+        model = build_model(load_train_config(Path(__file__).parents[1] / "configs" / "vqvae_mnist.yaml").model)
+        step = TrainStep(model, OptimConfig(lr=1e-3, ema_decay=0))
+        for _ in range(steps):
+            step.step(x[torch.randint(0, len(x), (32,))])
+    finally:
+        torch.set_num_threads(threads)
+    return save_model(model.eval(), path), digits[4500:]

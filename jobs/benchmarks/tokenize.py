@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", type=positive_int, default=100_000, help="N (default %(default)s); the scale run uses 4N")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--actors", type=positive_int, default=None, help="encoding actors (default: one per CPU)")
+    parser.add_argument("--gpus", type=int, default=None, help="tokenize --gpus (default: GPUs if the cluster has any)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="tokenize --precision")
+    parser.add_argument("--decode-threads", type=positive_int, default=None, help="tokenize --decode-threads")
     parser.add_argument("--workdir", type=output_folder, default=None, help="where shards and stores go (default: a temp dir)")
     parser.add_argument("--kl-vs-fastdit", action="store_true",
                         help="instead: a tiny diffusers AutoencoderKL through tokenmill vs fast-DiT's extraction loop "
@@ -52,17 +55,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    chosen = benchmark
+    device = dict(gpus=args.gpus, precision=args.precision, decode_threads=args.decode_threads)
     if args.kl_vs_fastdit:
-        from jobs.benchmarks.kl_extract import benchmark_kl as chosen
+        from jobs.benchmarks.kl_extract import benchmark_kl
+
+        chosen, device = benchmark_kl, {}
+    else:
+        chosen = benchmark
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        return chosen(args.workdir, args.images, args.batch_size, args.actors)
+        return chosen(args.workdir, args.images, args.batch_size, args.actors, **device)
     with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
-        return chosen(Path(tmp), args.images, args.batch_size, args.actors)
+        return chosen(Path(tmp), args.images, args.batch_size, args.actors, **device)
 
 
-def benchmark(root: Path, n: int, batch_size: int, actors: int | None) -> dict[str, Any]:
+def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int | None = None,
+              precision: str = "fp32", decode_threads: int | None = None) -> dict[str, Any]:
     import torch
 
     from pipeline.ray_runtime import ensure_ray
@@ -70,7 +78,8 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None) -> dict[s
     from pipeline.tokenize import tokenize_dataset
 
     cpus = os.cpu_count() or 1
-    actors = actors or cpus
+    on_gpu = bool(gpus if gpus is not None else torch.cuda.is_available())
+    actors = actors or (torch.cuda.device_count() if on_gpu else cpus)
     model = _make_model(root / "model")
     small, large = (write_image_shards(smooth_images(count, seed=count, noise=True), root, name)
                     for name, count in (("small", n), ("large", 4 * n)))
@@ -78,7 +87,7 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None) -> dict[s
     # The machine's speed drifts (shared hosts: up to 2x over minutes), so every run is compared
     # with the compute limit measured right before and right after it, in the same conditions:
     # the naive loop without Ray, the pipeline runs with the Ray instance up.
-    with ComputeLimit(model, batch_size, min(n, 8192), cpus, actors) as limit:
+    with ComputeLimit(model, batch_size, min(n, 8192), cpus, actors, "cuda" if on_gpu else "cpu", precision) as limit:
         limits = [limit()]
         naive = _naive_img_s(model, small, batch_size, cpus)
         limits.append(limit())
@@ -90,7 +99,8 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None) -> dict[s
             with PeakRSS() as peak:
                 started = time.perf_counter()
                 summary = tokenize_dataset(str(model), shards, str(root / f"{name}.zarr"), batch_size=batch_size,
-                                           actors=actors, overwrite=True)
+                                           actors=actors, overwrite=True, gpus=gpus, precision=precision,
+                                           decode_threads=decode_threads)
                 seconds = time.perf_counter() - started
             assert summary.samples == count, summary
             limits.append(limit())
@@ -101,7 +111,8 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None) -> dict[s
     read = _read_ratio(root / "small.zarr")
     pipeline, limit_small = runs["small"]["img_s"], runs["small"]["limit_img_s"]
     result = {
-        "images": n, "batch_size": batch_size, "actors": actors, "cpus": cpus,
+        "images": n, "batch_size": batch_size, "actors": actors, "cpus": cpus, "device": limit.device,
+        "precision": precision, "decode_threads": decode_threads,
         "limit_one_process_img_s": limit.one_process, "limit_side_by_side_img_s": limit.side_by_side,
         "pipeline_img_s": pipeline, "limit_img_s": limit_small, "efficiency": pipeline / limit_small,
         "limit_samples_img_s": limits, "efficiency_vs_best_limit": pipeline / max(limits),
@@ -142,8 +153,10 @@ class ComputeLimit:
     side by side with cpus // actors threads each (how the pipeline splits the cores; on CPUs
     it is often the faster). Every measurement of both is kept."""
 
-    def __init__(self, model_dir: Path, batch_size: int, n: int, cpus: int, actors: int):
+    def __init__(self, model_dir: Path, batch_size: int, n: int, cpus: int, actors: int, device: str = "cpu",
+                 precision: str = "fp32"):
         self.model_dir, self.batch_size, self.n, self.cpus, self.actors = model_dir, batch_size, n, cpus, actors
+        self.device, self.precision = device, precision  # on a GPU: one process, the job's autocast
         self.one_process: list[float] = []
         self.side_by_side: list[float] = []
 
@@ -153,21 +166,27 @@ class ComputeLimit:
 
         from models import load_model
 
-        self.model = load_model(self.model_dir).eval()
+        self.model = load_model(self.model_dir, map_location=self.device).eval()
+        if self.device != "cpu":
+            self.pool = None
+            return self
         self.pool = ProcessPoolExecutor(self.actors, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_load_limit_model,
                                         initargs=(str(self.model_dir), max(1, self.cpus // self.actors)))
         return self
 
     def __exit__(self, *exc) -> None:
-        self.pool.shutdown()
+        if self.pool is not None:
+            self.pool.shutdown()
 
     def __call__(self) -> float:
         import torch
 
         torch.set_num_threads(self.cpus)
-        started, ended = _encode_span(self.model, self.batch_size, self.n)
+        started, ended = _encode_span(self.model, self.batch_size, self.n, self.device, self.precision)
         self.one_process.append(self.n / (ended - started))
+        if self.pool is None:  # GPU: the device is the limit
+            return self.one_process[-1]
         per_process = self.n // self.actors
         spans = list(self.pool.map(_timed_encode, [self.batch_size] * self.actors, [per_process] * self.actors))
         # From the first start to the last end: any skew between the processes counts against it.
@@ -193,16 +212,23 @@ def _timed_encode(batch_size: int, n: int) -> tuple[float, float]:
     return _encode_span(_LIMIT_MODEL, batch_size, n)
 
 
-def _encode_span(model, batch_size: int, n: int) -> tuple[float, float]:
-    """(start, end) wall-clock times of encoding n in-memory 32x32 images in batches."""
+def _encode_span(model, batch_size: int, n: int, device: str = "cpu", precision: str = "fp32") -> tuple[float, float]:
+    """(start, end) wall-clock times of encoding n in-memory 32x32 images in batches (on
+    `device`, already there: the compute alone; under the job's autocast)."""
+    import contextlib
+
     import torch
 
-    x = torch.rand(n, 3, 32, 32)
-    with torch.inference_mode():
+    from pipeline.tokens.encoder import PRECISIONS
+
+    x = torch.rand(n, 3, 32, 32, device=device)
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
         model.encode(x[:batch_size])  # warm-up
         started = time.time()
         for i in range(0, n, batch_size):
-            model.encode(x[i : i + batch_size]).numpy()
+            model.encode(x[i : i + batch_size]).cpu().numpy()
     return started, time.time()
 
 

@@ -38,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.batch_size=32 (repeatable)")
     parser.add_argument("--steps", type=positive_int, default=200, help="training steps per run (default %(default)s)")
+    parser.add_argument("--gpu", action="store_true", help="train on CUDA (NCCL; with --set train.precision=bf16 "
+                        "for autocast); the 2-worker run needs 2 GPUs and is skipped otherwise")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
@@ -55,7 +57,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train, val = data.split("train"), data.split("val")
     result: dict[str, Any] = {"model": config.model.kind, "steps": args.steps, "batch_size": config.train.batch_size,
                               "cpu_count": cpus, "threads": cpus}
-    plain = [plain_img_per_s(config, train.images, train.labels, threads=cpus)]
+    device = "cuda" if args.gpu else "cpu"
+    result.update(device=device, precision=config.train.resolved_precision())
+    plain = [plain_img_per_s(config, train.images, train.labels, threads=cpus, device=device)]
 
     started_ray = not ray.is_initialized()
     ensure_ray()
@@ -64,8 +68,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="tokenmill-bench-train-") as root:
             job = dict(args=args, root=root, datasets=datasets)
             result["ray_1w_img_s"] = ray_img_per_s(**job, workers=1, cpus_per_worker=cpus)
-            plain.append(plain_img_per_s(config, train.images, train.labels, threads=cpus))
-            result["ray_2w_img_s"] = ray_img_per_s(**job, workers=2, cpus_per_worker=max(1, cpus // 2))
+            plain.append(plain_img_per_s(config, train.images, train.labels, threads=cpus, device=device))
+            two_workers = not args.gpu or _cuda_devices() >= 2
+            result["ray_2w_img_s"] = (ray_img_per_s(**job, workers=2, cpus_per_worker=max(1, cpus // 2))
+                                      if two_workers else None)
     finally:
         if started_ray:
             ray.shutdown()
@@ -76,7 +82,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def plain_img_per_s(config, images, labels, threads: int) -> float:
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plain_img_per_s(config, images, labels, threads: int, device: str = "cpu") -> float:
     """One process, TrainStep, shuffled in-memory batches; the first step is not timed."""
     import torch
 
@@ -87,10 +99,11 @@ def plain_img_per_s(config, images, labels, threads: int) -> float:
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
     steps, batch = config.train.steps, config.train.batch_size
-    model = build_model(config.model)
-    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps))
+    model = build_model(config.model).to(device)
+    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps),
+                        precision=config.train.resolved_precision())
     kl_weight = config.kl if getattr(model, "has_kl", False) else None
-    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     generator = torch.Generator().manual_seed(config.train.seed)
     per_epoch = len(images) // batch  # drop_last, as the job
     for step in range(steps):
@@ -100,10 +113,11 @@ def plain_img_per_s(config, images, labels, threads: int) -> float:
         index = order[position * batch:(position + 1) * batch]
         x, y = to_model_input({"image": images[index], "label": labels[index]})
         extra = {"kl_weight": kl_weight(step)} if kl_weight else {}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.train.bf16):
-            trainer.step(x, y, **extra)
+        trainer.step(x, y, **extra)
         if step == 0:
             start = time.perf_counter()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return (steps - 1) * batch / (time.perf_counter() - start)
 
 
@@ -132,7 +146,8 @@ def ray_img_per_s(args: argparse.Namespace, root: str, datasets: dict[str, Any],
         *args.overrides, f"train.steps={steps}", f"train.val_every={steps}", f"train.checkpoint_every={steps}",
         "tracking.log_images=false", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
         f"run.root={root}", f"run.name=bench-{workers}w", "run.max_failures=0",
-        f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={cpus_per_worker}", "scaling.use_gpu=false",
+        f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={cpus_per_worker}",
+        f"scaling.use_gpu={str(args.gpu).lower()}",
     ])
     run_id = tracking.get_or_create_run(config.tracking.tracking_uri, config.tracking.experiment, config.run.name,
                                         tags={"tokenmill.benchmark": "train"}, run_dir=root)
@@ -146,6 +161,8 @@ def _print_table(result: dict[str, Any]) -> None:
     print(f"{'run':<16}{'workers':>8}{'threads':>9}{'img/s':>10}")
     for name, key, workers in (("plain PyTorch", "plain_img_s", 1), ("Ray Train job", "ray_1w_img_s", 1),
                                ("Ray Train job", "ray_2w_img_s", 2)):
+        if result[key] is None:
+            continue
         print(f"{name:<16}{workers:>8}{max(1, cpus // workers):>9}{result[key]:>10.1f}")
     before, after = result["plain_img_s_runs"]
     print(f"plain PyTorch before / after the 1-worker Ray run: {before:.1f} / {after:.1f} img/s")

@@ -60,11 +60,15 @@ def sample_rows(rows: Tensor, m: int, generator: torch.Generator, collectives: C
     """m rows (m, d) picked at random from the rank-ordered concatenation of every rank's `rows`
     (n, d); identical on every rank, and equal to what one process holding the concatenation
     would pick with the same generator. Distinct rows when there are enough. Always three
-    collectives, whatever the data."""
-    n = torch.zeros(collectives.world_size, dtype=torch.long, device=rows.device)
-    n[collectives.rank] = rows.shape[0]
-    collectives.all_reduce(n)  # (world,) rows held by each rank
-    total, offset = int(n.sum()), int(n[: collectives.rank].sum())
+    collectives when distributed, whatever the data."""
+    if collectives.world_size == 1:  # known on the host: no device read
+        total, offset = rows.shape[0], 0
+    else:
+        n = torch.zeros(collectives.world_size, dtype=torch.long, device=rows.device)
+        n[collectives.rank] = rows.shape[0]
+        collectives.all_reduce(n)  # (world,) rows held by each rank
+        held = n.tolist()  # one device read
+        total, offset = sum(held), sum(held[: collectives.rank])
     if total >= m:
         picks = torch.randperm(total, generator=generator)[:m]
     else:

@@ -74,6 +74,18 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training updates so far
         self.collectives = Collectives()
+        # Host copies of `initted` and `steps`: read from the device once (and after a state load),
+        # not on every step; a GPU step then does not wait for the device to read them.
+        self._host: dict[str, int] = {}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._host = {}  # the buffers change: read them again when next needed
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _host_value(self, name: str) -> int:
+        if name not in self._host:
+            self._host[name] = int(getattr(self, name))
+        return self._host[name]
 
     # -- lookup ---------------------------------------------------------------------------------
     def codebook(self) -> Tensor:
@@ -99,7 +111,7 @@ class VectorQuantizer(nn.Module):
             if self.cosine:
                 flat = F.normalize(flat, dim=-1)
             update = self.training and torch.is_grad_enabled()
-            if update and not bool(self.initted):
+            if update and not self._host_value("initted"):
                 self._kmeans_init(flat.detach())
             with torch.no_grad():
                 indices = self.distances(flat).argmin(1)  # (N,)
@@ -118,7 +130,7 @@ class VectorQuantizer(nn.Module):
     def _generator(self, stream: int) -> torch.Generator:
         # Seeded by step so every rank (and a resumed run) draws the same rows; `stream` keeps the
         # k-means seeds and the same step's restart rows apart.
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + 2 * int(self.steps) + stream)
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + 2 * self._host_value("steps") + stream)
 
     def _code_stats(self, z: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Global per-code (sums (K, d), counts (K,)) in one all-reduce."""
@@ -145,6 +157,7 @@ class VectorQuantizer(nn.Module):
         if self.ema:
             self.embed_sum.copy_(centroids * counts[:, None])
         self.initted.fill_(True)
+        self._host["initted"] = 1
 
     @torch.no_grad()
     def _update(self, z: Tensor, indices: Tensor) -> None:
@@ -158,13 +171,18 @@ class VectorQuantizer(nn.Module):
             self.embed.copy_(self.embed_sum / smoothed[:, None])
         if self.dead_code_threshold > 0:
             self._restart_dead_codes(z)
+        self._host["steps"] = self._host_value("steps") + 1
         self.steps += 1
 
     def _restart_dead_codes(self, z: Tensor) -> None:
         """Codes whose EMA usage fell below the threshold jump to random encoder outputs. The dead
         mask comes from all-reduced counts and the rows from `sample_rows`, so every rank agrees;
-        rows are drawn for all K codes (fixed shapes: no data-dependent collective)."""
+        rows are drawn for all K codes (fixed shapes: no data-dependent collective). When no code
+        is dead, nothing runs: `cluster_size` is identical on every rank (built from all-reduced
+        counts), so every rank skips together, and one scalar read replaces three collectives."""
         dead = self.cluster_size < self.dead_code_threshold  # (K,)
+        if not bool(dead.any()):
+            return
         rows = sample_rows(z, self.codebook_size, self._generator(1), self.collectives)  # (K, d)
         self.embed.data.copy_(torch.where(dead[:, None], rows, self.embed))
         self.cluster_size.masked_fill_(dead, self.dead_code_threshold)

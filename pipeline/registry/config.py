@@ -18,7 +18,7 @@ model is `tracking.registered_model` (required).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import pydantic
 
@@ -63,7 +63,9 @@ class RetokenizeSection(StrictModel):
     # The store of a promotion: <out_prefix>/<data version>/<registered model>-v<model version>
     out_prefix: str
     batch_size: int = pydantic.Field(256, gt=0)
-    actors: Optional[int] = None  # default: one per GPU, else per CPU
+    actors: Optional[int] = None  # most actors; default: one per GPU, else per CPU, of the cluster
+    gpus: Optional[int] = None  # GPU actors up to N (0: CPU); default: GPUs if the cluster has any
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 class RetrainConfig(TrainJobConfig):

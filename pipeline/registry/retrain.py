@@ -165,7 +165,8 @@ def _retokenize(config, client, tracking_uri: str, data, version: str, run_id: s
     store = join(config.retokenize.out_prefix, f"{data.name}/{name}-v{version}")
     promotion.record(client, name, version, run_id, {"store": store})
     tokenize_dataset(f"models:/{name}/{version}", data.url, store, batch_size=config.retokenize.batch_size,
-                     actors=config.retokenize.actors, tracking_uri=tracking_uri,
+                     actors=config.retokenize.actors, gpus=config.retokenize.gpus,
+                     precision=config.retokenize.precision, tracking_uri=tracking_uri,
                      storage_options=config.data.storage_options)
     promotion.record(client, name, version, run_id, {"store_complete": "true"})
     return store

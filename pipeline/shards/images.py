@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import random
 import warnings
 from typing import Literal
@@ -59,8 +60,11 @@ class TransformConfig(StrictModel):
     channels: Literal[1, 3] = 3
     # resize: squash to size x size; center-crop: shorter side to size, central window;
     # random-crop: shorter side to a random length in [size, size * crop_jitter], random window.
-    resize: Literal["resize", "center-crop", "random-crop"] = "center-crop"
+    # random-resized-crop (Inception style): a random window of [crop_scale, 1] of the area and
+    # aspect ratio in [3/4, 4/3], resized to size x size.
+    resize: Literal["resize", "center-crop", "random-crop", "random-resized-crop"] = "center-crop"
     crop_jitter: float = pydantic.Field(1.15, ge=1.0, le=2.0)
+    crop_scale: float = pydantic.Field(0.35, gt=0.0, le=1.0)
     hflip: bool = False
     # Decompression-bomb guard: images with more pixels than this are rejected unread.
     max_pixels: int = pydantic.Field(40_000_000, ge=1)
@@ -68,7 +72,7 @@ class TransformConfig(StrictModel):
     def for_eval(self) -> "TransformConfig":
         """The same geometry without randomness (validation, tokenization): random-crop becomes
         center-crop and there is no flip."""
-        resize = "center-crop" if self.resize == "random-crop" else self.resize
+        resize = "center-crop" if self.resize.startswith("random") else self.resize
         return self.model_copy(update={"resize": resize, "hflip": False})
 
 
@@ -148,6 +152,8 @@ def load_pixels(data: bytes, max_pixels: int, draft_size: int | None = None) -> 
 def resize_crop(image: Image.Image, transform: TransformConfig, draw: Draw | None) -> Image.Image:
     """An image of exactly size x size (resize mode squashes; crop modes keep the aspect)."""
     size, (width, height) = transform.size, image.size
+    if transform.resize == "random-resized-crop" and draw is not None:
+        return random_resized_crop(image, transform, draw)
     if transform.resize == "resize":
         return image if (width, height) == (size, size) else image.resize((size, size), Image.BILINEAR)
     short = size
@@ -166,11 +172,28 @@ def resize_crop(image: Image.Image, transform: TransformConfig, draw: Draw | Non
     return image.crop((left, top, left + size, top + size))
 
 
+def random_resized_crop(image: Image.Image, transform: TransformConfig, draw: Draw) -> Image.Image:
+    """A window of a random share of the area in [crop_scale, 1] and aspect ratio in [3/4, 4/3]
+    (log-uniform), resized to size x size; after 10 misses the largest central square."""
+    width, height = image.size
+    for _ in range(10):
+        area = width * height * (transform.crop_scale + (1.0 - transform.crop_scale) * draw.take(1001) / 1000)
+        aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * draw.take(1001) / 1000)
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = draw.take(width - w + 1), draw.take(height - h + 1)
+            return image.resize((transform.size, transform.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.resize((transform.size, transform.size), Image.BILINEAR, box=(left, top, left + side, top + side))
+
+
 def decode_image(data: bytes, transform: TransformConfig, draw: Draw | None = None) -> np.ndarray:
     """Bytes of one image member -> uint8 (size, size, channels). Raises DecodeError.
     `draw` supplies the random choices of random-crop / hflip (None: center, no flip)."""
     pixels = fast_pixels(data, transform)  # (H, W[, C]) with the configured channels, or None
-    if pixels is None or pixels.shape[:2] != (transform.size, transform.size):
+    crop_anyway = transform.resize == "random-resized-crop" and draw is not None  # even at the target size
+    if pixels is None or pixels.shape[:2] != (transform.size, transform.size) or crop_anyway:
         image = Image.fromarray(pixels) if pixels is not None else pil_image(data, transform)
         # now: (size, size), the configured channels
         pixels = np.asarray(resize_crop(image, transform, draw), dtype=np.uint8)

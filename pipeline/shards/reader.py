@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.shards.images import DecodeError, Draw, TransformConfig, decode_image
 from pipeline.shards.problems import NO_IMAGE, ShardError
-from pipeline.shards.wds_io import TarDamage, iter_samples
+from pipeline.shards.wds_io import Sample, TarDamage, iter_samples
 from pipeline.storage import filesystem
 
 # (key, image member extension, image bytes) -> uint8 pixels; raises DecodeError.
@@ -63,10 +63,40 @@ def read_shard(url: str, decode: Decoder | None, storage_options: dict | None = 
         yield from read_samples(f, url, decode)
 
 
+def read_shard_threaded(url: str, decode: Decoder, threads: int, storage_options: dict | None = None,
+                        window: int = 256) -> Iterator[ShardSample | ShardError]:
+    """`read_shard`, with images decoded by `threads` threads (PIL, libspng and libjpeg-turbo
+    release the GIL): the same items in the same order. One thread reads the tar; decoding runs
+    `window` samples at a time, so memory stays at one window of compressed bytes and pixels."""
+    if threads <= 1:
+        yield from read_shard(url, decode, storage_options)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def finish(item: ShardSample | ShardError) -> ShardSample | ShardError:
+        if isinstance(item, ShardError):
+            return item
+        found = Sample(item.key, item.members).image_member()  # read_shard without a decoder checked it exists
+        try:
+            item.pixels = decode(item.key, *found)
+        except DecodeError as err:
+            return ShardError(url, item.key, str(err))
+        return item
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        window_items: list[ShardSample | ShardError] = []
+        for item in read_shard(url, None, storage_options):
+            window_items.append(item)
+            if len(window_items) == window:
+                yield from pool.map(finish, window_items)
+                window_items = []
+        yield from pool.map(finish, window_items)
+
+
 def pixels_decoder(transform: TransformConfig, seed: int = 0, epoch: int = 0) -> Decoder:
     """The decoder of the stream and of tokenization: (size, size, channels) uint8 arrays; random
     crops and flips (when `transform` has them) drawn from (seed, epoch, key)."""
-    if transform.hflip or transform.resize == "random-crop":
+    if transform.hflip or transform.resize.startswith("random"):
         return lambda key, ext, data: decode_image(data, transform, Draw(seed, epoch, key))
     return lambda key, ext, data: decode_image(data, transform)
 

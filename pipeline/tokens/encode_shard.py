@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline import faults
 from pipeline.shards.images import TransformConfig
-from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
+from pipeline.shards.reader import good_samples, pixels_decoder, read_shard_threaded, sample_batches
 from pipeline.tokens import codebook_stats
 from pipeline.tokens.layout import InputShardSlot
 from pipeline.tokens.store import TokenStore
@@ -39,10 +39,12 @@ class DecodedShard:
     transform: TransformConfig
     batch_size: int
     storage_options: dict[str, Any]
+    decode_threads: int = 1  # > 1: a thread pool decodes (GPU actors: keeps the device fed)
     corrupt: list[dict[str, str]] = field(default_factory=list)
 
     def batches(self) -> Iterator[Batch]:
-        items = read_shard(self.url, pixels_decoder(self.transform), self.storage_options)
+        items = read_shard_threaded(self.url, pixels_decoder(self.transform), self.decode_threads, self.storage_options,
+                                    window=max(self.batch_size, 64))
         for images, labels, keys in sample_batches(good_samples(items, self.corrupt), self.batch_size):
             yield Batch(images, labels, keys)
 
@@ -69,11 +71,11 @@ def prefetch(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterato
 
 def encode_shard(
     shard: InputShardSlot, store: TokenStore, rows_per_zarr_shard: int, encoder, batch_size: int,
-    storage_options: dict[str, Any], worker: dict[str, str] | None = None,
+    storage_options: dict[str, Any], worker: dict[str, str] | None = None, decode_threads: int = 1,
 ) -> dict[str, Any]:
     """Encode every good sample of `shard` into its rows, then write its marker; returns the
     marker's content. `worker` (e.g. {"node": Ray node id}) is recorded in the marker."""
-    source = DecodedShard(shard.url, encoder.transform, batch_size, storage_options)
+    source = DecodedShard(shard.url, encoder.transform, batch_size, storage_options, decode_threads)
     counts = {s.name: np.zeros(s.codebook_size, dtype=np.int64) for s in encoder.specs if s.codebook_size}
     writer = store.writer(shard, rows_per_zarr_shard, encoder.specs)
     for batch in prefetch(source.batches()):

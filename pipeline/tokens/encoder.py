@@ -10,6 +10,7 @@ model that honours the contract works without per-class code here.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -33,14 +34,26 @@ def model_transform(meta: dict[str, Any]) -> TransformConfig:
     return TransformConfig(size=config.get("image_size", 32), channels=channels)
 
 
-class TokenEncoder:
-    """`encode(images uint8 (B, H, W, C), labels int64 (B,))` -> {array name: numpy rows}."""
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, files: ModelFiles, latents: bool, device: str = "cpu"):
+
+class TokenEncoder:
+    """`encode(images uint8 (B, H, W, C), labels int64 (B,))` -> {array name: numpy rows}.
+
+    `precision` bf16/fp16 runs the encoder under autocast; quantizers compute distances and
+    pick codes in fp32 whatever the autocast (as in training). On CUDA the model and inputs are
+    channels_last and batches travel from pinned memory with non-blocking copies."""
+
+    def __init__(self, files: ModelFiles, latents: bool, device: str = "cpu", precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         # The trainer exports EMA weights as *the* model, so loading it is loading EMA weights.
         model, self.meta = files.load(map_location=device)
         self.model = model.eval().requires_grad_(False)
-        self.device, self.latents = torch.device(device), latents
+        self.device, self.latents, self.precision = torch.device(device), latents, precision
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:  # cuDNN's fastest convolutions under autocast take NHWC
+            self.model = self.model.to(memory_format=torch.channels_last)
         if latents and not getattr(self.model, "has_kl", False):
             raise UserError(f"--latents needs a VAE-family model; {files.uri} is a {self.meta['class']}")
         if not latents and not hasattr(self.model, "codebook_size"):
@@ -48,8 +61,19 @@ class TokenEncoder:
         self.transform = model_transform(self.meta)
         self.specs = self._probe_specs()
 
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        with self._autocast():
+            outputs = self._forward_model(x, y)
+        return [o.float() if o.is_floating_point() else o for o in outputs]  # latents leave in fp32
+
+    def _forward_model(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         if self.latents:
             try:
                 mu, _ = self.model.encode(x, y)
@@ -72,7 +96,12 @@ class TokenEncoder:
         return [ArraySpec(n, tuple(o.shape[1:]), codes_dtype(int(k)), int(k)) for n, o, k in zip(names, outputs, sizes)]
 
     def encode(self, images: np.ndarray, labels: np.ndarray, keys: list[str] | None = None) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W)
-        y = torch.from_numpy(labels).to(self.device).clamp_(min=0)  # conditional VAEs need a class id
-        outputs = self._forward(x, y)
-        return {spec.name: out.cpu().numpy().astype(spec.dtype) for spec, out in zip(self.specs, outputs)}
+        x, y = torch.from_numpy(images), torch.from_numpy(labels)
+        if self.cuda:  # uint8 travels (4x fewer bytes than float), from pinned memory, without blocking
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W), NHWC in memory: channels_last
+        outputs = self._forward(x, y.clamp(min=0))  # conditional VAEs need a class id
+        host = [out.to("cpu", non_blocking=self.cuda) for out in outputs]
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()  # one wait for every array of the batch
+        return {spec.name: out.numpy().astype(spec.dtype) for spec, out in zip(self.specs, host)}

@@ -65,8 +65,10 @@ def resolve_tokenizer(ref: str, tracking_uri: str | None = None, storage_options
     return resolve_model(ref, tracking_uri, storage_options)
 
 
-def load_tokenizer(files, options: ExtractionOptions, device: str = "cpu"):
-    """The loaded tokenizer for `files`, wrapped in the augmentation when one is asked for."""
+def load_tokenizer(files, options: ExtractionOptions, device: str = "cpu", precision: str = "fp32"):
+    """The loaded tokenizer for `files`, wrapped in the augmentation when one is asked for.
+    `precision` (fp32/bf16/fp16): the autocast dtype of a tokenmill model's encoder.
+    (diffusers models run in their own dtype.)"""
     if isinstance(files, DiffusersFiles):
         tokenizer = DiffusersTokenizer(files, options.latents, device, options.size, options.crop)
     else:
@@ -78,7 +80,7 @@ def load_tokenizer(files, options: ExtractionOptions, device: str = "cpu"):
         if options.latents == "sample":
             raise UserError("--latents sample is for diffusers AutoencoderKL models; tokenmill VAEs store "
                             "posterior means (--latents mean)")
-        tokenizer = TokenEncoder(files, options.latents is not None, device)
+        tokenizer = TokenEncoder(files, options.latents is not None, device, precision)
     return Augmented(tokenizer, options.augment) if options.augment else tokenizer
 
 

@@ -36,9 +36,12 @@ from models.vqgan_loss import (
 
 
 def build_train_step(model: nn.Module, optim: OptimConfig, loss: VQGANLossConfig | None,
-                     wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> TrainStep | "AdversarialStep":
-    """`model` may be DDP-wrapped; `wrap` puts the discriminator on the device (and in DDP)."""
-    return TrainStep(model, optim) if loss is None else AdversarialStep(model, optim, loss, wrap)
+                     wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+                     precision: str = "fp32") -> TrainStep | "AdversarialStep":
+    """`model` may be DDP-wrapped; `wrap` puts the discriminator on the device (and in DDP).
+    `precision` (bf16/fp16 autocast of the forward) applies to the one-optimizer step; the
+    adversarial step runs in fp32."""
+    return TrainStep(model, optim, precision) if loss is None else AdversarialStep(model, optim, loss, wrap)
 
 
 def require_loss_weights(loss: VQGANLossConfig | None, model_class: type) -> dict[str, str]:

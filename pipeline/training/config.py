@@ -49,7 +49,10 @@ class TrainSection(StrictModel):
     steps: int = pydantic.Field(2000, gt=0)
     batch_size: int = pydantic.Field(64, gt=0)  # per worker
     seed: int = 0
-    bf16: bool = False
+    bf16: bool = False  # shorthand for precision: bf16
+    # Autocast of the forward pass: fp32 (none), bf16, or fp16 (with a GradScaler). Quantizer
+    # distances and codebook statistics stay fp32 whatever this says.
+    precision: Optional[Literal["fp32", "bf16", "fp16"]] = None
     log_every: int = pydantic.Field(20, gt=0)
     val_every: int = pydantic.Field(500, gt=0)
     checkpoint_every: int = pydantic.Field(500, gt=0)
@@ -58,6 +61,9 @@ class TrainSection(StrictModel):
     # whose weights replace the fresh initialisation; a checkpoint being resumed wins over it.
     init_from: Optional[str] = None
     early_stop: EarlyStopSection = EarlyStopSection()
+
+    def resolved_precision(self) -> str:
+        return self.precision or ("bf16" if self.bf16 else "fp32")
 
 
 class ScalingSection(StrictModel):

@@ -41,12 +41,14 @@ class TrainingData:
 
 def ingest_config(datasets: dict[str, Any]):
     """The Ray Train DataConfig for `datasets` ({"train", "val"}): the train stream is split
-    equally between ranks (unequal batch counts would hang DDP); val is read whole by every rank.
+    equally between ranks (unequal batch counts would hang DDP); val is split too, but unequally
+    (`equal=False` drops no row), so each val image is decoded and evaluated by exactly one rank
+    and the sums are all-reduced (`validation.evaluate`); before, every rank decoded the whole
+    split and kept 1/world of it.
 
     Ray Train replaces each dataset's execution options with its ingest defaults, which drops the
-    `preserve_order` the stream set; so it is passed through per dataset. Validation needs it (every
-    rank must see val batches in one order, see `validation.rank_share`), and so does the
-    mid-epoch resume skip (the batches skipped must be the ones the restored steps consumed)."""
+    `preserve_order` the stream set; so it is passed through per dataset. The mid-epoch resume
+    skip needs it (the batches skipped must be the ones the restored steps consumed)."""
     import ray.train
     from ray.util.annotations import RayDeprecationWarning
 
@@ -56,7 +58,32 @@ def ingest_config(datasets: dict[str, Any]):
             warnings.simplefilter("ignore", RayDeprecationWarning)
             options[name] = ray.train.DataConfig.default_ingest_options()
         options[name].preserve_order = dataset.context.execution_options.preserve_order
-    return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
+    return _make_ingest_config(datasets_to_split=["train", "val"], execution_options=options)
+
+
+def _make_ingest_config(**kwargs):
+    import ray.train
+
+    class IngestConfig(ray.train.DataConfig):
+        """DataConfig whose `val` split is unequal (no dropped rows); everything else is Ray's."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **rest):
+            output = [{} for _ in range(world_size)]
+            others = {name: ds for name, ds in datasets.items() if name != "val"}
+            if others:
+                for mine, theirs in zip(output, super().configure(others, world_size, worker_handles,
+                                                                  worker_node_ids, **rest)):
+                    mine.update(theirs)
+            if "val" in datasets:
+                val = datasets["val"].copy(datasets["val"])
+                val.context.execution_options = self._resolve_execution_options("val")
+                hints = worker_node_ids if self._enable_shard_locality else None
+                splits = val.streaming_split(world_size, equal=False, locality_hints=hints)
+                for mine, split in zip(output, splits):
+                    mine["val"] = split
+            return output
+
+    return IngestConfig(**kwargs)
 
 
 def materialize_builtin(source: str, root: str | Path) -> str:

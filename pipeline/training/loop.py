@@ -104,7 +104,8 @@ def _build_model_and_trainer(config: TrainJobConfig, tracking_uri: str) -> tuple
     set_collectives(module, distributed_collectives())  # no-ops unless distributed
     optim = dataclasses.replace(config.optim, total_steps=config.optim.total_steps or config.train.steps)
     # With a `loss` section: the two-optimizer VQGAN step; its discriminator goes into DDP the same way.
-    trainer = build_train_step(model, optim, config.loss, wrap=ray.train.torch.prepare_model)
+    trainer = build_train_step(model, optim, config.loss, wrap=ray.train.torch.prepare_model,
+                               precision=config.train.resolved_precision())
     return module, trainer
 
 
@@ -133,8 +134,7 @@ def _train_step(run: _RankRun, batch: Any) -> None:
     config, state = run.config, run.state
     x, y = to_model_input(batch)  # x: (B, C, H, W) float in [0, 1]; y: (B,) int64
     extra = {"kl_weight": run.kl_weight(state.step)} if run.kl_weight else {}
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.train.bf16):
-        output, stats = run.trainer.step(x, y, **extra)
+    output, stats = run.trainer.step(x, y, **extra)  # autocast (train.precision) covers its forward only
     state.step += 1
     run.throughput.step_done()
     faults.hit("train.step", step=state.step, rank=run.rank)  # tests: a worker fails here
@@ -159,11 +159,21 @@ def _validate_and_checkpoint(run: _RankRun) -> bool:
 
 def _validate(state, model, val_shard, config, device, rank, world_size, logger) -> None:
     batches = val_shard.iter_torch_batches(batch_size=config.train.batch_size, device=str(device))
-    metrics, counts = validation.evaluate(model, batches, config.train.iw_samples, rank, world_size)
+    # Rank 0's images come from its first val batch: a second pass over a split stream by rank 0
+    # alone would wait for the other ranks.
+    first: list[Any] = []
+    metrics, counts = validation.evaluate(model, _keep_first(batches, first), config.train.iw_samples, rank,
+                                          world_size)
     state.record_validation(metrics, config.train.early_stop)
     if logger:
-        first = next(iter(val_shard.iter_torch_batches(batch_size=16, device=str(device))), None)
-        logger.log_validation(state.step, metrics, counts, model, first)
+        logger.log_validation(state.step, metrics, counts, model, first[0] if first else None)
+
+
+def _keep_first(batches, into: list):
+    for batch in batches:
+        if not into:
+            into.append(batch)
+        yield batch
 
 
 class Throughput:

@@ -116,7 +116,7 @@ def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: s
     ({"train", "val"} Ray Datasets with `image` and `label` columns); `epoch_clock` is the train
     stream's EpochClock, which the workers set before every pass; `progress` is the driver's
     ProgressBoard (None: rank 0 prints its progress lines instead)."""
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.config import to_plain
     from pipeline.training.data import ingest_config
@@ -126,6 +126,7 @@ def build_trainer(config, datasets: dict[str, Any], tracking_uri: str, run_id: s
         train_loop_per_worker,
         train_loop_config={"config": to_plain(config), "tracking_uri": tracking_uri, "run_id": run_id,
                            "epoch_clock": epoch_clock, "progress": progress},
+        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),  # NCCL between GPUs
         scaling_config=scaling_config(config.scaling),
         run_config=run_config(config.run),
         datasets=datasets,

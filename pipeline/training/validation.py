@@ -1,10 +1,10 @@
 """Validation over the whole validation split, shared across ranks.
 
-Every rank reads the (unsplit) validation stream and evaluates every `world_size`-th batch
-(`rank_share`); the sums are all-reduced once at the end, so every rank returns the same numbers
-(which makes early-stopping decisions identical) and no sample is dropped or counted twice. That
-needs the same row order on every rank: the stream preserves order, and Ray Train keeps it only
-through `pipeline.training.data.ingest_config`. `val/images` is the number of images counted.
+Ray Train splits the validation stream between ranks without dropping rows
+(`pipeline.training.data.ingest_config`: `streaming_split(equal=False)`), so each rank decodes
+and evaluates only its own share; the sums are all-reduced once at the end, so every rank returns
+the same numbers (which makes early-stopping decisions identical) and no sample is dropped or
+counted twice. `val/images` is the number of images counted.
 VAE family: importance-weighted NLL and ELBO (nats per image) and bits/dim.
 VQ family: MSE, PSNR, SSIM (means over images) and hf_ratio from `models.evaluation.ReconstructionMetrics`
 (the code `tokenmill eval` uses), and codebook usage / perplexity from counts accumulated over the
@@ -13,7 +13,7 @@ whole split (per level for two-level models).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ from pipeline.shards.stream import to_model_input
 def evaluate(
     model: torch.nn.Module, batches: Iterable[Any], iw_samples: int, rank: int = 0, world_size: int = 1
 ) -> tuple[dict[str, float], list[torch.Tensor]]:
-    """`batches`: the validation stream's batches (each rank passes the whole stream).
+    """`batches`: this rank's share of the validation stream (disjoint from the other ranks').
     Returns the metrics and, for VQ models, the per-level (stages, K) code counts."""
     was_training = model.training
     model.eval()
@@ -37,7 +37,7 @@ def evaluate(
     recon = ReconstructionMetrics(device)  # VQ family
     counts: list[torch.Tensor] = []  # per level: (stages, K) code counts
     pixels = 0
-    for batch in rank_share(batches, rank, world_size):
+    for batch in batches:
         x, y = to_model_input(batch)  # x: (B, C, H, W) in [0, 1], on the model's device
         pixels = x[0].numel()
         if is_vae:
@@ -70,14 +70,6 @@ def evaluate(
         metrics[f"val/usage{suffix}"] = float(usage)
         metrics[f"val/perplexity{suffix}"] = float(perplexity)
     return metrics, counts
-
-
-def rank_share(batches: Iterable[Any], rank: int, world_size: int) -> Iterator[Any]:
-    """This rank's batches: every `world_size`-th, from `rank` on. The ranks' shares are disjoint
-    and cover the stream only if every rank's stream yields the same batches in the same order."""
-    for index, batch in enumerate(batches):
-        if index % world_size == rank:
-            yield batch
 
 
 def _level_counts(model: torch.nn.Module, indices: torch.Tensor) -> torch.Tensor:
