@@ -101,3 +101,12 @@ def test_old_and_foreign_folders_are_refused_with_what_to_do(tmp_path):
     with pytest.raises(UserError, match=r"holds other files \(e.g. cat.png\) but no token store.*--overwrite"):
         TokenStore(str(foreign)).prepare(LINEAGE, layout, SPECS, overwrite=False)
     assert sorted(p.name for p in foreign.iterdir()) == ["cat.png"]
+
+
+def test_dimension_names_of_levels_latents_and_augmentation_variants():
+    from pipeline.tokens.store_nodes import dimension_names
+
+    assert dimension_names(ArraySpec("codes_1", (8, 8), "uint16", 512)) == ("sample", "h_1", "w_1")
+    assert dimension_names(ArraySpec("latents", (16,), "float16")) == ("sample", "latent")
+    assert dimension_names(ArraySpec("latents", (4, 8, 8), "float16")) == ("sample", "channel", "h", "w")
+    assert dimension_names(ArraySpec("codes", (2, 4, 4), "uint16", 64), variants=2) == ("sample", "variant", "h", "w")

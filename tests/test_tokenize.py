@@ -1,5 +1,6 @@
-"""`tokenize` end to end on local Ray: exactly once under driver and actor kills, uneven shards,
-corrupt members, s3:// against moto, lineage refusal, codes that decode to reconstructions."""
+"""`tokenize` end to end on local Ray: exactly once under driver and actor kills and with two
+drivers at once, uneven shards, corrupt members, s3:// against moto, lineage refusal, codes that
+decode to reconstructions."""
 
 from __future__ import annotations
 
@@ -138,6 +139,19 @@ def test_killing_the_driver_twice_then_rerunning_gives_identical_arrays(data, re
     assert 1 <= first < second < total, (first, second, total)  # both kills landed mid-run
     assert _run_until(cmd, env, store, markers=None) == total
     assert array_bytes(store) == array_bytes(reference["store"])
+
+
+def test_two_tokenize_commands_started_at_once_end_with_the_single_run_store(data, reference, tmp_path, ray_local):
+    store = tmp_path / "raced.zarr"
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    cmd = [sys.executable, "-m", "jobs", "tokenize", "--model", data["model"], "--data", data["shards"],
+           "--out", str(store), "--batch-size", "4", "--actors", "1"]
+    procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [proc.communicate(timeout=300)[1][-3000:] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    assert array_bytes(store) == array_bytes(reference["store"])
+    assert json.loads((store / "zarr.json").read_text())["attributes"]["tokenmill"]["state"] == "complete"
 
 
 def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, reference, tmp_path, monkeypatch):

@@ -30,14 +30,16 @@ REPORT = "report"
 _ROW_AXES = {2: ("h", "w"), 3: ("channel", "h", "w")}
 
 
-def dimension_names(spec: ArraySpec) -> tuple[str, ...]:
-    """(`sample`, the row's axes...) of a token array; the level suffix keeps levels apart."""
+def dimension_names(spec: ArraySpec, variants: int = 1) -> tuple[str, ...]:
+    """(`sample`, the row's axes...) of a token array; the level suffix keeps levels apart.
+    With augmentation variants (`variants` > 1) a row's first axis is `variant`."""
     suffix = spec.name[len("codes"):] if spec.name.startswith("codes") else ""  # "", "_0", "_1", ...
+    shape = spec.row_shape[1:] if variants > 1 else spec.row_shape
     one_d = ("token",) if spec.codebook_size is not None else ("latent",)
-    axes = _ROW_AXES.get(len(spec.row_shape), one_d if len(spec.row_shape) == 1 else None)
+    axes = _ROW_AXES.get(len(shape), one_d if len(shape) == 1 else None)
     if axes is None:
-        axes = tuple(f"axis_{i}" for i in range(len(spec.row_shape)))
-    return (ROW_DIM, *(f"{axis}{suffix}" for axis in axes))
+        axes = tuple(f"axis_{i}" for i in range(len(shape)))
+    return (ROW_DIM, *(["variant"] if variants > 1 else []), *(f"{axis}{suffix}" for axis in axes))
 
 
 def counts_dimension(spec: ArraySpec) -> str:
@@ -57,10 +59,11 @@ def build(attrs: dict[str, Any], claim: dict[str, Any], layout: Layout, specs: l
     objects: dict[str, Any] = {}
     group = zarr.create_group(store=zarr.storage.MemoryStore(objects), attributes=attrs, zarr_format=3)
     rows, shard = layout.rows, layout.rows_per_zarr_shard
+    variants = int((attrs["lineage"].get("augment") or {}).get("variants", 1))  # encodings per sample
     for spec in specs:
         group.create_array(
             spec.name, shape=(rows, *spec.row_shape), dtype=spec.dtype, fill_value=0.0 if spec.codebook_size is None else 0,
-            chunks=(layout.chunk_rows, *spec.row_shape), shards=(shard, *spec.row_shape), dimension_names=dimension_names(spec),
+            chunks=(layout.chunk_rows, *spec.row_shape), shards=(shard, *spec.row_shape), dimension_names=dimension_names(spec, variants),
         )
         if spec.codebook_size is not None:  # filled by `finalize`
             group.create_array(spec.counts_name, shape=(spec.codebook_size,), dtype="int64", chunks=(spec.codebook_size,),
