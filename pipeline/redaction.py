@@ -3,7 +3,7 @@ params and tags, token-store lineage, `--json` summaries); the job itself keeps 
 
 A key is secret when its name (case-insensitive, `_`/`-`/`.` ignored) is exactly `secret`/
 `password`/`pass`/`pwd`, contains `secret`/`password`/`passwd`/`credential`, or ends with `token`,
-`accesskey`, `secretkey`, `apikey`, `privatekey` (`session_token`, not `token_shape`/`retokenize`).
+`accesskey`, `secretkey`, `apikey`, `privatekey` (`session_token`, not `token_shape`/`retokenize`/`bits_per_token`).
 The bare names `key` and `token` are secret only inside options (a parent named `*options*`,
 `*kwargs*`, `*credential*` or `*auth*`, like `storage_options`): elsewhere they are a sample's key
 or a model's token. Credentials inside URLs (`scheme://user:pass@host`) are masked too.
@@ -20,6 +20,7 @@ _EXACT_IN_OPTIONS = {"key", "token"}
 _OPTIONS_PARENTS = ("option", "kwargs", "credential", "auth")
 _CONTAINS = ("secret", "password", "passwd", "credential")
 _ENDS = ("token", "accesskey", "secretkey", "apikey", "privatekey")
+_PER_TOKEN = "pertoken"
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s:]*:[^/@\s]*@")
 
 
@@ -31,6 +32,8 @@ def is_secret_key(name: Any, in_options: bool = False) -> bool:
     norm = _norm(name)
     if norm in _EXACT_IN_OPTIONS:
         return in_options
+    if norm.endswith(_PER_TOKEN):  # a rate like `val/bits_per_token`, not a token
+        return False
     return norm in _EXACT or any(word in norm for word in _CONTAINS) or norm.endswith(_ENDS)
 
 
