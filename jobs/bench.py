@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["vae", "vq", "stream", "tokenize", "train"]
+BENCHMARKS = ["vae", "vq", "stream", "tokenize", "train", "prior"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -165,6 +165,8 @@ class CausalSelfAttention(nn.Module):
         t = q.shape[2]
         if start == 0:  # square: the usual causal mask
             mask, causal = None, True
+        elif t == 1:  # one new token (sampling): it sees every cached key
+            mask, causal = None, False
         else:  # query i at index start + i sees keys [0, start + i]
             mask = torch.arange(k.shape[2], device=x.device)[None] <= start + torch.arange(t, device=x.device)[:, None]
             causal = False
@@ -258,25 +260,35 @@ class TransformerPrior(nn.Module):
             return self.head(h)
         return h @ self.embed.weight[: self.config.codebook_size].t()
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, return_loss: bool = False) -> Tensor:
         """tokens (B, prefix_len + N) -> logits (B, N, K); logits[:, t] predict code t from the
-        input positions prefix_len - 1 .. L - 2 (the last token is never an input)."""
+        input positions prefix_len - 1 .. L - 2 (the last token is never an input).
+        `return_loss=True` returns `loss(tokens)` instead: the way to get the loss through a DDP
+        wrapper (`ddp(tokens, return_loss=True)`), whose gradient hooks need its own forward."""
         c = self.config
         if tokens.ndim != 2 or tokens.shape[1] != c.prefix_len + c.seq_len:
             raise ValueError(f"expected tokens (B, {c.prefix_len + c.seq_len}), got {tuple(tokens.shape)}")
+        if return_loss:
+            tokens = self._drop_labels(tokens)
         h = self.hidden(tokens[:, :-1])  # (B, L - 1, dim)
-        return self.logits(h[:, c.prefix_len - 1 :])  # (B, N, K)
+        logits = self.logits(h[:, c.prefix_len - 1 :])  # (B, N, K)
+        if not return_loss:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, c.prefix_len :].flatten())
 
     def loss(self, tokens: Tensor) -> Tensor:
         """Mean cross-entropy in nats per code token (bits = loss / ln 2). In train mode the class
         token is replaced by the null token with probability `label_dropout`."""
+        return self(tokens, return_loss=True)
+
+    def _drop_labels(self, tokens: Tensor) -> Tensor:
         c = self.config
-        if self.training and c.num_classes > 0 and c.label_dropout > 0:
-            drop = torch.rand(tokens.shape[0], device=tokens.device) < c.label_dropout  # (B,)
-            tokens = tokens.clone()
-            tokens[:, 1] = torch.where(drop, c.null_class, tokens[:, 1])
-        logits = self(tokens)  # (B, N, K)
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, c.prefix_len :].flatten())
+        if not (self.training and c.num_classes > 0 and c.label_dropout > 0):
+            return tokens
+        drop = torch.rand(tokens.shape[0], device=tokens.device) < c.label_dropout  # (B,)
+        tokens = tokens.clone()
+        tokens[:, 1] = torch.where(drop, c.null_class, tokens[:, 1])
+        return tokens
 
     # -- sampling ------------------------------------------------------------------------------
     def prefix(self, n: int, labels: Tensor | None) -> Tensor:
@@ -329,7 +341,7 @@ class TransformerPrior(nn.Module):
         n = cond.shape[0]
         seq = cond if null is None else torch.cat([cond, null])  # (R, P), R = n or 2n
         cache = KVCache(c.depth, c.prefix_len + c.seq_len) if use_cache else None
-        step_input = seq
+        step_input = seq  # with the cache: only the tokens it has not seen
         codes = []
         with _autocast(seq.device, dtype):
             for _ in range(c.seq_len):
@@ -340,7 +352,8 @@ class TransformerPrior(nn.Module):
                 code = sample_logits(logits, temperature, top_k, top_p, generator)  # (n,)
                 codes.append(code)
                 step_input = code.repeat(seq.shape[0] // n)[:, None]  # (R, 1)
-                seq = torch.cat([seq, step_input], dim=1)
+                if not use_cache:
+                    seq = torch.cat([seq, step_input], dim=1)
         self.train(was_training)
         return torch.stack(codes, dim=1)  # (n, N)
 

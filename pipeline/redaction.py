@@ -3,7 +3,8 @@ params and tags, token-store lineage, `--json` summaries); the job itself keeps 
 
 A key is secret when its name (case-insensitive, `_`/`-`/`.` ignored) is exactly `secret`/
 `password`/`pass`/`pwd`, contains `secret`/`password`/`passwd`/`credential`, or ends with `token`,
-`accesskey`, `secretkey`, `apikey`, `privatekey` (`session_token`, not `token_shape`/`retokenize`/`bits_per_token`).
+`accesskey`, `secretkey`, `apikey`, `privatekey` (`session_token`, not `token_shape`/`retokenize`,
+nor a rate or metric `*_per_token` such as `val_bits_per_token`).
 The bare names `key` and `token` are secret only inside options (a parent named `*options*`,
 `*kwargs*`, `*credential*` or `*auth*`, like `storage_options`): elsewhere they are a sample's key
 or a model's token. Credentials inside URLs (`scheme://user:pass@host`) are masked too.
@@ -20,7 +21,7 @@ _EXACT_IN_OPTIONS = {"key", "token"}
 _OPTIONS_PARENTS = ("option", "kwargs", "credential", "auth")
 _CONTAINS = ("secret", "password", "passwd", "credential")
 _ENDS = ("token", "accesskey", "secretkey", "apikey", "privatekey")
-_PER_TOKEN = "pertoken"
+_METRIC_ENDS = ("pertoken",)  # `bits_per_token`: a measurement, not a credential
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s:]*:[^/@\s]*@")
 
 
@@ -32,9 +33,8 @@ def is_secret_key(name: Any, in_options: bool = False) -> bool:
     norm = _norm(name)
     if norm in _EXACT_IN_OPTIONS:
         return in_options
-    if norm.endswith(_PER_TOKEN):  # a rate like `val/bits_per_token`, not a token
-        return False
-    return norm in _EXACT or any(word in norm for word in _CONTAINS) or norm.endswith(_ENDS)
+    ends = norm.endswith(_ENDS) and not norm.endswith(_METRIC_ENDS)
+    return norm in _EXACT or any(word in norm for word in _CONTAINS) or ends
 
 
 def redact(obj: Any, in_options: bool = False) -> Any:

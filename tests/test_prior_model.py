@@ -105,6 +105,8 @@ def test_label_dropout_and_save_load_round_trip(tmp_path):
         losses.add(round(model.train().loss(tokens).item(), 6))
     assert len(losses) > 1
     model.eval()
+    # The DDP path (`ddp(tokens, return_loss=True)`) is the same loss.
+    assert model(tokens, return_loss=True).item() == model.loss(tokens).item()
     save_model(model, tmp_path / "prior")
     loaded = load_model(tmp_path / "prior")
     assert isinstance(loaded, TransformerPrior) and loaded.config == model.config

@@ -33,7 +33,7 @@ def test_redact_masks_secret_keys_and_url_passwords_only():
               "tracking_uri": "https://alice:pw@mlflow.example/x", "token_shape": [[4, 4]],
               "retokenize": {"out_prefix": "s3://b/t"}, "sort_key": "label", "tokenmill_version": "1",
               "problems": [{"shard": "a.tar", "key": "sample-7", "reason": "no image member"}], "token": 5,
-              "val/bits_per_token": 4.2}
+              "val_bits_per_token": 2.5}
     out = redact(config)
     options = out["data"]["storage_options"]
     assert options == {"key": MASK, "secret": MASK, "token": None, "AWS_Session_Token": MASK,
@@ -41,7 +41,8 @@ def test_redact_masks_secret_keys_and_url_passwords_only():
     assert out["creds"] == [{"api_key": MASK, "password": MASK, "aws_secret_access_key": MASK, "credentials": MASK}]
     assert out["tracking_uri"] == f"https://{MASK}@mlflow.example/x"
     # Common words stay, and outside options `key`/`token` are a sample's key or a model's token.
-    for plain in ("token_shape", "retokenize", "sort_key", "tokenmill_version", "problems", "token", "val/bits_per_token"):
+    for plain in ("token_shape", "retokenize", "sort_key", "tokenmill_version", "problems", "token",
+                  "val_bits_per_token"):
         assert out[plain] == config[plain]
     assert config["data"]["storage_options"]["secret"] == "s"  # a copy: the job keeps the real values
 

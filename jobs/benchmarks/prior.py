@@ -1,0 +1,418 @@
+"""`tokenmill bench prior`: the whole loop images -> tokens -> prior -> images on MNIST-5k, in one run.
+
+1. Train the demo's VQ-VAE (configs/vqvae_mnist.yaml's model) briefly with `TrainStep` in this
+   process, shard MNIST-5k and tokenize every shard into a Zarr token store in-process (the
+   store's own region writer, `encode_shard`, markers and finalize; no Ray).
+2. Train a small CNN classifier on the MNIST-5k train split (`classifier_val_accuracy`, must be
+   >= 0.97 for the class accuracy to mean anything).
+3. Train a class-conditional Transformer prior on the store's train split. Training steps
+   rotate, in segments, between three data sources feeding the same loop: in-memory tensors,
+   `TokenDataset` resident path and `TokenDataset` chunk-cache path (forced with a tiny
+   `cache_bytes`), both through a DataLoader with workers. `data_ratio_*` = steps/s of a store
+   source / steps/s of the in-memory source (the first round of segments is warm-up).
+4. `val_bits_per_token` (prior cross-entropy on the store's val split) against the store's
+   unigram code entropy (`bits_ratio`); `class_accuracy` of 100 CFG samples per class decoded by
+   the tokenizer and classified; `fid_classifier`: Fréchet distance in the classifier's
+   feature space to the real val digits, next to the tokenizer's reconstructions of train
+   digits (floor) and decodes of uniformly random codes (ceiling); `kv_speedup`: tokens/s of
+   KV-cache sampling / recomputing the whole prefix every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "vqvae_mnist.yaml"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from jobs.cli import add_json_option, output_folder, positive_float, positive_int
+
+    parser = subparsers.add_parser("prior", help="train a prior on an MNIST-5k token store; data, bits, samples, KV",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=positive_int, default=800, help="prior training steps (default %(default)s)")
+    parser.add_argument("--segment", type=positive_int, default=10, help="steps per data-source segment")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--lr", type=positive_float, default=2e-3)
+    parser.add_argument("--dim", type=positive_int, default=96)
+    parser.add_argument("--depth", type=positive_int, default=4)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--vq-steps", type=positive_int, default=300, help="tokenizer training steps")
+    parser.add_argument("--classifier-epochs", type=positive_int, default=8)
+    parser.add_argument("--per-class", type=positive_int, default=100, help="samples per class")
+    parser.add_argument("--cfg", type=float, default=3.0, help="class-free guidance scale of the samples")
+    parser.add_argument("--kv-rows", type=positive_int, default=32, help="rows sampled for kv_speedup")
+    parser.add_argument("--workers", type=positive_int, default=2, help="DataLoader workers of the store sources")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", type=Path, default=None, help="also write a 10 x 10 sample grid PNG here")
+    parser.add_argument("--workdir", type=output_folder, default=None, help="where shards, store, models go")
+    add_json_option(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return benchmark(args.workdir, args)
+    with tempfile.TemporaryDirectory(prefix="tokenmill-bench-prior-") as tmp:
+        return benchmark(Path(tmp), args)
+
+
+def benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from models.prior import PriorConfig, TransformerPrior
+    from pipeline.shards.synthetic import mnist_tensors
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    stages = Stages()
+    result: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                       if k not in ("run", "json", "command", "benchmark")}}
+    with stages("tokenizer"):
+        tokenizer, tok_dir = train_tokenizer(root / "tokenizer", args)
+    with stages("tokenize"):
+        store_url = tokenize_in_process(tok_dir, root)
+    with stages("classifier"):
+        classifier, result["classifier_val_accuracy"] = train_classifier(args)
+    prior = TransformerPrior(PriorConfig(codebook_size=tokenizer.codebook_size, num_classes=10, grid=[[8, 8]],
+                                         dim=args.dim, depth=args.depth, heads=args.heads))
+    with stages("prior"):
+        result |= train_prior(prior, store_url, args)
+    with stages("evaluate"):
+        result |= bits_per_token(prior, store_url)
+        result |= sample_quality(prior, tokenizer, classifier, mnist_tensors("val"), args)
+        result |= kv_speedup(prior, args.kv_rows)
+    result["stage_seconds"] = stages.seconds
+    result["seconds"] = time.perf_counter() - started
+    _print_table(result)
+    return result
+
+
+class Stages:
+    """`with stages(name):` prints the stage and records its wall-clock seconds."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        import contextlib
+        import sys
+
+        @contextlib.contextmanager
+        def timed():
+            print(f"[bench prior] {name} ...", file=sys.stderr, flush=True)
+            begun = time.perf_counter()
+            yield
+            self.seconds[name] = round(time.perf_counter() - begun, 1)
+
+        return timed()
+
+
+# -- 1. tokenizer and token store --------------------------------------------------------------
+def train_tokenizer(path: Path, args: argparse.Namespace):
+    """The demo's VQ-VAE trained `args.vq_steps` steps of 64 on MNIST-5k train; saves its EMA weights."""
+    import dataclasses
+
+    import torch
+
+    from models import save_model
+    from models.serialization import build_model
+    from models.training import TrainStep
+    from pipeline.shards.synthetic import mnist_tensors
+    from pipeline.training.config import load_train_config
+
+    config = load_train_config(DEFAULT_CONFIG)
+    model = build_model(config.model)
+    step = TrainStep(model, dataclasses.replace(config.optim, total_steps=args.vq_steps))
+    x, y = mnist_tensors("train")
+    generator = torch.Generator().manual_seed(args.seed)
+    batch = config.train.batch_size
+    for i in range(args.vq_steps):
+        index = torch.randint(0, len(x), (batch,), generator=generator)
+        step.step(x[index], y[index])
+    tokenizer = step.eval_model().eval()
+    return tokenizer, save_model(tokenizer, path)
+
+
+def tokenize_in_process(model_dir: Path, root: Path) -> str:
+    """Shard MNIST-5k and tokenize every shard into `root/tokens.zarr` in this process."""
+    from pipeline.registry.model_ref import resolve_model
+    from pipeline.shards.manifest import read_manifest
+    from pipeline.shards.writer import write_shards
+    from pipeline.storage import join
+    from pipeline.tokens.encode_shard import encode_shard
+    from pipeline.tokens.encoder import TokenEncoder
+    from pipeline.tokens.layout import plan_layout
+    from pipeline.tokens.store import TokenStore
+
+    shards = str(root / "shards")
+    write_shards("builtin:mnist5k", shards, progress=False)
+    entries = read_manifest(shards, {})["shards"]
+    files = resolve_model(str(model_dir))
+    encoder = TokenEncoder(files, latents=False)
+    layout = plan_layout([(join(shards, s["url"]), s["split"], s["count"]) for s in entries],
+                         max(spec.row_bytes for spec in encoder.specs))
+    store = TokenStore(str(root / "tokens.zarr"))
+    lineage = {"model_uri": files.uri, "weights_sha256": files.weights_sha256, "mode": "codes",
+               "codebook_size": encoder.model.codebook_size, "data": shards}
+    store.prepare(lineage, layout, encoder.specs, overwrite=True)
+    for slot in layout.shards:
+        encode_shard(slot, store, layout.rows_per_zarr_shard, encoder, 256, {})
+    store.finalize(layout, encoder.specs)
+    return store.url
+
+
+# -- 2. the judge: a small CNN -----------------------------------------------------------------
+def _digit_net():
+    from torch import nn
+
+    def conv(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+
+    # (B, 1, 32, 32) -> 16x16 -> 8x8 -> 4x4 -> features (B, 128) -> logits (B, 10)
+    features = nn.Sequential(*conv(1, 16), *conv(16, 32), *conv(32, 32), nn.Flatten(), nn.Linear(512, 128), nn.ReLU())
+    return nn.Sequential(features, nn.Linear(128, 10))
+
+
+def train_classifier(args: argparse.Namespace):
+    """A CNN trained on MNIST-5k train with random shifts of up to 2 px; (model, val accuracy)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.shards.synthetic import mnist_tensors
+
+    torch.manual_seed(args.seed)
+    net = _digit_net()
+    x, y = mnist_tensors("train")
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    batch, steps = 128, args.classifier_epochs * (len(x) // 128)
+    generator = torch.Generator().manual_seed(args.seed)
+    for step in range(steps):
+        index = torch.randint(0, len(x), (batch,), generator=generator)
+        dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
+        images = torch.roll(x[index], shifts=(dy, dx), dims=(2, 3))
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = F.cross_entropy(net(images), y[index])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    x_val, y_val = mnist_tensors("val")
+    predicted, _ = classify(net, x_val)
+    return net, float((predicted == y_val).float().mean())
+
+
+def classify(net, images):
+    """images (N, 1, 32, 32) -> predicted classes (N,), features (N, 128) float64."""
+    import torch
+
+    with torch.no_grad():
+        features = torch.cat([net[0](part) for part in images.split(500)])
+        return net[1](features).argmax(1), features.double()
+
+
+def frechet_distance(a, b) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
+    import numpy as np
+    from scipy import linalg
+
+    a, b = a.numpy(), b.numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
+
+
+# -- 3. prior training, fed by three sources ---------------------------------------------------
+class _WholeBatches:
+    """A map-style dataset whose item is a whole batch: `[indices]` -> tokens (B, L) through
+    `TokenDataset.batch` (one read per batch). Used with DataLoader(batch_size=None)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices):
+        return self.dataset.batch(indices)["tokens"]
+
+
+def _store_batches(dataset, batch: int, workers: int, seed: int):
+    """Endless shuffled (B, L) batches of a TokenDataset through a DataLoader with workers."""
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    generator = torch.Generator().manual_seed(seed)
+    sampler = BatchSampler(RandomSampler(range(len(dataset)), generator=generator), batch, drop_last=True)
+    loader = DataLoader(_WholeBatches(dataset), sampler=sampler, batch_size=None, num_workers=workers,
+                        persistent_workers=True, prefetch_factor=4)
+    while True:
+        yield from loader
+
+
+def _memory_batches(tokens, batch: int, seed: int):
+    """Endless shuffled (B, L) batches of an in-memory tensor (the baseline)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(tokens), generator=generator)
+        for i in range(0, len(order) - batch + 1, batch):
+            yield tokens[order[i : i + batch]]
+
+
+def train_prior(prior, store_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """AdamW with warm-up + cosine; steps rotate between the sources in segments of `args.segment`.
+    Returns steps/s per source (rounds after the first), the data ratios and the last loss."""
+    import torch
+
+    from models.training import OptimConfig, lr_factor
+    from pipeline.tokens.dataset import TokenDataset
+
+    opened = dict(add_bos=True, class_token=True, num_classes=10)
+    resident = TokenDataset(store_url, "train", **opened)
+    streaming = TokenDataset(store_url, "train", **opened, cache_bytes=16 * 1024)
+    assert resident.resident and not streaming.resident
+    sources = {"memory": _memory_batches(resident.batch(range(len(resident)))["tokens"], args.batch_size, args.seed),
+               "resident": _store_batches(resident, args.batch_size, args.workers, args.seed),
+               "streaming": _store_batches(streaming, args.batch_size, args.workers, args.seed)}
+    schedule = OptimConfig(lr=args.lr, warmup_steps=min(100, args.steps // 10), total_steps=args.steps)
+    opt = torch.optim.AdamW(prior.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    step_seconds: dict[str, list[float]] = {name: [] for name in sources}
+    prior.train()
+    for step in range(args.steps):
+        segment = step // args.segment
+        name = list(sources)[segment % len(sources)]
+        begun = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_factor(step, schedule)
+        loss = prior.loss(next(sources[name]))  # the batch's wait counts in the step's time
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
+        opt.step()
+        if segment >= len(sources):  # the first round starts the loaders' workers: not timed
+            step_seconds[name].append(time.perf_counter() - begun)
+    prior.eval()
+    return {"train_loss": float(loss.detach()), **_data_ratios(step_seconds)}
+
+
+def _data_ratios(step_seconds: dict[str, list[float]]) -> dict[str, Any]:
+    """Steps/s per source from the median step time (robust to the preemptions of a shared
+    machine) and from the mean (which a slow reader's occasional stalls would show)."""
+    import statistics
+
+    timed = {name: s for name, s in step_seconds.items() if s}
+    median = {name: 1 / statistics.median(s) for name, s in timed.items()}
+    mean = {name: len(s) / sum(s) for name, s in timed.items()}
+    out: dict[str, Any] = {"steps_per_s_median": median, "steps_per_s_mean": mean}
+    for name in ("resident", "streaming"):
+        ok = name in timed and "memory" in timed
+        out[f"data_ratio_{name}"] = median[name] / median["memory"] if ok else None
+        out[f"data_ratio_{name}_mean"] = mean[name] / mean["memory"] if ok else None
+    return out
+
+
+# -- 4. evaluation -----------------------------------------------------------------------------
+def bits_per_token(prior, store_url: str) -> dict[str, Any]:
+    """Prior cross-entropy on the val split (bits per code) vs the store's unigram code entropy."""
+    import numpy as np
+    import torch
+
+    from pipeline.tokens.dataset import TokenDataset
+    from pipeline.tokens.store import TokenStore
+
+    val = TokenDataset(store_url, "val", add_bos=True, class_token=True, num_classes=10)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(val), 250):
+            tokens = val.batch(range(start, min(start + 250, len(val))))["tokens"]
+            total += float(prior.loss(tokens)) * len(tokens)
+    val_bits = total / len(val) / math.log(2)
+    counts = TokenStore(store_url).open_group("r")["codebook_counts"][:].astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log2(p)).sum())
+    return {"val_bits_per_token": val_bits, "unigram_bits_per_token": unigram, "bits_ratio": val_bits / unigram,
+            "codes_used": int((counts > 0).sum())}
+
+
+def sample_quality(prior, tokenizer, classifier, val, args: argparse.Namespace) -> dict[str, Any]:
+    """Class accuracy and classifier-space Fréchet distances of CFG samples, reconstructions and
+    random codes, against the real val digits; writes the sample grid if asked."""
+    import torch
+
+    from pipeline.grids import save_png_grid
+    from pipeline.prior.sampling import SampleOptions, codes_to_images, draw_codes
+    from pipeline.shards.synthetic import mnist_tensors
+
+    x_val, y_val = val
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    begun = time.perf_counter()
+    codes = draw_codes(prior, labels, SampleOptions(cfg_scale=args.cfg, seed=args.seed, batch_size=500),
+                       torch.device("cpu"))
+    sample_s = time.perf_counter() - begun
+    samples = codes_to_images(tokenizer, codes, prior.config.grid)
+    predicted, sample_features = classify(classifier, samples)
+    x_train, y_train = mnist_tensors("train")  # sorted by class: take a random subset
+    subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(2))[: len(samples)]
+    x_train, y_train = x_train[subset], y_train[subset]
+    with torch.no_grad():
+        recon = torch.cat([tokenizer.decode(tokenizer.encode(part)) for part in x_train.split(500)])
+    random_codes = torch.randint(0, prior.config.codebook_size, codes.shape, generator=torch.Generator().manual_seed(1))
+    real = classify(classifier, x_val)[1]
+    recon_predicted, recon_features = classify(classifier, recon)
+    if args.grid is not None:
+        shown = min(10, args.per_class)
+        first = torch.cat([torch.arange(c * args.per_class, c * args.per_class + shown) for c in range(10)])
+        save_png_grid(samples[first], args.grid, nrow=shown)
+    return {
+        "class_accuracy": float((predicted == labels).float().mean()),
+        "recon_class_accuracy": float((recon_predicted == y_train[: len(recon)]).float().mean()),
+        "fid_classifier": frechet_distance(sample_features, real),
+        "fid_classifier_recon_floor": frechet_distance(recon_features, real),
+        "fid_classifier_random_codes": frechet_distance(
+            classify(classifier, codes_to_images(tokenizer, random_codes, prior.config.grid))[1], real),
+        "samples": len(samples), "sample_tokens_per_s_cfg": codes.numel() / sample_s,
+    }
+
+
+def kv_speedup(prior, rows: int) -> dict[str, Any]:
+    """Tokens/s of KV-cache sampling vs recomputing the prefix each step (cached runs before
+    and after the uncached one, averaged)."""
+    import torch
+
+    labels = torch.arange(rows) % 10
+    rates = {}
+    for name, cached in (("cached_before", True), ("recompute", False), ("cached_after", True)):
+        begun = time.perf_counter()
+        codes = prior.sample(rows, labels, use_cache=cached, generator=torch.Generator().manual_seed(0))
+        rates[name] = codes.numel() / (time.perf_counter() - begun)
+    cached = (rates["cached_before"] + rates["cached_after"]) / 2
+    return {"kv_tokens_per_s": cached, "recompute_tokens_per_s": rates["recompute"],
+            "kv_speedup": cached / rates["recompute"]}
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.3g}"
+
+    rows = [
+        ("data_ratio_resident", ">= 0.95"), ("data_ratio_streaming", ">= 0.95"),
+        ("val_bits_per_token", ""), ("unigram_bits_per_token", ""), ("bits_ratio", "<= 0.75"),
+        ("classifier_val_accuracy", ">= 0.97"), ("class_accuracy", ">= 0.9"), ("recon_class_accuracy", ""),
+        ("fid_classifier", ""), ("fid_classifier_recon_floor", "floor"), ("fid_classifier_random_codes", "ceiling"),
+        ("kv_speedup", ">= 3"), ("seconds", ""),
+    ]
+    for key, target in rows:
+        print(f"{key:<30}{fmt(result.get(key)):>10}  {target}")
