@@ -35,12 +35,15 @@ CHATTER = ("PlacementGroupCleaner", "TrainingReport", "RayTrainWorker", "TrainCo
 def run_demo_cli(root: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("TOKENMILL_VERBOSE", None)
-    return subprocess.run(
+    proc = subprocess.run(
         [sys.executable, "-m", "jobs", *flags, "demo", "--steps", "20", "--prior-steps", "10", "--workers", "1",
          "--root", str(root),
          "--json", str(root / "summary.json")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, timeout=900,
     )
+    # Decoded here, not with text=True: universal newlines would turn every \r redraw of a bar into a line.
+    proc.stdout, proc.stderr = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    return proc
 
 
 def console_lines(proc: subprocess.CompletedProcess) -> list[str]:

@@ -110,6 +110,7 @@ def test_ddp_prior_learns_resumes_and_reads_each_item_once_per_epoch(ray_local, 
     metrics = second["final_metrics"]
     assert first["final_metrics"]["step"] == 4 and metrics["resumed_from_step"] == 4 and metrics["step"] == 9
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert isinstance(metrics["val/bits_per_token"], float)  # a rate, not masked as a secret by --json
 
     seen: dict[int, list[int]] = {}  # epoch -> items read by either rank, across both runs
     for rank in (0, 1):
