@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "vqgan", help="VQGAN on natural-image patches: recon loss alone vs + adversarial (+ perceptual)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--steps", type=positive_int, default=300, help="training steps per run (default %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=200, help="training steps per run (default %(default)s)")
     parser.add_argument("--disc-start", type=int, default=None, help="discriminator start step (default: steps / 3)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--size", type=positive_int, default=64, help="patch size in px (default %(default)s)")
