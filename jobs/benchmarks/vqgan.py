@@ -28,12 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "vqgan", help="VQGAN on natural-image patches: recon loss alone vs + adversarial (+ perceptual)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--steps", type=positive_int, default=300, help="training steps per run (default %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=200, help="training steps per run (default %(default)s)")
     parser.add_argument("--disc-start", type=int, default=None, help="discriminator start step (default: steps / 3)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--size", type=positive_int, default=64, help="patch size in px (default %(default)s)")
     parser.add_argument("--lr", type=positive_float, default=5e-4)
-    parser.add_argument("--adversarial-weight", type=positive_float, default=0.8)
+    parser.add_argument("--adversarial-weight", type=positive_float, default=0.6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default %(default)s: on a shared CPU more threads spin and run slower)")
