@@ -8,7 +8,7 @@ import sys
 import pytest
 
 # A Transformer training job that reads tokens needs only torch, zarr and numpy.
-TOKEN_READERS = ["pipeline.tokens.dataset", "pipeline.tokens.latent_dataset", "pipeline.tokens.store", "pipeline.tokens.layout"]
+TOKEN_READERS = ["pipeline.tokens.dataset", "pipeline.tokens.store", "pipeline.tokens.layout"]
 HEAVY = ["ray", "mlflow", "webdataset"]
 
 
