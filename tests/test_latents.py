@@ -175,3 +175,12 @@ def test_without_diffusers_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed: `import diffusers` fails
     with pytest.raises(UserError, match=r'pip install "tokenmill\[diffusers\]"'):
         import_diffusers()
+
+
+def test_latent_dataset_imports_neither_ray_nor_mlflow_nor_webdataset():
+    import subprocess
+    import sys
+
+    probe = ("import sys, pipeline.tokens.latent_dataset; "
+             "print(','.join(m for m in ('ray', 'mlflow', 'webdataset') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == ""
