@@ -81,6 +81,22 @@ def test_streaming_split_reads_the_same_tokens_as_the_resident_one(store):
         assert np.array_equal(batch["tokens"], resident.batch(batch["indices"])["tokens"])
 
 
+def test_a_store_on_s3_reads_the_same_batches_resident_and_streaming(store, s3_server, s3_bucket):
+    """`data.store` may be any fsspec URL: the same store on the S3 server gives the same batches."""
+    import s3fs
+
+    options = s3_server["storage_options"]
+    s3fs.S3FileSystem(**options).put(store, f"{s3_bucket}/tokens.zarr", recursive=True)
+    local = prior_data.open_split(PriorDataSection(store=store), "train", 7)
+    for cache_mb in (1024, 1e-6):  # resident, then chunk-cached reads over S3
+        remote = prior_data.open_split(
+            PriorDataSection(store=f"{s3_bucket}/tokens.zarr", storage_options=options, cache_mb=cache_mb), "train", 7)
+        assert remote.resident == (cache_mb > 1)
+        stream = prior_data.TrainBatches(remote, "train", 1, 2, 4, seed=0, window_chunks=2)
+        for _, batch in stream.epoch(0):
+            assert np.array_equal(batch["tokens"], local.batch(batch["indices"])["tokens"])
+
+
 # -- refusals before Ray ---------------------------------------------------------------------------
 def test_store_whose_tokenizer_is_missing_differs_or_misfits_is_refused_before_ray(tmp_path, capsys):
     missing = learnable_store(str(tmp_path / "missing.zarr"), None)
