@@ -6,7 +6,7 @@ sit in the same small VQ-VAE encoder/decoder (identical initial weights), with t
 codebook size, commitment weight, optimiser, batches and seed. Steps alternate between the two
 models (and which goes first), so CPU contention hits both alike; the first steps are warm-up
 and not timed (median step time). Validation on held-out images: codebook usage over the whole
-split, PSNR and SSIM (torchmetrics, Gaussian window 11, σ 1.5) of the reconstructions.
+split, PSNR and SSIM (`models.evaluation.ssim`: Gaussian window 11, σ 1.5, equal to torchmetrics') of the reconstructions.
 
 Targets per family: step_time_ratio (ours/peer) ≤ 0.8, usage ≥ the peer's, PSNR ≥ the peer's
 − 0.2 dB; the summary says which hold.
@@ -174,10 +174,9 @@ def _train(models: dict, x_train, args: argparse.Namespace) -> dict[str, list[fl
 def _validate(model, x) -> dict[str, float]:
     """Codebook usage over the whole split, PSNR and SSIM of its reconstructions."""
     import torch
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     from models.codebook_stats import CodebookStats
-    from models.evaluation import psnr
+    from models.evaluation import psnr, ssim
 
     stages = getattr(model.quantizer, "num_stages", 1)
     stats, squared_error, ssim_sum = CodebookStats(model.codebook_size, stages), 0.0, 0.0
@@ -187,7 +186,7 @@ def _validate(model, x) -> dict[str, float]:
             out = model(batch)
             stats.update(out.indices.reshape(-1, stages) if stages > 1 else out.indices)
             squared_error += float((out.recon - batch).pow(2).sum())
-            ssim_sum += float(ssim(out.recon, batch, data_range=1.0, reduction="none").sum())
+            ssim_sum += float(ssim(out.recon, batch).sum())
     mse = squared_error / x.numel()
     return {"val_usage": stats.usage, "val_perplexity": stats.perplexity,
             "val_psnr": psnr(torch.tensor(mse)).item(), "val_ssim": ssim_sum / x.shape[0]}
