@@ -67,6 +67,8 @@ CASES = [
     ("train-config-is-folder", "train {F}/empty", ["{F}/empty"]),
     ("train-steps-abc", "train {TRAIN} --set train.steps=abc", ["train.steps=abc"]),
     ("train-unknown-key", "train {TRAIN} --set train.stpes=3", ["train.stpes"]),
+    ("train-gpus-this-machine-lacks", "train {TRAIN} --set scaling.use_gpu=true --set scaling.num_workers=64 "
+     "--set data.shards={F}/shards --set run.root={F}/runs", ["scaling.use_gpu"]),
     ("train-missing-shards", "train {TRAIN} --set data.shards={F}/missing --set run.root={F}/runs",
      ["{F}/missing"]),
     ("train-garbage-manifest", "train {TRAIN} --set data.shards={F}/badmanifest --set run.root={F}/runs",

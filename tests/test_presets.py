@@ -27,7 +27,8 @@ COVERED_ELSEWHERE = {"debug_retrain_vqvae": "tests/test_retrain.py runs this ret
 STEPS = 2
 SHRINK = [f"train.steps={STEPS}", f"train.val_every={STEPS}", f"train.checkpoint_every={STEPS}", "train.log_every=1",
           "train.batch_size=8", "train.iw_samples=2", "data.shuffle_buffer=16", "scaling.num_workers=1",
-          "run.max_failures=0", "tracking.log_images=true"]
+          "run.max_failures=0", "tracking.log_images=true",
+          "scaling.use_gpu=false"]  # cluster presets ask for GPUs; this machine may have none
 # The image views each model family must show at a validation (see pipeline.training.reporting).
 VAE_IMAGES = {"reconstructions", "samples", "interpolations"}
 VQ_IMAGES = {"reconstructions", "codebook_usage"}

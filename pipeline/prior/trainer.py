@@ -86,6 +86,7 @@ def train_prior(config: PriorJobConfig) -> PriorTrainSummary:
     from pipeline.ray_runtime import ensure_ray
     from pipeline.redaction import redact
     from pipeline.registry import tracking
+    from pipeline.training.cluster_check import check_local_gpus
     from pipeline.training.progress import TrainProgress
     from pipeline.training.trainer import export_model
 
@@ -93,6 +94,7 @@ def train_prior(config: PriorJobConfig) -> PriorTrainSummary:
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, run_dir)
     checked = check_inputs(config, tracking_uri)  # every input problem stops the job here
+    check_local_gpus(config.scaling)
     tracking.require_reachable(tracking_uri)
     tags = {"tokenmill.token_store": redact(config.data.store), "tokenmill.model_kind": "prior",
             "tokenmill.tokenizer_sha256": checked.tokenizer.weights_sha256, "tokenmill.git_commit": tracking.git_commit()}

@@ -79,3 +79,19 @@ def check_cluster_storage(config, nodes: int | None = None) -> None:
     if nodes > 1:
         raise UserError(f"this Ray cluster has {nodes} nodes and other nodes cannot see local storage: "
                         + "; ".join(problems))
+
+
+def check_local_gpus(scaling) -> None:
+    """`scaling.use_gpu` on a Ray that this job starts on this machine (no RAY_ADDRESS, none
+    connected) needs the GPUs here: nothing will add a GPU node, and Ray Train would wait for one
+    forever. Checked before Ray starts, from torch's view of this machine."""
+    import ray
+    import torch
+
+    if not scaling.use_gpu or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    have = torch.cuda.device_count()
+    if have < scaling.num_workers:
+        raise UserError(f"scaling.use_gpu=true asks for {scaling.num_workers} GPU worker(s), but this machine has "
+                        f"{have} GPU(s) and a local Ray adds none; set scaling.use_gpu=false (--set "
+                        f"scaling.use_gpu=false), or set RAY_ADDRESS to a cluster with GPUs")

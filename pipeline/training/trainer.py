@@ -48,11 +48,12 @@ def train(config) -> TrainSummary:
     from pipeline.redaction import redact
     from pipeline.registry import tracking
     from pipeline.training.adversarial import require_loss_weights
-    from pipeline.training.cluster_check import check_cluster_storage
+    from pipeline.training.cluster_check import check_cluster_storage, check_local_gpus
     from pipeline.training.data import TRAIN_COLUMNS, resolve_training_data
     from pipeline.training.progress import TrainProgress
 
     check_cluster_storage(config)  # node-local paths on a multi-node cluster: refused before any work
+    check_local_gpus(config.scaling)  # GPUs asked of a local Ray that has none: refused, not waited for
     run_dir = config.run.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     loss_tags = require_loss_weights(config.loss, model_class_for_kind(config.model.kind))  # before any work
