@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("prior", help="train a prior on an MNIST-5k token store; data, bits, samples, KV",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=positive_int, default=800, help="prior training steps (default %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=1600, help="prior training steps (default %(default)s)")
     parser.add_argument("--segment", type=positive_int, default=10, help="steps per data-source segment")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--lr", type=positive_float, default=2e-3)
