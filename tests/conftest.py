@@ -36,6 +36,9 @@ os.environ.update(
 # Keep Ray quiet and small on 2-core machines.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# MLflow samples system metrics every 10 s by default; test runs last seconds. Set before Ray
+# starts, so the workers (rank 0 logs them) inherit it.
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 
 # Fixtures that start Ray or a server: a test using one, directly or through another fixture, is
 # `slow`, so `make test-fast` (-m "not slow") skips it. Tests that start processes themselves
