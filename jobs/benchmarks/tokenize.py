@@ -69,6 +69,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return chosen(Path(tmp), args.images, args.batch_size, args.actors, **device)
 
 
+def _timed_run(run, count: int, limit, limits: list[float]) -> dict[str, Any]:
+    """Time one tokenize run (`run()` -> TokenizeSummary) of `count` images with its peak RSS, then
+    measure the compute limit again; efficiency is against the limits right before and after."""
+    with PeakRSS() as peak:
+        started = time.perf_counter()
+        summary = run()
+        seconds = time.perf_counter() - started
+    assert summary.samples == count, summary
+    limits.append(limit())
+    around = (limits[-2] + limits[-1]) / 2
+    return {"seconds": seconds, "img_s": count / seconds, "peak_rss_mb": peak.mb, "limit_img_s": around,
+            "efficiency": count / seconds / around, "startup_s": summary.startup_s,
+            "steady_img_s": count / (seconds - summary.startup_s)}
+
+
 def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int | None = None,
               precision: str = "fp32", decode_threads: int | None = None) -> dict[str, Any]:
     import torch
@@ -96,18 +111,9 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
         limits.append(limit())
         runs = {}
         for name, shards, count in (("small", small, n), ("large", large, 4 * n)):
-            with PeakRSS() as peak:
-                started = time.perf_counter()
-                summary = tokenize_dataset(str(model), shards, str(root / f"{name}.zarr"), batch_size=batch_size,
-                                           actors=actors, overwrite=True, gpus=gpus, precision=precision,
-                                           decode_threads=decode_threads)
-                seconds = time.perf_counter() - started
-            assert summary.samples == count, summary
-            limits.append(limit())
-            around = (limits[-2] + limits[-1]) / 2
-            runs[name] = {"seconds": seconds, "img_s": count / seconds, "peak_rss_mb": peak.mb,
-                          "limit_img_s": around, "efficiency": count / seconds / around,
-                          "startup_s": summary.startup_s, "steady_img_s": count / (seconds - summary.startup_s)}
+            runs[name] = _timed_run(lambda shards=shards, name=name: tokenize_dataset(
+                str(model), shards, str(root / f"{name}.zarr"), batch_size=batch_size, actors=actors, overwrite=True,
+                gpus=gpus, precision=precision, decode_threads=decode_threads), count, limit, limits)
     read = _read_ratio(root / "small.zarr")
     pipeline, limit_small = runs["small"]["img_s"], runs["small"]["limit_img_s"]
     result = {
