@@ -1,9 +1,9 @@
 """`tokenmill tokenize --model MODEL --data SHARDS --out STORE`: a whole dataset into a Zarr token store.
 
 The driver resolves the model and the manifest, plans every input shard's row range, creates
-(or checks the lineage of) the store, then streams the unfinished shards through a Ray Data
-actor pool: one work unit = one input shard, each actor holds the model and writes its own rows
-and marker (`pipeline.tokens.encode_shard`). Finally the driver merges the markers into the report
+(or checks the lineage of) the store, then streams the unfinished work units (an input shard, or
+a few consecutive ones in very large stores) through a Ray Data actor pool: each actor holds the
+model and writes its unit's rows and marker (`pipeline.tokens.encode_unit`). Finally the driver merges the markers into the report
 and codebook statistics. Killed anywhere, the same command resumes and ends with the same arrays.
 
 Also `python -m jobs.tokenize ...`.

@@ -9,7 +9,7 @@ the values the point passes, and two options:
     once=FILE      fire only while FILE does not exist, creating it: a retried attempt succeeds
 
     TOKENMILL_FAULTS="train.step,step=7,rank=1,once=/tmp/failed"    # the rank-1 worker, once
-    TOKENMILL_FAULTS="tokenize.before_marker,shard=2,action=exit,once=/tmp/died"
+    TOKENMILL_FAULTS="tokenize.before_marker,unit=2,action=exit,once=/tmp/died"
 
 Ray workers do not inherit the driver's environment: drivers forward `env_vars()` to them.
 """
@@ -25,7 +25,7 @@ STORAGE_ENV = "TOKENMILL_STORAGE_FAULTS"  # object-storage write faults (pipelin
 # point -> the values it passes to `hit`
 POINTS = {
     "train.step": ("step", "rank"),  # after a training step (the step just done), on every rank
-    "tokenize.before_marker": ("shard",),  # an input shard's rows are written, its marker is not
+    "tokenize.before_marker": ("unit",),  # a work unit's rows are written, its marker is not
     "store.create": (),  # a new store's nodes are written, its root zarr.json (the commit) is not
 }
 ACTIONS = ("raise", "exit", "wait")

@@ -1,9 +1,10 @@
 """The tokenize job's Ray driver: a whole sharded dataset into a Zarr token store.
 
 The driver resolves the model and the manifest, plans every input shard's row range, creates
-(or checks the lineage of) the store, then streams the unfinished shards through a Ray Data
-actor pool: one work unit = one input shard, each actor holds the model and writes its own rows
-and marker (`pipeline.tokens.encode_shard`). Finally the driver merges the markers into the
+(or checks the lineage of) the store, then streams the unfinished work units (one input shard
+each, or a few consecutive ones in stores of very many: `pipeline.tokens.layout`) through a Ray
+Data actor pool; each actor holds the model and writes its unit's rows and marker
+(`pipeline.tokens.encode_unit`). Finally the driver merges the markers into the
 report and codebook statistics. Killed anywhere, the same command resumes and ends with the
 same arrays. This module joins the shard and token subsystems; `pipeline.tokens` itself never
 imports Ray.
@@ -80,7 +81,7 @@ def tokenize_dataset(
     store = TokenStore(store_url, options)
     retry_storage(lambda: store.prepare(lineage, layout, encoder.specs, overwrite), what="creating the store", url=store_url)
     done = retry_storage(store.finished, what="reading the store's markers", url=store_url)
-    pending = [s for s in layout.shards if s.index not in done]
+    pending = [u for u in layout.units if any(s.index not in done for s in u.shards)]
     started = time.time()
     pool = dict(actors=actors, gpus=gpus, decode_threads=decode_threads, precision=precision)
     encoded, first_unit = _run_actors(pending, store, layout.rows_per_zarr_shard, files, extraction, batch_size,
@@ -115,8 +116,8 @@ def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dic
 
 
 def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_size, options, pool) -> tuple[int, float]:
-    """Encode `pending` input shards on a Ray Data actor pool (shaped by `pool`: actors, gpus,
-    decode_threads, precision); returns the samples encoded and the time the first shard began."""
+    """Encode `pending` work units on a Ray Data actor pool (shaped by `pool`: actors, gpus,
+    decode_threads, precision); returns the samples encoded and the time the first unit began."""
     if not pending:
         return 0, time.time()
     import ray
@@ -133,7 +134,7 @@ def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_si
     # The driver may sit on a CPU head node: decide from the cluster, not from this process's torch.
     plan = plan_pool(ray.cluster_resources(), len(pending), gpus=pool["gpus"], actors=pool["actors"],
                      decode_threads=pool["decode_threads"], local_cores=local_cores())
-    items = [{"shard": json.dumps(s.__dict__)} for s in pending]
+    items = [{"unit": json.dumps(u.to_json())} for u in pending]
     fault_env = faults.env_vars()  # tests: actors do not inherit this process's environment
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardEncoderActor, batch_size=1, compute=ray.data.ActorPoolStrategy(**plan.strategy_kwargs()),
@@ -146,21 +147,21 @@ def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_si
         **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}),
     )
     encoded, first_unit, failed = 0, float("inf"), []
-    with tqdm(total=len(pending), desc="tokenize", unit="shard", file=sys.stderr) as bar:
+    with tqdm(total=sum(len(u.shards) for u in pending), desc="tokenize", unit="shard", file=sys.stderr) as bar:
         for row in ds.iter_rows():
-            failed += [row["error"]] if row["error"] else []  # the other shards still finish: a rerun does less
+            failed += [row["error"]] if row["error"] else []  # the other units still finish: a rerun does less
             encoded += int(row["rows"])
             first_unit = min(first_unit, float(row["started"]))
-            bar.update(1)
+            bar.update(int(row["shards"]))
     if failed:
         from pipeline.storage_retry import StorageError
 
-        raise StorageError(failed[0] + (f" ({len(failed) - 1} more input shards failed)" if len(failed) > 1 else ""))
+        raise StorageError(failed[0] + (f" ({len(failed) - 1} more work units failed)" if len(failed) > 1 else ""))
     return encoded, first_unit
 
 
 class ShardEncoderActor:
-    """A Ray Data actor: loads the model once, then encodes one input shard per call."""
+    """A Ray Data actor: loads the model once, then encodes one work unit per call."""
 
     def __init__(self, files_ref, store_url, rows_per_zarr_shard, extraction, batch_size, storage_options,
                  use_gpu=False, precision="fp32", decode_threads=1):
@@ -180,20 +181,25 @@ class ShardEncoderActor:
         self.store = TokenStore(store_url, storage_options)
         self.rows_per_zarr_shard, self.batch_size, self.options = rows_per_zarr_shard, batch_size, storage_options
         self.decode_threads = decode_threads
-        self.worker = {"node": ray.get_runtime_context().get_node_id()}  # in each marker: who wrote the shard
+        self.worker = {"node": ray.get_runtime_context().get_node_id()}  # in each marker: who wrote the unit
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from pipeline.storage_retry import StorageError, retry_storage
-        from pipeline.tokens.encode_shard import encode_shard
-        from pipeline.tokens.layout import InputShardSlot
+        from pipeline.tokens.encode_unit import encode_unit
+        from pipeline.tokens.layout import WorkUnit
 
         started = time.time()
-        shard = InputShardSlot(**json.loads(batch["shard"][0]))
-        try:  # a shard's rows and marker are rewritten whole, so a transient storage error reruns the unit
-            result = retry_storage(lambda: encode_shard(shard, self.store, self.rows_per_zarr_shard, self.encoder,
+        unit = WorkUnit.from_json(json.loads(batch["unit"][0]))
+        shard = unit.shards[0]
+        what = f"input shard {shard.index} ({shard.url})" if len(unit.shards) == 1 else (
+            f"work unit {unit.index} (input shards {shard.index}-{unit.shards[-1].index}, from {shard.url})")
+        try:  # a unit's rows and marker are rewritten whole, so a transient storage error reruns the unit
+            results = retry_storage(lambda: encode_unit(unit, self.store, self.rows_per_zarr_shard, self.encoder,
                                                         self.batch_size, self.options, self.worker,
                                                         self.decode_threads),
-                                   what=f"input shard {shard.index} ({shard.url})", url=self.store.url)
+                                    what=what, url=self.store.url)
         except StorageError as err:  # the driver reports it: a UserError raised here reaches it as a traceback
-            return {"shard": [shard.index], "rows": [0], "started": [started], "error": [str(err)]}
-        return {"shard": [shard.index], "rows": [result["rows"]], "started": [started], "error": [""]}
+            return {"unit": [unit.index], "shards": [len(unit.shards)], "rows": [0], "started": [started],
+                    "error": [str(err)]}
+        return {"unit": [unit.index], "shards": [len(unit.shards)], "rows": [sum(r["rows"] for r in results)],
+                "started": [started], "error": [""]}

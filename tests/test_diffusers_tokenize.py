@@ -79,7 +79,7 @@ def test_an_actor_killed_mid_shard_is_retried_to_identical_arrays(data, kl_store
     from pipeline.tokenize import tokenize_dataset
 
     flag = tmp_path / "crashed"
-    monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,shard=1,action=exit,once={flag}")
+    monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=1,action=exit,once={flag}")
     store = tmp_path / "kl-crash.zarr"
     tokenize_dataset(f"diffusers:{data['kl']}", data["shards"], str(store), batch_size=8, latents="mean",
                      augment="flip", actors=1)

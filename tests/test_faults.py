@@ -20,7 +20,7 @@ def test_fires_where_the_conditions_hold_and_once_per_flag(monkeypatch, tmp_path
     assert faults.env_vars() == {faults.ENV: f"train.step,step=7,rank=1,once={flag}"}
     faults.hit("train.step", step=7, rank=0)
     faults.hit("train.step", step=6, rank=1)
-    faults.hit("tokenize.before_marker", shard=7)
+    faults.hit("tokenize.before_marker", unit=7)
     assert not flag.exists()
     with pytest.raises(faults.InjectedFault, match="train.step"):
         faults.hit("train.step", step=7, rank=1)
@@ -29,10 +29,10 @@ def test_fires_where_the_conditions_hold_and_once_per_flag(monkeypatch, tmp_path
 
 
 def test_without_once_it_fires_every_time(monkeypatch):
-    monkeypatch.setenv(faults.ENV, "tokenize.before_marker,shard=2")
+    monkeypatch.setenv(faults.ENV, "tokenize.before_marker,unit=2")
     for _ in range(2):
         with pytest.raises(faults.InjectedFault):
-            faults.hit("tokenize.before_marker", shard=2)
+            faults.hit("tokenize.before_marker", unit=2)
 
 
 @pytest.mark.parametrize("spec", ["train.stpe,step=1", "train.step,shard=1", "train.step,step", "train.step,action=die",
@@ -49,10 +49,10 @@ def test_wait_holds_the_process_until_the_flag_exists(monkeypatch, tmp_path):
     import time
 
     go = tmp_path / "go"
-    monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,shard=1,action=wait,until={go}")
+    monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=1,action=wait,until={go}")
     monkeypatch.setenv(faults.STORAGE_ENV, f"rate=0.02,dir={tmp_path}")
     assert set(faults.env_vars()) == {faults.ENV, faults.STORAGE_ENV}  # both reach Ray workers
-    waiter = threading.Thread(target=faults.hit, args=("tokenize.before_marker",), kwargs={"shard": 1})
+    waiter = threading.Thread(target=faults.hit, args=("tokenize.before_marker",), kwargs={"unit": 1})
     waiter.start()
     deadline = time.time() + 10
     while not (tmp_path / f"go.waiting-{os.getpid()}").exists() and time.time() < deadline:
@@ -61,4 +61,4 @@ def test_wait_holds_the_process_until_the_flag_exists(monkeypatch, tmp_path):
     go.touch()
     waiter.join(timeout=5)
     assert not waiter.is_alive()
-    faults.hit("tokenize.before_marker", shard=1)  # the flag exists: passes at once
+    faults.hit("tokenize.before_marker", unit=1)  # the flag exists: passes at once

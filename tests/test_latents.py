@@ -36,13 +36,15 @@ def build_latent_store(url: str, variants: int = 1, seed: int = 0) -> dict[str, 
     store = TokenStore(url)
     store.prepare(lineage, layout, specs, overwrite=False)
     written: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
-    for shard in layout.shards:
+    for unit in layout.units:
+        [shard] = unit.shards
         n = shard.count
         columns = {s.name: rng.normal(size=(n, *s.row_shape)).astype(np.float16) for s in specs}
-        writer = store.writer(shard, layout.rows_per_zarr_shard, specs)
+        writer = store.writer(unit, layout.rows_per_zarr_shard, specs)
         writer.append({**columns, "keys": np.array([f"k{shard.index}-{j}" for j in range(n)], dtype=object),
                        "labels": np.arange(n, dtype=np.int64) % 4})
-        store.write_marker(shard, {"rows": writer.close(), "corrupt": [], "code_counts": {}})
+        rows = writer.close()
+        store.write_marker(unit, [{"rows": rows[0], "corrupt": [], "code_counts": {}}])
         for name in written:
             written[name].append(columns[name])
     store.finalize(layout, specs)
@@ -121,9 +123,11 @@ def test_token_dataset_picks_variants_of_augmented_code_stores(tmp_path):
     store.prepare({"model_uri": "t", "weights_sha256": "0", "augment": {"name": "flip", "variants": 2}},
                   layout, [spec], overwrite=False)
     codes = np.stack([np.zeros((6, 2, 2)), np.ones((6, 2, 2))], axis=1).astype(np.uint16)  # variant v is all v
-    writer = store.writer(layout.shards[0], layout.rows_per_zarr_shard, [spec])
+    writer = store.writer(layout.units[0], layout.rows_per_zarr_shard, [spec])
     writer.append({"codes": codes, "keys": np.array(list("abcdef"), dtype=object), "labels": np.zeros(6, np.int64)})
-    store.write_marker(layout.shards[0], {"rows": writer.close(), "corrupt": [], "code_counts": {"codes": {"codes": [0, 1], "counts": [24, 24]}}})
+    [rows] = writer.close()
+    store.write_marker(layout.units[0], [{"rows": rows, "corrupt": [],
+                                          "code_counts": {"codes": {"codes": [0, 1], "counts": [24, 24]}}}])
     store.finalize(layout, [spec])
     ds = TokenDataset(url, add_bos=True)
     assert ds.seq_len == 1 + 4

@@ -65,7 +65,7 @@ def test_stream_tokenization_and_scan_report_a_dirty_shard_identically(ray_local
     from pipeline.registry.model_ref import resolve_model
     from pipeline.shards.manifest import scan_shard
     from pipeline.shards.stream import StreamConfig, open_stream
-    from pipeline.tokens.encode_shard import encode_shard
+    from pipeline.tokens.encode_unit import encode_unit
     from pipeline.tokens.encoder import TokenEncoder
     from pipeline.tokens.layout import plan_layout
     from pipeline.tokens.store import TokenStore, describe_store
@@ -78,7 +78,7 @@ def test_stream_tokenization_and_scan_report_a_dirty_shard_identically(ray_local
     layout = plan_layout([(dirty_shard, "train", 7)], max(spec.row_bytes for spec in encoder.specs))
     store = TokenStore(str(tmp_path / "tokens.zarr"))
     store.prepare({"model_uri": "test", "mode": "codes"}, layout, encoder.specs, overwrite=False)
-    result = encode_shard(layout.shards[0], store, layout.rows_per_zarr_shard, encoder, 2, {})
+    [result] = encode_unit(layout.units[0], store, layout.rows_per_zarr_shard, encoder, 2, {})
     assert result["rows"] == 4
     store.finalize(layout, encoder.specs)
     tokenized = describe_store(str(tmp_path / "tokens.zarr"))["corrupt"]  # the store's report

@@ -93,7 +93,7 @@ def test_old_and_foreign_folders_are_refused_with_what_to_do(tmp_path):
     with pytest.raises(UserError, match=r"format 1, older .*pass --overwrite"):
         TokenStore(str(old)).prepare(LINEAGE, layout, SPECS, overwrite=False)
     TokenStore(str(old)).prepare(LINEAGE, layout, SPECS, overwrite=True)
-    assert json.loads((old / "zarr.json").read_text())["attributes"]["tokenmill"]["format"] == 2
+    assert json.loads((old / "zarr.json").read_text())["attributes"]["tokenmill"]["format"] == 3
 
     foreign = tmp_path / "photos"
     foreign.mkdir()

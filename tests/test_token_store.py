@@ -9,8 +9,10 @@ from tokenize_helpers import array_bytes, build_store
 
 from models.errors import UserError
 from pipeline.tokens import codebook_stats
-from pipeline.tokens.layout import plan_layout
+from pipeline.tokens.dataset import TokenDataset
+from pipeline.tokens.layout import MAX_UNITS, plan_layout
 from pipeline.tokens.store import ArraySpec, TokenStore, describe_store
+from pipeline.tokens.store_nodes import store_objects
 
 SPECS = [ArraySpec("codes", (2, 2), "uint16", 50)]
 
@@ -26,11 +28,54 @@ def test_every_input_shard_owns_whole_zarr_shards_even_when_uneven():
     assert layout.rows == end
 
 
-def test_a_billion_samples_make_about_100k_objects_per_array():
+def test_a_billion_samples_make_at_most_100k_objects_in_all():
     # img2dataset's default: 10,000 samples per shard; 16x16 uint16 codes per sample.
-    layout = plan_layout([("s", "train", 10_000)] * 100, 16 * 16 * 2)
-    objects_per_billion = 1e9 / 10_000 * (layout.shards[0].capacity // layout.rows_per_zarr_shard)
-    assert objects_per_billion <= 100_000
+    layout = plan_layout([(f"s{i}", "train", 10_000) for i in range(100_000)], 16 * 16 * 2)
+    assert len(layout.units) <= MAX_UNITS and layout.shards_per_unit == 7
+    assert all(unit.capacity == layout.rows_per_zarr_shard for unit in layout.units[:-1])  # one object per array
+    objects = store_objects(layout, [ArraySpec("codes", (16, 16), "uint16", 16_384)])
+    assert objects["total"] <= 100_000 and objects["markers"] == len(layout.units)
+
+
+def test_few_input_shards_are_one_unit_each_and_many_are_grouped_in_order():
+    few = plan_layout([("a", "train", 5), ("b", "val", 3)], 8)
+    assert [[s.url for s in u.shards] for u in few.units] == [["a"], ["b"]] and "shards_per_unit" not in few.to_dict()
+    many = plan_layout([(f"s{i}", "train", 4 + i % 3) for i in range(7)], 8, max_units=3)
+    assert [[s.index for s in u.shards] for u in many.units] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert many.to_dict()["shards_per_unit"] == 3  # another grouping cannot resume this store
+    end = 0
+    for unit in many.units:
+        assert unit.row_start == end and unit.row_start % many.rows_per_zarr_shard == 0
+        inner = unit.shards[:-1]
+        assert all(s.capacity == s.count for s in inner)  # packed: only the unit's tail is padding
+        assert unit.shards[-1].capacity >= unit.shards[-1].count and unit.capacity % many.rows_per_zarr_shard == 0
+        end += unit.capacity
+    assert many.rows == end
+
+
+def test_the_object_count_is_what_a_real_grouped_store_holds(tmp_path):
+    url = tmp_path / "grouped.zarr"
+    layout, specs, _ = build_store(str(url), [5, 9, 2, 7, 0, 3], ["train"] * 4 + ["val"] * 2, max_units=2)
+    assert layout.shards_per_unit == 3
+    on_disk = sum(1 for p in url.rglob("*") if p.is_file())
+    assert on_disk == store_objects(layout, specs)["total"]
+    assert len(list((url / "markers").glob("*/zarr.json"))) == 2
+
+
+def test_grouped_and_ungrouped_stores_hold_the_same_items(tmp_path):
+    counts, splits = [5, 9, 2, 7, 0, 3], ["train", "val", "train", "train", "val", "train"]
+    build_store(str(tmp_path / "one.zarr"), counts, splits)
+    build_store(str(tmp_path / "grouped.zarr"), counts, splits, max_units=2)
+    for split in ("train", "val"):
+        one, grouped = (TokenDataset(str(tmp_path / name), split=split) for name in ("one.zarr", "grouped.zarr"))
+        assert len(one) == len(grouped) == sum(n for n, s in zip(counts, splits) if s == split)
+        items = np.arange(len(one))
+        np.testing.assert_array_equal(one.batch(items)["tokens"], grouped.batch(items)["tokens"])
+        np.testing.assert_array_equal(one.labels, grouped.labels)
+    group = zarr.open_group(str(tmp_path / "grouped.zarr"), mode="r")
+    rows = TokenStore(str(tmp_path / "grouped.zarr")).item_rows()
+    assert group["valid"][:].sum() == sum(counts) and group["valid"][:][rows].all()
+    assert "" not in group["keys"][:][rows]
 
 
 def test_input_shards_bigger_than_a_zarr_shard_span_several():
@@ -39,12 +84,13 @@ def test_input_shards_bigger_than_a_zarr_shard_span_several():
     assert layout.shards[0].capacity // layout.rows_per_zarr_shard > 1
 
 
-def _write(store, layout, shard, codes, keys):
-    writer = store.writer(shard, layout.rows_per_zarr_shard, SPECS)
+def _write(store, layout, unit, codes, keys):
+    writer = store.writer(unit, layout.rows_per_zarr_shard, SPECS)
     for i in range(0, len(keys), 3):
         writer.append({"codes": codes[i : i + 3], "keys": np.array(keys[i : i + 3], dtype=object),
                        "labels": np.arange(i, min(i + 3, len(keys)))})
-    return writer.close()
+    [rows] = writer.close()
+    return rows
 
 
 def test_rewriting_a_region_after_a_killed_attempt_is_byte_identical(tmp_path, monkeypatch):
@@ -60,11 +106,11 @@ def test_rewriting_a_region_after_a_killed_attempt_is_byte_identical(tmp_path, m
     clean, dirty = TokenStore(str(tmp_path / "clean.zarr")), TokenStore(str(tmp_path / "dirty.zarr"))
     for store in (clean, dirty):
         store.prepare({"model_uri": "m", "weights_sha256": "x"}, layout, SPECS, overwrite=False)
-    assert _write(clean, layout, layout.shards[0], codes[:18], keys[:18]) == 18
+    assert _write(clean, layout, layout.units[0], codes[:18], keys[:18]) == 18
     # A killed attempt left other data in all three Zarr shards of the region (e.g. before a
     # corrupt sample was known); the rerun must replace every byte of it.
-    _write(dirty, layout, layout.shards[0], codes[::-1].copy(), keys[::-1])
-    assert _write(dirty, layout, layout.shards[0], codes[:18], keys[:18]) == 18
+    _write(dirty, layout, layout.units[0], codes[::-1].copy(), keys[::-1])
+    assert _write(dirty, layout, layout.units[0], codes[:18], keys[:18]) == 18
     assert array_bytes(tmp_path / "clean.zarr") == array_bytes(tmp_path / "dirty.zarr")
     group = zarr.open_group(str(tmp_path / "clean.zarr"), mode="r")
     assert group["keys"][17] == "k17" and group["keys"][18] == "" and group["labels"][18] == -1

@@ -159,11 +159,38 @@ def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, 
     from pipeline.tokenize import tokenize_dataset
 
     flag = tmp_path / "crashed"
-    monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,shard=2,action=exit,once={flag}")
+    monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=2,action=exit,once={flag}")
     store = tmp_path / "actor-crash.zarr"
     tokenize_dataset(data["model"], data["shards"], str(store), batch_size=4, actors=2)
     assert flag.exists()  # the actor really died after writing shard 2's rows, before its marker
     assert array_bytes(store) == array_bytes(reference["store"])
+
+
+def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(data, reference, tmp_path, monkeypatch):
+    """Stores of very many input shards group them into work units (one writer, one marker
+    each); three units here. A unit's actor dies after its rows, before its marker: the retry
+    ends with the reference's items in item order."""
+    import pipeline.tokens.layout as layout
+    from pipeline import faults
+    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokens.dataset import TokenDataset
+
+    monkeypatch.setattr(layout, "MAX_UNITS", 3)
+    flag = tmp_path / "crashed"
+    monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=1,action=exit,once={flag}")
+    store = tmp_path / "grouped.zarr"
+    summary = tokenize_dataset(data["model"], data["shards"], str(store), batch_size=4, actors=2)
+    assert flag.exists() and summary.samples == reference["summary"].samples
+    assert len(list((store / "markers").glob("*/zarr.json"))) == 3
+    assert zarr.open_group(str(store), mode="r").attrs["layout"]["shards_per_unit"] > 1
+    assert summary.codebook == reference["summary"].codebook
+    for split in ("train", "val"):
+        grouped, ref = TokenDataset(str(store), split=split), TokenDataset(str(reference["store"]), split=split)
+        items = np.arange(len(ref))
+        assert len(grouped) == len(ref)
+        np.testing.assert_array_equal(grouped.batch(items)["tokens"], ref.batch(items)["tokens"])
+    reported = zarr.open_group(str(store), mode="r")["report"].attrs["corrupt"]
+    assert reported == zarr.open_group(str(reference["store"]), mode="r")["report"].attrs["corrupt"]
 
 
 def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):

@@ -96,9 +96,10 @@ def array_bytes(store: Path) -> dict[str, bytes]:
 
 
 def build_store(url: str, counts: list[int], splits: list[str], levels: int = 1, codebook_size: int = 50,
-                seed: int = 0):
+                seed: int = 0, max_units: int | None = None):
     """A finished token store written through the store API alone (no model, no Ray): input
-    shard i has counts[i] good samples with random codes, keys "s{i}-{j}", labels j % 7.
+    shard i has counts[i] good samples with random codes, keys "s{i}-{j}", labels j % 7;
+    `max_units` groups input shards into fewer work units (see `plan_layout`).
     Returns (layout, specs, codes per level in item order)."""
     from pipeline.tokens import codebook_stats
     from pipeline.tokens.layout import plan_layout
@@ -109,21 +110,24 @@ def build_store(url: str, counts: list[int], splits: list[str], levels: int = 1,
     names = ["codes"] if levels == 1 else [f"codes_{i}" for i in range(levels)]
     specs = [ArraySpec(n, s, "uint16", codebook_size) for n, s in zip(names, shapes)]
     layout = plan_layout([(f"shard-{i}.tar", split, n) for i, (n, split) in enumerate(zip(counts, splits))],
-                         max(s.row_bytes for s in specs))
+                         max(s.row_bytes for s in specs), max_units)
     store = TokenStore(url)
     store.prepare({"model_uri": "test", "weights_sha256": "0" * 64, "mode": "codes"}, layout, specs, overwrite=False)
     written = {s.name: [] for s in specs}
-    for shard in layout.shards:
-        n = shard.count
-        columns = {s.name: rng.integers(0, codebook_size, (n, *s.row_shape)).astype(np.uint16) for s in specs}
-        writer = store.writer(shard, layout.rows_per_zarr_shard, specs)
-        writer.append({**columns, "keys": np.array([f"s{shard.index}-{j}" for j in range(n)], dtype=object),
-                       "labels": np.arange(n, dtype=np.int64) % 7})
-        counts_sparse = {s.name: codebook_stats.to_sparse(codebook_stats.count_codes(columns[s.name], codebook_size))
-                         for s in specs}
-        store.write_marker(shard, {"rows": writer.close(), "corrupt": [], "code_counts": counts_sparse})
-        for name in written:
-            written[name].append(columns[name])
+    for unit in layout.units:
+        writer, results = store.writer(unit, layout.rows_per_zarr_shard, specs), []
+        for shard in unit.shards:
+            n = shard.count
+            columns = {s.name: rng.integers(0, codebook_size, (n, *s.row_shape)).astype(np.uint16) for s in specs}
+            writer.append({**columns, "keys": np.array([f"s{shard.index}-{j}" for j in range(n)], dtype=object),
+                           "labels": np.arange(n, dtype=np.int64) % 7})
+            counts_sparse = {s.name: codebook_stats.to_sparse(codebook_stats.count_codes(columns[s.name], codebook_size))
+                             for s in specs}
+            results.append({"rows": writer.end_shard(), "corrupt": [], "code_counts": counts_sparse})
+            for name in written:
+                written[name].append(columns[name])
+        writer.close()
+        store.write_marker(unit, results)
     store.finalize(layout, specs)
     return layout, specs, {name: parts for name, parts in written.items()}
 

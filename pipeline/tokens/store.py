@@ -11,9 +11,9 @@ Layout of STORE (every node is Zarr v3 with dimension names, so `zarr.open_group
     codebook_counts[_<level>]  (code,) int64 per-code counts over the whole dataset (driver-written)
     markers                    group whose attributes name the run that created the store (its
                                claim, written first and only if absent)
-    markers/<shard>            a group per finished input shard; its attributes are the shard's
-                               result (rows, corrupt samples, code counts). Written by the shard's
-                               writer only after its rows are committed.
+    markers/<unit>             a group per finished work unit (see `layout`); its attributes are
+                               each of its input shards' results (rows, corrupt samples, code
+                               counts). Written by the unit's writer only after its rows are committed.
     report                     group whose attributes list every corrupt sample (key, shard, reason)
 
 Creation is safe with several drivers at once and resumable: a driver claims the store
@@ -21,7 +21,7 @@ Creation is safe with several drivers at once and resumable: a driver claims the
 for the same run; nothing is deleted) and commits the root `zarr.json` last, create-if-absent.
 A store without the root is half-created: the next run with the same identity completes it.
 
-Input shard i owns rows [row_start, row_start + capacity) (see `token_layout`); its good samples
+Input shard i owns rows [row_start, row_start + capacity) (see `layout`); its good samples
 fill the first `count` rows in tar order. Only the driver writes attributes and the small
 driver arrays, before any writer starts (create) and after all have finished (finalize).
 """
@@ -43,14 +43,13 @@ from models.errors import UserError
 from pipeline import faults
 from pipeline.redaction import redact
 from pipeline.tokens import codebook_stats, store_nodes
-from pipeline.tokens.layout import InputShardSlot, Layout
+from pipeline.tokens.layout import Layout, WorkUnit
 from pipeline.tokens.objects import is_local, put_object, put_objects
-from pipeline.tokens.store_nodes import MARKERS, REPORT
+from pipeline.tokens.store_nodes import MARKERS, REPORT, valid_chunk_rows
 
 # 2: dimension names, `valid`, the markers group as the creation claim, consolidated root.
-FORMAT_VERSION = 2
-# `valid` is written in blocks of about this many rows (bytes), whole Zarr shards each.
-VALID_BLOCK_ROWS = 1 << 24
+# 3: work units of several input shards, one marker per unit; `valid` in large chunks.
+FORMAT_VERSION = 3
 # Lineage entries that may differ between runs writing one store: the same weights reached by
 # another URI (runs:/ vs models:/name@alias), the same manifest under another URL, or a newer
 # tokenmill produce the same tokens.
@@ -219,7 +218,8 @@ class TokenStore:
 
     # ------------------------------------------------------------------ driver: progress / finalize
     def finished(self) -> dict[int, dict[str, Any]]:
-        """Marker attributes of every finished input shard, by shard index."""
+        """The result of every finished input shard (rows, corrupt, code_counts, worker), by
+        shard index, from the markers of the finished units."""
         self.fs.invalidate_cache()  # s3fs would answer from an earlier listing of markers/
         paths = sorted(self.fs.glob(f"{self.root}/{MARKERS}/*/zarr.json"))
         if not paths:
@@ -228,7 +228,8 @@ class TokenStore:
         done = {}
         for path in paths:
             attrs = json.loads(blobs[path])["attributes"]
-            done[int(attrs["shard"])] = attrs
+            for shard in attrs.get("shards", [attrs]):  # format 2: one input shard per marker
+                done[int(shard["shard"])] = {**shard, "worker": attrs.get("worker", {})}
         return done
 
     def finalize(self, layout: Layout, specs: list[ArraySpec]) -> dict[str, Any]:
@@ -278,39 +279,67 @@ class TokenStore:
         keep = np.ones(len(starts), bool) if split is None else splits == split
         return np.concatenate([np.arange(s, s + n) for s, n in zip(starts[keep], counts[keep])] or [np.empty(0, int)])
 
-    # ------------------------------------------------------------------ writers (one per input shard)
-    def writer(self, shard: InputShardSlot, rows_per_zarr_shard: int, specs: list[ArraySpec]) -> "RegionWriter":
-        return RegionWriter(self, shard, rows_per_zarr_shard, specs)
+    # ------------------------------------------------------------------ writers (one per work unit)
+    def writer(self, unit: WorkUnit, rows_per_zarr_shard: int, specs: list[ArraySpec]) -> "RegionWriter":
+        return RegionWriter(self, unit, rows_per_zarr_shard, specs)
 
-    def write_marker(self, shard: InputShardSlot, result: dict[str, Any]) -> None:
-        """Called after the shard's rows are committed: its existence means "done"."""
-        attrs = {"shard": shard.index, "url": shard.url, **result}
+    def write_marker(self, unit: WorkUnit, results: list[dict[str, Any]], worker: dict[str, str] | None = None) -> None:
+        """Called after the unit's rows are committed: its existence means "done". `results`:
+        one dict per input shard of the unit (rows, corrupt, code_counts), in order."""
+        shards = [{"shard": s.index, "url": s.url, **r} for s, r in zip(unit.shards, results, strict=True)]
+        attrs = {"unit": unit.index, "shards": shards, "worker": worker or {}}
         # A whole-object put, never zarr's overwrite (which deletes first): a concurrent driver's
-        # writer of the same shard may be writing the same marker.
-        put_object(self.fs, f"{self.root}/{MARKERS}/{shard.index:06d}/zarr.json", store_nodes.group_json(attrs))
+        # writer of the same unit may be writing the same marker.
+        put_object(self.fs, f"{self.root}/{MARKERS}/{unit.index:06d}/zarr.json", store_nodes.group_json(attrs))
 
 
 class RegionWriter:
-    """Appends one input shard's good samples and writes them one whole Zarr shard at a time,
-    so memory stays at one Zarr shard and every object is written whole by this writer only.
+    """Appends one work unit's good samples, input shard by input shard, and writes them one
+    whole Zarr shard at a time, so memory stays at one Zarr shard and every object is written
+    whole by this writer only. `end_shard()` pads the current input shard to its capacity;
     `close()` pads the last Zarr shard and rewrites any remaining one as fill, which also
     replaces whatever an earlier, killed attempt left there."""
 
-    def __init__(self, store: TokenStore, shard: InputShardSlot, rows_per_zarr_shard: int, specs: list[ArraySpec]):
+    def __init__(self, store: TokenStore, unit: WorkUnit, rows_per_zarr_shard: int, specs: list[ArraySpec]):
         group = store.open_group("r+")
         self.arrays = {name: group[name] for name in [s.name for s in specs] + ["keys", "labels"]}
-        self.shard, self.rows_per_zarr_shard = shard, rows_per_zarr_shard
+        self.unit, self.rows_per_zarr_shard = unit, rows_per_zarr_shard
         self.pending: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}
         self.pending_rows = 0
-        self.next_row = shard.row_start  # first row of the Zarr shard being filled
-        self.rows = 0
+        self.next_row = unit.row_start  # first row of the Zarr shard being filled
+        self.current, self.rows = 0, 0  # the input shard being appended to, and its good rows so far
+        self.shard_rows: list[int] = []  # good rows of every ended input shard
 
     def append(self, columns: dict[str, np.ndarray]) -> None:
-        """columns: every token array (n, ...) plus keys (n,) str and labels (n,) int64."""
-        n = len(columns["keys"])
-        if self.rows + n > self.shard.capacity:
-            raise UserError(f"{self.shard.url} holds more samples than its manifest lists "
-                            f"({self.shard.count}); rebuild the manifest with `tokenmill shard index`")
+        """columns: every token array (n, ...) plus keys (n,) str and labels (n,) int64, of the
+        current input shard."""
+        n, shard = len(columns["keys"]), self.unit.shards[self.current]
+        if self.rows + n > shard.capacity:
+            raise UserError(f"{shard.url} holds more samples than its manifest lists "
+                            f"({shard.count}); rebuild the manifest with `tokenmill shard index`")
+        self._add(columns, n)
+
+    def end_shard(self) -> int:
+        """End the current input shard (fill rows up to its capacity); returns its good rows."""
+        shard, rows = self.unit.shards[self.current], self.rows
+        if self.current < len(self.unit.shards) - 1:  # the last one's tail is padded by `close`
+            self._add({name: self._fill(arr, shard.capacity - rows) for name, arr in self.arrays.items()},
+                      shard.capacity - rows)
+        self.shard_rows.append(rows)
+        self.current, self.rows = self.current + 1, 0
+        return rows
+
+    def close(self) -> list[int]:
+        """End the remaining input shards, write the rest (padded) and blank the unused tail of
+        the unit's range; returns the good rows of each input shard."""
+        while self.current < len(self.unit.shards):
+            self.end_shard()
+        end = self.unit.row_start + self.unit.capacity
+        while self.next_row < end:
+            self._flush(self.pending_rows)
+        return self.shard_rows
+
+    def _add(self, columns: dict[str, np.ndarray], n: int) -> None:
         for name in self.arrays:
             self.pending[name].append(columns[name])
         self.pending_rows += n
@@ -318,12 +347,9 @@ class RegionWriter:
         while self.pending_rows >= self.rows_per_zarr_shard:
             self._flush(self.rows_per_zarr_shard)
 
-    def close(self) -> int:
-        """Write the rest (padded) and blank the unused tail of the range; returns good rows."""
-        end = self.shard.row_start + self.shard.capacity
-        while self.next_row < end:
-            self._flush(self.pending_rows)
-        return self.rows
+    @staticmethod
+    def _fill(arr: zarr.Array, n: int) -> np.ndarray:
+        return np.full((n, *arr.shape[1:]), arr.fill_value, dtype=_np_dtype(arr))
 
     def _flush(self, n: int) -> None:
         """Write the first n pending rows, padded with fill values, as the next whole Zarr shard."""
@@ -331,7 +357,7 @@ class RegionWriter:
         for name, arr in self.arrays.items():
             parts = self.pending[name]
             data = np.concatenate(parts) if parts else np.empty((0, *arr.shape[1:]), dtype=_np_dtype(arr))
-            block = np.full((self.rows_per_zarr_shard, *arr.shape[1:]), arr.fill_value, dtype=_np_dtype(arr))
+            block = self._fill(arr, self.rows_per_zarr_shard)
             block[:n] = data[:n]
             arr[lo:hi] = block
             self.pending[name] = [data[n:]] if len(data) > n else []
@@ -345,10 +371,10 @@ def _np_dtype(arr: zarr.Array) -> Any:
 
 def _write_valid(valid: zarr.Array, layout: Layout, counts: np.ndarray) -> None:
     """valid[row] = the row holds a good sample (each input shard's first `count` rows); written
-    in blocks of whole Zarr shards, so memory stays bounded at any store size."""
+    a whole chunk at a time, so memory stays bounded at any store size."""
     starts = np.array([s.row_start for s in layout.shards], dtype=np.int64)
     ends = starts + counts
-    step = max(1, VALID_BLOCK_ROWS // layout.rows_per_zarr_shard) * layout.rows_per_zarr_shard
+    step = valid_chunk_rows(layout)
     for lo in range(0, layout.rows, step):
         hi = min(lo + step, layout.rows)
         edges = np.zeros(hi - lo + 1, dtype=np.int64)

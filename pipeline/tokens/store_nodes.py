@@ -28,6 +28,13 @@ SHARD_DIM = "input_shard"
 MARKERS = "markers"
 REPORT = "report"
 _ROW_AXES = {2: ("h", "w"), 3: ("channel", "h", "w")}
+# `valid` (driver-written) is chunked in about this many rows, whole Zarr shards: a few objects
+# at any store size, where one per Zarr shard would add an object per work unit.
+VALID_BLOCK_ROWS = 1 << 22
+
+
+def valid_chunk_rows(layout: Layout) -> int:
+    return max(1, VALID_BLOCK_ROWS // layout.rows_per_zarr_shard) * layout.rows_per_zarr_shard
 
 
 def dimension_names(spec: ArraySpec, variants: int = 1) -> tuple[str, ...]:
@@ -68,10 +75,11 @@ def build(attrs: dict[str, Any], claim: dict[str, Any], layout: Layout, specs: l
         if spec.codebook_size is not None:  # filled by `finalize`
             group.create_array(spec.counts_name, shape=(spec.codebook_size,), dtype="int64", chunks=(spec.codebook_size,),
                                fill_value=0, dimension_names=(counts_dimension(spec),))
-    # One object per Zarr shard for the small per-row arrays too (no inner chunking needed).
-    per_row = {"keys": (str, ""), "labels": ("int64", -1), "valid": ("bool", False)}
-    for name, (dtype, fill) in per_row.items():
+    # One object per Zarr shard for the small per-row arrays the writers fill (no inner chunking needed).
+    for name, dtype, fill in (("keys", str, ""), ("labels", "int64", -1)):
         group.create_array(name, shape=(rows,), dtype=dtype, fill_value=fill, chunks=(shard,), dimension_names=(ROW_DIM,))
+    group.create_array("valid", shape=(rows,), dtype="bool", fill_value=False, chunks=(valid_chunk_rows(layout),),
+                       dimension_names=(ROW_DIM,))
     _shard_table(group.create_group("shards"), layout)
     group.create_group(MARKERS, attributes=claim)
     group.create_group(REPORT)
@@ -112,3 +120,20 @@ def consolidated_root(url_kwargs: dict[str, Any]) -> bytes:
             metadata = dataclasses.replace(metadata, consolidated_metadata=None)
         members[name] = metadata
     return group_json(dict(root.attrs), ConsolidatedMetadata(metadata=dict(sorted(members.items()))))
+
+
+def store_objects(layout: Layout, specs: list[ArraySpec]) -> dict[str, int]:
+    """The objects a finished store of this layout holds when every sample is good, by kind and
+    in all: the nodes `build` creates (metadata, shard table), the Zarr shards the work units
+    fill in each of their arrays (`specs` + keys + labels; all-fill ones are not stored), one
+    marker per unit, and what finalize adds (`valid`'s chunks, shard counts, codebook counts)."""
+    created = len(build({"lineage": {}}, {}, layout, specs))
+    rps = layout.rows_per_zarr_shard
+    filled = sum(-(-sum(s.count for s in unit.shards) // rps) for unit in layout.units)
+    counts = {
+        "metadata_and_shard_table": created,
+        "unit_arrays": filled * (len(specs) + 2),
+        "markers": sum(1 for unit in layout.units if unit.shards),
+        "finalize": -(-layout.rows // valid_chunk_rows(layout)) + 1 + sum(s.codebook_size is not None for s in specs),
+    }
+    return {**counts, "total": sum(counts.values())}

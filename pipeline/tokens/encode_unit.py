@@ -1,4 +1,5 @@
-"""One work unit of `tokenize`: read one input shard, decode, encode, write its rows, then its marker.
+"""One work unit of `tokenize`: read its input shards in turn, decode, encode, write their rows,
+then the unit's marker.
 
 A reader thread streams the tar and decodes images into batches while the caller's thread runs
 the model on the previous batch (PIL and torch both release the GIL), so decoding overlaps
@@ -18,7 +19,7 @@ from pipeline import faults
 from pipeline.shards.images import TransformConfig
 from pipeline.shards.reader import good_samples, pixels_decoder, read_shard_threaded, sample_batches
 from pipeline.tokens import codebook_stats
-from pipeline.tokens.layout import InputShardSlot
+from pipeline.tokens.layout import WorkUnit
 from pipeline.tokens.store import TokenStore
 
 PREFETCH_BATCHES = 2
@@ -69,26 +70,29 @@ def prefetch(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterato
         yield item
 
 
-def encode_shard(
-    shard: InputShardSlot, store: TokenStore, rows_per_zarr_shard: int, encoder, batch_size: int,
+def encode_unit(
+    unit: WorkUnit, store: TokenStore, rows_per_zarr_shard: int, encoder, batch_size: int,
     storage_options: dict[str, Any], worker: dict[str, str] | None = None, decode_threads: int = 1,
-) -> dict[str, Any]:
-    """Encode every good sample of `shard` into its rows, then write its marker; returns the
-    marker's content. `worker` (e.g. {"node": Ray node id}) is recorded in the marker."""
-    source = DecodedShard(shard.url, encoder.transform, batch_size, storage_options, decode_threads)
-    counts = {s.name: np.zeros(s.codebook_size, dtype=np.int64) for s in encoder.specs if s.codebook_size}
-    writer = store.writer(shard, rows_per_zarr_shard, encoder.specs)
-    for batch in prefetch(source.batches()):
-        rows = encoder.encode(batch.images, batch.labels, batch.keys)  # keys seed per-sample draws
-        for name in counts:
-            counts[name] += codebook_stats.count_codes(rows[name], len(counts[name]))
-        writer.append({**rows, "keys": np.array(batch.keys, dtype=object), "labels": batch.labels})
-    result = {
-        "rows": writer.close(),
-        "corrupt": source.corrupt,
-        "code_counts": {name: codebook_stats.to_sparse(c) for name, c in counts.items()},
-        "worker": worker or {},
-    }
-    faults.hit("tokenize.before_marker", shard=shard.index)  # tests: die at the worst moment
-    store.write_marker(shard, result)
-    return result
+) -> list[dict[str, Any]]:
+    """Encode every good sample of the unit's input shards into their rows, then write the
+    unit's marker; returns each input shard's result (rows, corrupt, code_counts). `worker`
+    (e.g. {"node": Ray node id}) is recorded in the marker."""
+    writer = store.writer(unit, rows_per_zarr_shard, encoder.specs)
+    results = []
+    for shard in unit.shards:
+        source = DecodedShard(shard.url, encoder.transform, batch_size, storage_options, decode_threads)
+        counts = {s.name: np.zeros(s.codebook_size, dtype=np.int64) for s in encoder.specs if s.codebook_size}
+        for batch in prefetch(source.batches()):
+            rows = encoder.encode(batch.images, batch.labels, batch.keys)  # keys seed per-sample draws
+            for name in counts:
+                counts[name] += codebook_stats.count_codes(rows[name], len(counts[name]))
+            writer.append({**rows, "keys": np.array(batch.keys, dtype=object), "labels": batch.labels})
+        results.append({
+            "rows": writer.end_shard(),
+            "corrupt": source.corrupt,
+            "code_counts": {name: codebook_stats.to_sparse(c) for name, c in counts.items()},
+        })
+    writer.close()
+    faults.hit("tokenize.before_marker", unit=unit.index)  # tests: die at the worst moment
+    store.write_marker(unit, results, worker)
+    return results
