@@ -8,9 +8,9 @@ Generated 32x32 RGB images (N, default 1,000,000) are sharded and tokenized in o
   `scale_ratio` = t(N) / t(N/4) (target <= 4.2), peak RSS of the driver and of each encoding
   actor at both sizes (flat: memory must not grow with N), the store's object count, and the
   finalize step (the driver merging markers) as a share of the run (target <= 5%);
-- the objects the real layout (`pipeline.tokens.layout.plan_layout`) would make for 10^9
-  samples in img2dataset's 10,000-sample shards: per per-row array and in all (target <= 100k
-  per array; markers and keys/labels add one object each per input shard).
+- the objects a finished store of 10^9 samples in img2dataset's 10,000-sample shards would
+  hold, from the real layout (`pipeline.tokens.layout.plan_layout`) and store nodes
+  (`pipeline.tokens.store_nodes.store_objects`), target <= 100k.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ import argparse
 import math
 import os
 import tempfile
-import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +83,7 @@ def tokenize_256(root: Path, n: int, batch_size: int) -> dict[str, Any]:
 def benchmark(root: Path, n: int, workers: int, maxcount: int, batch_size: int) -> dict[str, Any]:
     import numpy as np
 
-    from jobs.benchmarks.tokenize import _make_model
+    from pipeline.measure import make_bench_tokenizer
     from pipeline.ray_runtime import ensure_ray
     from pipeline.shards.synthetic import smooth_images
 
@@ -103,14 +101,14 @@ def benchmark(root: Path, n: int, workers: int, maxcount: int, batch_size: int) 
     }
     result["shard"]["speedup"] = result["shard"]["parallel"]["img_s"] / result["shard"]["one_writer"]["img_s"]
     result["shard"]["full"] = _shard(str(source), root / "shards-n", maxcount, workers)
-    model = _make_model(root / "model")
+    model = make_bench_tokenizer(root / "model")
     runs = {name: _tokenize(model, root / shards, root / f"{name}.zarr", batch_size)
             for name, shards in (("quarter", "shards-q"), ("n", "shards-n"))}
     result["tokenize"] = runs
     result["scale_ratio"] = runs["n"]["seconds"] / runs["quarter"]["seconds"]
     result["size_ratio"] = n / quarter
     result["finalize_share"] = runs["n"]["finalize_s"] / runs["n"]["seconds"]
-    result["billion"] = objects_for(10**9, 10_000, runs["n"]["row_bytes"], runs["n"]["per_row_arrays"])
+    result["billion"] = objects_for(10**9, 10_000, runs["n"]["arrays"])
     _print(result)
     return result
 
@@ -131,86 +129,36 @@ def _shard(src: str, dest: Path, maxcount: int, workers: int) -> dict[str, Any]:
 
 
 def _tokenize(model: Path, shards: Path, store: Path, batch_size: int) -> dict[str, Any]:
-    import zarr
-
+    from pipeline.measure import PeakRSS
     from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokens.store import TokenStore
 
-    with PeakRSSByProcess() as peak:
+    with PeakRSS() as peak:
         started = time.perf_counter()
         summary = tokenize_dataset(str(model), str(shards), str(store), batch_size=batch_size, overwrite=True)
         seconds = time.perf_counter() - started
-    group = zarr.open_group(str(store), mode="r")
-    rows = group["codes"].shape[0]
-    with warnings.catch_warnings():  # zarr: marker groups are plain groups, "not recognized" as arrays
-        warnings.simplefilter("ignore")
-        per_row = [name for name, arr in group.arrays() if arr.shape and arr.shape[0] == rows]
     return {"images": summary.samples, "seconds": seconds, "img_s": summary.samples / seconds,
             "startup_s": summary.startup_s, "finalize_s": summary.finalize_s, "input_shards": summary.input_shards,
             "driver_peak_rss_mb": peak.driver_mb, "actor_peak_rss_mb": sorted(peak.actors_mb().values()),
             "store_objects": sum(1 for p in store.rglob("*") if p.is_file()),
-            "row_bytes": int(math.prod(group["codes"].shape[1:]) * group["codes"].dtype.itemsize),
-            "per_row_arrays": len(per_row)}
+            "arrays": TokenStore(str(store)).attrs()["arrays"]}
 
 
-def objects_for(samples: int, per_shard: int, row_bytes: int, per_row_arrays: int) -> dict[str, int]:
-    """Objects of a store of `samples` in input shards of `per_shard`, by the real layout function."""
+def objects_for(samples: int, per_shard: int, arrays: list[dict[str, Any]]) -> dict[str, int]:
+    """Objects of a finished store of `samples` in input shards of `per_shard` with these token
+    arrays (a store's `arrays` attribute), from the real layout (`plan_layout`) and store nodes
+    (`store_objects`)."""
     from pipeline.tokens.layout import plan_layout
+    from pipeline.tokens.store import ArraySpec
+    from pipeline.tokens.store_nodes import store_objects
+
+    specs = [ArraySpec(**dict(a, row_shape=tuple(a["row_shape"]))) for a in arrays]
 
     shards = math.ceil(samples / per_shard)
-    layout = plan_layout([(f"s{i}", "train", min(per_shard, samples - i * per_shard)) for i in range(shards)], row_bytes)
-    per_array = layout.rows // layout.rows_per_zarr_shard
-    # + one marker per input shard + the group's and arrays' metadata, the shard table, counts, report.
-    return {"input_shards": shards, "objects_per_array": per_array, "markers": shards,
-            "objects_total": per_array * per_row_arrays + shards + 20}
-
-
-def _is_encoder(proc) -> bool:
-    """A Ray Data actor process of the tokenize job (idle Ray workers become actors in place)."""
-    import psutil
-
-    try:
-        return "MapWorker" in proc.name() or "ShardEncoder" in " ".join(proc.cmdline()[:1])
-    except psutil.Error:
-        return False
-
-
-class PeakRSSByProcess:
-    """Peak RSS (MiB) of this process and of each Ray actor process that encodes, sampled every 0.2 s."""
-
-    def __enter__(self) -> "PeakRSSByProcess":
-        import psutil
-
-        self.driver_mb, self._actors, self._stop = 0.0, {}, threading.Event()
-        me = psutil.Process()
-        before = {p.pid for p in me.children(recursive=True) if _is_encoder(p)}  # an earlier run's, exiting
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                try:
-                    self.driver_mb = max(self.driver_mb, me.memory_info().rss / 2**20)
-                    children = me.children(recursive=True)
-                except psutil.Error:
-                    children = []
-                for proc in children:
-                    if proc.pid in before:
-                        continue
-                    try:
-                        if _is_encoder(proc):
-                            self._actors[proc.pid] = max(self._actors.get(proc.pid, 0.0), proc.memory_info().rss / 2**20)
-                    except psutil.Error:
-                        pass
-                self._stop.wait(0.2)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def actors_mb(self) -> dict[int, float]:
-        return dict(self._actors)
+    layout = plan_layout([(f"s{i}", "train", min(per_shard, samples - i * per_shard)) for i in range(shards)],
+                         max(spec.row_bytes for spec in specs))
+    return {"input_shards": shards, "work_units": len(layout.units), "shards_per_unit": layout.shards_per_unit,
+            "rows_per_zarr_shard": layout.rows_per_zarr_shard, **store_objects(layout, specs)}
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -224,5 +172,5 @@ def _print(result: dict[str, Any]) -> None:
               f"{run['store_objects']} objects, finalize {run['finalize_s']:.2f} s")
     print(f"scale_ratio {result['scale_ratio']:.2f} for {result['size_ratio']:.0f}x the images (target <= 4.2); "
           f"finalize share {result['finalize_share']:.1%} (target <= 5%)")
-    print(f"10^9 samples in 10,000-sample shards: {billion['objects_per_array']:,} objects per array, "
-          f"{billion['objects_total']:,} in all (with keys, labels and markers)")
+    print(f"10^9 samples in 10,000-sample shards: {billion['work_units']:,} work units of "
+          f"{billion['shards_per_unit']} input shards, {billion['total']:,} objects in all (target <= 100k)")

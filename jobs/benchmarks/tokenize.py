@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _timed_run(run, count: int, limit, limits: list[float]) -> dict[str, Any]:
     """Time one tokenize run (`run()` -> TokenizeSummary) of `count` images with its peak RSS, then
     measure the compute limit again; efficiency is against the limits right before and after."""
+    from pipeline.measure import PeakRSS
+
     with PeakRSS() as peak:
         started = time.perf_counter()
         summary = run()
@@ -79,7 +80,7 @@ def _timed_run(run, count: int, limit, limits: list[float]) -> dict[str, Any]:
     assert summary.samples == count, summary
     limits.append(limit())
     around = (limits[-2] + limits[-1]) / 2
-    return {"seconds": seconds, "img_s": count / seconds, "peak_rss_mb": peak.mb, "limit_img_s": around,
+    return {"seconds": seconds, "img_s": count / seconds, "peak_rss_mb": peak.total_mb, "limit_img_s": around,
             "efficiency": count / seconds / around, "startup_s": summary.startup_s,
             "steady_img_s": count / (seconds - summary.startup_s)}
 
@@ -88,6 +89,7 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
               precision: str = "fp32", decode_threads: int | None = None) -> dict[str, Any]:
     import torch
 
+    from pipeline.measure import make_bench_tokenizer
     from pipeline.ray_runtime import ensure_ray
     from pipeline.shards.synthetic import smooth_images, write_image_shards
     from pipeline.tokenize import tokenize_dataset
@@ -95,7 +97,7 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
     cpus = os.cpu_count() or 1
     on_gpu = bool(gpus if gpus is not None else torch.cuda.is_available())
     actors = actors or (torch.cuda.device_count() if on_gpu else cpus)
-    model = _make_model(root / "model")
+    model = make_bench_tokenizer(root / "model")
     small, large = (write_image_shards(smooth_images(count, seed=count, noise=True), root, name)
                     for name, count in (("small", n), ("large", 4 * n)))
 
@@ -136,21 +138,6 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
         "pipeline_img_s", "limit_img_s", "efficiency", "naive_img_s", "vs_naive", "startup_s", "steady_img_s",
         "steady_efficiency", "scale_ratio", "memory_ratio", "read_ratio")))
     return result
-
-
-def _make_model(path: Path) -> Path:
-    """A CIFAR-sized VQ-VAE tokenizer: 32x32 RGB -> 8x8 codes from 512 entries."""
-    import torch
-
-    from models import save_model
-    from models.quantizers import QuantizerConfig
-    from models.vqvae import VQVAE, VQVAEConfig
-
-    torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig(in_channels=3, image_size=32, hidden=64, res_blocks=2, downsample=4, latent_dim=64,
-                              quantizer=QuantizerConfig(codebook_size=512)))
-    model.train()(torch.rand(512, 3, 32, 32))  # k-means initialisation: codes in use, as after training
-    return save_model(model.eval(), path)
 
 
 class ComputeLimit:
@@ -323,34 +310,3 @@ def _read_ratio(store: Path, batch: int = 256, batches: int = 400) -> dict[str, 
     return {"read_batches_s": rate["read"], "read_chunked_batches_s": rate["read_chunked"],
             "memmap_batches_s": rate["memmap"], "read_ratio": rate["read"] / rate["memmap"],
             "read_ratio_chunk_cache": rate["read_chunked"] / rate["memmap"]}
-
-
-class PeakRSS:
-    """Peak summed RSS (MiB) of this process and its Ray worker processes (the local Ray
-    instance is this process's child), sampled every 0.2 s."""
-
-    def __enter__(self) -> "PeakRSS":
-        import psutil
-
-        self.mb, self._stop = 0.0, threading.Event()
-        me = psutil.Process()
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                procs = [me] + [p for p in me.children(recursive=True) if p.name().startswith("ray::")]
-                total = 0
-                for proc in procs:
-                    try:
-                        total += proc.memory_info().rss
-                    except psutil.Error:
-                        pass
-                self.mb = max(self.mb, total / 2**20)
-                self._stop.wait(0.2)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
