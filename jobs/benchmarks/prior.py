@@ -2,7 +2,7 @@
 
 1. Train the demo's VQ-VAE (configs/vqvae_mnist.yaml's model) briefly with `TrainStep` in this
    process, shard MNIST-5k and tokenize every shard into a Zarr token store in-process (the
-   store's own region writer, `encode_shard`, markers and finalize; no Ray).
+   store's own region writer, `encode_unit`, markers and finalize; no Ray).
 2. Train a small CNN classifier on the MNIST-5k train split (`classifier_val_accuracy`, must be
    >= 0.97 for the class accuracy to mean anything).
 3. Train a class-conditional Transformer prior on the store's train split. Training steps
@@ -51,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=positive_int, default=2, help="DataLoader workers of the store sources")
     parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="where the prior trains and samples: auto (CUDA when "
+                        "present), cpu or cuda[:N]; the tokenizer and the judge train on the CPU")
     parser.add_argument("--grid", type=Path, default=None, help="also write a 10 x 10 sample grid PNG here")
     parser.add_argument("--workdir", type=output_folder, default=None, help="where shards, store, models go")
     add_json_option(parser)
@@ -69,6 +71,7 @@ def benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from models.prior import PriorConfig, TransformerPrior
+    from pipeline.prior.sampling import resolve_device
     from pipeline.shards.synthetic import mnist_tensors
 
     torch.set_num_threads(args.threads)
@@ -85,6 +88,9 @@ def benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         classifier, result["classifier_val_accuracy"] = train_classifier(args)
     prior = TransformerPrior(PriorConfig(codebook_size=tokenizer.codebook_size, num_classes=10, grid=[[8, 8]],
                                          dim=args.dim, depth=args.depth, heads=args.heads))
+    device = resolve_device(args.device)
+    result["device"] = str(device)
+    prior.to(device)
     with stages("prior"):
         result |= train_prior(prior, store_url, args)
     with stages("evaluate"):
@@ -149,7 +155,7 @@ def tokenize_in_process(model_dir: Path, root: Path) -> str:
     from pipeline.shards.manifest import read_manifest
     from pipeline.shards.writer import write_shards
     from pipeline.storage import join
-    from pipeline.tokens.encode_shard import encode_shard
+    from pipeline.tokens.encode_unit import encode_unit
     from pipeline.tokens.encoder import TokenEncoder
     from pipeline.tokens.layout import plan_layout
     from pipeline.tokens.store import TokenStore
@@ -165,8 +171,8 @@ def tokenize_in_process(model_dir: Path, root: Path) -> str:
     lineage = {"model_uri": files.uri, "weights_sha256": files.weights_sha256, "mode": "codes",
                "codebook_size": encoder.model.codebook_size, "data": shards}
     store.prepare(lineage, layout, encoder.specs, overwrite=True)
-    for slot in layout.shards:
-        encode_shard(slot, store, layout.rows_per_zarr_shard, encoder, 256, {})
+    for unit in layout.units:
+        encode_unit(unit, store, layout.rows_per_zarr_shard, encoder, 256, {})
     store.finalize(layout, encoder.specs)
     return store.url
 
@@ -305,6 +311,7 @@ def train_prior(prior, store_url: str, args: argparse.Namespace) -> dict[str, An
     schedule = OptimConfig(lr=args.lr, warmup_steps=min(100, args.steps // 10), total_steps=args.steps)
     opt = torch.optim.AdamW(prior.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     step_seconds: dict[str, list[float]] = {name: [] for name in sources}
+    device = prior.embed.weight.device
     prior.train()
     for step in range(args.steps):
         segment = step // args.segment
@@ -312,11 +319,13 @@ def train_prior(prior, store_url: str, args: argparse.Namespace) -> dict[str, An
         begun = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(step, schedule)
-        loss = prior.loss(next(sources[name]))  # the batch's wait counts in the step's time
+        loss = prior.loss(next(sources[name]).to(device, non_blocking=True))  # the batch's wait counts
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         opt.step()
+        if device.type == "cuda":  # the step's time, not its launch
+            torch.cuda.synchronize(device)
         if segment >= len(sources):  # the first round starts the loaders' workers: not timed
             step_seconds[name].append(time.perf_counter() - begun)
     prior.eval()
@@ -352,7 +361,7 @@ def bits_per_token(prior, store_url: str) -> dict[str, Any]:
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(val), 250):
-            tokens = val.batch(range(start, min(start + 250, len(val))))["tokens"]
+            tokens = val.batch(range(start, min(start + 250, len(val))))["tokens"].to(prior.embed.weight.device)
             total += float(prior.loss(tokens)) * len(tokens)
     val_bits = total / len(val) / math.log(2)
     counts = TokenStore(store_url).open_group("r")["codebook_counts"][:].astype(np.float64)
@@ -375,7 +384,7 @@ def sample_quality(prior, tokenizer, classifier, val, args: argparse.Namespace) 
     labels = torch.arange(10).repeat_interleave(args.per_class)
     begun = time.perf_counter()
     codes = draw_codes(prior, labels, SampleOptions(cfg_scale=args.cfg, seed=args.seed, batch_size=500),
-                       torch.device("cpu"))
+                       prior.embed.weight.device).cpu()  # the tokenizer decodes on the CPU
     sample_s = time.perf_counter() - begun
     samples = codes_to_images(tokenizer, codes, prior.config.grid)
     predicted, sample_features = classify(classifier, samples)
@@ -407,11 +416,12 @@ def kv_speedup(prior, rows: int) -> dict[str, Any]:
     and after the uncached one, averaged)."""
     import torch
 
+    device = prior.embed.weight.device
     labels = torch.arange(rows) % 10
     rates = {}
     for name, cached in (("cached_before", True), ("recompute", False), ("cached_after", True)):
         begun = time.perf_counter()
-        codes = prior.sample(rows, labels, use_cache=cached, generator=torch.Generator().manual_seed(0))
+        codes = prior.sample(rows, labels, use_cache=cached, generator=torch.Generator(device=device).manual_seed(0)).cpu()
         rates[name] = codes.numel() / (time.perf_counter() - begun)
     cached = (rates["cached_before"] + rates["cached_after"]) / 2
     return {"kv_tokens_per_s": cached, "recompute_tokens_per_s": rates["recompute"],
