@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=positive_int, default=None, help="parallel shard writers (default: cores)")
     parser.add_argument("--maxcount", type=positive_int, default=10_000, help="samples per shard (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--rss-shards", type=int, default=30,
+                        help="then encode this many of the N run's input shards in turn in one process (an "
+                             "actor's loop without Ray) and record its RSS after each (0: skip; default %(default)s)")
     parser.add_argument("--px256", type=int, default=2048,
                         help="also tokenize this many 256x256 JPEGs in img2dataset shards with the x16 debug "
                              "model: img/s and actor peak RSS (0: skip; default %(default)s)")
@@ -48,6 +51,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp) if args.workdir is None else args.workdir
         root.mkdir(parents=True, exist_ok=True)
         result = {} if args.only_256 else benchmark(root, args.images, workers, args.maxcount, args.batch_size)
+        if args.rss_shards > 0 and not args.only_256:
+            result["rss_curve_mb"] = rss_curve(root / "model", root / "shards-n", args.rss_shards, args.batch_size)
         if args.px256 > 0:
             result["px256"] = tokenize_256(root / "px256", args.px256, batch_size=64)
         return result
@@ -142,6 +147,36 @@ def _tokenize(model: Path, shards: Path, store: Path, batch_size: int) -> dict[s
             "driver_peak_rss_mb": peak.driver_mb, "actor_peak_rss_mb": sorted(peak.actors_mb().values()),
             "store_objects": sum(1 for p in store.rglob("*") if p.is_file()),
             "arrays": TokenStore(str(store)).attrs()["arrays"]}
+
+
+def rss_curve(model: Path, shards: Path, count: int, batch_size: int) -> list[float]:
+    """RSS (MiB) of this process after each of the first `count` input shards it encodes in turn,
+    one work unit each, as an encoding actor does: flat after warm-up means nothing accumulates."""
+    import gc
+
+    import psutil
+
+    from pipeline.registry.model_ref import resolve_model
+    from pipeline.shards.manifest import read_manifest
+    from pipeline.storage import join
+    from pipeline.tokens.encode_unit import encode_unit
+    from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer
+    from pipeline.tokens.layout import plan_layout
+    from pipeline.tokens.store import TokenStore
+
+    entries = read_manifest(str(shards), {})["shards"][:count]
+    encoder = load_tokenizer(resolve_model(str(model)), ExtractionOptions.build(False, None, None, None))
+    layout = plan_layout([(join(str(shards), s["url"]), s["split"], s["count"]) for s in entries],
+                         max(spec.row_bytes for spec in encoder.specs))
+    store = TokenStore(str(shards.parent / "rss-curve.zarr"))
+    store.prepare({"model_uri": str(model), "mode": "codes"}, layout, encoder.specs, overwrite=True)
+    me, curve = psutil.Process(), []
+    for unit in layout.units:
+        encode_unit(unit, store, layout.rows_per_zarr_shard, encoder, batch_size, {})
+        gc.collect()
+        curve.append(round(me.memory_info().rss / 2**20, 1))
+    print(f"one process encoding {len(curve)} input shards in turn: RSS after each (MiB) {curve}")
+    return curve
 
 
 def objects_for(samples: int, per_shard: int, arrays: list[dict[str, Any]]) -> dict[str, int]:
