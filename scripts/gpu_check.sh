@@ -26,6 +26,7 @@ run() {  # run NAME SECONDS CMD...: time-boxed, keeps going after a failure, rem
     local name=$1 limit=$2; shift 2
     echo "== $name" >&2
     local started=$SECONDS
+    [ "$CPU_DRY_RUN" = 1 ] && limit=$((limit * 4))  # 2 CPU cores are no GPU: the boxes are for the GPU run
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
     echo "$name rc=$rc $((SECONDS - started))s" | tee -a "$OUT/steps.txt" >&2
     [ $rc -eq 0 ] || { status=1; tail -20 "$OUT/$name.log" >&2; }
@@ -55,7 +56,9 @@ def load(name):
     path = out / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else {}
 def fmt(value):
-    return "—" if value is None else (f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}")
+    if value is None or isinstance(value, str):
+        return "—" if value is None else value
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "GPU"
 tok, train, prior = load("bench_tokenize"), load("bench_train"), load("bench_prior")
 print(f"GPU: {gpu}")
@@ -69,7 +72,13 @@ for label, value in [
     ("train plain loop img/s (bf16)", train.get("plain_img_s")),
     ("train Ray Train job, 1 GPU, img/s", train.get("ray_1w_img_s")),
     ("train ratio Ray / plain", train.get("ratio")),
-    *[(f"prior `{k}`", v) for k, v in prior.items() if isinstance(v, (int, float)) and not isinstance(v, bool)][:6],
+    ("prior training seconds (1,600 steps)", prior.get("stage_seconds", {}).get("prior")),
+    ("prior `data_ratio_resident` / `data_ratio_streaming`", None if not prior else
+     f"{fmt(prior.get('data_ratio_resident'))} / {fmt(prior.get('data_ratio_streaming'))}"),
+    ("prior `val_bits_per_token`", prior.get("val_bits_per_token")),
+    ("prior `class_accuracy`", prior.get("class_accuracy")),
+    ("prior `kv_tokens_per_s` (`kv_speedup`)", None if not prior else
+     f"{fmt(prior.get('kv_tokens_per_s'))} ({fmt(prior.get('kv_speedup'))})"),
 ]:
     print(f"| {label} | {fmt(value)} |")
 PY
