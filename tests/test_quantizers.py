@@ -237,6 +237,40 @@ def test_lfq_entropy_term_only_in_training():
     torch.testing.assert_close(codes.norm(dim=1), torch.ones(32))  # BSQ codes lie on the unit sphere
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny training loops: two threads on a loaded 2-core machine take ~50x longer than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("binary", [LFQ, BSQ], ids=["lfq", "bsq"])
+def test_binary_quantizer_does_not_collapse_on_offset_latents(binary, one_thread):
+    """An encoder's latents share an offset much larger than their spread (the bench's VQ-VAE:
+    10-30x). Before the data-dependent init of project_in every row got one code at step 0 and
+    stayed (LFQ: 8 of 64 codes after training, 1 at first); the init centres the bits."""
+    torch.manual_seed(0)
+    z = torch.randn(16) * 0.1 + 0.01 * torch.randn(512, 16)  # (512, 16): offset 10x the spread
+    quantizer = binary(16, bits=6)
+    optimizer = torch.optim.Adam(quantizer.parameters(), lr=1e-2)
+    for step in range(40):
+        out = quantizer.train()(z)
+        if step == 0:
+            assert out.indices.unique().numel() >= 32  # centred before the first code is chosen
+        loss = torch.nn.functional.mse_loss(out.codes, z) + out.loss  # project_out is the decoder
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert bool(quantizer.initted)
+    assert quantizer.eval()(z).indices.unique().numel() >= 48  # of 64 codes, after training
+    state = {k: v for k, v in quantizer.state_dict().items() if k != "initted"}  # saved before the init existed
+    fresh = binary(16, bits=6)
+    fresh.load_state_dict(state)
+    assert bool(fresh.initted)  # a trained checkpoint is not re-initialised by its next training step
+
+
 def test_simvq_codebook_stays_frozen_while_its_projection_learns():
     torch.manual_seed(0)
     simvq = SimVQ(8, codebook_size=32).train()

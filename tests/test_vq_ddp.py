@@ -116,7 +116,9 @@ def test_two_gloo_ranks_match_one_process_on_the_concatenation(rank_results, cas
         assert ranks[0]["calls"] > 0
         assert single["restarts"] > 0 and ranks[0]["restarts"] == ranks[1]["restarts"] == single["restarts"]
     if case in ("lfq", "bsq"):
-        assert ranks[0]["calls"] == STEPS  # one all-reduce of the code distribution per step
+        # One all-reduce of the code distribution per step, plus the projection's one-off init
+        # (bsq is projected; its centred weights must then agree on both ranks and the single run).
+        assert ranks[0]["calls"] == STEPS + (case == "bsq")
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), f"{key} differs between ranks"
         torch.testing.assert_close(value, single_quantizer.state_dict()[key], atol=1e-5, rtol=1e-5, msg=key)

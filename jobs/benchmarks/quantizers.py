@@ -26,6 +26,9 @@ LATENT_DIM = 64
 DECAY = 0.99
 DEAD_CODE_THRESHOLD = 2.0
 BETA = 0.25
+# LFQ's soft-assignment τ on both sides (the peer takes it per call, default 100; ours defaults to 1,
+# see models/quantizers/lfq.py): the pair then differs in implementation, not in settings.
+LFQ_INV_TEMPERATURE = 1.0
 FAMILIES = ("vq", "vq-rotation", "simvq", "lfq", "fsq", "rvq")
 OPTIONAL_FAMILIES = ("vq-l2-16k",)  # LlamaGen's 16,384 × 8 l2-normalised codes: slow on CPU
 DATASETS = ("photos", "mnist")
@@ -81,7 +84,7 @@ def _ours(family: str, seed: int):
                                              cosine=True),
         "simvq": lambda: QuantizerConfig(kind="simvq", codebook_size=512, beta=BETA, rotation_trick=True, seed=seed),
         "lfq": lambda: QuantizerConfig(kind="lfq", bits=10, beta=BETA, entropy_weight=0.1, diversity=1.0,
-                                       inv_temperature=100.0, entropy_group_bits=10),
+                                       inv_temperature=LFQ_INV_TEMPERATURE, entropy_group_bits=10),
         "fsq": lambda: QuantizerConfig(kind="fsq", levels=(8, 5, 5, 5)),
         "rvq": lambda: QuantizerConfig(kind="rvq", num_stages=4, **(vq | dict(codebook_size=256))),
     }[family]()
@@ -119,10 +122,11 @@ def _peer_quantizer(family: str, codebook_size: int, stages: int):
             super().__init__()
             self.codebook_size, self.num_stages = codebook_size, stages
             self.peer = _peer_module(family)
+            self.options = {"inv_temperature": LFQ_INV_TEMPERATURE} if family == "lfq" else {}
 
         def forward(self, z):
             b, h, w, d = z.shape
-            out = self.peer(z.reshape(b, h * w, d))  # (codes, indices[, loss])
+            out = self.peer(z.reshape(b, h * w, d), **self.options)  # (codes, indices[, loss])
             loss = out[2].sum() if len(out) > 2 else z.new_zeros(())
             return QuantizerOutput(out[0].reshape(z.shape), out[1].reshape(b, h, w, *out[1].shape[2:]), loss)
 

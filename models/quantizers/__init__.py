@@ -40,7 +40,7 @@ class QuantizerConfig:
     bits: int = 10  # lfq, bsq: codebook of 2^bits sign codes
     entropy_weight: float = 0.1  # lfq, bsq: weight of the entropy penalty
     diversity: float = 1.0  # lfq, bsq: codebook-entropy weight inside the penalty
-    inv_temperature: float = 100.0  # lfq, bsq: sharpness of the soft code assignment
+    inv_temperature: float = 1.0  # lfq, bsq: τ of the soft assignment, bit logit 4·τ·scale·h (see lfq.py)
     entropy_group_bits: int = 10  # lfq, bsq: codebook entropy exact up to this many bits, grouped above
 
     __pydantic_config__ = {"extra": "forbid"}
