@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from models.quantizers import QuantizerConfig, build_quantizer
 from models.serialization import register_model
-from models.vqvae import VQOutput, _code_metrics, _quantizer_config, _stages, _to_first, _to_last, _Tokenizer
+from models.vqvae import VQOutput, _code_metrics, _GridTokenizer, _quantizer_config, _to_first, _to_last
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Decoder(nn.Sequential):
 
 
 @register_model
-class VQGAN(_Tokenizer):
+class VQGAN(_GridTokenizer):
     """Codes: (B, h, w) int64 ((B, h, w, stages) for rvq); h = image_size / downsample."""
 
     config_class = VQGANConfig
@@ -150,16 +150,6 @@ class VQGAN(_Tokenizer):
     def last_layer(self) -> nn.Parameter:
         """The decoder's output conv weight: where taming's adaptive GAN weight compares gradients."""
         return self.decoder[-1].weight
-
-    @property
-    def codebook_size(self) -> int:
-        return self.quantizer.codebook_size
-
-    @property
-    def token_shape(self) -> tuple[int, ...]:
-        side = self.config.image_size // self.config.downsample
-        stages = _stages(self.quantizer)
-        return (side, side) if stages == 1 else (side, side, stages)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
         """x: (B, C, H, W) in [0, 1]; labels are ignored. `prediction` is the unclamped output in [0, 1] scale."""

@@ -123,8 +123,23 @@ class _Tokenizer(nn.Module):
         return self._decode(codes)
 
 
+class _GridTokenizer(_Tokenizer):
+    """One quantizer over one grid of codes: (side, side), or (side, side, stages) for rvq, with
+    side = image_size / downsample."""
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        side = self.config.image_size // self.config.downsample
+        stages = _stages(self.quantizer)
+        return (side, side) if stages == 1 else (side, side, stages)
+
+
 @register_model
-class VQVAE(_Tokenizer):
+class VQVAE(_GridTokenizer):
     """Codes: (B, h, w) int64 for vq/fsq, (B, h, w, stages) for rvq; h = image_size / downsample."""
 
     config_class = VQVAEConfig
@@ -137,16 +152,6 @@ class VQVAE(_Tokenizer):
         self.encoder = conv_encoder(c.in_channels, c.hidden, c.latent_dim, c.downsample, c.res_blocks)
         self.quantizer = build_quantizer(c.quantizer, c.latent_dim)
         self.decoder = conv_decoder(c.latent_dim, c.hidden, c.in_channels, c.downsample, c.res_blocks)
-
-    @property
-    def codebook_size(self) -> int:
-        return self.quantizer.codebook_size
-
-    @property
-    def token_shape(self) -> tuple[int, ...]:
-        side = self.config.image_size // self.config.downsample
-        stages = _stages(self.quantizer)
-        return (side, side) if stages == 1 else (side, side, stages)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
         """x: (B, C, H, W) in [0, 1]; labels are ignored."""
