@@ -154,6 +154,30 @@ def test_fsq_is_a_bijection_on_its_grid():
     assert torch.equal(fsq.indices_to_grid(out.indices), out.codes)
 
 
+@pytest.mark.parametrize("levels", [(8, 5, 5, 5), (4, 4, 4), (7, 6)])
+def test_fsq_is_the_reference_function(levels):
+    """Given the same projection weights, our FSQ equals vector-quantize-pytorch's (the paper's
+    Appendix A.1 code) bit for bit: codes, indices, decoded indices and the straight-through
+    gradients. So a bench gap between the two is the projections' random init, not the formula."""
+    from vector_quantize_pytorch import FSQ as PeerFSQ
+
+    torch.manual_seed(0)
+    peer, ours = PeerFSQ(levels=list(levels), dim=16), FSQ(16, levels)
+    ours.project_in.load_state_dict(peer.project_in.state_dict())
+    ours.project_out.load_state_dict(peer.project_out.state_dict())
+    z = (3 * torch.randn(2, 64, 16)).requires_grad_()  # wide enough to reach every level's edge
+    z_peer = z.detach().clone().requires_grad_()
+    out = ours(z)
+    codes, indices = peer(z_peer)
+    weights = torch.randn_like(codes)
+    (out.codes * weights).sum().backward()
+    (codes * weights).sum().backward()
+    assert torch.equal(out.codes, codes) and torch.equal(out.indices, indices.long())
+    assert torch.equal(z.grad, z_peer.grad)
+    assert torch.equal(ours.project_in.weight.grad, peer.project_in.weight.grad)
+    assert torch.equal(ours.indices_to_codes(out.indices), peer.indices_to_codes(indices))
+
+
 def test_distances_and_ema_stay_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     z = torch.randn(64, 8).bfloat16().float()  # exactly representable in bf16

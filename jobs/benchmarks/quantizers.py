@@ -110,8 +110,9 @@ def _peer_module(family: str):
     }[family]()
 
 
-def _peer_quantizer(family: str, codebook_size: int, stages: int):
-    """The peer behind our quantizer interface: (B, h, w, D) -> QuantizerOutput."""
+def _peer_quantizer(family: str, codebook_size: int, stages: int, seed: int):
+    """The peer behind our quantizer interface: (B, h, w, D) -> QuantizerOutput. Its random init
+    (projections, codebooks) follows `seed`, as ours does, so --seed varies both sides."""
     import torch
     from torch import nn
 
@@ -130,7 +131,7 @@ def _peer_quantizer(family: str, codebook_size: int, stages: int):
             loss = out[2].sum() if len(out) > 2 else z.new_zeros(())
             return QuantizerOutput(out[0].reshape(z.shape), out[1].reshape(b, h, w, *out[1].shape[2:]), loss)
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return PeerQuantizer()
 
 
@@ -146,8 +147,7 @@ def _models(family: str, channels: int, seed: int):
     ours = VQVAE(config)
     peer = copy.deepcopy(ours)
     stages = getattr(ours.quantizer, "num_stages", 1)
-    torch.manual_seed(seed)
-    peer.quantizer = _peer_quantizer(family, ours.codebook_size, stages)
+    peer.quantizer = _peer_quantizer(family, ours.codebook_size, stages, seed)
     return ours, peer
 
 
