@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workdir", type=output_folder, default=None, help="where shards and stores go (default: a temp dir)")
     parser.add_argument("--kl-vs-fastdit", action="store_true",
                         help="instead: a tiny diffusers AutoencoderKL through tokenmill vs fast-DiT's extraction loop "
-                        "(jobs/benchmarks/kl_extract.py)")
+                        "(pipeline/kl_extract_bench.py)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = dict(gpus=args.gpus, precision=args.precision, decode_threads=args.decode_threads)
     if args.kl_vs_fastdit:
-        from jobs.benchmarks.kl_extract import benchmark_kl
+        from pipeline.kl_extract_bench import benchmark_kl
 
         chosen, device = benchmark_kl, {}
     else:
