@@ -52,6 +52,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+# Forking a process that holds a Ray driver is unsupported: the child shares the driver's gRPC
+# channels to the GCS, and the driver can stop hearing about new actors (calls to them hang, in
+# a later test). Record such forks here; the autouse fixture below fails the test that made one.
+FORKS_WHILE_RAY_UP: list[int] = []
+
+
+def _note_fork_while_ray_up() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        FORKS_WHILE_RAY_UP.append(os.getpid())
+
+
+os.register_at_fork(before=_note_fork_while_ray_up)
+
+
+@pytest.fixture(autouse=True)
+def _no_fork_while_ray_up():
+    """multiprocessing "fork" or a DataLoader's default workers while Ray is up: use "spawn"."""
+    FORKS_WHILE_RAY_UP.clear()
+    yield
+    if FORKS_WHILE_RAY_UP:
+        pytest.fail("this test forked the pytest process while it holds a Ray driver, which breaks Ray "
+                    "for later tests; start child processes with the \"spawn\" context instead")
+
+
 @pytest.fixture(autouse=True)
 def _fast_tests_start_no_ray(request):
     """A test not marked slow that starts Ray (e.g. through `ensure_ray`) fails: mark it or use `ray_local`."""
