@@ -52,27 +52,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def _ray_up() -> bool:
+    """Whether this process holds a Ray driver (without importing Ray)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 # Forking a process that holds a Ray driver is unsupported: the child shares the driver's gRPC
 # channels to the GCS, and the driver can stop hearing about new actors (calls to them hang, in
-# a later test). Record such forks here; the autouse fixture below fails the test that made one.
-FORKS_WHILE_RAY_UP: list[int] = []
+# a later test). Count such forks here; the autouse fixture below fails the test that made one.
+_forks_while_ray_up = [0]
 
 
-def _note_fork_while_ray_up() -> None:
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        FORKS_WHILE_RAY_UP.append(os.getpid())
+def _count_fork_while_ray_up() -> None:
+    _forks_while_ray_up[0] += _ray_up()
 
 
-os.register_at_fork(before=_note_fork_while_ray_up)
+os.register_at_fork(before=_count_fork_while_ray_up)
 
 
 @pytest.fixture(autouse=True)
 def _no_fork_while_ray_up():
     """multiprocessing "fork" or a DataLoader's default workers while Ray is up: use "spawn"."""
-    FORKS_WHILE_RAY_UP.clear()
+    _forks_while_ray_up[0] = 0
     yield
-    if FORKS_WHILE_RAY_UP:
+    if _forks_while_ray_up[0]:
         pytest.fail("this test forked the pytest process while it holds a Ray driver, which breaks Ray "
                     "for later tests; start child processes with the \"spawn\" context instead")
 
@@ -80,11 +84,9 @@ def _no_fork_while_ray_up():
 @pytest.fixture(autouse=True)
 def _fast_tests_start_no_ray(request):
     """A test not marked slow that starts Ray (e.g. through `ensure_ray`) fails: mark it or use `ray_local`."""
-    ray = sys.modules.get("ray")
-    already = request.node.get_closest_marker("slow") is not None or (ray is not None and ray.is_initialized())
+    already = request.node.get_closest_marker("slow") is not None or _ray_up()
     yield
-    ray = sys.modules.get("ray")
-    if not already and ray is not None and ray.is_initialized():
+    if not already and _ray_up():
         pytest.fail("this test started Ray but is not marked slow; use the ray_local fixture or @pytest.mark.slow")
 
 

@@ -37,9 +37,7 @@ def _racer(urls: list[str], models: list[str], me: int, sync: Path, out: Path) -
 
 
 def _race(urls: list[str], models: tuple[list[str], list[str]], sync: Path) -> list[tuple[str, str]]:
-    """Two spawned processes. Not forked: this process may hold a Ray driver, and a forked child
-    shares its gRPC connections to Ray's GCS; that once left the driver deaf to new actors, so a
-    later test hung (conftest fails any test that forks while Ray is up)."""
+    """Two spawned processes: this one may hold a Ray driver, which must not be forked (conftest)."""
     sync.mkdir()
     context = multiprocessing.get_context("spawn")
     outs = [sync / f"results-{me}.json" for me in (0, 1)]
