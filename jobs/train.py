@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from jobs.cli import add_config_options, add_json_option
 
 if TYPE_CHECKING:
-    from pipeline.training.trainer import TrainSummary
+    from pipeline.training.driver import TrainSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> TrainSummary:
     from pipeline.training.config import load_train_config
-    from pipeline.training.trainer import train
+    from pipeline.training.driver import train
 
     config = load_train_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
     summary = train(config)

@@ -1,7 +1,7 @@
 """`tokenmill train-prior CONFIG [--set k=v ...]` and `python -m jobs.train_prior CONFIG`.
 
 Train a Transformer prior over a token store's codes with Ray Train DDP, tracked in MLflow
-(steps: pipeline/prior/trainer.py).
+(the training engine's prior task: pipeline/training/tasks/prior.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from jobs.cli import add_config_options, add_json_option
 
 if TYPE_CHECKING:
-    from pipeline.prior.trainer import PriorTrainSummary
+    from pipeline.training.driver import TrainSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,9 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> PriorTrainSummary:
+def run(args: argparse.Namespace) -> TrainSummary:
     from pipeline.prior.config import load_prior_config
-    from pipeline.prior.trainer import train_prior
+    from pipeline.training.driver import train_prior
 
     config = load_prior_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
     summary = train_prior(config)
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> PriorTrainSummary:
     print(f"trained prior {summary.run_name}: step {metrics['step']}  "
           f"val bits/token {metrics.get('val/bits_per_token', float('nan')):.4f}")
     print(f"  model     {summary.model_dir}  ({summary.model_uri})")
-    print(f"  store     {summary.store}  (tokenizer {summary.tokenizer_uri})")
+    print(f"  store     {summary.details['store']}  (tokenizer {summary.details['tokenizer_uri']})")
     print(f"  mlflow    {summary.mlflow_tracking_uri}  run {summary.mlflow_run_id}")
     return summary
 

@@ -52,6 +52,11 @@ class PriorConfig:
 
     def __post_init__(self) -> None:
         self.grid = [[int(h), int(w)] for h, w in self.grid]  # JSON/YAML give lists or tuples back
+        for name in ("codebook_size", "dim", "depth", "heads", "mlp_ratio", "rope_base"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_classes < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"num_classes must be >= 0 and dropout in [0, 1), got {self.num_classes}, {self.dropout}")
         if self.dim % self.heads:
             raise ValueError(f"prior dim {self.dim} must be divisible by heads {self.heads}")
         if self.positions == "rope2d" and (self.dim // self.heads) % 4:

@@ -5,7 +5,7 @@ the lowest resolution, around any quantizer of `models.quantizers`.
 Images are (B, C, H, W) in [0, 1] at the interface and [-1, 1] inside (taming's range).
 `forward` returns the reconstruction loss (L1 or L2, mean over pixels) plus the quantizer's
 loss; the perceptual and adversarial terms are added by the training step
-(`pipeline.training.adversarial`), which also reads `last_layer` for taming's adaptive weight.
+(`pipeline.training.tasks.adversarial`), which also reads `last_layer` for taming's adaptive weight.
 The exported model is the tokenizer alone: no discriminator, no LPIPS network.
 """
 

@@ -2,21 +2,19 @@
 perceptual (LPIPS) weight, PatchGAN discriminator, hinge / non-saturating GAN losses, taming's
 adaptive weight, the discriminator start step and LeCAM regularisation (Tseng et al. 2021).
 
-Single-device and rank-agnostic: `pipeline.training.adversarial.AdversarialStep` owns the two
-optimizers and the order of the generator and discriminator steps.
+Single-device and rank-agnostic: the training engine's adversarial task
+(`pipeline.training.tasks.adversarial`) owns the `loss` config, the two optimizers and the order
+of the generator and discriminator steps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from models.lpips import LPIPSWeights
-from models.training import OptimConfig
 
 
 @dataclass
@@ -26,40 +24,6 @@ class DiscriminatorConfig:
     norm: Literal["batch", "group"] = "group"  # group: no batch statistics, identical on every rank
 
     __pydantic_config__ = {"extra": "forbid"}
-
-
-def _disc_optim() -> OptimConfig:
-    return OptimConfig(lr=1e-4, betas=(0.5, 0.9), grad_clip=1.0, ema_decay=0.0)
-
-
-@dataclass
-class VQGANLossConfig:
-    """The train config's `loss` section; absent, a model trains on its own loss alone."""
-
-    perceptual_weight: float = 1.0  # LPIPS (VGG); > 0 needs the weight files (models.lpips)
-    perceptual: LPIPSWeights = field(default_factory=LPIPSWeights)
-    adversarial_weight: float = 0.5  # taming's disc_weight; 0 turns the discriminator off
-    adversarial_loss: Literal["hinge", "non-saturating"] = "hinge"
-    adaptive_weight: bool = True  # scale the GAN term by |grad nll| / |grad gan| at the decoder's last layer
-    disc_start: int = 0  # optimizer steps before the discriminator (and the generator's GAN term) start
-    lecam_weight: float = 0.0  # LeCAM regulariser on the discriminator; 0 = off
-    lecam_decay: float = 0.999  # EMA of the discriminator's mean outputs
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    disc_optim: OptimConfig = field(default_factory=_disc_optim)
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:  # YAML / checkpoints give dicts
-        if isinstance(self.perceptual, dict):
-            self.perceptual = LPIPSWeights(**self.perceptual)
-        if isinstance(self.discriminator, dict):
-            self.discriminator = DiscriminatorConfig(**self.discriminator)
-        if isinstance(self.disc_optim, dict):
-            self.disc_optim = OptimConfig(**self.disc_optim)
-
-    @property
-    def uses_discriminator(self) -> bool:
-        return self.adversarial_weight > 0
 
 
 class PatchDiscriminator(nn.Module):
@@ -107,11 +71,9 @@ def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, kind: str) -> T
     return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
 
 
-def adaptive_weight(nll_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
-    """taming's λ = |∇_last nll| / (|∇_last gan| + 1e-4), clamped to [0, max_weight] and detached.
-    `last_layer` must be the *unwrapped* decoder's parameter (under DDP too)."""
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+def adaptive_weight(nll_grad: Tensor, gan_grad: Tensor, max_weight: float = 1e4) -> Tensor:
+    """taming's λ = |∇_last nll| / (|∇_last gan| + 1e-4), clamped to [0, max_weight] and detached,
+    from the two losses' gradients at the decoder's last layer (`last_layer`)."""
     weight = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(gan_grad.float()) + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 

@@ -54,7 +54,7 @@ def run_demo(root: Path, steps: int, workers: int, prior_steps: int = 600) -> De
     from pipeline.tokenize import tokenize_dataset
     from pipeline.tokens.detokenize import detokenize_store
     from pipeline.training.config import load_train_config
-    from pipeline.training.trainer import train
+    from pipeline.training.driver import train
 
     started = time.perf_counter()
     root = root.resolve()
@@ -96,7 +96,7 @@ def _train_and_sample_prior(root: Path, store_url: str, steps: int, workers: int
     8 sampled digits per class from it, decoded by the tokenizer its lineage names."""
     from pipeline.prior.config import load_prior_config
     from pipeline.prior.sampling import SampleOptions, sample_prior
-    from pipeline.prior.trainer import train_prior
+    from pipeline.training.driver import train_prior
 
     config = load_prior_config(PRIOR_PRESET, [
         f"data.store={store_url}", f"run.root={root}", "run.name=demo-prior", f"train.steps={steps}",

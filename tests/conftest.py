@@ -102,6 +102,12 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def sqlite_tracking(tmp_path_factory) -> str:
+    """One SQLite MLflow store for the session's in-process runs (creating one costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite')}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3-compatible server on 127.0.0.1; yields fsspec storage options for s3fs."""
     from moto.server import ThreadedMotoServer

@@ -1,21 +1,26 @@
 """The typed config of `tokenmill train-prior`: which token store, which Transformer, how long.
 
-`optim`, `scaling`, `run` and `tracking` are the sections `tokenmill train` has (same keys, same
-meaning); `model` holds `models.prior.PriorConfig`'s fields, where the vocabulary (`codebook_size`),
+`optim`, `train` (the engine's loop section), `scaling`, `run` and `tracking` are the sections
+every training job has (`pipeline.training.config.JobConfig`: same keys, same meaning); `model`
+holds `models.prior.PriorConfig`'s fields and defaults, where the vocabulary (`codebook_size`),
 the code grid (`grid`) and the number of classes may be left out: they are read from the store.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import pydantic
 
 from models.prior import PriorConfig
-from models.training import OptimConfig
 from pipeline.config import StrictModel, load_config
-from pipeline.training.config import RunSection, ScalingSection, TrackingSection
+from pipeline.training.config import JobConfig, LoopSection, RunSection, TrackingSection
+from pipeline.training.optim import OptimConfig
+
+FROM_STORE = ("codebook_size", "num_classes", "grid")  # None in the config: the store's
 
 
 class PriorDataSection(StrictModel):
@@ -32,34 +37,25 @@ class PriorDataSection(StrictModel):
     item_log: Optional[str] = None
 
 
-class PriorModelSection(StrictModel):
-    """`models.prior.PriorConfig`'s fields and defaults; the first three default to the store's."""
-
-    kind: Literal["prior"] = "prior"
-    codebook_size: Optional[int] = pydantic.Field(None, gt=0)  # None: the store's
-    num_classes: Optional[int] = pydantic.Field(None, ge=0)  # None: the store's labels; 0: unconditional
-    grid: Optional[list[list[int]]] = None  # [[h, w]] per level; None: the store's
-    dim: int = pydantic.Field(PriorConfig.dim, gt=0)
-    depth: int = pydantic.Field(PriorConfig.depth, gt=0)
-    heads: int = pydantic.Field(PriorConfig.heads, gt=0)
-    mlp_ratio: float = pydantic.Field(PriorConfig.mlp_ratio, gt=0)
-    positions: Literal["learned", "rope2d"] = PriorConfig.positions
-    rope_base: float = pydantic.Field(PriorConfig.rope_base, gt=0)
-    label_dropout: float = pydantic.Field(PriorConfig.label_dropout, ge=0, lt=1)  # classifier-free guidance needs some
-    dropout: float = pydantic.Field(PriorConfig.dropout, ge=0, lt=1)
-    tie_weights: bool = PriorConfig.tie_weights
-    norm: Literal["layernorm", "rmsnorm"] = PriorConfig.norm
+def _model_section() -> type[StrictModel]:
+    """A config section with PriorConfig's fields, types and defaults (its own checks run when the
+    driver builds the PriorConfig), except FROM_STORE, which default to None: the store's."""
+    hints = typing.get_type_hints(PriorConfig)
+    fields: dict[str, Any] = {}
+    for field in dataclasses.fields(PriorConfig):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if field.name in FROM_STORE:
+            fields[field.name] = (Optional[hints[field.name]], None)
+        else:
+            fields[field.name] = (hints[field.name], default)
+    return pydantic.create_model("PriorModelSection", __base__=StrictModel, **fields)
 
 
-class PriorTrainSection(StrictModel):
-    steps: int = pydantic.Field(2000, gt=0)
-    batch_size: int = pydantic.Field(64, gt=0)  # per worker
-    seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
-    log_every: int = pydantic.Field(20, gt=0)
-    val_every: int = pydantic.Field(500, gt=0)
-    checkpoint_every: int = pydantic.Field(500, gt=0)
-    sample_every: int = pydantic.Field(1000, ge=0)  # 0: no sample grids during training
+PriorModelSection = _model_section()
+
+
+class PriorTrainSection(LoopSection):
+    sample_every: Optional[int] = pydantic.Field(1000, ge=0)  # sample grids; 0: none during training
 
 
 class PriorSampleSection(StrictModel):
@@ -72,13 +68,12 @@ class PriorSampleSection(StrictModel):
     top_k: Optional[int] = pydantic.Field(None, gt=0)
 
 
-class PriorJobConfig(StrictModel):
+class PriorJobConfig(JobConfig):
     data: PriorDataSection
-    model: PriorModelSection = PriorModelSection()
+    model: PriorModelSection = PriorModelSection()  # type: ignore[valid-type]
     optim: OptimConfig = OptimConfig(lr=3e-4, weight_decay=0.01, grad_clip=1.0, ema_decay=0.0)
     train: PriorTrainSection = PriorTrainSection()
     sample: PriorSampleSection = PriorSampleSection()
-    scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection(name="prior")
     tracking: TrackingSection = TrackingSection(experiment="tokenmill-prior")
 

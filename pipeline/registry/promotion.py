@@ -1,6 +1,6 @@
 """Champion vs challenger: score both on the fixed validation shards, decide, record, promote.
 
-Scores come from `pipeline.training.validation.evaluate` (the trainer's own validation code) run over the
+Scores come from `pipeline.training.tasks.image_validation.evaluate` (training's own validation code) run over the
 fixed shards in manifest order, on a registered model version, so champion and challenger are
 measured by the same code on the same images: VQ family PSNR and codebook usage over the whole
 split, VAE family importance-weighted NLL with seeded samples. Deterministic for a given model.
@@ -42,11 +42,11 @@ def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str,
     import torch
 
     from pipeline.registry.model_ref import resolve_model
-    from pipeline.training import validation
+    from pipeline.training.tasks import image_validation
 
     model, _ = resolve_model(model_ref, tracking_uri, config.data.storage_options).load()
     torch.manual_seed(config.validation.seed)  # the IW samples of VAEs: same draws for every model
-    metrics, _ = validation.evaluate(model, _validation_batches(config), config.validation.iw_samples)
+    metrics, _ = image_validation.evaluate(model, _validation_batches(config), config.validation.iw_samples)
     return metrics
 
 
@@ -54,7 +54,7 @@ def validation_shard_urls(config: RetrainConfig) -> list[str]:
     """The fixed validation split's shard URLs; UserError when its manifest is missing."""
     from pipeline.shards.manifest import shards_for_split
     from pipeline.shards.sources import BUILTIN_SOURCES
-    from pipeline.training.data import materialize_builtin
+    from pipeline.training.tasks.image_data import materialize_builtin
 
     shards = config.validation.shards
     if shards in BUILTIN_SOURCES:  # sharded once under run.root/shards/<name>, like a train config's data
@@ -63,7 +63,7 @@ def validation_shard_urls(config: RetrainConfig) -> list[str]:
 
 
 def _validation_batches(config: RetrainConfig) -> Iterator[dict[str, Any]]:
-    """The fixed split in manifest order, decoded as the trainer decodes validation data."""
+    """The fixed split in manifest order, decoded as training decodes validation data."""
     from pipeline.shards.stream import StreamConfig, check_shards, iter_shard_batches
 
     section, options = config.validation, config.data.storage_options

@@ -2,7 +2,7 @@
 
  1. find the newest data version under `versions.prefix` (pipeline.shards.versions);
     if it was already decided, say so and stop (finishing an interrupted re-tokenization);
- 2. train a challenger on it with `pipeline.training.trainer.train`, warm-started from the champion's weights
+ 2. train a challenger on it with `pipeline.training.driver.train`, warm-started from the champion's weights
     when `promotion.warm_start` and the architectures match;
  3. score the challenger on the fixed validation shards; then, holding the promotion lock,
     re-check that no other run decided this data version meanwhile, score the current champion
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from models.errors import UserError
 
 if TYPE_CHECKING:
-    from pipeline.training.trainer import TrainSummary
+    from pipeline.training.driver import TrainSummary
 
 
 class StepFailed(RuntimeError):
@@ -131,7 +131,7 @@ def retrain(config) -> RetrainResult:
 
 
 def _train(train_config) -> TrainSummary:
-    from pipeline.training.trainer import train
+    from pipeline.training.driver import train
 
     return train(train_config)
 

@@ -5,7 +5,8 @@ SQLite MLflow file are fine. On a cluster, training workers and data tasks run o
 they would read shards that are not there, write checkpoints another node never sees, and log
 to another SQLite file. Every such setting gets one message naming the key and the fix, unless
 the config says its local paths are on a filesystem every node mounts (`run.shared_storage`).
-Training calls `check_cluster_storage`; any job that runs on Ray workers can do the same.
+The training engine's driver calls `check_cluster_storage` for every task; any job that runs on
+Ray workers can do the same.
 """
 
 from __future__ import annotations
@@ -44,17 +45,18 @@ def is_local_url(url: str) -> bool:
     return protocol is None or protocol in LOCAL_PROTOCOLS
 
 
-def local_storage_problems(config) -> list[str]:
-    """One line per setting of a train config (TrainJobConfig) that only this node can see."""
+def local_storage_problems(config, data: dict[str, str]) -> list[str]:
+    """One line per setting of a training config that only this node can see: the task's data
+    (`data`: config key -> URL, e.g. {"data.shards": ...}), checkpoints and the tracking store."""
     shared = "or set run.shared_storage=true if every node mounts it at the same path"
     problems = []
-    shards = config.data.shards
-    if shards.startswith("builtin:"):
-        problems.append(f"data.shards={shards} is sharded onto this node's disk; write it to shared storage "
-                        f"(`tokenmill shard {shards} s3://BUCKET/shards/NAME`) and set data.shards to that URL, {shared}")
-    elif is_local_url(shards):
-        problems.append(f"data.shards={shards} is a local path; copy the shards to s3:// (or another URL every node "
-                        f"reads) and set data.shards, {shared}")
+    for key, url in data.items():
+        if url.startswith("builtin:"):
+            problems.append(f"{key}={url} is sharded onto this node's disk; write it to shared storage "
+                            f"(`tokenmill shard {url} s3://BUCKET/shards/NAME`) and set {key} to that URL, {shared}")
+        elif is_local_url(url):
+            problems.append(f"{key}={url} is a local path; copy it to s3:// (or another URL every node reads) "
+                            f"and set {key}, {shared}")
     checkpoints = config.run.resolved_storage_path()
     if is_local_url(checkpoints):
         problems.append(f"run.storage_path={checkpoints} (Ray Train checkpoints) is a local path; set it to an "
@@ -67,12 +69,13 @@ def local_storage_problems(config) -> list[str]:
     return problems
 
 
-def check_cluster_storage(config, nodes: int | None = None) -> None:
-    """UserError listing every node-local setting of `config` when it would run on more than one
-    node (`nodes`, default: counted on the Ray cluster this job uses)."""
+def check_cluster_storage(config, data: dict[str, str], nodes: int | None = None) -> None:
+    """UserError listing every node-local setting of `config` (and of its `data`, see
+    `local_storage_problems`) when it would run on more than one node (`nodes`, default: counted
+    on the Ray cluster this job uses)."""
     if config.run.shared_storage:
         return
-    problems = local_storage_problems(config)
+    problems = local_storage_problems(config, data)
     if not problems:
         return
     nodes = cluster_nodes() if nodes is None else nodes

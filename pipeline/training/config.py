@@ -1,23 +1,28 @@
-"""The typed config of `tokenmill train`: one section per component.
+"""The typed configs of the training engine: one section per component.
 
-The `model` section is a tagged union (on `kind`) of every registered model's own config
+`JobConfig` holds the sections every task shares (optim, the loop's `train`, scaling, run,
+tracking); `TrainJobConfig` is `tokenmill train`'s (tokenizers), `pipeline.prior.config.PriorJobConfig`
+`tokenmill train-prior`'s. The tokenizer's `model` section is a tagged union (on `kind`) of every registered model's own config
 dataclass, so adding a model class adds its config here automatically.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import pydantic
 
 import models  # noqa: F401 - registers every model class
+from models.lpips import LPIPSWeights
 from models.schedules import KLSchedule
 from models.serialization import registered_models
-from models.training import OptimConfig
-from models.vqgan_loss import VQGANLossConfig
+from models.vqgan_loss import DiscriminatorConfig
 from pipeline.config import StrictModel, load_config
 from pipeline.shards.images import TransformConfig
+from pipeline.training.optim import OptimConfig
+from pipeline.training.precision import Precision
 
 
 def _model_union() -> Any:
@@ -26,6 +31,41 @@ def _model_union() -> Any:
 
 
 ModelConfig = _model_union()
+
+
+def _disc_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-4, betas=(0.5, 0.9), grad_clip=1.0, ema_decay=0.0)
+
+
+@dataclass
+class VQGANLossConfig:
+    """The `loss` section: perceptual and adversarial terms (taming's `vqperceptual.py`, without
+    its legacy flags); `pipeline.training.tasks.adversarial` trains with it."""
+
+    perceptual_weight: float = 1.0  # LPIPS (VGG); > 0 needs the weight files (models.lpips)
+    perceptual: LPIPSWeights = field(default_factory=LPIPSWeights)
+    adversarial_weight: float = 0.5  # taming's disc_weight; 0 turns the discriminator off
+    adversarial_loss: Literal["hinge", "non-saturating"] = "hinge"
+    adaptive_weight: bool = True  # scale the GAN term by |grad nll| / |grad gan| at the decoder's last layer
+    disc_start: int = 0  # optimizer steps before the discriminator (and the generator's GAN term) start
+    lecam_weight: float = 0.0  # LeCAM regulariser on the discriminator; 0 = off
+    lecam_decay: float = 0.999  # EMA of the discriminator's mean outputs
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    disc_optim: OptimConfig = field(default_factory=_disc_optim)  # its EMA is always off
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:  # YAML / checkpoints give dicts
+        if isinstance(self.perceptual, dict):
+            self.perceptual = LPIPSWeights(**self.perceptual)
+        if isinstance(self.discriminator, dict):
+            self.discriminator = DiscriminatorConfig(**self.discriminator)
+        if isinstance(self.disc_optim, dict):
+            self.disc_optim = OptimConfig(**self.disc_optim)
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.adversarial_weight > 0
 
 
 class DataSection(StrictModel):
@@ -45,25 +85,34 @@ class EarlyStopSection(StrictModel):
     patience: int = 3  # validations without improvement before stopping
 
 
-class TrainSection(StrictModel):
-    steps: int = pydantic.Field(2000, gt=0)
-    batch_size: int = pydantic.Field(64, gt=0)  # per worker
+class LoopSection(StrictModel):
+    """The `train` section every task shares: what the engine's loop does, and when."""
+
+    steps: int = pydantic.Field(2000, gt=0)  # optimizer steps
+    batch_size: int = pydantic.Field(64, gt=0)  # per worker and micro-batch
+    # Micro-batches per optimizer step (gradient accumulation): a step sees
+    # batch_size x accumulate x num_workers examples.
+    accumulate: int = pydantic.Field(1, gt=0)
     seed: int = 0
-    bf16: bool = False  # shorthand for precision: bf16
-    # Autocast of the forward pass: fp32 (none), bf16, or fp16 (with a GradScaler). Quantizer
-    # distances and codebook statistics stay fp32 whatever this says.
-    precision: Optional[Literal["fp32", "bf16", "fp16"]] = None
+    # Autocast of the forward: auto = bf16 on CUDA, fp32 on CPU (pipeline.training.precision).
+    precision: Precision = "auto"
+    compile: bool = False  # torch.compile every trained module (worth it on GPUs, for long runs)
     log_every: int = pydantic.Field(20, gt=0)
     val_every: int = pydantic.Field(500, gt=0)
     checkpoint_every: int = pydantic.Field(500, gt=0)
-    iw_samples: int = pydantic.Field(16, gt=0)  # K of the importance-weighted NLL (VAE family)
+    # Image panels / sample grids (rank 0, to MLflow): None = at every validation, 0 = never,
+    # N = every N steps and at the last step.
+    sample_every: Optional[int] = pydantic.Field(None, ge=0)
     # Warm start: a model (directory/URL, runs:/…, models:/NAME/VERSION) of the same architecture
     # whose weights replace the fresh initialisation; a checkpoint being resumed wins over it.
     init_from: Optional[str] = None
     early_stop: EarlyStopSection = EarlyStopSection()
 
-    def resolved_precision(self) -> str:
-        return self.precision or ("bf16" if self.bf16 else "fp32")
+
+class TrainSection(LoopSection):
+    """`tokenmill train`'s `train` section: the loop's, plus the VAE family's validation."""
+
+    iw_samples: int = pydantic.Field(16, gt=0)  # K of the importance-weighted NLL (VAE family)
 
 
 class ScalingSection(StrictModel):
@@ -100,16 +149,24 @@ class TrackingSection(StrictModel):
     log_images: bool = True
 
 
-class TrainJobConfig(StrictModel):
-    model: ModelConfig  # type: ignore[valid-type]
-    data: DataSection = DataSection()
+class JobConfig(StrictModel):
+    """The sections every training job has; each task's config adds its model and data."""
+
     optim: OptimConfig = OptimConfig()  # total_steps 0 means train.steps
-    kl: KLSchedule = KLSchedule()  # used by models with a KL term only
-    loss: Optional[VQGANLossConfig] = None  # perceptual + adversarial terms (VQGAN); None: the model's own loss
-    train: TrainSection = TrainSection()
+    train: LoopSection = LoopSection()
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
     tracking: TrackingSection = TrackingSection()
+
+
+class TrainJobConfig(JobConfig):
+    """`tokenmill train`: a tokenizer (VAE or VQ family; with a `loss` section, a VQGAN)."""
+
+    model: ModelConfig  # type: ignore[valid-type]
+    data: DataSection = DataSection()
+    kl: KLSchedule = KLSchedule()  # used by models with a KL term only
+    loss: Optional[VQGANLossConfig] = None  # perceptual + adversarial terms (VQGAN); None: the model's own loss
+    train: TrainSection = TrainSection()
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainJobConfig:

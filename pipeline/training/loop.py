@@ -1,9 +1,15 @@
-"""The per-worker training loop that Ray Train runs on every rank.
+"""The per-rank training loop: one loop for every task (`pipeline.training.task`).
 
-Every rank: build the model, wrap it for DDP, inject the quantizers' collectives, restore the
-latest checkpoint (if any), then loop: step; validate on the whole validation split (sums
-all-reduced, so all ranks agree on early stopping); checkpoint and `ray.train.report` at the
-same steps on every rank. Rank 0 alone prints progress and writes to MLflow.
+Every rank: seed, open the task's data, build its parts, warm-start (`train.init_from`), place
+and wrap them (`RankContext.prepare`: DDP), inject the quantizers' collectives, optionally
+compile, restore the latest checkpoint; then, epoch after epoch, gather `train.accumulate`
+micro-batches into one step (`pipeline.training.step`) and do whatever is due after it, at the
+same steps on every rank:
+    validate (every rank, sums all-reduced; early stopping) -> rank 0: the task's images
+    -> checkpoint and report (every rank reports; rank 0 attaches the checkpoint).
+Rank 0 alone prints progress and writes to MLflow. The same loop runs inside Ray Train
+(`ray_train_loop`) and in this process (`run_rank` with a `LocalContext`), which is how the unit
+tests run every task without Ray.
 """
 
 from __future__ import annotations
@@ -17,171 +23,225 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 
+from models.errors import UserError
 from models.quantizers.collectives import distributed_collectives, set_collectives
-from models.serialization import build_model, save_model
-from models.training import TrainStep
 from pipeline import faults
-from pipeline.ray_runtime import quiet_ray_data_logs
-from pipeline.shards.stream import to_model_input
-from pipeline.training import validation
-from pipeline.training.adversarial import build_train_step
-from pipeline.training.config import TrainJobConfig
+from pipeline.training.context import RankContext, RayTrainContext
+from pipeline.training.optim import Part
+from pipeline.training.precision import configure_device_math, resolve_precision
 from pipeline.training.reporting import RankZeroLogger
 from pipeline.training.state import TrainState, gather_rng_states, load_train_state, save_train_state
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    config = TrainJobConfig.model_validate(loop_config["config"])
-    quiet_ray_data_logs()  # rank 0 prints progress; a line per validation pass would bury it
-    run = _start_rank(config, loop_config)
-    epoch_clock = loop_config.get("epoch_clock")
-    while run.state.step < config.train.steps and not run.state.stopped_early:
-        if epoch_clock is not None:  # this pass reads shard order, shuffle and augmentation of state.epoch
-            ray.get(epoch_clock.set.remote(run.state.epoch))
-        _train_one_pass(run)
-    if run.logger:
-        run.logger.finish()
+from pipeline.training.step import StepResult, StepRunner
+from pipeline.training.task import Task
 
 
 @dataclasses.dataclass
-class _RankRun:
-    """What one rank's loop works with, built once per attempt by `_start_rank`."""
+class LoopSpec:
+    """What a rank needs besides its task."""
 
-    config: TrainJobConfig
-    rank: int
-    world_size: int
-    module: torch.nn.Module  # unwrapped: what EMA, validation and checkpoints see
-    trainer: TrainStep
-    device: torch.device
-    kl_weight: Any  # the KL schedule (step -> weight) for models with a KL term, else None
-    state: TrainState
-    resumed_from: int
-    logger: RankZeroLogger | None  # rank 0 only
-    train_shard: Any
-    val_shard: Any
-    throughput: Throughput
+    tracking_uri: str | None = None  # None: no MLflow (in-process runs that track nothing)
+    run_id: str | None = None
+    progress: Any = None  # the driver's ProgressBoard actor; None: progress lines on stdout
+    epoch_clocks: dict[str, Any] = dataclasses.field(default_factory=dict)  # dataset name -> EpochClock
 
 
-def _start_rank(config: TrainJobConfig, loop_config: dict[str, Any]) -> _RankRun:
-    """Seed, build and wrap the model, restore the latest checkpoint (if any), open the data shards."""
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    seed_everything(config.train.seed + rank)
-    if not config.scaling.use_gpu:
-        # Ray sets OMP_NUM_THREADS only when the environment has none; match the worker's CPUs.
-        torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
-    module, trainer = _build_model_and_trainer(config, loop_config["tracking_uri"])
-    device = next(module.parameters()).device
-    kl_weight = config.kl if getattr(module, "has_kl", False) else None
+def ray_train_loop(loop_config: dict[str, Any]) -> None:
+    """What Ray Train's TorchTrainer runs on every worker: {"task": Task, "spec": LoopSpec}."""
+    from pipeline.ray_runtime import quiet_ray_data_logs
 
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_train_state(Path(directory), module, trainer, device, rank)
-
-    logger = None
-    if rank == 0:
-        logger = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], config.tracking.log_images,
-                                config.train.steps, loop_config.get("progress"))
-        if state.step:
-            logger.say(state.step, f"resumed from step {state.step}")
-    return _RankRun(config, rank, world_size, module, trainer, device, kl_weight, state, state.step, logger,
-                    ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"),
-                    Throughput(config.train.batch_size * world_size))
+    quiet_ray_data_logs()  # rank 0 prints progress; a line per validation pass would bury it
+    task, spec = loop_config["task"], loop_config["spec"]
+    run_rank(task, RayTrainContext(spec.epoch_clocks, task.config.scaling), spec)
 
 
-def _build_model_and_trainer(config: TrainJobConfig, tracking_uri: str) -> tuple[torch.nn.Module, TrainStep]:
-    """The unwrapped model (on its device, collectives injected) and the TrainStep over its DDP wrapper."""
-    module = build_model(config.model)  # the unwrapped model: what EMA, validation and checkpoints see
-    if config.train.init_from:  # before DDP and TrainStep, so replicas and EMA start from these weights
-        load_initial_weights(module, config.train.init_from, tracking_uri)
-    model = ray.train.torch.prepare_model(module)  # DDP when world_size > 1, moved to the device
-    set_collectives(module, distributed_collectives())  # no-ops unless distributed
-    optim = dataclasses.replace(config.optim, total_steps=config.optim.total_steps or config.train.steps)
-    # With a `loss` section: the two-optimizer VQGAN step; its discriminator goes into DDP the same way.
-    trainer = build_train_step(model, optim, config.loss, wrap=ray.train.torch.prepare_model,
-                               precision=config.train.resolved_precision())
-    return module, trainer
+def run_rank(task: Task, context: RankContext, spec: LoopSpec) -> TrainState:
+    """Train `task` on this rank until `train.steps` or an early stop; returns the final counters."""
+    run = RankRun.start(task, context, spec)
+    while not run.finished:
+        run.train_epoch()
+    run.close()
+    return run.state
 
 
-def _train_one_pass(run: _RankRun) -> None:
-    """One pass over this rank's train shard (the rest of it when resuming mid-epoch), until the
-    last step or an early stop; a full pass advances the epoch."""
-    config, state = run.config, run.state
-    batches = run.train_shard.iter_torch_batches(
-        batch_size=config.train.batch_size, drop_last=True, device=str(run.device),
-        local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-        local_shuffle_seed=config.train.seed + 1000 * state.epoch + run.rank,
-    )
-    for batch_index, batch in enumerate(batches):
-        if batch_index < state.batch_in_epoch:
-            continue  # resuming mid-epoch: skip what the restored steps already consumed
-        _train_step(run, batch)
-        state.batch_in_epoch = batch_index + 1
-        if _validate_and_checkpoint(run):
+class RankRun:
+    """One rank's training: built by `start`, advanced by `train_epoch`."""
+
+    def __init__(self, task: Task, context: RankContext, parts: dict[str, Part], runner: StepRunner,
+                 state: TrainState, logger: RankZeroLogger | None):
+        self.task, self.context, self.parts, self.runner, self.state, self.logger = (
+            task, context, parts, runner, state, logger)
+        self.loop = task.config.train
+        self.main = next(iter(parts.values()))  # the model: validated, checkpointed, exported
+        self.resumed_from = state.step
+        world = context.world_size * self.loop.batch_size * self.loop.accumulate
+        self.throughput = Throughput(world)
+
+    @classmethod
+    def start(cls, task: Task, context: RankContext, spec: LoopSpec) -> RankRun:
+        loop = task.config.train
+        seed_everything(loop.seed + context.rank)
+        configure_device_math(context.device)
+        task.setup(context)
+        parts = build_parts(task, context, spec.tracking_uri)
+        runner = StepRunner(parts, resolve_precision(loop.precision, context.device), context.device)
+        state = restore(task, context, parts, runner)
+        logger = None
+        if context.rank == 0:
+            logger = RankZeroLogger(spec.tracking_uri, spec.run_id, loop.steps, spec.progress)
+            if state.step:
+                logger.say(state.step, f"resumed from step {state.step} (epoch {state.epoch}, "
+                                       f"batch {state.batch_in_epoch})")
+        return cls(task, context, parts, runner, state, logger)
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.loop.steps or self.state.stopped_early
+
+    def train_epoch(self) -> None:
+        """The rest of this epoch (from `batch_in_epoch` when resuming), until done; a whole pass
+        advances the epoch. Micro-batches short of a full step at the epoch's end are dropped."""
+        state, micro, steps = self.state, [], 0
+        for index, batch in self.task.batches(state.epoch, state.batch_in_epoch):
+            micro.append(batch)
+            if len(micro) < self.loop.accumulate:
+                continue
+            self.step(micro)
+            micro, steps = [], steps + 1
+            state.batch_in_epoch = index + 1
+            if self.after_step():
+                return
+        if not steps and not state.batch_in_epoch:
+            raise UserError(f"an epoch of the training split gives this rank fewer than train.accumulate="
+                            f"{self.loop.accumulate} batches of {self.loop.batch_size}; lower train.batch_size")
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+    def step(self, micro_batches: list[Any]) -> None:
+        result = self.runner.run(self.task.losses, micro_batches, self.state.step)
+        self.state.step += 1
+        self.throughput.step_done()
+        faults.hit("train.step", step=self.state.step, rank=self.context.rank)  # tests: a worker fails here
+        if self.logger and self.state.step % self.loop.log_every == 0:
+            metrics = self.step_metrics(result)
+            postfix = f"loss {metrics['loss']:.4f}  {self.throughput.rate():.0f} {self.task.example}/s"
+            self.logger.log_step(self.state.step, metrics, postfix)
+
+    def step_metrics(self, result: StepResult) -> dict[str, float]:
+        """Floats to log (one host read for every tensor): the model's loss, grad norm and lr,
+        the other parts' with their name as prefix, the task's metrics and the rates."""
+        values: dict[str, Any] = dict(result.metrics)
+        for name, stats in result.parts.items():
+            prefix = "" if self.parts[name] is self.main else f"{name}_"
+            values |= {f"{prefix}loss": result.losses[name], f"{prefix}grad_norm": stats["grad_norm"],
+                       f"{prefix}lr": stats["lr"], f"{prefix}skipped_updates": self.parts[name].skipped}
+        scalars = {k: v for k, v in values.items() if not torch.is_tensor(v) or v.numel() == 1}
+        tensors = [k for k, v in scalars.items() if torch.is_tensor(v)]
+        if tensors:
+            read = torch.stack([scalars[k].detach().float().reshape(()) for k in tensors]).tolist()
+            scalars |= dict(zip(tensors, read))
+        return {k: float(v) for k, v in scalars.items()} | self.task.rate_metrics(self.throughput.rate())
+
+    def after_step(self) -> bool:
+        """Validate, log images and checkpoint when due (every rank at the same steps); True when done."""
+        loop, step = self.loop, self.state.step
+        last = step >= loop.steps
+        validated = step % loop.val_every == 0 or last
+        with self.throughput.paused():
+            if validated:
+                self.validate()
+            if self.logger and samples_due(loop.sample_every, step, last, validated):
+                self.task.log_extras(self.main.eval_module(), step, self.logger)
+            if step % loop.checkpoint_every == 0 or last or self.state.stopped_early:
+                self.checkpoint()
+        return last or self.state.stopped_early
+
+    def validate(self) -> None:
+        metrics = self.task.validate(self.main.eval_module())
+        self.state.record_validation(metrics, self.loop.early_stop)
+        if self.logger:
+            self.logger.log_validation(self.state.step, metrics)
+
+    def checkpoint(self) -> None:
+        """Every rank reports; rank 0 attaches the checkpoint: the train state (every part, the
+        step's scaler, the task's state, every rank's RNG) and the exportable model."""
+        state = self.state
+        metrics = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                   "skipped_updates": self.main.skipped, "resumed_from_step": self.resumed_from,
+                   "stopped_early": state.stopped_early, **self.task.rate_metrics(self.throughput.rate()),
+                   **state.last_val}
+        rng_states = gather_rng_states(self.context.device)  # a collective: every rank calls it
+        if self.context.rank != 0:
+            self.context.report(metrics, None)
             return
-    state.epoch += 1
-    state.batch_in_epoch = 0
+        with tempfile.TemporaryDirectory() as directory:
+            extra = {"step": self.runner.state_dict(), "task": self.task.state_dict()}
+            save_train_state(Path(directory), state, self.parts, extra, rng_states)
+            self.task.save(self.main.eval_module(), Path(directory) / "model")
+            self.context.report(metrics, Path(directory))
+
+    def close(self) -> None:
+        if self.logger:
+            self.logger.finish()
 
 
-def _train_step(run: _RankRun, batch: Any) -> None:
-    """One optimizer step on `batch`; rank 0 logs the step's metrics every `log_every` steps."""
-    config, state = run.config, run.state
-    x, y = to_model_input(batch)  # x: (B, C, H, W) float in [0, 1]; y: (B,) int64
-    extra = {"kl_weight": run.kl_weight(state.step)} if run.kl_weight else {}
-    output, stats = run.trainer.step(x, y, **extra)  # autocast (train.precision) covers its forward only
-    state.step += 1
-    run.throughput.step_done()
-    faults.hit("train.step", step=state.step, rank=run.rank)  # tests: a worker fails here
-    if run.logger and state.step % config.train.log_every == 0:
-        run.logger.log_step(state.step, output, stats, run.throughput.img_per_s(),
-                            {**extra, "skipped_updates": run.trainer.skipped})
+def samples_due(every: int | None, step: int, last: bool, validated: bool) -> bool:
+    """`train.sample_every`: None = with every validation, 0 = never, N = every N steps and at the end."""
+    if every is None:
+        return validated
+    return every > 0 and (step % every == 0 or last)
 
 
-def _validate_and_checkpoint(run: _RankRun) -> bool:
-    """Validate and checkpoint when due (every rank at the same steps); True once training is done."""
-    config, state = run.config, run.state
-    is_last = state.step >= config.train.steps
-    with run.throughput.paused():
-        if state.step % config.train.val_every == 0 or is_last:
-            _validate(state, run.trainer.eval_model(), run.val_shard, config, run.device, run.rank, run.world_size,
-                      run.logger)
-        if state.step % config.train.checkpoint_every == 0 or is_last or state.stopped_early:
-            _report_with_checkpoint(state, run.module, run.trainer, run.rank, run.resumed_from,
-                                    run.throughput.img_per_s(), config)
-    return is_last or state.stopped_early
+def build_parts(task: Task, context: RankContext, tracking_uri: str | None) -> dict[str, Part]:
+    """The task's modules as Parts: warm-started (the first, with train.init_from) before DDP and
+    EMA copy them, on the device, DDP-wrapped, collectives injected, optionally compiled."""
+    loop = task.config.train
+    parts: dict[str, Part] = {}
+    for name, (module, optim) in task.build().items():
+        if not parts and loop.init_from:
+            load_initial_weights(module, loop.init_from, tracking_uri)
+        model = context.prepare(module)  # moves `module` to the device too
+        set_collectives(module, distributed_collectives())  # no-ops unless distributed
+        if loop.compile:
+            model = torch.compile(model)
+        optim = dataclasses.replace(optim, total_steps=optim.total_steps or loop.steps)
+        parts[name] = Part(name, module, model, optim)
+    return parts
 
 
-def _validate(state, model, val_shard, config, device, rank, world_size, logger) -> None:
-    batches = val_shard.iter_torch_batches(batch_size=config.train.batch_size, device=str(device))
-    # Rank 0's images come from its first val batch: a second pass over a split stream by rank 0
-    # alone would wait for the other ranks.
-    first: list[Any] = []
-    metrics, counts = validation.evaluate(model, _keep_first(batches, first), config.train.iw_samples, rank,
-                                          world_size)
-    state.record_validation(metrics, config.train.early_stop)
-    if logger:
-        logger.log_validation(state.step, metrics, counts, model, first[0] if first else None)
+def restore(task: Task, context: RankContext, parts: dict[str, Part], runner: StepRunner) -> TrainState:
+    """The latest checkpoint's state (parts, scaler, task, this rank's RNG), or a fresh start."""
+    with context.latest_checkpoint() as folder:
+        if folder is None:
+            return TrainState()
+        state, extra = load_train_state(folder, parts, context.device, context.rank)
+    runner.load_state_dict(extra.get("step", {}))
+    task.load_state_dict(extra.get("task", {}))
+    return state
 
 
-def _keep_first(batches, into: list):
-    for batch in batches:
-        if not into:
-            into.append(batch)
-        yield batch
+def load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str | None) -> None:
+    """Copy the weights of model `ref` into `module` (strict: the architectures must match).
+    Every rank resolves `ref` itself, so it works on nodes that never saw the driver's disk; the
+    driver calls it once on a fresh model before Ray starts, so a bad `ref` is a UserError at once."""
+    from pipeline.registry.model_ref import resolve_model
+
+    source, _ = resolve_model(ref, tracking_uri).load()
+    try:
+        module.load_state_dict(source.state_dict())
+    except RuntimeError as err:  # "Error(s) in loading state_dict for X:\n\tsize mismatch for ..."
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][-1][:300]
+        raise UserError(f"train.init_from {ref} does not fit the `model` section of the config ({detail})") from None
 
 
 class Throughput:
-    """Training images per second (all ranks): validation and checkpoint time are excluded, and
-    so is the first step of an attempt (start-up and warm-up)."""
+    """Training examples per second over all ranks (images, sequences: the task's `example`).
+    Validation, images and checkpoints are excluded, and so is the first step of an attempt
+    (start-up and warm-up)."""
 
-    def __init__(self, images_per_step: int):
-        self.images_per_step = images_per_step
+    def __init__(self, examples_per_step: int):
+        self.examples_per_step = examples_per_step
         self.seconds, self.steps = 0.0, 0
         self._mark: float | None = None
 
@@ -198,46 +258,11 @@ class Throughput:
         if self._mark is not None:
             self._mark = time.perf_counter()
 
-    def img_per_s(self) -> float:
-        return self.steps * self.images_per_step / self.seconds if self.seconds else 0.0
-
-
-def _report_with_checkpoint(state: TrainState, module, trainer: TrainStep, rank: int, resumed_from: int,
-                            img_per_s: float, config: TrainJobConfig) -> None:
-    """All ranks report at the same steps; rank 0 attaches the checkpoint (DDP keeps weights equal,
-    and every rank's RNG state reaches it through a gather)."""
-    metrics = {"step": state.step, "epoch": state.epoch, "skipped_updates": trainer.skipped, "img_per_s": img_per_s,
-               "resumed_from_step": resumed_from, "stopped_early": state.stopped_early, **state.last_val}
-    rng_states = gather_rng_states(next(module.parameters()).device)  # every rank's, for rank 0 to save
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        save_train_state(Path(directory), state, module, trainer, rng_states)
-        # The exportable model (EMA weights when EMA is on): config.json + model.safetensors.
-        # The transform travels with the model so tokenization decodes images the way training did.
-        save_model(trainer.eval_model(), Path(directory) / "model",
-                   extra={"transform": config.data.transform.for_eval().model_dump(mode="json")})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
-def load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str) -> None:
-    """Copy the weights of model `ref` into `module` (strict: the architectures must match).
-    Every rank resolves `ref` itself, so it works on nodes that never saw the driver's disk; the
-    driver calls it once on a fresh model before Ray starts, so a bad `ref` is a UserError at once."""
-    from models.errors import UserError
-    from pipeline.registry.model_ref import resolve_model
-
-    source, _ = resolve_model(ref, tracking_uri).load()
-    try:
-        module.load_state_dict(source.state_dict())
-    except RuntimeError as err:  # "Error(s) in loading state_dict for X:\n\tsize mismatch for ..."
-        detail = [line.strip() for line in str(err).splitlines() if line.strip()][-1][:300]
-        raise UserError(f"train.init_from {ref} does not fit the `model` section of the config ({detail})") from None
+    def rate(self) -> float:
+        return self.steps * self.examples_per_step / self.seconds if self.seconds else 0.0
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-

@@ -1,7 +1,8 @@
 """Training state that survives a restart: counters, early-stopping memory and checkpoint I/O.
 
-A checkpoint directory holds `train_state.pt` (model, TrainStep state, counters, each rank's RNG), loaded
-with `torch.load(weights_only=True)` — tensors and plain containers only, nothing unpickled.
+A checkpoint directory holds `train_state.pt` (every part's weights, optimizer and EMA, counters,
+the step's and the task's extra state, each rank's RNG), loaded with `torch.load(weights_only=True)`:
+tensors and plain containers only, nothing unpickled.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from models.errors import UserError
+
 STATE_FILE = "train_state.pt"
+FORMAT = 2  # 2: one entry per part (format 1, one model + "trainer", is refused with a message)
 
 
 @dataclass
@@ -44,31 +48,39 @@ class TrainState:
             self.stopped_early = self.validations_without_improvement >= early_stop.patience
 
 
-def save_train_state(directory: Path, state: TrainState, module: torch.nn.Module, trainer: Any,
+def save_train_state(directory: Path, state: TrainState, parts: Mapping[str, Any], extra: dict[str, Any],
                      rng_states: list[dict[str, Any]]) -> None:
-    """`rng_states`: every rank's `rank_rng_state`, indexed by rank (`gather_rng_states`)."""
+    """`parts`: name -> Part; `extra`: other state to restore (the step's GradScaler, the task's
+    own, e.g. LeCAM averages); `rng_states`: every rank's `rank_rng_state`, indexed by rank."""
     payload = {
+        "format": FORMAT,
         "state": dataclasses.asdict(state),
-        "model": module.state_dict(),
-        "trainer": trainer.state_dict(),
+        "parts": {name: part.state_dict() for name, part in parts.items()},
+        "extra": extra,
         "rng": list(rng_states),
     }
     torch.save(payload, directory / STATE_FILE)
 
 
-def load_train_state(directory: Path, module: torch.nn.Module, trainer: Any, device: torch.device,
-                     rank: int = 0) -> TrainState:
-    """Restore the model, trainer and counters, and this rank's own RNG state. A rank that the
-    saving run did not have (a bigger world now), or an old checkpoint with one shared RNG state,
-    keeps the RNG it was seeded with (seed + rank): ranks must not share random streams."""
+def load_train_state(directory: Path, parts: Mapping[str, Any], device: torch.device,
+                     rank: int = 0) -> tuple[TrainState, dict[str, Any]]:
+    """Restore every part and this rank's own RNG state; returns the counters and the `extra`
+    state. A rank that the saving run did not have (a bigger world now) keeps the RNG it was
+    seeded with (seed + rank): ranks must not share random streams. A checkpoint of another
+    format or of other parts is a UserError: resuming it would silently train something else."""
     payload = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    module.load_state_dict(payload["model"])
-    module.to(device)
-    trainer.load_state_dict(payload["trainer"])
+    saved = payload.get("parts") if payload.get("format") == FORMAT else None
+    if saved is None or set(saved) != set(parts):
+        found = sorted(saved) if saved is not None else "an older tokenmill's"
+        raise UserError(f"the checkpoint in {directory} holds {found} parts, this run trains {sorted(parts)}; "
+                        "choose another run.name (or delete the run's checkpoints) to start fresh")
+    for name, part in parts.items():
+        part.load_state_dict(saved[name])
+        part.module.to(device)
     rng = payload["rng"]
-    if isinstance(rng, list) and rank < len(rng):
+    if rank < len(rng):
         restore_rank_rng(rng[rank], device)
-    return TrainState(**payload["state"])
+    return TrainState(**payload["state"]), payload["extra"]
 
 
 def rank_rng_state(device: torch.device) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The data a training run reads: shard URLs per split, the manifest identity, and the Ray Datasets.
+"""The data an image task reads: shard URLs per split, the manifest identity, and the streams
+(Ray Datasets under Ray Train, `LocalStream`s in this process).
 
 Resolved on the driver before Ray work starts, so a missing manifest, a split without shards
 or a missing shard fails the job at once with the URL in the message.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.shards.local_stream import LocalStream
 from pipeline.shards.manifest import manifest_identity, read_manifest, shards_for_split
 from pipeline.shards.sources import BUILTIN_SOURCES
 from pipeline.shards.stream import EPOCH_CLOCK, ShardStream, StreamConfig, check_shards, open_stream
@@ -29,21 +31,31 @@ class TrainingData:
     config: Any  # the job's DataSection
     seed: int
 
-    def open_streams(self) -> dict[str, ShardStream]:
-        """The train stream (shuffled and augmented anew in every epoch, which the training loop
-        sets through `epoch_clock`) and the val stream (fixed order, no augmentation)."""
+    def stream_configs(self) -> dict[str, StreamConfig]:
+        """The train stream is shuffled and augmented anew in every epoch (the loop sets the epoch);
+        the val stream keeps a fixed order, without augmentation."""
         train = StreamConfig(transform=self.config.transform, shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
         val = StreamConfig(transform=self.config.transform.for_eval(), shuffle=False, shuffle_buffer=0)
-        options = self.config.storage_options
-        return {"train": open_stream(self.train_urls, train, epoch=EPOCH_CLOCK, storage_options=options),
-                "val": open_stream(self.val_urls, val, storage_options=options)}
+        return {"train": train, "val": val}
+
+    def open_streams(self) -> dict[str, ShardStream]:
+        """Ray Data streams of both splits; the train stream reads its epoch from its `epoch_clock`."""
+        configs, options = self.stream_configs(), self.config.storage_options
+        return {"train": open_stream(self.train_urls, configs["train"], epoch=EPOCH_CLOCK, storage_options=options),
+                "val": open_stream(self.val_urls, configs["val"], storage_options=options)}
+
+    def local_streams(self) -> dict[str, LocalStream]:
+        """The same rows read in this process, without Ray (`pipeline.training.context.LocalContext`)."""
+        configs, options = self.stream_configs(), self.config.storage_options
+        return {"train": LocalStream(self.train_urls, configs["train"], options),
+                "val": LocalStream(self.val_urls, configs["val"], options)}
 
 
 def ingest_config(datasets: dict[str, Any]):
     """The Ray Train DataConfig for `datasets` ({"train", "val"}): the train stream is split
     equally between ranks (unequal batch counts would hang DDP); val is split too, but unequally
     (`equal=False` drops no row), so each val image is decoded and evaluated by exactly one rank
-    and the sums are all-reduced (`validation.evaluate`); before, every rank decoded the whole
+    and the sums are all-reduced (`image_validation.evaluate`); before, every rank decoded the whole
     split and kept 1/world of it.
 
     Ray Train replaces each dataset's execution options with its ingest defaults, which drops the

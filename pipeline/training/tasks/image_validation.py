@@ -1,7 +1,7 @@
-"""Validation over the whole validation split, shared across ranks.
+"""What the image tasks measure and show: validation over the whole split, and image panels.
 
 Ray Train splits the validation stream between ranks without dropping rows
-(`pipeline.training.data.ingest_config`: `streaming_split(equal=False)`), so each rank decodes
+(`pipeline.training.tasks.image_data.ingest_config`: `streaming_split(equal=False)`), so each rank decodes
 and evaluates only its own share; the sums are all-reduced once at the end, so every rank returns
 the same numbers (which makes early-stopping decisions identical) and no sample is dropped or
 counted twice. `val/images` is the number of images counted.
@@ -9,17 +9,21 @@ VAE family: importance-weighted NLL and ELBO (nats per image) and bits/dim.
 VQ family: MSE, PSNR, SSIM (means over images) and hf_ratio from `models.evaluation.ReconstructionMetrics`
 (the code `tokenmill eval` uses), and codebook usage / perplexity from counts accumulated over the
 whole split (per level for two-level models).
+Panels (rank 0): reconstructions, samples at several temperatures, latent interpolations and the
+codebook usage histogram, each where the model offers it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from models.codebook_stats import code_counts, usage_and_perplexity
 from models.evaluation import ReconstructionMetrics, bits_per_dim, iw_bounds
+from models.latent_ops import has_latent_paths, interpolate, make_grid
 from pipeline.shards.stream import to_model_input
 
 
@@ -82,3 +86,34 @@ def _level_stages(model: torch.nn.Module) -> list[int]:
     if isinstance(shape[0], tuple):  # two-level model: one shape per level
         return [s[2] if len(s) == 3 else 1 for s in shape]
     return [shape[2] if len(shape) == 3 else 1]
+
+
+SAMPLE_TEMPERATURES = (1.0, 0.8, 0.6, 0.4)  # one row of samples each: lower is smoother, less diverse
+
+
+@torch.no_grad()
+def image_panels(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(folder, (C, H, W) grid) for every view `model` supports, chosen by what it offers, not by
+    its kind: reconstructions (any model), samples (a `sample` method), interpolations (continuous codes)."""
+    was_training = model.training
+    model.eval()
+    pairs = torch.cat([x, model(x, y).recon.float()])  # originals row(s), then reconstructions
+    panels = [("reconstructions", make_grid(pairs, nrow=8))]
+    if callable(getattr(model, "sample", None)):
+        n = min(8, x.shape[0])
+        rows = [model.sample(n, y=y[:n], temperature=t) for t in SAMPLE_TEMPERATURES]  # each (n, C, H, W)
+        panels.append(("samples", make_grid(torch.cat(rows), nrow=n)))
+    if has_latent_paths(model) and x.shape[0] >= 8:
+        path = interpolate(model, x[:4], x[4:8], steps=8, mode="slerp", y0=y[:4], y1=y[4:8])  # (4·8, C, H, W)
+        panels.append(("interpolations", make_grid(path, nrow=8)))
+    model.train(was_training)
+    return panels
+
+
+def usage_histogram(counts: torch.Tensor, height: int = 64) -> np.ndarray:
+    """Per-code counts (K,) -> (height, K, 3) uint8 bar chart, codes sorted by count."""
+    counts = counts.double().sort(descending=True).values
+    bars = (counts / counts.max().clamp(min=1) * height).round().long()  # (K,)
+    rows = torch.arange(height, 0, -1).unsqueeze(1)  # (height, 1)
+    image = (rows <= bars.unsqueeze(0)).numpy()  # (height, K) bool
+    return np.where(image[..., None], np.uint8(40), np.uint8(235)).repeat(3, axis=2)

@@ -1,0 +1,141 @@
+"""The prior task: a Transformer over a token store's codes (`tokenmill train-prior`).
+
+Driver: everything about the input is checked before Ray starts, each problem one UserError (no
+store, an unfinished or latent store, a missing split, a model section that disagrees with the
+store, a tokenizer that cannot be read, whose weights differ from the store's lineage or whose
+codes do not fit). The ranks then open the store themselves, with no Ray Datasets: every rank
+reads its own slice of each global batch (`pipeline.prior.data`). A step is the next-token loss
+(nats per code token; label dropout for classifier-free guidance). Validation: bits per token
+over the validation split. Rank 0's images: sample grids, one row per class, decoded by the
+store's tokenizer. The exported prior carries `lineage.json` (store, tokenizer, vocabulary, grid).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from torch import nn
+
+from models.errors import UserError
+from models.prior import PriorConfig
+from models.serialization import build_model
+from pipeline.prior import data as prior_data
+from pipeline.prior.evaluation import bits_per_token, sample_grid
+from pipeline.training.optim import OptimConfig, Part
+from pipeline.training.step import Loss
+from pipeline.training.task import Task
+
+LN2 = math.log(2.0)
+
+
+class PriorTask(Task):
+    name = "prior"
+    example = "seq"
+
+    # -- driver ---------------------------------------------------------------------------------------
+    def prepare(self, tracking_uri: str) -> dict[str, str]:
+        data = self.config.data
+        probe = prior_data.open_split(data, data.train_split, 0)
+        fields = prior_data.resolve_model_fields(self.config.model, prior_data.store_vocab(probe))
+        for split in (data.train_split, data.val_split):
+            prior_data.open_split(data, split, fields["num_classes"])  # UserError: no such split
+        try:
+            prior = PriorConfig(**fields)  # the model's own checks (e.g. dim divisible by heads)
+        except ValueError as err:
+            raise UserError(f"model: {err}") from None
+        self.model_fields = fields
+        self.tokenizer = store_tokenizer(self.config, prior, tracking_uri)  # ModelFiles, sha256 checked
+        from pipeline.redaction import redact
+
+        return {"tokenmill.token_store": redact(data.store), "tokenmill.tokenizer_sha256": self.tokenizer.weights_sha256}
+
+    def shared_data(self) -> dict[str, str]:
+        return {"data.store": self.config.data.store}
+
+    def export_extras(self, model_dir: Path) -> None:
+        """lineage.json next to the prior's config.json: the store, its tokenizer and the vocabulary."""
+        from pipeline.prior.lineage import prior_lineage, write_prior_lineage
+        from pipeline.redaction import redact
+
+        prior = PriorConfig(**self.model_fields)
+        tokenizer = {"model_uri": self.tokenizer.uri, "weights_sha256": self.tokenizer.weights_sha256}
+        write_prior_lineage(model_dir, prior_lineage(redact(self.config.data.store), tokenizer, prior.vocab(),
+                                                     prior.grid))
+
+    def summary(self, inputs: Any) -> dict[str, Any]:
+        return {"store": self.config.data.store, "tokenizer_uri": self.tokenizer.uri}
+
+    # -- every rank -----------------------------------------------------------------------------------
+    def build(self) -> dict[str, tuple[nn.Module, OptimConfig]]:
+        return {"model": (build_model(PriorConfig(**self.model_fields)), self.config.optim)}
+
+    def setup(self, context: Any) -> None:
+        super().setup(context)
+        data, loop = self.config.data, self.config.train
+        classes = self.model_fields["num_classes"]
+        train = prior_data.open_split(data, data.train_split, classes)
+        self.train = prior_data.TrainBatches(train, data.train_split, context.rank, context.world_size,
+                                             loop.batch_size, loop.seed, data.shuffle_window_chunks)
+        self.val = prior_data.open_split(data, data.val_split, classes)
+        self.decoder = None  # rank 0, when it draws sample grids: the store's tokenizer
+        if context.rank == 0 and loop.sample_every != 0:
+            self.decoder = self.tokenizer.load()[0].eval()
+
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[int, Any]]:
+        for index, batch in self.train.epoch(epoch, start):
+            self._record_items(epoch, index, batch["indices"])
+            yield index, batch["tokens"]  # (B, prefix + N) int64
+
+    def losses(self, batch: Any, step: int, parts: Mapping[str, Part]) -> Iterator[Loss]:
+        tokens = batch.to(self.context.device, non_blocking=True)
+        loss = parts["model"].model(tokens, return_loss=True)  # through DDP's own forward
+        yield Loss("model", loss, metrics={"bits_per_token": loss.detach() / LN2})
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        loop, data = self.config.train, self.config.data
+        batches = prior_data.val_batches(self.val, self.context.rank, self.context.world_size, loop.batch_size,
+                                         data.val_max_items)
+        return {"val/bits_per_token": bits_per_token(model, batches, self.context.device)}
+
+    def log_extras(self, model: nn.Module, step: int, logger: Any) -> None:
+        if self.decoder is None or not self.config.tracking.log_images:
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            path = sample_grid(model, self.decoder, self.config.sample, self.config.train.seed,
+                               Path(directory) / f"step_{step:07d}.png")
+            logger.log_file(path, "samples")
+
+    def rate_metrics(self, examples_per_s: float) -> dict[str, float]:
+        return {"seq_per_s": examples_per_s, "tokens_per_s": examples_per_s * PriorConfig(**self.model_fields).seq_len}
+
+    def _record_items(self, epoch: int, batch_index: int, indices: Any) -> None:
+        """With `data.item_log` set, append what this rank reads ("epoch batch item...") to
+        `<item_log>/rank<r>.txt`: an audit of which samples a run saw (tests check the partition)."""
+        folder = self.config.data.item_log
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with open(Path(folder) / f"rank{self.context.rank}.txt", "a") as log:
+                log.write(f"{epoch} {batch_index} {' '.join(map(str, indices.tolist()))}\n")
+
+
+def store_tokenizer(config: Any, prior: PriorConfig, tracking_uri: str | None) -> Any:
+    """The `ModelFiles` of the tokenizer the store's lineage names, with the recorded weights
+    sha256 and a code shape that fits `prior`; UserError otherwise."""
+    from pipeline.prior.sampling import check_tokenizer_fits
+    from pipeline.tokens.detokenize import resolve_recorded_model
+    from pipeline.tokens.store import TokenStore
+
+    data = config.data
+    lineage = TokenStore(data.store, data.storage_options).token_attrs()["lineage"]
+    hint = "train-prior needs the store's own tokenizer (it decodes the sample grids and goes into the lineage)"
+    try:
+        files = resolve_recorded_model(lineage["model_uri"], lineage["weights_sha256"], data.store, hint,
+                                       tracking_uri, data.storage_options)
+        check_tokenizer_fits(files.load()[0], prior, files.uri)
+    except UserError as err:  # not found, other weights (that message ends with the hint), other code shapes
+        detail = str(err) if str(err).endswith(hint) else f"{err}; {hint}"
+        raise UserError(f"the tokenizer of {data.store} is unusable: {detail}") from None
+    return files
