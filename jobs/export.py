@@ -1,4 +1,4 @@
-"""`tokenmill export STORE --format megatron|parquet OUT`: a finished token store for other trainers.
+"""`tokenmill export STORE --format megatron|parquet OUT`: a finished token store for other training code.
 
 megatron: OUT.bin + OUT.idx (megatron-core's indexed dataset; one sequence and one document
 per sample) + OUT.json (lineage, vocabulary). parquet: one file OUT, one row per sample (key,

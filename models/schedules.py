@@ -1,4 +1,4 @@
-"""KL weight (β) schedules the trainer calls once per step, and free bits for the loss.
+"""KL weight (β) schedules the training loop calls once per step, and free bits for the loss.
 
 `KLSchedule(kind="constant", beta=4.0)` is a β-VAE; "linear" warms β up from 0 over
 `warmup_steps`; "cyclical" repeats a ramp from 0 to β over the first `ramp_ratio` of every

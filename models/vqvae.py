@@ -111,7 +111,7 @@ class _Tokenizer(nn.Module):
     """What both models share: collectives injection and the no-grad tokenizer entry points."""
 
     def set_collectives(self, collectives: Collectives) -> None:
-        """Called by the trainer after wrapping DDP; reaches every quantizer of the model."""
+        """Called by the training loop after wrapping DDP; reaches every quantizer of the model."""
         set_collectives(self, collectives)
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ def ensure_ray() -> None:
     if not console.verbose():
         # With worker output off, what the driver still prints are the raylet's advisories
         # (e.g. "8 PYTHON worker processes have been started", expected on a small machine that
-        # runs trainers, data tasks and actors); the raylet's own log keeps them, and failures
+        # runs training workers, data tasks and actors); the raylet's own log keeps them, and failures
         # still reach the user as exceptions. Ray's debugger turns printing off the same way.
         ray._private.worker._worker_logs_enabled = False
     # Quiet: worker output stays in Ray's log files; the driver's "ray" logger shows warnings.

@@ -1,8 +1,8 @@
 """GPU checks (marked `gpu`, skipped without CUDA): `scripts/gpu_check.sh` runs them on a GPU node.
 
 Host-device synchronisations are counted with CUDA's sync debug mode: a VQ training step with
-no dead code reads the device once (the dead-code check) and TrainStep once more (the gradient
-norm and loss, read together for the skip decision)."""
+no dead code reads the device once (the dead-code check) and the optimizer step once more (the
+gradient norm, read for the skip decision)."""
 
 from __future__ import annotations
 
@@ -28,18 +28,26 @@ def _syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def test_vq_training_step_reads_the_device_at_most_twice():
+def vq_step(precision: str, **optim):
+    """A CUDA VQ-VAE and the engine's StepRunner over it."""
     from models.quantizers import QuantizerConfig
-    from models.training import OptimConfig, TrainStep
     from models.vqvae import VQVAE, VQVAEConfig
+    from pipeline.training.optim import OptimConfig, Part
+    from pipeline.training.step import StepRunner
 
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(in_channels=3, image_size=32, hidden=32, res_blocks=1, downsample=4, latent_dim=16,
                               quantizer=QuantizerConfig(codebook_size=64))).cuda()
-    step = TrainStep(model, OptimConfig(ema_decay=0.99), precision="bf16")
+    return StepRunner({"model": Part("model", model, model, OptimConfig(**optim))}, precision, torch.device("cuda"))
+
+
+def test_vq_training_step_reads_the_device_at_most_twice():
+    from pipeline.training.step import own_loss
+
+    step = vq_step("bf16", ema_decay=0.99)
     x = torch.rand(64, 3, 32, 32, device="cuda")
-    step.step(x)  # k-means init: reads the device (once per run)
-    assert _syncs(lambda: step.step(x)) <= 2
+    step.run(own_loss, [(x,)], 0)  # k-means init: reads the device (once per run)
+    assert _syncs(lambda: step.run(own_loss, [(x,)], 1)) <= 2
 
 
 def test_tokenize_encoder_on_cuda_bf16_matches_fp32(tmp_path: Path):
@@ -62,16 +70,11 @@ def test_tokenize_encoder_on_cuda_bf16_matches_fp32(tmp_path: Path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_train_step_on_cuda_learns(precision: str):
-    from models.quantizers import QuantizerConfig
-    from models.training import OptimConfig, TrainStep
-    from models.vqvae import VQVAE, VQVAEConfig
+    from pipeline.training.step import own_loss
 
-    torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig(in_channels=3, image_size=32, hidden=32, res_blocks=1, downsample=4, latent_dim=16,
-                              quantizer=QuantizerConfig(codebook_size=64))).cuda()
-    step = TrainStep(model, OptimConfig(lr=3e-3, ema_decay=0), precision=precision)
+    step = vq_step(precision, lr=3e-3, ema_decay=0)
     x = torch.rand(64, 3, 32, 32, device="cuda")
-    first = step.step(x)[1]["loss"]
-    for _ in range(30):
-        stats = step.step(x)[1]
-    assert stats["loss"] < first and step.skipped < 10
+    first = float(step.run(own_loss, [(x,)], 0).losses["model"])
+    for i in range(30):
+        last = float(step.run(own_loss, [(x,)], i + 1).losses["model"])
+    assert last < first and step.parts["model"].skipped < 10

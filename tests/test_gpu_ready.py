@@ -129,7 +129,8 @@ def test_vq_step_runs_restart_collectives_only_when_a_code_is_dead():
 def test_train_step_autocasts_the_forward_only_and_scales_fp16():
     import torch
 
-    from models.training import OptimConfig, TrainStep
+    from pipeline.training.optim import OptimConfig, Part
+    from pipeline.training.step import StepRunner, own_loss
 
     class Probe(torch.nn.Module):
         def __init__(self):
@@ -137,16 +138,17 @@ def test_train_step_autocasts_the_forward_only_and_scales_fp16():
             self.linear = torch.nn.Linear(4, 4)
             self.dtypes: list[torch.dtype] = []
 
-        def forward(self, x, y=None):
+        def forward(self, x):
             out = self.linear(x)
             self.dtypes.append(out.dtype)
-            return type("Out", (), {"loss": out.float().pow(2).mean()})()
+            return type("Out", (), {"loss": out.float().pow(2).mean(), "metrics": {}})()
 
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         model = Probe()
-        step = TrainStep(model, OptimConfig(ema_decay=0), precision=precision)
-        _, stats = step.step(torch.randn(8, 4))
+        step = StepRunner({"model": Part("model", model, model, OptimConfig(ema_decay=0))}, precision,
+                          torch.device("cpu"))
+        result = step.run(own_loss, [(torch.randn(8, 4),)], 0)
         assert model.dtypes == [dtype] and model.linear.weight.dtype == torch.float32
-        assert isinstance(stats["loss"], float) and isinstance(stats["grad_norm"], float)
+        assert result.losses["model"].dtype == torch.float32 and isinstance(result.parts["model"]["grad_norm"], float)
         assert (step.scaler is not None) == (precision == "fp16")
-        assert ("scaler" in step.state_dict()) == (precision == "fp16")
+        assert (step.state_dict()["scaler"] is not None) == (precision == "fp16")

@@ -458,7 +458,7 @@ def test_training_jobs_use_gpus_shared_storage_and_the_mlflow_server():
                 assert url.startswith("s3://"), f"{rel}: {url} must be on s3://"
             config = config.challenger_config(f"{config.versions.prefix}/v1", "challenger", None, MLFLOW_SERVICE)
         assert config.data.shards.startswith("s3://"), f"{rel}: data.shards must be on s3://"
-        check_cluster_storage(config, nodes=4)  # raises on anything node-local
+        check_cluster_storage(config, {"data.shards": config.data.shards}, nodes=4)  # raises on anything node-local
         group = gpu_worker_group(spec["clusterSelector"]["ray.io/cluster"])
         gpu = group["template"]["spec"]["containers"][0]["resources"]
         assert int(gpu["limits"]["nvidia.com/gpu"]) >= 1 and int(gpu["requests"]["nvidia.com/gpu"]) >= 1

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from models.training import OptimConfig, TrainStep
+from pipeline.training.optim import OptimConfig, Part
 from pipeline.training.state import TrainState, load_train_state, rank_rng_state, restore_rank_rng, save_train_state
 
 CPU = torch.device("cpu")
@@ -17,9 +17,9 @@ def draws() -> tuple[list[float], float]:
     return torch.rand(4).tolist(), random.random()
 
 
-def model_and_trainer() -> tuple[torch.nn.Module, TrainStep]:
+def parts() -> dict[str, Part]:
     module = torch.nn.Linear(3, 2)
-    return module, TrainStep(module, OptimConfig())
+    return {"model": Part("model", module, module, OptimConfig())}
 
 
 def test_each_rank_restores_its_own_rng_state(tmp_path):
@@ -30,13 +30,12 @@ def test_each_rank_restores_its_own_rng_state(tmp_path):
         draws()  # some training happened before the checkpoint
         states.append(rank_rng_state(CPU))
         expected.append(draws())
-    module, trainer = model_and_trainer()
-    save_train_state(tmp_path, TrainState(step=5), module, trainer, states)
+    save_train_state(tmp_path, TrainState(step=5), parts(), {}, states)
 
     for rank in range(2):
         torch.manual_seed(999)  # the restarted rank starts from some other state
         random.seed(999)
-        state = load_train_state(tmp_path, *model_and_trainer(), CPU, rank)
+        state, _ = load_train_state(tmp_path, parts(), CPU, rank)
         assert state.step == 5
         assert draws() == expected[rank]
     assert expected[0] != expected[1]  # the ranks' random streams stay different
@@ -45,12 +44,12 @@ def test_each_rank_restores_its_own_rng_state(tmp_path):
 def test_a_rank_the_saving_run_did_not_have_keeps_its_own_seed(tmp_path):
     torch.manual_seed(1)
     random.seed(1)
-    module, trainer = model_and_trainer()
-    save_train_state(tmp_path, TrainState(), module, trainer, [rank_rng_state(CPU)])
+    saved = parts()
+    save_train_state(tmp_path, TrainState(), saved, {}, [rank_rng_state(CPU)])
     torch.manual_seed(7)
     random.seed(7)
     before = rank_rng_state(CPU)
-    load_train_state(tmp_path, module, trainer, CPU, rank=1)
+    load_train_state(tmp_path, saved, CPU, rank=1)
     after = rank_rng_state(CPU)
     assert torch.equal(after["torch"], before["torch"]) and after["python"] == before["python"]
 

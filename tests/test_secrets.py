@@ -110,9 +110,13 @@ def test_training_records_no_storage_secret_and_forwards_no_aws_credentials(
 def _worker_runtime_env(config_path: Path) -> dict:
     """The runtime env `tokenmill train` gives its workers, from the TorchTrainer it builds."""
     from pipeline.training.config import load_train_config
-    from pipeline.training.trainer import build_trainer
+    from pipeline.training.driver import build_torch_trainer
+    from pipeline.training.loop import LoopSpec
+    from pipeline.training.task import RayInputs
+    from pipeline.training.tasks.tokenizer import TokenizerTask
 
-    trainer = build_trainer(load_train_config(config_path), {}, "sqlite:///unused.db", "run")
+    task = TokenizerTask(load_train_config(config_path))
+    trainer = build_torch_trainer(task, LoopSpec("sqlite:///unused.db", "run"), RayInputs())
     env = trainer.run_config.worker_runtime_env["env_vars"]
     assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     return env

@@ -98,23 +98,24 @@ def test_every_epoch_sets_the_train_streams_epoch_clock(ray_local, tmp_path):
 
     from pipeline.registry import tracking
     from pipeline.training.config import load_train_config
-    from pipeline.training.data import TRAIN_COLUMNS, resolve_training_data
-    from pipeline.training.trainer import build_trainer
+    from pipeline.training.driver import build_torch_trainer
+    from pipeline.training.loop import LoopSpec
+    from pipeline.training.tasks.tokenizer import TokenizerTask
 
     np.save(tmp_path / "images.npy", np.random.default_rng(0).integers(0, 256, (96, 16, 16), dtype=np.uint8))
     write_shards(str(tmp_path / "images.npy"), str(tmp_path / "shards"), ShardSettings(maxcount=8), progress=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    config = load_train_config(DEBUG_CONFIG, [  # ~86 train images: 2 steps of 2x16 per epoch
+    task = TokenizerTask(load_train_config(DEBUG_CONFIG, [  # ~86 train images: 2 steps of 2x16 per epoch
         f"data.shards={tmp_path / 'shards'}", f"run.root={tmp_path}", "data.transform.hflip=true",
         "train.steps=7", "train.val_every=7", "train.checkpoint_every=7", "tracking.log_images=false",
-        f"tracking.tracking_uri={uri}", "run.max_failures=0"])
-    streams = resolve_training_data(config).open_streams()
-    datasets = {name: stream.dataset.select_columns(TRAIN_COLUMNS) for name, stream in streams.items()}
-    run_id = tracking.get_or_create_run(uri, config.tracking.experiment, config.run.name, tags={}, run_dir=tmp_path)
-    clock = streams["train"].epoch_clock
-    metrics = build_trainer(config, datasets, uri, run_id, clock).fit().metrics
+        f"tracking.tracking_uri={uri}", "run.max_failures=0"]))
+    task.prepare(uri)
+    inputs = task.ray_inputs()
+    run_id = tracking.get_or_create_run(uri, task.config.tracking.experiment, task.config.run.name, tags={},
+                                        run_dir=tmp_path)
+    metrics = build_torch_trainer(task, LoopSpec(uri, run_id, None, inputs.epoch_clocks), inputs).fit().metrics
     assert metrics["step"] == 7 and metrics["epoch"] == 3
-    assert ray.get(clock.get.remote()) == 3
+    assert ray.get(inputs.epoch_clocks["train"].get.remote()) == 3
 
 
 @pytest.mark.slow  # a `python -m jobs.train` process
@@ -128,16 +129,3 @@ def test_missing_shards_exit_2(tmp_path):
     code = cli_main(["train", DEBUG_CONFIG, "--set", f"data.shards={tmp_path / 'nowhere'}",
                      "--set", f"run.root={tmp_path}"])
     assert code == 2
-
-
-def test_vae_family_trains_with_importance_weighted_validation(ray_local, digits_shards, tmp_path):
-    """The same job trains a VAE: KL schedule per step, IW-NLL validation, bf16 autocast."""
-    out = tmp_path / "vae.json"
-    code = cli_main(["train", str(REPO / "configs" / "debug_vae.yaml"), "--set", f"data.shards={digits_shards}",
-                     "--set", f"run.root={tmp_path}", "--set", "train.bf16=true", "--set", "tracking.log_images=false",
-                     "--json", str(out)])
-    assert code == 0
-    metrics = json.loads(out.read_text())["final_metrics"]
-    assert metrics["step"] == 8
-    # The IW bound is at least as tight as the ELBO (both reported as positive nats).
-    assert 0 < metrics["val/nll_nats"] <= metrics["val/elbo_nats"] + 1e-3

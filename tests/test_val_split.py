@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.shards.images import TransformConfig
 from pipeline.shards.stream import StreamConfig, open_stream
-from pipeline.training.data import ingest_config
+from pipeline.training.tasks.image_data import ingest_config
 
 SHARD_SIZES = (22, 13, 7)  # the biggest first: an unordered pass would likely yield the smallest first
 
@@ -54,7 +54,7 @@ def test_each_val_image_is_counted_by_exactly_one_rank(ray_local, tmp_path):
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     urls, keys = write_val_shards(tmp_path)
-    # The val stream as pipeline.training.data opens it: fixed order, no shuffle.
+    # The val stream as pipeline.training.tasks.image_data opens it: fixed order, no shuffle.
     stream = open_stream(urls, StreamConfig(transform=TransformConfig(size=8, channels=1), shuffle=False,
                                             shuffle_buffer=0))
     datasets = {"val": stream.dataset}

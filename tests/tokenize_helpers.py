@@ -165,9 +165,10 @@ def briefly_trained_demo_vqvae(path: Path, steps: int = 40):
     import torch
 
     from models.serialization import build_model, save_model
-    from models.training import OptimConfig, TrainStep
     from pipeline.shards.sources import load_builtin
     from pipeline.training.config import load_train_config
+    from pipeline.training.optim import OptimConfig, Part
+    from pipeline.training.step import StepRunner, own_loss
 
     digits = load_builtin("builtin:mnist5k").images  # (5000, 32, 32, 1) uint8; the last 500 are val
     x = torch.from_numpy(digits[:4500]).permute(0, 3, 1, 2).float() / 255
@@ -176,9 +177,10 @@ def briefly_trained_demo_vqvae(path: Path, steps: int = 40):
     try:
         torch.manual_seed(0)
         model = build_model(load_train_config(Path(__file__).parents[1] / "configs" / "vqvae_mnist.yaml").model)
-        step = TrainStep(model, OptimConfig(lr=1e-3, ema_decay=0))
-        for _ in range(steps):
-            step.step(x[torch.randint(0, len(x), (32,))])
+        step = StepRunner({"model": Part("model", model, model, OptimConfig(lr=1e-3, ema_decay=0))}, "fp32",
+                          torch.device("cpu"))
+        for i in range(steps):
+            step.run(own_loss, [(x[torch.randint(0, len(x), (32,))],)], i)
     finally:
         torch.set_num_threads(threads)
     return save_model(model.eval(), path), digits[4500:]

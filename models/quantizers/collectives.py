@@ -1,6 +1,6 @@
 """Collectives injected into quantizers: EMA statistics, k-means init and dead-code restarts.
 
-Models know nothing of ranks: the trainer builds a `Collectives` (from torch.distributed, after
+Models know nothing of ranks: the training loop builds a `Collectives` (from torch.distributed, after
 wrapping DDP) and hands it to every quantizer with `set_collectives(model, collectives)`. The
 default is a single process: both functions are no-ops, rank 0 of a world of 1.
 
@@ -32,7 +32,7 @@ class Collectives:
 
 def distributed_collectives(group=None) -> Collectives:
     """The real collectives from torch.distributed, or the single-process no-ops when it is not
-    initialised (so the same trainer code runs on a laptop)."""
+    initialised (so the same training code runs on a laptop)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

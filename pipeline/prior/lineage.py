@@ -1,4 +1,4 @@
-"""A prior's lineage: `lineage.json` next to its config.json, written by the trainer and read by
+"""A prior's lineage: `lineage.json` next to its config.json, written by the training engine (the prior task) and read by
 `tokenmill sample` to find the tokenizer that turns sampled codes back into images.
 
 Keys: `store_url` (the token store it was trained on), `tokenizer_uri` and `tokenizer_sha256`

@@ -3,7 +3,7 @@
 MODEL is one of:
   - a local model directory, or any fsspec URL of one (`s3://bucket/runs/x/model`);
   - an MLflow URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<name>@<alias>`
-    (the trainer logs the directory as the run's `model` artifact and registers that).
+    (the training driver logs the directory as the run's `model` artifact and registers that).
 
 The result carries the files' bytes rather than a path: the driver ships them to encoding
 actors through the Ray object store, so actors on other nodes never need the driver's disk.

@@ -1,6 +1,6 @@
 """Streaming WebDataset shards through Ray Data into fixed-size training batches.
 
-Shared by the trainer and the tokenizer:
+Shared by training and tokenization:
 
     urls = shards_for_split("s3://bucket/mnist/", "train")       # pipeline.shards.manifest
     stream = open_stream(urls, StreamConfig(transform=TransformConfig(size=32, channels=1)), epoch=e)

@@ -47,7 +47,7 @@ class TokenEncoder:
     def __init__(self, files: ModelFiles, latents: bool, device: str = "cpu", precision: str = "fp32"):
         if precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        # The trainer exports EMA weights as *the* model, so loading it is loading EMA weights.
+        # Training exports EMA weights as *the* model, so loading it is loading EMA weights.
         model, self.meta = files.load(map_location=device)
         self.model = model.eval().requires_grad_(False)
         self.device, self.latents, self.precision = torch.device(device), latents, precision

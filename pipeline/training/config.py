@@ -96,7 +96,9 @@ class LoopSection(StrictModel):
     seed: int = 0
     # Autocast of the forward: auto = bf16 on CUDA, fp32 on CPU (pipeline.training.precision).
     precision: Precision = "auto"
-    compile: bool = False  # torch.compile every trained module (worth it on GPUs, for long runs)
+    # torch.compile every trained module with this backend (inductor: worth it on GPUs for long
+    # runs; its first steps compile for minutes); None: no compilation.
+    compile: Optional[Literal["inductor", "cudagraphs", "aot_eager", "eager"]] = None
     log_every: int = pydantic.Field(20, gt=0)
     val_every: int = pydantic.Field(500, gt=0)
     checkpoint_every: int = pydantic.Field(500, gt=0)

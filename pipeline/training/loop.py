@@ -204,7 +204,7 @@ def build_parts(task: Task, context: RankContext, tracking_uri: str | None) -> d
         model = context.prepare(module)  # moves `module` to the device too
         set_collectives(module, distributed_collectives())  # no-ops unless distributed
         if loop.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, backend=loop.compile)
         optim = dataclasses.replace(optim, total_steps=optim.total_steps or loop.steps)
         parts[name] = Part(name, module, model, optim)
     return parts

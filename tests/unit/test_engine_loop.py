@@ -218,3 +218,24 @@ def test_the_prior_step_runs_its_forward_under_autocast_and_backward_and_update_
         hook.remove()
     assert seen["forward"][:2] == [True, True]  # the two steps' forwards (validation runs after them)
     assert seen["backward"] == [False, False] and seen["update"] == [False, False]
+
+
+def test_a_vae_trains_in_bf16_with_importance_weighted_validation(shards, tmp_path):
+    """The KL schedule per step and the IW-NLL validation of the VAE family, under bf16 autocast."""
+    config = load_train_config(CONFIGS / "debug_vae.yaml", [
+        f"data.shards={shards}", f"run.root={tmp_path}", "train.precision=bf16", "tracking.log_images=false",
+        "train.steps=4", "train.val_every=4", "train.checkpoint_every=4", "train.batch_size=8"])
+    report = run_in_process(TokenizerTask(config), tmp_path).context.reports[-1]
+    assert report["step"] == 4
+    assert 0 < report["val/nll_nats"] <= report["val/elbo_nats"] + 1e-3  # the IW bound is at least as tight
+
+
+def test_a_compiled_run_trains_the_same_weights_and_checkpoints_plain_keys(store, tmp_path):
+    """train.compile wraps the trained modules in torch.compile (the eager backend here: the
+    graph capture without code generation); checkpoints and exports keep the plain module's keys."""
+    plain = run_in_process(prior_task(store, tmp_path / "plain", "train.steps=3"), tmp_path / "plain")
+    compiled = run_in_process(prior_task(store, tmp_path / "compiled", "train.steps=3", "train.compile=eager"),
+                              tmp_path / "compiled")
+    a, b = weights(plain.train_state()), weights(compiled.train_state())
+    assert not any("_orig_mod" in k for k in b)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
