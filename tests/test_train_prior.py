@@ -12,7 +12,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from tokenize_helpers import build_store, make_vqvae
+from helpers.engine import PRIOR_K, learnable_store, prior_store
+from tokenize_helpers import make_vqvae
 
 from jobs.cli import main as cli_main
 from pipeline.prior import data as prior_data
@@ -20,30 +21,12 @@ from pipeline.prior.config import PriorDataSection
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = str(REPO / "configs" / "debug_prior.yaml")
-K = 64  # the tokenizer's codebook; 8x8 images -> 2x2 codes, build_store's grid
-COUNTS, SPLITS = [20, 13, 10, 15], ["train", "train", "val", "train"]  # 48 train items, 10 val
-
-
-def learnable_store(url: str, tokenizer: Path | None) -> str:
-    """build_store's store (2x2 codes, labels j % 7) with codes a function of the label, so a prior
-    can learn them; its lineage names `tokenizer` (None: a model that does not exist)."""
-    import zarr
-
-    build_store(url, COUNTS, SPLITS, codebook_size=K)
-    group = zarr.open_group(url, mode="r+")
-    labels = group["labels"][:]
-    group["codes"][:] = ((np.maximum(labels, 0) * 5)[:, None] + np.arange(4)).reshape(-1, 2, 2) % K
-    sha = hashlib.sha256((tokenizer / "model.safetensors").read_bytes()).hexdigest() if tokenizer else "0" * 64
-    lineage = dict(group.attrs["lineage"], model_uri=str(tokenizer or Path(url).parent / "no-such-model"),
-                   weights_sha256=sha)
-    group.attrs.update({"lineage": lineage})
-    return url
+K = PRIOR_K  # the tokenizer's codebook; 8x8 images -> 2x2 codes
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("prior-store")
-    return learnable_store(str(root / "tokens.zarr"), make_vqvae(root / "tokenizer", codebook_size=K, image_size=8))
+    return prior_store(tmp_path_factory.mktemp("prior-store"))
 
 
 # -- the partition, no Ray ------------------------------------------------------------------------
