@@ -11,7 +11,7 @@ copy_object, ...) first pass through `inject`. The value is comma-separated NAME
     dir=FOLDER         required: once-flags (shared by all processes) and `injected.log`, one line per fault
 
 Transient faults rotate through a connection reset, a read timeout and S3 throttling (SlowDown),
-raised outside s3fs's own retry loop, so what handles them is `pipeline.storage_retry`.
+raised outside s3fs's own retry loop, so what handles them is `pipeline.runtime.storage_retry`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import fsspec
 import s3fs
 
-from pipeline.faults import STORAGE_ENV as ENV
+from pipeline.runtime.faults import STORAGE_ENV as ENV
 
 WRITE_CALLS = {"put_object", "upload_part", "create_multipart_upload", "complete_multipart_upload", "copy_object",
                "upload_part_copy"}

@@ -52,7 +52,7 @@ def tokenize_dataset(
     `augment`: see `pipeline.tokens.extraction`. `gpus`/`actors`/`decode_threads` shape the actor
     pool (`pipeline.tokenize_pool.plan_pool`); `precision` is the encoder's autocast dtype."""
     from models.errors import UserError
-    from pipeline.storage_retry import retry_storage
+    from pipeline.runtime.storage_retry import retry_storage
     from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer, tokenizer_lineage
     from pipeline.tokens.layout import plan_layout
     from pipeline.tokens.store import TokenStore, tokenmill_version
@@ -102,8 +102,8 @@ def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dic
     """Manifest shard entries with absolute URLs (indexing and writing the manifest when it is
     missing) and the manifest's identity, which decides the store's contents."""
     from models.errors import UserError
+    from pipeline.runtime.storage import join
     from pipeline.shards.manifest import index_shards, manifest_identity, manifest_url, read_manifest, write_manifest
-    from pipeline.storage import join
 
     manifest = read_manifest(shards_url, options)
     if manifest is None:
@@ -123,8 +123,8 @@ def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_si
     import ray
     from tqdm import tqdm
 
-    from pipeline import faults
-    from pipeline.ray_runtime import ensure_ray, quiet_ray_data_logs
+    from pipeline.runtime import faults
+    from pipeline.runtime.ray_connection import ensure_ray, quiet_ray_data_logs
     from pipeline.tokenize_pool import local_cores, plan_pool
 
     ensure_ray()
@@ -154,7 +154,7 @@ def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_si
             first_unit = min(first_unit, float(row["started"]))
             bar.update(int(row["shards"]))
     if failed:
-        from pipeline.storage_retry import StorageError
+        from pipeline.runtime.storage_retry import StorageError
 
         raise StorageError(failed[0] + (f" ({len(failed) - 1} more work units failed)" if len(failed) > 1 else ""))
     return encoded, first_unit
@@ -184,7 +184,7 @@ class ShardEncoderActor:
         self.worker = {"node": ray.get_runtime_context().get_node_id()}  # in each marker: who wrote the unit
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.storage_retry import StorageError, retry_storage
+        from pipeline.runtime.storage_retry import StorageError, retry_storage
         from pipeline.tokens.encode_unit import encode_unit
         from pipeline.tokens.layout import WorkUnit
 

@@ -75,7 +75,7 @@ def test_kl_latents_and_their_flips_equal_diffusers_encode_and_decode(data, kl_s
 
 
 def test_an_actor_killed_mid_shard_is_retried_to_identical_arrays(data, kl_store, tmp_path, monkeypatch):
-    from pipeline import faults
+    from pipeline.runtime import faults
     from pipeline.tokenize import tokenize_dataset
 
     flag = tmp_path / "crashed"

@@ -1,4 +1,4 @@
-"""Transient vs permanent object-storage errors and the bounded retry (pipeline.storage_retry);
+"""Transient vs permanent object-storage errors and the bounded retry (pipeline.runtime.storage_retry);
 then the whole path against moto through a fault-injecting s3fs (pipeline.storage_faults):
 shard writing and tokenization survive transient write faults, stop with one line on a
 permanent one, and a rerun ends with the same bytes as a run without faults."""
@@ -12,7 +12,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from models.errors import UserError
-from pipeline.storage_retry import StorageError, is_storage_error, is_transient, retry_storage
+from pipeline.runtime.storage_retry import StorageError, is_storage_error, is_transient, retry_storage
 
 
 def client_error(code: str, status: int = 400) -> ClientError:

@@ -155,7 +155,7 @@ def test_two_tokenize_commands_started_at_once_end_with_the_single_run_store(dat
 
 
 def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, reference, tmp_path, monkeypatch):
-    from pipeline import faults
+    from pipeline.runtime import faults
     from pipeline.tokenize import tokenize_dataset
 
     flag = tmp_path / "crashed"
@@ -171,7 +171,7 @@ def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(data, refere
     each); three units here. A unit's actor dies after its rows, before its marker: the retry
     ends with the reference's items in item order."""
     import pipeline.tokens.layout as layout
-    from pipeline import faults
+    from pipeline.runtime import faults
     from pipeline.tokenize import tokenize_dataset
     from pipeline.tokens.dataset import TokenDataset
 

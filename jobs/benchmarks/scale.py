@@ -64,7 +64,7 @@ def tokenize_256(root: Path, n: int, batch_size: int) -> dict[str, Any]:
     import torch
 
     from models.serialization import build_model, save_model
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import photo_like_images, write_img2dataset_shards
     from pipeline.training.config import load_train_config
 
@@ -89,7 +89,7 @@ def benchmark(root: Path, n: int, workers: int, maxcount: int, batch_size: int) 
     import numpy as np
 
     from pipeline.measure import make_bench_tokenizer
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import smooth_images
 
     quarter = max(1, n // 4)
@@ -157,8 +157,8 @@ def rss_curve(model: Path, shards: Path, count: int, batch_size: int) -> list[fl
     import psutil
 
     from pipeline.registry.model_ref import resolve_model
+    from pipeline.runtime.storage import join
     from pipeline.shards.manifest import read_manifest
-    from pipeline.storage import join
     from pipeline.tokens.encode_unit import encode_unit
     from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer
     from pipeline.tokens.layout import plan_layout

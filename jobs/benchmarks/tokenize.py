@@ -90,7 +90,7 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
     import torch
 
     from pipeline.measure import make_bench_tokenizer
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import smooth_images, write_image_shards
     from pipeline.tokenize import tokenize_dataset
 

@@ -83,9 +83,9 @@ def store_tokenizer(config: PriorJobConfig, prior, tracking_uri: str | None):
 
 def train_prior(config: PriorJobConfig) -> PriorTrainSummary:
     from pipeline.config import to_plain
-    from pipeline.ray_runtime import ensure_ray
-    from pipeline.redaction import redact
     from pipeline.registry import tracking
+    from pipeline.runtime.ray_connection import ensure_ray
+    from pipeline.runtime.redaction import redact
     from pipeline.training.cluster_check import check_local_gpus
     from pipeline.training.progress import TrainProgress
     from pipeline.training.trainer import export_model
@@ -138,7 +138,7 @@ def _write_lineage(model_dir, config: PriorJobConfig, checked: _Checked) -> None
     """lineage.json next to the prior's config.json: the store, its tokenizer and the vocabulary."""
     from models.prior import PriorConfig
     from pipeline.prior.lineage import prior_lineage, write_prior_lineage
-    from pipeline.redaction import redact
+    from pipeline.runtime.redaction import redact
 
     prior = PriorConfig(**checked.model_fields)
     tokenizer = {"model_uri": checked.tokenizer.uri, "weights_sha256": checked.tokenizer.weights_sha256}

@@ -158,7 +158,7 @@ def _warm_start_ref(config, champion: str | None, tracking_uri: str) -> str | No
 def _retokenize(config, client, tracking_uri: str, data, version: str, run_id: str) -> str:
     """Tokenize data version `data` with model `version` into its own store; resumable."""
     from pipeline.registry import promotion
-    from pipeline.storage import join
+    from pipeline.runtime.storage import join
     from pipeline.tokenize import tokenize_dataset
 
     name = config.registered_model

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline import faults
+from pipeline.runtime import faults
 from pipeline.shards.images import TransformConfig
 from pipeline.shards.reader import good_samples, pixels_decoder, read_shard_threaded, sample_batches
 from pipeline.tokens import codebook_stats

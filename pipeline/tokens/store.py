@@ -40,8 +40,8 @@ import numpy as np
 import zarr
 
 from models.errors import UserError
-from pipeline import faults
-from pipeline.redaction import redact
+from pipeline.runtime import faults
+from pipeline.runtime.redaction import redact
 from pipeline.tokens import codebook_stats, store_nodes
 from pipeline.tokens.layout import Layout, WorkUnit
 from pipeline.tokens.objects import is_local, put_object, put_objects

@@ -24,8 +24,8 @@ import torch
 from models.quantizers.collectives import distributed_collectives, set_collectives
 from models.serialization import build_model, save_model
 from models.training import TrainStep
-from pipeline import faults
-from pipeline.ray_runtime import quiet_ray_data_logs
+from pipeline.runtime import faults
+from pipeline.runtime.ray_connection import quiet_ray_data_logs
 from pipeline.shards.stream import to_model_input
 from pipeline.training import validation
 from pipeline.training.adversarial import build_train_step

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline import faults
+from pipeline.runtime import faults
 
 # Environment the driver forwards to training workers: fault injection (tests) and S3 endpoint.
 # Never credentials: a runtime env is visible to every dashboard / state-API user of a shared
@@ -44,9 +44,9 @@ def train(config) -> TrainSummary:
 
     from models.serialization import model_class_for_kind
     from pipeline.config import to_plain
-    from pipeline.ray_runtime import ensure_ray
-    from pipeline.redaction import redact
     from pipeline.registry import tracking
+    from pipeline.runtime.ray_connection import ensure_ray
+    from pipeline.runtime.redaction import redact
     from pipeline.training.adversarial import require_loss_weights
     from pipeline.training.cluster_check import check_cluster_storage, check_local_gpus
     from pipeline.training.data import TRAIN_COLUMNS, resolve_training_data
