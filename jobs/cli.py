@@ -137,11 +137,12 @@ def run_handler(handler: Callable[[argparse.Namespace], Any], args: argparse.Nam
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.runtime import console
+    from pipeline.runtime import console, faults
 
     args = build_parser().parse_args(argv)
     console.set_verbose(args.verbose)
     console.configure()
+    faults.install_from_env()  # tests: TOKENMILL_STORAGE_FAULTS makes this process's s3:// writes fail
     return run_handler(args.run, args)
 
 

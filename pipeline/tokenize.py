@@ -169,9 +169,11 @@ class ShardEncoderActor:
         import torch
 
         from models.errors import UserError
+        from pipeline.runtime import faults
         from pipeline.tokens.extraction import load_tokenizer
         from pipeline.tokens.store import TokenStore
 
+        faults.install_from_env()  # tests: storage faults in this actor (the driver forwards the variable)
         if use_gpu and not torch.cuda.is_available():
             raise UserError("tokenize planned GPU actors (--gpus or the cluster's GPUs), but this node's torch "
                             "sees no CUDA device; install a CUDA build of torch or pass --gpus 0")

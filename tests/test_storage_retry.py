@@ -1,5 +1,5 @@
 """Transient vs permanent object-storage errors and the bounded retry (pipeline.runtime.storage_retry);
-then the whole path against moto through a fault-injecting s3fs (pipeline.storage_faults):
+then the whole path against moto through a fault-injecting s3fs (pipeline.runtime.faults):
 shard writing and tokenization survive transient write faults, stop with one line on a
 permanent one, and a rerun ends with the same bytes as a run without faults."""
 
@@ -88,7 +88,7 @@ def test_attempts_are_bounded_and_bugs_pass_through():
 
 
 # ------------------------------------------------------------------------------------------------
-# End to end: s3fs against moto, writes failing through pipeline.storage_faults
+# End to end: s3fs against moto, writes failing through pipeline.runtime.faults
 
 
 def s3_objects(fs, root: str) -> dict[str, bytes]:
@@ -101,18 +101,18 @@ def s3_objects(fs, root: str) -> dict[str, bytes]:
 def storage_faults(tmp_path, monkeypatch):
     """`set(**settings)` turns on storage faults here (the driver) and, through the forwarded
     environment, in the Ray workers; returns the log of injected faults."""
-    from pipeline import storage_faults as module
+    from pipeline.runtime import faults
 
     folder = tmp_path / "faults"
     folder.mkdir()
 
     def set_faults(**settings: str):
-        monkeypatch.setenv(module.ENV, ",".join(f"{k}={v}" for k, v in {**settings, "dir": folder}.items()))
-        module.install()
+        monkeypatch.setenv(faults.STORAGE_ENV, ",".join(f"{k}={v}" for k, v in {**settings, "dir": folder}.items()))
+        faults.install_from_env()
         return folder / "injected.log"
 
     yield set_faults
-    module.uninstall()
+    faults.uninstall()
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ class _PriorRun:
 
 
 def prior_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    faults.install_from_env()  # tests: storage faults in this worker process too
     config = PriorJobConfig.model_validate(loop_config["config"])
     run = _start_rank(config, loop_config)
     while run.state.step < config.train.steps:

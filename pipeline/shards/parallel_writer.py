@@ -44,6 +44,9 @@ class ShardWriterActor:
 
     def __init__(self, source, dest: str, settings: ShardSettings, storage_options: dict | None, worker: int,
                  records: dict[str, list[int]], resume: dict[str, tuple[int, int]]):
+        from pipeline.runtime import faults
+
+        faults.install_from_env()  # tests: storage faults in this worker process too
         self.job = _ShardJob(source, dest, settings, storage_options)
         self.worker, self.records = worker, records
         self.position = dict(resume)  # split -> (next record in the slice, next shard index)

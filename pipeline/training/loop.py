@@ -35,6 +35,7 @@ from pipeline.training.state import TrainState, gather_rng_states, load_train_st
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    faults.install_from_env()  # tests: storage faults in this worker process too
     config = TrainJobConfig.model_validate(loop_config["config"])
     quiet_ray_data_logs()  # rank 0 prints progress; a line per validation pass would bury it
     run = _start_rank(config, loop_config)
