@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from jobs.cli import add_json_option
 
 if TYPE_CHECKING:
-    from pipeline.tokenize import TokenizeSummary
+    from pipeline.tokenize.driver import TokenizeSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> TokenizeSummary:
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     summary = tokenize_dataset(
         args.model, args.data, args.out, batch_size=args.batch_size, overwrite=args.overwrite,

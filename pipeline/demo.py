@@ -51,7 +51,7 @@ class DemoSummary:
 def run_demo(root: Path, steps: int, workers: int, prior_steps: int = 600) -> DemoSummary:
     """Shard MNIST-5k, train, tokenize, decode, train a prior and sample it under `root`."""
     from pipeline.shards.writer import write_shards
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokens.detokenize import detokenize_store
     from pipeline.training.config import load_train_config
     from pipeline.training.trainer import train

@@ -28,7 +28,7 @@ def benchmark_kl(root: Path, n: int, batch_size: int, actors: int | None) -> dic
 
     from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import smooth_images, write_image_shards
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokens.diffusers_adapter import import_diffusers
 
     torch.manual_seed(0)

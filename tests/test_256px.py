@@ -13,7 +13,7 @@ def test_img2dataset_shards_at_256px_tokenize_with_a_x16_model(ray_local, tmp_pa
 
     from models.serialization import build_model, save_model
     from pipeline.shards.synthetic import photo_like_images, write_img2dataset_shards
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.training.config import load_train_config
 
     pictures = photo_like_images(10, size=256, seed=1)

@@ -36,7 +36,7 @@ def _items(group) -> tuple[np.ndarray, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def kl_store(data):
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     store = data["root"] / "kl.zarr"
     tokenize_dataset(f"diffusers:{data['kl']}", data["shards"], str(store), batch_size=8, latents="mean",
@@ -76,7 +76,7 @@ def test_kl_latents_and_their_flips_equal_diffusers_encode_and_decode(data, kl_s
 
 def test_an_actor_killed_mid_shard_is_retried_to_identical_arrays(data, kl_store, tmp_path, monkeypatch):
     from pipeline.runtime import faults
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     flag = tmp_path / "crashed"
     monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=1,action=exit,once={flag}")
@@ -91,7 +91,7 @@ def test_vq_codes_equal_diffusers_quantize_and_decode_through_the_codebook(data,
     from diffusers import VQModel
 
     from jobs.cli import main
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokens.dataset import TokenDataset
     from pipeline.tokens.detokenize import StoreDecoder
 

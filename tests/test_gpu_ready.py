@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tokenize_helpers import briefly_trained_demo_vqvae, make_vqvae, plant_corrupt, write_shards
 
-from pipeline.tokenize_pool import plan_pool
+from pipeline.tokenize.pool import plan_pool
 
 
 def test_pool_follows_the_cluster_not_the_driver():

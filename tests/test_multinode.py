@@ -151,7 +151,7 @@ def test_train_refuses_node_local_storage_on_the_cluster(cluster, tmp_path):
 
 def test_tokenize_spreads_over_nodes_and_survives_losing_one(cluster, data, ray_local, tmp_path):
     from pipeline.shards.manifest import read_manifest
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokens.store import TokenStore
 
     fs, bucket = data["fs"], data["bucket"]

@@ -124,7 +124,7 @@ def test_shard_and_tokenize_survive_transient_faults_and_name_a_permanent_one(
 
     from jobs.cli import main as cli_main
     from pipeline.shards.manifest import manifest_identity, read_manifest
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
     bucket = s3_bucket[len("s3://"):]

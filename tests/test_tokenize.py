@@ -37,7 +37,7 @@ def data(tmp_path_factory, ray_local):
 @pytest.fixture(scope="module")
 def reference(data):
     """An uninterrupted run: what every interrupted run must equal byte for byte."""
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     store = data["root"] / "reference.zarr"
     summary = tokenize_dataset(data["model"], data["shards"], str(store), batch_size=4, actors=2)
@@ -77,7 +77,7 @@ def test_store_is_plain_zarr_and_decodes_to_reconstructions(data, reference):
 
 
 def test_rerun_of_a_finished_store_encodes_nothing(data, reference):
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     before = array_bytes(reference["store"])
     summary = tokenize_dataset(data["model"], data["shards"], str(reference["store"]), batch_size=4)
@@ -100,7 +100,7 @@ def test_inspect_prints_shape_dtype_lineage_and_codebook_stats(data, reference, 
 
 
 def test_store_from_another_model_is_refused(data, reference, tmp_path):
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     other = make_vqvae(tmp_path / "other", seed=1)
     with pytest.raises(UserError, match=r"was made by .*model.*this run uses .*other.*--overwrite"):
@@ -156,7 +156,7 @@ def test_two_tokenize_commands_started_at_once_end_with_the_single_run_store(dat
 
 def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, reference, tmp_path, monkeypatch):
     from pipeline.runtime import faults
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     flag = tmp_path / "crashed"
     monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=2,action=exit,once={flag}")
@@ -172,7 +172,7 @@ def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(data, refere
     ends with the reference's items in item order."""
     import pipeline.tokens.layout as layout
     from pipeline.runtime import faults
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokens.dataset import TokenDataset
 
     monkeypatch.setattr(layout, "MAX_UNITS", 3)
@@ -194,7 +194,7 @@ def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(data, refere
 
 
 def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     options = s3_server["storage_options"]
     shards = write_shards(f"{s3_bucket}/shards", tmp_path / "source", n=N, storage_options=options)
@@ -213,7 +213,7 @@ def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):
 
 def test_latents_for_vae_models(data, tmp_path):
     from models import load_model
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     model_dir = make_vae(tmp_path / "vae")
     store = tmp_path / "latents.zarr"
@@ -232,7 +232,7 @@ def test_latents_for_vae_models(data, tmp_path):
 def test_hierarchical_vae_latents_per_group_read_back_and_decode_to_its_reconstructions(data, tmp_path):
     from jobs.cli import main
     from models import load_model
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokens.detokenize import StoreDecoder
     from pipeline.tokens.latent_dataset import LatentDataset
 

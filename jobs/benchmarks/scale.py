@@ -135,7 +135,7 @@ def _shard(src: str, dest: Path, maxcount: int, workers: int) -> dict[str, Any]:
 
 def _tokenize(model: Path, shards: Path, store: Path, batch_size: int) -> dict[str, Any]:
     from pipeline.measure import PeakRSS
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokens.store import TokenStore
 
     with PeakRSS() as peak:

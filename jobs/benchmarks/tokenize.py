@@ -92,7 +92,7 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
     from pipeline.measure import make_bench_tokenizer
     from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import smooth_images, write_image_shards
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     cpus = os.cpu_count() or 1
     on_gpu = bool(gpus if gpus is not None else torch.cuda.is_available())

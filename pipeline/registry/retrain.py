@@ -159,7 +159,7 @@ def _retokenize(config, client, tracking_uri: str, data, version: str, run_id: s
     """Tokenize data version `data` with model `version` into its own store; resumable."""
     from pipeline.registry import promotion
     from pipeline.runtime.storage import join
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     name = config.registered_model
     store = join(config.retokenize.out_prefix, f"{data.name}/{name}-v{version}")

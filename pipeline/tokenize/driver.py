@@ -50,7 +50,7 @@ def tokenize_dataset(
     """Tokenize every shard listed by `shards_url`'s manifest into the store at `store_url`.
     `latents`: False (codes), True/"mean" or "sample"; `size`/`crop` (diffusers models) and
     `augment`: see `pipeline.tokens.extraction`. `gpus`/`actors`/`decode_threads` shape the actor
-    pool (`pipeline.tokenize_pool.plan_pool`); `precision` is the encoder's autocast dtype."""
+    pool (`pipeline.tokenize.pool.plan_pool`); `precision` is the encoder's autocast dtype."""
     from models.errors import UserError
     from pipeline.runtime.storage_retry import retry_storage
     from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer, tokenizer_lineage
@@ -125,7 +125,7 @@ def _run_actors(pending, store, rows_per_zarr_shard, files, extraction, batch_si
 
     from pipeline.runtime import faults
     from pipeline.runtime.ray_connection import ensure_ray, quiet_ray_data_logs
-    from pipeline.tokenize_pool import local_cores, plan_pool
+    from pipeline.tokenize.pool import local_cores, plan_pool
 
     ensure_ray()
     # The bar below reports progress; Ray Data's own bars and per-run INFO lines would repeat it.
