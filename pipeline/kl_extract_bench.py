@@ -29,6 +29,7 @@ def benchmark_kl(root: Path, n: int, batch_size: int, actors: int | None) -> dic
     from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import smooth_images, write_image_shards
     from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
     from pipeline.tokens.diffusers_adapter import import_diffusers
 
     torch.manual_seed(0)
@@ -45,8 +46,8 @@ def benchmark_kl(root: Path, n: int, batch_size: int, actors: int | None) -> dic
     ensure_ray()
     store = root / "kl.zarr"
     started = time.perf_counter()
-    summary = tokenize_dataset(f"diffusers:{model_dir}", shards, str(store), batch_size=batch_size,
-                               latents="sample", actors=actors, overwrite=True)
+    summary = tokenize_dataset(f"diffusers:{model_dir}", shards, str(store),
+                               TokenizeOptions(batch_size=batch_size, latents="sample", actors=actors, overwrite=True))
     seconds = time.perf_counter() - started
     assert summary.samples == n, summary
     result = {

@@ -125,12 +125,13 @@ def test_shard_and_tokenize_survive_transient_faults_and_name_a_permanent_one(
     from jobs.cli import main as cli_main
     from pipeline.shards.manifest import manifest_identity, read_manifest
     from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
     bucket = s3_bucket[len("s3://"):]
     clean = write_reference_shards(f"{s3_bucket}/clean", tmp_path / "source", n=46)  # shards of 9 + val
     model = str(make_vqvae(tmp_path / "model"))
-    tokenize_dataset(model, clean, f"{s3_bucket}/reference.zarr", batch_size=4, actors=1)
+    tokenize_dataset(model, clean, f"{s3_bucket}/reference.zarr", TokenizeOptions(batch_size=4, actors=1))
     source = tmp_path / "source"
     shard_args = ["shard", str(source / "images.npy"), f"{s3_bucket}/faulty", "--maxcount", "9", "--val-fraction", "0.2",
                   "--labels", str(source / "labels.npy"), "--no-progress"]

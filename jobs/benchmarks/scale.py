@@ -136,11 +136,13 @@ def _shard(src: str, dest: Path, maxcount: int, workers: int) -> dict[str, Any]:
 def _tokenize(model: Path, shards: Path, store: Path, batch_size: int) -> dict[str, Any]:
     from pipeline.measure import PeakRSS
     from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
     from pipeline.tokens.store import TokenStore
 
     with PeakRSS() as peak:
         started = time.perf_counter()
-        summary = tokenize_dataset(str(model), str(shards), str(store), batch_size=batch_size, overwrite=True)
+        summary = tokenize_dataset(str(model), str(shards), str(store),
+                                   TokenizeOptions(batch_size=batch_size, overwrite=True))
         seconds = time.perf_counter() - started
     return {"images": summary.samples, "seconds": seconds, "img_s": summary.samples / seconds,
             "startup_s": summary.startup_s, "finalize_s": summary.finalize_s, "input_shards": summary.input_shards,

@@ -93,6 +93,7 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
     from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import smooth_images, write_image_shards
     from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     cpus = os.cpu_count() or 1
     on_gpu = bool(gpus if gpus is not None else torch.cuda.is_available())
@@ -112,10 +113,11 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
         services = _start_ray_data_services()
         limits.append(limit())
         runs = {}
+        options = TokenizeOptions(batch_size=batch_size, actors=actors, overwrite=True, gpus=gpus, precision=precision,
+                                  decode_threads=decode_threads)
         for name, shards, count in (("small", small, n), ("large", large, 4 * n)):
             runs[name] = _timed_run(lambda shards=shards, name=name: tokenize_dataset(
-                str(model), shards, str(root / f"{name}.zarr"), batch_size=batch_size, actors=actors, overwrite=True,
-                gpus=gpus, precision=precision, decode_threads=decode_threads), count, limit, limits)
+                str(model), shards, str(root / f"{name}.zarr"), options), count, limit, limits)
     read = _read_ratio(root / "small.zarr")
     pipeline, limit_small = runs["small"]["img_s"], runs["small"]["limit_img_s"]
     result = {
