@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from jobs.benchmarks import quantizers
+from benchmarks import quantizers
 
 
 def test_bench_quantizers_smoke(monkeypatch):

@@ -100,7 +100,7 @@ def test_set_collectives_reaches_every_quantizer():
 
 
 def test_bench_vq_smoke(monkeypatch):
-    from jobs.benchmarks import vq
+    from benchmarks import vq
 
     # Random digits-sized images: the smoke test checks the run and its JSON, not MNIST loading.
     images = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -88,7 +88,7 @@ def tokenize_256(root: Path, n: int, batch_size: int) -> dict[str, Any]:
 def benchmark(root: Path, n: int, workers: int, maxcount: int, batch_size: int) -> dict[str, Any]:
     import numpy as np
 
-    from pipeline.measure import make_bench_tokenizer
+    from benchmarks.harness import make_bench_tokenizer
     from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import smooth_images
 
@@ -134,7 +134,7 @@ def _shard(src: str, dest: Path, maxcount: int, workers: int) -> dict[str, Any]:
 
 
 def _tokenize(model: Path, shards: Path, store: Path, batch_size: int) -> dict[str, Any]:
-    from pipeline.measure import PeakRSS
+    from benchmarks.harness import PeakRSS
     from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokenize.options import TokenizeOptions
     from pipeline.tokens.store import TokenStore

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workdir", type=output_folder, default=None, help="where shards and stores go (default: a temp dir)")
     parser.add_argument("--kl-vs-fastdit", action="store_true",
                         help="instead: a tiny diffusers AutoencoderKL through tokenmill vs fast-DiT's extraction loop "
-                        "(pipeline/kl_extract_bench.py)")
+                        "(benchmarks/peers.py)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = dict(gpus=args.gpus, precision=args.precision, decode_threads=args.decode_threads)
     if args.kl_vs_fastdit:
-        from pipeline.kl_extract_bench import benchmark_kl
+        from benchmarks.peers import benchmark_kl
 
         chosen, device = benchmark_kl, {}
     else:
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _timed_run(run, count: int, limit, limits: list[float]) -> dict[str, Any]:
     """Time one tokenize run (`run()` -> TokenizeSummary) of `count` images with its peak RSS, then
     measure the compute limit again; efficiency is against the limits right before and after."""
-    from pipeline.measure import PeakRSS
+    from benchmarks.harness import PeakRSS
 
     with PeakRSS() as peak:
         started = time.perf_counter()
@@ -89,7 +89,7 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
               precision: str = "fp32", decode_threads: int | None = None) -> dict[str, Any]:
     import torch
 
-    from pipeline.measure import make_bench_tokenizer
+    from benchmarks.harness import make_bench_tokenizer
     from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import smooth_images, write_image_shards
     from pipeline.tokenize.driver import tokenize_dataset
