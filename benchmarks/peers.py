@@ -1,14 +1,9 @@
-"""`tokenmill bench tokenize --kl-vs-fastdit`: precomputing `AutoencoderKL` latents with tokenmill
-against fast-DiT's `extract_features.py` loop, on the same N 32x32 RGB images.
+"""Other projects' implementations behind our interfaces, for the benchmarks' same-run comparisons.
 
-- tokenmill: `tokenize --model diffusers:KL --latents sample` from PNG shards into one Zarr store
-  (actors start, read, decode, encode, write, markers, finalize all timed).
-- fast-DiT-style baseline: an ImageFolder-like dataset of the same images as PNG files, a
-  DataLoader (1 worker process, the same batch size), `encode(x).latent_dist.sample() * scale`,
-  then one `np.save` per sample for its latents and one for its label, as fast-DiT writes them.
-
-Reported: img/s of both, their ratio, and the number of files each wrote. The model is a tiny
-randomly initialised AutoencoderKL (speed does not depend on training).
+- vector-quantize-pytorch: `PeerQuantizer` puts any of its quantizer modules (VectorQuantize,
+  ResidualVQ, FSQ, LFQ, SimVQ) behind our quantizer interface, so it can replace ours inside the
+  same VQ-VAE (`bench quantizers`; which module with which settings is the benchmark's choice).
+- fast-DiT: `fastdit_extract` is its `extract_features.py` loop (`bench tokenize --kl-vs-fastdit`).
 """
 
 from __future__ import annotations
@@ -17,52 +12,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-TINY_KL = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-               up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-               latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.18215)
+import torch
+from torch import nn
+
+from models.quantizers import QuantizerOutput
 
 
-def benchmark_kl(root: Path, n: int, batch_size: int, actors: int | None) -> dict[str, Any]:
-    import torch
-    from PIL import Image
+class PeerQuantizer(nn.Module):
+    """A vector-quantize-pytorch module as our quantizer: (B, h, w, D) -> QuantizerOutput(codes,
+    indices (B, h, w[, stages]), loss). `call_options` go to every call (e.g. LFQ's
+    inv_temperature); modules that return no loss (FSQ) get a zero one."""
 
-    from pipeline.runtime.ray_connection import ensure_ray
-    from pipeline.shards.synthetic import smooth_images, write_image_shards
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
-    from pipeline.tokens.diffusers_adapter import import_diffusers
+    def __init__(self, peer: nn.Module, codebook_size: int, stages: int = 1,
+                 call_options: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.codebook_size, self.num_stages = codebook_size, stages
+        self.peer, self.options = peer, dict(call_options or {})
 
-    torch.manual_seed(0)
-    model_dir = root / "kl"
-    import_diffusers().AutoencoderKL(**TINY_KL).eval().save_pretrained(model_dir)
-    images = smooth_images(n, seed=n, noise=True)
-    shards = write_image_shards(images, root, "kl")
-    folder = root / "imagefolder" / "0"  # ImageFolder layout: one class folder
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(folder / f"{i:07d}.png")
-
-    baseline = _fastdit_loop(model_dir, folder, root / "features", batch_size)
-    ensure_ray()
-    store = root / "kl.zarr"
-    started = time.perf_counter()
-    summary = tokenize_dataset(f"diffusers:{model_dir}", shards, str(store),
-                               TokenizeOptions(batch_size=batch_size, latents="sample", actors=actors, overwrite=True))
-    seconds = time.perf_counter() - started
-    assert summary.samples == n, summary
-    result = {
-        "images": n, "batch_size": batch_size,
-        "tokenmill_img_s": n / seconds, "tokenmill_files": sum(1 for p in store.rglob("*") if p.is_file()),
-        "tokenmill_startup_s": summary.startup_s,
-        "fastdit_img_s": baseline["img_s"], "fastdit_files": baseline["files"],
-    }
-    result["vs_fastdit"] = result["tokenmill_img_s"] / result["fastdit_img_s"]
-    print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-    return result
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        b, h, w, d = z.shape
+        out = self.peer(z.reshape(b, h * w, d), **self.options)  # (codes, indices[, loss])
+        loss = out[2].sum() if len(out) > 2 else z.new_zeros(())
+        return QuantizerOutput(out[0].reshape(z.shape), out[1].reshape(b, h, w, *out[1].shape[2:]), loss)
 
 
-def _fastdit_loop(model_dir: Path, folder: Path, out: Path, batch_size: int) -> dict[str, float]:
-    """fast-DiT's extract_features.py, single process: DataLoader -> encode -> np.save per sample."""
+def fastdit_extract(model_dir: Path, folder: Path, out: Path, batch_size: int) -> dict[str, float]:
+    """fast-DiT's extract_features.py, single process, on the PNGs in `folder` with the diffusers
+    AutoencoderKL saved at `model_dir`: DataLoader (1 worker) -> encode -> sample * 0.18215 ->
+    one np.save per sample for its latents and one for its label under `out`. Returns img/s and
+    the number of files written."""
     import numpy as np
     import torch
     from PIL import Image

@@ -10,6 +10,10 @@ split, PSNR and SSIM (`models.evaluation.ssim`: Gaussian window 11, σ 1.5, equa
 
 Targets per family: step_time_ratio (ours/peer) ≤ 0.8, usage ≥ the peer's, PSNR ≥ the peer's
 − 0.2 dB; the summary says which hold.
+
+The `vq` family on `mnist` is the VQ comparison (our `VectorQuantizer` vs `VectorQuantize`, K = 512,
+dim 64, EMA decay 0.99, k-means init) that `bench vq` used to run on its own; its settings were
+`--families vq --datasets mnist --steps 1000 --warmup 20 --batch-size 64 --lr 3e-4`.
 """
 
 from __future__ import annotations
@@ -111,28 +115,15 @@ def _peer_module(family: str):
 
 
 def _peer_quantizer(family: str, codebook_size: int, stages: int, seed: int):
-    """The peer behind our quantizer interface: (B, h, w, D) -> QuantizerOutput. Its random init
+    """The peer behind our quantizer interface (`benchmarks.peers.PeerQuantizer`). Its random init
     (projections, codebooks) follows `seed`, as ours does, so --seed varies both sides."""
     import torch
-    from torch import nn
 
-    from models.quantizers import QuantizerOutput
-
-    class PeerQuantizer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.codebook_size, self.num_stages = codebook_size, stages
-            self.peer = _peer_module(family)
-            self.options = {"inv_temperature": LFQ_INV_TEMPERATURE} if family == "lfq" else {}
-
-        def forward(self, z):
-            b, h, w, d = z.shape
-            out = self.peer(z.reshape(b, h * w, d), **self.options)  # (codes, indices[, loss])
-            loss = out[2].sum() if len(out) > 2 else z.new_zeros(())
-            return QuantizerOutput(out[0].reshape(z.shape), out[1].reshape(b, h, w, *out[1].shape[2:]), loss)
+    from benchmarks.peers import PeerQuantizer
 
     torch.manual_seed(seed)
-    return PeerQuantizer()
+    options = {"inv_temperature": LFQ_INV_TEMPERATURE} if family == "lfq" else {}
+    return PeerQuantizer(_peer_module(family), codebook_size, stages, options)
 
 
 def _models(family: str, channels: int, seed: int):
