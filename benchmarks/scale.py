@@ -186,7 +186,7 @@ def objects_for(samples: int, per_shard: int, arrays: list[dict[str, Any]]) -> d
     arrays (a store's `arrays` attribute), from the real layout (`plan_layout`) and store nodes
     (`store_objects`)."""
     from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import ArraySpec
+    from pipeline.tokens.store_format import ArraySpec
     from pipeline.tokens.store_nodes import store_objects
 
     specs = [ArraySpec(**dict(a, row_shape=tuple(a["row_shape"]))) for a in arrays]

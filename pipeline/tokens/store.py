@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -45,11 +45,9 @@ from pipeline.runtime.redaction import redact
 from pipeline.tokens import codebook_stats, store_nodes
 from pipeline.tokens.layout import Layout, WorkUnit
 from pipeline.tokens.objects import is_local, put_object, put_objects
-from pipeline.tokens.store_nodes import MARKERS, REPORT, valid_chunk_rows
+from pipeline.tokens.store_format import FORMAT_VERSION, MARKERS, REPORT, ArraySpec
+from pipeline.tokens.store_nodes import valid_chunk_rows
 
-# 2: dimension names, `valid`, the markers group as the creation claim, consolidated root.
-# 3: work units of several input shards, one marker per unit; `valid` in large chunks.
-FORMAT_VERSION = 3
 # Lineage entries that may differ between runs writing one store: the same weights reached by
 # another URI (runs:/ vs models:/name@alias), the same manifest under another URL, or a newer
 # tokenmill produce the same tokens.
@@ -61,28 +59,6 @@ def tokenmill_version() -> str:
         return version("tokenmill")
     except PackageNotFoundError:
         return "unknown"
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """One per-row token array: `codes` / `codes_<level>` (with its codebook size) or `latents`."""
-
-    name: str
-    row_shape: tuple[int, ...]
-    dtype: str
-    codebook_size: int | None = None
-
-    @property
-    def row_bytes(self) -> int:
-        return int(np.prod(self.row_shape)) * np.dtype(self.dtype).itemsize
-
-    @property
-    def counts_name(self) -> str:
-        return self.name.replace("codes", "codebook_counts", 1)
-
-
-def codes_dtype(codebook_size: int) -> str:
-    return "uint16" if codebook_size <= 65_536 else "uint32"
 
 
 def _zarr_kwargs(url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
