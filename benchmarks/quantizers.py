@@ -6,7 +6,7 @@ sit in the same small VQ-VAE encoder/decoder (identical initial weights), with t
 codebook size, commitment weight, optimiser, batches and seed. Steps alternate between the two
 models (and which goes first), so CPU contention hits both alike; the first steps are warm-up
 and not timed (median step time). Validation on held-out images: codebook usage over the whole
-split, PSNR and SSIM (`models.evaluation.ssim`: Gaussian window 11, σ 1.5, equal to torchmetrics') of the reconstructions.
+split, PSNR and SSIM (`models.image_metrics.ssim`: Gaussian window 11, σ 1.5, equal to torchmetrics') of the reconstructions.
 
 Targets per family: step_time_ratio (ours/peer) ≤ 0.8, usage ≥ the peer's, PSNR ≥ the peer's
 − 0.2 dB; the summary says which hold.
@@ -170,8 +170,8 @@ def _validate(model, x) -> dict[str, float]:
     """Codebook usage over the whole split, PSNR and SSIM of its reconstructions."""
     import torch
 
-    from models.codebook_stats import CodebookStats
-    from models.evaluation import psnr, ssim
+    from models.code_usage import CodebookStats
+    from models.image_metrics import psnr, ssim
 
     stages = getattr(model.quantizer, "num_stages", 1)
     stats, squared_error, ssim_sum = CodebookStats(model.codebook_size, stages), 0.0, 0.0

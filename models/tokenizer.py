@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.codebook_stats import code_counts, usage_and_perplexity
+from models.code_usage import code_counts, usage_and_perplexity
 from models.quantizers import Collectives, QuantizerConfig, set_collectives
 
 

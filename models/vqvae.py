@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.evaluation import psnr
+from models.image_metrics import psnr
 from models.layers import conv_decoder, conv_encoder, upsample
 from models.quantizers import QuantizerConfig, build_quantizer
 from models.serialization import register_model

@@ -24,7 +24,7 @@ from models.serialization import build_model, save_model
 from models.training import TrainStep
 from pipeline.prior import data as prior_data
 from pipeline.prior.config import PriorJobConfig
-from pipeline.prior.evaluation import bits_per_token, sample_grid
+from pipeline.prior.validation import bits_per_token, sample_grid
 from pipeline.runtime import faults
 from pipeline.training.loop import Throughput, seed_everything
 from pipeline.training.reporting import RankZeroLogger

@@ -42,7 +42,7 @@ import zarr
 from models.errors import UserError
 from pipeline.runtime import faults
 from pipeline.runtime.redaction import redact
-from pipeline.tokens import codebook_stats, store_nodes
+from pipeline.tokens import store_code_stats, store_nodes
 from pipeline.tokens.layout import Layout, WorkUnit
 from pipeline.tokens.objects import is_local, put_object, put_objects
 from pipeline.tokens.store_format import FORMAT_VERSION, MARKERS, REPORT, ArraySpec
@@ -228,9 +228,9 @@ class TokenStore:
                 continue
             total = np.zeros(spec.codebook_size, dtype=np.int64)
             for marker in ordered:
-                total += codebook_stats.from_sparse(marker["code_counts"][spec.name], spec.codebook_size)
+                total += store_code_stats.from_sparse(marker["code_counts"][spec.name], spec.codebook_size)
             group[spec.counts_name][:] = total
-            codebook[spec.name] = codebook_stats.summarize(total)
+            codebook[spec.name] = store_code_stats.summarize(total)
         corrupt = [dict(item, shard=s.url) for s, m in zip(layout.shards, ordered) for item in m["corrupt"]]
         group[REPORT].attrs.put({"samples": int(counts.sum()), "corrupt_count": len(corrupt), "corrupt": corrupt})
         splits: dict[str, int] = {}
