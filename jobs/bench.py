@@ -1,6 +1,6 @@
 """`tokenmill bench NAME`: benchmarks that print a ratio against a baseline measured in the same run.
 
-Each benchmark is a module `jobs.benchmarks.<name>` with `register(subparsers)`.
+Each benchmark is a module `benchmarks.<name>` with `register(subparsers)`.
 """
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["vae", "vq", "stream", "tokenize", "train", "quantizers", "vqgan", "prior", "scale"]
+BENCHMARKS = ["vae", "stream", "tokenize", "train", "quantizers", "vqgan", "prior", "scale"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark and report it against its baseline")
     names = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name in BENCHMARKS:
-        importlib.import_module(f"jobs.benchmarks.{name}").register(names)
+        importlib.import_module(f"benchmarks.{name}").register(names)

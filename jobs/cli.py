@@ -5,7 +5,7 @@ parser and sets `run=handler`; heavy imports (torch, ray) happen inside handlers
 stays fast. A handler returns its summary (a dict, or a dataclass with `to_json()`), written to
 `--json PATH` if given.
 A `UserError` is printed as one line and exits 2; no traceback. `--verbose` lets Ray's and
-MLflow's own log lines through (`pipeline.console`).
+MLflow's own log lines through (`pipeline.runtime.console`).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def run_handler(handler: Callable[[argparse.Namespace], Any], args: argparse.Nam
         return 130
     if getattr(args, "json", None):
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        from pipeline.redaction import redact
+        from pipeline.runtime.redaction import redact
 
         plain = redact(result.to_json() if hasattr(result, "to_json") else result)
         args.json.write_text(json.dumps(plain, indent=2, sort_keys=True, default=str) + "\n")
@@ -137,11 +137,12 @@ def run_handler(handler: Callable[[argparse.Namespace], Any], args: argparse.Nam
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline import console
+    from pipeline.runtime import console, faults
 
     args = build_parser().parse_args(argv)
     console.set_verbose(args.verbose)
     console.configure()
+    faults.install_from_env()  # tests: TOKENMILL_STORAGE_FAULTS makes this process's s3:// writes fail
     return run_handler(args.run, args)
 
 

@@ -1,6 +1,6 @@
 """`tokenmill eval --model MODEL --data SHARDS [--split val] [--json PATH]`: a tokenizer's
 reconstruction quality and code usage over a whole split, under a pinned protocol
-(pipeline/evaluation.py): PSNR, SSIM, hf_ratio, usage / perplexity / code entropy, and LPIPS and
+(pipeline/tokenizer_eval.py): PSNR, SSIM, hf_ratio, usage / perplexity / code entropy, and LPIPS and
 rFID when their local weights exist ("unavailable: <which file where>" otherwise).
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from jobs.cli import add_json_option, json_object, output_folder, positive_int
 
 if TYPE_CHECKING:
-    from pipeline.evaluation import EvalSummary
+    from pipeline.tokenizer_eval import EvalSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> EvalSummary:
     from models.lpips import LPIPSWeights
-    from pipeline.evaluation import EvalOptions, evaluate
+    from pipeline.tokenizer_eval import EvalOptions, evaluate
 
     options = EvalOptions(batch_size=args.batch_size, lpips=LPIPSWeights(args.lpips_vgg, args.lpips_lin, verify_sha256=False),
                           inception_path=args.inception, storage_options=args.storage_options,

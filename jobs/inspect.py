@@ -20,7 +20,7 @@ class Inspector(NamedTuple):
 
 
 def _is_shards(url: str, storage_options: dict | None) -> bool:
-    from pipeline.storage import filesystem, join
+    from pipeline.runtime.storage import filesystem, join
 
     if url.endswith((".tar", "manifest.json")):
         return True
@@ -49,7 +49,7 @@ def inspect_shards(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _is_token_store(url: str, storage_options: dict | None) -> bool:
-    from pipeline.storage import filesystem, join
+    from pipeline.runtime.storage import filesystem, join
 
     fs, path = filesystem(url, storage_options)
     return fs.isfile(join(path, "zarr.json"))
@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from models.errors import UserError
-    from pipeline.storage import filesystem
+    from pipeline.runtime.storage import filesystem
 
     fs, path = filesystem(args.target, args.storage_options)
     if not fs.exists(path):

@@ -16,9 +16,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from jobs.cli import add_json_option
+from pipeline.tokenize.options import PRECISIONS, cli_type
 
 if TYPE_CHECKING:
-    from pipeline.tokenize import TokenizeSummary
+    from pipeline.tokenize.driver import TokenizeSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "or a hub id in the local Hugging Face cache)")
     parser.add_argument("--data", required=True, help="shard folder/URL with manifest.json (indexed on the fly if absent)")
     parser.add_argument("--out", required=True, help="token store URL (any fsspec URL)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=cli_type("batch_size"), default=256)
     parser.add_argument("--overwrite", action="store_true", help="replace a store made by another model or config")
     parser.add_argument("--latents", nargs="?", const="mean", default=None, choices=["mean", "sample"],
                         help="VAE models and diffusers AutoencoderKL: store latents (float16): the posterior mean "
@@ -39,14 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="diffusers models: center crop (default) or squash to the size")
     parser.add_argument("--augment", default=None, choices=["flip"],
                         help="store each sample's variants (flip: as is and mirrored); readers pick one per epoch")
-    parser.add_argument("--actors", type=int, default=None,
+    parser.add_argument("--actors", type=cli_type("actors"), default=None,
                         help="most encoding actors (default: one per GPU, else per CPU core, of the cluster)")
-    parser.add_argument("--gpus", type=int, default=None,
+    parser.add_argument("--gpus", type=cli_type("gpus"), default=None,
                         help="GPU actors, up to N (0: CPU only; default: GPUs if the cluster has any; "
                              "pass N on a cluster that autoscales GPU nodes from zero)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="encoder autocast dtype; codes are still chosen in fp32 (default %(default)s)")
-    parser.add_argument("--decode-threads", type=int, default=None,
+    parser.add_argument("--decode-threads", type=cli_type("decode_threads"), default=None,
                         help="image decode threads (= CPUs reserved) per actor (default: 1 on CPU, "
                              "the node's CPUs per GPU up to 4 on GPU)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI)")
@@ -55,14 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> TokenizeSummary:
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
-    summary = tokenize_dataset(
-        args.model, args.data, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
-        latents=args.latents or False, actors=args.actors, tracking_uri=args.tracking_uri, size=args.size,
-        crop=args.crop, augment=args.augment, gpus=args.gpus, precision=args.precision,
-        decode_threads=args.decode_threads,
+    options = TokenizeOptions(
+        batch_size=args.batch_size, overwrite=args.overwrite, latents=args.latents or False, size=args.size,
+        crop=args.crop, augment=args.augment, actors=args.actors, gpus=args.gpus, precision=args.precision,
+        decode_threads=args.decode_threads, tracking_uri=args.tracking_uri,
     )
+    summary = tokenize_dataset(args.model, args.data, args.out, options)
     print(f"tokenized {summary.samples} samples ({summary.corrupt} corrupt skipped) into {args.out}: "
           f"{summary.encoded_now} now at {summary.img_per_s:.0f} img/s (start-up {summary.startup_s:.1f} s), "
           f"{summary.skipped_shards} shards already done", file=sys.stderr)

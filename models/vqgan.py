@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from models.quantizers import QuantizerConfig, build_quantizer
 from models.serialization import register_model
-from models.vqvae import VQOutput, _code_metrics, _GridTokenizer, _quantizer_config, _to_first, _to_last
+from models.tokenizer import GridTokenizer, VQOutput, code_metrics, quantizer_config, to_first, to_last
 
 
 @dataclass
@@ -40,7 +40,7 @@ class VQGANConfig:
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
-        self.quantizer = _quantizer_config(self.quantizer)
+        self.quantizer = quantizer_config(self.quantizer)
         if len(self.channel_mult) not in (3, 4, 5):
             raise ValueError(f"channel_mult needs 3, 4 or 5 entries (downsample 4, 8 or 16), got {self.channel_mult}")
         if self.image_size % self.downsample:
@@ -133,7 +133,7 @@ class Decoder(nn.Sequential):
 
 
 @register_model
-class VQGAN(_GridTokenizer):
+class VQGAN(GridTokenizer):
     """Codes: (B, h, w) int64 ((B, h, w, stages) for rvq); h = image_size / downsample."""
 
     config_class = VQGANConfig
@@ -153,21 +153,21 @@ class VQGAN(_GridTokenizer):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
         """x: (B, C, H, W) in [0, 1]; labels are ignored. `prediction` is the unclamped output in [0, 1] scale."""
-        q = self.quantizer(_to_last(self.encoder(2 * x - 1)))  # codes (B, h, w, D)
+        q = self.quantizer(to_last(self.encoder(2 * x - 1)))  # codes (B, h, w, D)
         prediction = self._predict(q.codes)
         distance = F.l1_loss if self.config.recon_loss == "l1" else F.mse_loss
         recon_loss = distance(prediction.float(), x.float())
         mse = F.mse_loss(prediction.detach().clamp(0, 1).float(), x.float())
         metrics = {"recon_loss": recon_loss.detach(), "vq_loss": q.loss.detach(), "mse": mse,
-                   "psnr": -10 * torch.log10(mse.clamp(min=1e-10))} | _code_metrics(q.indices, self.quantizer)
+                   "psnr": -10 * torch.log10(mse.clamp(min=1e-10))} | code_metrics(q.indices, self.quantizer)
         return VQOutput(recon_loss + q.loss, prediction.clamp(0, 1), metrics, q.indices, prediction)
 
     def _predict(self, codes: Tensor) -> Tensor:
         """Quantized latents (B, h, w, D) -> unclamped images in the [0, 1] scale."""
-        return (self.decoder(_to_first(codes)) + 1) / 2
+        return (self.decoder(to_first(codes)) + 1) / 2
 
     def _encode(self, x: Tensor) -> Tensor:
-        return self.quantizer(_to_last(self.encoder(2 * x - 1))).indices
+        return self.quantizer(to_last(self.encoder(2 * x - 1))).indices
 
     def _decode(self, codes: Tensor) -> Tensor:
         return self._predict(self.quantizer.indices_to_codes(codes)).clamp(0, 1)

@@ -17,16 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.codebook_stats import code_counts, usage_and_perplexity
-from models.evaluation import psnr
+from models.image_metrics import psnr
 from models.layers import conv_decoder, conv_encoder, upsample
-from models.quantizers import Collectives, QuantizerConfig, build_quantizer, set_collectives
+from models.quantizers import QuantizerConfig, build_quantizer
 from models.serialization import register_model
-
-
-def _quantizer_config(value: QuantizerConfig | dict) -> QuantizerConfig:
-    # `load_model` / `build_model` pass the nested config as a dict.
-    return QuantizerConfig(**value) if isinstance(value, dict) else value
+from models.tokenizer import (
+    GridTokenizer,
+    Tokenizer,
+    VQOutput,
+    code_metrics,
+    num_stages,
+    quantizer_config,
+    to_first,
+    to_last,
+)
 
 
 @dataclass
@@ -45,7 +49,7 @@ class _VQConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
-        self.quantizer = _quantizer_config(self.quantizer)
+        self.quantizer = quantizer_config(self.quantizer)
 
 
 @dataclass
@@ -65,28 +69,6 @@ class VQVAE2Config(_VQConfig):
     __pydantic_config__ = {"extra": "forbid"}
 
 
-@dataclass
-class VQOutput:
-    loss: Tensor  # scalar, per image
-    recon: Tensor  # (B, C, H, W) in [0, 1]
-    metrics: dict[str, Tensor]
-    indices: Tensor | tuple[Tensor, Tensor]  # encode()'s codes
-    prediction: Tensor | None = None  # VQGAN: the unclamped output (with grad) the GAN/perceptual terms see
-
-
-def _to_last(z: Tensor) -> Tensor:  # (B, D, h, w) -> (B, h, w, D)
-    return z.permute(0, 2, 3, 1)
-
-
-def _to_first(z: Tensor) -> Tensor:  # (B, h, w, D) -> (B, D, h, w)
-    # Contiguous: conv kernels pick algorithms by memory layout, and recon must match decode bit for bit.
-    return z.permute(0, 3, 1, 2).contiguous()
-
-
-def _stages(quantizer: nn.Module) -> int:
-    return getattr(quantizer, "num_stages", 1)
-
-
 def _to_image(prediction: Tensor) -> Tensor:
     # Linear output clamped only for the image: a sigmoid saturates on MNIST's black background
     # and the decoder collapses to all-black; the loss sees the unclamped prediction.
@@ -102,44 +84,8 @@ def _recon_metrics(x: Tensor, prediction: Tensor, vq_loss: Tensor) -> tuple[Tens
     return loss, metrics
 
 
-def _code_metrics(indices: Tensor, quantizer: nn.Module, suffix: str = "") -> dict[str, Tensor]:
-    usage, perplexity = usage_and_perplexity(code_counts(indices, quantizer.codebook_size, _stages(quantizer)))
-    return {f"usage{suffix}": usage.float(), f"perplexity{suffix}": perplexity.float()}
-
-
-class _Tokenizer(nn.Module):
-    """What both models share: collectives injection and the no-grad tokenizer entry points."""
-
-    def set_collectives(self, collectives: Collectives) -> None:
-        """Called by the training loop after wrapping DDP; reaches every quantizer of the model."""
-        set_collectives(self, collectives)
-
-    @torch.no_grad()
-    def encode(self, x: Tensor):
-        return self._encode(x)
-
-    @torch.no_grad()
-    def decode(self, codes) -> Tensor:
-        return self._decode(codes)
-
-
-class _GridTokenizer(_Tokenizer):
-    """One quantizer over one grid of codes: (side, side), or (side, side, stages) for rvq, with
-    side = image_size / downsample."""
-
-    @property
-    def codebook_size(self) -> int:
-        return self.quantizer.codebook_size
-
-    @property
-    def token_shape(self) -> tuple[int, ...]:
-        side = self.config.image_size // self.config.downsample
-        stages = _stages(self.quantizer)
-        return (side, side) if stages == 1 else (side, side, stages)
-
-
 @register_model
-class VQVAE(_GridTokenizer):
+class VQVAE(GridTokenizer):
     """Codes: (B, h, w) int64 for vq/fsq, (B, h, w, stages) for rvq; h = image_size / downsample."""
 
     config_class = VQVAEConfig
@@ -155,20 +101,20 @@ class VQVAE(_GridTokenizer):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
         """x: (B, C, H, W) in [0, 1]; labels are ignored."""
-        q = self.quantizer(_to_last(self.encoder(x)))  # codes (B, h, w, D)
-        prediction = self.decoder(_to_first(q.codes))
+        q = self.quantizer(to_last(self.encoder(x)))  # codes (B, h, w, D)
+        prediction = self.decoder(to_first(q.codes))
         loss, metrics = _recon_metrics(x, prediction, q.loss)
-        return VQOutput(loss, _to_image(prediction), metrics | _code_metrics(q.indices, self.quantizer), q.indices)
+        return VQOutput(loss, _to_image(prediction), metrics | code_metrics(q.indices, self.quantizer), q.indices)
 
     def _encode(self, x: Tensor) -> Tensor:
-        return self.quantizer(_to_last(self.encoder(x))).indices
+        return self.quantizer(to_last(self.encoder(x))).indices
 
     def _decode(self, codes: Tensor) -> Tensor:
-        return _to_image(self.decoder(_to_first(self.quantizer.indices_to_codes(codes))))
+        return _to_image(self.decoder(to_first(self.quantizer.indices_to_codes(codes))))
 
 
 @register_model
-class VQVAE2(_Tokenizer):
+class VQVAE2(Tokenizer):
     """Codes: a tuple (top (B, ht, wt), bottom (B, hb, wb)) int64 (a trailing stages axis for
     rvq); the bottom level is conditioned on the decoded top level, as in VQ-VAE-2."""
 
@@ -198,15 +144,15 @@ class VQVAE2(_Tokenizer):
         c = self.config
         bottom = c.image_size // c.bottom_downsample
         top = bottom // c.top_downsample
-        stages = _stages(self.quantizer_bottom)
+        stages = num_stages(self.quantizer_bottom)
         extra = () if stages == 1 else (stages,)
         return (top, top, *extra), (bottom, bottom, *extra)
 
     def _quantize(self, x: Tensor):
         h_bottom = self.encoder_bottom(x)  # (B, hidden, hb, wb)
-        q_top = self.quantizer_top(_to_last(self.encoder_top(h_bottom)))  # (B, ht, wt, D)
-        top_on_bottom = self.decoder_top(_to_first(q_top.codes))  # (B, D, hb, wb)
-        q_bottom = self.quantizer_bottom(_to_last(self.pre_bottom(torch.cat([h_bottom, top_on_bottom], 1))))
+        q_top = self.quantizer_top(to_last(self.encoder_top(h_bottom)))  # (B, ht, wt, D)
+        top_on_bottom = self.decoder_top(to_first(q_top.codes))  # (B, D, hb, wb)
+        q_bottom = self.quantizer_bottom(to_last(self.pre_bottom(torch.cat([h_bottom, top_on_bottom], 1))))
         return q_top, q_bottom
 
     def _predict(self, top: Tensor, bottom: Tensor) -> Tensor:
@@ -215,10 +161,10 @@ class VQVAE2(_Tokenizer):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
         q_top, q_bottom = self._quantize(x)
-        prediction = self._predict(_to_first(q_top.codes), _to_first(q_bottom.codes))
+        prediction = self._predict(to_first(q_top.codes), to_first(q_bottom.codes))
         loss, metrics = _recon_metrics(x, prediction, q_top.loss + q_bottom.loss)
-        metrics |= _code_metrics(q_top.indices, self.quantizer_top, "/top")
-        metrics |= _code_metrics(q_bottom.indices, self.quantizer_bottom, "/bottom")
+        metrics |= code_metrics(q_top.indices, self.quantizer_top, "/top")
+        metrics |= code_metrics(q_bottom.indices, self.quantizer_bottom, "/bottom")
         metrics |= {"usage": (metrics["usage/top"] + metrics["usage/bottom"]) / 2,
                     "perplexity": metrics["perplexity/bottom"]}
         return VQOutput(loss, _to_image(prediction), metrics, (q_top.indices, q_bottom.indices))
@@ -230,5 +176,5 @@ class VQVAE2(_Tokenizer):
     def _decode(self, codes: tuple[Tensor, Tensor]) -> Tensor:
         top, bottom = codes
         return _to_image(self._predict(
-            _to_first(self.quantizer_top.indices_to_codes(top)), _to_first(self.quantizer_bottom.indices_to_codes(bottom))
+            to_first(self.quantizer_top.indices_to_codes(top)), to_first(self.quantizer_bottom.indices_to_codes(bottom))
         ))

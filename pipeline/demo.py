@@ -51,7 +51,8 @@ class DemoSummary:
 def run_demo(root: Path, steps: int, workers: int, prior_steps: int = 600) -> DemoSummary:
     """Shard MNIST-5k, train, tokenize, decode, train a prior and sample it under `root`."""
     from pipeline.shards.writer import write_shards
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
     from pipeline.tokens.detokenize import detokenize_store
     from pipeline.training.config import load_train_config
     from pipeline.training.driver import train
@@ -72,7 +73,7 @@ def run_demo(root: Path, steps: int, workers: int, prior_steps: int = 600) -> De
     store_url = str(root / "tokens.zarr")
     print(f"[3/6] tokenizing {shards['samples']} images with {trained.model_uri} ...", flush=True)
     tokens = tokenize_dataset(trained.model_uri, str(root / "shards"), store_url,
-                              tracking_uri=trained.mlflow_tracking_uri)
+                              TokenizeOptions(tracking_uri=trained.mlflow_tracking_uri))
     grids = detokenize_store(store_url, root / "decoded", 0, 64, tracking_uri=trained.mlflow_tracking_uri)
     print(f"[4/6] decoded 64 token rows back into {grids[0]}", flush=True)
 

@@ -13,7 +13,8 @@ def test_img2dataset_shards_at_256px_tokenize_with_a_x16_model(ray_local, tmp_pa
 
     from models.serialization import build_model, save_model
     from pipeline.shards.synthetic import photo_like_images, write_img2dataset_shards
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
     from pipeline.training.config import load_train_config
 
     pictures = photo_like_images(10, size=256, seed=1)
@@ -25,7 +26,7 @@ def test_img2dataset_shards_at_256px_tokenize_with_a_x16_model(ray_local, tmp_pa
     save_model(model.eval(), tmp_path / "model", extra={"transform": config.data.transform.for_eval().model_dump()})
 
     summary = tokenize_dataset(str(tmp_path / "model"), str(tmp_path / "shards"), str(tmp_path / "tokens.zarr"),
-                               batch_size=4, actors=1, decode_threads=2)
+                               TokenizeOptions(batch_size=4, actors=1, decode_threads=2))
     store = zarr.open_group(str(tmp_path / "tokens.zarr"), mode="r")
     assert summary.samples == 10 and summary.corrupt == 0 and summary.input_shards == 3
     assert store["codes"].shape[1:] == (16, 16) and summary.lineage["token_shape"] == [[16, 16]]

@@ -36,11 +36,12 @@ def _items(group) -> tuple[np.ndarray, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def kl_store(data):
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     store = data["root"] / "kl.zarr"
-    tokenize_dataset(f"diffusers:{data['kl']}", data["shards"], str(store), batch_size=8, latents="mean",
-                     augment="flip", actors=1)
+    tokenize_dataset(f"diffusers:{data['kl']}", data["shards"], str(store),
+                     TokenizeOptions(batch_size=8, latents="mean", augment="flip", actors=1))
     return store
 
 
@@ -75,14 +76,15 @@ def test_kl_latents_and_their_flips_equal_diffusers_encode_and_decode(data, kl_s
 
 
 def test_an_actor_killed_mid_shard_is_retried_to_identical_arrays(data, kl_store, tmp_path, monkeypatch):
-    from pipeline import faults
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.runtime import faults
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     flag = tmp_path / "crashed"
     monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=1,action=exit,once={flag}")
     store = tmp_path / "kl-crash.zarr"
-    tokenize_dataset(f"diffusers:{data['kl']}", data["shards"], str(store), batch_size=8, latents="mean",
-                     augment="flip", actors=1)
+    tokenize_dataset(f"diffusers:{data['kl']}", data["shards"], str(store),
+                     TokenizeOptions(batch_size=8, latents="mean", augment="flip", actors=1))
     assert flag.exists()  # the actor died after shard 1's rows, before its marker
     assert array_bytes(store) == array_bytes(kl_store)
 
@@ -91,12 +93,14 @@ def test_vq_codes_equal_diffusers_quantize_and_decode_through_the_codebook(data,
     from diffusers import VQModel
 
     from jobs.cli import main
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
     from pipeline.tokens.dataset import TokenDataset
     from pipeline.tokens.detokenize import StoreDecoder
 
     store = tmp_path / "vq.zarr"
-    summary = tokenize_dataset(f"diffusers:{data['vq']}", data["shards"], str(store), batch_size=8, actors=1)
+    summary = tokenize_dataset(f"diffusers:{data['vq']}", data["shards"], str(store),
+                               TokenizeOptions(batch_size=8, actors=1))
     group = zarr.open_group(str(store), mode="r")
     lineage = group.attrs["lineage"]
     assert (lineage["codebook_size"], lineage["token_shape"], lineage["mode"]) == (32, [[16, 16]], "codes")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tokenize_helpers import briefly_trained_demo_vqvae, make_vqvae, plant_corrupt, write_shards
 
-from pipeline.tokenize_pool import plan_pool
+from pipeline.tokenize.pool import plan_pool
 
 
 def test_pool_follows_the_cluster_not_the_driver():
@@ -90,6 +90,27 @@ def test_unknown_precision_is_a_user_error(tmp_path: Path, precision: str):
     files = resolve_model(str(make_vqvae(tmp_path / "model")))
     with pytest.raises(UserError, match="--precision"):
         TokenEncoder(files, latents=False, precision=precision)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "--batch-size must be >= 1, got 0"), ("actors", 0, "--actors must be >= 1, got 0"),
+    ("gpus", -1, "--gpus must be >= 0, got -1"), ("decode_threads", 0, "--decode-threads must be >= 1, got 0"),
+    ("precision", "fp64", "--precision must be fp32, bf16 or fp16, got 'fp64'"),
+    ("latents", "median", "--latents 'median'"), ("augment", "rotate", "--augment 'rotate'"),
+])
+def test_tokenize_options_are_checked_once_at_construction_with_the_cli_checks(field, value, message):
+    import argparse
+
+    from models.errors import UserError
+    from pipeline.tokenize.options import CHECKS, TokenizeOptions, cli_type
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        TokenizeOptions(**{field: value})
+    if field in CHECKS and isinstance(value, int):  # the CLI parses the same numbers with the same check
+        with pytest.raises(argparse.ArgumentTypeError, match=message.split(" ", 1)[1]):
+            cli_type(field)(str(value))
+    options = TokenizeOptions(latents=True, storage_options={"secret": "s3cr3t"})
+    assert options.extraction.latents == "mean" and "s3cr3t" not in repr(options)
 
 
 def _counting_collectives():

@@ -151,11 +151,13 @@ def test_train_refuses_node_local_storage_on_the_cluster(cluster, tmp_path):
 
 def test_tokenize_spreads_over_nodes_and_survives_losing_one(cluster, data, ray_local, tmp_path):
     from pipeline.shards.manifest import read_manifest
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
     from pipeline.tokens.store import TokenStore
 
     fs, bucket = data["fs"], data["bucket"]
-    tokenize_dataset(data["model"], data["shards"], f"s3://{bucket}/single-node.zarr", batch_size=4, actors=1)
+    tokenize_dataset(data["model"], data["shards"], f"s3://{bucket}/single-node.zarr",
+                     TokenizeOptions(batch_size=4, actors=1))
     store = f"s3://{bucket}/tokens.zarr"
     args = ["jobs.tokenize", "--model", data["model"], "--data", data["shards"], "--out", store, "--batch-size", "4",
             "--actors", "3"]

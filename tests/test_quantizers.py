@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.codebook_stats import CodebookStats
+from models.code_usage import CodebookStats
 from models.quantizers import BSQ, FSQ, LFQ, Collectives, ResidualVQ, SimVQ, VectorQuantizer
 from models.quantizers.entropy import entropy_penalty
 from models.quantizers.rotation import rotate_onto

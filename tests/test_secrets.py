@@ -14,7 +14,7 @@ import yaml
 import zarr
 
 from jobs.cli import main as cli_main
-from pipeline.redaction import MASK, redact
+from pipeline.runtime.redaction import MASK, redact
 from pipeline.shards.writer import ShardSettings, write_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
-"""Transient vs permanent object-storage errors and the bounded retry (pipeline.storage_retry);
-then the whole path against moto through a fault-injecting s3fs (pipeline.storage_faults):
+"""Transient vs permanent object-storage errors and the bounded retry (pipeline.runtime.storage_retry);
+then the whole path against moto through a fault-injecting s3fs (pipeline.runtime.faults):
 shard writing and tokenization survive transient write faults, stop with one line on a
 permanent one, and a rerun ends with the same bytes as a run without faults."""
 
@@ -12,7 +12,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from models.errors import UserError
-from pipeline.storage_retry import StorageError, is_storage_error, is_transient, retry_storage
+from pipeline.runtime.storage_retry import StorageError, is_storage_error, is_transient, retry_storage
 
 
 def client_error(code: str, status: int = 400) -> ClientError:
@@ -88,7 +88,7 @@ def test_attempts_are_bounded_and_bugs_pass_through():
 
 
 # ------------------------------------------------------------------------------------------------
-# End to end: s3fs against moto, writes failing through pipeline.storage_faults
+# End to end: s3fs against moto, writes failing through pipeline.runtime.faults
 
 
 def s3_objects(fs, root: str) -> dict[str, bytes]:
@@ -101,18 +101,18 @@ def s3_objects(fs, root: str) -> dict[str, bytes]:
 def storage_faults(tmp_path, monkeypatch):
     """`set(**settings)` turns on storage faults here (the driver) and, through the forwarded
     environment, in the Ray workers; returns the log of injected faults."""
-    from pipeline import storage_faults as module
+    from pipeline.runtime import faults
 
     folder = tmp_path / "faults"
     folder.mkdir()
 
     def set_faults(**settings: str):
-        monkeypatch.setenv(module.ENV, ",".join(f"{k}={v}" for k, v in {**settings, "dir": folder}.items()))
-        module.install()
+        monkeypatch.setenv(faults.STORAGE_ENV, ",".join(f"{k}={v}" for k, v in {**settings, "dir": folder}.items()))
+        faults.install_from_env()
         return folder / "injected.log"
 
     yield set_faults
-    module.uninstall()
+    faults.uninstall()
 
 
 @pytest.mark.slow
@@ -124,13 +124,14 @@ def test_shard_and_tokenize_survive_transient_faults_and_name_a_permanent_one(
 
     from jobs.cli import main as cli_main
     from pipeline.shards.manifest import manifest_identity, read_manifest
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
     bucket = s3_bucket[len("s3://"):]
     clean = write_reference_shards(f"{s3_bucket}/clean", tmp_path / "source", n=46)  # shards of 9 + val
     model = str(make_vqvae(tmp_path / "model"))
-    tokenize_dataset(model, clean, f"{s3_bucket}/reference.zarr", batch_size=4, actors=1)
+    tokenize_dataset(model, clean, f"{s3_bucket}/reference.zarr", TokenizeOptions(batch_size=4, actors=1))
     source = tmp_path / "source"
     shard_args = ["shard", str(source / "images.npy"), f"{s3_bucket}/faulty", "--maxcount", "9", "--val-fraction", "0.2",
                   "--labels", str(source / "labels.npy"), "--no-progress"]

@@ -13,7 +13,7 @@ import zarr
 from tokenize_helpers import build_store
 
 from models.errors import UserError
-from pipeline.faults import InjectedFault
+from pipeline.runtime.faults import InjectedFault
 from pipeline.tokens.dataset import TokenDataset
 from pipeline.tokens.layout import plan_layout
 from pipeline.tokens.store import ArraySpec, TokenStore

@@ -8,7 +8,7 @@ import zarr
 from tokenize_helpers import array_bytes, build_store
 
 from models.errors import UserError
-from pipeline.tokens import codebook_stats
+from pipeline.tokens import store_code_stats
 from pipeline.tokens.dataset import TokenDataset
 from pipeline.tokens.layout import MAX_UNITS, plan_layout
 from pipeline.tokens.store import ArraySpec, TokenStore, describe_store
@@ -140,15 +140,15 @@ def test_finalize_merges_markers_into_counts_report_and_describe(tmp_path):
     assert info["summary"]["splits"] == {"train": 7, "val": 9}
     codes = info["arrays"]["codes"]
     assert codes["dtype"] == "uint16" and codes["shards"][0] == layout.rows_per_zarr_shard
-    expected = codebook_stats.count_codes(np.concatenate(written["codes"]), 50)
+    expected = store_code_stats.count_codes(np.concatenate(written["codes"]), 50)
     np.testing.assert_array_equal(zarr.open_group(url, mode="r")["codebook_counts"][:], expected)
     stats = info["summary"]["codebook"]["codes"]
-    assert stats == codebook_stats.summarize(expected) and 1 < stats["perplexity"] <= 50
+    assert stats == store_code_stats.summarize(expected) and 1 < stats["perplexity"] <= 50
 
 
 def test_perplexity_and_usage_of_known_distributions():
-    assert codebook_stats.summarize(np.array([5, 5, 5, 5]))["perplexity"] == pytest.approx(4.0)
-    one = codebook_stats.summarize(np.array([0, 7, 0, 0]))
+    assert store_code_stats.summarize(np.array([5, 5, 5, 5]))["perplexity"] == pytest.approx(4.0)
+    one = store_code_stats.summarize(np.array([0, 7, 0, 0]))
     assert one["perplexity"] == pytest.approx(1.0) and one["usage"] == 0.25
     counts = np.array([0, 3, 0, 9])
-    np.testing.assert_array_equal(codebook_stats.from_sparse(codebook_stats.to_sparse(counts), 4), counts)
+    np.testing.assert_array_equal(store_code_stats.from_sparse(store_code_stats.to_sparse(counts), 4), counts)

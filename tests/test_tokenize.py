@@ -37,10 +37,11 @@ def data(tmp_path_factory, ray_local):
 @pytest.fixture(scope="module")
 def reference(data):
     """An uninterrupted run: what every interrupted run must equal byte for byte."""
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     store = data["root"] / "reference.zarr"
-    summary = tokenize_dataset(data["model"], data["shards"], str(store), batch_size=4, actors=2)
+    summary = tokenize_dataset(data["model"], data["shards"], str(store), TokenizeOptions(batch_size=4, actors=2))
     return {"store": store, "summary": summary}
 
 
@@ -77,10 +78,11 @@ def test_store_is_plain_zarr_and_decodes_to_reconstructions(data, reference):
 
 
 def test_rerun_of_a_finished_store_encodes_nothing(data, reference):
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     before = array_bytes(reference["store"])
-    summary = tokenize_dataset(data["model"], data["shards"], str(reference["store"]), batch_size=4)
+    summary = tokenize_dataset(data["model"], data["shards"], str(reference["store"]), TokenizeOptions(batch_size=4))
     assert summary.encoded_now == 0 and summary.skipped_shards == summary.input_shards
     assert array_bytes(reference["store"]) == before
 
@@ -100,7 +102,7 @@ def test_inspect_prints_shape_dtype_lineage_and_codebook_stats(data, reference, 
 
 
 def test_store_from_another_model_is_refused(data, reference, tmp_path):
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
 
     other = make_vqvae(tmp_path / "other", seed=1)
     with pytest.raises(UserError, match=r"was made by .*model.*this run uses .*other.*--overwrite"):
@@ -155,13 +157,14 @@ def test_two_tokenize_commands_started_at_once_end_with_the_single_run_store(dat
 
 
 def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, reference, tmp_path, monkeypatch):
-    from pipeline import faults
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.runtime import faults
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     flag = tmp_path / "crashed"
     monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=2,action=exit,once={flag}")
     store = tmp_path / "actor-crash.zarr"
-    tokenize_dataset(data["model"], data["shards"], str(store), batch_size=4, actors=2)
+    tokenize_dataset(data["model"], data["shards"], str(store), TokenizeOptions(batch_size=4, actors=2))
     assert flag.exists()  # the actor really died after writing shard 2's rows, before its marker
     assert array_bytes(store) == array_bytes(reference["store"])
 
@@ -171,15 +174,16 @@ def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(data, refere
     each); three units here. A unit's actor dies after its rows, before its marker: the retry
     ends with the reference's items in item order."""
     import pipeline.tokens.layout as layout
-    from pipeline import faults
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.runtime import faults
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
     from pipeline.tokens.dataset import TokenDataset
 
     monkeypatch.setattr(layout, "MAX_UNITS", 3)
     flag = tmp_path / "crashed"
     monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=1,action=exit,once={flag}")
     store = tmp_path / "grouped.zarr"
-    summary = tokenize_dataset(data["model"], data["shards"], str(store), batch_size=4, actors=2)
+    summary = tokenize_dataset(data["model"], data["shards"], str(store), TokenizeOptions(batch_size=4, actors=2))
     assert flag.exists() and summary.samples == reference["summary"].samples
     assert len(list((store / "markers").glob("*/zarr.json"))) == 3
     assert zarr.open_group(str(store), mode="r").attrs["layout"]["shards_per_unit"] > 1
@@ -194,12 +198,14 @@ def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(data, refere
 
 
 def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     options = s3_server["storage_options"]
     shards = write_shards(f"{s3_bucket}/shards", tmp_path / "source", n=N, storage_options=options)
     store = f"{s3_bucket}/tokens.zarr"
-    summary = tokenize_dataset(data["model"], shards, store, batch_size=8, actors=2, storage_options=options)
+    summary = tokenize_dataset(data["model"], shards, store,
+                               TokenizeOptions(batch_size=8, actors=2, storage_options=options))
     assert summary.samples == N  # these shards carry no planted corruption
     remote = zarr.open_group(store, mode="r", storage_options=options)
     local = zarr.open_group(str(reference["store"]), mode="r")
@@ -213,11 +219,12 @@ def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):
 
 def test_latents_for_vae_models(data, tmp_path):
     from models import load_model
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     model_dir = make_vae(tmp_path / "vae")
     store = tmp_path / "latents.zarr"
-    tokenize_dataset(str(model_dir), data["shards"], str(store), batch_size=8, latents=True, actors=2)
+    tokenize_dataset(str(model_dir), data["shards"], str(store), TokenizeOptions(batch_size=8, latents=True, actors=2))
     group = zarr.open_group(str(store), mode="r")
     assert group["latents"].dtype == np.float16 and "codes" not in group
     keys = group["keys"][:]
@@ -232,13 +239,14 @@ def test_latents_for_vae_models(data, tmp_path):
 def test_hierarchical_vae_latents_per_group_read_back_and_decode_to_its_reconstructions(data, tmp_path):
     from jobs.cli import main
     from models import load_model
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
     from pipeline.tokens.detokenize import StoreDecoder
     from pipeline.tokens.latent_dataset import LatentDataset
 
     model_dir = make_hvae(tmp_path / "hvae")
     store = tmp_path / "hvae.zarr"
-    tokenize_dataset(str(model_dir), data["shards"], str(store), batch_size=8, latents=True, actors=1)
+    tokenize_dataset(str(model_dir), data["shards"], str(store), TokenizeOptions(batch_size=8, latents=True, actors=1))
     group = zarr.open_group(str(store), mode="r")
     assert [a["name"] for a in group.attrs["arrays"]] == ["latents_4x4", "latents_8x8"]  # coarse -> fine
     assert group["latents_4x4"].dtype == np.float16 and group["latents_8x8"].shape[1:] == (2, 8, 8)

@@ -34,7 +34,7 @@ def train(tmp_path: Path, shards: str, *overrides: str) -> dict:
 @pytest.fixture(scope="module")
 def faulty_run(ray_local, mlflow_server, digits_shards, tmp_path_factory, monkeypatch_module):
     """12 steps, checkpoints every 3; the last rank raises at step 7 once; tracked on the server."""
-    from pipeline import faults
+    from pipeline.runtime import faults
 
     root = tmp_path_factory.mktemp("faulty-run")
     monkeypatch_module.setenv(faults.ENV, f"train.step,step=7,rank=1,once={root / 'failed-once'}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.evaluation import importance_weighted_nll
+from models.image_metrics import importance_weighted_nll
 from models.latent_ops import apply_attribute, attribute_vector, encode, interpolate, lerp, make_grid, slerp
 from models.vae import ConditionalVAE, CVAEConfig, GaussianVAE, VAEConfig
 from pipeline.grids import save_png_grid

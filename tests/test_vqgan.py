@@ -87,7 +87,7 @@ def test_adaptive_weight_comes_from_the_decoders_last_layer():
 
 def test_ssim_equals_torchmetrics():
     torchmetrics_ssim = pytest.importorskip("torchmetrics.functional.image").structural_similarity_index_measure
-    from models.evaluation import ssim
+    from models.image_metrics import ssim
 
     x = torch.rand(3, 3, 24, 24, dtype=torch.float64)
     y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)

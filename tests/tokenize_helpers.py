@@ -101,7 +101,7 @@ def build_store(url: str, counts: list[int], splits: list[str], levels: int = 1,
     shard i has counts[i] good samples with random codes, keys "s{i}-{j}", labels j % 7;
     `max_units` groups input shards into fewer work units (see `plan_layout`).
     Returns (layout, specs, codes per level in item order)."""
-    from pipeline.tokens import codebook_stats
+    from pipeline.tokens import store_code_stats
     from pipeline.tokens.layout import plan_layout
     from pipeline.tokens.store import ArraySpec, TokenStore
 
@@ -121,7 +121,7 @@ def build_store(url: str, counts: list[int], splits: list[str], levels: int = 1,
             columns = {s.name: rng.integers(0, codebook_size, (n, *s.row_shape)).astype(np.uint16) for s in specs}
             writer.append({**columns, "keys": np.array([f"s{shard.index}-{j}" for j in range(n)], dtype=object),
                            "labels": np.arange(n, dtype=np.int64) % 7})
-            counts_sparse = {s.name: codebook_stats.to_sparse(codebook_stats.count_codes(columns[s.name], codebook_size))
+            counts_sparse = {s.name: store_code_stats.to_sparse(store_code_stats.count_codes(columns[s.name], codebook_size))
                              for s in specs}
             results.append({"rows": writer.end_shard(), "corrupt": [], "code_counts": counts_sparse})
             for name in written:

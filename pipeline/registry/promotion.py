@@ -120,7 +120,7 @@ def decided(client, name: str, data_version: str) -> dict[str, str] | None:
 
 def record(client, name: str, version: str, run_id: str, tags: dict[str, str]) -> None:
     """Tag the challenger's model version and its run alike (keys prefixed with `tokenmill.retrain.`)."""
-    from pipeline.redaction import redact
+    from pipeline.runtime.redaction import redact
 
     for key, value in redact(tags).items():
         client.set_model_version_tag(name, version, TAG + key, value)

@@ -158,16 +158,18 @@ def _warm_start_ref(config, champion: str | None, tracking_uri: str) -> str | No
 def _retokenize(config, client, tracking_uri: str, data, version: str, run_id: str) -> str:
     """Tokenize data version `data` with model `version` into its own store; resumable."""
     from pipeline.registry import promotion
-    from pipeline.storage import join
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.runtime.storage import join
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     name = config.registered_model
     store = join(config.retokenize.out_prefix, f"{data.name}/{name}-v{version}")
     promotion.record(client, name, version, run_id, {"store": store})
-    tokenize_dataset(f"models:/{name}/{version}", data.url, store, batch_size=config.retokenize.batch_size,
-                     actors=config.retokenize.actors, gpus=config.retokenize.gpus,
-                     precision=config.retokenize.precision, tracking_uri=tracking_uri,
-                     storage_options=config.data.storage_options)
+    retokenize = config.retokenize
+    options = TokenizeOptions(batch_size=retokenize.batch_size, actors=retokenize.actors, gpus=retokenize.gpus,
+                              precision=retokenize.precision, tracking_uri=tracking_uri,
+                              storage_options=config.data.storage_options)
+    tokenize_dataset(f"models:/{name}/{version}", data.url, store, options)
     promotion.record(client, name, version, run_id, {"store_complete": "true"})
     return store
 

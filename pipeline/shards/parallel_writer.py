@@ -19,9 +19,9 @@ import sys
 from typing import Any
 
 from models.errors import UserError
+from pipeline.runtime.storage import join
 from pipeline.shards.manifest import SPLITS, read_manifest, write_manifest
 from pipeline.shards.writer import ShardSettings, _ShardJob, default_maxcount, plan
-from pipeline.storage import join
 
 
 def worker_shard_name(prefix: str, split: str, worker: int, index: int) -> str:
@@ -44,6 +44,9 @@ class ShardWriterActor:
 
     def __init__(self, source, dest: str, settings: ShardSettings, storage_options: dict | None, worker: int,
                  records: dict[str, list[int]], resume: dict[str, tuple[int, int]]):
+        from pipeline.runtime import faults
+
+        faults.install_from_env()  # tests: storage faults in this worker process too
         self.job = _ShardJob(source, dest, settings, storage_options)
         self.worker, self.records = worker, records
         self.position = dict(resume)  # split -> (next record in the slice, next shard index)
@@ -85,7 +88,7 @@ def write_shards_parallel(src: str, dest: str, settings: ShardSettings | None, s
     import ray
     from tqdm import tqdm
 
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.sources import open_source
 
     settings = settings or ShardSettings()

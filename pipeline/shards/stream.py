@@ -36,11 +36,11 @@ import ray
 
 from models.errors import UserError
 from pipeline.config import StrictModel
+from pipeline.runtime.storage import filesystem
 from pipeline.shards.images import TransformConfig
 from pipeline.shards.manifest import read_manifest
 from pipeline.shards.problems import NO_IMAGE, ShardError, kind_of
 from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
-from pipeline.storage import filesystem
 
 if TYPE_CHECKING:
     import torch

@@ -33,12 +33,12 @@ from PIL import Image
 
 from models.errors import UserError
 from pipeline.config import StrictModel
+from pipeline.runtime.storage import filesystem, join
+from pipeline.runtime.storage_retry import retry_storage
 from pipeline.shards.images import DecodeError, to_8bit
 from pipeline.shards.manifest import SPLITS, ImageStats, read_manifest, write_manifest
 from pipeline.shards.sources import BUILTIN_SOURCES, ImageSource, open_source
 from pipeline.shards.wds_io import HashingWriter
-from pipeline.storage import filesystem, join
-from pipeline.storage_retry import retry_storage
 
 
 class ShardSettings(StrictModel):

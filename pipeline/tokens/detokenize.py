@@ -1,5 +1,5 @@
 """Detokenizing: stored codes or latents back to images through the store's model (the inverse of
-`pipeline.tokenize`; image *file* decoding is `pipeline.shards.images`).
+`pipeline.tokenize.driver`; image *file* decoding is `pipeline.shards.images`).
 
 Rows are item indices over the store's good samples in store order (input shard order, then tar
 order; `split` picks one split, as `TokenDataset` numbers them). The model is the one the

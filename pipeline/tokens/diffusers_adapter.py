@@ -30,7 +30,7 @@ import torch
 
 from models.errors import UserError
 from pipeline.shards.images import TransformConfig
-from pipeline.tokens.store import ArraySpec, codes_dtype
+from pipeline.tokens.store_format import ArraySpec, codes_dtype
 
 PREFIX = "diffusers:"
 CONFIG_FILE = "config.json"

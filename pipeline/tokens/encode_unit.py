@@ -15,10 +15,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline import faults
+from pipeline.runtime import faults
 from pipeline.shards.images import TransformConfig
 from pipeline.shards.reader import good_samples, pixels_decoder, read_shard_threaded, sample_batches
-from pipeline.tokens import codebook_stats
+from pipeline.tokens import store_code_stats
 from pipeline.tokens.layout import WorkUnit
 from pipeline.tokens.store import TokenStore
 
@@ -85,12 +85,12 @@ def encode_unit(
         for batch in prefetch(source.batches()):
             rows = encoder.encode(batch.images, batch.labels, batch.keys)  # keys seed per-sample draws
             for name in counts:
-                counts[name] += codebook_stats.count_codes(rows[name], len(counts[name]))
+                counts[name] += store_code_stats.count_codes(rows[name], len(counts[name]))
             writer.append({**rows, "keys": np.array(batch.keys, dtype=object), "labels": batch.labels})
         results.append({
             "rows": writer.end_shard(),
             "corrupt": source.corrupt,
-            "code_counts": {name: codebook_stats.to_sparse(c) for name, c in counts.items()},
+            "code_counts": {name: store_code_stats.to_sparse(c) for name, c in counts.items()},
         })
     writer.close()
     faults.hit("tokenize.before_marker", unit=unit.index)  # tests: die at the worst moment

@@ -20,7 +20,7 @@ from models.errors import UserError
 from pipeline.registry.model_ref import ModelFiles
 from pipeline.shards.images import TransformConfig
 from pipeline.tokens.latent_groups import latent_names, split_latents
-from pipeline.tokens.store import ArraySpec, codes_dtype
+from pipeline.tokens.store_format import ArraySpec, codes_dtype
 
 
 def model_transform(meta: dict[str, Any]) -> TransformConfig:

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from models.errors import UserError
-from pipeline.redaction import redact
-from pipeline.storage import filesystem
+from pipeline.runtime.redaction import redact
+from pipeline.runtime.storage import filesystem
 from pipeline.tokens.dataset import TokenDataset
 
 FORMATS = ("megatron", "parquet")

@@ -20,7 +20,7 @@ import torch
 from models.errors import UserError
 from pipeline.tokens.diffusers_adapter import PREFIX, DiffusersFiles, DiffusersTokenizer, resolve_diffusers
 from pipeline.tokens.latent_groups import join_latents
-from pipeline.tokens.store import ArraySpec
+from pipeline.tokens.store_format import ArraySpec
 
 LATENT_MODES = ("mean", "sample")
 CROPS = ("center", "resize")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -40,16 +40,14 @@ import numpy as np
 import zarr
 
 from models.errors import UserError
-from pipeline import faults
-from pipeline.redaction import redact
-from pipeline.tokens import codebook_stats, store_nodes
+from pipeline.runtime import faults
+from pipeline.runtime.redaction import redact
+from pipeline.tokens import store_code_stats, store_nodes
 from pipeline.tokens.layout import Layout, WorkUnit
 from pipeline.tokens.objects import is_local, put_object, put_objects
-from pipeline.tokens.store_nodes import MARKERS, REPORT, valid_chunk_rows
+from pipeline.tokens.store_format import FORMAT_VERSION, MARKERS, REPORT, ArraySpec
+from pipeline.tokens.store_nodes import valid_chunk_rows
 
-# 2: dimension names, `valid`, the markers group as the creation claim, consolidated root.
-# 3: work units of several input shards, one marker per unit; `valid` in large chunks.
-FORMAT_VERSION = 3
 # Lineage entries that may differ between runs writing one store: the same weights reached by
 # another URI (runs:/ vs models:/name@alias), the same manifest under another URL, or a newer
 # tokenmill produce the same tokens.
@@ -61,28 +59,6 @@ def tokenmill_version() -> str:
         return version("tokenmill")
     except PackageNotFoundError:
         return "unknown"
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """One per-row token array: `codes` / `codes_<level>` (with its codebook size) or `latents`."""
-
-    name: str
-    row_shape: tuple[int, ...]
-    dtype: str
-    codebook_size: int | None = None
-
-    @property
-    def row_bytes(self) -> int:
-        return int(np.prod(self.row_shape)) * np.dtype(self.dtype).itemsize
-
-    @property
-    def counts_name(self) -> str:
-        return self.name.replace("codes", "codebook_counts", 1)
-
-
-def codes_dtype(codebook_size: int) -> str:
-    return "uint16" if codebook_size <= 65_536 else "uint32"
 
 
 def _zarr_kwargs(url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
@@ -252,9 +228,9 @@ class TokenStore:
                 continue
             total = np.zeros(spec.codebook_size, dtype=np.int64)
             for marker in ordered:
-                total += codebook_stats.from_sparse(marker["code_counts"][spec.name], spec.codebook_size)
+                total += store_code_stats.from_sparse(marker["code_counts"][spec.name], spec.codebook_size)
             group[spec.counts_name][:] = total
-            codebook[spec.name] = codebook_stats.summarize(total)
+            codebook[spec.name] = store_code_stats.summarize(total)
         corrupt = [dict(item, shard=s.url) for s, m in zip(layout.shards, ordered) for item in m["corrupt"]]
         group[REPORT].attrs.put({"samples": int(counts.sum()), "corrupt_count": len(corrupt), "corrupt": corrupt})
         splits: dict[str, int] = {}

@@ -11,7 +11,7 @@ several drivers write the same bytes without ever deleting one another's (zarr's
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
@@ -19,14 +19,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 
 from pipeline.tokens.layout import Layout
+from pipeline.tokens.store_format import MARKERS, REPORT, ROW_DIM, SHARD_DIM, ArraySpec
 
-if TYPE_CHECKING:
-    from pipeline.tokens.store import ArraySpec
-
-ROW_DIM = "sample"
-SHARD_DIM = "input_shard"
-MARKERS = "markers"
-REPORT = "report"
 _ROW_AXES = {2: ("h", "w"), 3: ("channel", "h", "w")}
 # `valid` (driver-written) is chunked in about this many rows, whole Zarr shards: a few objects
 # at any store size, where one per Zarr shard would add an object per work unit.

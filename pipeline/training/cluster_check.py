@@ -28,7 +28,7 @@ def cluster_nodes() -> int:
     head with num-cpus 0, its workers autoscaled in later) counts as a cluster too: work lands elsewhere."""
     import ray
 
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.runtime.ray_connection import ensure_ray
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         return 1

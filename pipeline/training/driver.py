@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline import faults
+from pipeline.runtime import faults
 from pipeline.training.task import RayInputs, Task
 
 # Environment the driver forwards to training workers: fault injection (tests) and S3 endpoint.
@@ -69,8 +69,8 @@ def fit(task: Task) -> TrainSummary:
     """Check, track, train on Ray, export and register `task`'s model."""
     import ray.data
 
-    from pipeline.ray_runtime import ensure_ray
     from pipeline.registry import tracking
+    from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.training.loop import LoopSpec
     from pipeline.training.progress import TrainProgress
 
@@ -100,8 +100,8 @@ def fit(task: Task) -> TrainSummary:
 def _checked_run(task: Task) -> tuple[str, str]:
     """Every check before Ray starts, then the MLflow run: (tracking URI, run id)."""
     from pipeline.config import to_plain
-    from pipeline.redaction import redact
     from pipeline.registry import tracking
+    from pipeline.runtime.redaction import redact
     from pipeline.training.cluster_check import check_cluster_storage, check_local_gpus
 
     config = task.config

@@ -27,7 +27,7 @@ import torch
 
 from models.errors import UserError
 from models.quantizers.collectives import distributed_collectives, set_collectives
-from pipeline import faults
+from pipeline.runtime import faults
 from pipeline.training.context import RankContext, RayTrainContext
 from pipeline.training.optim import Part
 from pipeline.training.precision import configure_device_math, resolve_precision
@@ -49,8 +49,9 @@ class LoopSpec:
 
 def ray_train_loop(loop_config: dict[str, Any]) -> None:
     """What Ray Train's TorchTrainer runs on every worker: {"task": Task, "spec": LoopSpec}."""
-    from pipeline.ray_runtime import quiet_ray_data_logs
+    from pipeline.runtime.ray_connection import quiet_ray_data_logs
 
+    faults.install_from_env()  # tests: storage faults in this worker process too
     quiet_ray_data_logs()  # rank 0 prints progress; a line per validation pass would bury it
     task, spec = loop_config["task"], loop_config["spec"]
     run_rank(task, RayTrainContext(spec.epoch_clocks, task.config.scaling), spec)

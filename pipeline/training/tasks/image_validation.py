@@ -6,7 +6,7 @@ and evaluates only its own share; the sums are all-reduced once at the end, so e
 the same numbers (which makes early-stopping decisions identical) and no sample is dropped or
 counted twice. `val/images` is the number of images counted.
 VAE family: importance-weighted NLL and ELBO (nats per image) and bits/dim.
-VQ family: MSE, PSNR, SSIM (means over images) and hf_ratio from `models.evaluation.ReconstructionMetrics`
+VQ family: MSE, PSNR, SSIM (means over images) and hf_ratio from `models.image_metrics.ReconstructionMetrics`
 (the code `tokenmill eval` uses), and codebook usage / perplexity from counts accumulated over the
 whole split (per level for two-level models).
 Panels (rank 0): reconstructions, samples at several temperatures, latent interpolations and the
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from models.codebook_stats import code_counts, usage_and_perplexity
-from models.evaluation import ReconstructionMetrics, bits_per_dim, iw_bounds
+from models.code_usage import code_counts, usage_and_perplexity
+from models.image_metrics import ReconstructionMetrics, bits_per_dim, iw_bounds
 from models.latent_ops import has_latent_paths, interpolate, make_grid
 from pipeline.shards.stream import to_model_input
 

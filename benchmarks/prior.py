@@ -167,9 +167,9 @@ def train_tokenizer(path: Path, args: argparse.Namespace):
 def tokenize_in_process(model_dir: Path, root: Path) -> str:
     """Shard MNIST-5k and tokenize every shard into `root/tokens.zarr` in this process."""
     from pipeline.registry.model_ref import resolve_model
+    from pipeline.runtime.storage import join
     from pipeline.shards.manifest import read_manifest
     from pipeline.shards.writer import write_shards
-    from pipeline.storage import join
     from pipeline.tokens.encode_unit import encode_unit
     from pipeline.tokens.encoder import TokenEncoder
     from pipeline.tokens.layout import plan_layout

@@ -3,7 +3,7 @@
 Every good sample of the split's shards is read once, in manifest then tar order, through the one
 shard reader with the transform saved with the model (its eval form: center crop, no flip), and
 reconstructed as `decode(encode(x))` (the model's eval-mode forward). Metrics:
-  - PSNR, SSIM, MSE, hf_ratio: `models.evaluation.ReconstructionMetrics` (what training validation uses);
+  - PSNR, SSIM, MSE, hf_ratio: `models.image_metrics.ReconstructionMetrics` (what training validation uses);
   - codebook usage, perplexity and code entropy (bits) from counts over the whole split;
   - LPIPS (VGG, v0.1) when its two weight files are present (`models.lpips`), with their sha256;
   - rFID when torch-fidelity's Inception and its weights are present, else "unavailable: <why>".
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.codebook_stats import CodebookStats
+from models.code_usage import CodebookStats
 from models.errors import UserError
-from models.evaluation import ReconstructionMetrics
+from models.image_metrics import ReconstructionMetrics
 from models.lpips import LIN_SHA256, LPIPS, VGG_SHA256, LPIPSWeights, missing_weights, resolve_lpips_weights
 from pipeline.grids import save_png_grid
 from pipeline.shards.manifest import shards_for_split
@@ -106,7 +106,7 @@ def _protocol(transform, options: EvalOptions, meta: dict[str, Any]) -> dict[str
         "version": PROTOCOL_VERSION,
         "transform": transform.model_dump(mode="json"),  # resize / crop to the model's size, no randomness
         "reconstruction": "model eval forward = decode(encode(x)), clamped to [0, 1]",
-        "evaluator": "models.evaluation.ReconstructionMetrics: per-image MSE and PSNR (dB, peak 1), SSIM "
+        "evaluator": "models.image_metrics.ReconstructionMetrics: per-image MSE and PSNR (dB, peak 1), SSIM "
                      "(Gaussian 11/1.5, reflect padding, as torchmetrics), hf_ratio (FFT power above 0.25 "
                      "cycles/px, recon/original); float64 sums over every image",
         "codebook": "counts over the whole split; usage = codes used / K, perplexity = exp(H), entropy in bits",

@@ -6,10 +6,14 @@ sit in the same small VQ-VAE encoder/decoder (identical initial weights), with t
 codebook size, commitment weight, optimiser, batches and seed. Steps alternate between the two
 models (and which goes first), so CPU contention hits both alike; the first steps are warm-up
 and not timed (median step time). Validation on held-out images: codebook usage over the whole
-split, PSNR and SSIM (`models.evaluation.ssim`: Gaussian window 11, σ 1.5, equal to torchmetrics') of the reconstructions.
+split, PSNR and SSIM (`models.image_metrics.ssim`: Gaussian window 11, σ 1.5, equal to torchmetrics') of the reconstructions.
 
 Targets per family: step_time_ratio (ours/peer) ≤ 0.8, usage ≥ the peer's, PSNR ≥ the peer's
 − 0.2 dB; the summary says which hold.
+
+The `vq` family on `mnist` is the VQ comparison (our `VectorQuantizer` vs `VectorQuantize`, K = 512,
+dim 64, EMA decay 0.99, k-means init) that `bench vq` used to run on its own; its settings were
+`--families vq --datasets mnist --steps 1000 --warmup 20 --batch-size 64 --lr 3e-4`.
 """
 
 from __future__ import annotations
@@ -111,28 +115,15 @@ def _peer_module(family: str):
 
 
 def _peer_quantizer(family: str, codebook_size: int, stages: int, seed: int):
-    """The peer behind our quantizer interface: (B, h, w, D) -> QuantizerOutput. Its random init
+    """The peer behind our quantizer interface (`benchmarks.peers.PeerQuantizer`). Its random init
     (projections, codebooks) follows `seed`, as ours does, so --seed varies both sides."""
     import torch
-    from torch import nn
 
-    from models.quantizers import QuantizerOutput
-
-    class PeerQuantizer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.codebook_size, self.num_stages = codebook_size, stages
-            self.peer = _peer_module(family)
-            self.options = {"inv_temperature": LFQ_INV_TEMPERATURE} if family == "lfq" else {}
-
-        def forward(self, z):
-            b, h, w, d = z.shape
-            out = self.peer(z.reshape(b, h * w, d), **self.options)  # (codes, indices[, loss])
-            loss = out[2].sum() if len(out) > 2 else z.new_zeros(())
-            return QuantizerOutput(out[0].reshape(z.shape), out[1].reshape(b, h, w, *out[1].shape[2:]), loss)
+    from benchmarks.peers import PeerQuantizer
 
     torch.manual_seed(seed)
-    return PeerQuantizer()
+    options = {"inv_temperature": LFQ_INV_TEMPERATURE} if family == "lfq" else {}
+    return PeerQuantizer(_peer_module(family), codebook_size, stages, options)
 
 
 def _models(family: str, channels: int, seed: int):
@@ -179,8 +170,8 @@ def _validate(model, x) -> dict[str, float]:
     """Codebook usage over the whole split, PSNR and SSIM of its reconstructions."""
     import torch
 
-    from models.codebook_stats import CodebookStats
-    from models.evaluation import psnr, ssim
+    from models.code_usage import CodebookStats
+    from models.image_metrics import psnr, ssim
 
     stages = getattr(model.quantizer, "num_stages", 1)
     stats, squared_error, ssim_sum = CodebookStats(model.codebook_size, stages), 0.0, 0.0

@@ -7,7 +7,7 @@ weight from `--disc-start` on (+ LPIPS when its weights are present locally; the
 whether they were). Training crops come from the left 75% of each photo (random position and flip
 per step), validation crops from a fixed grid over the right 25%. Reported per run over the val
 crops: PSNR, SSIM and hf_ratio (high-frequency spectral power of reconstructions / originals;
-1.0 = as sharp as the data, blur is below 1) via `models.evaluation.ReconstructionMetrics`.
+1.0 = as sharp as the data, blur is below 1) via `models.image_metrics.ReconstructionMetrics`.
 Target: (b) moves hf_ratio toward 1 by >= 0.1 at a PSNR cost <= 1 dB.
 """
 
@@ -85,7 +85,7 @@ def _model(size: int, seed: int):
 def _train(model, loss, train, val, args, disc_start: int) -> dict[str, Any]:
     import torch
 
-    from models.evaluation import ReconstructionMetrics
+    from models.image_metrics import ReconstructionMetrics
     from models.training import OptimConfig
     from pipeline.training.adversarial import build_train_step
 

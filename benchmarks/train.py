@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.sources import load_builtin
     from pipeline.training.config import load_train_config
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.codebook_stats import usage_and_perplexity
+from models.code_usage import usage_and_perplexity
 
 
 def count_codes(codes: np.ndarray, codebook_size: int) -> np.ndarray:
@@ -30,7 +30,7 @@ def from_sparse(sparse: dict[str, list[int]], codebook_size: int) -> np.ndarray:
 
 
 def summarize(counts: np.ndarray) -> dict[str, float | int]:
-    """(K,) counts -> tokens, used codes, usage and perplexity (`models.codebook_stats`)."""
+    """(K,) counts -> tokens, used codes, usage and perplexity (`models.code_usage`)."""
     total = int(counts.sum())
     if total == 0:
         return {"tokens": 0, "used_codes": 0, "usage": 0.0, "perplexity": 0.0}

@@ -87,7 +87,7 @@ def hierarchical_vae():
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from models.evaluation import importance_weighted_nll
+    from models.image_metrics import importance_weighted_nll
     from models.training import OptimConfig
 
     torch.set_num_threads(args.threads)

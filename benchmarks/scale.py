@@ -64,7 +64,7 @@ def tokenize_256(root: Path, n: int, batch_size: int) -> dict[str, Any]:
     import torch
 
     from models.serialization import build_model, save_model
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import photo_like_images, write_img2dataset_shards
     from pipeline.training.config import load_train_config
 
@@ -88,8 +88,8 @@ def tokenize_256(root: Path, n: int, batch_size: int) -> dict[str, Any]:
 def benchmark(root: Path, n: int, workers: int, maxcount: int, batch_size: int) -> dict[str, Any]:
     import numpy as np
 
-    from pipeline.measure import make_bench_tokenizer
-    from pipeline.ray_runtime import ensure_ray
+    from benchmarks.harness import make_bench_tokenizer
+    from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import smooth_images
 
     quarter = max(1, n // 4)
@@ -134,13 +134,15 @@ def _shard(src: str, dest: Path, maxcount: int, workers: int) -> dict[str, Any]:
 
 
 def _tokenize(model: Path, shards: Path, store: Path, batch_size: int) -> dict[str, Any]:
-    from pipeline.measure import PeakRSS
-    from pipeline.tokenize import tokenize_dataset
+    from benchmarks.harness import PeakRSS
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
     from pipeline.tokens.store import TokenStore
 
     with PeakRSS() as peak:
         started = time.perf_counter()
-        summary = tokenize_dataset(str(model), str(shards), str(store), batch_size=batch_size, overwrite=True)
+        summary = tokenize_dataset(str(model), str(shards), str(store),
+                                   TokenizeOptions(batch_size=batch_size, overwrite=True))
         seconds = time.perf_counter() - started
     return {"images": summary.samples, "seconds": seconds, "img_s": summary.samples / seconds,
             "startup_s": summary.startup_s, "finalize_s": summary.finalize_s, "input_shards": summary.input_shards,
@@ -157,8 +159,8 @@ def rss_curve(model: Path, shards: Path, count: int, batch_size: int) -> list[fl
     import psutil
 
     from pipeline.registry.model_ref import resolve_model
+    from pipeline.runtime.storage import join
     from pipeline.shards.manifest import read_manifest
-    from pipeline.storage import join
     from pipeline.tokens.encode_unit import encode_unit
     from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer
     from pipeline.tokens.layout import plan_layout
@@ -184,7 +186,7 @@ def objects_for(samples: int, per_shard: int, arrays: list[dict[str, Any]]) -> d
     arrays (a store's `arrays` attribute), from the real layout (`plan_layout`) and store nodes
     (`store_objects`)."""
     from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import ArraySpec
+    from pipeline.tokens.store_format import ArraySpec
     from pipeline.tokens.store_nodes import store_objects
 
     specs = [ArraySpec(**dict(a, row_shape=tuple(a["row_shape"]))) for a in arrays]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pipeline import console
+from pipeline.runtime import console
 
 
 def ensure_ray() -> None:

@@ -22,6 +22,16 @@
 - `read_ratio`: TokenDataset random batches of 256 vs np.memmap of the same codes (batches/s
   from the median batch time, readers interleaved); `read_ratio_chunk_cache` for the LRU path.
 The model is an untrained VQ-VAE of realistic size (speed does not depend on training).
+
+`--kl-vs-fastdit` instead: precomputing `AutoencoderKL` latents with tokenmill against fast-DiT's
+`extract_features.py` loop (`benchmarks.peers.fastdit_extract`), on the same N 32x32 RGB images.
+- tokenmill: `tokenize --model diffusers:KL --latents sample` from PNG shards into one Zarr store
+  (actors start, read, decode, encode, write, markers, finalize all timed).
+- fast-DiT-style baseline: an ImageFolder-like dataset of the same images as PNG files, a
+  DataLoader (1 worker process, the same batch size), `encode(x).latent_dist.sample() * scale`,
+  then one `np.save` per sample for its latents and one for its label, as fast-DiT writes them.
+Reported: img/s of both, their ratio, and the number of files each wrote. The model is a tiny
+randomly initialised AutoencoderKL (speed does not depend on training).
 """
 
 from __future__ import annotations
@@ -33,22 +43,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+TINY_KL = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+               up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+               latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.18215)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from jobs.cli import add_json_option, output_folder, positive_int
+    from pipeline.tokenize.options import PRECISIONS, cli_type
 
     parser = subparsers.add_parser("tokenize", help="tokenize throughput vs compute limit and a naive loop",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=positive_int, default=100_000, help="N (default %(default)s); the scale run uses 4N")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--actors", type=positive_int, default=None, help="encoding actors (default: one per CPU)")
-    parser.add_argument("--gpus", type=int, default=None, help="tokenize --gpus (default: GPUs if the cluster has any)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="tokenize --precision")
+    parser.add_argument("--gpus", type=cli_type("gpus"), default=None, help="tokenize --gpus (default: GPUs if the cluster has any)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="tokenize --precision")
     parser.add_argument("--decode-threads", type=positive_int, default=None, help="tokenize --decode-threads")
     parser.add_argument("--workdir", type=output_folder, default=None, help="where shards and stores go (default: a temp dir)")
     parser.add_argument("--kl-vs-fastdit", action="store_true",
                         help="instead: a tiny diffusers AutoencoderKL through tokenmill vs fast-DiT's extraction loop "
-                        "(pipeline/kl_extract_bench.py)")
+                        "(benchmarks.peers.fastdit_extract)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
@@ -56,8 +71,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = dict(gpus=args.gpus, precision=args.precision, decode_threads=args.decode_threads)
     if args.kl_vs_fastdit:
-        from pipeline.kl_extract_bench import benchmark_kl
-
         chosen, device = benchmark_kl, {}
     else:
         chosen = benchmark
@@ -71,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _timed_run(run, count: int, limit, limits: list[float]) -> dict[str, Any]:
     """Time one tokenize run (`run()` -> TokenizeSummary) of `count` images with its peak RSS, then
     measure the compute limit again; efficiency is against the limits right before and after."""
-    from pipeline.measure import PeakRSS
+    from benchmarks.harness import PeakRSS
 
     with PeakRSS() as peak:
         started = time.perf_counter()
@@ -89,10 +102,11 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
               precision: str = "fp32", decode_threads: int | None = None) -> dict[str, Any]:
     import torch
 
-    from pipeline.measure import make_bench_tokenizer
-    from pipeline.ray_runtime import ensure_ray
+    from benchmarks.harness import make_bench_tokenizer
+    from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.synthetic import smooth_images, write_image_shards
-    from pipeline.tokenize import tokenize_dataset
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
 
     cpus = os.cpu_count() or 1
     on_gpu = bool(gpus if gpus is not None else torch.cuda.is_available())
@@ -112,10 +126,11 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
         services = _start_ray_data_services()
         limits.append(limit())
         runs = {}
+        options = TokenizeOptions(batch_size=batch_size, actors=actors, overwrite=True, gpus=gpus, precision=precision,
+                                  decode_threads=decode_threads)
         for name, shards, count in (("small", small, n), ("large", large, 4 * n)):
             runs[name] = _timed_run(lambda shards=shards, name=name: tokenize_dataset(
-                str(model), shards, str(root / f"{name}.zarr"), batch_size=batch_size, actors=actors, overwrite=True,
-                gpus=gpus, precision=precision, decode_threads=decode_threads), count, limit, limits)
+                str(model), shards, str(root / f"{name}.zarr"), options), count, limit, limits)
     read = _read_ratio(root / "small.zarr")
     pipeline, limit_small = runs["small"]["img_s"], runs["small"]["limit_img_s"]
     result = {
@@ -137,6 +152,47 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
     print("  ".join(f"{k}={result[k]:.3g}" for k in (
         "pipeline_img_s", "limit_img_s", "efficiency", "naive_img_s", "vs_naive", "startup_s", "steady_img_s",
         "steady_efficiency", "scale_ratio", "memory_ratio", "read_ratio")))
+    return result
+
+
+def benchmark_kl(root: Path, n: int, batch_size: int, actors: int | None) -> dict[str, Any]:
+    """`--kl-vs-fastdit`: tokenmill's latents of a tiny AutoencoderKL vs fast-DiT's loop (module docstring)."""
+    import torch
+    from PIL import Image
+
+    from benchmarks.peers import fastdit_extract
+    from pipeline.runtime.ray_connection import ensure_ray
+    from pipeline.shards.synthetic import smooth_images, write_image_shards
+    from pipeline.tokenize.driver import tokenize_dataset
+    from pipeline.tokenize.options import TokenizeOptions
+    from pipeline.tokens.diffusers_adapter import import_diffusers
+
+    torch.manual_seed(0)
+    model_dir = root / "kl"
+    import_diffusers().AutoencoderKL(**TINY_KL).eval().save_pretrained(model_dir)
+    images = smooth_images(n, seed=n, noise=True)
+    shards = write_image_shards(images, root, "kl")
+    folder = root / "imagefolder" / "0"  # ImageFolder layout: one class folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:07d}.png")
+
+    baseline = fastdit_extract(model_dir, folder, root / "features", batch_size)
+    ensure_ray()
+    store = root / "kl.zarr"
+    started = time.perf_counter()
+    summary = tokenize_dataset(f"diffusers:{model_dir}", shards, str(store),
+                               TokenizeOptions(batch_size=batch_size, latents="sample", actors=actors, overwrite=True))
+    seconds = time.perf_counter() - started
+    assert summary.samples == n, summary
+    result = {
+        "images": n, "batch_size": batch_size,
+        "tokenmill_img_s": n / seconds, "tokenmill_files": sum(1 for p in store.rglob("*") if p.is_file()),
+        "tokenmill_startup_s": summary.startup_s,
+        "fastdit_img_s": baseline["img_s"], "fastdit_files": baseline["files"],
+    }
+    result["vs_fastdit"] = result["tokenmill_img_s"] / result["fastdit_img_s"]
+    print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result
 
 
