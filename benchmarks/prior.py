@@ -1,7 +1,7 @@
 """`tokenmill bench prior`: the whole loop images -> tokens -> prior -> images on MNIST-5k, in one run.
 
-1. Train the demo's VQ-VAE (configs/vqvae_mnist.yaml's model) briefly with `TrainStep` in this
-   process, shard MNIST-5k and tokenize every shard into a Zarr token store in-process (the
+1. Train the demo's VQ-VAE (configs/vqvae_mnist.yaml's model) briefly with the training engine's
+   step in this process, shard MNIST-5k and tokenize every shard into a Zarr token store in-process (the
    store's own region writer, `encode_unit`, markers and finalize; no Ray).
 2. Train a small CNN classifier on the MNIST-5k train split (`classifier_val_accuracy`, must be
    >= 0.97 for the class accuracy to mean anything).
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "vqvae_mnist.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqvae_mnist.yaml"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -147,20 +147,22 @@ def train_tokenizer(path: Path, args: argparse.Namespace):
 
     from models import save_model
     from models.serialization import build_model
-    from models.training import TrainStep
     from pipeline.shards.synthetic import mnist_tensors
     from pipeline.training.config import load_train_config
+    from pipeline.training.optim import Part
+    from pipeline.training.step import StepRunner, own_loss
 
     config = load_train_config(DEFAULT_CONFIG)
     model = build_model(config.model)
-    step = TrainStep(model, dataclasses.replace(config.optim, total_steps=args.vq_steps))
+    part = Part("model", model, model, dataclasses.replace(config.optim, total_steps=args.vq_steps))
+    runner = StepRunner({"model": part}, "fp32", torch.device("cpu"))
     x, y = mnist_tensors("train")
     generator = torch.Generator().manual_seed(args.seed)
     batch = config.train.batch_size
     for i in range(args.vq_steps):
         index = torch.randint(0, len(x), (batch,), generator=generator)
-        step.step(x[index], y[index])
-    tokenizer = step.eval_model().eval()
+        runner.run(own_loss, [(x[index], y[index])], i)
+    tokenizer = part.eval_module().eval()
     return tokenizer, save_model(tokenizer, path)
 
 
@@ -309,12 +311,15 @@ def _memory_batches(tokens, batch: int, seed: int):
 
 
 def train_prior(prior, store_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    """AdamW with warm-up + cosine; steps rotate between the sources in segments of `args.segment`.
-    Returns steps/s per source (rounds after the first), the data ratios and the last loss."""
+    """The training engine's step (AdamW, warm-up + cosine, clipping at 1); steps rotate between
+    the sources in segments of `args.segment`. Returns steps/s per source (rounds after the first),
+    the data ratios and the last loss."""
     import torch
 
-    from models.training import OptimConfig, lr_factor
     from pipeline.tokens.dataset import TokenDataset
+    from pipeline.training.optim import OptimConfig, Part
+    from pipeline.training.step import StepRunner
+    from pipeline.training.tasks.prior import next_token_loss
 
     opened = dict(add_bos=True, class_token=True, num_classes=10)
     resident = TokenDataset(store_url, "train", **opened)
@@ -323,28 +328,23 @@ def train_prior(prior, store_url: str, args: argparse.Namespace) -> dict[str, An
     sources = {"memory": _memory_batches(resident.batch(range(len(resident)))["tokens"], args.batch_size, args.seed),
                "resident": _store_batches(resident, args.batch_size, args.workers, args.seed),
                "streaming": _store_batches(streaming, args.batch_size, args.workers, args.seed)}
-    schedule = OptimConfig(lr=args.lr, warmup_steps=min(100, args.steps // 10), total_steps=args.steps)
-    opt = torch.optim.AdamW(prior.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    step_seconds: dict[str, list[float]] = {name: [] for name in sources}
+    optim = OptimConfig(lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, grad_clip=1.0, ema_decay=0.0,
+                        warmup_steps=min(100, args.steps // 10), total_steps=args.steps)
     device = prior.embed.weight.device
-    prior.train()
+    runner = StepRunner({"model": Part("model", prior, prior, optim)}, "fp32", device)
+    step_seconds: dict[str, list[float]] = {name: [] for name in sources}
     for step in range(args.steps):
         segment = step // args.segment
         name = list(sources)[segment % len(sources)]
         begun = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = args.lr * lr_factor(step, schedule)
-        loss = prior.loss(next(sources[name]).to(device, non_blocking=True))  # the batch's wait counts
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
-        opt.step()
+        tokens = next(sources[name]).to(device, non_blocking=True)  # the batch's wait counts
+        result = runner.run(lambda batch, _step, parts: iter([next_token_loss(batch, parts)]), [tokens], step)
         if device.type == "cuda":  # the step's time, not its launch
             torch.cuda.synchronize(device)
         if segment >= len(sources):  # the first round starts the loaders' workers: not timed
             step_seconds[name].append(time.perf_counter() - begun)
     prior.eval()
-    return {"train_loss": float(loss.detach()), **_data_ratios(step_seconds)}
+    return {"train_loss": float(result.losses["model"]), **_data_ratios(step_seconds)}
 
 
 def _data_ratios(step_seconds: dict[str, list[float]]) -> dict[str, Any]:
@@ -365,20 +365,17 @@ def _data_ratios(step_seconds: dict[str, list[float]]) -> dict[str, Any]:
 
 # -- 4. evaluation -----------------------------------------------------------------------------
 def bits_per_token(prior, store_url: str) -> dict[str, Any]:
-    """Prior cross-entropy on the val split (bits per code) vs the store's unigram code entropy."""
+    """Prior cross-entropy on the val split (bits per code, the training validation's own code)
+    vs the store's unigram code entropy."""
     import numpy as np
-    import torch
 
+    from pipeline.prior import validation
     from pipeline.tokens.dataset import TokenDataset
     from pipeline.tokens.store import TokenStore
 
     val = TokenDataset(store_url, "val", add_bos=True, class_token=True, num_classes=10)
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(val), 250):
-            tokens = val.batch(range(start, min(start + 250, len(val))))["tokens"].to(prior.embed.weight.device)
-            total += float(prior.loss(tokens)) * len(tokens)
-    val_bits = total / len(val) / math.log(2)
+    batches = (val.batch(range(start, min(start + 250, len(val)))) for start in range(0, len(val), 250))
+    val_bits = validation.bits_per_token(prior, batches, prior.embed.weight.device)
     counts = TokenStore(store_url).open_group("r")["codebook_counts"][:].astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     unigram = float(-(p * np.log2(p)).sum())

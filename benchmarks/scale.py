@@ -68,7 +68,7 @@ def tokenize_256(root: Path, n: int, batch_size: int) -> dict[str, Any]:
     from pipeline.shards.synthetic import photo_like_images, write_img2dataset_shards
     from pipeline.training.config import load_train_config
 
-    config = load_train_config(Path(__file__).resolve().parents[2] / "configs" / "debug_vqvae_f16.yaml")
+    config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "debug_vqvae_f16.yaml")
     for start in range(0, n, 512):
         write_img2dataset_shards(photo_like_images(min(512, n - start), size=256, seed=start), root / "shards",
                                  per_shard=512, first_shard=start // 512)

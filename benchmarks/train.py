@@ -2,11 +2,12 @@
 
 All runs train the same model (the `model` section of --config) with the config's optimiser,
 the same batch per step and worker, and the same in-memory data: the MNIST-5k train split as
-uint8 images. The plain loop is `models.training.TrainStep` in this process on shuffled batches
+uint8 images. The plain loop is the engine's optimizer step (`pipeline.training.step.StepRunner`,
+the one every Ray rank runs) in this process on shuffled batches
 of an in-memory tensor, converted per batch like the stream does (`to_model_input`), with torch
 on all CPUs; it runs right before and right after the 1-worker Ray run, and the mean of the two
 is the baseline (load that drifts during the run hits both sides alike). The Ray runs are our
-job's worker loop (`pipeline.training.loop.train_loop_per_worker`) under a TorchTrainer fed a
+job's worker loop (`pipeline.training.loop.ray_train_loop`, the tokenizer task) under a TorchTrainer fed a
 materialized Ray Dataset of the same arrays: 1 worker with all CPUs, then 2 workers with half
 each (the worker sets torch's threads to its CPUs). Validation and the checkpoint happen
 once, at the end; MLflow writes to a temporary SQLite file. Every number is training-only
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "vqvae_mnist.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqvae_mnist.yaml"
 VAL_IMAGES = 256
 
 
@@ -46,10 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
+    import torch
 
     from pipeline.runtime.ray_connection import ensure_ray
     from pipeline.shards.sources import load_builtin
     from pipeline.training.config import load_train_config
+    from pipeline.training.precision import resolve_precision
 
     cpus = os.cpu_count() or 1
     config = load_train_config(args.config, [*args.overrides, f"train.steps={args.steps}"])
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"model": config.model.kind, "steps": args.steps, "batch_size": config.train.batch_size,
                               "cpu_count": cpus, "threads": cpus}
     device = "cuda" if args.gpu else "cpu"
-    result.update(device=device, precision=config.train.resolved_precision())
+    result.update(device=device, precision=resolve_precision(config.train.precision, torch.device(device)))
     plain = [plain_img_per_s(config, train.images, train.labels, threads=cpus, device=device)]
 
     started_ray = not ray.is_initialized()
@@ -89,19 +92,22 @@ def _cuda_devices() -> int:
 
 
 def plain_img_per_s(config, images, labels, threads: int, device: str = "cpu") -> float:
-    """One process, TrainStep, shuffled in-memory batches; the first step is not timed."""
+    """One process, the engine's step, shuffled in-memory batches; the first step is not timed."""
     import torch
 
     from models.serialization import build_model
-    from models.training import TrainStep
     from pipeline.shards.stream import to_model_input
+    from pipeline.training.optim import Part
+    from pipeline.training.precision import resolve_precision
+    from pipeline.training.step import StepRunner, own_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
     steps, batch = config.train.steps, config.train.batch_size
     model = build_model(config.model).to(device)
-    trainer = TrainStep(model, dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps),
-                        precision=config.train.resolved_precision())
+    optim = dataclasses.replace(config.optim, total_steps=config.optim.total_steps or steps)
+    trainer = StepRunner({"model": Part("model", model, model, optim)},
+                         resolve_precision(config.train.precision, torch.device(device)), torch.device(device))
     kl_weight = config.kl if getattr(model, "has_kl", False) else None
     images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     generator = torch.Generator().manual_seed(config.train.seed)
@@ -112,8 +118,7 @@ def plain_img_per_s(config, images, labels, threads: int, device: str = "cpu") -
             order = torch.randperm(len(images), generator=generator)
         index = order[position * batch:(position + 1) * batch]
         x, y = to_model_input({"image": images[index], "label": labels[index]})
-        extra = {"kl_weight": kl_weight(step)} if kl_weight else {}
-        trainer.step(x, y, **extra)
+        trainer.run(own_loss, [(x, y, *([kl_weight(step)] if kl_weight else []))], step)
         if step == 0:
             start = time.perf_counter()
     if device == "cuda":
@@ -139,7 +144,11 @@ def ray_img_per_s(args: argparse.Namespace, root: str, datasets: dict[str, Any],
     """Our training job's TorchTrainer; its reported `img_per_s` (all ranks)."""
     from pipeline.registry import tracking
     from pipeline.training.config import load_train_config
-    from pipeline.training.trainer import build_trainer
+    from pipeline.training.driver import build_torch_trainer
+    from pipeline.training.loop import LoopSpec
+    from pipeline.training.task import RayInputs
+    from pipeline.training.tasks.image_data import ingest_config
+    from pipeline.training.tasks.tokenizer import TokenizerTask
 
     steps = args.steps
     config = load_train_config(args.config, [
@@ -151,7 +160,9 @@ def ray_img_per_s(args: argparse.Namespace, root: str, datasets: dict[str, Any],
     ])
     run_id = tracking.get_or_create_run(config.tracking.tracking_uri, config.tracking.experiment, config.run.name,
                                         tags={"tokenmill.benchmark": "train"}, run_dir=root)
-    return float(build_trainer(config, datasets, config.tracking.tracking_uri, run_id).fit().metrics["img_per_s"])
+    inputs = RayInputs(datasets, data_config=ingest_config(datasets))
+    trainer = build_torch_trainer(TokenizerTask(config), LoopSpec(config.tracking.tracking_uri, run_id), inputs)
+    return float(trainer.fit().metrics["img_per_s"])
 
 
 def _print_table(result: dict[str, Any]) -> None:

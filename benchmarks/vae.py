@@ -54,19 +54,19 @@ def train(model, x, optim, budget_s: float | None = None, max_steps: int | None 
     """Train on dynamically binarized `x` until the time budget or the step count runs out."""
     import torch
 
-    from models.training import TrainStep
+    from pipeline.training.optim import Part
+    from pipeline.training.step import StepRunner, own_loss
 
     torch.manual_seed(seed)
-    trainer = TrainStep(model, optim)
+    part = Part("model", model, model, optim)
+    runner = StepRunner({"model": part}, "fp32", torch.device("cpu"))
     start, loss = time.perf_counter(), float("nan")
     while True:
         for index in torch.randperm(x.shape[0]).split(batch_size):
-            done_steps = max_steps is not None and trainer.steps >= max_steps
+            done_steps = max_steps is not None and part.steps >= max_steps
             if done_steps or (budget_s is not None and time.perf_counter() - start >= budget_s):
-                return TrainResult(trainer.eval_model(), trainer.steps, trainer.skipped,
-                                   time.perf_counter() - start, loss)
-            _, stats = trainer.step(torch.bernoulli(x[index]))
-            loss = stats["loss"]
+                return TrainResult(part.eval_module(), part.steps, part.skipped, time.perf_counter() - start, loss)
+            loss = float(runner.run(own_loss, [(torch.bernoulli(x[index]),)], part.steps).losses["model"])
 
 
 def baseline_vae():
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from models.image_metrics import importance_weighted_nll
-    from models.training import OptimConfig
+    from pipeline.training.optim import OptimConfig
 
     torch.set_num_threads(args.threads)
     from pipeline.shards.synthetic import mnist_tensors

@@ -86,14 +86,16 @@ def _train(model, loss, train, val, args, disc_start: int) -> dict[str, Any]:
     import torch
 
     from models.image_metrics import ReconstructionMetrics
-    from models.training import OptimConfig
-    from pipeline.training.adversarial import build_train_step
 
-    step = build_train_step(model, OptimConfig(lr=args.lr, betas=(0.5, 0.9), grad_clip=1.0, ema_decay=0.0), loss)
+    runner, losses = _engine_step(model, loss, args)
     generator = torch.Generator().manual_seed(args.seed)  # the same batches for both runs
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step.step(_random_crops(train, args.size, args.batch_size, generator))
+    for step in range(args.steps):
+        crops = _random_crops(train, args.size, args.batch_size, generator)  # (B, 3, size, size) in [0, 1]
+        # As the image stream gives them: uint8 (B, H, W, C) (the photos are uint8, so this is exact).
+        batch = {"image": (crops * 255).round().to(torch.uint8).permute(0, 2, 3, 1),
+                 "label": torch.zeros(len(crops), dtype=torch.int64)}
+        runner.run(losses, [batch], step)
     seconds = time.perf_counter() - start
     metrics = ReconstructionMetrics()
     model.eval()
@@ -104,11 +106,38 @@ def _train(model, loss, train, val, args, disc_start: int) -> dict[str, Any]:
     return {"psnr": result["psnr"], "ssim": result["ssim"], "hf_ratio": result["hf_ratio"], "train_s": seconds}
 
 
+def _engine_step(model, loss, args):
+    """The training engine's step for `model`: its own loss (`loss` None), or the adversarial
+    task's (LPIPS, discriminator, adaptive weight) with the `loss` section. (runner, losses)."""
+    import tempfile
+
+    import torch
+
+    from pipeline.shards.stream import to_model_input
+    from pipeline.training.config import TrainJobConfig
+    from pipeline.training.context import LocalContext
+    from pipeline.training.optim import OptimConfig, Part
+    from pipeline.training.step import StepRunner, own_loss
+    from pipeline.training.tasks.adversarial import AdversarialTask
+
+    optim = OptimConfig(lr=args.lr, betas=(0.5, 0.9), grad_clip=1.0, ema_decay=0.0)
+    parts = {"model": Part("model", model, model, optim)}
+    if loss is None:
+        return (StepRunner(parts, "fp32", torch.device("cpu")),
+                lambda batch, step, parts: own_loss(to_model_input(batch), step, parts))
+    task = AdversarialTask(TrainJobConfig.model_validate({"model": model.config, "loss": loss, "optim": optim}))
+    task.setup(LocalContext(tempfile.mkdtemp(prefix="bench-vqgan-")))  # LPIPS and LeCAM on this process's CPU
+    discriminator, disc_optim = task.build()["discriminator"]
+    parts["discriminator"] = Part("discriminator", discriminator, discriminator, disc_optim)
+    return StepRunner(parts, "fp32", torch.device("cpu")), task.losses
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from models.lpips import LPIPSWeights, missing_weights
-    from models.vqgan_loss import DiscriminatorConfig, VQGANLossConfig
+    from models.vqgan_loss import DiscriminatorConfig
+    from pipeline.training.config import VQGANLossConfig
 
     torch.set_num_threads(args.threads)
     if args.smoke:

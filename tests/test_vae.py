@@ -111,7 +111,7 @@ def test_interpolation_grid_to_png(tmp_path):
 def test_training_image_panels_work_for_the_conditional_vae():
     """Image logging walks latent paths under the pair's labels; a CVAE's encoder needs them."""
     from models.vae import ConditionalVAE, CVAEConfig
-    from pipeline.training.reporting import image_panels
+    from pipeline.training.tasks.image_validation import image_panels
 
     model = ConditionalVAE(CVAEConfig()).eval()
     x, y = torch.rand(8, model.config.channels, 32, 32), torch.arange(8) % 10

@@ -113,7 +113,7 @@ class LocalContext:
         return module.to(self.device)
 
     def dataset(self, name: str) -> Any:
-        return self.datasets[name]
+        return self.datasets.get(name)  # None: a rank that trains from elsewhere (a benchmark's tensors)
 
     def checkpoints(self) -> list[Path]:
         return sorted(self.folder.glob("checkpoint_*"))

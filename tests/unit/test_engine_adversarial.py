@@ -13,6 +13,7 @@ from test_lpips import write_random_lpips_weights
 
 from models.serialization import load_model
 from models.vqgan_loss import generator_adversarial_loss
+from pipeline.shards.stream import to_model_input
 from pipeline.training.config import load_train_config
 from pipeline.training.context import LocalContext
 from pipeline.training.loop import build_parts
@@ -86,7 +87,7 @@ def test_generator_gradient_equals_tamings_formula(shards, lpips_files, tmp_path
     task = gan_task(shards, lpips_files, tmp_path, "loss.disc_start=0")
     parts, batch = one_rank(task, tmp_path)
     model, disc = copy.deepcopy(parts["model"].module), copy.deepcopy(parts["discriminator"].module)
-    x = batch["image"].permute(0, 3, 1, 2).float() / 255
+    x, _ = to_model_input(batch)  # the task's own conversion: one memory layout, so one set of float sums
     loss = task.config.loss
 
     torch.manual_seed(1)

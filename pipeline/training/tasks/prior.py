@@ -90,9 +90,7 @@ class PriorTask(Task):
             yield index, batch["tokens"]  # (B, prefix + N) int64
 
     def losses(self, batch: Any, step: int, parts: Mapping[str, Part]) -> Iterator[Loss]:
-        tokens = batch.to(self.context.device, non_blocking=True)
-        loss = parts["model"].model(tokens, return_loss=True)  # through DDP's own forward
-        yield Loss("model", loss, metrics={"bits_per_token": loss.detach() / LN2})
+        yield next_token_loss(batch.to(self.context.device, non_blocking=True), parts)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         loop, data = self.config.train, self.config.data
@@ -119,6 +117,13 @@ class PriorTask(Task):
             Path(folder).mkdir(parents=True, exist_ok=True)
             with open(Path(folder) / f"rank{self.context.rank}.txt", "a") as log:
                 log.write(f"{epoch} {batch_index} {' '.join(map(str, indices.tolist()))}\n")
+
+
+def next_token_loss(tokens: Any, parts: Mapping[str, Part]) -> Loss:
+    """The prior's step loss on tokens (B, prefix + N): nats per code token (label dropout in
+    train mode), through the wrapper's own forward (DDP's gradient hooks need it)."""
+    loss = parts["model"].model(tokens, return_loss=True)
+    return Loss("model", loss, metrics={"bits_per_token": loss.detach() / LN2})
 
 
 def store_tokenizer(config: Any, prior: PriorConfig, tracking_uri: str | None) -> Any:
