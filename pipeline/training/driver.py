@@ -79,7 +79,7 @@ def fit(task: Task) -> TrainSummary:
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
     inputs = task.ray_inputs()
-    with TrainProgress(config.train.steps, desc=task.name) as progress:
+    with TrainProgress(config.train.steps, desc=task.command) as progress:
         spec = LoopSpec(tracking_uri, run_id, progress.board, inputs.epoch_clocks)
         result = build_torch_trainer(task, spec, inputs).fit()
     if result.checkpoint is None:

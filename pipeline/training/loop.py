@@ -76,8 +76,7 @@ class RankRun:
         self.loop = task.config.train
         self.main = next(iter(parts.values()))  # the model: validated, checkpointed, exported
         self.resumed_from = state.step
-        world = context.world_size * self.loop.batch_size * self.loop.accumulate
-        self.throughput = Throughput(world)
+        self.throughput = Throughput(context.world_size * self.loop.batch_size * self.loop.accumulate)
 
     @classmethod
     def start(cls, task: Task, context: RankContext, spec: LoopSpec) -> RankRun:

@@ -37,7 +37,8 @@ class RayInputs:
 class Task:
     """A model family; subclasses override the methods marked "abstract"."""
 
-    name: ClassVar[str]  # "tokenizer", "adversarial", "prior": the MLflow tag and progress label
+    name: ClassVar[str]  # "tokenizer", "adversarial", "prior": the MLflow tag `tokenmill.task`
+    command: ClassVar[str] = "train"  # the command that trains it: the progress bar's label
     example: ClassVar[str] = "img"  # one training example, in throughput metrics: "<example>_per_s"
 
     def __init__(self, config: Any):

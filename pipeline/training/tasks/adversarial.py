@@ -54,8 +54,8 @@ class AdversarialTask(TokenizerTask):
 
     # -- driver ---------------------------------------------------------------------------------------
     def prepare(self, tracking_uri: str) -> dict[str, str]:
-        return require_loss_weights(self.config.loss, model_class_for_kind(self.config.model.kind)) | \
-            super().prepare(tracking_uri)
+        lpips_tags = require_loss_weights(self.config.loss, model_class_for_kind(self.config.model.kind))
+        return lpips_tags | super().prepare(tracking_uri)  # the weights first: their absence is the likelier mistake
 
     # -- every rank -----------------------------------------------------------------------------------
     def build(self) -> dict[str, tuple[nn.Module, OptimConfig]]:

@@ -24,6 +24,7 @@ from models.prior import PriorConfig
 from models.serialization import build_model
 from pipeline.prior import data as prior_data
 from pipeline.prior.validation import bits_per_token, sample_grid
+from pipeline.runtime.redaction import redact
 from pipeline.training.optim import OptimConfig, Part
 from pipeline.training.step import Loss
 from pipeline.training.task import Task
@@ -33,6 +34,7 @@ LN2 = math.log(2.0)
 
 class PriorTask(Task):
     name = "prior"
+    command = "train-prior"
     example = "seq"
 
     # -- driver ---------------------------------------------------------------------------------------
@@ -48,8 +50,6 @@ class PriorTask(Task):
             raise UserError(f"model: {err}") from None
         self.model_fields = fields
         self.tokenizer = store_tokenizer(self.config, prior, tracking_uri)  # ModelFiles, sha256 checked
-        from pipeline.runtime.redaction import redact
-
         return {"tokenmill.token_store": redact(data.store), "tokenmill.tokenizer_sha256": self.tokenizer.weights_sha256}
 
     def shared_data(self) -> dict[str, str]:
@@ -58,7 +58,6 @@ class PriorTask(Task):
     def export_extras(self, model_dir: Path) -> None:
         """lineage.json next to the prior's config.json: the store, its tokenizer and the vocabulary."""
         from pipeline.prior.lineage import prior_lineage, write_prior_lineage
-        from pipeline.runtime.redaction import redact
 
         prior = PriorConfig(**self.model_fields)
         tokenizer = {"model_uri": self.tokenizer.uri, "weights_sha256": self.tokenizer.weights_sha256}
