@@ -1,5 +1,5 @@
 """The one conftest: markers by folder, the guards, and the shared fixtures (one local Ray
-instance, a loopback S3 server (moto), a real MLflow server, a SQLite MLflow store).
+instance, a loopback S3 server (moto), a real MLflow server, a SQLite MLflow store, one torch thread).
 
 Tests are sorted by cost, and the folder says which (`pytest_collection_modifyitems` adds its
 marker, so `-m unit` equals `tests/unit`):
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from helpers.net import free_port
+from helpers.threads import one_torch_thread
 
 S3_PORT = free_port()
 S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
@@ -127,6 +128,13 @@ def ray_local():
 def sqlite_tracking(tmp_path_factory) -> str:
     """One SQLite MLflow store for the session's in-process runs (creating one costs seconds)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite')}/mlflow.db"
+
+
+@pytest.fixture()
+def one_thread():
+    """torch on one thread for the test: tiny loops on a loaded 2-core machine are much faster so."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

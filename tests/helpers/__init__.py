@@ -8,6 +8,7 @@ folder because tests/conftest.py puts tests/ on sys.path.
     diffusers    tiny diffusers autoencoders and RGB shards
     lpips        random LPIPS weights in the published formats, the VGG16 stand-in
     credentials  fake storage credentials and the leak check
+    threads      one torch thread for tiny loops on a loaded machine
     net          free ports
     multinode    a several-node Ray cluster, run as a script by tests/system/test_multinode.py
 """

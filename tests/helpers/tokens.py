@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from helpers import CONFIGS
+from helpers.threads import one_torch_thread
 
 IMAGE_SIZE = 16
 
@@ -202,15 +203,11 @@ def briefly_trained_demo_vqvae(path: Path, steps: int = 40):
 
     digits = load_builtin("builtin:mnist5k").images  # (5000, 32, 32, 1) uint8; the last 500 are val
     x = torch.from_numpy(digits[:4500]).permute(0, 3, 1, 2).float() / 255
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a loaded 2-core machine: one thread is much steadier than two
-    try:
+    with one_torch_thread():  # a loaded 2-core machine: one thread is much steadier than two
         torch.manual_seed(0)
         model = build_model(load_train_config(CONFIGS / "vqvae_mnist.yaml").model)
         step = StepRunner({"model": Part("model", model, model, OptimConfig(lr=1e-3, ema_decay=0))}, "fp32",
                           torch.device("cpu"))
         for i in range(steps):
             step.run(own_loss, [(x[torch.randint(0, len(x), (32,))],)], i)
-    finally:
-        torch.set_num_threads(threads)
     return save_model(model.eval(), path), digits[4500:]

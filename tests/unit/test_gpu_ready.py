@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.threads import one_torch_thread
 from helpers.tokens import briefly_trained_demo_vqvae, make_vqvae, plant_corrupt, write_shards
 
 from pipeline.tokenize.pool import plan_pool
@@ -41,20 +42,15 @@ def test_bf16_codes_agree_with_fp32(tmp_path: Path):
     """The demo's VQ-VAE trained briefly (40 steps of 32 digits, so its codes spread): bf16
     autocast codes against fp32 codes on the 500 val digits (32,000 tokens). Measured 0.996
     here; an untrained model's few codes would say little."""
-    import torch
 
     from pipeline.registry.model_ref import resolve_model
     from pipeline.tokens.encoder import TokenEncoder
 
     path, val = briefly_trained_demo_vqvae(tmp_path / "model")
     files, labels = resolve_model(str(path)), np.zeros(len(val), dtype=np.int64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         fp32 = TokenEncoder(files, latents=False).encode(val, labels)["codes"]
         bf16 = TokenEncoder(files, latents=False, precision="bf16").encode(val, labels)["codes"]
-    finally:
-        torch.set_num_threads(threads)
     agreement = float((fp32 == bf16).mean())
     assert fp32.shape == (500, 8, 8) and len(np.unique(fp32)) > 16  # codes vary: the check means something
     assert agreement >= 0.99, agreement

@@ -14,13 +14,8 @@ from models.prior import KVCache, PriorConfig, TransformerPrior, sample_logits
 K = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine are ~10x faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matmuls on a shared 2-core machine are ~10x faster on one thread than on two.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prior(positions: str = "rope2d", grid=((2, 2), (3, 3)), num_classes: int = 3, **kw) -> TransformerPrior:

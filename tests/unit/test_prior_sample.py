@@ -24,12 +24,7 @@ from pipeline.prior.sampling import SampleOptions, sample_prior
 SMALL = dict(in_channels=1, image_size=16, hidden=8, res_blocks=1, latent_dim=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save_pair(tmp_path, tokenizer: torch.nn.Module, grid: list[list[int]], num_classes: int = 3):

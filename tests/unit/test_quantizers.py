@@ -261,15 +261,8 @@ def test_lfq_entropy_term_only_in_training():
     torch.testing.assert_close(codes.norm(dim=1), torch.ones(32))  # BSQ codes lie on the unit sphere
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny training loops: two threads on a loaded 2-core machine take ~50x longer than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+# Tiny training loops below: two threads on a loaded 2-core machine take ~50x longer than one
+# (the one_thread fixture, tests/conftest.py).
 @pytest.mark.parametrize("binary", [LFQ, BSQ], ids=["lfq", "bsq"])
 def test_binary_quantizer_does_not_collapse_on_offset_latents(binary, one_thread):
     """An encoder's latents share an offset much larger than their spread (the bench's VQ-VAE:

@@ -48,15 +48,15 @@ def test_store_lineage_is_recorded_redacted(tmp_path):
     assert recorded["options"] == {"secret": MASK} and recorded["model_uri"] == "m"
 
 
-def test_retrain_tags_are_recorded_redacted(tmp_path):
+def test_retrain_tags_are_recorded_redacted(sqlite_tracking, tmp_path):
     from pipeline.registry import promotion
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run_id = client.create_run(client.create_experiment("e")).info.run_id
-    client.create_registered_model("m")
-    version = client.create_model_version("m", str(tmp_path), run_id=run_id).version
-    promotion.record(client, "m", version, run_id, {"store": f"s3://{KEY}:{SECRET}@bucket/t.zarr"})
-    tags = {**client.get_model_version("m", version).tags, **client.get_run(run_id).data.tags}
+    client = mlflow.MlflowClient(sqlite_tracking)  # the session's store: names of this test's own
+    run_id = client.create_run(client.create_experiment("redacted-tags")).info.run_id
+    client.create_registered_model("redacted-tags")
+    version = client.create_model_version("redacted-tags", str(tmp_path), run_id=run_id).version
+    promotion.record(client, "redacted-tags", version, run_id, {"store": f"s3://{KEY}:{SECRET}@bucket/t.zarr"})
+    tags = {**client.get_model_version("redacted-tags", version).tags, **client.get_run(run_id).data.tags}
     assert not leaks(json.dumps(tags)) and tags[promotion.TAG + "store"] == f"s3://{MASK}@bucket/t.zarr"
 
 
