@@ -11,17 +11,18 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	bash scripts/install_torch.sh $(PY)
 	$(PY) -m pip install -e ".[test]"
-	# lpips is only the reference of tests/test_lpips.py; --no-deps because it requires torchvision,
+	# lpips is only the reference of tests/unit/test_lpips.py; --no-deps because it requires torchvision,
 	# which does not install on CPU-only machines (pyproject cannot say --no-deps).
 	$(PY) -m pip install --no-deps "lpips==0.1.4"
 	touch $(STAMP)
 
+# test: every folder, cheapest first (tests/unit, tests/integration, tests/system); test-fast: tests/unit.
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest tests/unit
 
 demo: setup
 	$(VENV)/bin/tokenmill demo --json runs/demo/summary.json

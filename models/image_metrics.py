@@ -80,7 +80,7 @@ def importance_weighted_nll(
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004) of images in [0, 1], (B, C, H, W) each -> (B,): a Gaussian
     window (11, σ 1.5; smaller for images under 6 px) over the reflect-padded image, mean over
-    channels and positions — torchmetrics' SSIM with data_range=1 (tests/test_eval.py compares)."""
+    channels and positions — torchmetrics' SSIM with data_range=1 (tests/unit/test_vqgan.py compares)."""
     x, y = x.double(), y.double()
     channels = x.shape[1]
     window = min(window, 2 * min(x.shape[-2:]) - 1)

@@ -1,6 +1,6 @@
 """LPIPS (Zhang et al. 2018, VGG variant v0.1) in plain torch: torchvision's VGG16 `features`
 stack plus the lpips package's five linear heads, computed exactly as `lpips.LPIPS(net="vgg")`
-(tests/test_lpips.py compares the two given identical weights).
+(tests/unit/test_lpips.py compares the two given identical weights).
 
 Weights are never downloaded. Two local files are needed, each checked against its sha256:
   vgg  torchvision's ImageNet VGG16 checkpoint `vgg16-397923af.pth`, by default in the torch hub

@@ -42,7 +42,7 @@ else
     train_args=(--gpu --steps 300 --set train.precision=bf16)
     prior_args=(--device cuda)
 fi
-run gpu_tests 90 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml"
+run gpu_tests 90 $PY -m pytest -m gpu tests/unit/test_gpu.py -q -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml"
 run bench_tokenize 200 $PY -m jobs bench tokenize "${tokenize_args[@]}" --workdir "$OUT/tokenize-work" \
     --json "$OUT/bench_tokenize.json"
 run bench_train 120 $PY -m jobs bench train "${train_args[@]}" --json "$OUT/bench_train.json"

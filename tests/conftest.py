@@ -1,4 +1,16 @@
-"""Shared fixtures: one local Ray instance, a loopback S3 server (moto) and a real MLflow server.
+"""The one conftest: markers by folder, the guards, and the shared fixtures (one local Ray
+instance, a loopback S3 server (moto), a real MLflow server, a SQLite MLflow store, one torch thread).
+
+Tests are sorted by cost, and the folder says which (`pytest_collection_modifyitems` adds its
+marker, so `-m unit` equals `tests/unit`):
+
+    tests/unit/         in this process only: no Ray, no server, no subprocess, no multiprocessing
+    tests/integration/  one Ray instance (`ray_local`) or one server (`mlflow_server`, `s3_server`)
+    tests/system/       several processes or nodes: CLI subprocesses, Ray heads and clusters, job
+                        submission, spawned gloo ranks, the demo
+
+Shared builders live in tests/helpers/ (`from helpers.tokens import ...`): this folder is on
+sys.path because this conftest sits in it.
 
 The S3 endpoint and credentials are exported as environment variables at import time, before
 any Ray process starts, so Ray workers (which inherit the driver's environment) reach the same
@@ -9,7 +21,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +28,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from helpers.net import free_port
+from helpers.threads import one_torch_thread
 
 S3_PORT = free_port()
 S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
@@ -40,16 +46,31 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # starts, so the workers (rank 0 logs them) inherit it.
 os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 
-# Fixtures that start Ray or a server: a test using one, directly or through another fixture, is
-# `slow`, so `make test-fast` (-m "not slow") skips it. Tests that start processes themselves
-# (subprocess, ray heads, torch.multiprocessing) carry an explicit @pytest.mark.slow.
-SLOW_FIXTURES = {"ray_local", "mlflow_server", "s3_server", "s3_bucket"}
+TESTS = Path(__file__).resolve().parent
+FOLDERS = ("unit", "integration", "system")  # by cost; also the order tests run in
+# Fixtures that start Ray or a server: a unit test may use none of them.
+SERVICE_FIXTURES = {"ray_local", "mlflow_server", "s3_server", "s3_bucket"}
 
 
 def pytest_collection_modifyitems(config, items):
+    """Mark each test with its folder (unit, integration, system) and run the folders in that
+    order: cheap failures first, and no unit test runs while the session's Ray is up."""
+    rank = {}
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
+        path = Path(item.path).resolve()
+        if not path.is_relative_to(TESTS):
+            continue
+        folder = path.relative_to(TESTS).parts[0]
+        if folder not in FOLDERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/integration or tests/system "
+                                    "(tests/conftest.py says which is which)")
+        services = SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if folder == "unit" and services:
+            raise pytest.UsageError(f"{item.nodeid}: a unit test uses {', '.join(sorted(services))}; "
+                                    "move it to tests/integration")
+        item.add_marker(folder)
+        rank[item.nodeid] = FOLDERS.index(folder)
+    items.sort(key=lambda item: rank.get(item.nodeid, len(FOLDERS)))
 
 
 def _ray_up() -> bool:
@@ -82,12 +103,14 @@ def _no_fork_while_ray_up():
 
 
 @pytest.fixture(autouse=True)
-def _fast_tests_start_no_ray(request):
-    """A test not marked slow that starts Ray (e.g. through `ensure_ray`) fails: mark it or use `ray_local`."""
-    already = request.node.get_closest_marker("slow") is not None or _ray_up()
+def _unit_tests_start_no_ray(request):
+    """A unit test that starts Ray (e.g. through `ensure_ray` or a CLI job) fails: move it to
+    tests/integration and use `ray_local`."""
+    unit = request.node.get_closest_marker("unit") is not None
+    already = _ray_up()
     yield
-    if not already and _ray_up():
-        pytest.fail("this test started Ray but is not marked slow; use the ray_local fixture or @pytest.mark.slow")
+    if unit and not already and _ray_up():
+        pytest.fail("this unit test started Ray; move it to tests/integration and use the ray_local fixture")
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +128,13 @@ def ray_local():
 def sqlite_tracking(tmp_path_factory) -> str:
     """One SQLite MLflow store for the session's in-process runs (creating one costs seconds)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite')}/mlflow.db"
+
+
+@pytest.fixture()
+def one_thread():
+    """torch on one thread for the test: tiny loops on a loaded 2-core machine are much faster so."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

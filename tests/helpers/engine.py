@@ -14,9 +14,6 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
-
 
 def shrink(steps: int = 2, batch_size: int = 8) -> list[str]:
     """--set overrides that make any preset a few-second run: `steps` steps, one validation and
@@ -90,7 +87,8 @@ def learnable_store(url: str, tokenizer: Path | None) -> str:
     """A finished 2x2-code store (labels j % 7) whose codes are a function of the label, so a
     prior can learn them; its lineage names `tokenizer` (None: a model that does not exist)."""
     import zarr
-    from tokenize_helpers import build_store
+
+    from helpers.tokens import build_store
 
     build_store(url, PRIOR_COUNTS, PRIOR_SPLITS, codebook_size=PRIOR_K)
     group = zarr.open_group(url, mode="r+")
@@ -105,7 +103,7 @@ def learnable_store(url: str, tokenizer: Path | None) -> str:
 
 def prior_store(root: Path) -> str:
     """A learnable store under `root` with its tokenizer (an untrained 8x8 VQ-VAE) beside it."""
-    from tokenize_helpers import make_vqvae
+    from helpers.tokens import make_vqvae
 
     return learnable_store(str(root / "tokens.zarr"), make_vqvae(root / "tokenizer", codebook_size=PRIOR_K,
                                                                  image_size=8))

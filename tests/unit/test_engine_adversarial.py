@@ -8,8 +8,9 @@ import copy
 
 import pytest
 import torch
-from helpers.engine import CONFIGS, rgb_shards, run_in_process
-from test_lpips import write_random_lpips_weights
+from helpers import CONFIGS
+from helpers.engine import rgb_shards, run_in_process
+from helpers.lpips import write_random_lpips_weights
 
 from models.serialization import load_model
 from models.vqgan_loss import generator_adversarial_loss

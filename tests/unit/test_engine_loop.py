@@ -11,7 +11,8 @@ import mlflow
 import pytest
 import torch
 import yaml
-from helpers.engine import CONFIGS, grey_shards, prior_store, run_in_process, shrink
+from helpers import CONFIGS
+from helpers.engine import grey_shards, prior_store, run_in_process, shrink
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from models.errors import UserError

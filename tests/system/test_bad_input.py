@@ -1,0 +1,270 @@
+"""Bad input, systematically: every `tokenmill` subcommand fed missing paths, folders that are not
+what it expects, corrupt files, out-of-range numbers and wrong types.
+
+The product rule for a user mistake: ONE message on stderr naming the cause and the user's own
+argument (the path or value they typed), exit code 2, no traceback. argparse's own refusals
+(a usage block, then one `error:` line naming the argument) count as one message.
+
+Every case runs as a real subprocess (`python -m jobs ...`), all of them side by side in threads.
+A bad input must be refused before Ray starts: the subprocesses get their own RAY_TMPDIR, which
+must hold no Ray session afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO
+from helpers.tokens import build_store
+
+RETRAIN = str(REPO / "configs" / "debug_retrain_vqvae.yaml")
+TRAIN = str(REPO / "configs" / "debug_vqvae.yaml")
+TIMEOUT_S = 60
+
+# (id, argv with {F} = the fixture folder, what the message must contain: the user's argument).
+# For a --set override the user's argument is the override itself.
+CASES = [
+    # -- demo
+    ("demo-steps-0", "demo --root {F}/demo --steps 0", ["--steps", "0"]),
+    ("demo-workers-0", "demo --root {F}/demo --workers 0", ["--workers", "0"]),
+    ("demo-root-is-a-file", "demo --root {F}/imgs.npy --steps 1", ["{F}/imgs.npy"]),
+    # -- shard
+    ("shard-missing-src", "shard {F}/missing {F}/out", ["{F}/missing"]),
+    ("shard-empty-folder", "shard {F}/empty {F}/out", ["{F}/empty"]),
+    ("shard-garbage-npy", "shard {F}/texts/a.npy {F}/out", ["{F}/texts/a.npy"]),
+    ("shard-missing-labels", "shard {F}/imgs.npy {F}/out --labels {F}/missing.npy", ["{F}/missing.npy"]),
+    ("shard-dest-is-a-file", "shard {F}/imgs.npy {F}/texts/a.txt", ["{F}/texts/a.txt"]),
+    # ShardSettings validates the numbers: the message names the setting and the value
+    ("shard-maxcount-neg", "shard {F}/imgs.npy {F}/out --maxcount -1", ["maxcount", "-1"]),
+    ("shard-val-fraction-2", "shard {F}/imgs.npy {F}/out --val-fraction 2", ["val_fraction", "2"]),
+    ("shard-maxcount-abc", "shard {F}/imgs.npy {F}/out --maxcount abc", ["--maxcount", "abc"]),
+    ("shard-storage-options-not-json", "shard {F}/imgs.npy {F}/out --storage-options not-json",
+     ["--storage-options", "not-json"]),
+    ("shard-storage-options-list", "shard {F}/imgs.npy {F}/out --storage-options [1]", ["--storage-options", "[1]"]),
+    # -- shard index
+    ("index-missing", "shard index {F}/missing", ["{F}/missing"]),
+    ("index-empty-folder", "shard index {F}/empty", ["{F}/empty"]),
+    ("index-garbage-tar", "shard index {F}/badtar", ["{F}/badtar"]),
+    ("index-storage-options-not-json", "shard index {F}/shards --storage-options not-json", ["not-json"]),
+    # -- inspect
+    ("inspect-missing", "inspect {F}/missing", ["{F}/missing"]),
+    ("inspect-missing-tar", "inspect {F}/missing.tar", ["{F}/missing.tar"]),
+    ("inspect-empty-folder", "inspect {F}/empty", ["{F}/empty"]),
+    ("inspect-garbage-manifest", "inspect {F}/badmanifest", ["{F}/badmanifest"]),
+    ("inspect-garbage-tar-folder", "inspect {F}/badtar", ["{F}/badtar"]),
+    ("inspect-garbage-zarr", "inspect {F}/badzarr", ["{F}/badzarr"]),
+    ("inspect-storage-options-not-json", "inspect {F}/shards --storage-options not-json", ["not-json"]),
+    # -- train (refused before Ray, and before MLflow)
+    ("train-missing-config", "train {F}/missing.yaml", ["{F}/missing.yaml"]),
+    ("train-garbage-yaml", "train {F}/bad.yaml", ["{F}/bad.yaml"]),
+    ("train-config-is-folder", "train {F}/empty", ["{F}/empty"]),
+    ("train-steps-abc", "train {TRAIN} --set train.steps=abc", ["train.steps=abc"]),
+    ("train-unknown-key", "train {TRAIN} --set train.stpes=3", ["train.stpes"]),
+    ("train-gpus-this-machine-lacks", "train {TRAIN} --set scaling.use_gpu=true --set scaling.num_workers=64 "
+     "--set data.shards={F}/shards --set run.root={F}/runs", ["scaling.use_gpu"]),
+    ("train-missing-shards", "train {TRAIN} --set data.shards={F}/missing --set run.root={F}/runs",
+     ["{F}/missing"]),
+    ("train-garbage-manifest", "train {TRAIN} --set data.shards={F}/badmanifest --set run.root={F}/runs",
+     ["{F}/badmanifest"]),
+    ("train-init-missing", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs "
+     "--set train.init_from={F}/missing", ["{F}/missing"]),
+    ("train-init-garbage-weights", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs "
+     "--set train.init_from={F}/badweights", ["{F}/badweights"]),
+    ("train-init-other-architecture", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs "
+     "--set train.init_from={F}/model", ["{F}/model"]),
+    # -- tokenize
+    ("tokenize-model-missing", "tokenize --model {F}/missing --data {F}/shards --out {F}/t0.zarr", ["{F}/missing"]),
+    ("tokenize-model-empty", "tokenize --model {F}/empty --data {F}/shards --out {F}/t1.zarr", ["{F}/empty"]),
+    ("tokenize-model-garbage-weights", "tokenize --model {F}/badweights --data {F}/shards --out {F}/t3.zarr",
+     ["{F}/badweights"]),
+    ("tokenize-model-garbage-config", "tokenize --model {F}/badconfig --data {F}/shards --out {F}/t4.zarr",
+     ["{F}/badconfig"]),
+    ("tokenize-data-missing", "tokenize --model {F}/model --data {F}/missing --out {F}/t5.zarr", ["{F}/missing"]),
+    ("tokenize-data-empty", "tokenize --model {F}/model --data {F}/empty --out {F}/t6.zarr", ["{F}/empty"]),
+    ("tokenize-data-garbage-manifest", "tokenize --model {F}/model --data {F}/badmanifest --out {F}/t8.zarr",
+     ["{F}/badmanifest"]),
+    ("tokenize-data-garbage-tar", "tokenize --model {F}/model --data {F}/badtar --out {F}/t9.zarr", ["{F}/badtar"]),
+    ("tokenize-out-garbage-zarr", "tokenize --model {F}/model --data {F}/shards --out {F}/badzarr", ["{F}/badzarr"]),
+    ("tokenize-out-foreign-zarr", "tokenize --model {F}/model --data {F}/shards --out {F}/foreignzarr",
+     ["{F}/foreignzarr"]),
+    ("tokenize-out-other-run", "tokenize --model {F}/model --data {F}/shards --out {F}/store.zarr", ["{F}/store.zarr"]),
+    ("tokenize-out-is-a-file", "tokenize --model {F}/model --data {F}/shards --out {F}/imgs.npy", ["{F}/imgs.npy"]),
+    ("tokenize-batch-size-0", "tokenize --model {F}/model --data {F}/shards --out {F}/t10.zarr --batch-size 0",
+     ["--batch-size", "0"]),
+    ("tokenize-actors-0", "tokenize --model {F}/model --data {F}/shards --out {F}/t11.zarr --actors 0",
+     ["--actors", "0"]),
+    ("tokenize-diffusers-missing", "tokenize --model diffusers:{F}/missing --data {F}/shards --out {F}/t12.zarr",
+     ["diffusers:{F}/missing"]),
+    ("tokenize-diffusers-not-an-autoencoder", "tokenize --model diffusers:{F}/unet --data {F}/shards --out {F}/t13.zarr",
+     ["diffusers:{F}/unet", "UNet2DModel"]),
+    ("tokenize-diffusers-tokenmill-model", "tokenize --model diffusers:{F}/model --data {F}/shards --out {F}/t14.zarr",
+     ["diffusers:{F}/model", "not a VQModel or AutoencoderKL"]),
+    ("tokenize-latents-unknown", "tokenize --model {F}/model --data {F}/shards --out {F}/t15.zarr --latents median",
+     ["--latents", "median"]),
+    # -- retrain
+    ("retrain-margin-negative", "retrain {RETRAIN} --set promotion.margin=-1", ["promotion.margin=-1"]),
+    ("retrain-versions-missing", "retrain {RETRAIN} --set versions.prefix={F}/missing --set run.root={F}/runs",
+     ["{F}/missing"]),
+    ("retrain-validation-missing", "retrain {RETRAIN} --set versions.prefix={F}/versions --set run.root={F}/runs "
+     "--set validation.shards={F}/missing", ["{F}/missing"]),
+    # -- decode
+    ("decode-missing-store", "decode {F}/missing --out {F}/dec", ["{F}/missing"]),
+    ("decode-garbage-zarr", "decode {F}/badzarr --out {F}/dec", ["{F}/badzarr"]),
+    ("decode-foreign-zarr", "decode {F}/foreignzarr --out {F}/dec", ["{F}/foreignzarr"]),
+    ("decode-rows-reversed", "decode {F}/store.zarr --out {F}/dec --rows 5:2", ["--rows", "5:2"]),
+    ("decode-rows-past-end", "decode {F}/store.zarr --out {F}/dec --rows 100:200", ["100:200"]),
+    ("decode-unknown-split", "decode {F}/store.zarr --out {F}/dec --split nosuch", ["nosuch"]),
+    ("decode-model-missing", "decode {F}/store.zarr --out {F}/dec --model {F}/missing", ["{F}/missing"]),
+    ("decode-model-garbage-weights", "decode {F}/badstore.zarr --out {F}/dec --model {F}/badweights",
+     ["{F}/badweights"]),
+    ("decode-out-is-a-file", "decode {F}/store.zarr --out {F}/imgs.npy", ["{F}/imgs.npy"]),
+    # -- bench
+    ("bench-vae-budget-0", "bench vae --budget-s 0", ["--budget-s", "0"]),
+    ("bench-vae-k-0", "bench vae --k 0", ["--k", "0"]),
+    ("bench-vae-threads-0", "bench vae --threads 0", ["--threads", "0"]),
+    ("bench-quantizers-steps-0", "bench quantizers --steps 0", ["--steps", "0"]),
+    ("bench-quantizers-batch-size-0", "bench quantizers --batch-size 0", ["--batch-size", "0"]),
+    ("bench-quantizers-warmup-neg", "bench quantizers --warmup -1", ["--warmup", "-1"]),
+    ("bench-quantizers-lr-abc", "bench quantizers --lr abc", ["--lr", "abc"]),
+    ("bench-stream-cpus-abc", "bench stream --cpus abc", ["--cpus", "abc"]),
+    ("bench-stream-cpus-0", "bench stream --cpus 0", ["--cpus", "0"]),
+    ("bench-stream-images-0", "bench stream --images 0", ["--images", "0"]),
+    ("bench-tokenize-images-0", "bench tokenize --images 0", ["--images", "0"]),
+    ("bench-tokenize-batch-size-0", "bench tokenize --batch-size 0", ["--batch-size", "0"]),
+    ("bench-tokenize-actors-0", "bench tokenize --actors 0", ["--actors", "0"]),
+    ("bench-tokenize-workdir-is-a-file", "bench tokenize --images 8 --workdir {F}/imgs.npy", ["{F}/imgs.npy"]),
+    ("bench-train-steps-0", "bench train --steps 0", ["--steps", "0"]),
+    ("bench-train-missing-config", "bench train --config {F}/missing.yaml", ["{F}/missing.yaml"]),
+]
+
+# Good input on the same fixtures succeeds, so a refusal above is about the bad input alone.
+CONTROLS = [
+    ("decode-good-store", "decode {F}/store.zarr --out {F}/dec --rows 0:2"),
+    ("inspect-good-store", "inspect {F}/store.zarr"),
+    ("inspect-good-shards", "inspect {F}/shards --verify"),
+]
+
+
+def _save_tiny_vqvae(path: Path, image_size: int = 8):
+    """An untrained VQ-VAE (image_size x image_size grey -> 2x2 codes of 16): config + weights."""
+    import torch
+
+    from models import save_model
+    from models.quantizers import QuantizerConfig
+    from models.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    config = VQVAEConfig(in_channels=1, image_size=image_size, hidden=8, res_blocks=0, downsample=image_size // 2,
+                         latent_dim=4, quantizer=QuantizerConfig(codebook_size=16))
+    return save_model(VQVAE(config).eval(), path)
+
+
+def _store_for(url: str, model: Path) -> None:
+    """A finished token store (2x2 codes of 16) whose lineage names `model` and its weights."""
+    import zarr
+
+    build_store(url, [3, 2], ["train", "val"], codebook_size=16)
+    group = zarr.open_group(url, mode="r+")
+    sha = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+    group.attrs["lineage"] = {**group.attrs["lineage"], "model_uri": str(model), "weights_sha256": sha,
+                              "token_shape": [[2, 2]], "codebook_size": 16}
+
+
+def _build_fixtures(root: Path) -> None:
+    import zarr
+
+    from pipeline.shards.writer import ShardSettings, write_shards
+
+    model = _save_tiny_vqvae(root / "model")
+    for name in ("empty", "texts", "badmanifest", "badtar", "badzarr", "versions/v1"):
+        (root / name).mkdir(parents=True)
+    (root / "texts" / "a.txt").write_text("not an image\n")
+    (root / "texts" / "a.npy").write_text("not a numpy file\n")
+    (root / "badmanifest" / "manifest.json").write_text("{not json")
+    (root / "badtar" / "train-000000.tar").write_bytes(b"not a tar archive " * 64)
+    (root / "badzarr" / "zarr.json").write_text("{not json")
+    zarr.create_group(str(root / "foreignzarr"), zarr_format=3).create_array("x", shape=(3,), dtype="int64")
+    (root / "bad.yaml").write_text("model: [unclosed\n")
+    (root / "unet").mkdir()
+    (root / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    _save_tiny_vqvae(root / "badweights")
+    (root / "badweights" / "model.safetensors").write_bytes(b"garbage " * 32)
+    _save_tiny_vqvae(root / "badconfig")
+    (root / "badconfig" / "config.json").write_text("{not json")
+    np.save(root / "imgs.npy", np.zeros((10, 8, 8), np.uint8))
+    settings = ShardSettings(maxcount=5, val_fraction=0.3)
+    write_shards(str(root / "imgs.npy"), str(root / "shards"), settings, progress=False)
+    write_shards(str(root / "imgs.npy"), str(root / "versions" / "v1"), settings, progress=False)
+    _store_for(str(root / "store.zarr"), model)
+    _store_for(str(root / "badstore.zarr"), root / "badweights")
+
+
+def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-m", "jobs", *argv], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:  # a refusal takes seconds: this one did work instead
+        return subprocess.CompletedProcess(err.cmd, -9, str(err.stdout or ""), f"timed out after {TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case's finished subprocess, by case id (all run side by side)."""
+    root = tmp_path_factory.mktemp("bad-input")
+    fixtures = root / "f"
+    _build_fixtures(fixtures)
+    ray_tmp = root / "ray"
+    ray_tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(PYTHONPATH=str(REPO), RAY_TMPDIR=str(ray_tmp), TQDM_DISABLE="1")
+    names = {"F": str(fixtures), "TRAIN": TRAIN, "RETRAIN": RETRAIN}
+    work = root / "cwd"  # anything a job writes to a relative default path lands here
+    work.mkdir()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {case: pool.submit(_run, command.format(**names).split(), work, env)
+                   for case, command, *_ in CASES + CONTROLS}
+        done = {case: future.result() for case, future in futures.items()}
+    return {"runs": done, "names": names, "ray_tmp": ray_tmp}
+
+
+def _message(stderr: str) -> list[str]:
+    """stderr without argparse's usage block (lines before `tokenmill ...: error:`) and without
+    progress bars (a folder of shards is scanned before it is found unreadable)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+    if lines and lines[0].startswith("usage:"):
+        first = next((i for i, line in enumerate(lines) if line.startswith("tokenmill")), len(lines))
+        lines = lines[first:]
+    return lines
+
+
+@pytest.mark.parametrize("case, command, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_message_naming_it_and_exit_2(results, case, command, expected):
+    run = results["runs"][case]
+    shown = f"$ tokenmill {command}\nrc={run.returncode}\nstdout:\n{run.stdout[-2000:]}\nstderr:\n{run.stderr[-4000:]}"
+    assert "Traceback" not in run.stdout + run.stderr, shown
+    assert run.returncode == 2, shown
+    lines = _message(run.stderr)
+    assert lines and lines[0].startswith("tokenmill ") and ": error: " in lines[0], shown
+    # One message: its first line, then only indented detail lines (a config error lists its keys).
+    assert all(line.startswith("  ") for line in lines[1:]), shown
+    message = "\n".join(lines)
+    for text in expected:
+        assert text.format(**results["names"]) in message, shown
+
+
+def test_no_bad_input_started_ray(results):
+    """Every refusal came before Ray: no Ray session was created under the jobs' RAY_TMPDIR."""
+    assert not list(results["ray_tmp"].rglob("session_*")), sorted(p.name for p in results["ray_tmp"].iterdir())
+
+
+@pytest.mark.parametrize("case, command", CONTROLS, ids=[c[0] for c in CONTROLS])
+def test_good_input_on_the_same_fixtures_succeeds(results, case, command):
+    run = results["runs"][case]
+    assert run.returncode == 0, f"$ tokenmill {command}\nrc={run.returncode}\nstderr:\n{run.stderr[-4000:]}"

@@ -1,0 +1,78 @@
+"""`tokenize` drivers as processes on the session's Ray: killing the driver twice then rerunning,
+and two `tokenize` commands started at once, both end byte-identical to one uninterrupted run.
+(Tokenize in this process: tests/integration/test_tokenize.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+from helpers.tokens import array_bytes, tokenize_data, tokenize_reference
+
+N = 46  # source images; shards of 9, 9, 9, 9, <9 train + val
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local):
+    return tokenize_data(tmp_path_factory.mktemp("tokenize"), N)
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """An uninterrupted run: what every interrupted run must equal byte for byte."""
+    return tokenize_reference(data)
+
+
+def _markers(store: Path) -> int:
+    return len(list((store / "markers").glob("*/zarr.json")))
+
+
+def _run_until(cmd: list[str], env: dict, store: Path, markers: int | None) -> int:
+    """Run the driver; SIGKILL its process group once `markers` shards are done (None: to the end)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        if markers is not None and store.exists() and _markers(store) >= markers:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return _markers(store)
+        time.sleep(0.01)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == 0, proc.stderr.read().decode()[-3000:]
+    return _markers(store)
+
+
+def test_killing_the_driver_twice_then_rerunning_gives_identical_arrays(data, reference, tmp_path, ray_local):
+    store = tmp_path / "killed.zarr"
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    cmd = [sys.executable, "-m", "jobs.tokenize", "--model", data["model"], "--data", data["shards"],
+           "--out", str(store), "--batch-size", "4", "--actors", "1"]  # as the reference
+    total = reference["summary"].input_shards
+    first = _run_until(cmd, env, store, markers=1)
+    second = _run_until(cmd, env, store, markers=first + 2)
+    assert 1 <= first < second < total, (first, second, total)  # both kills landed mid-run
+    assert _run_until(cmd, env, store, markers=None) == total
+    assert array_bytes(store) == array_bytes(reference["store"])
+
+
+def test_two_tokenize_commands_started_at_once_end_with_the_single_run_store(data, reference, tmp_path, ray_local):
+    store = tmp_path / "raced.zarr"
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    cmd = [sys.executable, "-m", "jobs", "tokenize", "--model", data["model"], "--data", data["shards"],
+           "--out", str(store), "--batch-size", "4", "--actors", "1"]
+    procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [proc.communicate(timeout=300)[1][-3000:] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    assert array_bytes(store) == array_bytes(reference["store"])
+    assert json.loads((store / "zarr.json").read_text())["attributes"]["tokenmill"]["state"] == "complete"
+

@@ -1,0 +1,20 @@
+"""`tokenmill bench vae` through the CLI in this process, with a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from jobs.cli import main
+
+
+def test_bench_vae_writes_both_models(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    assert main(["bench", "vae", "--budget-s", "2", "--k", "4", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["budget_s"] == 2 and result["k"] == 4
+    for name in ("vae", "hvae"):
+        assert {"nll_nats", "elbo_nats"} <= set(result[name])
+        assert math.isfinite(result[name]["nll_nats"]) and result[name]["nll_nats"] <= result[name]["elbo_nats"]
+    assert "hvae" in capsys.readouterr().out
+

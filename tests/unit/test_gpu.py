@@ -1,0 +1,77 @@
+"""GPU checks (marked `gpu`, skipped without CUDA): `scripts/gpu_check.sh` runs them on a GPU node.
+
+Host-device synchronisations are counted with CUDA's sync debug mode: a VQ training step with
+no dead code reads the device once (the dead-code check) and the optimizer step once more (the
+gradient norm, read for the skip decision)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _syncs(fn) -> int:
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def vq_step(precision: str, **optim):
+    """A CUDA VQ-VAE and the engine's StepRunner over it."""
+    from models.quantizers import QuantizerConfig
+    from models.vqvae import VQVAE, VQVAEConfig
+    from pipeline.training.optim import OptimConfig, Part
+    from pipeline.training.step import StepRunner
+
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(in_channels=3, image_size=32, hidden=32, res_blocks=1, downsample=4, latent_dim=16,
+                              quantizer=QuantizerConfig(codebook_size=64))).cuda()
+    return StepRunner({"model": Part("model", model, model, OptimConfig(**optim))}, precision, torch.device("cuda"))
+
+
+def test_vq_training_step_reads_the_device_at_most_twice():
+    from pipeline.training.step import own_loss
+
+    step = vq_step("bf16", ema_decay=0.99)
+    x = torch.rand(64, 3, 32, 32, device="cuda")
+    step.run(own_loss, [(x,)], 0)  # k-means init: reads the device (once per run)
+    assert _syncs(lambda: step.run(own_loss, [(x,)], 1)) <= 2
+
+
+def test_tokenize_encoder_on_cuda_bf16_matches_fp32(tmp_path: Path):
+    from helpers.tokens import briefly_trained_demo_vqvae
+
+    from pipeline.registry.model_ref import resolve_model
+    from pipeline.tokens.encoder import TokenEncoder
+
+    path, val = briefly_trained_demo_vqvae(tmp_path / "model")
+    files, labels = resolve_model(str(path)), np.zeros(len(val), dtype=np.int64)
+    cpu = TokenEncoder(files, latents=False).encode(val, labels)["codes"]
+    cuda32 = TokenEncoder(files, latents=False, device="cuda").encode(val, labels)["codes"]
+    cuda16 = TokenEncoder(files, latents=False, device="cuda", precision="bf16").encode(val, labels)["codes"]
+    assert (cpu == cuda32).mean() >= 0.99  # cuDNN convolutions use TF32 by default: a few near-ties flip
+    assert (cuda16 == cuda32).mean() >= 0.99
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_train_step_on_cuda_learns(precision: str):
+    from pipeline.training.step import own_loss
+
+    step = vq_step(precision, lr=3e-3, ema_decay=0)
+    x = torch.rand(64, 3, 32, 32, device="cuda")
+    first = float(step.run(own_loss, [(x,)], 0).losses["model"])
+    for i in range(30):
+        last = float(step.run(own_loss, [(x,)], i + 1).losses["model"])
+    assert last < first and step.parts["model"].skipped < 10

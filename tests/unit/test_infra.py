@@ -1,0 +1,485 @@
+"""infra/: every manifest parses, validates offline as its Kubernetes kind, follows the security
+rules of issue 7, and refers only to things that exist in this repository.
+
+Built-in kinds are validated against the strict OpenAPI-derived JSON schemas that the
+`kubernetes-validate` package ships (no network). KubeRay's CRDs (RayCluster, RayJob,
+RayCronJob) are validated against the schemas below: every field we may use, with
+`additionalProperties: false` so a misspelt field fails, and Pod templates checked against the
+real core/v1 PodTemplateSpec schema.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Iterator
+
+import jsonschema
+import pytest
+import yaml
+from helpers import REPO
+from referencing import Registry, Resource
+
+INFRA = REPO / "infra"
+DOCKERFILE = INFRA / "Dockerfile"
+MANIFESTS = sorted(p.relative_to(REPO).as_posix() for p in INFRA.rglob("*.yaml"))
+EXPECTED_MANIFESTS = {
+    "infra/kuberay/raycluster.yaml",
+    "infra/kuberay/rayjob-train.yaml",
+    "infra/kuberay/rayjob-tokenize.yaml",
+    "infra/kuberay/raycronjob-retrain.yaml",
+    "infra/k8s/cronjob-retrain.yaml",
+    "infra/mlflow/mlflow.yaml",
+}
+K8S_VERSION = "1.33.0"  # oldest Kubernetes these manifests target
+SECRET_LIKE_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|KEY", re.IGNORECASE)
+CREDENTIALS_IN_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
+EXPOSING_SERVICE_TYPES = {"LoadBalancer", "NodePort"}
+EXPOSING_KINDS = {"Ingress", "Route", "Gateway", "HTTPRoute", "GRPCRoute", "TLSRoute", "TCPRoute"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_docs(rel: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((REPO / rel).read_text()) if doc is not None]
+
+
+ALL_DOCS = [(rel, i, doc) for rel in MANIFESTS for i, doc in enumerate(load_docs(rel))]
+DOC_IDS = [f"{rel}#{i}:{doc.get('kind')}" for rel, i, doc in ALL_DOCS]
+
+
+def walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every (path, value) in a parsed YAML tree, containers included."""
+    yield path, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from walk(value, f"{path}[{i}]")
+
+
+def containers(doc: dict) -> Iterator[tuple[str, dict]]:
+    """Every container of every Pod template in `doc`, at any depth (CRDs nest them)."""
+    for path, node in walk(doc):
+        if isinstance(node, dict):
+            for key in ("containers", "initContainers"):
+                for i, container in enumerate(node.get(key) or []):
+                    yield f"{path}.{key}[{i}]", container
+
+
+def strings(doc: dict) -> Iterator[tuple[str, str]]:
+    for path, node in walk(doc):
+        if isinstance(node, str):
+            yield path, node
+
+
+# ------------------------------------------------------------------------------------------------
+# What infra/Dockerfile builds
+
+
+def dockerfile_value(name: str) -> str:
+    match = re.search(rf"\b{name}=(\S+)", DOCKERFILE.read_text())
+    assert match, f"infra/Dockerfile does not document {name}=..."
+    return match.group(1)
+
+
+IMAGE = dockerfile_value("IMAGE")
+VARIANTS = dockerfile_value("VARIANTS").split(",")
+APP_DIR = dockerfile_value("TOKENMILL_HOME")  # where the image keeps configs/ and scripts
+
+
+def copied_into_image() -> list[str]:
+    """Repository paths that `COPY` puts into the image (sources of every COPY line)."""
+    sources = []
+    for line in DOCKERFILE.read_text().splitlines():
+        parts = line.split()
+        if parts[:1] == ["COPY"] and not any(p.startswith("--from") for p in parts):
+            sources += [p.rstrip("/") for p in parts[1:-1]]
+    return sources
+
+
+# ------------------------------------------------------------------------------------------------
+# Schemas
+
+DEFS_URI = "https://kubernetes.io/api/_definitions.json"
+
+
+def k8s_ref(name: str) -> dict:
+    return {"$ref": f"{DEFS_URI}#/$defs/io.k8s.{name}"}
+
+
+def obj(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+
+
+STR, INT, BOOL, NUM = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "number"}
+ANY_OBJ = {"type": "object"}
+STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+POD_TEMPLATE = k8s_ref("api.core.v1.PodTemplateSpec")
+
+# What head and worker groups share. KubeRay passes rayStartParams to `ray start` and its CRD
+# types them map[string]string: an unquoted number (num-cpus: 0) is rejected by the API server.
+GROUP = {"rayStartParams": STR_MAP, "template": POD_TEMPLATE, "suspend": BOOL}
+HEAD_GROUP = obj(
+    {**GROUP, "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "headService": ANY_OBJ,
+     "enableIngress": BOOL},
+    required=("template",),
+)
+WORKER_GROUP = obj(
+    {**GROUP, "groupName": STR, "replicas": INT, "minReplicas": INT, "maxReplicas": INT, "idleTimeoutSeconds": INT,
+     "numOfHosts": INT, "scaleStrategy": ANY_OBJ},
+    required=("groupName", "template"),
+)
+AUTOSCALER = obj(
+    {
+        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+        "idleTimeoutSeconds": INT,
+        "version": {"enum": ["v1", "v2"]},
+        "image": STR,
+        "imagePullPolicy": STR,
+        "env": {"type": "array", "items": k8s_ref("api.core.v1.EnvVar")},
+        "envFrom": {"type": "array", "items": k8s_ref("api.core.v1.EnvFromSource")},
+        "resources": k8s_ref("api.core.v1.ResourceRequirements"),
+        "securityContext": k8s_ref("api.core.v1.SecurityContext"),
+        "volumeMounts": {"type": "array", "items": k8s_ref("api.core.v1.VolumeMount")},
+    }
+)
+RAY_CLUSTER_SPEC = obj(
+    {
+        "rayVersion": STR,
+        "enableInTreeAutoscaling": BOOL,
+        "autoscalerOptions": AUTOSCALER,
+        "headGroupSpec": HEAD_GROUP,
+        "workerGroupSpecs": {"type": "array", "items": WORKER_GROUP},
+        "authOptions": obj({"mode": {"enum": ["disabled", "token"]}, "secretName": STR}),
+        "headServiceAnnotations": STR_MAP,
+        "gcsFaultToleranceOptions": ANY_OBJ,
+        "managedBy": STR,
+        "suspend": BOOL,
+    },
+    required=("headGroupSpec",),
+)
+RAY_JOB_SPEC = obj(
+    {
+        "entrypoint": STR,
+        "runtimeEnvYAML": STR,
+        "jobId": STR,
+        "metadata": STR_MAP,
+        "rayClusterSpec": RAY_CLUSTER_SPEC,
+        "clusterSelector": STR_MAP,
+        "shutdownAfterJobFinishes": BOOL,
+        "ttlSecondsAfterFinished": INT,
+        "activeDeadlineSeconds": INT,
+        "backoffLimit": INT,
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "submitterPodTemplate": POD_TEMPLATE,
+        "submitterConfig": ANY_OBJ,
+        "entrypointNumCpus": NUM,
+        "entrypointNumGpus": NUM,
+        "entrypointResources": STR,
+        "deletionStrategy": ANY_OBJ,
+        "managedBy": STR,
+        "suspend": BOOL,
+    },
+    # Not required by the CRD (InteractiveMode), but every RayJob of ours runs a command on
+    # a cluster it either creates or selects.
+    required=("entrypoint",),
+)
+RAY_JOB_SPEC["anyOf"] = [{"required": ["rayClusterSpec"]}, {"required": ["clusterSelector"]}]
+# RayCronJob (KubeRay >= 1.6, alpha): ray.io/v1, spec.{schedule, jobTemplate} required, suspend optional.
+RAY_CRONJOB_SPEC = obj(
+    {"schedule": {"type": "string", "pattern": r"^\S+( \S+){4}$"}, "jobTemplate": RAY_JOB_SPEC, "suspend": BOOL},
+    required=("schedule", "jobTemplate"),
+)
+
+
+def ray_kind(kind: str, spec: dict) -> dict:
+    return obj(
+        {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": kind},
+            "metadata": k8s_ref("apimachinery.pkg.apis.meta.v1.ObjectMeta"),
+            "spec": spec,
+        },
+        required=("apiVersion", "kind", "metadata", "spec"),
+    )
+
+
+RAY_SCHEMAS = {
+    ("ray.io/v1", "RayCluster"): ray_kind("RayCluster", RAY_CLUSTER_SPEC),
+    ("ray.io/v1", "RayJob"): ray_kind("RayJob", RAY_JOB_SPEC),
+    ("ray.io/v1", "RayCronJob"): ray_kind("RayCronJob", RAY_CRONJOB_SPEC),
+}
+
+
+def schema_dir():
+    return resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
+
+
+@lru_cache(maxsize=None)
+def registry() -> Registry:
+    definitions = json.loads((schema_dir() / "_definitions.json").read_text())
+    return Registry().with_resource(DEFS_URI, Resource.from_contents(definitions))
+
+
+def builtin_schema(api_version: str, kind: str) -> dict | None:
+    # kubernetes-validate's file naming: apps/v1 Deployment -> deployment-apps-v1.json,
+    # rbac.authorization.k8s.io/v1 Role -> role-rbac-v1.json, v1 Service -> service-v1.json.
+    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    path = schema_dir() / f"{kind.lower()}-{group_version}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def schema_errors(doc: dict) -> list[str]:
+    api_version, kind = doc.get("apiVersion"), doc.get("kind")
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        return ["missing apiVersion or kind"]
+    schema = RAY_SCHEMAS.get((api_version, kind)) or builtin_schema(api_version, kind)
+    if schema is None:
+        return [f"unknown kind {api_version} {kind} (not Kubernetes {K8S_VERSION}, not a KubeRay CRD)"]
+    validator = jsonschema.Draft202012Validator(schema, registry=registry())
+    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(doc)]
+    metadata = doc.get("metadata") or {}
+    if not (metadata.get("name") or metadata.get("generateName")):
+        errors.append("metadata: needs a name or generateName")
+    return errors
+
+
+# ------------------------------------------------------------------------------------------------
+# References from commands to the repository
+
+
+def missing_references(text: str) -> list[str]:
+    """What a command line (or path) names that the repository or the image does not have."""
+    missing = []
+    for module in re.findall(r"python3? -m ([A-Za-z_][\w.]*)", text):
+        rel = module.replace(".", "/")
+        if module.split(".")[0] == "jobs" and not ((REPO / f"{rel}.py").is_file() or (REPO / rel / "__init__.py").is_file()):
+            missing.append(f"module {module} ({rel}.py does not exist)")
+    copied = copied_into_image()
+    for path in re.findall(rf"{re.escape(APP_DIR)}/([\w./-]+)", text):
+        if not (REPO / path).exists():
+            missing.append(f"{APP_DIR}/{path} ({path} does not exist in the repository)")
+        elif not any(path == src or path.startswith(src + "/") for src in copied):
+            missing.append(f"{APP_DIR}/{path} (infra/Dockerfile does not COPY {path})")
+    for path in re.findall(r"(?<![\w/])(configs/[\w./-]+\.ya?ml)", text):
+        if not (REPO / path).is_file():
+            missing.append(f"{path} does not exist")
+    return missing
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_the_issue_7_manifests_exist():
+    assert EXPECTED_MANIFESTS <= set(MANIFESTS), f"missing: {sorted(EXPECTED_MANIFESTS - set(MANIFESTS))}"
+
+
+@pytest.mark.parametrize(("rel", "index", "doc"), ALL_DOCS, ids=DOC_IDS)
+def test_manifest_validates_as_its_kind(rel, index, doc):
+    assert schema_errors(doc) == []
+
+
+def test_schema_check_catches_typos_and_wrong_types():
+    """The validator is not vacuous: a misspelt CRD field, a numeric rayStartParams value and a
+    bad core field are all reported."""
+    cluster = next(doc for _, _, doc in ALL_DOCS if doc["kind"] == "RayCluster")
+    spec = cluster["spec"]
+    typo = {**cluster, "spec": {**spec, "workerGroupSpec": spec["workerGroupSpecs"]}}
+    assert any("workerGroupSpec" in e for e in schema_errors(typo))
+    numeric = {**cluster, "spec": {**spec, "headGroupSpec": {**spec["headGroupSpec"], "rayStartParams": {"num-cpus": 0}}}}
+    assert schema_errors(numeric)
+    job = next(doc for _, _, doc in ALL_DOCS if doc["kind"] == "CronJob")
+    assert schema_errors({**job, "spec": {**job["spec"], "concurencyPolicy": "Forbid"}})
+    assert schema_errors({"apiVersion": "ray.io/v1", "kind": "RayTask", "metadata": {"name": "x"}, "spec": {}})
+
+
+@pytest.mark.parametrize(("rel", "index", "doc"), ALL_DOCS, ids=DOC_IDS)
+def test_containers_run_as_non_root(rel, index, doc):
+    found = list(containers(doc))
+    for path, node in walk(doc):  # the autoscaler sidecar that KubeRay injects
+        if path.endswith(".autoscalerOptions"):
+            found.append((path, node))
+    for path, container in found:
+        context = container.get("securityContext") or {}
+        assert context.get("runAsNonRoot") is True, f"{path}: securityContext.runAsNonRoot must be true"
+        assert context.get("runAsUser", 1000) != 0, f"{path}: runAsUser 0"
+        assert context.get("allowPrivilegeEscalation") is False, f"{path}: allowPrivilegeEscalation must be false"
+        assert not context.get("privileged"), f"{path}: privileged"
+
+
+@pytest.mark.parametrize(("rel", "index", "doc"), ALL_DOCS, ids=DOC_IDS)
+def test_no_secret_in_manifests(rel, index, doc):
+    assert doc["kind"] != "Secret", "Secrets are created with kubectl (infra/README.md), never committed"
+    for path, node in walk(doc):
+        if path.endswith(".env") and isinstance(node, list):
+            for var in node:
+                if SECRET_LIKE_ENV.search(var["name"]):
+                    assert "value" not in var, f"{path}: {var['name']} has a literal value; use valueFrom.secretKeyRef"
+    for path, text in strings(doc):
+        assert not CREDENTIALS_IN_URL.search(text), f"{path}: credentials in a URL"
+
+
+@pytest.mark.parametrize(("rel", "index", "doc"), ALL_DOCS, ids=DOC_IDS)
+def test_nothing_is_exposed_outside_the_cluster(rel, index, doc):
+    assert doc["kind"] not in EXPOSING_KINDS
+    if doc["kind"] == "Service":
+        assert doc["spec"].get("type", "ClusterIP") not in EXPOSING_SERVICE_TYPES
+    for path, node in walk(doc):
+        if path.endswith(".headGroupSpec"):  # the Ray head Service carries the dashboard (8265)
+            assert node.get("serviceType", "ClusterIP") == "ClusterIP", f"{path}: dashboard exposed"
+            assert not node.get("enableIngress"), f"{path}: dashboard Ingress"
+
+
+def test_cronjobs_forbid_concurrent_runs():
+    cronjobs = [doc for _, _, doc in ALL_DOCS if doc["kind"] == "CronJob"]
+    assert cronjobs, "the legacy scheduled retraining (infra/k8s/cronjob-retrain.yaml) is a CronJob"
+    for doc in cronjobs:
+        assert doc["spec"].get("concurrencyPolicy") == "Forbid", doc["metadata"]["name"]
+
+
+def test_retrain_submitter_may_only_create_and_get_rayjobs():
+    roles = [doc for _, _, doc in load_docs_with_rel("infra/k8s/cronjob-retrain.yaml") if doc["kind"] == "Role"]
+    assert [rule for role in roles for rule in role["rules"]] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}
+    ]
+
+
+def load_docs_with_rel(rel: str) -> list[tuple[str, int, dict]]:
+    return [(r, i, doc) for r, i, doc in ALL_DOCS if r == rel]
+
+
+@pytest.mark.parametrize(("rel", "index", "doc"), ALL_DOCS, ids=DOC_IDS)
+def test_images_are_the_one_infra_dockerfile_builds(rel, index, doc):
+    for path, container in containers(doc):
+        image = container.get("image", "")
+        assert image in {f"{IMAGE}:{v}" for v in VARIANTS}, f"{path}: image {image!r} is not {IMAGE}:{{{','.join(VARIANTS)}}}"
+        gpu = any("nvidia.com/gpu" in (container.get("resources") or {}).get(k, {}) for k in ("requests", "limits"))
+        assert (image == f"{IMAGE}:cuda") == gpu, f"{path}: GPU containers (and only they) use {IMAGE}:cuda"
+
+
+@pytest.mark.parametrize(("rel", "index", "doc"), ALL_DOCS, ids=DOC_IDS)
+def test_commands_refer_to_existing_modules_configs_and_files(rel, index, doc):
+    texts = [text for _, text in strings(doc)]
+    for _, container in containers(doc):  # command/args lists read as one command line
+        texts.append(" ".join(map(str, (container.get("command") or []) + (container.get("args") or []))))
+    missing = [m for text in texts for m in missing_references(text)]
+    assert missing == [], f"{rel} refers to things that do not exist: {missing}"
+
+
+def test_reference_check_catches_a_renamed_config_or_module():
+    """What the test above does when a config is renamed: the old path is reported."""
+    assert missing_references(f"python -m jobs.train {APP_DIR}/configs/renamed_away.yaml") == [
+        f"{APP_DIR}/configs/renamed_away.yaml (configs/renamed_away.yaml does not exist in the repository)"
+    ]
+    assert missing_references("python -m jobs.no_such_job configs/nope.yaml") == [
+        "module jobs.no_such_job (jobs/no_such_job.py does not exist)",
+        "configs/nope.yaml does not exist",
+    ]
+
+
+def test_legacy_cronjob_submits_the_raycronjob_template_as_a_valid_rayjob():
+    """infra/k8s/submit_rayjob.py turns raycronjob-retrain.yaml into the RayJob it creates."""
+    spec = importlib.util.spec_from_file_location("submit_rayjob", INFRA / "k8s" / "submit_rayjob.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (cronjob,) = load_docs("infra/kuberay/raycronjob-retrain.yaml")
+    rayjob = module.rayjob_from_cronjob(cronjob)
+    assert schema_errors(rayjob) == []
+    assert rayjob["spec"] == cronjob["spec"]["jobTemplate"]
+    # The CronJob mounts the ConfigMap under the file name the submitter is given.
+    (cron,) = [doc for _, _, doc in ALL_DOCS if doc["kind"] == "CronJob"]
+    command = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[-1].endswith("/raycronjob-retrain.yaml")
+
+
+# ------------------------------------------------------------------------------------------------
+# What the shipped jobs run with: GPUs, shared storage, the MLflow server (issue 17)
+
+MLFLOW_SERVICE = "http://mlflow:5000"  # infra/mlflow/mlflow.yaml's Service, same namespace
+
+
+def job_specs() -> Iterator[tuple[str, dict]]:
+    """(file, RayJob spec) of every RayJob and of every RayCronJob's job template."""
+    for rel, _, doc in ALL_DOCS:
+        if doc["kind"] == "RayJob":
+            yield rel, doc["spec"]
+        elif doc["kind"] == "RayCronJob":
+            yield rel, doc["spec"]["jobTemplate"]
+
+
+def entrypoint_config(entrypoint: str):
+    """The typed config a `python -m jobs.train|retrain CONFIG --set ...` entrypoint runs with."""
+    import shlex
+
+    from pipeline.registry.config import load_retrain_config
+    from pipeline.training.config import load_train_config
+
+    words = shlex.split(entrypoint)
+    module, path = words[words.index("-m") + 1], words[words.index("-m") + 2]
+    overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+    load = {"jobs.train": load_train_config, "jobs.retrain": load_retrain_config}[module]
+    return load(REPO / path.replace(f"{APP_DIR}/", ""), overrides)
+
+
+def gpu_worker_group(cluster_name: str) -> dict:
+    (cluster,) = [doc for _, _, doc in ALL_DOCS if doc["kind"] == "RayCluster" and doc["metadata"]["name"] == cluster_name]
+    groups = [g for g in cluster["spec"]["workerGroupSpecs"]
+              if any(c.get("image") == f"{IMAGE}:cuda" for c in g["template"]["spec"]["containers"])]
+    assert groups, f"RayCluster {cluster_name} has no worker group running {IMAGE}:cuda"
+    return groups[0]
+
+
+def test_training_jobs_use_gpus_shared_storage_and_the_mlflow_server():
+    """Every shipped training RayJob (train, scheduled retrain) trains on the GPU worker group,
+    reads shards and keeps checkpoints on s3://, logs to the MLflow server, and so passes the
+    multi-node refusal of node-local storage."""
+    from pipeline.training.cluster_check import check_cluster_storage
+
+    trained = []
+    for rel, spec in job_specs():
+        if not re.search(r"-m jobs\.(train|retrain)\b", spec["entrypoint"]):
+            continue
+        config = entrypoint_config(spec["entrypoint"])
+        trained.append(rel)
+        assert config.scaling.use_gpu, f"{rel}: scaling.use_gpu must be true"
+        assert config.run.resolved_storage_path().startswith("s3://"), f"{rel}: checkpoints must be on s3://"
+        assert config.tracking.tracking_uri == MLFLOW_SERVICE, f"{rel}: tracking_uri must be {MLFLOW_SERVICE}"
+        if hasattr(config, "versions"):  # retrain: the data version is found at run time, under versions.prefix
+            for url in (config.versions.prefix, config.validation.shards, config.retokenize.out_prefix):
+                assert url.startswith("s3://"), f"{rel}: {url} must be on s3://"
+            config = config.challenger_config(f"{config.versions.prefix}/v1", "challenger", None, MLFLOW_SERVICE)
+        assert config.data.shards.startswith("s3://"), f"{rel}: data.shards must be on s3://"
+        check_cluster_storage(config, {"data.shards": config.data.shards}, nodes=4)  # raises on anything node-local
+        group = gpu_worker_group(spec["clusterSelector"]["ray.io/cluster"])
+        gpu = group["template"]["spec"]["containers"][0]["resources"]
+        assert int(gpu["limits"]["nvidia.com/gpu"]) >= 1 and int(gpu["requests"]["nvidia.com/gpu"]) >= 1
+        assert group["maxReplicas"] * int(gpu["limits"]["nvidia.com/gpu"]) >= config.scaling.num_workers
+    assert sorted(trained) == ["infra/kuberay/raycronjob-retrain.yaml", "infra/kuberay/rayjob-train.yaml"]
+
+
+def test_tokenize_job_reads_the_model_from_the_mlflow_server():
+    (spec,) = [spec for _, spec in job_specs() if "-m jobs.tokenize" in spec["entrypoint"]]
+    words = spec["entrypoint"].split()
+    assert words[words.index("--tracking-uri") + 1] == MLFLOW_SERVICE
+    assert all(words[words.index(flag) + 1].startswith("s3://") for flag in ("--data", "--out"))
+
+
+def test_cuda_image_records_gpu_system_metrics():
+    """MLflow's GPU system metrics need `pynvml` (the nvidia-ml-py package): the cuda variant
+    installs infra/requirements-cuda.txt, which lists it."""
+    requirements = INFRA / "requirements-cuda.txt"
+    names = [re.split(r"[<>=!~;\[ ]", line.strip())[0].lower()
+             for line in requirements.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert "nvidia-ml-py" in names
+    dockerfile = DOCKERFILE.read_text()
+    assert "infra/requirements-cuda.txt" in copied_into_image()
+    (cuda_line,) = [line for line in dockerfile.splitlines() if line.strip().startswith("cuda)")]
+    assert "-r infra/requirements-cuda.txt" in cuda_line
