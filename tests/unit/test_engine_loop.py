@@ -51,9 +51,12 @@ def preset_task(preset: Path, shards: str, store: str, root: Path, *overrides: s
     if "versions" in text:  # a retrain preset: the challenger it trains
         retrain = load_retrain_config(preset, sets)
         return TokenizerTask(retrain.challenger_config(shards, preset.stem, None, ""))
+    sets.append(f"data.shards={shards}")
+    if text["model"].get("image_size", 32) > 32:  # the same architecture at 32 px: a quarter of the work
+        sets += ["model.image_size=32", "data.transform.size=32"]
     if "loss" in text:  # the LPIPS weights are not shipped: the adversarial tests use random ones
-        return AdversarialTask(load_train_config(preset, [*sets, f"data.shards={shards}", "loss.perceptual_weight=0"]))
-    return TokenizerTask(load_train_config(preset, [*sets, f"data.shards={shards}"]))
+        return AdversarialTask(load_train_config(preset, [*sets, "loss.perceptual_weight=0"]))
+    return TokenizerTask(load_train_config(preset, sets))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
