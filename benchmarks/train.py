@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=positive_int, default=200, help="training steps per run (default %(default)s)")
     parser.add_argument("--gpu", action="store_true", help="train on CUDA (NCCL; with --set train.precision=bf16 "
                         "for autocast); the 2-worker run needs 2 GPUs and is skipped otherwise")
+    parser.add_argument("--one-worker", action="store_true",
+                        help="skip the 2-worker Ray run: the ratio (1 worker / plain) alone, in about half the time")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             job = dict(args=args, root=root, datasets=datasets)
             result["ray_1w_img_s"] = ray_img_per_s(**job, workers=1, cpus_per_worker=cpus)
             plain.append(plain_img_per_s(config, train.images, train.labels, threads=cpus, device=device))
-            two_workers = not args.gpu or _cuda_devices() >= 2
+            two_workers = not args.one_worker and (not args.gpu or _cuda_devices() >= 2)
             result["ray_2w_img_s"] = (ray_img_per_s(**job, workers=2, cpus_per_worker=max(1, cpus // 2))
                                       if two_workers else None)
     finally:
@@ -146,7 +148,7 @@ def ray_img_per_s(args: argparse.Namespace, root: str, datasets: dict[str, Any],
     from pipeline.training.config import load_train_config
     from pipeline.training.driver import build_torch_trainer
     from pipeline.training.loop import LoopSpec
-    from pipeline.training.task import RayInputs
+    from pipeline.training.task import Inputs
     from pipeline.training.tasks.image_data import ingest_config
     from pipeline.training.tasks.tokenizer import TokenizerTask
 
@@ -160,7 +162,7 @@ def ray_img_per_s(args: argparse.Namespace, root: str, datasets: dict[str, Any],
     ])
     run_id = tracking.get_or_create_run(config.tracking.tracking_uri, config.tracking.experiment, config.run.name,
                                         tags={"tokenmill.benchmark": "train"}, run_dir=root)
-    inputs = RayInputs(datasets, data_config=ingest_config(datasets))
+    inputs = Inputs(datasets, data_config=ingest_config(datasets))
     trainer = build_torch_trainer(TokenizerTask(config), LoopSpec(config.tracking.tracking_uri, run_id), inputs)
     return float(trainer.fit().metrics["img_per_s"])
 

@@ -15,7 +15,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.shards.stream import StreamConfig, buffer_shuffle, check_shards, iter_shard_batches, shard_order
+from pipeline.shards.stream import (
+    StreamConfig,
+    buffer_shuffle,
+    check_shards,
+    iter_shard_batches,
+    shard_order,
+    skip_report,
+)
 
 
 class LocalStream:
@@ -25,6 +32,10 @@ class LocalStream:
         self.urls, self.storage_options = list(urls), storage_options
         self.epoch = 0
         self.errors: list[dict[str, str]] = []  # {"shard", "key", "reason"} of every skipped sample
+
+    def report(self) -> dict[str, Any]:
+        """The skip-and-count report, as the Ray stream's (`ShardStream.report`)."""
+        return skip_report(sorted(self.errors, key=lambda r: (r["shard"], r["key"], r["reason"])))
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose shard order, shuffle and augmentation the next pass reads."""

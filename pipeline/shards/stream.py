@@ -207,10 +207,13 @@ class ShardStream:
         return sorted(ray.get(self.log.all.remote()), key=lambda r: (r["shard"], r["key"], r["reason"]))
 
     def report(self) -> dict[str, Any]:
-        """{"skipped": n, "by_reason": {reason kind: n}, "errors": [...]} for job summaries."""
-        errors = self.errors()
-        kinds = Counter(kind_of(r["reason"]) for r in errors)
-        return dict(skipped=len(errors), by_reason=dict(sorted(kinds.items())), errors=errors)
+        return skip_report(self.errors())
+
+
+def skip_report(errors: list[dict[str, str]]) -> dict[str, Any]:
+    """{"skipped": n, "by_reason": {reason kind: n}, "errors": [...]} for job summaries."""
+    kinds = Counter(kind_of(r["reason"]) for r in errors)
+    return dict(skipped=len(errors), by_reason=dict(sorted(kinds.items())), errors=errors)
 
 
 def open_stream(urls: list[str], config: StreamConfig | None = None, *, epoch: int | str = 0,

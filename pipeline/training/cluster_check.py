@@ -73,7 +73,7 @@ def check_cluster_storage(config, data: dict[str, str], nodes: int | None = None
     """UserError listing every node-local setting of `config` (and of its `data`, see
     `local_storage_problems`) when it would run on more than one node (`nodes`, default: counted
     on the Ray cluster this job uses)."""
-    if config.run.shared_storage:
+    if config.run.shared_storage or config.scaling.in_process:  # in process: nothing runs on other nodes
         return
     problems = local_storage_problems(config, data)
     if not problems:
@@ -85,16 +85,18 @@ def check_cluster_storage(config, data: dict[str, str], nodes: int | None = None
 
 
 def check_local_gpus(scaling) -> None:
-    """`scaling.use_gpu` on a Ray that this job starts on this machine (no RAY_ADDRESS, none
-    connected) needs the GPUs here: nothing will add a GPU node, and Ray Train would wait for one
-    forever. Checked before Ray starts, from torch's view of this machine."""
+    """`scaling.use_gpu` on this machine (in process, or on a Ray that this job starts here: no
+    RAY_ADDRESS, none connected) needs the GPUs here: nothing will add a GPU node, and Ray Train
+    would wait for one forever. Checked before Ray starts, from torch's view of this machine."""
     import ray
     import torch
 
-    if not scaling.use_gpu or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+    remote = os.environ.get("RAY_ADDRESS") or ray.is_initialized()
+    if not scaling.use_gpu or (remote and not scaling.in_process):
         return
-    have = torch.cuda.device_count()
-    if have < scaling.num_workers:
-        raise UserError(f"scaling.use_gpu=true asks for {scaling.num_workers} GPU worker(s), but this machine has "
-                        f"{have} GPU(s) and a local Ray adds none; set scaling.use_gpu=false (--set "
-                        f"scaling.use_gpu=false), or set RAY_ADDRESS to a cluster with GPUs")
+    have, need = torch.cuda.device_count(), 1 if scaling.in_process else scaling.num_workers
+    if have < need:
+        fix = "" if scaling.in_process else ", or set RAY_ADDRESS to a cluster with GPUs"
+        raise UserError(f"scaling.use_gpu=true asks for {need} GPU worker(s), but this machine has {have} GPU(s)"
+                        f"{'' if scaling.in_process else ' and a local Ray adds none'}; set scaling.use_gpu=false "
+                        f"(--set scaling.use_gpu=false){fix}")

@@ -121,6 +121,9 @@ class ScalingSection(StrictModel):
     num_workers: int = pydantic.Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Train on one rank inside this process, without Ray (num_workers and cpus_per_worker do not
+    # apply): step through it with a debugger or a profiler, or run a quick experiment.
+    in_process: bool = False
 
 
 class RunSection(StrictModel):

@@ -11,12 +11,15 @@ so it runs two ways:
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
+
+METRICS_FILE = "metrics.json"
 
 
 class RankContext(Protocol):
@@ -99,7 +102,8 @@ class _ClockedShard:
 class LocalContext:
     """Rank 0 of 1 in this process. `datasets`: name -> an object with `set_epoch` and
     `iter_torch_batches` (`pipeline.shards.local_stream.LocalStream`); checkpoints are folders
-    `checkpoint_<step>` under `folder` (the newest `keep` are kept); `reports` lists every report."""
+    `checkpoint_step_<step>` under `folder` (the newest `keep` are kept), each with the metrics reported
+    with it (`metrics.json`); `reports` lists this process's reports."""
 
     rank, world_size = 0, 1
 
@@ -116,7 +120,7 @@ class LocalContext:
         return self.datasets.get(name)  # None: a rank that trains from elsewhere (a benchmark's tensors)
 
     def checkpoints(self) -> list[Path]:
-        return sorted(self.folder.glob("checkpoint_*"))
+        return sorted(self.folder.glob("checkpoint_step_*"))  # not Ray Train's checkpoint_<time> folders
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -127,8 +131,14 @@ class LocalContext:
         self.reports.append(dict(metrics))
         if checkpoint is None:
             return
-        destination = self.folder / f"checkpoint_{metrics['step']:07d}"
+        destination = self.folder / f"checkpoint_step_{metrics['step']:07d}"
         shutil.rmtree(destination, ignore_errors=True)
         shutil.copytree(checkpoint, destination)
+        (destination / METRICS_FILE).write_text(json.dumps(metrics, sort_keys=True))
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old)
+
+    @staticmethod
+    def metrics(checkpoint: Path) -> dict[str, Any]:
+        """The metrics reported with `checkpoint` (a rerun of a finished run reports nothing new)."""
+        return json.loads((checkpoint / METRICS_FILE).read_text())

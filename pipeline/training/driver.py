@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.runtime import faults
-from pipeline.training.task import RayInputs, Task
+from pipeline.training.loop import LoopSpec
+from pipeline.training.task import Inputs, Task
 
 # Environment the driver forwards to training workers: fault injection (tests) and S3 endpoint.
 # Never credentials: a runtime env is visible to every dashboard / state-API user of a shared
@@ -35,7 +36,7 @@ class TrainSummary:
     task: str  # tokenizer, adversarial, prior
     run_name: str
     final_metrics: dict[str, Any]  # rank 0's last report: step, epoch, <example>_per_s, val/* ...
-    checkpoint: str  # the latest Ray Train checkpoint directory
+    checkpoint: str  # the latest checkpoint's folder (Ray Train's, or in-process: under run.storage_path)
     model_dir: str  # the exported model: config.json + model.safetensors (+ lineage.json for a prior)
     mlflow_tracking_uri: str
     mlflow_run_id: str
@@ -66,35 +67,68 @@ def train_prior(config) -> TrainSummary:
 
 
 def fit(task: Task) -> TrainSummary:
-    """Check, track, train on Ray, export and register `task`'s model."""
-    import ray.data
-
+    """Check, track, train (on Ray, or in this process with `scaling.in_process`), export and
+    register `task`'s model."""
     from pipeline.registry import tracking
-    from pipeline.runtime.ray_connection import ensure_ray
-    from pipeline.training.loop import LoopSpec
-    from pipeline.training.progress import TrainProgress
 
     config = task.config
     tracking_uri, run_id = _checked_run(task)
-    ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
-    inputs = task.ray_inputs()
-    with TrainProgress(config.train.steps, desc=task.command) as progress:
-        spec = LoopSpec(tracking_uri, run_id, progress.board, inputs.epoch_clocks)
-        result = build_torch_trainer(task, spec, inputs).fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    model_dir = export_model(result.checkpoint, config.run.run_dir() / "model")
+    train = _train_in_process if config.scaling.in_process else _train_on_ray
+    model_dir = config.run.run_dir() / "model"
+    checkpoint, metrics, inputs = train(task, LoopSpec(tracking_uri, run_id), model_dir)
     task.export_extras(model_dir)
     registered = config.tracking.registered_model or config.run.name
     version = tracking.register_model_dir(tracking_uri, run_id, model_dir, registered,
-                                          tags={"tokenmill.step": str(result.metrics["step"]), **task.version_tags()})
+                                          tags={"tokenmill.step": str(metrics["step"]), **task.version_tags()})
     return TrainSummary(
-        task=task.name, run_name=config.run.name, final_metrics=result.metrics, checkpoint=result.checkpoint.path,
+        task=task.name, run_name=config.run.name, final_metrics=metrics, checkpoint=checkpoint,
         model_dir=str(model_dir.resolve()), mlflow_tracking_uri=tracking_uri, mlflow_run_id=run_id,
         registered_model=registered, model_version=version, model_uri=f"models:/{registered}/{version}",
         details=task.summary(inputs),
     )
+
+
+def _train_on_ray(task: Task, spec: LoopSpec, model_dir: Path) -> tuple[str, dict[str, Any], Inputs]:
+    """Ray Train's TorchTrainer over the engine's loop; exports the latest checkpoint's model to
+    `model_dir`. Returns (that checkpoint's path on `run.storage_path`, its metrics, the inputs)."""
+    import ray.data
+
+    from pipeline.runtime.ray_connection import ensure_ray
+    from pipeline.training.progress import TrainProgress
+
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
+    inputs = task.inputs(in_process=False)
+    with TrainProgress(task.config.train.steps, desc=task.command) as progress:
+        spec = dataclasses.replace(spec, progress=progress.board, epoch_clocks=inputs.epoch_clocks)
+        result = build_torch_trainer(task, spec, inputs).fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:  # downloaded when on object storage
+        export_model(Path(directory), model_dir)
+    return result.checkpoint.path, result.metrics, inputs
+
+
+def _train_in_process(task: Task, spec: LoopSpec, model_dir: Path) -> tuple[str, dict[str, Any], Inputs]:
+    """The engine's loop on one rank in this process, no Ray (`scaling.in_process`): checkpoints
+    in `<run.storage_path>/<run.name>/`, so a rerun resumes as on Ray; the latest one's model is
+    exported to `model_dir`."""
+    import torch
+
+    from pipeline.training.context import LocalContext
+    from pipeline.training.loop import run_rank
+    from pipeline.training.progress import TrainProgress
+
+    config = task.config
+    inputs = task.inputs(in_process=True)
+    device = "cuda" if config.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+    context = LocalContext(Path(config.run.resolved_storage_path()) / config.run.name, inputs.datasets,
+                           device=device, keep=config.run.keep_checkpoints)
+    with TrainProgress(config.train.steps, desc=task.command, in_process=True) as progress:
+        run_rank(task, context, dataclasses.replace(spec, progress=progress.board))
+    checkpoint = context.checkpoints()[-1]
+    export_model(checkpoint, model_dir)
+    return str(checkpoint), context.metrics(checkpoint), inputs
 
 
 def _checked_run(task: Task) -> tuple[str, str]:
@@ -125,7 +159,7 @@ def _checked_run(task: Task) -> tuple[str, str]:
     return tracking_uri, run_id
 
 
-def build_torch_trainer(task: Task, spec: Any, inputs: RayInputs):
+def build_torch_trainer(task: Task, spec: LoopSpec, inputs: Inputs):
     """The TorchTrainer that runs the engine's loop for `task` on every worker."""
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -143,12 +177,11 @@ def build_torch_trainer(task: Task, spec: Any, inputs: RayInputs):
     )
 
 
-def export_model(checkpoint, model_dir: Path) -> Path:
-    """Copy the checkpoint's exportable model (config.json + safetensors) to `model_dir`."""
-    with checkpoint.as_directory() as directory:
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(Path(directory) / "model", model_dir)
+def export_model(checkpoint: Path, model_dir: Path) -> Path:
+    """Copy the checkpoint folder's exportable model (config.json + safetensors) to `model_dir`."""
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(checkpoint / "model", model_dir)
     return model_dir
 
 

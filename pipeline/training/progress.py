@@ -29,41 +29,58 @@ class ProgressBoard:
         return events
 
 
-class TrainProgress:
-    """`with TrainProgress(steps) as progress:` hand `progress.board` to rank 0, then fit."""
+def post(board: Any, event: tuple[str, int, str]) -> None:
+    """Post `event` to a board: the Ray actor of a Ray Train run, or an in-process ProgressBoard."""
+    if hasattr(board.post, "remote"):
+        board.post.remote(event)
+    else:
+        board.post(event)
 
-    def __init__(self, total_steps: int, desc: str = "train"):
-        self.total_steps, self.desc = total_steps, desc
+
+class TrainProgress:
+    """`with TrainProgress(steps) as progress:` hand `progress.board` to rank 0, then fit.
+    `in_process`: rank 0 runs in this process (no Ray): the board is a plain object."""
+
+    def __init__(self, total_steps: int, desc: str = "train", in_process: bool = False):
+        self.total_steps, self.desc, self.in_process = total_steps, desc, in_process
         self._stop = threading.Event()
 
     def __enter__(self) -> TrainProgress:
-        import ray
         from tqdm import tqdm
 
-        self.board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        if self.in_process:
+            self.board = ProgressBoard()
+        else:
+            import ray
+
+            self.board = ray.remote(num_cpus=0)(ProgressBoard).remote()
         self.bar = tqdm(total=self.total_steps, desc=self.desc, unit="step", file=sys.stderr)
         self._thread = threading.Thread(target=self._poll, name="train-progress", daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import ray
-
         self._stop.set()
         self._thread.join()
         self._drain()
         self.bar.close()
-        ray.kill(self.board)
+        if not self.in_process:
+            import ray
+
+            ray.kill(self.board)
 
     def _poll(self) -> None:
         while not self._stop.wait(POLL_S):
             self._drain()
 
     def _drain(self) -> None:
-        import ray
-
         try:
-            events = ray.get(self.board.take.remote(), timeout=30)
+            if self.in_process:
+                events = self.board.take()
+            else:
+                import ray
+
+                events = ray.get(self.board.take.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - progress display only; training reports its own failures
             return
         for kind, step, text in events:

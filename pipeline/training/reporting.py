@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.training.progress import post
+
 
 def say(line: str) -> None:
     """One progress line to the driver. Ray Train's patched `print` writes a line twice (to its
@@ -42,14 +44,14 @@ class RankZeroLogger:
             mlflow.start_run(run_id=run_id, log_system_metrics=True)
             self.mlflow = mlflow
         self.total_steps = total_steps
-        self.board = board  # the driver's ProgressBoard actor, or None
+        self.board = board  # the driver's ProgressBoard (an actor, or in this process), or None
         self._first_log: tuple[int, float] | None = None  # (step, time) of this attempt's first log
 
     def log_step(self, step: int, metrics: dict[str, float], postfix: str) -> None:
         """Training metrics (logged as train/<name>) and `postfix` for the progress bar."""
         self._log_metrics({f"train/{k}": v for k, v in metrics.items()}, step)
         if self.board is not None:
-            self.board.post.remote(("step", step, postfix))
+            post(self.board, ("step", step, postfix))
             return
         now = time.time()
         first_step, first_time = self._first_log = self._first_log or (step, now)
@@ -74,7 +76,7 @@ class RankZeroLogger:
     def say(self, step: int, line: str) -> None:
         """A progress line above the driver's bar (or on stdout without a board)."""
         if self.board is not None:
-            self.board.post.remote(("line", step, line))
+            post(self.board, ("line", step, line))
         else:
             say(line)
 

@@ -8,7 +8,7 @@ prior). A new model family is a new task, never a new loop.
 
 The driver makes the task from the job's config, calls its driver-side methods, and ships it to
 every rank (it is pickled: driver-side results the ranks need, e.g. resolved shard URLs, live on
-it; Ray handles go through `RayInputs`). Each rank then calls `setup`, `build` and the rest.
+it; the streams and Ray handles go through `Inputs`). Each rank then calls `setup`, `build` and the rest.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from pipeline.training.step import Loss
 
 
 @dataclasses.dataclass
-class RayInputs:
-    """What the driver hands Ray Train besides the task: Ray Datasets that Ray Train splits
-    between ranks, the EpochClock of each, its ingest DataConfig, and the streams (skip reports)."""
+class Inputs:
+    """What the driver hands the ranks besides the task: datasets (Ray Datasets that Ray Train
+    splits between ranks; in an in-process run, LocalStreams), the EpochClock of each Ray
+    Dataset, Ray Train's ingest DataConfig, and the streams whose `report()` the summary shows."""
 
     datasets: dict[str, Any] = dataclasses.field(default_factory=dict)
     epoch_clocks: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -54,9 +55,10 @@ class Task:
         """config key -> URL of the data every node reads (refused when node-local on a cluster)."""
         return {}
 
-    def ray_inputs(self) -> RayInputs:
-        """Ray Datasets and their epoch clocks for Ray Train (after `ray` is connected)."""
-        return RayInputs()
+    def inputs(self, in_process: bool) -> Inputs:
+        """The data the ranks read: Ray Datasets for Ray Train (after `ray` is connected), or
+        streams read in this process (`scaling.in_process`)."""
+        return Inputs()
 
     def export_extras(self, model_dir: Path) -> None:
         """Files that go with the exported model besides config.json and weights (lineage)."""
@@ -65,7 +67,7 @@ class Task:
         """Tags of the registered model version (what the model was trained on)."""
         return {}
 
-    def summary(self, inputs: RayInputs) -> dict[str, Any]:
+    def summary(self, inputs: Inputs) -> dict[str, Any]:
         """The task's own entries in the job's summary."""
         return {}
 

@@ -52,8 +52,7 @@ def run_in_process(task: Any, folder: Path, tracking_uri: str | None = None, run
         config = task.config
         run_id = tracking.get_or_create_run(tracking_uri, config.tracking.experiment, run_name or config.run.name,
                                             tags={}, run_dir=folder)
-    datasets = task.data.local_streams() if hasattr(task, "data") else {}
-    context = LocalContext(folder, datasets, **context_options)
+    context = LocalContext(folder, task.inputs(in_process=True).datasets, **context_options)
     state = run_rank(task, context, LoopSpec(tracking_uri, run_id))
     return InProcessRun(task, context, state)
 

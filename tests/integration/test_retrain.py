@@ -50,7 +50,10 @@ class Setup:
         return prefix
 
     def overrides(self, version: str, *extra: str) -> list[str]:
-        return [f"versions.prefix={self.versions_with(version)}", f"validation.shards={self.validation}",
+        # The challenger trains in this process: retrain's decisions are the point here, and the
+        # same workflow trains on Ray in tests/system/test_multinode.py (a submitted retrain job).
+        return ["scaling.in_process=true", f"versions.prefix={self.versions_with(version)}",
+                f"validation.shards={self.validation}",
                 f"retokenize.out_prefix={self.root / 'tokens'}", f"run.root={self.root / 'runs'}",
                 f"tracking.tracking_uri={self.tracking_uri}", f"tracking.registered_model={self.model}", *extra]
 
@@ -145,7 +148,7 @@ def test_challenger_that_does_not_win_keeps_the_champion(world, first):
 
 def test_failed_step_leaves_the_champion_untouched(world, first, monkeypatch, capsys):
     champion_before = world.champion()
-    monkeypatch.setenv("TOKENMILL_FAULTS", "train.step,step=1")  # the training worker raises; max_failures is 0
+    monkeypatch.setenv("TOKENMILL_FAULTS", "train.step,step=1")  # the training loop raises at its first step
     code, decision = world.cli("v003", "promotion.margin=0")
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

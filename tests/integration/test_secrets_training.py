@@ -63,11 +63,11 @@ def _worker_runtime_env(config_path: Path) -> dict:
     from pipeline.training.config import load_train_config
     from pipeline.training.driver import build_torch_trainer
     from pipeline.training.loop import LoopSpec
-    from pipeline.training.task import RayInputs
+    from pipeline.training.task import Inputs
     from pipeline.training.tasks.tokenizer import TokenizerTask
 
     task = TokenizerTask(load_train_config(config_path))
-    trainer = build_torch_trainer(task, LoopSpec("sqlite:///unused.db", "run"), RayInputs())
+    trainer = build_torch_trainer(task, LoopSpec("sqlite:///unused.db", "run"), Inputs())
     env = trainer.run_config.worker_runtime_env["env_vars"]
     assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     return env

@@ -112,7 +112,7 @@ def test_every_epoch_sets_the_train_streams_epoch_clock(ray_local, tmp_path):
         "train.steps=7", "train.val_every=7", "train.checkpoint_every=7", "tracking.log_images=false",
         f"tracking.tracking_uri={uri}", "run.max_failures=0"]))
     task.prepare(uri)
-    inputs = task.ray_inputs()
+    inputs = task.inputs(in_process=False)
     run_id = tracking.get_or_create_run(uri, task.config.tracking.experiment, task.config.run.name, tags={},
                                         run_dir=tmp_path)
     metrics = build_torch_trainer(task, LoopSpec(uri, run_id, None, inputs.epoch_clocks), inputs).fit().metrics

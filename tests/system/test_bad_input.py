@@ -5,19 +5,22 @@ The product rule for a user mistake: ONE message on stderr naming the cause and 
 argument (the path or value they typed), exit code 2, no traceback. argparse's own refusals
 (a usage block, then one `error:` line naming the argument) count as one message.
 
-Every case runs as a real subprocess (`python -m jobs ...`), all of them side by side in threads.
-A bad input must be refused before Ray starts: the subprocesses get their own RAY_TMPDIR, which
-must hold no Ray session afterwards.
+Every case runs as `python -m jobs ...` would, in one of two fresh processes (each runs half of the
+cases one after the other: helpers/cli_batch.py gives each case its exit code and what it wrote to
+file descriptors 1 and 2). A bad input must be refused before Ray starts: the processes get their
+own RAY_TMPDIR, which must hold no Ray session afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +29,6 @@ from helpers.tokens import build_store
 
 RETRAIN = str(REPO / "configs" / "debug_retrain_vqvae.yaml")
 TRAIN = str(REPO / "configs" / "debug_vqvae.yaml")
-TIMEOUT_S = 60
 
 # (id, argv with {F} = the fixture folder, what the message must contain: the user's argument).
 # For a --set override the user's argument is the override itself.
@@ -206,31 +208,35 @@ def _build_fixtures(root: Path) -> None:
     _store_for(str(root / "badstore.zarr"), root / "badweights")
 
 
-def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run([sys.executable, "-m", "jobs", *argv], cwd=cwd, env=env, capture_output=True,
-                              text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:  # a refusal takes seconds: this one did work instead
-        return subprocess.CompletedProcess(err.cmd, -9, str(err.stdout or ""), f"timed out after {TIMEOUT_S} s")
+def _run_batch(cases: list[tuple[str, list[str]]], cwd: Path, env: dict[str, str], out: Path) -> dict[str, Any]:
+    """The cases in one fresh `python -m jobs`-like process (helpers/cli_batch.py): by case id,
+    each one's exit code and what it wrote to stdout and stderr."""
+    (cwd / f"{out.stem}.in.json").write_text(json.dumps(cases))
+    subprocess.run([sys.executable, "-m", "helpers.cli_batch", str(cwd / f"{out.stem}.in.json"), str(out)],
+                   cwd=cwd, env=env, check=True, timeout=900)
+    return {case: subprocess.CompletedProcess(argv, **run) for (case, argv), run in
+            zip(cases, json.loads(out.read_text()).values())}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Every case's finished subprocess, by case id (all run side by side)."""
+    """Every case's result, by case id: two processes (one a core), each running half of the
+    cases one after the other as `python -m jobs` would (helpers/cli_batch.py)."""
     root = tmp_path_factory.mktemp("bad-input")
     fixtures = root / "f"
     _build_fixtures(fixtures)
     ray_tmp = root / "ray"
     ray_tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(PYTHONPATH=str(REPO), RAY_TMPDIR=str(ray_tmp), TQDM_DISABLE="1")
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), RAY_TMPDIR=str(ray_tmp),
+               TQDM_DISABLE="1")
     names = {"F": str(fixtures), "TRAIN": TRAIN, "RETRAIN": RETRAIN}
     work = root / "cwd"  # anything a job writes to a relative default path lands here
     work.mkdir()
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {case: pool.submit(_run, command.format(**names).split(), work, env)
-                   for case, command, *_ in CASES + CONTROLS}
-        done = {case: future.result() for case, future in futures.items()}
+    cases = [(case, command.format(**names).split()) for case, command, *_ in CASES + CONTROLS]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        halves = [pool.submit(_run_batch, cases[i::2], work, env, root / f"results-{i}.json") for i in range(2)]
+        done = {case: run for half in halves for case, run in half.result().items()}
     return {"runs": done, "names": names, "ray_tmp": ray_tmp}
 
 

@@ -43,7 +43,7 @@ def gan_task(shards: str, lpips_files, root, *overrides: str) -> AdversarialTask
 def one_rank(task: AdversarialTask, root):
     """The task set up on an in-process rank: (parts, a train batch)."""
     task.prepare("")
-    context = LocalContext(root, task.data.local_streams())
+    context = LocalContext(root, task.inputs(in_process=True).datasets)
     task.setup(context)
     torch.manual_seed(0)
     parts = build_parts(task, context, None)

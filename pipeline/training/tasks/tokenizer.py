@@ -21,7 +21,7 @@ from models.serialization import build_model, model_class_for_kind, save_model
 from pipeline.shards.stream import to_model_input
 from pipeline.training.optim import OptimConfig, Part
 from pipeline.training.step import Loss
-from pipeline.training.task import RayInputs, Task
+from pipeline.training.task import Inputs, Task
 from pipeline.training.tasks import image_validation
 from pipeline.training.tasks.image_data import TRAIN_COLUMNS, TrainingData, ingest_config, resolve_training_data
 
@@ -41,12 +41,15 @@ class TokenizerTask(Task):
     def shared_data(self) -> dict[str, str]:
         return {"data.shards": self.config.data.shards}
 
-    def ray_inputs(self) -> RayInputs:
+    def inputs(self, in_process: bool) -> Inputs:
+        if in_process:
+            streams = self.data.local_streams()
+            return Inputs(streams, streams=streams)
         streams = self.data.open_streams()
         datasets = {name: stream.dataset.select_columns(TRAIN_COLUMNS) for name, stream in streams.items()}
-        return RayInputs(datasets, {"train": streams["train"].epoch_clock}, ingest_config(datasets), streams)
+        return Inputs(datasets, {"train": streams["train"].epoch_clock}, ingest_config(datasets), streams)
 
-    def summary(self, inputs: RayInputs) -> dict[str, Any]:
+    def summary(self, inputs: Inputs) -> dict[str, Any]:
         return {"skipped_samples": {name: stream.report() for name, stream in inputs.streams.items()}}
 
     # -- every rank -----------------------------------------------------------------------------------
