@@ -9,6 +9,7 @@ track nothing, e.g. benchmarks) metrics and images go nowhere and progress still
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,9 @@ def to_hwc_uint8(grid: torch.Tensor) -> np.ndarray:
 class RankZeroLogger:
     def __init__(self, tracking_uri: str | None, run_id: str | None, total_steps: int, board: Any = None):
         self.mlflow = None
+        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: `finish` puts the process's
+        # own setting back (an in-process run must not send the rest of the process to this store).
+        self._uri_before = os.environ.get("MLFLOW_TRACKING_URI")
         if tracking_uri:
             import mlflow
 
@@ -83,6 +87,7 @@ class RankZeroLogger:
     def finish(self) -> None:
         if self.mlflow is not None:
             self.mlflow.end_run()
+            self.mlflow.set_tracking_uri(self._uri_before)  # None: unset again
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.mlflow is not None:

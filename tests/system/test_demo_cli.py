@@ -1,5 +1,5 @@
-"""`tokenmill demo` end to end as a `python -m jobs` process, with tiny budgets: quiet by default;
-Ray's lines with --verbose (on a cheaper command that starts Ray). (`tokenmill bench vae` through the CLI: tests/unit/test_bench_vae.py.)"""
+"""`tokenmill demo` end to end as a `python -m jobs` process, with tiny budgets: it prints only its
+own lines. (Ray's lines with --verbose: tests/system/test_tokenize_processes.py.) (`tokenmill bench vae` through the CLI: tests/unit/test_bench_vae.py.)"""
 
 from __future__ import annotations
 
@@ -61,18 +61,3 @@ def test_demo_runs_end_to_end_and_prints_only_its_own_lines(quiet_demo):
     for ours in ("[1/6] shards", "[2/6] training", "[3/6] tokenizing", "[4/6] decoded", "[5/6] training a Transformer",
                  "[6/6] sampled", "tokenmill demo done", "train: 100%", "tokenize: 100%", "train-prior: 100%"):
         assert ours in text, text
-
-
-def test_verbose_shows_rays_own_output(tmp_path):
-    """--verbose lets Ray's lines through (here: `shard --workers 2`, which starts a local Ray for
-    its writers; the demo above shows none of them without the flag)."""
-    import numpy as np
-
-    np.save(tmp_path / "images.npy", np.zeros((20, 8, 8), np.uint8))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("TOKENMILL_VERBOSE", None)
-    proc = subprocess.run([sys.executable, "-m", "jobs", "--verbose", "shard", str(tmp_path / "images.npy"),
-                           str(tmp_path / "shards"), "--workers", "2", "--maxcount", "5"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Started a local Ray instance" in proc.stdout + proc.stderr

@@ -33,9 +33,10 @@ def test_ray_job_submit_train_succeeds(tmp_path):
     )
     try:
         summary = tmp_path / "summary.json"
-        entrypoint = (f"{sys.executable} -m jobs.train {CONFIGS / 'debug_vqvae.yaml'} "
-                      f"--set data.shards={shards} --set run.root={tmp_path / 'runs'} --set train.steps=6 "
-                      f"--set tracking.log_images=false --json {summary}")
+        sets = [f"data.shards={shards}", f"run.root={tmp_path / 'runs'}", "train.steps=2", "train.val_every=2",
+                "train.checkpoint_every=2", "tracking.log_images=false"]
+        entrypoint = " ".join([sys.executable, "-m", "jobs.train", str(CONFIGS / "debug_vqvae.yaml"),
+                               *[f"--set {o}" for o in sets], "--json", str(summary)])
         address = f"http://127.0.0.1:{dashboard_port}"
         wait_for_dashboard(address, env)
         # Token authentication is on: a client with another token is refused.
@@ -44,7 +45,7 @@ def test_ray_job_submit_train_succeeds(tmp_path):
         proc = subprocess.run([sys.executable, "-c", SUBMIT, address, entrypoint], env=env,
                               capture_output=True, text=True, timeout=540)
         assert "STATUS SUCCEEDED" in proc.stdout, proc.stdout + proc.stderr
-        assert json.loads(summary.read_text())["final_metrics"]["step"] == 6
+        assert json.loads(summary.read_text())["final_metrics"]["step"] == 2
     finally:
         head.terminate()
         head.wait(timeout=60)

@@ -65,14 +65,19 @@ def test_killing_the_driver_twice_then_rerunning_gives_identical_arrays(data, re
 
 
 def test_two_tokenize_commands_started_at_once_end_with_the_single_run_store(data, reference, tmp_path, ray_local):
+    """...and the one started with --verbose shows Ray's own lines, which the other keeps quiet."""
     store = tmp_path / "raced.zarr"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    cmd = [sys.executable, "-m", "jobs", "tokenize", "--model", data["model"], "--data", data["shards"],
-           "--out", str(store), "--batch-size", "4", "--actors", "1"]
-    procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    errors = [proc.communicate(timeout=300)[1][-3000:] for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], errors
+    env.pop("TOKENMILL_VERBOSE", None)
+    args = ["tokenize", "--model", data["model"], "--data", data["shards"], "--out", str(store), "--batch-size", "4",
+            "--actors", "1"]
+    procs = [subprocess.Popen([sys.executable, "-m", "jobs", *flags, *args], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for flags in ([], ["--verbose"])]
+    quiet, verbose = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], (quiet[-3000:], verbose[-3000:])
+    ray_says = "Connecting to existing Ray cluster"  # Ray's own INFO line, once connected
+    assert ray_says in verbose and ray_says not in quiet, verbose[-3000:]
     assert array_bytes(store) == array_bytes(reference["store"])
     assert json.loads((store / "zarr.json").read_text())["attributes"]["tokenmill"]["state"] == "complete"
 

@@ -54,3 +54,13 @@ def test_train_prior_in_process_writes_the_lineage(tmp_path):
     assert summary["tokenizer_uri"] == str(Path(store).parent / "tokenizer")
     assert read_prior_lineage(summary["model_dir"])["store_url"] == store
     assert "seq_per_s" in summary["final_metrics"]
+
+
+def test_an_in_process_run_leaves_the_processs_tracking_uri_as_it_found_it(tmp_path, monkeypatch):
+    """Rank 0's MLflow logging sets the tracking URI (and MLflow exports it as MLFLOW_TRACKING_URI):
+    afterwards a later command in the same process must not log to the run's store."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run("train", CONFIGS / "debug_vqvae.yaml", tmp_path, f"data.shards={grey_shards(tmp_path)}", "train.steps=2")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
