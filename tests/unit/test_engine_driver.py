@@ -5,6 +5,7 @@ and resume a rerun, as on Ray (tests/integration/test_train_job.py runs the same
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def run(command: str, config: Path, root: Path, *overrides: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_train_in_process_tracks_exports_registers_and_resumes(tmp_path):
+def test_train_in_process_tracks_exports_registers_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     shards = grey_shards(tmp_path)
     first = run("train", CONFIGS / "debug_vqvae.yaml", tmp_path, f"data.shards={shards}", "train.steps=4")
     second = run("train", CONFIGS / "debug_vqvae.yaml", tmp_path, f"data.shards={shards}", "train.steps=6")
@@ -43,6 +45,9 @@ def test_train_in_process_tracks_exports_registers_and_resumes(tmp_path):
     assert {"train/loss", "val/psnr"} <= set(run_.data.metrics)
     assert client.get_model_version(second["registered_model"], "2").run_id == run_.info.run_id
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    # Rank 0's MLflow logging set the tracking URI, which MLflow exports as MLFLOW_TRACKING_URI: a
+    # later command in this process must not log to the run's store.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_train_prior_in_process_writes_the_lineage(tmp_path):
@@ -54,13 +59,3 @@ def test_train_prior_in_process_writes_the_lineage(tmp_path):
     assert summary["tokenizer_uri"] == str(Path(store).parent / "tokenizer")
     assert read_prior_lineage(summary["model_dir"])["store_url"] == store
     assert "seq_per_s" in summary["final_metrics"]
-
-
-def test_an_in_process_run_leaves_the_processs_tracking_uri_as_it_found_it(tmp_path, monkeypatch):
-    """Rank 0's MLflow logging sets the tracking URI (and MLflow exports it as MLFLOW_TRACKING_URI):
-    afterwards a later command in the same process must not log to the run's store."""
-    import os
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run("train", CONFIGS / "debug_vqvae.yaml", tmp_path, f"data.shards={grey_shards(tmp_path)}", "train.steps=2")
-    assert "MLFLOW_TRACKING_URI" not in os.environ
