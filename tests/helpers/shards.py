@@ -1,6 +1,6 @@
 """Hand-made shards for the reader and stream tests: PNG bytes, tars from (name, bytes) members,
-a class-folder source written as uneven shards, and a dirty shard (a corrupt image, a sample
-without an image, a cut inside the last sample)."""
+a class-folder source written as uneven shards, a dirty shard (a corrupt image, a sample
+without an image, a cut inside the last sample), and the samples of a shard folder in the order readers see them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.shards.manifest import read_manifest
 from pipeline.shards.problems import CORRUPT_IMAGE, NO_IMAGE, TRUNCATED_TAR
 
 
@@ -70,3 +71,13 @@ def write_dirty_shard(path: Path) -> str:
     cut = whole.index(png(good["g5"])) + 20  # inside g5's PNG data
     path.write_bytes(whole[:cut])
     return str(path)
+
+
+def samples_in_shard_order(dest: Path) -> list[tuple[str, str, int]]:
+    """(split, key, label) of every sample of `dest`, in manifest then tar order (the order readers see)."""
+    samples = []
+    for entry in read_manifest(str(dest))["shards"]:
+        with tarfile.open(dest / entry["url"]) as tar:
+            samples += [(entry["split"], m.name.split(".")[0], int(tar.extractfile(m).read()))
+                        for m in tar if m.name.endswith(".cls")]
+    return samples

@@ -1,4 +1,5 @@
-"""Shard writing, manifest, resume after interruption, index and inspect (no Ray)."""
+"""Shard writing, manifest, resume after interruption, index and inspect (no Ray). (The builtin
+MNIST source: tests/integration/test_builtin_shards.py.)"""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from helpers.shards import samples_in_shard_order
 from PIL import Image
 
 import pipeline.shards.writer as shard_writer
@@ -65,28 +67,6 @@ def test_folder_to_shards_manifest_and_scan(tmp_path):
                     assert meta["key"] == key and meta["original_height"] == expected[key][0].shape[0]
     assert sorted(seen) == sorted(expected)
     assert all(np.array_equal(seen[k], expected[k][0]) for k in expected)
-
-
-def samples_in_shard_order(dest) -> list[tuple[str, str, int]]:
-    """(split, key, label) of every sample of `dest`, in manifest then tar order (the order readers see)."""
-    samples = []
-    for entry in read_manifest(str(dest))["shards"]:
-        with tarfile.open(dest / entry["url"]) as tar:
-            samples += [(entry["split"], m.name.split(".")[0], int(tar.extractfile(m).read()))
-                        for m in tar if m.name.endswith(".cls")]
-    return samples
-
-
-def test_class_sorted_source_gives_class_mixed_shards(tmp_path):
-    """builtin:mnist5k is class-sorted; its shuffled shards mix all digits from the first batch on,
-    in several train shards (Ray Data reads them in parallel)."""
-    summary = write_shards("builtin:mnist5k", str(tmp_path / "m"), progress=False)
-    assert summary["splits"] == {"train": {"shards": 5, "samples": 4500}, "val": {"shards": 1, "samples": 500}}
-    manifest = read_manifest(str(tmp_path / "m"))
-    assert manifest["settings"]["shuffle"] is True and manifest["settings"]["seed"] == 0
-    assert manifest["settings"]["maxcount"] == 1000  # the resolved default is recorded
-    train = [label for split, _, label in samples_in_shard_order(tmp_path / "m") if split == "train"][:256]
-    assert len(set(train)) >= 8, sorted(set(train))
 
 
 def test_seeded_order_is_reproducible_and_no_shuffle_keeps_key_order(tmp_path):
