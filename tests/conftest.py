@@ -196,3 +196,21 @@ def mlflow_server(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def tokenize_inputs(tmp_path_factory, ray_local) -> dict:
+    """The tokenize tests' inputs (helpers.tokens.tokenize_data), made once for every test that
+    compares against the uninterrupted store."""
+    from helpers.tokens import tokenize_data
+
+    return tokenize_data(tmp_path_factory.mktemp("tokenize"))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_store(tokenize_inputs) -> dict:
+    """An uninterrupted tokenize run over `tokenize_inputs`: what every interrupted run must equal
+    byte for byte."""
+    from helpers.tokens import tokenize_reference
+
+    return tokenize_reference(tokenize_inputs)

@@ -106,7 +106,10 @@ def s3_objects(fs, root: str) -> dict[str, bytes]:
     return {p[len(root) + 1:]: fs.cat_file(p) for p in paths}
 
 
-def tokenize_data(root: Path, n: int) -> dict:
+TOKENIZE_IMAGES = 46  # the tokenize tests' source images: shards of 9, 9, 9, 9, <9 train + val
+
+
+def tokenize_data(root: Path, n: int = TOKENIZE_IMAGES) -> dict:
     """The tokenize tests' inputs under `root`: an untrained VQ-VAE and `n` images as uneven
     shards (`write_shards`) whose first train shard holds a corrupt image and an image-less sample."""
     model = make_vqvae(root / "model")

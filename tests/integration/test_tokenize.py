@@ -15,39 +15,27 @@ import pytest
 import torch
 import zarr
 from helpers.tokens import (
+    TOKENIZE_IMAGES,
     array_bytes,
     images,
     make_hvae,
     make_vae,
     make_vqvae,
-    tokenize_data,
-    tokenize_reference,
     write_shards,
 )
 
 from models.errors import UserError
 
-N = 46  # source images; shards of 9, 9, 9, 9, <9 train + val
+N = TOKENIZE_IMAGES  # in the shared `tokenize_inputs` (conftest)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_local):
-    return tokenize_data(tmp_path_factory.mktemp("tokenize"), N)
-
-
-@pytest.fixture(scope="module")
-def reference(data):
-    """An uninterrupted run: what every interrupted run must equal byte for byte."""
-    return tokenize_reference(data)
-
-
-def test_store_is_plain_zarr_and_decodes_to_reconstructions(data, reference):
+def test_store_is_plain_zarr_and_decodes_to_reconstructions(tokenize_inputs, uninterrupted_store):
     from models import load_model
 
-    summary = reference["summary"]
+    summary = uninterrupted_store["summary"]
     assert summary.samples == N - 1  # one planted corrupt image; the image-less sample is not one
     assert 0 < summary.startup_s < summary.seconds  # actors start, then shards run
-    group = zarr.open_group(str(reference["store"]), mode="r")
+    group = zarr.open_group(str(uninterrupted_store["store"]), mode="r")
     assert group["codes"].dtype == np.uint16 and group["codes"].shape[1:] == (4, 4)
     assert group.attrs["lineage"]["codebook_size"] == 64
     counts = group["shards/count"][:]
@@ -55,16 +43,16 @@ def test_store_is_plain_zarr_and_decodes_to_reconstructions(data, reference):
     assert len(set(counts.tolist())) > 1  # uneven input shards
     assert (starts % group["codes"].shards[0] == 0).all() and (caps % group["codes"].shards[0] == 0).all()
     reported = {(c["key"], Path(c["shard"]).name) for c in group["report"].attrs["corrupt"]}
-    first = sorted(Path(data["shards"]).glob("train-*.tar"))[0].name
-    assert reported == {(data["corrupt"][0], first), (data["corrupt"][1], first)}
+    first = sorted(Path(tokenize_inputs["shards"]).glob("train-*.tar"))[0].name
+    assert reported == {(tokenize_inputs["corrupt"][0], first), (tokenize_inputs["corrupt"][1], first)}
 
     rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)])
     keys = group["keys"][:][rows]
-    assert "" not in keys and data["corrupt"][0] not in keys and len(set(keys.tolist())) == N - 1
+    assert "" not in keys and tokenize_inputs["corrupt"][0] not in keys and len(set(keys.tolist())) == N - 1
     source = images(N)
     index = np.array([int(k.rsplit("-", 1)[1]) for k in keys])
     np.testing.assert_array_equal(group["labels"][:][rows], index % 10)
-    model = load_model(data["model"]).eval()
+    model = load_model(tokenize_inputs["model"]).eval()
     x = torch.from_numpy(source[index]).permute(0, 3, 1, 2).float() / 255.0
     codes = torch.from_numpy(group["codes"][:][rows].astype(np.int64))
     with torch.no_grad():
@@ -73,21 +61,23 @@ def test_store_is_plain_zarr_and_decodes_to_reconstructions(data, reference):
     assert counts_k.sum() == codes.numel() and summary.codebook["codes"]["used_codes"] > 1
 
 
-def test_rerun_of_a_finished_store_encodes_nothing(data, reference):
+def test_rerun_of_a_finished_store_encodes_nothing(tokenize_inputs, uninterrupted_store):
     from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokenize.options import TokenizeOptions
 
-    before = array_bytes(reference["store"])
-    summary = tokenize_dataset(data["model"], data["shards"], str(reference["store"]), TokenizeOptions(batch_size=4))
+    before = array_bytes(uninterrupted_store["store"])
+    summary = tokenize_dataset(tokenize_inputs["model"], tokenize_inputs["shards"], str(uninterrupted_store["store"]),
+                               TokenizeOptions(batch_size=4))
     assert summary.encoded_now == 0 and summary.skipped_shards == summary.input_shards
-    assert array_bytes(reference["store"]) == before
+    assert array_bytes(uninterrupted_store["store"]) == before
 
 
-def test_inspect_prints_shape_dtype_lineage_and_codebook_stats(data, reference, tmp_path, capsys):
+def test_inspect_prints_shape_dtype_lineage_and_codebook_stats(
+        tokenize_inputs, uninterrupted_store, tmp_path, capsys):
     from jobs.cli import main
 
     out = tmp_path / "inspect.json"
-    assert main(["inspect", str(reference["store"]), "--json", str(out)]) == 0
+    assert main(["inspect", str(uninterrupted_store["store"]), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["kind"] == "token_store"
     assert result["arrays"]["codes"]["dtype"] == "uint16" and result["arrays"]["codes"]["shape"][1:] == [4, 4]
@@ -97,15 +87,16 @@ def test_inspect_prints_shape_dtype_lineage_and_codebook_stats(data, reference, 
     assert "codes: shape" in printed and "weights sha256" in printed
 
 
-def test_store_from_another_model_is_refused(data, reference, tmp_path):
+def test_store_from_another_model_is_refused(tokenize_inputs, uninterrupted_store, tmp_path):
     from pipeline.tokenize.driver import tokenize_dataset
 
     other = make_vqvae(tmp_path / "other", seed=1)
     with pytest.raises(UserError, match=r"was made by .*model.*this run uses .*other.*--overwrite"):
-        tokenize_dataset(str(other), data["shards"], str(reference["store"]))
+        tokenize_dataset(str(other), tokenize_inputs["shards"], str(uninterrupted_store["store"]))
 
 
-def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, reference, tmp_path, monkeypatch):
+def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(
+        tokenize_inputs, uninterrupted_store, tmp_path, monkeypatch):
     from pipeline.runtime import faults
     from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokenize.options import TokenizeOptions
@@ -113,12 +104,14 @@ def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(data, 
     flag = tmp_path / "crashed"
     monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=2,action=exit,once={flag}")
     store = tmp_path / "actor-crash.zarr"
-    tokenize_dataset(data["model"], data["shards"], str(store), TokenizeOptions(batch_size=4, actors=2))
+    tokenize_dataset(tokenize_inputs["model"], tokenize_inputs["shards"], str(store),
+                     TokenizeOptions(batch_size=4, actors=2))
     assert flag.exists()  # the actor really died after writing shard 2's rows, before its marker
-    assert array_bytes(store) == array_bytes(reference["store"])
+    assert array_bytes(store) == array_bytes(uninterrupted_store["store"])
 
 
-def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(data, reference, tmp_path, monkeypatch):
+def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(
+        tokenize_inputs, uninterrupted_store, tmp_path, monkeypatch):
     """Stores of very many input shards group them into work units (one writer, one marker
     each); three units here. A unit's actor dies after its rows, before its marker: the retry
     ends with the reference's items in item order."""
@@ -132,32 +125,34 @@ def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(data, refere
     flag = tmp_path / "crashed"
     monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=1,action=exit,once={flag}")
     store = tmp_path / "grouped.zarr"
-    summary = tokenize_dataset(data["model"], data["shards"], str(store), TokenizeOptions(batch_size=4, actors=2))
-    assert flag.exists() and summary.samples == reference["summary"].samples
+    summary = tokenize_dataset(tokenize_inputs["model"], tokenize_inputs["shards"], str(store),
+                               TokenizeOptions(batch_size=4, actors=2))
+    assert flag.exists() and summary.samples == uninterrupted_store["summary"].samples
     assert len(list((store / "markers").glob("*/zarr.json"))) == 3
     assert zarr.open_group(str(store), mode="r").attrs["layout"]["shards_per_unit"] > 1
-    assert summary.codebook == reference["summary"].codebook
+    assert summary.codebook == uninterrupted_store["summary"].codebook
     for split in ("train", "val"):
-        grouped, ref = TokenDataset(str(store), split=split), TokenDataset(str(reference["store"]), split=split)
+        grouped = TokenDataset(str(store), split=split)
+        ref = TokenDataset(str(uninterrupted_store["store"]), split=split)
         items = np.arange(len(ref))
         assert len(grouped) == len(ref)
         np.testing.assert_array_equal(grouped.batch(items)["tokens"], ref.batch(items)["tokens"])
     reported = zarr.open_group(str(store), mode="r")["report"].attrs["corrupt"]
-    assert reported == zarr.open_group(str(reference["store"]), mode="r")["report"].attrs["corrupt"]
+    assert reported == zarr.open_group(str(uninterrupted_store["store"]), mode="r")["report"].attrs["corrupt"]
 
 
-def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):
+def test_s3_shards_and_store(tokenize_inputs, uninterrupted_store, s3_server, s3_bucket, tmp_path):
     from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokenize.options import TokenizeOptions
 
     options = s3_server["storage_options"]
     shards = write_shards(f"{s3_bucket}/shards", tmp_path / "source", n=N, storage_options=options)
     store = f"{s3_bucket}/tokens.zarr"
-    summary = tokenize_dataset(data["model"], shards, store,
+    summary = tokenize_dataset(tokenize_inputs["model"], shards, store,
                                TokenizeOptions(batch_size=8, actors=2, storage_options=options))
     assert summary.samples == N  # these shards carry no planted corruption
     remote = zarr.open_group(store, mode="r", storage_options=options)
-    local = zarr.open_group(str(reference["store"]), mode="r")
+    local = zarr.open_group(str(uninterrupted_store["store"]), mode="r")
     keep = local["keys"][:] != ""
     same_rows = np.isin(remote["keys"][:], local["keys"][:][keep]) & (remote["keys"][:] != "")
     np.testing.assert_array_equal(np.sort(remote["keys"][:][same_rows]), np.sort(local["keys"][:][keep]))
@@ -166,14 +161,15 @@ def test_s3_shards_and_store(data, reference, s3_server, s3_bucket, tmp_path):
         np.testing.assert_array_equal(by_key[key], codes)
 
 
-def test_latents_for_vae_models(data, tmp_path):
+def test_latents_for_vae_models(tokenize_inputs, tmp_path):
     from models import load_model
     from pipeline.tokenize.driver import tokenize_dataset
     from pipeline.tokenize.options import TokenizeOptions
 
     model_dir = make_vae(tmp_path / "vae")
     store = tmp_path / "latents.zarr"
-    tokenize_dataset(str(model_dir), data["shards"], str(store), TokenizeOptions(batch_size=8, latents=True, actors=2))
+    tokenize_dataset(str(model_dir), tokenize_inputs["shards"], str(store),
+                     TokenizeOptions(batch_size=8, latents=True, actors=2))
     group = zarr.open_group(str(store), mode="r")
     assert group["latents"].dtype == np.float16 and "codes" not in group
     keys = group["keys"][:]
@@ -185,7 +181,7 @@ def test_latents_for_vae_models(data, tmp_path):
     np.testing.assert_array_equal(group["latents"][:][rows], mu.numpy().astype(np.float16))
 
 
-def test_hierarchical_vae_latents_per_group_read_back_and_decode_to_its_reconstructions(data, tmp_path):
+def test_hierarchical_vae_latents_per_group_read_back_and_decode_to_its_reconstructions(tokenize_inputs, tmp_path):
     from jobs.cli import main
     from models import load_model
     from pipeline.tokenize.driver import tokenize_dataset
@@ -195,7 +191,8 @@ def test_hierarchical_vae_latents_per_group_read_back_and_decode_to_its_reconstr
 
     model_dir = make_hvae(tmp_path / "hvae")
     store = tmp_path / "hvae.zarr"
-    tokenize_dataset(str(model_dir), data["shards"], str(store), TokenizeOptions(batch_size=8, latents=True, actors=1))
+    tokenize_dataset(str(model_dir), tokenize_inputs["shards"], str(store),
+                     TokenizeOptions(batch_size=8, latents=True, actors=1))
     group = zarr.open_group(str(store), mode="r")
     assert [a["name"] for a in group.attrs["arrays"]] == ["latents_4x4", "latents_8x8"]  # coarse -> fine
     assert group["latents_4x4"].dtype == np.float16 and group["latents_8x8"].shape[1:] == (2, 8, 8)
@@ -219,16 +216,16 @@ def test_hierarchical_vae_latents_per_group_read_back_and_decode_to_its_reconstr
     assert len(list((tmp_path / "png").glob("grid-*.png"))) == 1
 
 
-def test_decode_command_writes_png_grids_of_the_reconstructions(data, reference, tmp_path):
+def test_decode_command_writes_png_grids_of_the_reconstructions(tokenize_inputs, uninterrupted_store, tmp_path):
     from PIL import Image
 
     from jobs.cli import main
 
-    assert main(["decode", str(reference["store"]), "--out", str(tmp_path / "png"), "--rows", "0:70"]) == 0
+    assert main(["decode", str(uninterrupted_store["store"]), "--out", str(tmp_path / "png"), "--rows", "0:70"]) == 0
     grids = sorted((tmp_path / "png").glob("grid-*.png"))
     assert [g.name for g in grids] == ["grid-00000.png"]  # 0:70 clipped to the 45 items
     assert Image.open(grids[0]).size == (8 * 18 + 2, 6 * 18 + 2)  # 8 x 6 tiles of 16 px, 2 px padding
-    assert main(["decode", str(reference["store"]), "--out", str(tmp_path / "x"), "--rows", "5:2"]) == 2
+    assert main(["decode", str(uninterrupted_store["store"]), "--out", str(tmp_path / "x"), "--rows", "5:2"]) == 2
 
 
 def test_model_references_resolve_to_the_same_weights(tmp_path, mlflow_server, monkeypatch):

@@ -1,5 +1,6 @@
 """`tokenmill demo` end to end as a `python -m jobs` process, with tiny budgets: it prints only its
-own lines. (Ray's lines with --verbose: tests/system/test_tokenize_processes.py.) (`tokenmill bench vae` through the CLI: tests/integration/test_bench_vae.py.)"""
+own lines. (Ray's lines with --verbose: tests/system/test_tokenize_processes.py; `tokenmill bench
+vae` through the CLI: tests/integration/test_bench_vae.py.)"""
 
 from __future__ import annotations
 

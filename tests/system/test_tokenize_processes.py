@@ -12,22 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from helpers import REPO
-from helpers.tokens import array_bytes, tokenize_data, tokenize_reference
-
-N = 46  # source images; shards of 9, 9, 9, 9, <9 train + val
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_local):
-    return tokenize_data(tmp_path_factory.mktemp("tokenize"), N)
-
-
-@pytest.fixture(scope="module")
-def reference(data):
-    """An uninterrupted run: what every interrupted run must equal byte for byte."""
-    return tokenize_reference(data)
+from helpers.tokens import array_bytes
 
 
 def _markers(store: Path) -> int:
@@ -51,26 +37,29 @@ def _run_until(cmd: list[str], env: dict, store: Path, markers: int | None) -> i
     return _markers(store)
 
 
-def test_killing_the_driver_twice_then_rerunning_gives_identical_arrays(data, reference, tmp_path, ray_local):
+def test_killing_the_driver_twice_then_rerunning_gives_identical_arrays(
+        tokenize_inputs, uninterrupted_store, tmp_path, ray_local):
     store = tmp_path / "killed.zarr"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    cmd = [sys.executable, "-m", "jobs.tokenize", "--model", data["model"], "--data", data["shards"],
-           "--out", str(store), "--batch-size", "4", "--actors", "1"]  # as the reference
-    total = reference["summary"].input_shards
+    # The uninterrupted run's settings.
+    cmd = [sys.executable, "-m", "jobs.tokenize", "--model", tokenize_inputs["model"],
+           "--data", tokenize_inputs["shards"], "--out", str(store), "--batch-size", "4", "--actors", "1"]
+    total = uninterrupted_store["summary"].input_shards
     first = _run_until(cmd, env, store, markers=1)
     second = _run_until(cmd, env, store, markers=first + 2)
     assert 1 <= first < second < total, (first, second, total)  # both kills landed mid-run
     assert _run_until(cmd, env, store, markers=None) == total
-    assert array_bytes(store) == array_bytes(reference["store"])
+    assert array_bytes(store) == array_bytes(uninterrupted_store["store"])
 
 
-def test_two_tokenize_commands_started_at_once_end_with_the_single_run_store(data, reference, tmp_path, ray_local):
+def test_two_tokenize_commands_started_at_once_end_with_the_single_run_store(
+        tokenize_inputs, uninterrupted_store, tmp_path, ray_local):
     """...and the one started with --verbose shows Ray's own lines, which the other keeps quiet."""
     store = tmp_path / "raced.zarr"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     env.pop("TOKENMILL_VERBOSE", None)
-    args = ["tokenize", "--model", data["model"], "--data", data["shards"], "--out", str(store), "--batch-size", "4",
-            "--actors", "1"]
+    args = ["tokenize", "--model", tokenize_inputs["model"], "--data", tokenize_inputs["shards"], "--out", str(store),
+            "--batch-size", "4", "--actors", "1"]
     procs = [subprocess.Popen([sys.executable, "-m", "jobs", *flags, *args], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for flags in ([], ["--verbose"])]
@@ -78,6 +67,6 @@ def test_two_tokenize_commands_started_at_once_end_with_the_single_run_store(dat
     assert [proc.returncode for proc in procs] == [0, 0], (quiet[-3000:], verbose[-3000:])
     ray_says = "Connecting to existing Ray cluster"  # Ray's own INFO line, once connected
     assert ray_says in verbose and ray_says not in quiet, verbose[-3000:]
-    assert array_bytes(store) == array_bytes(reference["store"])
+    assert array_bytes(store) == array_bytes(uninterrupted_store["store"])
     assert json.loads((store / "zarr.json").read_text())["attributes"]["tokenmill"]["state"] == "complete"
 
