@@ -236,10 +236,13 @@ def test_a_vae_trains_in_bf16_with_importance_weighted_validation(shards, tmp_pa
 
 def test_a_compiled_run_trains_the_same_weights_and_checkpoints_plain_keys(store, tmp_path):
     """train.compile wraps the trained modules in torch.compile (the eager backend here: the
-    graph capture without code generation); checkpoints and exports keep the plain module's keys."""
+    graph capture without code generation); checkpoints, the EMA and exports keep the plain
+    module's keys (the EMA shadows the unwrapped module)."""
     plain = run_in_process(prior_task(store, tmp_path / "plain", "train.steps=3"), tmp_path / "plain")
-    compiled = run_in_process(prior_task(store, tmp_path / "compiled", "train.steps=3", "train.compile=eager"),
+    compiled = run_in_process(prior_task(store, tmp_path / "compiled", "train.steps=3", "train.compile=eager",
+                                       "optim.ema_decay=0.9"),
                               tmp_path / "compiled")
     a, b = weights(plain.train_state()), weights(compiled.train_state())
-    assert not any("_orig_mod" in k for k in b)
+    ema = weights(compiled.train_state(), key="ema")
+    assert not any("_orig_mod" in k for k in b) and set(ema) == set(b)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
