@@ -103,6 +103,18 @@ def _no_fork_while_ray_up():
 
 
 @pytest.fixture(autouse=True)
+def _no_mlflow_run_left_active():
+    """A run left active in this process (an in-process training that failed without ending it)
+    makes every later `mlflow.start_run` here fail: fail the test that left it instead."""
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:
+        run_id = mlflow.active_run().info.run_id
+        mlflow.end_run()
+        pytest.fail(f"this test left MLflow run {run_id} active in the pytest process")
+
+
+@pytest.fixture(autouse=True)
 def _unit_tests_start_no_ray(request):
     """A unit test that starts Ray (e.g. through `ensure_ray` or a CLI job) fails: move it to
     tests/integration and use `ray_local`."""

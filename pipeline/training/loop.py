@@ -60,8 +60,12 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
 def run_rank(task: Task, context: RankContext, spec: LoopSpec) -> TrainState:
     """Train `task` on this rank until `train.steps` or an early stop; returns the final counters."""
     run = RankRun.start(task, context, spec)
-    while not run.finished:
-        run.train_epoch()
+    try:
+        while not run.finished:
+            run.train_epoch()
+    except BaseException:
+        run.close("FAILED")  # in process, the next run must not find this one still active
+        raise
     run.close()
     return run.state
 
@@ -181,9 +185,9 @@ class RankRun:
             self.task.save(self.main.eval_module(), Path(directory) / "model")
             self.context.report(metrics, Path(directory))
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         if self.logger:
-            self.logger.finish()
+            self.logger.finish(status)
 
 
 def samples_due(every: int | None, step: int, last: bool, validated: bool) -> bool:

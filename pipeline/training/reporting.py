@@ -84,9 +84,10 @@ class RankZeroLogger:
         else:
             say(line)
 
-    def finish(self) -> None:
+    def finish(self, status: str = "FINISHED") -> None:
+        """Ends this rank's hold on the run (`status` FINISHED or FAILED) and restores the URI."""
         if self.mlflow is not None:
-            self.mlflow.end_run()
+            self.mlflow.end_run(status)
             self.mlflow.set_tracking_uri(self._uri_before)  # None: unset again
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:

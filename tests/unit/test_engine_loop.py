@@ -148,6 +148,23 @@ def test_early_stop_ends_the_run_and_is_reported(shards, tmp_path):
     assert run.context.reports[-1]["stopped_early"] and run.context.reports[-1]["step"] == 4
 
 
+def test_a_failing_run_ends_its_mlflow_run_as_failed(shards, sqlite_tracking, tmp_path, monkeypatch):
+    """In process, a run that raises must not stay active: the next `mlflow.start_run` would fail."""
+    task = vq_task(shards, tmp_path, "train.steps=4")
+
+    def broken(*_):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(task, "validate", broken)
+    with pytest.raises(RuntimeError, match="validation broke"):
+        run_in_process(task, tmp_path / "c", sqlite_tracking, run_name="failing")
+    assert mlflow.active_run() is None
+    client = mlflow.MlflowClient(sqlite_tracking)
+    experiment = client.get_experiment_by_name(task.config.tracking.experiment)
+    (found,) = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'failing'")
+    assert found.info.status == "FAILED"
+
+
 def test_accumulated_micro_batches_train_as_one_bigger_batch(store, tmp_path):
     """2 micro-batches of 4 per step give the weights 1 batch of 8 gives (the prior's partition
     hands out the same 8 items either way; no dropout, so the losses are deterministic)."""
