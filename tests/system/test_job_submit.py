@@ -1,6 +1,8 @@
 """`ray job submit` path: a real `ray start --head` on 127.0.0.1 (token authentication on, as in
 Ray 2.60), and JobSubmissionClient running the train entry point to SUCCEEDED (the client runs as
-a process of its own: helpers.jobs.SUBMIT)."""
+a process of its own: helpers.jobs.SUBMIT). The submitted job trains in its own process
+(`scaling.in_process`): what is tested here is the submission; Ray Train workers under a submitted
+job: tests/system/test_multinode.py::test_retrain_runs_as_a_submitted_job_on_the_cluster."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def test_ray_job_submit_train_succeeds(tmp_path):
     try:
         summary = tmp_path / "summary.json"
         sets = [f"data.shards={shards}", f"run.root={tmp_path / 'runs'}", "train.steps=2", "train.val_every=2",
-                "train.checkpoint_every=2", "tracking.log_images=false"]
+                "train.checkpoint_every=2", "tracking.log_images=false", "scaling.in_process=true"]
         entrypoint = " ".join([sys.executable, "-m", "jobs.train", str(CONFIGS / "debug_vqvae.yaml"),
                                *[f"--set {o}" for o in sets], "--json", str(summary)])
         address = f"http://127.0.0.1:{dashboard_port}"
