@@ -85,7 +85,8 @@ def load_tokenizer(files, options: ExtractionOptions, device: str = "cpu", preci
 
 
 def tokenizer_lineage(files, tokenizer, options: ExtractionOptions) -> dict[str, Any]:
-    """The store lineage's model part: which weights and config, what was stored and how."""
+    """The store lineage's model part: which weights and config, what was stored and how (and,
+    for a multi-scale tokenizer, each level's scale)."""
     base = tokenizer.inner if isinstance(tokenizer, Augmented) else tokenizer
     if isinstance(base, DiffusersTokenizer):
         model = base.lineage()
