@@ -55,9 +55,11 @@ def test_one_scale_is_exactly_the_vector_quantizer():
         (a, grad_a), (b, grad_b) = grads
         assert torch.equal(a.codes, b.codes) and torch.equal(a.indices, b.indices[0]) and torch.equal(a.loss, b.loss)
         assert torch.equal(grad_a, grad_b)
-    for key, value in plain.state_dict().items():  # k-means init, 3 EMA updates, restarts: identical
+    assert int(plain.steps) == 3 and bool(plain.initted)
+    for key, value in plain.state_dict().items():  # k-means init, 3 EMA updates (and any restarts): identical
         assert torch.equal(value, multi.vq.state_dict()[key]), key
-    plain.eval(), multi.eval()
+    plain.eval()
+    multi.eval()
     assert torch.equal(plain(batches[1]).codes, multi(batches[1]).codes)
 
 
