@@ -27,7 +27,7 @@ class VQOutput:
     loss: Tensor  # scalar, per image
     recon: Tensor  # (B, C, H, W) in [0, 1]
     metrics: dict[str, Tensor]
-    indices: Tensor | tuple[Tensor, Tensor]  # encode()'s codes
+    indices: Tensor | tuple[Tensor, ...]  # encode()'s codes (a tuple: one per level or scale)
     prediction: Tensor | None = None  # VQGAN: the unclamped output (with grad) the GAN/perceptual terms see
 
 
@@ -45,8 +45,25 @@ def num_stages(quantizer: nn.Module) -> int:
     return getattr(quantizer, "num_stages", 1)
 
 
-def code_metrics(indices: Tensor, quantizer: nn.Module, suffix: str = "") -> dict[str, Tensor]:
-    """This batch's codebook usage and perplexity (`usage<suffix>`, `perplexity<suffix>`)."""
+def code_scales(model: nn.Module) -> tuple[int, ...] | None:
+    """The sides of a multi-scale quantizer's token maps (its levels, coarse to fine), else None."""
+    return getattr(getattr(model, "quantizer", None), "scales", None)
+
+
+def counted_levels(model: nn.Module, indices: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The code arrays whose usage is counted apart: one per level, except that a multi-scale
+    quantizer's scales share one codebook and count as one (every scale's codes, flattened)."""
+    levels = tuple(indices) if isinstance(indices, (tuple, list)) else (indices,)
+    if code_scales(model):
+        return (torch.cat([level.reshape(-1) for level in levels]),)
+    return levels
+
+
+def code_metrics(indices: Tensor | tuple[Tensor, ...], quantizer: nn.Module, suffix: str = "") -> dict[str, Tensor]:
+    """This batch's codebook usage and perplexity (`usage<suffix>`, `perplexity<suffix>`); a
+    tuple of code maps (a multi-scale quantizer's scales) counts over their one shared codebook."""
+    if isinstance(indices, (tuple, list)):
+        indices = torch.cat([level.reshape(-1) for level in indices])
     usage, perplexity = usage_and_perplexity(code_counts(indices, quantizer.codebook_size, num_stages(quantizer)))
     return {f"usage{suffix}": usage.float(), f"perplexity{suffix}": perplexity.float()}
 
@@ -69,14 +86,18 @@ class Tokenizer(nn.Module):
 
 class GridTokenizer(Tokenizer):
     """One quantizer (`self.quantizer`) over one grid of codes: (side, side), or (side, side,
-    stages) for rvq, with side = config.image_size / config.downsample."""
+    stages) for rvq, with side = config.image_size / config.downsample; a multi-scale quantizer
+    gives one level (s, s) per scale instead, coarse to fine, the last one the grid."""
 
     @property
     def codebook_size(self) -> int:
         return self.quantizer.codebook_size
 
     @property
-    def token_shape(self) -> tuple[int, ...]:
+    def token_shape(self) -> tuple[int, ...] | tuple[tuple[int, int], ...]:
+        scales = code_scales(self)
+        if scales:
+            return tuple((s, s) for s in scales)
         side = self.config.image_size // self.config.downsample
         stages = num_stages(self.quantizer)
         return (side, side) if stages == 1 else (side, side, stages)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.quantizers import QuantizerConfig, build_quantizer
+from models.quantizers import QuantizerConfig, build_quantizer, check_scales
 from models.serialization import register_model
 from models.tokenizer import GridTokenizer, VQOutput, code_metrics, quantizer_config, to_first, to_last
 
@@ -45,6 +45,8 @@ class VQGANConfig:
             raise ValueError(f"channel_mult needs 3, 4 or 5 entries (downsample 4, 8 or 16), got {self.channel_mult}")
         if self.image_size % self.downsample:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the downsample factor {self.downsample}")
+        if self.quantizer.kind == "multiscale":  # the grid side is known here, not in the quantizer's config
+            check_scales(self.quantizer.scales, self.image_size // self.downsample)
 
     @property
     def downsample(self) -> int:
@@ -134,7 +136,8 @@ class Decoder(nn.Sequential):
 
 @register_model
 class VQGAN(GridTokenizer):
-    """Codes: (B, h, w) int64 ((B, h, w, stages) for rvq); h = image_size / downsample."""
+    """Codes: (B, h, w) int64 ((B, h, w, stages) for rvq; a tuple of (B, s, s) per scale, coarse to
+    fine, for multiscale); h = image_size / downsample."""
 
     config_class = VQGANConfig
     has_kl = False

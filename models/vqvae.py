@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from models.image_metrics import psnr
 from models.layers import conv_decoder, conv_encoder, upsample
-from models.quantizers import QuantizerConfig, build_quantizer
+from models.quantizers import QuantizerConfig, build_quantizer, check_scales
 from models.serialization import register_model
 from models.tokenizer import (
     GridTokenizer,
@@ -59,6 +59,11 @@ class VQVAEConfig(_VQConfig):
 
     __pydantic_config__ = {"extra": "forbid"}
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quantizer.kind == "multiscale":  # the grid side is known here, not in the quantizer's config
+            check_scales(self.quantizer.scales, self.image_size // self.downsample)
+
 
 @dataclass
 class VQVAE2Config(_VQConfig):
@@ -67,6 +72,12 @@ class VQVAE2Config(_VQConfig):
     top_downsample: Literal[2, 4] = 2  # bottom codes -> top codes
 
     __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quantizer.kind == "multiscale":
+            raise ValueError("quantizer kind multiscale needs one grid of codes: use it with kind vqvae or vqgan, "
+                             "not vqvae2")
 
 
 def _to_image(prediction: Tensor) -> Tensor:
@@ -86,7 +97,8 @@ def _recon_metrics(x: Tensor, prediction: Tensor, vq_loss: Tensor) -> tuple[Tens
 
 @register_model
 class VQVAE(GridTokenizer):
-    """Codes: (B, h, w) int64 for vq/fsq, (B, h, w, stages) for rvq; h = image_size / downsample."""
+    """Codes: (B, h, w) int64 for vq/fsq, (B, h, w, stages) for rvq; h = image_size / downsample;
+    multiscale: a tuple of (B, s, s) per scale, coarse to fine."""
 
     config_class = VQVAEConfig
     has_kl = False

@@ -27,6 +27,7 @@ from models.code_usage import CodebookStats
 from models.errors import UserError
 from models.image_metrics import ReconstructionMetrics
 from models.lpips import LIN_SHA256, LPIPS, VGG_SHA256, LPIPSWeights, missing_weights, resolve_lpips_weights
+from models.tokenizer import code_scales, counted_levels
 from pipeline.grids import save_png_grid
 from pipeline.shards.manifest import shards_for_split
 from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
@@ -123,8 +124,9 @@ class _Accumulators:
     def __init__(self, model: torch.nn.Module, lpips: LPIPS | None, inception: Any) -> None:
         self.model, self.lpips, self.inception = model, lpips, inception
         self.recon = ReconstructionMetrics()
-        stages = model.token_shape[-1] if len(model.token_shape) == 3 else 1
-        self.codes = CodebookStats(model.codebook_size, stages) if not isinstance(model.token_shape[0], tuple) else None
+        shape, shared = model.token_shape, bool(code_scales(model))  # multi-scale: one codebook, all scales
+        stages = shape[-1] if len(shape) == 3 and not shared else 1
+        self.codes = CodebookStats(model.codebook_size, stages) if shared or not isinstance(shape[0], tuple) else None
         self.lpips_sum, self.images = 0.0, 0
         self.features: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         self.first = self.first_recon = None
@@ -136,7 +138,7 @@ class _Accumulators:
         self.recon.update(x, recon)
         self.images += x.shape[0]
         if self.codes is not None:
-            self.codes.update(output.indices)
+            self.codes.update(counted_levels(self.model, output.indices)[0])
         if self.lpips is not None:
             self.lpips_sum += float(self.lpips(_rgb(x) * 2 - 1, _rgb(recon) * 2 - 1).double().sum())
         if self.inception is not None:

@@ -2,7 +2,8 @@
 
 Every quantizer maps `(..., dim)` latents to `QuantizerOutput(codes, indices, loss)`, has
 `indices_to_codes(indices)` (exactly the forward's codes) and `codebook_size`. Kinds: vq (EMA or codebook
-loss; cosine, factorized, rotation trick), rvq, fsq, lfq, bsq (sign bits + entropy penalty), simvq.
+loss; cosine, factorized, rotation trick), rvq, fsq, lfq, bsq (sign bits + entropy penalty), simvq,
+multiscale (VAR: residuals at several scales, one shared codebook; indices a tuple of maps, coarse to fine).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from models.quantizers.collectives import Collectives, distributed_collectives, set_collectives
 from models.quantizers.fsq import FSQ
 from models.quantizers.lfq import BSQ, LFQ
+from models.quantizers.multiscale import MultiScaleQuantizer, check_scales
 from models.quantizers.residual_vq import ResidualVQ
 from models.quantizers.simvq import SimVQ
 from models.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer
@@ -22,9 +24,9 @@ from models.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer
 
 @dataclass
 class QuantizerConfig:
-    kind: Literal["vq", "rvq", "fsq", "lfq", "bsq", "simvq"] = "vq"
-    codebook_size: int = 512  # vq, rvq (per stage), simvq
-    codebook_dim: int = 0  # vq, rvq: 0 looks up in the latent dim; >0 a factorized low-dim lookup
+    kind: Literal["vq", "rvq", "fsq", "lfq", "bsq", "simvq", "multiscale"] = "vq"
+    codebook_size: int = 512  # vq, rvq (per stage), simvq, multiscale (shared by the scales)
+    codebook_dim: int = 0  # vq, rvq, multiscale: 0 looks up in the latent dim; >0 a factorized low-dim lookup
     beta: float = 0.25  # commitment weight (all but fsq)
     ema: bool = True  # EMA codebook updates instead of the codebook loss
     decay: float = 0.99
@@ -34,6 +36,7 @@ class QuantizerConfig:
     dead_code_threshold: float = 1.0  # EMA count (rows per step, all ranks) below which a code restarts; 0 = off
     cosine: bool = False  # l2-normalised codes and inputs
     num_stages: int = 4  # rvq
+    scales: tuple[int, ...] = ()  # multiscale: token map sides, increasing, ending at the latent grid side
     levels: tuple[int, ...] = (8, 5, 5, 5)  # fsq: values per dimension
     seed: int = 0  # restart/k-means draws; simvq: the frozen codebook
     rotation_trick: bool = False  # vq, simvq: rotation-trick gradient instead of straight-through
@@ -47,6 +50,10 @@ class QuantizerConfig:
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)  # JSON/YAML give lists; keep configs comparable
+        self.scales = tuple(self.scales)
+        if self.kind == "multiscale" and self.rotation_trick:
+            raise ValueError("quantizer.rotation_trick does not apply to kind multiscale (straight-through on the "
+                             "sum of scales); remove it")
 
 
 def build_quantizer(config: QuantizerConfig, dim: int, seed_offset: int = 0) -> nn.Module:
@@ -69,12 +76,14 @@ def build_quantizer(config: QuantizerConfig, dim: int, seed_offset: int = 0) -> 
     )
     if config.kind == "rvq":
         return ResidualVQ(dim, num_stages=config.num_stages, **options)
+    if config.kind == "multiscale":
+        return MultiScaleQuantizer(dim, check_scales(config.scales), **options)
     if config.kind == "vq":
         return VectorQuantizer(dim, rotation_trick=config.rotation_trick, **options)
-    raise ValueError(f"unknown quantizer kind {config.kind!r}; use vq, rvq, fsq, lfq, bsq or simvq")
+    raise ValueError(f"unknown quantizer kind {config.kind!r}; use vq, rvq, fsq, lfq, bsq, simvq or multiscale")
 
 
 __all__ = [
-    "BSQ", "FSQ", "LFQ", "Collectives", "QuantizerConfig", "QuantizerOutput", "ResidualVQ", "SimVQ", "VectorQuantizer",
-    "build_quantizer", "distributed_collectives", "set_collectives",
+    "BSQ", "FSQ", "LFQ", "Collectives", "MultiScaleQuantizer", "QuantizerConfig", "QuantizerOutput", "ResidualVQ",
+    "SimVQ", "VectorQuantizer", "build_quantizer", "check_scales", "distributed_collectives", "set_collectives",
 ]

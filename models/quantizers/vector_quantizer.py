@@ -27,7 +27,7 @@ from models.quantizers.rotation import rotation_trick
 @dataclass
 class QuantizerOutput:
     codes: Tensor  # (..., dim) quantized vectors; gradients pass straight through to the input
-    indices: Tensor  # (...) int64, or (..., stages) for ResidualVQ
+    indices: Tensor  # (...) int64, (..., stages) for ResidualVQ, a tuple of (B, s, s) per scale for multiscale
     loss: Tensor  # scalar: codebook/commitment terms, mean over elements
 
 
@@ -104,13 +104,18 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(indices.device.type, enabled=False):
             return self.project_out(F.embedding(indices, self.codebook()))
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        """z: (..., dim) -> codes (..., dim), indices (...)."""
+    def _rows(self, z: Tensor) -> Tensor:
+        """(..., dim) -> (N, d) fp32 lookup rows (projected; unit-norm in cosine mode)."""
+        flat = self.project_in(z.float()).reshape(-1, self.lookup_dim)
+        return F.normalize(flat, dim=-1) if self.cosine else flat
+
+    def forward(self, z: Tensor, learn: bool = True) -> QuantizerOutput:
+        """z: (..., dim) -> codes (..., dim), indices (...). With `learn=False` a training step
+        only looks up: a caller that quantizes several inputs against this one codebook
+        (multiscale.py) calls `initialize` before and `learn` after, once per step."""
         with torch.autocast(z.device.type, enabled=False):
-            flat = self.project_in(z.float()).reshape(-1, self.lookup_dim)  # (N, d) fp32
-            if self.cosine:
-                flat = F.normalize(flat, dim=-1)
-            update = self.training and torch.is_grad_enabled()
+            flat = self._rows(z)  # (N, d) fp32
+            update = learn and self.training and torch.is_grad_enabled()
             if update and not self._host_value("initted"):
                 self._kmeans_init(flat.detach())
             with torch.no_grad():
@@ -127,6 +132,20 @@ class VectorQuantizer(nn.Module):
         return QuantizerOutput(codes.reshape(*z.shape[:-1], self.dim), indices.reshape(z.shape[:-1]), loss)
 
     # -- training-time codebook maintenance (collectives live only here) ------------------------
+    @torch.no_grad()
+    def initialize(self, z: Tensor) -> None:
+        """k-means initialisation from z (..., dim), unless done already (collectives)."""
+        if not self._host_value("initted"):
+            with torch.autocast(z.device.type, enabled=False):
+                self._kmeans_init(self._rows(z.detach()))
+
+    @torch.no_grad()
+    def learn(self, z: Tensor, indices: Tensor) -> None:
+        """One codebook update (EMA, dead-code restarts) from z (..., dim) and their codes (...),
+        as a `forward` with `learn=True` makes (collectives)."""
+        with torch.autocast(z.device.type, enabled=False):
+            self._update(self._rows(z.detach()), indices.reshape(-1))
+
     def _generator(self, stream: int) -> torch.Generator:
         # Seeded by step so every rank (and a resumed run) draws the same rows; `stream` keeps the
         # k-means seeds and the same step's restart rows apart.

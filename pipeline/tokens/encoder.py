@@ -2,7 +2,7 @@
 
 VQ family (`encode(x) -> codes (B, h, w)` or a tuple of them per level): rows of codes, one
 array per level (`codes`, or `codes_0`, `codes_1`, ... in the order `encode` returns them; for
-VQ-VAE-2 that is top, bottom). VAE family with `latents=True` (`encode(x, y) -> (μ, log σ²)`):
+VQ-VAE-2 that is top, bottom; for a multi-scale (VAR) quantizer its scales, coarse to fine). VAE family with `latents=True` (`encode(x, y) -> (μ, log σ²)`):
 posterior means as float16 (`latents`, or `latents_<group>` per group of a hierarchical VAE,
 see `pipeline.tokens.latent_groups`). Shapes come from encoding one blank image, so every
 model that honours the contract works without per-class code here.

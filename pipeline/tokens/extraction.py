@@ -85,7 +85,8 @@ def load_tokenizer(files, options: ExtractionOptions, device: str = "cpu", preci
 
 
 def tokenizer_lineage(files, tokenizer, options: ExtractionOptions) -> dict[str, Any]:
-    """The store lineage's model part: which weights and config, what was stored and how."""
+    """The store lineage's model part: which weights and config, what was stored and how (and,
+    for a multi-scale tokenizer, each level's scale)."""
     base = tokenizer.inner if isinstance(tokenizer, Augmented) else tokenizer
     if isinstance(base, DiffusersTokenizer):
         model = base.lineage()
@@ -97,9 +98,19 @@ def tokenizer_lineage(files, tokenizer, options: ExtractionOptions) -> dict[str,
         "model_uri": files.uri, "model_version": files.version, "weights_sha256": files.weights_sha256, **model,
         "mode": "latents" if options.latents else "codes",
         "token_shape": [list(s.row_shape) for s in tokenizer.specs],
+        **_scales_lineage(base),
         "transform": tokenizer.transform.model_dump(mode="json"),
         **({"augment": {"name": options.augment, "variants": AUGMENTS[options.augment]}} if options.augment else {}),
     }
+
+
+def _scales_lineage(tokenizer) -> dict[str, Any]:
+    """`{"scales": [s, ...]}`: the side of each level's token map, in level order (coarse to
+    fine), for a multi-scale tokenizer (VAR: one shared codebook); empty for any other."""
+    from models.tokenizer import code_scales
+
+    scales = code_scales(getattr(tokenizer, "model", None))
+    return {"scales": list(scales)} if scales else {}
 
 
 class Augmented:

@@ -11,7 +11,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models.quantizers import BSQ, LFQ, SimVQ, VectorQuantizer, distributed_collectives, set_collectives
+from models.quantizers import (
+    BSQ,
+    LFQ,
+    MultiScaleQuantizer,
+    QuantizerOutput,
+    SimVQ,
+    VectorQuantizer,
+    distributed_collectives,
+    set_collectives,
+)
 
 STEPS = 6
 ROWS_PER_RANK = 96
@@ -23,7 +32,20 @@ CASES = {
     "lfq": lambda: LFQ(4, bits=4, inv_temperature=1.0),
     "bsq": lambda: BSQ(4, bits=6, inv_temperature=1.0, group_bits=3),  # projected, grouped entropy
     "simvq": lambda: SimVQ(4, codebook_size=32, seed=7),
+    "multiscale": lambda: OnGrids(MultiScaleQuantizer(4, [1, 2, 4], codebook_size=32, decay=0.5, kmeans_iters=5, seed=7)),
 }
+
+
+class OnGrids(torch.nn.Module):
+    """Rows (N, 4) as N / 16 images of 4x4 latents for a quantizer of grids (multiscale), and back."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, rows: torch.Tensor) -> QuantizerOutput:
+        out = self.inner(rows.reshape(-1, 4, 4, rows.shape[-1]))  # (N / 16, 4, 4, dim)
+        return QuantizerOutput(out.codes.reshape(rows.shape), out.indices, out.loss)
 
 
 def _data() -> torch.Tensor:

@@ -8,7 +8,8 @@ counted twice. `val/images` is the number of images counted.
 VAE family: importance-weighted NLL and ELBO (nats per image) and bits/dim.
 VQ family: MSE, PSNR, SSIM (means over images) and hf_ratio from `models.image_metrics.ReconstructionMetrics`
 (the code `tokenmill eval` uses), and codebook usage / perplexity from counts accumulated over the
-whole split (per level for two-level models).
+whole split (per level for two-level models; a multi-scale quantizer's scales share one codebook
+and count as one level).
 Panels (rank 0): reconstructions, samples at several temperatures, latent interpolations and the
 codebook usage histogram, each where the model offers it.
 """
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from models.code_usage import code_counts, usage_and_perplexity
 from models.image_metrics import ReconstructionMetrics, bits_per_dim, iw_bounds
 from models.latent_ops import has_latent_paths, interpolate, make_grid
+from models.tokenizer import code_scales, counted_levels
 from pipeline.shards.stream import to_model_input
 
 
@@ -50,7 +52,7 @@ def evaluate(
         else:
             output = model(x, y)
             recon.update(x, output.recon)
-            levels = output.indices if isinstance(output.indices, tuple) else (output.indices,)
+            levels = counted_levels(model, output.indices)
             batch_counts = [_level_counts(model, level) for level in levels]
             counts = batch_counts if not counts else [a + b for a, b in zip(counts, batch_counts)]
     model.train(was_training)
@@ -83,6 +85,8 @@ def _level_counts(model: torch.nn.Module, indices: torch.Tensor) -> torch.Tensor
 
 def _level_stages(model: torch.nn.Module) -> list[int]:
     shape = model.token_shape
+    if code_scales(model):  # one shared codebook over every scale: one level (counted_levels)
+        return [1]
     if isinstance(shape[0], tuple):  # two-level model: one shape per level
         return [s[2] if len(s) == 3 else 1 for s in shape]
     return [shape[2] if len(shape) == 3 else 1]
