@@ -72,6 +72,12 @@ class _PriorModelBase(StrictModel):
         check_kind_fields(self.kind, self.model_fields_set)  # e.g. sample_steps on `kind: prior`
         return self
 
+    @pydantic.model_serializer(mode="wrap")
+    def _dump_its_kinds_fields(self, handler: Any) -> dict[str, Any]:
+        """Dumps (MLflow params) show only the kind's fields, not another kind's defaults."""
+        own = kind_fields(self.kind)
+        return {name: value for name, value in handler(self).items() if name in own}
+
     def config_fields(self) -> dict[str, Any]:
         """The fields the config sets (its kind's dataclass defaults fill in the rest)."""
         return self.model_dump(exclude_unset=True)

@@ -19,7 +19,7 @@ from jobs.cli import main as cli_main
 from models import load_model, save_model
 from models.masked_prior import MaskGITConfig, MaskGITPrior, masked_after
 from models.prior import PriorConfig, TransformerPrior
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, to_plain
 from pipeline.prior.config import load_prior_config, prior_config
 from pipeline.training.tasks.prior import PriorTask
 
@@ -185,4 +185,6 @@ def test_steps_0_and_steps_on_an_ar_prior_and_foreign_fields_are_refused(tmp_pat
     assert type(prior_config({"dim": 64})) is PriorConfig
     with pytest.raises(ConfigError, match="sample_steps"):
         load_prior_config(CONFIGS / "debug_prior.yaml", ["model.sample_steps=4"])
-    assert load_prior_config(CONFIGS / "debug_maskgit.yaml").model.config_fields()["kind"] == "maskgit"
+    maskgit = load_prior_config(CONFIGS / "debug_maskgit.yaml")
+    assert maskgit.model.config_fields()["kind"] == "maskgit" and to_plain(maskgit)["model"]["sample_steps"] == 2
+    assert "sample_steps" not in to_plain(load_prior_config(CONFIGS / "debug_prior.yaml"))["model"]  # MLflow params
