@@ -1,6 +1,7 @@
 """`tokenmill sample --prior MODEL --out DIR`: sample a trained prior and decode the codes to images.
 
-MODEL is a prior from `tokenmill train-prior` (directory/URL, runs:/ID/model, models:/NAME@ALIAS).
+MODEL is a prior from `tokenmill train-prior` (directory/URL, runs:/ID/model, models:/NAME@ALIAS):
+an autoregressive one (`kind: prior`) or a MaskGIT one (`kind: maskgit`; `--steps K` parallel steps).
 Its lineage.json names the tokenizer (checked by weights sha256); `--tokenizer` replaces it after a
 compatibility check. Writes DIR/samples.png (one row per class), DIR/codes.npy and DIR/labels.npy.
 
@@ -32,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=positive_int, default=None)
     parser.add_argument("--top-p", type=positive_float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="MaskGIT priors only: parallel decoding steps (default: the prior's sample_steps)")
     parser.add_argument("--tokenizer", default=None, help="decode with this tokenizer instead of the lineage's")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/")
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> SampleSummary:
     from pipeline.prior.sampling import SampleOptions, sample_prior
 
     options = SampleOptions(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed)
+                            top_p=args.top_p, seed=args.seed, steps=args.steps)
     summary = sample_prior(args.prior, args.out, classes=args.classes, n=args.n, options=options,
                            tokenizer_ref=args.tokenizer, device=args.device, tracking_uri=args.tracking_uri)
     print(f"sampled {summary.samples} images ({summary.tokens_per_s:.0f} tokens/s on {summary.device}); "

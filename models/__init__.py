@@ -1,10 +1,11 @@
-"""Pure single-device PyTorch models: the VAE family, the VQ family and the Transformer prior.
+"""Pure single-device PyTorch models: the VAE family, the VQ family and the Transformer priors.
 
 Importing `models` registers every model class for `build_model` / `load_model`.
 """
 
 from models import (  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, HierarchicalVAE
     hvae,
+    masked_prior,  # noqa: E402,F401  registers MaskGITPrior
     prior,  # noqa: E402,F401  registers TransformerPrior
     vae,
     vqgan,  # noqa: E402,F401  registers VQGAN

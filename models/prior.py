@@ -153,9 +153,12 @@ def _norm(config: PriorConfig) -> nn.Module:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: PriorConfig, layer: int):
+    """Causal self-attention; `causal=False` makes it bidirectional (MaskGIT: every token sees
+    every other, no KV cache)."""
+
+    def __init__(self, config: PriorConfig, layer: int, causal: bool = True):
         super().__init__()
-        self.heads, self.layer, self.dropout = config.heads, layer, config.dropout
+        self.heads, self.layer, self.dropout, self.causal = config.heads, layer, config.dropout, causal
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
 
@@ -168,7 +171,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H, start + T, hd)
         t = q.shape[2]
-        if start == 0:  # square: the usual causal mask
+        if not self.causal:  # bidirectional: no mask at all
+            mask, causal = None, False
+        elif start == 0:  # square: the usual causal mask
             mask, causal = None, True
         elif t == 1:  # one new token (sampling): it sees every cached key
             mask, causal = None, False
@@ -183,11 +188,11 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: PriorConfig, layer: int):
+    def __init__(self, config: PriorConfig, layer: int, causal: bool = True):
         super().__init__()
         hidden = int(config.dim * config.mlp_ratio)
         self.norm1, self.norm2 = _norm(config), _norm(config)
-        self.attn = CausalSelfAttention(config, layer)
+        self.attn = CausalSelfAttention(config, layer, causal)
         self.mlp = nn.Sequential(nn.Linear(config.dim, hidden, bias=False), nn.GELU(),
                                  nn.Linear(hidden, config.dim, bias=False))
         self.drop = nn.Dropout(config.dropout)

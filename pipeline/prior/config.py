@@ -2,8 +2,10 @@
 
 `optim`, `train` (the engine's loop section), `scaling`, `run` and `tracking` are the sections
 every training job has (`pipeline.training.config.JobConfig`: same keys, same meaning); `model`
-holds `models.prior.PriorConfig`'s fields and defaults, where the vocabulary (`codebook_size`),
-the code grid (`grid`) and the number of classes may be left out: they are read from the store.
+holds the fields of every prior kind (`PRIOR_CONFIGS`: `kind: prior` is `models.prior.PriorConfig`,
+`kind: maskgit` `models.masked_prior.MaskGITConfig`), of which a config may set only its kind's;
+the vocabulary (`codebook_size`), the code grid (`grid`) and the number of classes may be left
+out: they are read from the store. `prior_config(fields)` builds the kind's config dataclass.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import pydantic
 
+from models.masked_prior import MaskGITConfig
 from models.prior import PriorConfig
 from pipeline.config import StrictModel, load_config
 from pipeline.training.config import JobConfig, LoopSection, RunSection, TrackingSection
@@ -37,18 +40,65 @@ class PriorDataSection(StrictModel):
     item_log: Optional[str] = None
 
 
+PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"prior": PriorConfig, "maskgit": MaskGITConfig}
+
+
+def kind_fields(kind: str) -> set[str]:
+    return {field.name for field in dataclasses.fields(PRIOR_CONFIGS[kind])}
+
+
+def check_kind_fields(kind: str, names: Iterable[str]) -> None:
+    """ValueError (one line) on an unknown kind or a field that `kind`'s config does not have."""
+    if kind not in PRIOR_CONFIGS:
+        raise ValueError(f"kind {kind!r} is not a prior kind; use one of {', '.join(PRIOR_CONFIGS)}")
+    foreign = sorted(set(names) - kind_fields(kind))
+    if foreign:
+        owners = [k for k in PRIOR_CONFIGS if foreign[0] in kind_fields(k)]
+        raise ValueError(f"{foreign[0]} is not a field of a `kind: {kind}` prior; remove it"
+                         + (f" or set kind: {owners[0]}" if owners else ""))
+
+
+def prior_config(fields: dict[str, Any]) -> PriorConfig:
+    """The config dataclass of the kind `fields["kind"]` names (default "prior"), built from `fields`
+    (its own checks run too); ValueError on a field that kind does not have."""
+    kind = fields.get("kind", "prior")
+    check_kind_fields(kind, fields)
+    return PRIOR_CONFIGS[kind](**fields)
+
+
+class _PriorModelBase(StrictModel):
+    @pydantic.model_validator(mode="after")
+    def _only_its_kinds_fields(self) -> "_PriorModelBase":
+        check_kind_fields(self.kind, self.model_fields_set)  # e.g. sample_steps on `kind: prior`
+        return self
+
+    @pydantic.model_serializer(mode="wrap")
+    def _dump_its_kinds_fields(self, handler: Any) -> dict[str, Any]:
+        """Dumps (MLflow params) show only the kind's fields, not another kind's defaults."""
+        own = kind_fields(self.kind)
+        return {name: value for name, value in handler(self).items() if name in own}
+
+    def config_fields(self) -> dict[str, Any]:
+        """The fields the config sets (its kind's dataclass defaults fill in the rest)."""
+        return self.model_dump(exclude_unset=True)
+
+
 def _model_section() -> type[StrictModel]:
-    """A config section with PriorConfig's fields, types and defaults (its own checks run when the
-    driver builds the PriorConfig), except FROM_STORE, which default to None: the store's."""
-    hints = typing.get_type_hints(PriorConfig)
-    fields: dict[str, Any] = {}
-    for field in dataclasses.fields(PriorConfig):
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if field.name in FROM_STORE:
-            fields[field.name] = (Optional[hints[field.name]], None)
-        else:
-            fields[field.name] = (hints[field.name], default)
-    return pydantic.create_model("PriorModelSection", __base__=StrictModel, **fields)
+    """A config section with the fields, types and defaults of every PRIOR_CONFIGS class (the
+    first that has a field gives its default; a kind's own defaults apply when it is built), `kind`
+    one of their kinds, and FROM_STORE defaulting to None: the store's."""
+    fields: dict[str, Any] = {"kind": (Literal[tuple(PRIOR_CONFIGS)], "prior")}
+    for config_class in PRIOR_CONFIGS.values():
+        hints = typing.get_type_hints(config_class)
+        for field in dataclasses.fields(config_class):
+            if field.name in fields:
+                continue
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            if field.name in FROM_STORE:
+                fields[field.name] = (Optional[hints[field.name]], None)
+            else:
+                fields[field.name] = (hints[field.name], default)
+    return pydantic.create_model("PriorModelSection", __base__=_PriorModelBase, **fields)
 
 
 PriorModelSection = _model_section()

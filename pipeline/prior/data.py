@@ -54,15 +54,16 @@ def store_vocab(dataset: TokenDataset) -> StoreVocab:
 
 
 def resolve_model_fields(model, vocab: StoreVocab) -> dict[str, Any]:
-    """`PriorConfig` keyword arguments: the config's `model` section with the vocabulary, grid and
-    classes the store has filled in; a value given in the config must agree with the store."""
-    fields = model.model_dump()
+    """`prior_config` keyword arguments: the fields the config's `model` section sets (its kind's
+    defaults fill in the rest) with the vocabulary, grid and classes the store has filled in; a
+    value given in the config must agree with the store."""
+    fields = model.config_fields()
     for name, value in (("codebook_size", vocab.codebook_size), ("grid", vocab.grid)):
-        if fields[name] is None:
+        if fields.get(name) is None:
             fields[name] = value
         elif fields[name] != value:
             raise UserError(f"model.{name} is {fields[name]} but the store has {value}; leave it out to use the store's")
-    if fields["num_classes"] is None:
+    if fields.get("num_classes") is None:
         fields["num_classes"] = vocab.num_classes
     elif 0 < fields["num_classes"] < vocab.num_classes:
         raise UserError(f"model.num_classes is {fields['num_classes']} but the store has labels up to "

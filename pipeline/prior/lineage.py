@@ -3,7 +3,7 @@
 
 Keys: `store_url` (the token store it was trained on), `tokenizer_uri` and `tokenizer_sha256`
 (the store's model and its weights hash, from the store's own lineage), `vocab` (the token
-layout, `PriorConfig.vocab()`), `grid` ((h, w) per level in store order; a level with a stages
+layout, the prior config's `vocab()`), `grid` ((h, w) per level in store order; a level with a stages
 axis (h, w, S) is the grid (h, w * S), its raster order).
 """
 
@@ -17,7 +17,8 @@ from models.errors import UserError
 
 LINEAGE_FILE = "lineage.json"
 KEYS = ("store_url", "tokenizer_uri", "tokenizer_sha256", "vocab", "grid")
-VOCAB_KEYS = ("codebook_size", "bos", "class_offset", "num_classes", "null_class")
+# Every prior kind's layout has these; the AR prior adds `bos`, MaskGIT `mask` (config.vocab()).
+VOCAB_KEYS = ("codebook_size", "class_offset", "num_classes", "null_class")
 
 
 def prior_lineage(store_url: str, store_lineage: dict[str, Any], vocab: dict[str, int],

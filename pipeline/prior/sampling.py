@@ -5,10 +5,14 @@ tokenizer (`tokenizer_uri`), whose weights must hash to the recorded `tokenizer_
 explicit tokenizer replaces it after a compatibility check (codebook size, levels, token shape
 against the prior's grid). Output: `samples.png` (one row per class), `codes.npy` (n, N) int64
 in store order and `labels.npy` (n,) int64 (-1 for an unconditional prior).
+
+The prior is an AR `TransformerPrior` or a `MaskGITPrior` (any model whose config is a
+`PriorConfig`); `steps` (`--steps`) sets a MaskGIT prior's decoding steps and is refused for others.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 
 from models.errors import UserError
-from models.prior import PriorConfig, TransformerPrior
+from models.prior import PriorConfig
 from pipeline.grids import save_png_grid
 from pipeline.prior.lineage import LINEAGE_FILE, parse_prior_lineage
 from pipeline.registry.model_ref import resolve_model
@@ -41,6 +45,7 @@ class SampleSummary:
     top_k: int | None
     top_p: float | None
     seed: int
+    steps: int | None  # MaskGIT decoding steps asked for (None: the prior's default, or an AR prior)
     codes_shape: list[int]
     png: str
     codes: str
@@ -59,6 +64,7 @@ class SampleOptions:
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
+    steps: int | None = None  # MaskGIT priors: parallel decoding steps (None: the config's sample_steps)
     batch_size: int = 256  # rows per sampling batch (x2 with guidance)
 
 
@@ -70,6 +76,9 @@ def sample_prior(prior_ref: str, out: Path, *, classes: list[int] | None = None,
     options = options or SampleOptions()
     dev = resolve_device(device)
     prior, lineage = load_prior(prior_ref, dev, tracking_uri, storage_options)
+    if options.steps is not None and not takes_steps(prior):
+        raise UserError(f"--steps sets a MaskGIT prior's decoding steps; {prior_ref} is a `kind: "
+                        f"{prior.config.kind}` prior, which draws one code per step (drop --steps)")
     tokenizer, tokenizer_uri = load_tokenizer(prior.config, lineage, prior_ref, tokenizer_ref, dev, tracking_uri,
                                               storage_options)
     labels = sample_labels(prior.config, classes, n)
@@ -86,8 +95,8 @@ def sample_prior(prior_ref: str, out: Path, *, classes: list[int] | None = None,
         prior=prior_ref, tokenizer=tokenizer_uri, device=str(dev),
         classes=None if labels is None else sorted(set(labels.tolist())), per_class=n, samples=len(codes),
         cfg_scale=options.cfg_scale, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-        seed=options.seed, codes_shape=list(codes.shape), png=str(png), codes=str(out / "codes.npy"),
-        labels=str(out / "labels.npy"), seconds=round(seconds, 3),
+        seed=options.seed, steps=options.steps, codes_shape=list(codes.shape), png=str(png),
+        codes=str(out / "codes.npy"), labels=str(out / "labels.npy"), seconds=round(seconds, 3),
         tokens_per_s=round(codes.numel() / max(seconds, 1e-9), 1),
     )
 
@@ -101,11 +110,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_prior(ref: str, device: torch.device, tracking_uri: str | None = None,
-               storage_options: dict | None = None) -> tuple[TransformerPrior, dict[str, Any] | None]:
+               storage_options: dict | None = None) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     """The prior (eval mode, on `device`) and its lineage (None when it has no lineage.json)."""
     files = resolve_model(ref, tracking_uri, storage_options, extra_files=(LINEAGE_FILE,))
     prior = files.load(device)[0].eval()
-    if not isinstance(prior, TransformerPrior):
+    if not isinstance(getattr(prior, "config", None), PriorConfig):  # TransformerPrior, MaskGITPrior
         raise UserError(f"{ref} is a {type(prior).__name__}, not a Transformer prior; pass a model from "
                         "`tokenmill train-prior`")
     if LINEAGE_FILE not in files.extras:
@@ -172,20 +181,26 @@ def sample_labels(config: PriorConfig, classes: list[int] | None, n: int) -> tor
     return torch.tensor(classes, dtype=torch.long).repeat_interleave(n)
 
 
-def draw_codes(prior: TransformerPrior, labels: torch.Tensor | None, options: SampleOptions,
+def takes_steps(prior: torch.nn.Module) -> bool:
+    """Whether the prior's `sample` takes `steps` (MaskGIT: parallel decoding)."""
+    return "steps" in inspect.signature(prior.sample).parameters
+
+
+def draw_codes(prior: torch.nn.Module, labels: torch.Tensor | None, options: SampleOptions,
                device: torch.device, n: int | None = None) -> torch.Tensor:
     """Codes (len(labels) or n, N) int64 on CPU, in batches of `options.batch_size`, from one seeded
     generator on `device`."""
     if options.cfg_scale != 1.0 and labels is None:
         raise UserError("--cfg needs a class-conditional prior")
     total = len(labels) if labels is not None else n
+    steps = {} if options.steps is None else {"steps": options.steps}
     generator = torch.Generator(device=device).manual_seed(options.seed)
     batches = []
     for start in range(0, total, options.batch_size):
         rows = min(options.batch_size, total - start)
         batch_labels = None if labels is None else labels[start : start + rows].to(device)
         codes = prior.sample(rows, batch_labels, cfg_scale=options.cfg_scale, temperature=options.temperature,
-                             top_k=options.top_k, top_p=options.top_p, generator=generator)
+                             top_k=options.top_k, top_p=options.top_p, generator=generator, **steps)
         batches.append(codes.cpu())
     return torch.cat(batches)
 

@@ -20,7 +20,9 @@ LN2 = math.log(2.0)
 
 @torch.no_grad()
 def bits_per_token(prior: torch.nn.Module, batches: Iterable[dict], device: torch.device) -> float:
-    """Mean cross-entropy in bits per code token over every rank's `batches` (the split's items)."""
+    """Mean cross-entropy in bits per code token over every rank's `batches` (the split's items).
+    A MaskGIT prior's `loss` is per masked code (its eval-mode masks are seeded, so this is
+    comparable across steps), weighted here by each batch's code tokens."""
     was_training = prior.training
     prior.eval()  # no label dropout: every sequence is scored with its own class
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, code tokens

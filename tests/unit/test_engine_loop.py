@@ -28,7 +28,7 @@ PRESETS = sorted(CONFIGS.glob("*.yaml"))
 VAE_IMAGES = {"reconstructions", "samples", "interpolations"}
 VQ_IMAGES = {"reconstructions", "codebook_usage"}
 EXPECTED_IMAGES = {"vae": VAE_IMAGES, "cvae": VAE_IMAGES, "hvae": VAE_IMAGES, "vqvae": VQ_IMAGES,
-                   "vqvae2": VQ_IMAGES, "vqgan": VQ_IMAGES, "prior": {"samples"}}
+                   "vqvae2": VQ_IMAGES, "vqgan": VQ_IMAGES, "prior": {"samples"}, "maskgit": {"samples"}}
 
 
 @pytest.fixture(scope="module")
