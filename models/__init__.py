@@ -1,4 +1,4 @@
-"""Pure single-device PyTorch models: the VAE family, the VQ family and the Transformer prior.
+"""Pure single-device PyTorch models: the VAE family, the VQ family and the Transformer priors.
 
 Importing `models` registers every model class for `build_model` / `load_model`.
 """
@@ -7,6 +7,7 @@ from models import (  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, 
     hvae,
     prior,  # noqa: E402,F401  registers TransformerPrior
     vae,
+    var_prior,  # noqa: E402,F401  registers VARPrior
     vqgan,  # noqa: E402,F401  registers VQGAN
     vqvae,  # noqa: E402,F401  registers VQVAE, VQVAE2
 )
