@@ -2,8 +2,10 @@
 
 `optim`, `train` (the engine's loop section), `scaling`, `run` and `tracking` are the sections
 every training job has (`pipeline.training.config.JobConfig`: same keys, same meaning); `model`
-holds `models.prior.PriorConfig`'s fields and defaults, where the vocabulary (`codebook_size`),
-the code grid (`grid`) and the number of classes may be left out: they are read from the store.
+holds the fields of every prior kind (`PRIOR_CONFIGS`: `kind: prior` = `models.prior.PriorConfig`,
+`kind: var` = `models.var_prior.VARConfig`). A field left out (None) takes its kind's default;
+the vocabulary (`codebook_size`), the code grid (`grid`) and the number of classes are read from
+the store. `prior_config(fields)` builds the kind's config and refuses a field that kind lacks.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import pydantic
 
 from models.prior import PriorConfig
+from models.var_prior import VARConfig
 from pipeline.config import StrictModel, load_config
 from pipeline.training.config import JobConfig, LoopSection, RunSection, TrackingSection
 from pipeline.training.optim import OptimConfig
 
 FROM_STORE = ("codebook_size", "num_classes", "grid")  # None in the config: the store's
+PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"prior": PriorConfig, "var": VARConfig}  # kind -> config
 
 
 class PriorDataSection(StrictModel):
@@ -37,17 +41,34 @@ class PriorDataSection(StrictModel):
     item_log: Optional[str] = None
 
 
+def prior_config(fields: dict[str, Any]) -> PriorConfig:
+    """The config of the prior kind `fields["kind"]` from the model section's fields: None (left
+    out) takes the kind's default; a field that kind does not have is a one-line ValueError."""
+    kind = fields.get("kind") or "prior"
+    if kind not in PRIOR_CONFIGS:
+        raise ValueError(f"kind {kind!r} is not a prior kind; use one of {', '.join(PRIOR_CONFIGS)}")
+    config_class = PRIOR_CONFIGS[kind]
+    own = {f.name for f in dataclasses.fields(config_class)}
+    given = {name: value for name, value in fields.items() if value is not None}
+    foreign = sorted(set(given) - own)
+    if foreign:
+        raise ValueError(f"{foreign[0]!r} is not a field of kind {kind!r}; remove it or pick a kind that has it")
+    return config_class(**{**given, "kind": kind})
+
+
 def _model_section() -> type[StrictModel]:
-    """A config section with PriorConfig's fields, types and defaults (its own checks run when the
-    driver builds the PriorConfig), except FROM_STORE, which default to None: the store's."""
-    hints = typing.get_type_hints(PriorConfig)
-    fields: dict[str, Any] = {}
-    for field in dataclasses.fields(PriorConfig):
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if field.name in FROM_STORE:
-            fields[field.name] = (Optional[hints[field.name]], None)
-        else:
-            fields[field.name] = (hints[field.name], default)
+    """A config section with the union of every prior kind's fields, each Optional with default
+    None: the kind's own default (or, for FROM_STORE, the store's); the kind's checks run when the
+    driver builds its config (`prior_config`)."""
+    types: dict[str, list[Any]] = {}
+    for config_class in PRIOR_CONFIGS.values():
+        hints = typing.get_type_hints(config_class)
+        for field in dataclasses.fields(config_class):
+            seen = types.setdefault(field.name, [])
+            if field.name != "kind" and hints[field.name] not in seen:
+                seen.append(hints[field.name])
+    fields: dict[str, Any] = {"kind": (Literal[tuple(PRIOR_CONFIGS)], "prior")}
+    fields |= {name: (Optional[Union[tuple(hints)]], None) for name, hints in types.items() if name != "kind"}
     return pydantic.create_model("PriorModelSection", __base__=StrictModel, **fields)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.errors import UserError
-from models.prior import PriorConfig, TransformerPrior
+from models.prior import PriorConfig
 from pipeline.grids import save_png_grid
 from pipeline.prior.lineage import LINEAGE_FILE, parse_prior_lineage
 from pipeline.registry.model_ref import resolve_model
@@ -101,11 +101,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_prior(ref: str, device: torch.device, tracking_uri: str | None = None,
-               storage_options: dict | None = None) -> tuple[TransformerPrior, dict[str, Any] | None]:
-    """The prior (eval mode, on `device`) and its lineage (None when it has no lineage.json)."""
+               storage_options: dict | None = None) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The prior (eval mode, on `device`) and its lineage (None when it has no lineage.json).
+    Any prior kind (its config a `PriorConfig`: the AR prior, VAR) samples through `prior.sample`."""
     files = resolve_model(ref, tracking_uri, storage_options, extra_files=(LINEAGE_FILE,))
     prior = files.load(device)[0].eval()
-    if not isinstance(prior, TransformerPrior):
+    if not isinstance(getattr(prior, "config", None), PriorConfig):
         raise UserError(f"{ref} is a {type(prior).__name__}, not a Transformer prior; pass a model from "
                         "`tokenmill train-prior`")
     if LINEAGE_FILE not in files.extras:
@@ -172,7 +173,7 @@ def sample_labels(config: PriorConfig, classes: list[int] | None, n: int) -> tor
     return torch.tensor(classes, dtype=torch.long).repeat_interleave(n)
 
 
-def draw_codes(prior: TransformerPrior, labels: torch.Tensor | None, options: SampleOptions,
+def draw_codes(prior: torch.nn.Module, labels: torch.Tensor | None, options: SampleOptions,
                device: torch.device, n: int | None = None) -> torch.Tensor:
     """Codes (len(labels) or n, N) int64 on CPU, in batches of `options.batch_size`, from one seeded
     generator on `device`."""

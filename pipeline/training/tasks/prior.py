@@ -8,6 +8,7 @@ reads its own slice of each global batch (`pipeline.prior.data`). A step is the 
 (nats per code token; label dropout for classifier-free guidance). Validation: bits per token
 over the validation split. Rank 0's images: sample grids, one row per class, decoded by the
 store's tokenizer. The exported prior carries `lineage.json` (store, tokenizer, vocabulary, grid).
+Every prior kind (`model.kind`: prior, var) trains through this task on the same batches.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from models.errors import UserError
 from models.prior import PriorConfig
 from models.serialization import build_model
 from pipeline.prior import data as prior_data
+from pipeline.prior.config import prior_config
 from pipeline.prior.validation import bits_per_token, sample_grid
 from pipeline.runtime.redaction import redact
 from pipeline.training.optim import OptimConfig, Part
@@ -45,7 +47,7 @@ class PriorTask(Task):
         for split in (data.train_split, data.val_split):
             prior_data.open_split(data, split, fields["num_classes"])  # UserError: no such split
         try:
-            prior = PriorConfig(**fields)  # the model's own checks (e.g. dim divisible by heads)
+            prior = prior_config(fields)  # the kind's own checks (dim divisible by heads, VAR's scales)
         except ValueError as err:
             raise UserError(f"model: {err}") from None
         self.model_fields = fields
@@ -59,7 +61,7 @@ class PriorTask(Task):
         """lineage.json next to the prior's config.json: the store, its tokenizer and the vocabulary."""
         from pipeline.prior.lineage import prior_lineage, write_prior_lineage
 
-        prior = PriorConfig(**self.model_fields)
+        prior = prior_config(self.model_fields)
         tokenizer = {"model_uri": self.tokenizer.uri, "weights_sha256": self.tokenizer.weights_sha256}
         write_prior_lineage(model_dir, prior_lineage(redact(self.config.data.store), tokenizer, prior.vocab(),
                                                      prior.grid))
@@ -69,7 +71,7 @@ class PriorTask(Task):
 
     # -- every rank -----------------------------------------------------------------------------------
     def build(self) -> dict[str, tuple[nn.Module, OptimConfig]]:
-        return {"model": (build_model(PriorConfig(**self.model_fields)), self.config.optim)}
+        return {"model": (build_model(prior_config(self.model_fields)), self.config.optim)}
 
     def setup(self, context: Any) -> None:
         super().setup(context)
@@ -106,7 +108,7 @@ class PriorTask(Task):
             logger.log_file(path, "samples")
 
     def rate_metrics(self, examples_per_s: float) -> dict[str, float]:
-        return {"seq_per_s": examples_per_s, "tokens_per_s": examples_per_s * PriorConfig(**self.model_fields).seq_len}
+        return {"seq_per_s": examples_per_s, "tokens_per_s": examples_per_s * prior_config(self.model_fields).seq_len}
 
     def _record_items(self, epoch: int, batch_index: int, indices: Any) -> None:
         """With `data.item_log` set, append what this rank reads ("epoch batch item...") to
