@@ -1,6 +1,7 @@
 """The VAR (next-scale) prior: the block-causal mask over scales, the KV cache over scales ==
-full passes (logits and samples), the engine training it on a multi-scale store (resume, save,
-load, sample, `tokenmill sample`'s steps), and the refusal of a store that is not multi-scale."""
+full passes (logits and samples), the loss and label dropout, the DDP path, the engine training
+it on a multi-scale store (resume, save, load, sample, `tokenmill sample`'s steps), and the
+refusal of a grid or store that is not multi-scale."""
 
 from __future__ import annotations
 
@@ -91,8 +92,27 @@ def test_the_loss_is_nats_per_code_and_label_dropout_swaps_the_class_for_null():
     torch.testing.assert_close(model.loss(tokens), expected)  # eval: no dropout
     model.train()
     torch.manual_seed(0)
-    losses = {round(float(model.loss(tokens)), 6) for _ in range(6)}
+    losses = {round(model.loss(tokens).item(), 6) for _ in range(6)}
     assert len(losses) > 1  # some draws replaced classes with the null token
+
+
+def test_every_parameter_learns_through_a_ddp_wrapper():
+    """The engine's DDP path, `ddp(tokens, return_loss=True)`, in a one-rank gloo group in this
+    process: DDP refuses a second step when a parameter got no gradient, and none is left out."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _var().train()
+    tokens = _tokens(model, [0, 1, 2])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        for _ in range(2):
+            model.zero_grad()
+            ddp(tokens, return_loss=True).backward()
+    finally:
+        dist.destroy_process_group()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def test_a_var_config_needs_square_scales_growing_coarse_to_fine():
