@@ -8,6 +8,7 @@ from models import (  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, 
     masked_prior,  # noqa: E402,F401  registers MaskGITPrior
     prior,  # noqa: E402,F401  registers TransformerPrior
     vae,
+    var_prior,  # noqa: E402,F401  registers VARPrior
     vqgan,  # noqa: E402,F401  registers VQGAN
     vqvae,  # noqa: E402,F401  registers VQVAE, VQVAE2
 )

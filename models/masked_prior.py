@@ -38,11 +38,11 @@ from models.prior import (
     Block,
     PriorConfig,
     TransformerPrior,
-    _autocast,
-    _norm,
     grid_positions,
+    norm_layer,
     rope2d_angles,
     sample_logits,
+    sampling_autocast,
 )
 from models.serialization import register_model
 
@@ -117,7 +117,7 @@ class MaskGITPrior(nn.Module):
         self.register_buffer("is_code", torch.arange(length) >= c.class_len, persistent=False)  # (length,)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i, causal=False) for i in range(c.depth))
-        self.norm = _norm(c)
+        self.norm = norm_layer(c)
         self.head = None if c.tie_weights else nn.Linear(c.dim, c.codebook_size, bias=False)
         self._init_weights()
 
@@ -205,7 +205,7 @@ class MaskGITPrior(nn.Module):
         was_training = self.training
         self.eval()
         codes = torch.full((n, c.seq_len), c.mask, dtype=torch.long, device=classes.device)
-        with _autocast(codes.device, dtype):
+        with sampling_autocast(codes.device, dtype):
             for step in range(steps):
                 logits = self.guided_logits(classes, codes, cfg_scale)  # (n, N, K)
                 codes = self._unmask_step(codes, logits, step, steps, (temperature, top_k, top_p), generator)

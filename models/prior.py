@@ -148,7 +148,7 @@ class KVCache:
 
 
 # -- the Transformer ---------------------------------------------------------------------------
-def _norm(config: PriorConfig) -> nn.Module:
+def norm_layer(config: PriorConfig) -> nn.Module:
     return nn.RMSNorm(config.dim) if config.norm == "rmsnorm" else nn.LayerNorm(config.dim)
 
 
@@ -162,8 +162,10 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None) -> Tensor:
-        """x: (B, T, dim) at sequence indices [start, start + T) (start = cache.length or 0)."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
+                mask: Tensor | None = None) -> Tensor:
+        """x: (B, T, dim) at sequence indices [start, start + T) (start = cache.length or 0).
+        `mask` (T, start + T) bool, True = may attend, replaces the causal mask (VAR's blocks)."""
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -171,7 +173,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H, start + T, hd)
         t = q.shape[2]
-        if not self.causal:  # bidirectional: no mask at all
+        if mask is not None:  # the caller's own pattern (VAR's block-causal)
+            causal = False
+        elif not self.causal:  # bidirectional (MaskGIT): no mask at all
             mask, causal = None, False
         elif start == 0:  # square: the usual causal mask
             mask, causal = None, True
@@ -191,14 +195,15 @@ class Block(nn.Module):
     def __init__(self, config: PriorConfig, layer: int, causal: bool = True):
         super().__init__()
         hidden = int(config.dim * config.mlp_ratio)
-        self.norm1, self.norm2 = _norm(config), _norm(config)
+        self.norm1, self.norm2 = norm_layer(config), norm_layer(config)
         self.attn = CausalSelfAttention(config, layer, causal)
         self.mlp = nn.Sequential(nn.Linear(config.dim, hidden, bias=False), nn.GELU(),
                                  nn.Linear(hidden, config.dim, bias=False))
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
+                mask: Tensor | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -224,18 +229,12 @@ class TransformerPrior(nn.Module):
         self.register_buffer("levels", grid_positions(c)[2], persistent=False)  # (L,)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.depth))
-        self.norm = _norm(c)
+        self.norm = norm_layer(c)
         self.head = None if c.tie_weights else nn.Linear(c.dim, c.codebook_size, bias=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """GPT-2: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 depth)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.config.depth))
+        init_gpt2_weights(self, self.config.depth)
         if self.config.positions == "learned":
             nn.init.normal_(self.pos_embed, std=0.02)
 
@@ -292,31 +291,12 @@ class TransformerPrior(nn.Module):
         return self(tokens, return_loss=True)
 
     def _drop_labels(self, tokens: Tensor) -> Tensor:
-        c = self.config
-        if not (self.training and c.num_classes > 0 and c.label_dropout > 0):
-            return tokens
-        drop = torch.rand(tokens.shape[0], device=tokens.device) < c.label_dropout  # (B,)
-        tokens = tokens.clone()
-        tokens[:, 1] = torch.where(drop, c.null_class, tokens[:, 1])
-        return tokens
+        return drop_labels(tokens, self.config, self.training)
 
     # -- sampling ------------------------------------------------------------------------------
     def prefix(self, n: int, labels: Tensor | None) -> Tensor:
         """(n, prefix_len) prefixes: BOS, then the class token (null where labels is None or -1)."""
-        c = self.config
-        device = self.embed.weight.device
-        bos = torch.full((n, 1), c.bos, dtype=torch.long, device=device)
-        if c.num_classes == 0:
-            if labels is not None:
-                raise ValueError("this prior is unconditional (num_classes = 0); sample it without labels")
-            return bos
-        if labels is None:
-            labels = torch.full((n,), -1, dtype=torch.long)
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
-        if labels.shape[0] != n or labels.max() >= c.num_classes or labels.min() < -1:
-            raise ValueError(f"labels must be {n} class ids in [0, {c.num_classes}) (or -1 for none)")
-        classes = torch.where(labels >= 0, c.class_offset + labels, c.null_class)
-        return torch.cat([bos, classes[:, None]], dim=1)
+        return prefix_tokens(self.config, n, labels, self.embed.weight.device)
 
     @torch.no_grad()
     def sample(
@@ -353,7 +333,7 @@ class TransformerPrior(nn.Module):
         cache = KVCache(c.depth, c.prefix_len + c.seq_len) if use_cache else None
         step_input = seq  # with the cache: only the tokens it has not seen
         codes = []
-        with _autocast(seq.device, dtype):
+        with sampling_autocast(seq.device, dtype):
             for _ in range(c.seq_len):
                 h = self.hidden(step_input if use_cache else seq, cache)[:, -1]  # (R, dim)
                 logits = self.logits(h).float()  # (R, K)
@@ -366,6 +346,47 @@ class TransformerPrior(nn.Module):
                     seq = torch.cat([seq, step_input], dim=1)
         self.train(was_training)
         return torch.stack(codes, dim=1)  # (n, N)
+
+
+# -- pieces every prior kind shares (models/var_prior.py too) ----------------------------------
+def init_gpt2_weights(model: nn.Module, depth: int) -> None:
+    """GPT-2: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 depth)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+    for block in model.modules():
+        if isinstance(block, Block):
+            for proj in (block.attn.proj, block.mlp[2]):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * depth))
+
+
+def drop_labels(tokens: Tensor, config: PriorConfig, training: bool) -> Tensor:
+    """tokens (B, prefix_len + N) with the class token (index 1) swapped for the null token with
+    probability `label_dropout`, in training only (classifier-free guidance)."""
+    c = config
+    if not (training and c.num_classes > 0 and c.label_dropout > 0):
+        return tokens
+    drop = torch.rand(tokens.shape[0], device=tokens.device) < c.label_dropout  # (B,)
+    tokens = tokens.clone()
+    tokens[:, 1] = torch.where(drop, c.null_class, tokens[:, 1])
+    return tokens
+
+
+def prefix_tokens(config: PriorConfig, n: int, labels: Tensor | None, device: torch.device) -> Tensor:
+    """(n, prefix_len) prefixes: BOS, then the class token (null where labels is None or -1)."""
+    c = config
+    bos = torch.full((n, 1), c.bos, dtype=torch.long, device=device)
+    if c.num_classes == 0:
+        if labels is not None:
+            raise ValueError("this prior is unconditional (num_classes = 0); sample it without labels")
+        return bos
+    if labels is None:
+        labels = torch.full((n,), -1, dtype=torch.long)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    if labels.shape[0] != n or labels.max() >= c.num_classes or labels.min() < -1:
+        raise ValueError(f"labels must be {n} class ids in [0, {c.num_classes}) (or -1 for none)")
+    classes = torch.where(labels >= 0, c.class_offset + labels, c.null_class)
+    return torch.cat([bos, classes[:, None]], dim=1)
 
 
 def sample_logits(
@@ -389,7 +410,8 @@ def sample_logits(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | str | None):
+def sampling_autocast(device: torch.device, dtype: torch.dtype | str | None):
+    """Autocast for sampling: `dtype` on CUDA ("auto" = bf16 where supported, else fp16), fp32 elsewhere."""
     if device.type != "cuda" or dtype is None:
         return torch.autocast(device.type, enabled=False)
     if dtype == "auto":

@@ -3,7 +3,8 @@
 `optim`, `train` (the engine's loop section), `scaling`, `run` and `tracking` are the sections
 every training job has (`pipeline.training.config.JobConfig`: same keys, same meaning); `model`
 holds the fields of every prior kind (`PRIOR_CONFIGS`: `kind: prior` is `models.prior.PriorConfig`,
-`kind: maskgit` `models.masked_prior.MaskGITConfig`), of which a config may set only its kind's;
+`kind: maskgit` `models.masked_prior.MaskGITConfig`, `kind: var` `models.var_prior.VARConfig`), of
+which a config may set only its kind's (the fields it leaves out take its kind's defaults);
 the vocabulary (`codebook_size`), the code grid (`grid`) and the number of classes may be left
 out: they are read from the store. `prior_config(fields)` builds the kind's config dataclass.
 """
@@ -19,6 +20,7 @@ import pydantic
 
 from models.masked_prior import MaskGITConfig
 from models.prior import PriorConfig
+from models.var_prior import VARConfig
 from pipeline.config import StrictModel, load_config
 from pipeline.training.config import JobConfig, LoopSection, RunSection, TrackingSection
 from pipeline.training.optim import OptimConfig
@@ -40,7 +42,7 @@ class PriorDataSection(StrictModel):
     item_log: Optional[str] = None
 
 
-PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"prior": PriorConfig, "maskgit": MaskGITConfig}
+PRIOR_CONFIGS: dict[str, type[PriorConfig]] = {"prior": PriorConfig, "maskgit": MaskGITConfig, "var": VARConfig}
 
 
 def kind_fields(kind: str) -> set[str]:
@@ -73,10 +75,15 @@ class _PriorModelBase(StrictModel):
         return self
 
     @pydantic.model_serializer(mode="wrap")
-    def _dump_its_kinds_fields(self, handler: Any) -> dict[str, Any]:
-        """Dumps (MLflow params) show only the kind's fields, not another kind's defaults."""
-        own = kind_fields(self.kind)
-        return {name: value for name, value in handler(self).items() if name in own}
+    def _dump_its_kinds_fields(self, handler: Any, info: pydantic.SerializationInfo) -> dict[str, Any]:
+        """Dumps (MLflow params) show only the kind's fields, each unset one with the kind's own
+        default (VAR's `positions` is not the AR prior's); FROM_STORE stay None: the store's."""
+        own = {f.name: f for f in dataclasses.fields(PRIOR_CONFIGS[self.kind])}
+        dumped = {name: value for name, value in handler(self).items() if name in own}
+        for name in set() if info.exclude_unset else own.keys() - self.model_fields_set - set(FROM_STORE):
+            field = own[name]
+            dumped[name] = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        return dumped
 
     def config_fields(self) -> dict[str, Any]:
         """The fields the config sets (its kind's dataclass defaults fill in the rest)."""

@@ -111,10 +111,11 @@ def resolve_device(device: str) -> torch.device:
 
 def load_prior(ref: str, device: torch.device, tracking_uri: str | None = None,
                storage_options: dict | None = None) -> tuple[torch.nn.Module, dict[str, Any] | None]:
-    """The prior (eval mode, on `device`) and its lineage (None when it has no lineage.json)."""
+    """The prior (eval mode, on `device`) and its lineage (None when it has no lineage.json).
+    Any prior kind (its config a `PriorConfig`: the AR prior, MaskGIT, VAR) samples through `prior.sample`."""
     files = resolve_model(ref, tracking_uri, storage_options, extra_files=(LINEAGE_FILE,))
     prior = files.load(device)[0].eval()
-    if not isinstance(getattr(prior, "config", None), PriorConfig):  # TransformerPrior, MaskGITPrior
+    if not isinstance(getattr(prior, "config", None), PriorConfig):
         raise UserError(f"{ref} is a {type(prior).__name__}, not a Transformer prior; pass a model from "
                         "`tokenmill train-prior`")
     if LINEAGE_FILE not in files.extras:

@@ -82,17 +82,21 @@ PRIOR_K = 64  # the learnable store's codebook; 8x8 images -> 2x2 codes
 PRIOR_COUNTS, PRIOR_SPLITS = [20, 13, 10, 15], ["train", "train", "val", "train"]  # 48 train items, 10 val
 
 
-def learnable_store(url: str, tokenizer: Path | None) -> str:
-    """A finished 2x2-code store (labels j % 7) whose codes are a function of the label, so a
-    prior can learn them; its lineage names `tokenizer` (None: a model that does not exist)."""
+def learnable_store(url: str, tokenizer: Path | None, levels: int = 1) -> str:
+    """A finished store of 2x2 codes (and 4x4 with `levels=2`; labels j % 7) whose codes are a
+    function of the label, so a prior can learn them; its lineage names `tokenizer` (None: a
+    model that does not exist)."""
     import zarr
 
     from helpers.tokens import build_store
 
-    build_store(url, PRIOR_COUNTS, PRIOR_SPLITS, codebook_size=PRIOR_K)
+    _, specs, _ = build_store(url, PRIOR_COUNTS, PRIOR_SPLITS, levels=levels, codebook_size=PRIOR_K)
     group = zarr.open_group(url, mode="r+")
     labels = group["labels"][:]
-    group["codes"][:] = ((np.maximum(labels, 0) * 5)[:, None] + np.arange(4)).reshape(-1, 2, 2) % PRIOR_K
+    for spec in specs:
+        size = int(np.prod(spec.row_shape))
+        group[spec.name][:] = ((np.maximum(labels, 0) * 5)[:, None] + np.arange(size)).reshape(
+            -1, *spec.row_shape) % PRIOR_K
     sha = hashlib.sha256((tokenizer / "model.safetensors").read_bytes()).hexdigest() if tokenizer else "0" * 64
     lineage = dict(group.attrs["lineage"], model_uri=str(tokenizer or Path(url).parent / "no-such-model"),
                    weights_sha256=sha)
@@ -106,3 +110,13 @@ def prior_store(root: Path) -> str:
 
     return learnable_store(str(root / "tokens.zarr"), make_vqvae(root / "tokenizer", codebook_size=PRIOR_K,
                                                                  image_size=8))
+
+
+def multiscale_prior_store(root: Path) -> str:
+    """A learnable store of two scales from one codebook, 2x2 then 4x4 codes (what a VAR prior
+    reads), with its tokenizer beside it: an untrained 16 px VQ-VAE-2, whose levels have those
+    shapes (the multi-scale tokenizer is not needed to test the prior)."""
+    from helpers.tokens import make_vqvae2
+
+    return learnable_store(str(root / "scales.zarr"), make_vqvae2(root / "tokenizer", codebook_size=PRIOR_K),
+                           levels=2)

@@ -32,6 +32,20 @@ def make_vqvae(path: Path, codebook_size: int = 64, seed: int = 0, image_size: i
     return save_model(model.eval(), path)
 
 
+def make_vqvae2(path: Path, codebook_size: int = 64, image_size: int = IMAGE_SIZE) -> Path:
+    """An untrained two-level VQ-VAE-2: top codes (image_size / 8)², bottom (image_size / 4)²."""
+    import torch
+
+    from models import save_model
+    from models.quantizers import QuantizerConfig
+    from models.vqvae import VQVAE2, VQVAE2Config
+
+    torch.manual_seed(0)
+    config = VQVAE2Config(in_channels=1, image_size=image_size, hidden=8, res_blocks=1, latent_dim=4,
+                          quantizer=QuantizerConfig(codebook_size=codebook_size))
+    return save_model(VQVAE2(config).eval(), path)
+
+
 def make_vae(path: Path) -> Path:
     import torch
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from helpers import CONFIGS
-from helpers.engine import grey_shards, prior_store, run_in_process, shrink
+from helpers.engine import grey_shards, multiscale_prior_store, prior_store, run_in_process, shrink
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from models.errors import UserError
@@ -28,7 +28,8 @@ PRESETS = sorted(CONFIGS.glob("*.yaml"))
 VAE_IMAGES = {"reconstructions", "samples", "interpolations"}
 VQ_IMAGES = {"reconstructions", "codebook_usage"}
 EXPECTED_IMAGES = {"vae": VAE_IMAGES, "cvae": VAE_IMAGES, "hvae": VAE_IMAGES, "vqvae": VQ_IMAGES,
-                   "vqvae2": VQ_IMAGES, "vqgan": VQ_IMAGES, "prior": {"samples"}, "maskgit": {"samples"}}
+                   "vqvae2": VQ_IMAGES, "vqgan": VQ_IMAGES, "prior": {"samples"}, "maskgit": {"samples"},
+                   "var": {"samples"}}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,12 @@ def shards(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     return prior_store(tmp_path_factory.mktemp("loop-store"))
+
+
+@pytest.fixture(scope="module")
+def scale_store(tmp_path_factory) -> str:
+    """A two-scale store (2x2 then 4x4 codes): what a VAR preset trains on."""
+    return multiscale_prior_store(tmp_path_factory.mktemp("loop-scale-store"))
 
 
 def preset_task(preset: Path, shards: str, store: str, root: Path, *overrides: str):
@@ -60,7 +67,9 @@ def preset_task(preset: Path, shards: str, store: str, root: Path, *overrides: s
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_every_preset_trains_validates_and_logs_its_images(preset, shards, store, sqlite_tracking, tmp_path):
+def test_every_preset_trains_validates_and_logs_its_images(preset, shards, store, sqlite_tracking, tmp_path, request):
+    if yaml.safe_load(preset.read_text()).get("model", {}).get("kind") == "var":  # next-scale: a multi-scale store
+        store = request.getfixturevalue("scale_store")
     task = preset_task(preset, shards, store, tmp_path)
     run = run_in_process(task, tmp_path / "checkpoints", sqlite_tracking, run_name=f"preset-{preset.stem}")
     report = run.context.reports[-1]

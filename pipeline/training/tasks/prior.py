@@ -5,10 +5,11 @@ store, an unfinished or latent store, a missing split, a model section that disa
 store, a tokenizer that cannot be read, whose weights differ from the store's lineage or whose
 codes do not fit). The ranks then open the store themselves, with no Ray Datasets: every rank
 reads its own slice of each global batch (`pipeline.prior.data`). The model section's `kind` picks
-the prior (`pipeline.prior.config.prior_config`): `prior` (autoregressive) or `maskgit`; both take
-the same `[BOS, (class), codes]` rows. A step is the model's loss: next-token (nats per code
-token) or, for MaskGIT, masked-token (nats per masked code; eval mode masks with a fixed seed);
-label dropout for classifier-free guidance either way. Validation: that loss in bits per token
+the prior (`pipeline.prior.config.prior_config`): `prior` (autoregressive), `maskgit` or `var`
+(next-scale, on a multi-scale store); all take the same `[BOS, (class), codes]` rows. A step is
+the model's loss: next-token or next-scale (nats per code token) or, for MaskGIT, masked-token
+(nats per masked code; eval mode masks with a fixed seed); label dropout for classifier-free
+guidance in every kind. Validation: that loss in bits per token
 over the validation split. Rank 0's images: sample grids, one row per class, decoded by the
 store's tokenizer. The exported prior carries `lineage.json` (store, tokenizer, vocabulary, grid).
 """
@@ -49,7 +50,7 @@ class PriorTask(Task):
         for split in (data.train_split, data.val_split):
             prior_data.open_split(data, split, fields["num_classes"])  # UserError: no such split
         try:
-            prior = prior_config(fields)  # the kind's own checks (e.g. dim divisible by heads)
+            prior = prior_config(fields)  # the kind's own checks (dim divisible by heads, VAR's scales)
         except ValueError as err:
             raise UserError(f"model: {err}") from None
         self.model_fields = fields
