@@ -120,7 +120,7 @@ def test_a_var_config_needs_square_scales_growing_coarse_to_fine():
             VARConfig(codebook_size=K, grid=grid)
     assert VARConfig(grid=[[1, 1], [2, 2]]).seq_len == 5
     # The job config's model section holds every kind's fields; a kind refuses another's.
-    with pytest.raises(ValueError, match="'interpolation' is not a field of kind 'prior'"):
+    with pytest.raises(ValueError, match="interpolation is not a field of a `kind: prior` prior; remove it or set kind: var"):
         prior_config({"kind": "prior", "interpolation": "nearest"})
     assert isinstance(prior_config({"kind": "var", "grid": GRID, "dim": 32, "heads": 2}), VARConfig)
 
