@@ -43,6 +43,7 @@ from models.prior import (
     Block,
     KVCache,
     PriorConfig,
+    TransformerPrior,
     drop_labels,
     init_gpt2_weights,
     norm_layer,
@@ -154,11 +155,7 @@ class VARPrior(nn.Module):
             cache.length = end
         return self.norm(x)
 
-    def logits(self, h: Tensor) -> Tensor:
-        """Hidden states (..., dim) -> logits over codes only (..., K)."""
-        if self.head is not None:
-            return self.head(h)
-        return h @ self.embed.weight[: self.config.codebook_size].t()
+    logits = TransformerPrior.logits  # hidden states (..., dim) -> logits over codes only (..., K)
 
     def forward(self, tokens: Tensor, return_loss: bool = False) -> Tensor:
         """tokens (B, prefix_len + N) (the AR prior's batch) -> logits (B, N, K), position t
