@@ -47,7 +47,6 @@ from models.prior import (
     drop_labels,
     init_gpt2_weights,
     norm_layer,
-    prefix_tokens,
     rope2d_angles,
     sample_logits,
     sampling_autocast,
@@ -177,9 +176,7 @@ class VARPrior(nn.Module):
         return self(tokens, return_loss=True)
 
     # -- sampling ------------------------------------------------------------------------------
-    def prefix(self, n: int, labels: Tensor | None) -> Tensor:
-        """(n, prefix_len) prefixes, as the AR prior's: BOS, then the class (or null) token."""
-        return prefix_tokens(self.config, n, labels, self.embed.weight.device)
+    prefix = TransformerPrior.prefix  # (n, prefix_len) prefixes: BOS, then the class (or null) token
 
     @torch.no_grad()
     def sample(
