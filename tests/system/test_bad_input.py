@@ -29,6 +29,7 @@ from helpers.tokens import build_store
 
 RETRAIN = str(REPO / "configs" / "debug_retrain_vqvae.yaml")
 TRAIN = str(REPO / "configs" / "debug_vqvae.yaml")
+VAR_PRIOR = str(REPO / "configs" / "debug_var.yaml")
 
 # (id, argv with {F} = the fixture folder, what the message must contain: the user's argument).
 # For a --set override the user's argument is the override itself.
@@ -81,6 +82,12 @@ CASES = [
      "--set train.init_from={F}/badweights", ["{F}/badweights"]),
     ("train-init-other-architecture", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs "
      "--set train.init_from={F}/model", ["{F}/model"]),
+    ("train-multiscale-scales-miss-the-grid", "train {TRAIN} --set model.quantizer.kind=multiscale "
+     "--set model.quantizer.scales=[1,2,3]", ["quantizer.scales [1, 2, 3]", "grid side 4"]),
+    # -- train-prior and sample
+    ("train-prior-var-on-a-single-scale-store", "train-prior {VAR_PRIOR} --set data.store={F}/store.zarr "
+     "--set run.root={F}/runs", ["needs a multi-scale store", "one level 2x2"]),
+    ("sample-steps-0", "sample --prior {F}/missing --out {F}/s --steps 0", ["--steps", "0"]),
     # -- tokenize
     ("tokenize-model-missing", "tokenize --model {F}/missing --data {F}/shards --out {F}/t0.zarr", ["{F}/missing"]),
     ("tokenize-model-empty", "tokenize --model {F}/empty --data {F}/shards --out {F}/t1.zarr", ["{F}/empty"]),
@@ -230,7 +237,7 @@ def results(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), RAY_TMPDIR=str(ray_tmp),
                TQDM_DISABLE="1")
-    names = {"F": str(fixtures), "TRAIN": TRAIN, "RETRAIN": RETRAIN}
+    names = {"F": str(fixtures), "TRAIN": TRAIN, "RETRAIN": RETRAIN, "VAR_PRIOR": VAR_PRIOR}
     work = root / "cwd"  # anything a job writes to a relative default path lands here
     work.mkdir()
     cases = [(case, command.format(**names).split()) for case, command, *_ in CASES + CONTROLS]
