@@ -32,12 +32,25 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqvae_mnist.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, output_folder, positive_float, positive_int
+    from jobs.cli import add_json_option, positive_int
 
     parser = subparsers.add_parser("prior", help="train a prior on an MNIST-5k token store; data, bits, samples, KV",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=positive_int, default=1600, help="prior training steps (default %(default)s)")
+    add_prior_options(parser)
     parser.add_argument("--segment", type=positive_int, default=10, help="steps per data-source segment")
+    parser.add_argument("--kv-rows", type=positive_int, default=32, help="rows sampled for kv_speedup")
+    parser.add_argument("--workers", type=positive_int, default=2, help="DataLoader workers of the store sources")
+    parser.add_argument("--grid", type=Path, default=None, help="also write a 10 x 10 sample grid PNG here")
+    add_json_option(parser)
+    parser.set_defaults(run=run)
+
+
+def add_prior_options(parser: argparse.ArgumentParser) -> None:
+    """The options this benchmark shares with `tokenmill bench prior-families`: tokenizer, judge,
+    prior size and training, samples, threads, device, workdir."""
+    from jobs.cli import output_folder, positive_float, positive_int
+
+    parser.add_argument("--steps", type=positive_int, default=1600, help="prior training steps (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--lr", type=positive_float, default=2e-3)
     parser.add_argument("--dim", type=positive_int, default=96)
@@ -51,16 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--classifier-epochs", type=positive_int, default=8)
     parser.add_argument("--per-class", type=positive_int, default=100, help="samples per class")
     parser.add_argument("--cfg", type=float, default=3.0, help="class-free guidance scale of the samples")
-    parser.add_argument("--kv-rows", type=positive_int, default=32, help="rows sampled for kv_speedup")
-    parser.add_argument("--workers", type=positive_int, default=2, help="DataLoader workers of the store sources")
     parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="where the prior trains and samples: auto (CUDA when "
                         "present), cpu or cuda[:N]; the tokenizer and the judge train on the CPU")
-    parser.add_argument("--grid", type=Path, default=None, help="also write a 10 x 10 sample grid PNG here")
     parser.add_argument("--workdir", type=output_folder, default=None, help="where shards, store, models go")
-    add_json_option(parser)
-    parser.set_defaults(run=run)
 
 
 def _unit_float(text: str) -> float:
@@ -139,8 +147,9 @@ class Stages:
 
 
 # -- 1. tokenizer and token store --------------------------------------------------------------
-def train_tokenizer(path: Path, args: argparse.Namespace):
-    """The demo's VQ-VAE trained `args.vq_steps` steps of 64 on MNIST-5k train; saves its EMA weights."""
+def train_tokenizer(path: Path, args: argparse.Namespace, overrides: tuple[str, ...] = ()):
+    """The demo's VQ-VAE (with `--set`-style `overrides` of its config, e.g. another quantizer)
+    trained `args.vq_steps` steps of 64 on MNIST-5k train; saves its EMA weights."""
     import dataclasses
 
     import torch
@@ -152,7 +161,7 @@ def train_tokenizer(path: Path, args: argparse.Namespace):
     from pipeline.training.optim import Part
     from pipeline.training.step import StepRunner, own_loss
 
-    config = load_train_config(DEFAULT_CONFIG)
+    config = load_train_config(DEFAULT_CONFIG, list(overrides))
     model = build_model(config.model)
     part = Part("model", model, model, dataclasses.replace(config.optim, total_steps=args.vq_steps))
     runner = StepRunner({"model": part}, "fp32", torch.device("cpu"))
@@ -166,8 +175,9 @@ def train_tokenizer(path: Path, args: argparse.Namespace):
     return tokenizer, save_model(tokenizer, path)
 
 
-def tokenize_in_process(model_dir: Path, root: Path) -> str:
-    """Shard MNIST-5k and tokenize every shard into `root/tokens.zarr` in this process."""
+def tokenize_in_process(model_dir: Path, root: Path, name: str = "tokens.zarr") -> str:
+    """Shard MNIST-5k into `root/shards` (a rerun finds them complete) and tokenize every shard
+    into `root/<name>` in this process."""
     from pipeline.registry.model_ref import resolve_model
     from pipeline.runtime.storage import join
     from pipeline.shards.manifest import read_manifest
@@ -184,7 +194,7 @@ def tokenize_in_process(model_dir: Path, root: Path) -> str:
     encoder = TokenEncoder(files, latents=False)
     layout = plan_layout([(join(shards, s["url"]), s["split"], s["count"]) for s in entries],
                          max(spec.row_bytes for spec in encoder.specs))
-    store = TokenStore(str(root / "tokens.zarr"))
+    store = TokenStore(str(root / name))
     lineage = {"model_uri": files.uri, "weights_sha256": files.weights_sha256, "mode": "codes",
                "codebook_size": encoder.model.codebook_size, "data": shards}
     store.prepare(lineage, layout, encoder.specs, overwrite=True)
@@ -310,10 +320,13 @@ def _memory_batches(tokens, batch: int, seed: int):
             yield tokens[order[i : i + batch]]
 
 
-def train_prior(prior, store_url: str, args: argparse.Namespace) -> dict[str, Any]:
+SOURCES = ("memory", "resident", "streaming")
+
+
+def train_prior(prior, store_url: str, args: argparse.Namespace, sources: tuple[str, ...] = SOURCES) -> dict[str, Any]:
     """The training engine's step (AdamW, warm-up + cosine, clipping at 1); steps rotate between
-    the sources in segments of `args.segment`. Returns steps/s per source (rounds after the first),
-    the data ratios and the last loss."""
+    `sources` (of SOURCES) in segments of `args.segment`. Returns steps/s per source (rounds after
+    the first; none with one source), the data ratios and the last loss."""
     import torch
 
     from pipeline.tokens.dataset import TokenDataset
@@ -325,23 +338,26 @@ def train_prior(prior, store_url: str, args: argparse.Namespace) -> dict[str, An
     resident = TokenDataset(store_url, "train", **opened)
     streaming = TokenDataset(store_url, "train", **opened, cache_bytes=16 * 1024)
     assert resident.resident and not streaming.resident
-    sources = {"memory": _memory_batches(resident.batch(range(len(resident)))["tokens"], args.batch_size, args.seed),
-               "resident": _store_batches(resident, args.batch_size, args.workers, args.seed),
-               "streaming": _store_batches(streaming, args.batch_size, args.workers, args.seed)}
+    feeds = {"memory": lambda: _memory_batches(resident.batch(range(len(resident)))["tokens"], args.batch_size,
+                                               args.seed),
+             "resident": lambda: _store_batches(resident, args.batch_size, args.workers, args.seed),
+             "streaming": lambda: _store_batches(streaming, args.batch_size, args.workers, args.seed)}
+    feeds = {name: feeds[name]() for name in sources}
+    segment_steps = args.segment if len(feeds) > 1 else args.steps
     optim = OptimConfig(lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, grad_clip=1.0, ema_decay=0.0,
                         warmup_steps=min(100, args.steps // 10), total_steps=args.steps)
     device = prior.embed.weight.device
     runner = StepRunner({"model": Part("model", prior, prior, optim)}, "fp32", device)
-    step_seconds: dict[str, list[float]] = {name: [] for name in sources}
+    step_seconds: dict[str, list[float]] = {name: [] for name in feeds}
     for step in range(args.steps):
-        segment = step // args.segment
-        name = list(sources)[segment % len(sources)]
+        segment = step // segment_steps
+        name = list(feeds)[segment % len(feeds)]
         begun = time.perf_counter()
-        tokens = next(sources[name]).to(device, non_blocking=True)  # the batch's wait counts
+        tokens = next(feeds[name]).to(device, non_blocking=True)  # the batch's wait counts
         result = runner.run(lambda batch, _step, parts: iter([next_token_loss(batch, parts)]), [tokens], step)
         if device.type == "cuda":  # the step's time, not its launch
             torch.cuda.synchronize(device)
-        if segment >= len(sources):  # the first round starts the loaders' workers: not timed
+        if segment >= len(feeds):  # the first round starts the loaders' workers: not timed
             step_seconds[name].append(time.perf_counter() - begun)
     prior.eval()
     return {"train_loss": float(result.losses["model"]), **_data_ratios(step_seconds)}
@@ -366,7 +382,8 @@ def _data_ratios(step_seconds: dict[str, list[float]]) -> dict[str, Any]:
 # -- 4. evaluation -----------------------------------------------------------------------------
 def bits_per_token(prior, store_url: str) -> dict[str, Any]:
     """Prior cross-entropy on the val split (bits per code, the training validation's own code)
-    vs the store's unigram code entropy."""
+    vs the store's unigram code entropy (over every level's codes: a multi-scale store's scales
+    share one codebook)."""
     import numpy as np
 
     from pipeline.prior import validation
@@ -376,7 +393,8 @@ def bits_per_token(prior, store_url: str) -> dict[str, Any]:
     val = TokenDataset(store_url, "val", add_bos=True, class_token=True, num_classes=10)
     batches = (val.batch(range(start, min(start + 250, len(val)))) for start in range(0, len(val), 250))
     val_bits = validation.bits_per_token(prior, batches, prior.embed.weight.device)
-    counts = TokenStore(store_url).open_group("r")["codebook_counts"][:].astype(np.float64)
+    group = TokenStore(store_url).open_group("r")  # one codebook_counts array per level: summed (one codebook)
+    counts = sum(group[name][:].astype(np.float64) for name in group.keys() if name.startswith("codebook_counts"))
     p = counts[counts > 0] / counts.sum()
     unigram = float(-(p * np.log2(p)).sum())
     return {"val_bits_per_token": val_bits, "unigram_bits_per_token": unigram, "bits_ratio": val_bits / unigram,
@@ -420,6 +438,7 @@ def sample_quality(prior, tokenizer, classifier, val, args: argparse.Namespace) 
         "fid_classifier_random_codes": frechet_distance(
             classify(classifier, codes_to_images(tokenizer, random_codes, prior.config.grid))[1], real),
         "samples": len(samples), "sample_tokens_per_s_cfg": codes.numel() / sample_s,
+        "samples_per_s_cfg": len(samples) / sample_s,
     }
 
 

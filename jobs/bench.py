@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["vae", "stream", "tokenize", "train", "quantizers", "vqgan", "prior", "scale"]
+BENCHMARKS = ["vae", "stream", "tokenize", "train", "quantizers", "vqgan", "prior", "prior_families", "scale"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
