@@ -69,9 +69,9 @@ def make_bench_tokenizer(path: Path) -> Path:
     does not depend on training) but k-means initialised, so codes are in use as after training."""
     import torch
 
-    from models import save_model
-    from models.quantizers import QuantizerConfig
-    from models.vqvae import VQVAE, VQVAEConfig
+    from tokenmill.models import save_model
+    from tokenmill.models.quantizers import QuantizerConfig
+    from tokenmill.models.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(in_channels=3, image_size=32, hidden=64, res_blocks=2, downsample=4, latent_dim=64,

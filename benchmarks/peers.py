@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.quantizers import QuantizerOutput
+from tokenmill.models.quantizers import QuantizerOutput
 
 
 class PeerQuantizer(nn.Module):
@@ -45,7 +45,7 @@ def fastdit_extract(model_dir: Path, folder: Path, out: Path, batch_size: int) -
     import torch
     from PIL import Image
 
-    from pipeline.tokens.diffusers_adapter import import_diffusers
+    from tokenmill.pipeline.tokens.diffusers_adapter import import_diffusers
 
     class Folder(torch.utils.data.Dataset):  # ImageFolder + ToTensor + Normalize(0.5, 0.5)
         def __init__(self):

@@ -32,7 +32,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqvae_mnist.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, positive_int
+    from tokenmill.jobs.cli import add_json_option, positive_int
 
     parser = subparsers.add_parser("prior", help="train a prior on an MNIST-5k token store; data, bits, samples, KV",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_prior_options(parser: argparse.ArgumentParser) -> None:
     """The options this benchmark shares with `tokenmill bench prior-families`: tokenizer, judge,
     prior size and training, samples, threads, device, workdir."""
-    from jobs.cli import output_folder, positive_float, positive_int
+    from tokenmill.jobs.cli import output_folder, positive_float, positive_int
 
     parser.add_argument("--steps", type=positive_int, default=1600, help="prior training steps (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
@@ -92,9 +92,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from models.prior import PriorConfig, TransformerPrior
-    from pipeline.prior.sampling import resolve_device
-    from pipeline.shards.synthetic import mnist_tensors
+    from tokenmill.models.prior import PriorConfig, TransformerPrior
+    from tokenmill.pipeline.prior.sampling import resolve_device
+    from tokenmill.pipeline.shards.synthetic import mnist_tensors
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -154,12 +154,12 @@ def train_tokenizer(path: Path, args: argparse.Namespace, overrides: tuple[str, 
 
     import torch
 
-    from models import save_model
-    from models.serialization import build_model
-    from pipeline.shards.synthetic import mnist_tensors
-    from pipeline.training.config import load_train_config
-    from pipeline.training.optim import Part
-    from pipeline.training.step import StepRunner, own_loss
+    from tokenmill.models import save_model
+    from tokenmill.models.serialization import build_model
+    from tokenmill.pipeline.shards.synthetic import mnist_tensors
+    from tokenmill.pipeline.training.config import load_train_config
+    from tokenmill.pipeline.training.optim import Part
+    from tokenmill.pipeline.training.step import StepRunner, own_loss
 
     config = load_train_config(DEFAULT_CONFIG, list(overrides))
     model = build_model(config.model)
@@ -178,14 +178,14 @@ def train_tokenizer(path: Path, args: argparse.Namespace, overrides: tuple[str, 
 def tokenize_in_process(model_dir: Path, root: Path, name: str = "tokens.zarr") -> str:
     """Shard MNIST-5k into `root/shards` (a rerun finds them complete) and tokenize every shard
     into `root/<name>` in this process."""
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.runtime.storage import join
-    from pipeline.shards.manifest import read_manifest
-    from pipeline.shards.writer import write_shards
-    from pipeline.tokens.encode_unit import encode_unit
-    from pipeline.tokens.encoder import TokenEncoder
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.runtime.storage import join
+    from tokenmill.pipeline.shards.manifest import read_manifest
+    from tokenmill.pipeline.shards.writer import write_shards
+    from tokenmill.pipeline.tokens.encode_unit import encode_unit
+    from tokenmill.pipeline.tokens.encoder import TokenEncoder
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     shards = str(root / "shards")
     write_shards("builtin:mnist5k", shards, progress=False)
@@ -238,7 +238,7 @@ def train_classifier(args: argparse.Namespace):
     import torch
     import torch.nn.functional as F
 
-    from pipeline.shards.synthetic import mnist_tensors
+    from tokenmill.pipeline.shards.synthetic import mnist_tensors
 
     torch.manual_seed(args.seed)
     net = _digit_net()
@@ -329,10 +329,10 @@ def train_prior(prior, store_url: str, args: argparse.Namespace, sources: tuple[
     the first; none with one source), the data ratios and the last loss."""
     import torch
 
-    from pipeline.tokens.dataset import TokenDataset
-    from pipeline.training.optim import OptimConfig, Part
-    from pipeline.training.step import StepRunner
-    from pipeline.training.tasks.prior import next_token_loss
+    from tokenmill.pipeline.tokens.dataset import TokenDataset
+    from tokenmill.pipeline.training.optim import OptimConfig, Part
+    from tokenmill.pipeline.training.step import StepRunner
+    from tokenmill.pipeline.training.tasks.prior import next_token_loss
 
     opened = dict(add_bos=True, class_token=True, num_classes=10)
     resident = TokenDataset(store_url, "train", **opened)
@@ -386,9 +386,9 @@ def bits_per_token(prior, store_url: str) -> dict[str, Any]:
     share one codebook)."""
     import numpy as np
 
-    from pipeline.prior import validation
-    from pipeline.tokens.dataset import TokenDataset
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.prior import validation
+    from tokenmill.pipeline.tokens.dataset import TokenDataset
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     val = TokenDataset(store_url, "val", add_bos=True, class_token=True, num_classes=10)
     batches = (val.batch(range(start, min(start + 250, len(val)))) for start in range(0, len(val), 250))
@@ -406,9 +406,9 @@ def sample_quality(prior, tokenizer, classifier, val, args: argparse.Namespace) 
     random codes, against the real val digits; writes the sample grid if asked."""
     import torch
 
-    from pipeline.grids import save_png_grid
-    from pipeline.prior.sampling import SampleOptions, codes_to_images, draw_codes
-    from pipeline.shards.synthetic import mnist_tensors
+    from tokenmill.pipeline.grids import save_png_grid
+    from tokenmill.pipeline.prior.sampling import SampleOptions, codes_to_images, draw_codes
+    from tokenmill.pipeline.shards.synthetic import mnist_tensors
 
     x_val, y_val = val
     labels = torch.arange(10).repeat_interleave(args.per_class)

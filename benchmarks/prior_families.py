@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.prior import (
+from tokenmill.benchmarks.prior import (
     Stages,
     add_prior_options,
     bits_per_token,
@@ -46,7 +46,7 @@ MULTISCALE = ("model.quantizer.kind=multiscale",)  # + model.quantizer.scales=[.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option
+    from tokenmill.jobs.cli import add_json_option
 
     parser = subparsers.add_parser("prior-families", help="AR vs MaskGIT vs VAR priors on MNIST-5k, equal budget",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +74,7 @@ def _families(text: str) -> list[str]:
 
 
 def _counts(text: str) -> list[int]:
-    from jobs.cli import positive_int
+    from tokenmill.jobs.cli import positive_int
 
     return [positive_int(part) for part in text.split(",")]
 
@@ -83,7 +83,7 @@ def _scales(text: str) -> tuple[int, ...] | None:
     if text.strip().lower() == "none":
         return None
     try:
-        from models.quantizers import check_scales
+        from tokenmill.models.quantizers import check_scales
 
         return check_scales(text.split(","), side=8)
     except ValueError as err:
@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from pipeline.prior.sampling import resolve_device
-    from pipeline.shards.synthetic import mnist_tensors
+    from tokenmill.pipeline.prior.sampling import resolve_device
+    from tokenmill.pipeline.shards.synthetic import mnist_tensors
 
     torch.set_num_threads(args.threads)
     started, stages = time.perf_counter(), Stages()
@@ -163,10 +163,10 @@ def tokenizer_quality(tokenizer, images) -> dict[str, Any]:
 
     import torch
 
-    from models.code_usage import CodebookStats
-    from models.image_metrics import ReconstructionMetrics
-    from models.tokenizer import counted_levels
-    from pipeline.prior.sampling import level_shapes
+    from tokenmill.models.code_usage import CodebookStats
+    from tokenmill.models.image_metrics import ReconstructionMetrics
+    from tokenmill.models.tokenizer import counted_levels
+    from tokenmill.pipeline.prior.sampling import level_shapes
 
     metrics, counts = ReconstructionMetrics(), CodebookStats(tokenizer.codebook_size)
     with torch.no_grad():
@@ -181,10 +181,10 @@ def tokenizer_quality(tokenizer, images) -> dict[str, Any]:
 
 def build_prior(family: str, store_url: str, args: argparse.Namespace):
     """A fresh prior of `family` for the store's vocabulary and grid, at the shared width/depth."""
-    from models.serialization import build_model
-    from pipeline.prior.config import prior_config
-    from pipeline.prior.data import store_vocab
-    from pipeline.tokens.dataset import TokenDataset
+    from tokenmill.models.serialization import build_model
+    from tokenmill.pipeline.prior.config import prior_config
+    from tokenmill.pipeline.prior.data import store_vocab
+    from tokenmill.pipeline.tokens.dataset import TokenDataset
 
     vocab = store_vocab(TokenDataset(store_url, "train", add_bos=True, class_token=True, num_classes=10))
     fields = dict(kind=FAMILIES[family], codebook_size=vocab.codebook_size, grid=vocab.grid, num_classes=10,

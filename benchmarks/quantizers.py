@@ -24,7 +24,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from pipeline.shards.synthetic import mnist_tensors, photo_patches
+from tokenmill.pipeline.shards.synthetic import mnist_tensors, photo_patches
 
 LATENT_DIM = 64
 DECAY = 0.99
@@ -39,7 +39,7 @@ DATASETS = ("photos", "mnist")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, nonnegative_int, positive_float, positive_int
+    from tokenmill.jobs.cli import add_json_option, nonnegative_int, positive_float, positive_int
 
     parser = subparsers.add_parser(
         "quantizers", help="every quantizer family vs vector-quantize-pytorch's, on photo patches and MNIST-5k",
@@ -77,7 +77,7 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
 
 def _ours(family: str, seed: int):
     """Our QuantizerConfig for `family`."""
-    from models.quantizers import QuantizerConfig
+    from tokenmill.models.quantizers import QuantizerConfig
 
     vq = dict(codebook_size=512, beta=BETA, decay=DECAY, kmeans_init=True, dead_code_threshold=DEAD_CODE_THRESHOLD,
               seed=seed)
@@ -119,7 +119,7 @@ def _peer_quantizer(family: str, codebook_size: int, stages: int, seed: int):
     (projections, codebooks) follows `seed`, as ours does, so --seed varies both sides."""
     import torch
 
-    from benchmarks.peers import PeerQuantizer
+    from tokenmill.benchmarks.peers import PeerQuantizer
 
     torch.manual_seed(seed)
     options = {"inv_temperature": LFQ_INV_TEMPERATURE} if family == "lfq" else {}
@@ -130,7 +130,7 @@ def _models(family: str, channels: int, seed: int):
     """(ours, peer): the same VQ-VAE weights, differing only in the quantizer module."""
     import torch
 
-    from models.vqvae import VQVAE, VQVAEConfig
+    from tokenmill.models.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(seed)
     config = VQVAEConfig(in_channels=channels, image_size=32, hidden=32, res_blocks=1, downsample=4,
@@ -170,8 +170,8 @@ def _validate(model, x) -> dict[str, float]:
     """Codebook usage over the whole split, PSNR and SSIM of its reconstructions."""
     import torch
 
-    from models.code_usage import CodebookStats
-    from models.image_metrics import psnr, ssim
+    from tokenmill.models.code_usage import CodebookStats
+    from tokenmill.models.image_metrics import psnr, ssim
 
     stages = getattr(model.quantizer, "num_stages", 1)
     stats, squared_error, ssim_sum = CodebookStats(model.codebook_size, stages), 0.0, 0.0

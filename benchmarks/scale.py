@@ -25,7 +25,7 @@ from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, output_folder, positive_int
+    from tokenmill.jobs.cli import add_json_option, output_folder, positive_int
 
     parser = subparsers.add_parser("scale", help="shard and tokenize N (1M) images: throughput, memory, objects",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,10 +63,10 @@ def tokenize_256(root: Path, n: int, batch_size: int) -> dict[str, Any]:
     configs/debug_vqvae_f16.yaml's x16 model (untrained: speed does not depend on training)."""
     import torch
 
-    from models.serialization import build_model, save_model
-    from pipeline.runtime.ray_connection import ensure_ray
-    from pipeline.shards.synthetic import photo_like_images, write_img2dataset_shards
-    from pipeline.training.config import load_train_config
+    from tokenmill.models.serialization import build_model, save_model
+    from tokenmill.pipeline.runtime.ray_connection import ensure_ray
+    from tokenmill.pipeline.shards.synthetic import photo_like_images, write_img2dataset_shards
+    from tokenmill.pipeline.training.config import load_train_config
 
     config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "debug_vqvae_f16.yaml")
     for start in range(0, n, 512):
@@ -88,9 +88,9 @@ def tokenize_256(root: Path, n: int, batch_size: int) -> dict[str, Any]:
 def benchmark(root: Path, n: int, workers: int, maxcount: int, batch_size: int) -> dict[str, Any]:
     import numpy as np
 
-    from benchmarks.harness import make_bench_tokenizer
-    from pipeline.runtime.ray_connection import ensure_ray
-    from pipeline.shards.synthetic import smooth_images
+    from tokenmill.benchmarks.harness import make_bench_tokenizer
+    from tokenmill.pipeline.runtime.ray_connection import ensure_ray
+    from tokenmill.pipeline.shards.synthetic import smooth_images
 
     quarter = max(1, n // 4)
     source = root / "images.npy"
@@ -119,8 +119,8 @@ def benchmark(root: Path, n: int, workers: int, maxcount: int, batch_size: int) 
 
 
 def _shard(src: str, dest: Path, maxcount: int, workers: int) -> dict[str, Any]:
-    from pipeline.shards.parallel_writer import write_shards_parallel
-    from pipeline.shards.writer import ShardSettings, write_shards
+    from tokenmill.pipeline.shards.parallel_writer import write_shards_parallel
+    from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
     settings = ShardSettings(maxcount=maxcount, val_fraction=0.0)
     started = time.perf_counter()
@@ -134,10 +134,10 @@ def _shard(src: str, dest: Path, maxcount: int, workers: int) -> dict[str, Any]:
 
 
 def _tokenize(model: Path, shards: Path, store: Path, batch_size: int) -> dict[str, Any]:
-    from benchmarks.harness import PeakRSS
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.benchmarks.harness import PeakRSS
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     with PeakRSS() as peak:
         started = time.perf_counter()
@@ -158,13 +158,13 @@ def rss_curve(model: Path, shards: Path, count: int, batch_size: int) -> list[fl
 
     import psutil
 
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.runtime.storage import join
-    from pipeline.shards.manifest import read_manifest
-    from pipeline.tokens.encode_unit import encode_unit
-    from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.runtime.storage import join
+    from tokenmill.pipeline.shards.manifest import read_manifest
+    from tokenmill.pipeline.tokens.encode_unit import encode_unit
+    from tokenmill.pipeline.tokens.extraction import ExtractionOptions, load_tokenizer
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     entries = read_manifest(str(shards), {})["shards"][:count]
     encoder = load_tokenizer(resolve_model(str(model)), ExtractionOptions.build(False, None, None, None))
@@ -185,9 +185,9 @@ def objects_for(samples: int, per_shard: int, arrays: list[dict[str, Any]]) -> d
     """Objects of a finished store of `samples` in input shards of `per_shard` with these token
     arrays (a store's `arrays` attribute), from the real layout (`plan_layout`) and store nodes
     (`store_objects`)."""
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store_format import ArraySpec
-    from pipeline.tokens.store_nodes import store_objects
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store_format import ArraySpec
+    from tokenmill.pipeline.tokens.store_nodes import store_objects
 
     specs = [ArraySpec(**dict(a, row_shape=tuple(a["row_shape"]))) for a in arrays]
 

@@ -23,7 +23,7 @@ BATCH = 256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, positive_int
+    from tokenmill.jobs.cli import add_json_option, positive_int
 
     parser = subparsers.add_parser(
         "stream", help="Ray Data shard stream vs a single-process webdataset + PIL loop (32x32 JPEGs)",
@@ -50,8 +50,8 @@ def _cpu_counts(text: str) -> list[int]:
 
 def make_shards(folder: str, images: int, shards: int) -> list[str]:
     """`images` smooth random 32x32 RGB images as JPEG shards under `folder`; their URLs."""
-    from pipeline.shards.manifest import shard_urls
-    from pipeline.shards.synthetic import smooth_images, write_image_shards
+    from tokenmill.pipeline.shards.manifest import shard_urls
+    from tokenmill.pipeline.shards.synthetic import smooth_images, write_image_shards
 
     dest = write_image_shards(smooth_images(images, seed=0), folder, "images", "jpg", maxcount=-(-images // shards))
     return shard_urls(dest)
@@ -77,8 +77,8 @@ def ray_stream(urls: list[str], num_cpus: int) -> tuple[int, float]:
     """(images, seconds) through open_stream with Ray limited to `num_cpus`, after a warm-up."""
     import ray
 
-    from pipeline.shards.images import TransformConfig
-    from pipeline.shards.stream import StreamConfig, open_stream
+    from tokenmill.pipeline.shards.images import TransformConfig
+    from tokenmill.pipeline.shards.stream import StreamConfig, open_stream
 
     config = StreamConfig(transform=TransformConfig(size=32, channels=3, resize="resize"), shuffle=False,
                           ordered=False)

@@ -49,8 +49,8 @@ TINY_KL = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBloc
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, output_folder, positive_int
-    from pipeline.tokenize.options import PRECISIONS, cli_type
+    from tokenmill.jobs.cli import add_json_option, output_folder, positive_int
+    from tokenmill.pipeline.tokenize.options import PRECISIONS, cli_type
 
     parser = subparsers.add_parser("tokenize", help="tokenize throughput vs compute limit and a naive loop",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _timed_run(run, count: int, limit, limits: list[float]) -> dict[str, Any]:
     """Time one tokenize run (`run()` -> TokenizeSummary) of `count` images with its peak RSS, then
     measure the compute limit again; efficiency is against the limits right before and after."""
-    from benchmarks.harness import PeakRSS
+    from tokenmill.benchmarks.harness import PeakRSS
 
     with PeakRSS() as peak:
         started = time.perf_counter()
@@ -102,11 +102,11 @@ def benchmark(root: Path, n: int, batch_size: int, actors: int | None, gpus: int
               precision: str = "fp32", decode_threads: int | None = None) -> dict[str, Any]:
     import torch
 
-    from benchmarks.harness import make_bench_tokenizer
-    from pipeline.runtime.ray_connection import ensure_ray
-    from pipeline.shards.synthetic import smooth_images, write_image_shards
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.benchmarks.harness import make_bench_tokenizer
+    from tokenmill.pipeline.runtime.ray_connection import ensure_ray
+    from tokenmill.pipeline.shards.synthetic import smooth_images, write_image_shards
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     cpus = os.cpu_count() or 1
     on_gpu = bool(gpus if gpus is not None else torch.cuda.is_available())
@@ -160,12 +160,12 @@ def benchmark_kl(root: Path, n: int, batch_size: int, actors: int | None) -> dic
     import torch
     from PIL import Image
 
-    from benchmarks.peers import fastdit_extract
-    from pipeline.runtime.ray_connection import ensure_ray
-    from pipeline.shards.synthetic import smooth_images, write_image_shards
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
-    from pipeline.tokens.diffusers_adapter import import_diffusers
+    from tokenmill.benchmarks.peers import fastdit_extract
+    from tokenmill.pipeline.runtime.ray_connection import ensure_ray
+    from tokenmill.pipeline.shards.synthetic import smooth_images, write_image_shards
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokens.diffusers_adapter import import_diffusers
 
     torch.manual_seed(0)
     model_dir = root / "kl"
@@ -213,7 +213,7 @@ class ComputeLimit:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        from models import load_model
+        from tokenmill.models import load_model
 
         self.model = load_model(self.model_dir, map_location=self.device).eval()
         if self.device != "cpu":
@@ -249,7 +249,7 @@ _LIMIT_MODEL = None  # the model of a ComputeLimit worker process
 def _load_limit_model(model_dir: str, threads: int) -> None:
     import torch
 
-    from models import load_model
+    from tokenmill.models import load_model
 
     global _LIMIT_MODEL
     torch.set_num_threads(threads)
@@ -268,7 +268,7 @@ def _encode_span(model, batch_size: int, n: int, device: str = "cpu", precision:
 
     import torch
 
-    from pipeline.tokens.encoder import PRECISIONS
+    from tokenmill.pipeline.tokens.encoder import PRECISIONS
 
     x = torch.rand(n, 3, 32, 32, device=device)
     dtype = PRECISIONS[precision]
@@ -311,7 +311,7 @@ def _naive_img_s(model_dir: Path, shards: str, batch_size: int, threads: int) ->
     import torch
     import webdataset as wds
 
-    from models import load_model
+    from tokenmill.models import load_model
 
     torch.set_num_threads(threads)
     model = load_model(model_dir).eval()
@@ -332,7 +332,7 @@ def _read_ratio(store: Path, batch: int = 256, batches: int = 400) -> dict[str, 
     import numpy as np
     import torch
 
-    from pipeline.tokens.dataset import TokenDataset
+    from tokenmill.pipeline.tokens.dataset import TokenDataset
 
     dataset = TokenDataset(str(store), split=None)
     codes = np.concatenate([dataset.batch(np.arange(i, min(i + 4096, len(dataset))))["tokens"].numpy()

@@ -29,7 +29,7 @@ VAL_IMAGES = 256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, positive_int
+    from tokenmill.jobs.cli import add_json_option, positive_int
 
     parser = subparsers.add_parser(
         "train", help="the Ray Train job (1 and 2 workers) vs a plain PyTorch loop, img/s on MNIST-5k",
@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     import torch
 
-    from pipeline.runtime.ray_connection import ensure_ray
-    from pipeline.shards.sources import load_builtin
-    from pipeline.training.config import load_train_config
-    from pipeline.training.precision import resolve_precision
+    from tokenmill.pipeline.runtime.ray_connection import ensure_ray
+    from tokenmill.pipeline.shards.sources import load_builtin
+    from tokenmill.pipeline.training.config import load_train_config
+    from tokenmill.pipeline.training.precision import resolve_precision
 
     cpus = os.cpu_count() or 1
     config = load_train_config(args.config, [*args.overrides, f"train.steps={args.steps}"])
@@ -97,11 +97,11 @@ def plain_img_per_s(config, images, labels, threads: int, device: str = "cpu") -
     """One process, the engine's step, shuffled in-memory batches; the first step is not timed."""
     import torch
 
-    from models.serialization import build_model
-    from pipeline.shards.stream import to_model_input
-    from pipeline.training.optim import Part
-    from pipeline.training.precision import resolve_precision
-    from pipeline.training.step import StepRunner, own_loss
+    from tokenmill.models.serialization import build_model
+    from tokenmill.pipeline.shards.stream import to_model_input
+    from tokenmill.pipeline.training.optim import Part
+    from tokenmill.pipeline.training.precision import resolve_precision
+    from tokenmill.pipeline.training.step import StepRunner, own_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
@@ -144,13 +144,13 @@ def _ray_datasets(train, val) -> dict[str, Any]:
 def ray_img_per_s(args: argparse.Namespace, root: str, datasets: dict[str, Any], workers: int,
                   cpus_per_worker: int) -> float:
     """Our training job's TorchTrainer; its reported `img_per_s` (all ranks)."""
-    from pipeline.registry import tracking
-    from pipeline.training.config import load_train_config
-    from pipeline.training.driver import build_torch_trainer
-    from pipeline.training.loop import LoopSpec
-    from pipeline.training.task import Inputs
-    from pipeline.training.tasks.image_data import ingest_config
-    from pipeline.training.tasks.tokenizer import TokenizerTask
+    from tokenmill.pipeline.registry import tracking
+    from tokenmill.pipeline.training.config import load_train_config
+    from tokenmill.pipeline.training.driver import build_torch_trainer
+    from tokenmill.pipeline.training.loop import LoopSpec
+    from tokenmill.pipeline.training.task import Inputs
+    from tokenmill.pipeline.training.tasks.image_data import ingest_config
+    from tokenmill.pipeline.training.tasks.tokenizer import TokenizerTask
 
     steps = args.steps
     config = load_train_config(args.config, [

@@ -27,7 +27,7 @@ class TrainResult:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, positive_float, positive_int
+    from tokenmill.jobs.cli import add_json_option, positive_float, positive_int
 
     parser = subparsers.add_parser(
         "vae", help="one-layer VAE vs hierarchical VAE on binarized MNIST-5k at equal training time",
@@ -54,8 +54,8 @@ def train(model, x, optim, budget_s: float | None = None, max_steps: int | None 
     """Train on dynamically binarized `x` until the time budget or the step count runs out."""
     import torch
 
-    from pipeline.training.optim import Part
-    from pipeline.training.step import StepRunner, own_loss
+    from tokenmill.pipeline.training.optim import Part
+    from tokenmill.pipeline.training.step import StepRunner, own_loss
 
     torch.manual_seed(seed)
     part = Part("model", model, model, optim)
@@ -71,7 +71,7 @@ def train(model, x, optim, budget_s: float | None = None, max_steps: int | None 
 
 def baseline_vae():
     """The classic one-stochastic-layer VAE (Kingma & Welling): MLP 512-512, 32 latents."""
-    from models.vae import GaussianVAE, VAEConfig
+    from tokenmill.models.vae import GaussianVAE, VAEConfig
 
     return GaussianVAE(VAEConfig(arch="mlp", hidden=512, latent_dim=32))
 
@@ -79,7 +79,7 @@ def baseline_vae():
 def hierarchical_vae():
     """Latent groups at 8x8, 4x4 and 2x2 (the stem folds 4x4 pixel patches into channels), so a
     training step costs only ~2.5x the MLP VAE's on a CPU."""
-    from models.hvae import HierarchicalVAE, HVAEConfig
+    from tokenmill.models.hvae import HierarchicalVAE, HVAEConfig
 
     return HierarchicalVAE(HVAEConfig(width=32, latent_channels=8, resolutions=(8, 4, 2)))
 
@@ -87,11 +87,11 @@ def hierarchical_vae():
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from models.image_metrics import importance_weighted_nll
-    from pipeline.training.optim import OptimConfig
+    from tokenmill.models.image_metrics import importance_weighted_nll
+    from tokenmill.pipeline.training.optim import OptimConfig
 
     torch.set_num_threads(args.threads)
-    from pipeline.shards.synthetic import mnist_tensors
+    from tokenmill.pipeline.shards.synthetic import mnist_tensors
 
     x_train, _ = mnist_tensors("train")
     x_val = binarize_fixed(mnist_tensors("val")[0], args.seed)

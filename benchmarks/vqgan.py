@@ -22,7 +22,7 @@ VAL_STRIDE = 32  # val crops overlap by half at 64 px: 96 crops
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, positive_float, positive_int
+    from tokenmill.jobs.cli import add_json_option, positive_float, positive_int
 
     parser = subparsers.add_parser(
         "vqgan", help="VQGAN on natural-image patches: recon loss alone vs + adversarial (+ perceptual)",
@@ -74,7 +74,7 @@ def _random_crops(photos, size: int, batch: int, generator):
 def _model(size: int, seed: int):
     import torch
 
-    from models.vqgan import VQGAN, VQGANConfig
+    from tokenmill.models.vqgan import VQGAN, VQGANConfig
 
     torch.manual_seed(seed)
     return VQGAN(VQGANConfig(image_size=size, base_channels=16, channel_mult=(1, 2, 2), res_blocks=1, latent_dim=16,
@@ -85,7 +85,7 @@ def _model(size: int, seed: int):
 def _train(model, loss, train, val, args, disc_start: int) -> dict[str, Any]:
     import torch
 
-    from models.image_metrics import ReconstructionMetrics
+    from tokenmill.models.image_metrics import ReconstructionMetrics
 
     runner, losses = _engine_step(model, loss, args)
     generator = torch.Generator().manual_seed(args.seed)  # the same batches for both runs
@@ -113,12 +113,12 @@ def _engine_step(model, loss, args):
 
     import torch
 
-    from pipeline.shards.stream import to_model_input
-    from pipeline.training.config import TrainJobConfig
-    from pipeline.training.context import LocalContext
-    from pipeline.training.optim import OptimConfig, Part
-    from pipeline.training.step import StepRunner, own_loss
-    from pipeline.training.tasks.adversarial import AdversarialTask
+    from tokenmill.pipeline.shards.stream import to_model_input
+    from tokenmill.pipeline.training.config import TrainJobConfig
+    from tokenmill.pipeline.training.context import LocalContext
+    from tokenmill.pipeline.training.optim import OptimConfig, Part
+    from tokenmill.pipeline.training.step import StepRunner, own_loss
+    from tokenmill.pipeline.training.tasks.adversarial import AdversarialTask
 
     optim = OptimConfig(lr=args.lr, betas=(0.5, 0.9), grad_clip=1.0, ema_decay=0.0)
     parts = {"model": Part("model", model, model, optim)}
@@ -135,9 +135,9 @@ def _engine_step(model, loss, args):
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from models.lpips import LPIPSWeights, missing_weights
-    from models.vqgan_loss import DiscriminatorConfig
-    from pipeline.training.config import VQGANLossConfig
+    from tokenmill.models.lpips import LPIPSWeights, missing_weights
+    from tokenmill.models.vqgan_loss import DiscriminatorConfig
+    from tokenmill.pipeline.training.config import VQGANLossConfig
 
     torch.set_num_threads(args.threads)
     if args.smoke:

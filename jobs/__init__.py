@@ -1,1 +1,1 @@
-"""Thin entry points: the `tokenmill` CLI and `python -m jobs.<name>` modules for Ray jobs."""
+"""Thin entry points: the `tokenmill` CLI and `python -m tokenmill.jobs.<name>` modules for Ray jobs."""

@@ -15,4 +15,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark and report it against its baseline")
     names = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name in BENCHMARKS:
-        importlib.import_module(f"benchmarks.{name}").register(names)
+        importlib.import_module(f"tokenmill.benchmarks.{name}").register(names)

@@ -19,18 +19,18 @@ from typing import Any, Callable
 
 # Order here is the order in `tokenmill --help`.
 COMMAND_MODULES = [
-    "jobs.demo",
-    "jobs.shard",
-    "jobs.inspect",
-    "jobs.train",
-    "jobs.tokenize",
-    "jobs.train_prior",
-    "jobs.retrain",
-    "jobs.decode",
-    "jobs.export",
-    "jobs.sample",
-    "jobs.eval",
-    "jobs.bench",
+    "tokenmill.jobs.demo",
+    "tokenmill.jobs.shard",
+    "tokenmill.jobs.inspect",
+    "tokenmill.jobs.train",
+    "tokenmill.jobs.tokenize",
+    "tokenmill.jobs.train_prior",
+    "tokenmill.jobs.retrain",
+    "tokenmill.jobs.decode",
+    "tokenmill.jobs.export",
+    "tokenmill.jobs.sample",
+    "tokenmill.jobs.eval",
+    "tokenmill.jobs.bench",
 ]
 
 EXIT_USER_ERROR = 2
@@ -117,7 +117,7 @@ def add_verbose_option(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def run_handler(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    from models.errors import UserError  # imports torch (models/__init__): not for --help or a bad argument
+    from tokenmill.models.errors import UserError  # imports torch (models/__init__): not for --help or a bad argument
 
     try:
         result = handler(args)
@@ -129,7 +129,7 @@ def run_handler(handler: Callable[[argparse.Namespace], Any], args: argparse.Nam
         return 130
     if getattr(args, "json", None):
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        from pipeline.runtime.redaction import redact
+        from tokenmill.pipeline.runtime.redaction import redact
 
         plain = redact(result.to_json() if hasattr(result, "to_json") else result)
         args.json.write_text(json.dumps(plain, indent=2, sort_keys=True, default=str) + "\n")
@@ -137,7 +137,7 @@ def run_handler(handler: Callable[[argparse.Namespace], Any], args: argparse.Nam
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.runtime import console, faults
+    from tokenmill.pipeline.runtime import console, faults
 
     args = build_parser().parse_args(argv)
     console.set_verbose(args.verbose)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def module_main(command: str) -> int:
-    """`python -m jobs.<command> ARGS` (what `ray job submit` runs) is `tokenmill <command> ARGS`."""
+    """`python -m tokenmill.jobs.<command> ARGS` (what `ray job submit` runs) is `tokenmill <command> ARGS`."""
     return main([command, *sys.argv[1:]])
 
 

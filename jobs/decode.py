@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jobs.cli import add_json_option, output_folder
+from tokenmill.jobs.cli import add_json_option, output_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.tokens.detokenize import detokenize_store
+    from tokenmill.pipeline.tokens.detokenize import detokenize_store
 
     start, stop = _parse_rows(args.rows)
     paths = detokenize_store(args.store, args.out, start, stop, split=args.split, model_ref=args.model,
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parse_rows(text: str) -> tuple[int, int]:
-    from models.errors import UserError
+    from tokenmill.models.errors import UserError
 
     try:
         a, b = (int(v) for v in text.split(":"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jobs.cli import add_json_option, output_folder, positive_int
-from pipeline import demo
+from tokenmill.jobs.cli import add_json_option, output_folder, positive_int
+from tokenmill.pipeline import demo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,10 +10,10 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from jobs.cli import add_json_option, json_object, output_folder, positive_int
+from tokenmill.jobs.cli import add_json_option, json_object, output_folder, positive_int
 
 if TYPE_CHECKING:
-    from pipeline.tokenizer_eval import EvalSummary
+    from tokenmill.pipeline.tokenizer_eval import EvalSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,8 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> EvalSummary:
-    from models.lpips import LPIPSWeights
-    from pipeline.tokenizer_eval import EvalOptions, evaluate
+    from tokenmill.models.lpips import LPIPSWeights
+    from tokenmill.pipeline.tokenizer_eval import EvalOptions, evaluate
 
     options = EvalOptions(batch_size=args.batch_size, lpips=LPIPSWeights(args.lpips_vgg, args.lpips_lin, verify_sha256=False),
                           inception_path=args.inception, storage_options=args.storage_options,
@@ -55,6 +55,6 @@ def run(args: argparse.Namespace) -> EvalSummary:
 
 
 if __name__ == "__main__":
-    from jobs.cli import module_main
+    from tokenmill.jobs.cli import module_main
 
     sys.exit(module_main("eval"))

@@ -12,10 +12,10 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from jobs.cli import add_json_option, json_object, positive_int
+from tokenmill.jobs.cli import add_json_option, json_object, positive_int
 
 if TYPE_CHECKING:
-    from pipeline.tokens.export import ExportSummary
+    from tokenmill.pipeline.tokens.export import ExportSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> ExportSummary:
-    from pipeline.tokens.export import export_store
+    from tokenmill.pipeline.tokens.export import export_store
 
     summary = export_store(
         args.store, args.fmt, args.out, split=args.split, add_bos=args.bos, class_token=args.class_token,
@@ -49,6 +49,6 @@ def run(args: argparse.Namespace) -> ExportSummary:
 
 
 if __name__ == "__main__":
-    from jobs.cli import module_main
+    from tokenmill.jobs.cli import module_main
 
     sys.exit(module_main("export"))

@@ -20,7 +20,7 @@ class Inspector(NamedTuple):
 
 
 def _is_shards(url: str, storage_options: dict | None) -> bool:
-    from pipeline.runtime.storage import filesystem, join
+    from tokenmill.pipeline.runtime.storage import filesystem, join
 
     if url.endswith((".tar", "manifest.json")):
         return True
@@ -31,7 +31,7 @@ def _is_shards(url: str, storage_options: dict | None) -> bool:
 def inspect_shards(url: str, args: argparse.Namespace) -> dict[str, Any]:
     """Counts, splits, formats and image statistics; with --verify every shard is re-read:
     sha256 and count against the manifest, every member decoded, problems listed by key."""
-    from pipeline.shards.verify import inspect_shards as describe
+    from tokenmill.pipeline.shards.verify import inspect_shards as describe
 
     result = describe(url, args.storage_options, args.verify)
     print(f"{url}: {result['shards']} shards, {result['samples']} samples")
@@ -49,7 +49,7 @@ def inspect_shards(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _is_token_store(url: str, storage_options: dict | None) -> bool:
-    from pipeline.runtime.storage import filesystem, join
+    from tokenmill.pipeline.runtime.storage import filesystem, join
 
     fs, path = filesystem(url, storage_options)
     return fs.isfile(join(path, "zarr.json"))
@@ -57,7 +57,7 @@ def _is_token_store(url: str, storage_options: dict | None) -> bool:
 
 def inspect_token_store(url: str, args: argparse.Namespace) -> dict[str, Any]:
     """Shape, dtype and chunking of every array, lineage, progress and codebook statistics."""
-    from pipeline.tokens.store import describe_store
+    from tokenmill.pipeline.tokens.store import describe_store
 
     result = describe_store(url, args.storage_options)
     lineage = result["lineage"]
@@ -80,7 +80,7 @@ INSPECTORS = [Inspector("shards", _is_shards, inspect_shards),
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, json_object
+    from tokenmill.jobs.cli import add_json_option, json_object
 
     parser = subparsers.add_parser(
         "inspect", help="summarize shards (optionally verify them) or a token store",
@@ -95,8 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from models.errors import UserError
-    from pipeline.runtime.storage import filesystem
+    from tokenmill.models.errors import UserError
+    from tokenmill.pipeline.runtime.storage import filesystem
 
     fs, path = filesystem(args.target, args.storage_options)
     if not fs.exists(path):

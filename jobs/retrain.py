@@ -1,4 +1,4 @@
-"""`tokenmill retrain CONFIG [--set k=v ...] [--json PATH]` and `python -m jobs.retrain CONFIG`.
+"""`tokenmill retrain CONFIG [--set k=v ...] [--json PATH]` and `python -m tokenmill.jobs.retrain CONFIG`.
 
 One champion/challenger round (`pipeline.registry.retrain` says what happens). A failed step
 leaves the alias where it was and exits 1 with one line naming the step (2 for a user mistake).
@@ -11,10 +11,10 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from jobs.cli import add_config_options, add_json_option
+from tokenmill.jobs.cli import add_config_options, add_json_option
 
 if TYPE_CHECKING:
-    from pipeline.registry.retrain import RetrainResult
+    from tokenmill.pipeline.registry.retrain import RetrainResult
 
 EXIT_FAILED = 1
 
@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> RetrainResult:
-    from pipeline.registry.config import load_retrain_config
-    from pipeline.registry.retrain import StepFailed, retrain
+    from tokenmill.pipeline.registry.config import load_retrain_config
+    from tokenmill.pipeline.registry.retrain import StepFailed, retrain
 
     config = load_retrain_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
     try:
@@ -47,6 +47,6 @@ def run(args: argparse.Namespace) -> RetrainResult:
 
 
 if __name__ == "__main__":
-    from jobs.cli import module_main
+    from tokenmill.jobs.cli import module_main
 
     sys.exit(module_main("retrain"))

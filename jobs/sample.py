@@ -5,7 +5,7 @@ an autoregressive one (`kind: prior`) or a MaskGIT one (`kind: maskgit`; `--step
 Its lineage.json names the tokenizer (checked by weights sha256); `--tokenizer` replaces it after a
 compatibility check. Writes DIR/samples.png (one row per class), DIR/codes.npy and DIR/labels.npy.
 
-Also `python -m jobs.sample ...`.
+Also `python -m tokenmill.jobs.sample ...`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from jobs.cli import add_json_option, nonnegative_int, output_folder, positive_float, positive_int
+from tokenmill.jobs.cli import add_json_option, nonnegative_int, output_folder, positive_float, positive_int
 
 if TYPE_CHECKING:
-    from pipeline.prior.sampling import SampleSummary
+    from tokenmill.pipeline.prior.sampling import SampleSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> SampleSummary:
-    from pipeline.prior.sampling import SampleOptions, sample_prior
+    from tokenmill.pipeline.prior.sampling import SampleOptions, sample_prior
 
     options = SampleOptions(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, steps=args.steps)
@@ -55,6 +55,6 @@ def run(args: argparse.Namespace) -> SampleSummary:
 
 
 if __name__ == "__main__":
-    from jobs.cli import module_main
+    from tokenmill.jobs.cli import module_main
 
     sys.exit(module_main("sample"))

@@ -16,7 +16,7 @@ from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.cli import add_json_option, json_object
+    from tokenmill.jobs.cli import add_json_option, json_object
 
     parser = subparsers.add_parser(
         "shard", help="write images as WebDataset shards with a manifest (or `shard index URL`)",
@@ -51,10 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from models.errors import UserError
-    from pipeline.config import validate
-    from pipeline.shards.manifest import index_shards, manifest_url, write_manifest
-    from pipeline.shards.writer import ShardSettings, write_shards
+    from tokenmill.models.errors import UserError
+    from tokenmill.pipeline.config import validate
+    from tokenmill.pipeline.shards.manifest import index_shards, manifest_url, write_manifest
+    from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
     if args.src == "index":
         manifest, problems = index_shards(args.dest, args.storage_options, split=args.split,
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.workers > 1:
-        from pipeline.shards.parallel_writer import write_shards_parallel
+        from tokenmill.pipeline.shards.parallel_writer import write_shards_parallel
 
         summary = write_shards_parallel(args.src, args.dest, settings, args.storage_options, args.workers,
                                         progress=not args.no_progress)

@@ -6,7 +6,7 @@ a few consecutive ones in very large stores) through a Ray Data actor pool: each
 model and writes its unit's rows and marker (`pipeline.tokens.encode_unit`). Finally the driver merges the markers into the report
 and codebook statistics. Killed anywhere, the same command resumes and ends with the same arrays.
 
-Also `python -m jobs.tokenize ...`.
+Also `python -m tokenmill.jobs.tokenize ...`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from jobs.cli import add_json_option
-from pipeline.tokenize.options import PRECISIONS, cli_type
+from tokenmill.jobs.cli import add_json_option
+from tokenmill.pipeline.tokenize.options import PRECISIONS, cli_type
 
 if TYPE_CHECKING:
-    from pipeline.tokenize.driver import TokenizeSummary
+    from tokenmill.pipeline.tokenize.driver import TokenizeSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> TokenizeSummary:
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     options = TokenizeOptions(
         batch_size=args.batch_size, overwrite=args.overwrite, latents=args.latents or False, size=args.size,
@@ -72,6 +72,6 @@ def run(args: argparse.Namespace) -> TokenizeSummary:
 
 
 if __name__ == "__main__":
-    from jobs.cli import module_main
+    from tokenmill.jobs.cli import module_main
 
     sys.exit(module_main("tokenize"))

@@ -1,4 +1,4 @@
-"""`tokenmill train CONFIG [--set k=v ...]` and `python -m jobs.train CONFIG` (for `ray job submit`).
+"""`tokenmill train CONFIG [--set k=v ...]` and `python -m tokenmill.jobs.train CONFIG` (for `ray job submit`).
 
 Driver side of training: validate the config and the data before Ray starts, create (or
 find, when resuming) the MLflow run, start Ray Train's TorchTrainer over the streamed shards,
@@ -11,10 +11,10 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from jobs.cli import add_config_options, add_json_option
+from tokenmill.jobs.cli import add_config_options, add_json_option
 
 if TYPE_CHECKING:
-    from pipeline.training.driver import TrainSummary
+    from tokenmill.pipeline.training.driver import TrainSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> TrainSummary:
-    from pipeline.training.config import load_train_config
-    from pipeline.training.driver import train
+    from tokenmill.pipeline.training.config import load_train_config
+    from tokenmill.pipeline.training.driver import train
 
     config = load_train_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
     summary = train(config)
@@ -48,6 +48,6 @@ def _print_summary(summary: TrainSummary) -> None:
 
 
 if __name__ == "__main__":
-    from jobs.cli import module_main
+    from tokenmill.jobs.cli import module_main
 
     sys.exit(module_main("train"))

@@ -1,4 +1,4 @@
-"""`tokenmill train-prior CONFIG [--set k=v ...]` and `python -m jobs.train_prior CONFIG`.
+"""`tokenmill train-prior CONFIG [--set k=v ...]` and `python -m tokenmill.jobs.train_prior CONFIG`.
 
 Train a Transformer prior over a token store's codes with Ray Train DDP, tracked in MLflow
 (the training engine's prior task: pipeline/training/tasks/prior.py).
@@ -10,10 +10,10 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from jobs.cli import add_config_options, add_json_option
+from tokenmill.jobs.cli import add_config_options, add_json_option
 
 if TYPE_CHECKING:
-    from pipeline.training.driver import TrainSummary
+    from tokenmill.pipeline.training.driver import TrainSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> TrainSummary:
-    from pipeline.prior.config import load_prior_config
-    from pipeline.training.driver import train_prior
+    from tokenmill.pipeline.prior.config import load_prior_config
+    from tokenmill.pipeline.training.driver import train_prior
 
     config = load_prior_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
     summary = train_prior(config)
@@ -44,6 +44,6 @@ def run(args: argparse.Namespace) -> TrainSummary:
 
 
 if __name__ == "__main__":
-    from jobs.cli import module_main
+    from tokenmill.jobs.cli import module_main
 
     sys.exit(module_main("train-prior"))

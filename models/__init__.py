@@ -3,7 +3,7 @@
 Importing `models` registers every model class for `build_model` / `load_model`.
 """
 
-from models import (  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, HierarchicalVAE
+from tokenmill.models import (  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, HierarchicalVAE
     hvae,
     masked_prior,  # noqa: E402,F401  registers MaskGITPrior
     prior,  # noqa: E402,F401  registers TransformerPrior
@@ -12,7 +12,7 @@ from models import (  # noqa: E402,F401  registers GaussianVAE, ConditionalVAE, 
     vqgan,  # noqa: E402,F401  registers VQGAN
     vqvae,  # noqa: E402,F401  registers VQVAE, VQVAE2
 )
-from models.errors import UserError
-from models.serialization import build_model, load_model, register_model, save_model
+from tokenmill.models.errors import UserError
+from tokenmill.models.serialization import build_model, load_model, register_model, save_model
 
 __all__ = ["UserError", "build_model", "load_model", "register_model", "save_model"]

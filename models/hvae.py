@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.gaussian import kl_normal, log_normal
-from models.likelihoods import make_likelihood
-from models.serialization import register_model
-from models.vae import VAEOutput, assemble_output
+from tokenmill.models.gaussian import kl_normal, log_normal
+from tokenmill.models.likelihoods import make_likelihood
+from tokenmill.models.serialization import register_model
+from tokenmill.models.vae import VAEOutput, assemble_output
 
 LOG_SCALE_BOUND = 5.0
 

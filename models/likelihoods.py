@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 LikelihoodName = Literal["bernoulli", "gaussian", "dlogistic"]
 LIKELIHOODS = ("bernoulli", "gaussian", "dlogistic")

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 VGG_FILE = "vgg16-397923af.pth"
 LIN_FILE = "lpips_vgg_v0.1.pth"

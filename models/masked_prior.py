@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.prior import (
+from tokenmill.models.prior import (
     Block,
     PriorConfig,
     TransformerPrior,
@@ -44,7 +44,7 @@ from models.prior import (
     sample_logits,
     sampling_autocast,
 )
-from models.serialization import register_model
+from tokenmill.models.serialization import register_model
 
 EVAL_MASK_SEED = 0  # eval-mode masks: the same for every validation, so val losses compare
 

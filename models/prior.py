@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.serialization import register_model
+from tokenmill.models.serialization import register_model
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

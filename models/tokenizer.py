@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.code_usage import code_counts, usage_and_perplexity
-from models.quantizers import Collectives, QuantizerConfig, set_collectives
+from tokenmill.models.code_usage import code_counts, usage_and_perplexity
+from tokenmill.models.quantizers import Collectives, QuantizerConfig, set_collectives
 
 
 def quantizer_config(value: QuantizerConfig | dict) -> QuantizerConfig:

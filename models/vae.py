@@ -13,11 +13,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.gaussian import kl_standard_normal, log_normal, log_standard_normal, reparameterize
-from models.image_metrics import bits_per_dim
-from models.likelihoods import make_likelihood
-from models.schedules import free_bits_rate
-from models.serialization import register_model
+from tokenmill.models.gaussian import kl_standard_normal, log_normal, log_standard_normal, reparameterize
+from tokenmill.models.image_metrics import bits_per_dim
+from tokenmill.models.likelihoods import make_likelihood
+from tokenmill.models.schedules import free_bits_rate
+from tokenmill.models.serialization import register_model
 
 
 @dataclass

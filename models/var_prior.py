@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.prior import (
+from tokenmill.models.prior import (
     Block,
     KVCache,
     PriorConfig,
@@ -51,7 +51,7 @@ from models.prior import (
     sample_logits,
     sampling_autocast,
 )
-from models.serialization import register_model
+from tokenmill.models.serialization import register_model
 
 MULTISCALE_HINT = "tokenize with a multi-scale tokenizer (quantizer kind multiscale)"
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.quantizers import QuantizerConfig, build_quantizer, check_scales
-from models.serialization import register_model
-from models.tokenizer import GridTokenizer, VQOutput, code_metrics, quantizer_config, to_first, to_last
+from tokenmill.models.quantizers import QuantizerConfig, build_quantizer, check_scales
+from tokenmill.models.serialization import register_model
+from tokenmill.models.tokenizer import GridTokenizer, VQOutput, code_metrics, quantizer_config, to_first, to_last
 
 
 @dataclass

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.image_metrics import psnr
-from models.layers import conv_decoder, conv_encoder, upsample
-from models.quantizers import QuantizerConfig, build_quantizer, check_scales
-from models.serialization import register_model
-from models.tokenizer import (
+from tokenmill.models.image_metrics import psnr
+from tokenmill.models.layers import conv_decoder, conv_encoder, upsample
+from tokenmill.models.quantizers import QuantizerConfig, build_quantizer, check_scales
+from tokenmill.models.serialization import register_model
+from tokenmill.models.tokenizer import (
     GridTokenizer,
     Tokenizer,
     VQOutput,

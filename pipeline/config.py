@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 T = TypeVar("T", bound=pydantic.BaseModel)
 

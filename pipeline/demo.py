@@ -50,12 +50,12 @@ class DemoSummary:
 
 def run_demo(root: Path, steps: int, workers: int, prior_steps: int = 600) -> DemoSummary:
     """Shard MNIST-5k, train, tokenize, decode, train a prior and sample it under `root`."""
-    from pipeline.shards.writer import write_shards
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
-    from pipeline.tokens.detokenize import detokenize_store
-    from pipeline.training.config import load_train_config
-    from pipeline.training.driver import train
+    from tokenmill.pipeline.shards.writer import write_shards
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokens.detokenize import detokenize_store
+    from tokenmill.pipeline.training.config import load_train_config
+    from tokenmill.pipeline.training.driver import train
 
     started = time.perf_counter()
     root = root.resolve()
@@ -95,9 +95,9 @@ def run_demo(root: Path, steps: int, workers: int, prior_steps: int = 600) -> De
 def _train_and_sample_prior(root: Path, store_url: str, steps: int, workers: int, tracking_uri: str):
     """Steps 5 and 6: the prior (configs/prior_mnist.yaml, tracked in the demo's MLflow store) and
     8 sampled digits per class from it, decoded by the tokenizer its lineage names."""
-    from pipeline.prior.config import load_prior_config
-    from pipeline.prior.sampling import SampleOptions, sample_prior
-    from pipeline.training.driver import train_prior
+    from tokenmill.pipeline.prior.config import load_prior_config
+    from tokenmill.pipeline.prior.sampling import SampleOptions, sample_prior
+    from tokenmill.pipeline.training.driver import train_prior
 
     config = load_prior_config(PRIOR_PRESET, [
         f"data.store={store_url}", f"run.root={root}", "run.name=demo-prior", f"train.steps={steps}",

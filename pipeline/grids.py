@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.latent_ops import make_grid
+from tokenmill.models.latent_ops import make_grid
 
 
 def save_png_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = 8, padding: int = 2) -> Path:

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.code_usage import CodebookStats
-from models.errors import UserError
-from models.image_metrics import ReconstructionMetrics
-from models.lpips import LIN_SHA256, LPIPS, VGG_SHA256, LPIPSWeights, missing_weights, resolve_lpips_weights
-from models.tokenizer import code_scales, counted_levels
-from pipeline.grids import save_png_grid
-from pipeline.shards.manifest import shards_for_split
-from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
+from tokenmill.models.code_usage import CodebookStats
+from tokenmill.models.errors import UserError
+from tokenmill.models.image_metrics import ReconstructionMetrics
+from tokenmill.models.lpips import LIN_SHA256, LPIPS, VGG_SHA256, LPIPSWeights, missing_weights, resolve_lpips_weights
+from tokenmill.models.tokenizer import code_scales, counted_levels
+from tokenmill.pipeline.grids import save_png_grid
+from tokenmill.pipeline.shards.manifest import shards_for_split
+from tokenmill.pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
 
 PROTOCOL_VERSION = "tokenmill-eval/1"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception
@@ -67,8 +67,8 @@ class EvalOptions:
 
 
 def evaluate(model_ref: str, data: str, split: str, out_dir: str | Path, options: EvalOptions) -> EvalSummary:
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.tokens.encoder import model_transform
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.tokens.encoder import model_transform
 
     tracking_uri = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     files = resolve_model(model_ref, tracking_uri, options.storage_options)
@@ -107,7 +107,7 @@ def _protocol(transform, options: EvalOptions, meta: dict[str, Any]) -> dict[str
         "version": PROTOCOL_VERSION,
         "transform": transform.model_dump(mode="json"),  # resize / crop to the model's size, no randomness
         "reconstruction": "model eval forward = decode(encode(x)), clamped to [0, 1]",
-        "evaluator": "models.image_metrics.ReconstructionMetrics: per-image MSE and PSNR (dB, peak 1), SSIM "
+        "evaluator": "tokenmill.models.image_metrics.ReconstructionMetrics: per-image MSE and PSNR (dB, peak 1), SSIM "
                      "(Gaussian 11/1.5, reflect padding, as torchmetrics), hf_ratio (FFT power above 0.25 "
                      "cycles/px, recon/original); float64 sums over every image",
         "codebook": "counts over the whole split; usage = codes used / K, perplexity = exp(H), entropy in bits",
@@ -178,7 +178,7 @@ def _lpips(weights: LPIPSWeights) -> tuple[LPIPS | None, str | dict[str, str]]:
 
 def _inception(path: str | None) -> tuple[Any, str | dict[str, str]]:
     """torch-fidelity's FID Inception from a local weights file, or (None, "unavailable: why")."""
-    from models.lpips import hub_checkpoints, sha256_of
+    from tokenmill.models.lpips import hub_checkpoints, sha256_of
 
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -204,7 +204,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 def _log_to_mlflow(summary: EvalSummary, tracking_uri: str) -> str:
     import mlflow
 
-    from pipeline.registry.tracking import flatten
+    from tokenmill.pipeline.registry.tracking import flatten
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("tokenmill-eval")

@@ -13,13 +13,13 @@ from typing import Literal
 
 from torch import nn
 
-from models.quantizers.collectives import Collectives, distributed_collectives, set_collectives
-from models.quantizers.fsq import FSQ
-from models.quantizers.lfq import BSQ, LFQ
-from models.quantizers.multiscale import MultiScaleQuantizer, check_scales
-from models.quantizers.residual_vq import ResidualVQ
-from models.quantizers.simvq import SimVQ
-from models.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer
+from tokenmill.models.quantizers.collectives import Collectives, distributed_collectives, set_collectives
+from tokenmill.models.quantizers.fsq import FSQ
+from tokenmill.models.quantizers.lfq import BSQ, LFQ
+from tokenmill.models.quantizers.multiscale import MultiScaleQuantizer, check_scales
+from tokenmill.models.quantizers.residual_vq import ResidualVQ
+from tokenmill.models.quantizers.simvq import SimVQ
+from tokenmill.models.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.quantizers.collectives import Collectives
+from tokenmill.models.quantizers.collectives import Collectives
 
 
 def bit_entropy(logits: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from models.quantizers.vector_quantizer import QuantizerOutput, straight_through
+from tokenmill.models.quantizers.vector_quantizer import QuantizerOutput, straight_through
 
 
 class FSQ(nn.Module):

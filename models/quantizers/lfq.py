@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.quantizers.collectives import Collectives
-from models.quantizers.entropy import entropy_penalty
-from models.quantizers.vector_quantizer import QuantizerOutput, straight_through
+from tokenmill.models.quantizers.collectives import Collectives
+from tokenmill.models.quantizers.entropy import entropy_penalty
+from tokenmill.models.quantizers.vector_quantizer import QuantizerOutput, straight_through
 
 
 class LFQ(nn.Module):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer, straight_through
+from tokenmill.models.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer, straight_through
 
 _VAR_LIKE_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 24, 32)  # for the example in error messages
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer, straight_through
+from tokenmill.models.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer, straight_through
 
 
 class ResidualVQ(nn.Module):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.quantizers.rotation import rotation_trick
-from models.quantizers.vector_quantizer import QuantizerOutput, straight_through
+from tokenmill.models.quantizers.rotation import rotation_trick
+from tokenmill.models.quantizers.vector_quantizer import QuantizerOutput, straight_through
 
 
 class SimVQ(nn.Module):

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.quantizers.collectives import Collectives, sample_rows
-from models.quantizers.rotation import rotation_trick
+from tokenmill.models.quantizers.collectives import Collectives, sample_rows
+from tokenmill.models.quantizers.rotation import rotation_trick
 
 
 @dataclass

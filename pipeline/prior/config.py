@@ -18,12 +18,12 @@ from typing import Any, Iterable, Literal, Optional
 
 import pydantic
 
-from models.masked_prior import MaskGITConfig
-from models.prior import PriorConfig
-from models.var_prior import VARConfig
-from pipeline.config import StrictModel, load_config
-from pipeline.training.config import JobConfig, LoopSection, RunSection, TrackingSection
-from pipeline.training.optim import OptimConfig
+from tokenmill.models.masked_prior import MaskGITConfig
+from tokenmill.models.prior import PriorConfig
+from tokenmill.models.var_prior import VARConfig
+from tokenmill.pipeline.config import StrictModel, load_config
+from tokenmill.pipeline.training.config import JobConfig, LoopSection, RunSection, TrackingSection
+from tokenmill.pipeline.training.optim import OptimConfig
 
 FROM_STORE = ("codebook_size", "num_classes", "grid")  # None in the config: the store's
 

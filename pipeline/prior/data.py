@@ -24,8 +24,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from models.errors import UserError
-from pipeline.tokens.dataset import TokenDataset
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.tokens.dataset import TokenDataset
 
 MIB = 1 << 20
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 LINEAGE_FILE = "lineage.json"
 KEYS = ("store_url", "tokenizer_uri", "tokenizer_sha256", "vocab", "grid")

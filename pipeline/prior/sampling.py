@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.errors import UserError
-from models.prior import PriorConfig
-from pipeline.grids import save_png_grid
-from pipeline.prior.lineage import LINEAGE_FILE, parse_prior_lineage
-from pipeline.registry.model_ref import resolve_model
-from pipeline.tokens.detokenize import resolve_recorded_model
+from tokenmill.models.errors import UserError
+from tokenmill.models.prior import PriorConfig
+from tokenmill.pipeline.grids import save_png_grid
+from tokenmill.pipeline.prior.lineage import LINEAGE_FILE, parse_prior_lineage
+from tokenmill.pipeline.registry.model_ref import resolve_model
+from tokenmill.pipeline.tokens.detokenize import resolve_recorded_model
 
 DECODE_BATCH = 256
 

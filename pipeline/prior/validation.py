@@ -42,8 +42,8 @@ def sample_grid(prior: torch.nn.Module, tokenizer: torch.nn.Module, sample, seed
     """Sample `sample.per_class` sequences per class (`sample`: the config's sample section; an
     unconditional prior gets `sample.rows` rows), decode them with `tokenizer` (`tokenmill sample`'s
     own steps) and write one PNG row per class at `path`."""
-    from pipeline.grids import save_png_grid
-    from pipeline.prior.sampling import SampleOptions, codes_to_images, draw_codes, sample_labels
+    from tokenmill.pipeline.grids import save_png_grid
+    from tokenmill.pipeline.prior.sampling import SampleOptions, codes_to_images, draw_codes, sample_labels
 
     was_training = prior.training
     prior.eval()

@@ -22,9 +22,9 @@ from typing import Literal, Optional
 
 import pydantic
 
-from models.serialization import model_class_for_kind
-from pipeline.config import ConfigError, StrictModel, load_config
-from pipeline.training.config import TrainJobConfig
+from tokenmill.models.serialization import model_class_for_kind
+from tokenmill.pipeline.config import ConfigError, StrictModel, load_config
+from tokenmill.pipeline.training.config import TrainJobConfig
 
 # The score each model family is judged by on the fixed validation shards (pipeline.training.tasks.image_validation).
 VQ_METRIC, VAE_METRIC = "val/psnr", "val/nll_nats"

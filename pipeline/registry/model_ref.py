@@ -21,9 +21,9 @@ from typing import Any
 import fsspec
 import torch
 
-from models.errors import UserError
-from models.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model, read_model_config
-from pipeline.registry import tracking
+from tokenmill.models.errors import UserError
+from tokenmill.models.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model, read_model_config
+from tokenmill.pipeline.registry import tracking
 
 _MLFLOW_PREFIXES = ("runs:/", "models:/")
 

@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from models.errors import UserError
-from pipeline.registry.config import VAE_METRIC, VQ_METRIC, RetrainConfig
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.registry.config import VAE_METRIC, VQ_METRIC, RetrainConfig
 
 TAG = "tokenmill.retrain."
 DECIDED = "tokenmill.decided/"
@@ -41,8 +41,8 @@ def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str,
     """Validation metrics of model `model_ref` (e.g. models:/name/3) on the fixed shards."""
     import torch
 
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.training.tasks import image_validation
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.training.tasks import image_validation
 
     model, _ = resolve_model(model_ref, tracking_uri, config.data.storage_options).load()
     torch.manual_seed(config.validation.seed)  # the IW samples of VAEs: same draws for every model
@@ -52,9 +52,9 @@ def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str,
 
 def validation_shard_urls(config: RetrainConfig) -> list[str]:
     """The fixed validation split's shard URLs; UserError when its manifest is missing."""
-    from pipeline.shards.manifest import shards_for_split
-    from pipeline.shards.sources import BUILTIN_SOURCES
-    from pipeline.training.tasks.image_data import materialize_builtin
+    from tokenmill.pipeline.shards.manifest import shards_for_split
+    from tokenmill.pipeline.shards.sources import BUILTIN_SOURCES
+    from tokenmill.pipeline.training.tasks.image_data import materialize_builtin
 
     shards = config.validation.shards
     if shards in BUILTIN_SOURCES:  # sharded once under run.root/shards/<name>, like a train config's data
@@ -64,7 +64,7 @@ def validation_shard_urls(config: RetrainConfig) -> list[str]:
 
 def _validation_batches(config: RetrainConfig) -> Iterator[dict[str, Any]]:
     """The fixed split in manifest order, decoded as training decodes validation data."""
-    from pipeline.shards.stream import StreamConfig, check_shards, iter_shard_batches
+    from tokenmill.pipeline.shards.stream import StreamConfig, check_shards, iter_shard_batches
 
     section, options = config.validation, config.data.storage_options
     urls = validation_shard_urls(config)
@@ -120,7 +120,7 @@ def decided(client, name: str, data_version: str) -> dict[str, str] | None:
 
 def record(client, name: str, version: str, run_id: str, tags: dict[str, str]) -> None:
     """Tag the challenger's model version and its run alike (keys prefixed with `tokenmill.retrain.`)."""
-    from pipeline.runtime.redaction import redact
+    from tokenmill.pipeline.runtime.redaction import redact
 
     for key, value in redact(tags).items():
         client.set_model_version_tag(name, version, TAG + key, value)

@@ -25,10 +25,10 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Iterator
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 if TYPE_CHECKING:
-    from pipeline.training.driver import TrainSummary
+    from tokenmill.pipeline.training.driver import TrainSummary
 
 
 class StepFailed(RuntimeError):
@@ -75,9 +75,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def retrain(config) -> RetrainResult:
-    from pipeline.registry import lock as registry_lock
-    from pipeline.registry import promotion, tracking
-    from pipeline.shards.versions import newest_version
+    from tokenmill.pipeline.registry import lock as registry_lock
+    from tokenmill.pipeline.registry import promotion, tracking
+    from tokenmill.pipeline.shards.versions import newest_version
 
     name, alias = config.registered_model, config.promotion.alias
     with step("finding the newest data version"):  # data first: a wrong prefix fails before any work
@@ -131,7 +131,7 @@ def retrain(config) -> RetrainResult:
 
 
 def _train(train_config) -> TrainSummary:
-    from pipeline.training.driver import train
+    from tokenmill.pipeline.training.driver import train
 
     return train(train_config)
 
@@ -142,8 +142,8 @@ def _warm_start_ref(config, champion: str | None, tracking_uri: str) -> str | No
     architecture differs from `model` (a changed config trains from scratch, and says so)."""
     if not (config.promotion.warm_start and champion):
         return None
-    from models.serialization import build_model
-    from pipeline.registry.model_ref import resolve_model
+    from tokenmill.models.serialization import build_model
+    from tokenmill.pipeline.registry.model_ref import resolve_model
 
     ref = f"models:/{config.registered_model}/{champion}"
     weights = resolve_model(ref, tracking_uri).load()[0].state_dict()
@@ -157,10 +157,10 @@ def _warm_start_ref(config, champion: str | None, tracking_uri: str) -> str | No
 
 def _retokenize(config, client, tracking_uri: str, data, version: str, run_id: str) -> str:
     """Tokenize data version `data` with model `version` into its own store; resumable."""
-    from pipeline.registry import promotion
-    from pipeline.runtime.storage import join
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.registry import promotion
+    from tokenmill.pipeline.runtime.storage import join
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     name = config.registered_model
     store = join(config.retokenize.out_prefix, f"{data.name}/{name}-v{version}")
@@ -178,7 +178,7 @@ def _already_decided(config, client, tracking_uri: str, data, record: dict[str, 
                      result: RetrainResult) -> RetrainResult:
     """A rerun for a decided data version does nothing, except finish the re-tokenization of a
     promotion whose tokenize step failed."""
-    from pipeline.registry.promotion import TAG
+    from tokenmill.pipeline.registry.promotion import TAG
 
     version = record["model_version"]
     tags = client.get_model_version(config.registered_model, version).tags

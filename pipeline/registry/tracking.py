@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 RUN_NAME_TAG = "tokenmill.run_name"
 MODEL_ARTIFACT = "model"

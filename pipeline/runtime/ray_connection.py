@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pipeline.runtime import console
+from tokenmill.pipeline.runtime import console
 
 
 def ensure_ray() -> None:

@@ -18,7 +18,7 @@ import random
 import time
 from typing import Callable, Iterator, TypeVar
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 T = TypeVar("T")
 ATTEMPTS = 5

@@ -19,8 +19,8 @@ import numpy as np
 import pydantic
 from PIL import Image
 
-from pipeline.config import StrictModel
-from pipeline.shards.problems import (
+from tokenmill.pipeline.config import StrictModel
+from tokenmill.pipeline.shards.problems import (
     CORRUPT_IMAGE,
     DECOMPRESSION_BOMB,
     EMPTY_IMAGE,

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.shards.stream import (
+from tokenmill.pipeline.shards.stream import (
     StreamConfig,
     buffer_shuffle,
     check_shards,

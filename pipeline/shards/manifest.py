@@ -24,12 +24,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from models.errors import UserError
-from pipeline.runtime.storage import filesystem, join
-from pipeline.shards.images import native_pixels
-from pipeline.shards.problems import BAD_CLS, BAD_JSON, ShardError
-from pipeline.shards.reader import ShardSample, read_samples
-from pipeline.shards.wds_io import HashingReader
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.runtime.storage import filesystem, join
+from tokenmill.pipeline.shards.images import native_pixels
+from tokenmill.pipeline.shards.problems import BAD_CLS, BAD_JSON, ShardError
+from tokenmill.pipeline.shards.reader import ShardSample, read_samples
+from tokenmill.pipeline.shards.wds_io import HashingReader
 
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")

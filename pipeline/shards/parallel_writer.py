@@ -18,10 +18,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from models.errors import UserError
-from pipeline.runtime.storage import join
-from pipeline.shards.manifest import SPLITS, read_manifest, write_manifest
-from pipeline.shards.writer import ShardSettings, _ShardJob, default_maxcount, plan
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.runtime.storage import join
+from tokenmill.pipeline.shards.manifest import SPLITS, read_manifest, write_manifest
+from tokenmill.pipeline.shards.writer import ShardSettings, _ShardJob, default_maxcount, plan
 
 
 def worker_shard_name(prefix: str, split: str, worker: int, index: int) -> str:
@@ -44,7 +44,7 @@ class ShardWriterActor:
 
     def __init__(self, source, dest: str, settings: ShardSettings, storage_options: dict | None, worker: int,
                  records: dict[str, list[int]], resume: dict[str, tuple[int, int]]):
-        from pipeline.runtime import faults
+        from tokenmill.pipeline.runtime import faults
 
         faults.install_from_env()  # tests: storage faults in this worker process too
         self.job = _ShardJob(source, dest, settings, storage_options)
@@ -88,8 +88,8 @@ def write_shards_parallel(src: str, dest: str, settings: ShardSettings | None, s
     import ray
     from tqdm import tqdm
 
-    from pipeline.runtime.ray_connection import ensure_ray
-    from pipeline.shards.sources import open_source
+    from tokenmill.pipeline.runtime.ray_connection import ensure_ray
+    from tokenmill.pipeline.shards.sources import open_source
 
     settings = settings or ShardSettings()
     if settings.maxcount is None:

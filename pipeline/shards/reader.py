@@ -20,10 +20,10 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.runtime.storage import filesystem
-from pipeline.shards.images import DecodeError, Draw, TransformConfig, decode_image
-from pipeline.shards.problems import NO_IMAGE, ShardError
-from pipeline.shards.wds_io import Sample, TarDamage, iter_samples
+from tokenmill.pipeline.runtime.storage import filesystem
+from tokenmill.pipeline.shards.images import DecodeError, Draw, TransformConfig, decode_image
+from tokenmill.pipeline.shards.problems import NO_IMAGE, ShardError
+from tokenmill.pipeline.shards.wds_io import Sample, TarDamage, iter_samples
 
 # (key, image member extension, image bytes) -> uint8 pixels; raises DecodeError.
 Decoder = Callable[[str, str, bytes], np.ndarray]

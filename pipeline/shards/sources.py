@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 BUILTIN_SOURCES = ("builtin:mnist5k", "builtin:digits")
 
@@ -170,7 +170,7 @@ def _as_uint8(images: np.ndarray, src: str) -> np.ndarray:
 def _folder_source(src: str, class_from_subfolder: bool, storage_options: dict | None) -> ImageSource:
     import fsspec
 
-    from pipeline.shards.images import DecodeError, native_pixels
+    from tokenmill.pipeline.shards.images import DecodeError, native_pixels
 
     fs, root = fsspec.core.url_to_fs(src, **(storage_options or {}))
     if not fs.isdir(root):

@@ -34,13 +34,13 @@ import numpy as np
 import pydantic
 import ray
 
-from models.errors import UserError
-from pipeline.config import StrictModel
-from pipeline.runtime.storage import filesystem
-from pipeline.shards.images import TransformConfig
-from pipeline.shards.manifest import read_manifest
-from pipeline.shards.problems import NO_IMAGE, ShardError, kind_of
-from pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.config import StrictModel
+from tokenmill.pipeline.runtime.storage import filesystem
+from tokenmill.pipeline.shards.images import TransformConfig
+from tokenmill.pipeline.shards.manifest import read_manifest
+from tokenmill.pipeline.shards.problems import NO_IMAGE, ShardError, kind_of
+from tokenmill.pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
 
 if TYPE_CHECKING:
     import torch

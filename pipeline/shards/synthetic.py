@@ -14,7 +14,7 @@ def mnist_tensors(split: str):
     """MNIST-5k `split` as float (N, 1, 32, 32) grey levels in [0, 1] and int64 labels (N,)."""
     import torch
 
-    from pipeline.shards.sources import load_builtin
+    from tokenmill.pipeline.shards.sources import load_builtin
 
     data = load_builtin("builtin:mnist5k").split(split)
     x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255.0
@@ -36,7 +36,7 @@ def write_image_shards(images: np.ndarray, root: str | Path, name: str, image_fo
                        maxcount: int = 2500) -> str:
     """Write `images` (N, H, W, C) uint8 as train-only shards in `root/shards-<name>` (once; a
     rerun finds them); returns the shard folder."""
-    from pipeline.shards.writer import ShardSettings, write_shards
+    from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
     root = Path(root)
     dest = root / f"shards-{name}"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.runtime.storage import join
-from pipeline.shards.manifest import finalize, index_shards, manifest_url, read_manifest, scan_shard
-from pipeline.shards.problems import COUNT_DIFFERS, SHA256_DIFFERS, SHARD_MISSING, ShardError, reason
+from tokenmill.pipeline.runtime.storage import join
+from tokenmill.pipeline.shards.manifest import finalize, index_shards, manifest_url, read_manifest, scan_shard
+from tokenmill.pipeline.shards.problems import COUNT_DIFFERS, SHA256_DIFFERS, SHARD_MISSING, ShardError, reason
 
 
 def inspect_shards(url: str, storage_options: dict | None = None, verify: bool = False) -> dict[str, Any]:

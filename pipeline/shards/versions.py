@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from models.errors import UserError
-from pipeline.runtime.storage import filesystem, join
-from pipeline.shards.manifest import manifest_identity, read_manifest
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.runtime.storage import filesystem, join
+from tokenmill.pipeline.shards.manifest import manifest_identity, read_manifest
 
 # Version names end up in MLflow tag keys and store URLs: keep them to a portable alphabet.
 VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

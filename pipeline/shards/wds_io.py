@@ -18,10 +18,10 @@ from typing import Iterator
 
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.runtime.storage_retry import is_transient
-from pipeline.shards.images import IMAGE_EXTENSIONS
-from pipeline.shards.problems import EMPTY_TAR, NOT_A_TAR, TRUNCATED_TAR, reason
-from pipeline.shards.tar_reader import TarFormatError, iter_files
+from tokenmill.pipeline.runtime.storage_retry import is_transient
+from tokenmill.pipeline.shards.images import IMAGE_EXTENSIONS
+from tokenmill.pipeline.shards.problems import EMPTY_TAR, NOT_A_TAR, TRUNCATED_TAR, reason
+from tokenmill.pipeline.shards.tar_reader import TarFormatError, iter_files
 
 
 @dataclass

@@ -31,14 +31,14 @@ import pydantic
 import webdataset as wds
 from PIL import Image
 
-from models.errors import UserError
-from pipeline.config import StrictModel
-from pipeline.runtime.storage import filesystem, join
-from pipeline.runtime.storage_retry import retry_storage
-from pipeline.shards.images import DecodeError, to_8bit
-from pipeline.shards.manifest import SPLITS, ImageStats, read_manifest, write_manifest
-from pipeline.shards.sources import BUILTIN_SOURCES, ImageSource, open_source
-from pipeline.shards.wds_io import HashingWriter
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.config import StrictModel
+from tokenmill.pipeline.runtime.storage import filesystem, join
+from tokenmill.pipeline.runtime.storage_retry import retry_storage
+from tokenmill.pipeline.shards.images import DecodeError, to_8bit
+from tokenmill.pipeline.shards.manifest import SPLITS, ImageStats, read_manifest, write_manifest
+from tokenmill.pipeline.shards.sources import BUILTIN_SOURCES, ImageSource, open_source
+from tokenmill.pipeline.shards.wds_io import HashingWriter
 
 
 class ShardSettings(StrictModel):

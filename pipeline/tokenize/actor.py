@@ -11,8 +11,8 @@ import json
 import time
 from typing import Any
 
-from pipeline.tokenize.options import TokenizeOptions
-from pipeline.tokenize.pool import PoolPlan
+from tokenmill.pipeline.tokenize.options import TokenizeOptions
+from tokenmill.pipeline.tokenize.pool import PoolPlan
 
 
 class ShardEncoderActor:
@@ -22,10 +22,10 @@ class ShardEncoderActor:
         import ray
         import torch
 
-        from models.errors import UserError
-        from pipeline.runtime import faults
-        from pipeline.tokens.extraction import load_tokenizer
-        from pipeline.tokens.store import TokenStore
+        from tokenmill.models.errors import UserError
+        from tokenmill.pipeline.runtime import faults
+        from tokenmill.pipeline.tokens.extraction import load_tokenizer
+        from tokenmill.pipeline.tokens.store import TokenStore
 
         faults.install_from_env()  # tests: storage faults in this actor (the driver forwards the variable)
         use_gpu = bool(plan.num_gpus)
@@ -42,9 +42,9 @@ class ShardEncoderActor:
         self.worker = {"node": ray.get_runtime_context().get_node_id()}  # in each marker: who wrote the unit
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.runtime.storage_retry import StorageError, retry_storage
-        from pipeline.tokens.encode_unit import encode_unit
-        from pipeline.tokens.layout import WorkUnit
+        from tokenmill.pipeline.runtime.storage_retry import StorageError, retry_storage
+        from tokenmill.pipeline.tokens.encode_unit import encode_unit
+        from tokenmill.pipeline.tokens.layout import WorkUnit
 
         started = time.time()
         unit = WorkUnit.from_json(json.loads(batch["unit"][0]))

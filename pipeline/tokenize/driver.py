@@ -17,11 +17,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from pipeline.tokenize.options import TokenizeOptions
+from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
 if TYPE_CHECKING:
-    from pipeline.tokens.layout import WorkUnit
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.tokens.layout import WorkUnit
+    from tokenmill.pipeline.tokens.store import TokenStore
 
 
 @dataclasses.dataclass
@@ -52,10 +52,10 @@ def tokenize_dataset(model_ref: str, shards_url: str, store_url: str,
     `options` say (checked when they were built; the defaults when None): the latent mode,
     preprocessing and augmentation (`pipeline.tokens.extraction`), the actor pool
     (`pipeline.tokenize.pool.plan_pool`) and the encoder's autocast precision."""
-    from pipeline.runtime.storage_retry import retry_storage
-    from pipeline.tokens.extraction import load_tokenizer, resolve_tokenizer, tokenizer_lineage
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import TokenStore, tokenmill_version
+    from tokenmill.pipeline.runtime.storage_retry import retry_storage
+    from tokenmill.pipeline.tokens.extraction import load_tokenizer, resolve_tokenizer, tokenizer_lineage
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import TokenStore, tokenmill_version
 
     options = options or TokenizeOptions()
     files = resolve_tokenizer(model_ref, options.tracking_uri, options.storage_options)
@@ -89,9 +89,15 @@ def tokenize_dataset(model_ref: str, shards_url: str, store_url: str,
 def _manifest_shards(shards_url: str, options: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     """Manifest shard entries with absolute URLs (indexing and writing the manifest when it is
     missing) and the manifest's identity, which decides the store's contents."""
-    from models.errors import UserError
-    from pipeline.runtime.storage import join
-    from pipeline.shards.manifest import index_shards, manifest_identity, manifest_url, read_manifest, write_manifest
+    from tokenmill.models.errors import UserError
+    from tokenmill.pipeline.runtime.storage import join
+    from tokenmill.pipeline.shards.manifest import (
+        index_shards,
+        manifest_identity,
+        manifest_url,
+        read_manifest,
+        write_manifest,
+    )
 
     manifest = read_manifest(shards_url, options)
     if manifest is None:
@@ -112,10 +118,10 @@ def _run_actors(pending: list[WorkUnit], store: TokenStore, rows_per_zarr_shard:
     import ray
     from tqdm import tqdm
 
-    from pipeline.runtime import faults
-    from pipeline.runtime.ray_connection import ensure_ray, quiet_ray_data_logs
-    from pipeline.tokenize.actor import ShardEncoderActor
-    from pipeline.tokenize.pool import local_cores, plan_pool
+    from tokenmill.pipeline.runtime import faults
+    from tokenmill.pipeline.runtime.ray_connection import ensure_ray, quiet_ray_data_logs
+    from tokenmill.pipeline.tokenize.actor import ShardEncoderActor
+    from tokenmill.pipeline.tokenize.pool import local_cores, plan_pool
 
     ensure_ray()
     # The bar below reports progress; Ray Data's own bars and per-run INFO lines would repeat it.
@@ -141,7 +147,7 @@ def _run_actors(pending: list[WorkUnit], store: TokenStore, rows_per_zarr_shard:
             first_unit = min(first_unit, float(row["started"]))
             bar.update(int(row["shards"]))
     if failed:
-        from pipeline.runtime.storage_retry import StorageError
+        from tokenmill.pipeline.runtime.storage_retry import StorageError
 
         raise StorageError(failed[0] + (f" ({len(failed) - 1} more work units failed)" if len(failed) > 1 else ""))
     return encoded, first_unit

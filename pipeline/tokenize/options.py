@@ -17,7 +17,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from pipeline.tokens.extraction import ExtractionOptions
+    from tokenmill.pipeline.tokens.extraction import ExtractionOptions
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # the encoder's autocast dtype; codes are still chosen in fp32
 
@@ -87,7 +87,7 @@ class TokenizeOptions:
     extraction: ExtractionOptions = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from models.errors import UserError
+        from tokenmill.models.errors import UserError
 
         for name, check in CHECKS.items():
             value = getattr(self, name)
@@ -97,7 +97,7 @@ class TokenizeOptions:
                 check(value)
             except ValueError as err:
                 raise UserError(f"--{name.replace('_', '-')} {err}") from None
-        from pipeline.tokens.extraction import ExtractionOptions
+        from tokenmill.pipeline.tokens.extraction import ExtractionOptions
 
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
         # latents, size, crop, augment: a UserError naming the option

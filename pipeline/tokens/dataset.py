@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.errors import UserError
-from pipeline.tokens.store_rows import StoreRows
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.tokens.store_rows import StoreRows
 
 
 class TokenDataset(StoreRows):
@@ -42,7 +42,7 @@ class TokenDataset(StoreRows):
         specs = [s for s in arrays if s["codebook_size"] is not None]
         if not specs:
             raise UserError(f"{store_url} holds latents, not codes; read it with "
-                            "pipeline.tokens.latent_dataset.LatentDataset")
+                            "tokenmill.pipeline.tokens.latent_dataset.LatentDataset")
         return specs
 
     @property

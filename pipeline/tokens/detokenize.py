@@ -19,8 +19,8 @@ def resolve_recorded_model(ref: str, weights_sha256: str, owner: str, hint: str,
                            storage_options: dict | None = None):
     """The model `ref` (a `ModelFiles`) after checking its weights are the ones `owner` (a store,
     a prior) recorded in its lineage; UserError ending with `hint` when they are not."""
-    from models.errors import UserError
-    from pipeline.tokens.extraction import resolve_tokenizer
+    from tokenmill.models.errors import UserError
+    from tokenmill.pipeline.tokens.extraction import resolve_tokenizer
 
     files = resolve_tokenizer(ref, tracking_uri, storage_options)
     if files.weights_sha256 != weights_sha256:
@@ -33,7 +33,7 @@ def detokenize_store(store_url: str, out: Path, start: int, stop: int, *, split:
                  model_ref: str | None = None, tracking_uri: str | None = None,
                  storage_options: dict | None = None) -> list[Path]:
     """Decode items [start, stop) of `store_url` and write them as PNG grids of 64 under `out`."""
-    from pipeline.grids import save_png_grid
+    from tokenmill.pipeline.grids import save_png_grid
 
     decoder = StoreDecoder(store_url, model_ref=model_ref, tracking_uri=tracking_uri,
                            storage_options=storage_options)
@@ -49,9 +49,9 @@ class StoreDecoder:
 
     def __init__(self, store_url: str, *, model_ref: str | None = None, tracking_uri: str | None = None,
                  storage_options: dict | None = None):
-        from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer
-        from pipeline.tokens.store import TokenStore
-        from pipeline.tokens.store_rows import store_variants
+        from tokenmill.pipeline.tokens.extraction import ExtractionOptions, load_tokenizer
+        from tokenmill.pipeline.tokens.store import TokenStore
+        from tokenmill.pipeline.tokens.store_rows import store_variants
 
         self.url, self.store = store_url, TokenStore(store_url, storage_options)
         attrs = self.store.token_attrs()
@@ -65,8 +65,8 @@ class StoreDecoder:
     def images(self, start: int, stop: int, split: str | None = None):
         import numpy as np
 
-        from models.errors import UserError
-        from pipeline.tokens.extraction import decode_rows
+        from tokenmill.models.errors import UserError
+        from tokenmill.pipeline.tokens.extraction import decode_rows
 
         items = self.store.item_rows(split)
         rows = items[start:stop]

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.errors import UserError
-from pipeline.shards.images import TransformConfig
-from pipeline.tokens.store_format import ArraySpec, codes_dtype
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.shards.images import TransformConfig
+from tokenmill.pipeline.tokens.store_format import ArraySpec, codes_dtype
 
 PREFIX = "diffusers:"
 CONFIG_FILE = "config.json"

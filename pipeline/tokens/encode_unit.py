@@ -15,12 +15,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.runtime import faults
-from pipeline.shards.images import TransformConfig
-from pipeline.shards.reader import good_samples, pixels_decoder, read_shard_threaded, sample_batches
-from pipeline.tokens import store_code_stats
-from pipeline.tokens.layout import WorkUnit
-from pipeline.tokens.store import TokenStore
+from tokenmill.pipeline.runtime import faults
+from tokenmill.pipeline.shards.images import TransformConfig
+from tokenmill.pipeline.shards.reader import good_samples, pixels_decoder, read_shard_threaded, sample_batches
+from tokenmill.pipeline.tokens import store_code_stats
+from tokenmill.pipeline.tokens.layout import WorkUnit
+from tokenmill.pipeline.tokens.store import TokenStore
 
 PREFETCH_BATCHES = 2
 

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.errors import UserError
-from pipeline.registry.model_ref import ModelFiles
-from pipeline.shards.images import TransformConfig
-from pipeline.tokens.latent_groups import latent_names, split_latents
-from pipeline.tokens.store_format import ArraySpec, codes_dtype
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.registry.model_ref import ModelFiles
+from tokenmill.pipeline.shards.images import TransformConfig
+from tokenmill.pipeline.tokens.latent_groups import latent_names, split_latents
+from tokenmill.pipeline.tokens.store_format import ArraySpec, codes_dtype
 
 
 def model_transform(meta: dict[str, Any]) -> TransformConfig:

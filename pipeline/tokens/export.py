@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import UserError
-from pipeline.runtime.redaction import redact
-from pipeline.runtime.storage import filesystem
-from pipeline.tokens.dataset import TokenDataset
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.runtime.redaction import redact
+from tokenmill.pipeline.runtime.storage import filesystem
+from tokenmill.pipeline.tokens.dataset import TokenDataset
 
 FORMATS = ("megatron", "parquet")
 SPLITS = ("train", "val", "all")

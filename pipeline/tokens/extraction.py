@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.errors import UserError
-from pipeline.tokens.diffusers_adapter import PREFIX, DiffusersFiles, DiffusersTokenizer, resolve_diffusers
-from pipeline.tokens.latent_groups import join_latents
-from pipeline.tokens.store_format import ArraySpec
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.tokens.diffusers_adapter import PREFIX, DiffusersFiles, DiffusersTokenizer, resolve_diffusers
+from tokenmill.pipeline.tokens.latent_groups import join_latents
+from tokenmill.pipeline.tokens.store_format import ArraySpec
 
 LATENT_MODES = ("mean", "sample")
 CROPS = ("center", "resize")
@@ -60,7 +60,7 @@ def resolve_tokenizer(ref: str, tracking_uri: str | None = None, storage_options
     """`ModelFiles` (native models: paths, runs:/, models:/) or `DiffusersFiles` (`diffusers:`)."""
     if ref.startswith(PREFIX):
         return resolve_diffusers(ref, storage_options)
-    from pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.registry.model_ref import resolve_model
 
     return resolve_model(ref, tracking_uri, storage_options)
 
@@ -72,7 +72,7 @@ def load_tokenizer(files, options: ExtractionOptions, device: str = "cpu", preci
     if isinstance(files, DiffusersFiles):
         tokenizer = DiffusersTokenizer(files, options.latents, device, options.size, options.crop)
     else:
-        from pipeline.tokens.encoder import TokenEncoder
+        from tokenmill.pipeline.tokens.encoder import TokenEncoder
 
         if options.size is not None or options.crop is not None:
             raise UserError("--size/--crop apply to diffusers: models; a tokenmill model uses the transform "
@@ -107,7 +107,7 @@ def tokenizer_lineage(files, tokenizer, options: ExtractionOptions) -> dict[str,
 def _scales_lineage(tokenizer) -> dict[str, Any]:
     """`{"scales": [s, ...]}`: the side of each level's token map, in level order (coarse to
     fine), for a multi-scale tokenizer (VAR: one shared codebook); empty for any other."""
-    from models.tokenizer import code_scales
+    from tokenmill.models.tokenizer import code_scales
 
     scales = code_scales(getattr(tokenizer, "model", None))
     return {"scales": list(scales)} if scales else {}

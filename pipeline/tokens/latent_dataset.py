@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from models.errors import UserError
-from pipeline.tokens.store_rows import StoreRows
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.tokens.store_rows import StoreRows
 
 
 class LatentDataset(StoreRows):

@@ -39,14 +39,14 @@ import fsspec
 import numpy as np
 import zarr
 
-from models.errors import UserError
-from pipeline.runtime import faults
-from pipeline.runtime.redaction import redact
-from pipeline.tokens import store_code_stats, store_nodes
-from pipeline.tokens.layout import Layout, WorkUnit
-from pipeline.tokens.objects import is_local, put_object, put_objects
-from pipeline.tokens.store_format import FORMAT_VERSION, MARKERS, REPORT, ArraySpec
-from pipeline.tokens.store_nodes import valid_chunk_rows
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.runtime import faults
+from tokenmill.pipeline.runtime.redaction import redact
+from tokenmill.pipeline.tokens import store_code_stats, store_nodes
+from tokenmill.pipeline.tokens.layout import Layout, WorkUnit
+from tokenmill.pipeline.tokens.objects import is_local, put_object, put_objects
+from tokenmill.pipeline.tokens.store_format import FORMAT_VERSION, MARKERS, REPORT, ArraySpec
+from tokenmill.pipeline.tokens.store_nodes import valid_chunk_rows
 
 # Lineage entries that may differ between runs writing one store: the same weights reached by
 # another URI (runs:/ vs models:/name@alias), the same manifest under another URL, or a newer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.code_usage import usage_and_perplexity
+from tokenmill.models.code_usage import usage_and_perplexity
 
 
 def count_codes(codes: np.ndarray, codebook_size: int) -> np.ndarray:

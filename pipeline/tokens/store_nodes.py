@@ -18,8 +18,8 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 
-from pipeline.tokens.layout import Layout
-from pipeline.tokens.store_format import MARKERS, REPORT, ROW_DIM, SHARD_DIM, ArraySpec
+from tokenmill.pipeline.tokens.layout import Layout
+from tokenmill.pipeline.tokens.store_format import MARKERS, REPORT, ROW_DIM, SHARD_DIM, ArraySpec
 
 _ROW_AXES = {2: ("h", "w"), 3: ("channel", "h", "w")}
 # `valid` (driver-written) is chunked in about this many rows, whole Zarr shards: a few objects

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.errors import UserError
-from pipeline.tokens.chunk_cache import ChunkCache
-from pipeline.tokens.store import TokenStore
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.tokens.chunk_cache import ChunkCache
+from tokenmill.pipeline.tokens.store import TokenStore
 
 
 def store_variants(lineage: dict[str, Any]) -> int:

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import fsspec
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 LOCAL_PROTOCOLS = {"file", "local"}
 LOCAL_TRACKING_SCHEMES = {"", "file", "sqlite"}
@@ -28,7 +28,7 @@ def cluster_nodes() -> int:
     head with num-cpus 0, its workers autoscaled in later) counts as a cluster too: work lands elsewhere."""
     import ray
 
-    from pipeline.runtime.ray_connection import ensure_ray
+    from tokenmill.pipeline.runtime.ray_connection import ensure_ray
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         return 1

@@ -14,15 +14,15 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import pydantic
 
-import models  # noqa: F401 - registers every model class
-from models.lpips import LPIPSWeights
-from models.schedules import KLSchedule
-from models.serialization import registered_models
-from models.vqgan_loss import DiscriminatorConfig
-from pipeline.config import StrictModel, load_config
-from pipeline.shards.images import TransformConfig
-from pipeline.training.optim import OptimConfig
-from pipeline.training.precision import Precision
+import tokenmill.models  # noqa: F401 - registers every model class
+from tokenmill.models.lpips import LPIPSWeights
+from tokenmill.models.schedules import KLSchedule
+from tokenmill.models.serialization import registered_models
+from tokenmill.models.vqgan_loss import DiscriminatorConfig
+from tokenmill.pipeline.config import StrictModel, load_config
+from tokenmill.pipeline.shards.images import TransformConfig
+from tokenmill.pipeline.training.optim import OptimConfig
+from tokenmill.pipeline.training.precision import Precision
 
 
 def _model_union() -> Any:

@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.runtime import faults
-from pipeline.training.loop import LoopSpec
-from pipeline.training.task import Inputs, Task
+from tokenmill.pipeline.runtime import faults
+from tokenmill.pipeline.training.loop import LoopSpec
+from tokenmill.pipeline.training.task import Inputs, Task
 
 # Environment the driver forwards to training workers: fault injection (tests) and S3 endpoint.
 # Never credentials: a runtime env is visible to every dashboard / state-API user of a shared
@@ -53,15 +53,15 @@ class TrainSummary:
 
 def train(config) -> TrainSummary:
     """`tokenmill train`: a tokenizer; with a `loss` section, the adversarial (VQGAN) task."""
-    from pipeline.training.tasks.adversarial import AdversarialTask
-    from pipeline.training.tasks.tokenizer import TokenizerTask
+    from tokenmill.pipeline.training.tasks.adversarial import AdversarialTask
+    from tokenmill.pipeline.training.tasks.tokenizer import TokenizerTask
 
     return fit(AdversarialTask(config) if config.loss is not None else TokenizerTask(config))
 
 
 def train_prior(config) -> TrainSummary:
     """`tokenmill train-prior`: a Transformer prior over a token store."""
-    from pipeline.training.tasks.prior import PriorTask
+    from tokenmill.pipeline.training.tasks.prior import PriorTask
 
     return fit(PriorTask(config))
 
@@ -69,7 +69,7 @@ def train_prior(config) -> TrainSummary:
 def fit(task: Task) -> TrainSummary:
     """Check, track, train (on Ray, or in this process with `scaling.in_process`), export and
     register `task`'s model."""
-    from pipeline.registry import tracking
+    from tokenmill.pipeline.registry import tracking
 
     config = task.config
     tracking_uri, run_id = _checked_run(task)
@@ -93,8 +93,8 @@ def _train_on_ray(task: Task, spec: LoopSpec, model_dir: Path) -> tuple[str, dic
     `model_dir`. Returns (that checkpoint's path on `run.storage_path`, its metrics, the inputs)."""
     import ray.data
 
-    from pipeline.runtime.ray_connection import ensure_ray
-    from pipeline.training.progress import TrainProgress
+    from tokenmill.pipeline.runtime.ray_connection import ensure_ray
+    from tokenmill.pipeline.training.progress import TrainProgress
 
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints its own progress line
@@ -115,9 +115,9 @@ def _train_in_process(task: Task, spec: LoopSpec, model_dir: Path) -> tuple[str,
     exported to `model_dir`."""
     import torch
 
-    from pipeline.training.context import LocalContext
-    from pipeline.training.loop import run_rank
-    from pipeline.training.progress import TrainProgress
+    from tokenmill.pipeline.training.context import LocalContext
+    from tokenmill.pipeline.training.loop import run_rank
+    from tokenmill.pipeline.training.progress import TrainProgress
 
     config = task.config
     inputs = task.inputs(in_process=True)
@@ -133,10 +133,10 @@ def _train_in_process(task: Task, spec: LoopSpec, model_dir: Path) -> tuple[str,
 
 def _checked_run(task: Task) -> tuple[str, str]:
     """Every check before Ray starts, then the MLflow run: (tracking URI, run id)."""
-    from pipeline.config import to_plain
-    from pipeline.registry import tracking
-    from pipeline.runtime.redaction import redact
-    from pipeline.training.cluster_check import check_cluster_storage, check_local_gpus
+    from tokenmill.pipeline.config import to_plain
+    from tokenmill.pipeline.registry import tracking
+    from tokenmill.pipeline.runtime.redaction import redact
+    from tokenmill.pipeline.training.cluster_check import check_cluster_storage, check_local_gpus
 
     config = task.config
     check_cluster_storage(config, task.shared_data())  # node-local paths on a multi-node cluster
@@ -146,7 +146,7 @@ def _checked_run(task: Task) -> tuple[str, str]:
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, run_dir)
     tags = task.prepare(tracking_uri)  # the task's inputs: every problem stops the job here
     if config.train.init_from:  # a warm start that cannot load fails here, not later on every rank
-        from pipeline.training.loop import load_initial_weights
+        from tokenmill.pipeline.training.loop import load_initial_weights
 
         module, _ = next(iter(task.build().values()))
         load_initial_weights(module, config.train.init_from, tracking_uri)
@@ -163,7 +163,7 @@ def build_torch_trainer(task: Task, spec: LoopSpec, inputs: Inputs):
     """The TorchTrainer that runs the engine's loop for `task` on every worker."""
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.training.loop import ray_train_loop
+    from tokenmill.pipeline.training.loop import ray_train_loop
 
     config = task.config
     return TorchTrainer(

@@ -25,16 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.errors import UserError
-from models.quantizers.collectives import distributed_collectives, set_collectives
-from pipeline.runtime import faults
-from pipeline.training.context import RankContext, RayTrainContext
-from pipeline.training.optim import Part
-from pipeline.training.precision import configure_device_math, resolve_precision
-from pipeline.training.reporting import RankZeroLogger
-from pipeline.training.state import TrainState, gather_rng_states, load_train_state, save_train_state
-from pipeline.training.step import StepResult, StepRunner
-from pipeline.training.task import Task
+from tokenmill.models.errors import UserError
+from tokenmill.models.quantizers.collectives import distributed_collectives, set_collectives
+from tokenmill.pipeline.runtime import faults
+from tokenmill.pipeline.training.context import RankContext, RayTrainContext
+from tokenmill.pipeline.training.optim import Part
+from tokenmill.pipeline.training.precision import configure_device_math, resolve_precision
+from tokenmill.pipeline.training.reporting import RankZeroLogger
+from tokenmill.pipeline.training.state import TrainState, gather_rng_states, load_train_state, save_train_state
+from tokenmill.pipeline.training.step import StepResult, StepRunner
+from tokenmill.pipeline.training.task import Task
 
 
 @dataclasses.dataclass
@@ -49,7 +49,7 @@ class LoopSpec:
 
 def ray_train_loop(loop_config: dict[str, Any]) -> None:
     """What Ray Train's TorchTrainer runs on every worker: {"task": Task, "spec": LoopSpec}."""
-    from pipeline.runtime.ray_connection import quiet_ray_data_logs
+    from tokenmill.pipeline.runtime.ray_connection import quiet_ray_data_logs
 
     faults.install_from_env()  # tests: storage faults in this worker process too
     quiet_ray_data_logs()  # rank 0 prints progress; a line per validation pass would bury it
@@ -229,7 +229,7 @@ def load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str | 
     """Copy the weights of model `ref` into `module` (strict: the architectures must match).
     Every rank resolves `ref` itself, so it works on nodes that never saw the driver's disk; the
     driver calls it once on a fresh model before Ray starts, so a bad `ref` is a UserError at once."""
-    from pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.registry.model_ref import resolve_model
 
     source, _ = resolve_model(ref, tracking_uri).load()
     try:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.training.progress import post
+from tokenmill.pipeline.training.progress import post
 
 
 def say(line: str) -> None:

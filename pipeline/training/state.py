@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 STATE_FILE = "train_state.pt"
 FORMAT = 2  # 2: one entry per part (format 1, one model + "trainer", is refused with a message)

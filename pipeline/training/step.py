@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from pipeline.training.optim import Part
-from pipeline.training.precision import autocast
+from tokenmill.pipeline.training.optim import Part
+from tokenmill.pipeline.training.precision import autocast
 
 
 @dataclasses.dataclass

@@ -19,8 +19,8 @@ from typing import Any, ClassVar, Iterator, Mapping
 
 from torch import nn
 
-from pipeline.training.optim import OptimConfig, Part
-from pipeline.training.step import Loss
+from tokenmill.pipeline.training.optim import OptimConfig, Part
+from tokenmill.pipeline.training.step import Loss
 
 
 @dataclasses.dataclass
@@ -101,7 +101,7 @@ class Task:
 
     def save(self, model: nn.Module, directory: Path) -> None:
         """Write the exportable `model` (config.json + model.safetensors) into `directory`."""
-        from models.serialization import save_model
+        from tokenmill.models.serialization import save_model
 
         save_model(model, directory)
 

@@ -29,7 +29,7 @@ def _on_alarm(signum, frame):
 
 def run_one(argv: list[str]) -> int:
     """`python -m jobs ARGV`'s exit code, in this process."""
-    from jobs.cli import main
+    from tokenmill.jobs.cli import main
 
     signal.alarm(TIMEOUT_S)
     try:

@@ -46,7 +46,7 @@ def rgb_images(n: int, seed: int = 0) -> np.ndarray:
 
 
 def write_rgb_shards(dest: str, source_dir: Path, n: int, maxcount: int = 8) -> str:
-    from pipeline.shards.writer import ShardSettings, write_shards
+    from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
     source_dir.mkdir(parents=True, exist_ok=True)
     np.save(source_dir / "images.npy", rgb_images(n))

@@ -42,9 +42,9 @@ def run_in_process(task: Any, folder: Path, tracking_uri: str | None = None, run
                    **context_options: Any) -> InProcessRun:
     """Prepare `task` as the driver does, then run its loop on one in-process rank. With a
     `tracking_uri`, rank 0 logs to a run of that store (found again by `run_name` on a rerun)."""
-    from pipeline.registry import tracking
-    from pipeline.training.context import LocalContext
-    from pipeline.training.loop import LoopSpec, run_rank
+    from tokenmill.pipeline.registry import tracking
+    from tokenmill.pipeline.training.context import LocalContext
+    from tokenmill.pipeline.training.loop import LoopSpec, run_rank
 
     task.prepare(tracking_uri or "")
     run_id = None
@@ -59,7 +59,7 @@ def run_in_process(task: Any, folder: Path, tracking_uri: str | None = None, run
 
 def grey_shards(root: Path, n: int = 64, size: int = 32, maxcount: int = 32) -> str:
     """`n` random `size`² grey images as shards (70 % train, 30 % val)."""
-    from pipeline.shards.writer import ShardSettings, write_shards
+    from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
     np.save(root / "images.npy", np.random.default_rng(0).integers(0, 256, (n, size, size), dtype=np.uint8))
     write_shards(str(root / "images.npy"), str(root / "shards"), ShardSettings(maxcount=maxcount, val_fraction=0.3),
@@ -69,7 +69,7 @@ def grey_shards(root: Path, n: int = 64, size: int = 32, maxcount: int = 32) -> 
 
 def rgb_shards(root: Path, n: int = 48, size: int = 16) -> str:
     """`n` smooth random `size`² RGB images (upsampled 4x4 noise): ~70 % train, ~30 % val."""
-    from pipeline.shards.writer import ShardSettings, write_shards
+    from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
     coarse = np.random.default_rng(0).integers(0, 256, (n, 4, 4, 3)).astype(np.uint8)
     np.save(root / "images.npy", coarse.repeat(size // 4, axis=1).repeat(size // 4, axis=2))

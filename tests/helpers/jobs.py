@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from helpers import REPO
-from pipeline.shards.writer import ShardSettings, write_shards
+from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
 
 def write_digits_shards(dest: Path, maxcount: int) -> Path:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shards.manifest import read_manifest
-from pipeline.shards.problems import CORRUPT_IMAGE, NO_IMAGE, TRUNCATED_TAR
+from tokenmill.pipeline.shards.manifest import read_manifest
+from tokenmill.pipeline.shards.problems import CORRUPT_IMAGE, NO_IMAGE, TRUNCATED_TAR
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -39,7 +39,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 def write_folder_shards(root: Path) -> tuple[Path, dict[str, tuple[np.ndarray, int]]]:
     """27 random 12x12 RGB PNGs in 3 class folders under root/src, written as uneven shards
     (maxcount 4, a quarter val) to root/shards; returns (root, {key: (pixels, class)})."""
-    from pipeline.shards.writer import ShardSettings, write_shards
+    from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
     rng = np.random.default_rng(0)
     expected = {}

@@ -19,9 +19,9 @@ IMAGE_SIZE = 16
 def make_vqvae(path: Path, codebook_size: int = 64, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
     import torch
 
-    from models import save_model
-    from models.quantizers import QuantizerConfig
-    from models.vqvae import VQVAE, VQVAEConfig
+    from tokenmill.models import save_model
+    from tokenmill.models.quantizers import QuantizerConfig
+    from tokenmill.models.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(seed)
     config = VQVAEConfig(in_channels=1, image_size=image_size, hidden=8, res_blocks=1, downsample=4, latent_dim=8,
@@ -36,9 +36,9 @@ def make_vqvae2(path: Path, codebook_size: int = 64, image_size: int = IMAGE_SIZ
     """An untrained two-level VQ-VAE-2: top codes (image_size / 8)², bottom (image_size / 4)²."""
     import torch
 
-    from models import save_model
-    from models.quantizers import QuantizerConfig
-    from models.vqvae import VQVAE2, VQVAE2Config
+    from tokenmill.models import save_model
+    from tokenmill.models.quantizers import QuantizerConfig
+    from tokenmill.models.vqvae import VQVAE2, VQVAE2Config
 
     torch.manual_seed(0)
     config = VQVAE2Config(in_channels=1, image_size=image_size, hidden=8, res_blocks=1, latent_dim=4,
@@ -49,8 +49,8 @@ def make_vqvae2(path: Path, codebook_size: int = 64, image_size: int = IMAGE_SIZ
 def make_vae(path: Path) -> Path:
     import torch
 
-    from models import save_model
-    from models.vae import GaussianVAE, VAEConfig
+    from tokenmill.models import save_model
+    from tokenmill.models.vae import GaussianVAE, VAEConfig
 
     torch.manual_seed(0)
     return save_model(GaussianVAE(VAEConfig(image_size=IMAGE_SIZE, channels=1, latent_dim=4, hidden=8)).eval(), path)
@@ -69,8 +69,8 @@ def images(n: int, seed: int = 0) -> np.ndarray:
 def write_shards(dest: str, source_dir: Path, n: int = 46, storage_options: dict | None = None) -> str:
     """Shards written by the project's shard writer from an .npy source (labels = index % 10):
     train shards of 9, 9, 9, 9, <9 and a smaller val shard, i.e. uneven sizes."""
-    from pipeline.shards.writer import ShardSettings
-    from pipeline.shards.writer import write_shards as write
+    from tokenmill.pipeline.shards.writer import ShardSettings
+    from tokenmill.pipeline.shards.writer import write_shards as write
 
     source_dir.mkdir(parents=True, exist_ok=True)
     np.save(source_dir / "images.npy", images(n))
@@ -135,8 +135,8 @@ def tokenize_data(root: Path, n: int = TOKENIZE_IMAGES) -> dict:
 def tokenize_reference(data: dict) -> dict:
     """An uninterrupted run over `tokenize_data`'s inputs (on the Ray instance of this process):
     what every interrupted run must equal byte for byte."""
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     store = data["root"] / "reference.zarr"
     summary = tokenize_dataset(data["model"], data["shards"], str(store), TokenizeOptions(batch_size=4, actors=2))
@@ -149,9 +149,9 @@ def build_store(url: str, counts: list[int], splits: list[str], levels: int = 1,
     shard i has counts[i] good samples with random codes, keys "s{i}-{j}", labels j % 7;
     `max_units` groups input shards into fewer work units (see `plan_layout`).
     Returns (layout, specs, codes per level in item order)."""
-    from pipeline.tokens import store_code_stats
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import ArraySpec, TokenStore
+    from tokenmill.pipeline.tokens import store_code_stats
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import ArraySpec, TokenStore
 
     rng = np.random.default_rng(seed)
     shapes = [(2, 2), (4, 4)][:levels]
@@ -185,8 +185,8 @@ def race_setup(model: str):
     input shards and a lineage naming `model` (runs of different models race too)."""
     import hashlib
 
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import ArraySpec
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import ArraySpec
 
     specs = [ArraySpec("codes", (4, 4), "uint16", 64)]
     layout = plan_layout([(f"shard-{i}.tar", "train" if i < 3 else "val", 9) for i in range(4)], 32)
@@ -198,8 +198,8 @@ def make_hvae(path: Path) -> Path:
     """An untrained hierarchical VAE with latent groups at 4x4 and 8x8 (2 channels each)."""
     import torch
 
-    from models import save_model
-    from models.hvae import HierarchicalVAE, HVAEConfig
+    from tokenmill.models import save_model
+    from tokenmill.models.hvae import HierarchicalVAE, HVAEConfig
 
     torch.manual_seed(0)
     config = HVAEConfig(image_size=IMAGE_SIZE, channels=1, width=8, latent_channels=2, resolutions=(8, 4))
@@ -212,11 +212,11 @@ def briefly_trained_demo_vqvae(path: Path, steps: int = 40):
     val digits uint8 (500, 32, 32, 1))."""
     import torch
 
-    from models.serialization import build_model, save_model
-    from pipeline.shards.sources import load_builtin
-    from pipeline.training.config import load_train_config
-    from pipeline.training.optim import OptimConfig, Part
-    from pipeline.training.step import StepRunner, own_loss
+    from tokenmill.models.serialization import build_model, save_model
+    from tokenmill.pipeline.shards.sources import load_builtin
+    from tokenmill.pipeline.training.config import load_train_config
+    from tokenmill.pipeline.training.optim import OptimConfig, Part
+    from tokenmill.pipeline.training.step import StepRunner, own_loss
 
     digits = load_builtin("builtin:mnist5k").images  # (5000, 32, 32, 1) uint8; the last 500 are val
     x = torch.from_numpy(digits[:4500]).permute(0, 3, 1, 2).float() / 255

@@ -13,11 +13,11 @@ from helpers import CONFIGS
 def test_img2dataset_shards_at_256px_tokenize_with_a_x16_model(ray_local, tmp_path):
     import torch
 
-    from models.serialization import build_model, save_model
-    from pipeline.shards.synthetic import photo_like_images, write_img2dataset_shards
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
-    from pipeline.training.config import load_train_config
+    from tokenmill.models.serialization import build_model, save_model
+    from tokenmill.pipeline.shards.synthetic import photo_like_images, write_img2dataset_shards
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.training.config import load_train_config
 
     pictures = photo_like_images(10, size=256, seed=1)
     write_img2dataset_shards(pictures, tmp_path / "shards", per_shard=4)  # 4, 4, 2: no manifest yet

@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from benchmarks import quantizers
+from tokenmill.benchmarks import quantizers
 
 
 def test_bench_quantizers_smoke(monkeypatch):

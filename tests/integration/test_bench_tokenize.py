@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from jobs.cli import main as cli_main
+from tokenmill.jobs.cli import main as cli_main
 
 
 def test_bench_tokenize_smoke(ray_local, tmp_path):

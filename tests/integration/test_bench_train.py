@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from jobs.cli import main as cli_main
+from tokenmill.jobs.cli import main as cli_main
 
 TINY = ["model.hidden=16", "model.res_blocks=1", "model.latent_dim=8", "model.quantizer.codebook_size=32",
         "model.quantizer.kmeans_iters=2", "train.batch_size=16", "train.log_every=2"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from jobs.cli import main
+from tokenmill.jobs.cli import main
 
 
 def test_bench_vae_writes_both_models(tmp_path, capsys):

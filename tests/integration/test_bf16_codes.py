@@ -15,8 +15,8 @@ def test_bf16_codes_agree_with_fp32(tmp_path: Path):
     autocast codes against fp32 codes on the 500 val digits (32,000 tokens). Measured 0.996
     here; an untrained model's few codes would say little."""
 
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.tokens.encoder import TokenEncoder
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.tokens.encoder import TokenEncoder
 
     path, val = briefly_trained_demo_vqvae(tmp_path / "model")
     files, labels = resolve_model(str(path)), np.zeros(len(val), dtype=np.int64)

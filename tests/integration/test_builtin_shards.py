@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from helpers.shards import samples_in_shard_order
 
-from pipeline.shards.manifest import read_manifest
-from pipeline.shards.writer import write_shards
+from tokenmill.pipeline.shards.manifest import read_manifest
+from tokenmill.pipeline.shards.writer import write_shards
 
 
 def test_class_sorted_source_gives_class_mixed_shards(tmp_path):

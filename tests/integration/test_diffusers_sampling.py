@@ -16,7 +16,7 @@ def data(tmp_path_factory):
 
 
 def test_kl_samples_are_seeded_by_the_sample_key(data):
-    from pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer
+    from tokenmill.pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer
 
     tokenizer = load_tokenizer(resolve_tokenizer(f"diffusers:{data['kl']}"), ExtractionOptions.build("sample"))
     images, labels = rgb_images(4), np.zeros(4, np.int64)

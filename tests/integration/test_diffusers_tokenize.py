@@ -35,8 +35,8 @@ def _items(group) -> tuple[np.ndarray, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def kl_store(data):
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     store = data["root"] / "kl.zarr"
     tokenize_dataset(f"diffusers:{data['kl']}", data["shards"], str(store),
@@ -47,8 +47,8 @@ def kl_store(data):
 def test_kl_latents_and_their_flips_equal_diffusers_encode_and_decode(data, kl_store):
     from diffusers import AutoencoderKL
 
-    from pipeline.tokens.detokenize import StoreDecoder
-    from pipeline.tokens.latent_dataset import LatentDataset
+    from tokenmill.pipeline.tokens.detokenize import StoreDecoder
+    from tokenmill.pipeline.tokens.latent_dataset import LatentDataset
 
     group = zarr.open_group(str(kl_store), mode="r")
     lineage = group.attrs["lineage"]
@@ -75,9 +75,9 @@ def test_kl_latents_and_their_flips_equal_diffusers_encode_and_decode(data, kl_s
 
 
 def test_an_actor_killed_mid_shard_is_retried_to_identical_arrays(data, kl_store, tmp_path, monkeypatch):
-    from pipeline.runtime import faults
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.runtime import faults
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     flag = tmp_path / "crashed"
     monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=1,action=exit,once={flag}")
@@ -91,11 +91,11 @@ def test_an_actor_killed_mid_shard_is_retried_to_identical_arrays(data, kl_store
 def test_vq_codes_equal_diffusers_quantize_and_decode_through_the_codebook(data, tmp_path):
     from diffusers import VQModel
 
-    from jobs.cli import main
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
-    from pipeline.tokens.dataset import TokenDataset
-    from pipeline.tokens.detokenize import StoreDecoder
+    from tokenmill.jobs.cli import main
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokens.dataset import TokenDataset
+    from tokenmill.pipeline.tokens.detokenize import StoreDecoder
 
     store = tmp_path / "vq.zarr"
     summary = tokenize_dataset(f"diffusers:{data['vq']}", data["shards"], str(store),

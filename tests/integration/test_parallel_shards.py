@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers.tokens import images
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 
 def _tars(folder: Path) -> dict[str, bytes]:
@@ -29,8 +29,8 @@ def _keys(folder: Path, manifest: dict) -> list[str]:
 
 
 def test_parallel_writers_are_deterministic_resumable_and_keep_the_order(ray_local, tmp_path: Path):
-    from pipeline.shards.parallel_writer import write_shards_parallel
-    from pipeline.shards.writer import ShardSettings, write_shards
+    from tokenmill.pipeline.shards.parallel_writer import write_shards_parallel
+    from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
     np.save(tmp_path / "images.npy", images(60))
     src, settings = str(tmp_path / "images.npy"), ShardSettings(maxcount=7, val_fraction=0.2, seed=3)

@@ -9,7 +9,7 @@ from helpers.shards import DIRTY_KINDS as EXPECTED_KINDS
 from helpers.shards import write_dirty_shard
 from helpers.tokens import make_vqvae
 
-from pipeline.shards.problems import kind_of
+from tokenmill.pipeline.shards.problems import kind_of
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +19,13 @@ def dirty_shard(tmp_path_factory) -> str:
 
 
 def test_stream_tokenization_and_scan_report_a_dirty_shard_identically(ray_local, dirty_shard, tmp_path):
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.shards.manifest import scan_shard
-    from pipeline.shards.stream import StreamConfig, open_stream
-    from pipeline.tokens.encode_unit import encode_unit
-    from pipeline.tokens.encoder import TokenEncoder
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import TokenStore, describe_store
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.shards.manifest import scan_shard
+    from tokenmill.pipeline.shards.stream import StreamConfig, open_stream
+    from tokenmill.pipeline.tokens.encode_unit import encode_unit
+    from tokenmill.pipeline.tokens.encoder import TokenEncoder
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import TokenStore, describe_store
 
     encoder = TokenEncoder(resolve_model(str(make_vqvae(tmp_path / "model"))), latents=False)
     stream = open_stream([dirty_shard], StreamConfig(transform=encoder.transform, shuffle=False))

@@ -16,11 +16,11 @@ import pytest
 from helpers import CONFIGS
 from helpers.jobs import write_digits_shards
 
-from jobs.cli import main as cli_main
-from pipeline.registry import lock as registry_lock
-from pipeline.registry import promotion
-from pipeline.registry.config import load_retrain_config
-from pipeline.shards.manifest import read_manifest
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.pipeline.registry import lock as registry_lock
+from tokenmill.pipeline.registry import promotion
+from tokenmill.pipeline.registry.config import load_retrain_config
+from tokenmill.pipeline.shards.manifest import read_manifest
 
 CONFIG = str(CONFIGS / "debug_retrain_vqvae.yaml")
 DIGITS = 1797  # samples in builtin:digits
@@ -93,7 +93,7 @@ def first(world) -> dict:
 
 
 def test_first_retrain_promotes_and_retokenizes(world, first):
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     version = first["model_version"]
     assert first["promoted"] is True and first["decision"] == "promoted"
@@ -163,7 +163,7 @@ def test_two_concurrent_runs_promote_at_most_once(ray_local, mlflow_server, digi
     front of it), so both pass the first "already decided?" check before either can decide. One
     promotes; the other finds the data version decided once it holds the lock. (The two trainings
     take turns only to keep a 2-core test machine responsive; the race is at the lock.)"""
-    import pipeline.registry.retrain as retrain_flow
+    import tokenmill.pipeline.registry.retrain as retrain_flow
 
     setup = Setup(tmp_path, digits, mlflow_server, "retrain-race")
     config = load_retrain_config(CONFIG, setup.overrides("v001", "train.steps=3"))

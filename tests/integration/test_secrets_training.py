@@ -15,9 +15,9 @@ import yaml
 from helpers import CONFIGS
 from helpers.credentials import ENV_KEY, ENV_SECRET, KEY, SECRET, leaks
 
-from jobs.cli import main as cli_main
-from pipeline.runtime.redaction import MASK
-from pipeline.shards.writer import ShardSettings, write_shards
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.pipeline.runtime.redaction import MASK
+from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
 TINY = {"train": {"steps": 2, "batch_size": 8, "log_every": 1, "val_every": 2, "checkpoint_every": 2},
         "scaling": {"num_workers": 1}, "run": {"name": "secret-run", "max_failures": 0},
@@ -60,11 +60,11 @@ def test_training_records_no_storage_secret_and_forwards_no_aws_credentials(
 
 def _worker_runtime_env(config_path: Path) -> dict:
     """The runtime env `tokenmill train` gives its workers, from the TorchTrainer it builds."""
-    from pipeline.training.config import load_train_config
-    from pipeline.training.driver import build_torch_trainer
-    from pipeline.training.loop import LoopSpec
-    from pipeline.training.task import Inputs
-    from pipeline.training.tasks.tokenizer import TokenizerTask
+    from tokenmill.pipeline.training.config import load_train_config
+    from tokenmill.pipeline.training.driver import build_torch_trainer
+    from tokenmill.pipeline.training.loop import LoopSpec
+    from tokenmill.pipeline.training.task import Inputs
+    from tokenmill.pipeline.training.tasks.tokenizer import TokenizerTask
 
     task = TokenizerTask(load_train_config(config_path))
     trainer = build_torch_trainer(task, LoopSpec("sqlite:///unused.db", "run"), Inputs())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.shards.images import TransformConfig
-from pipeline.shards.manifest import read_manifest, scan_shard, shards_for_split
-from pipeline.shards.stream import StreamConfig, open_stream
-from pipeline.shards.writer import ShardSettings, write_shards
+from tokenmill.pipeline.shards.images import TransformConfig
+from tokenmill.pipeline.shards.manifest import read_manifest, scan_shard, shards_for_split
+from tokenmill.pipeline.shards.stream import StreamConfig, open_stream
+from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
 
 def test_write_and_stream_through_s3(ray_local, s3_server, s3_bucket, tmp_path):

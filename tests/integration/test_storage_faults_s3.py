@@ -14,7 +14,7 @@ import pytest
 def storage_faults(tmp_path, monkeypatch):
     """`set(**settings)` turns on storage faults here (the driver) and, through the forwarded
     environment, in the Ray workers; returns the log of injected faults."""
-    from pipeline.runtime import faults
+    from tokenmill.pipeline.runtime import faults
 
     folder = tmp_path / "faults"
     folder.mkdir()
@@ -34,10 +34,10 @@ def test_shard_and_tokenize_survive_transient_faults_and_name_a_permanent_one(
     from helpers.tokens import make_vqvae, s3_objects
     from helpers.tokens import write_shards as write_reference_shards
 
-    from jobs.cli import main as cli_main
-    from pipeline.shards.manifest import manifest_identity, read_manifest
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.jobs.cli import main as cli_main
+    from tokenmill.pipeline.shards.manifest import manifest_identity, read_manifest
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
     bucket = s3_bucket[len("s3://"):]

@@ -11,10 +11,10 @@ import ray
 from helpers.shards import png, write_folder_shards, write_tar
 from PIL import Image
 
-from pipeline.shards.images import TransformConfig
-from pipeline.shards.manifest import shard_urls
-from pipeline.shards.problems import kind_of
-from pipeline.shards.stream import EPOCH_CLOCK, StreamConfig, open_stream, to_model_input
+from tokenmill.pipeline.shards.images import TransformConfig
+from tokenmill.pipeline.shards.manifest import shard_urls
+from tokenmill.pipeline.shards.problems import kind_of
+from tokenmill.pipeline.shards.stream import EPOCH_CLOCK, StreamConfig, open_stream, to_model_input
 
 
 @pytest.fixture(scope="module")

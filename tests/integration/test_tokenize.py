@@ -24,13 +24,13 @@ from helpers.tokens import (
     write_shards,
 )
 
-from models.errors import UserError
+from tokenmill.models.errors import UserError
 
 N = TOKENIZE_IMAGES  # in the shared `tokenize_inputs` (conftest)
 
 
 def test_store_is_plain_zarr_and_decodes_to_reconstructions(tokenize_inputs, uninterrupted_store):
-    from models import load_model
+    from tokenmill.models import load_model
 
     summary = uninterrupted_store["summary"]
     assert summary.samples == N - 1  # one planted corrupt image; the image-less sample is not one
@@ -62,8 +62,8 @@ def test_store_is_plain_zarr_and_decodes_to_reconstructions(tokenize_inputs, uni
 
 
 def test_rerun_of_a_finished_store_encodes_nothing(tokenize_inputs, uninterrupted_store):
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     before = array_bytes(uninterrupted_store["store"])
     summary = tokenize_dataset(tokenize_inputs["model"], tokenize_inputs["shards"], str(uninterrupted_store["store"]),
@@ -74,7 +74,7 @@ def test_rerun_of_a_finished_store_encodes_nothing(tokenize_inputs, uninterrupte
 
 def test_inspect_prints_shape_dtype_lineage_and_codebook_stats(
         tokenize_inputs, uninterrupted_store, tmp_path, capsys):
-    from jobs.cli import main
+    from tokenmill.jobs.cli import main
 
     out = tmp_path / "inspect.json"
     assert main(["inspect", str(uninterrupted_store["store"]), "--json", str(out)]) == 0
@@ -88,7 +88,7 @@ def test_inspect_prints_shape_dtype_lineage_and_codebook_stats(
 
 
 def test_store_from_another_model_is_refused(tokenize_inputs, uninterrupted_store, tmp_path):
-    from pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
 
     other = make_vqvae(tmp_path / "other", seed=1)
     with pytest.raises(UserError, match=r"was made by .*model.*this run uses .*other.*--overwrite"):
@@ -97,9 +97,9 @@ def test_store_from_another_model_is_refused(tokenize_inputs, uninterrupted_stor
 
 def test_an_encoding_actor_dying_mid_shard_is_retried_to_identical_arrays(
         tokenize_inputs, uninterrupted_store, tmp_path, monkeypatch):
-    from pipeline.runtime import faults
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.runtime import faults
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     flag = tmp_path / "crashed"
     monkeypatch.setenv(faults.ENV, f"tokenize.before_marker,unit=2,action=exit,once={flag}")
@@ -115,11 +115,11 @@ def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(
     """Stores of very many input shards group them into work units (one writer, one marker
     each); three units here. A unit's actor dies after its rows, before its marker: the retry
     ends with the reference's items in item order."""
-    import pipeline.tokens.layout as layout
-    from pipeline.runtime import faults
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
-    from pipeline.tokens.dataset import TokenDataset
+    import tokenmill.pipeline.tokens.layout as layout
+    from tokenmill.pipeline.runtime import faults
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokens.dataset import TokenDataset
 
     monkeypatch.setattr(layout, "MAX_UNITS", 3)
     flag = tmp_path / "crashed"
@@ -142,8 +142,8 @@ def test_grouped_work_units_hold_the_same_items_after_an_actor_dies(
 
 
 def test_s3_shards_and_store(tokenize_inputs, uninterrupted_store, s3_server, s3_bucket, tmp_path):
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     options = s3_server["storage_options"]
     shards = write_shards(f"{s3_bucket}/shards", tmp_path / "source", n=N, storage_options=options)
@@ -162,9 +162,9 @@ def test_s3_shards_and_store(tokenize_inputs, uninterrupted_store, s3_server, s3
 
 
 def test_latents_for_vae_models(tokenize_inputs, tmp_path):
-    from models import load_model
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.models import load_model
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
     model_dir = make_vae(tmp_path / "vae")
     store = tmp_path / "latents.zarr"
@@ -182,12 +182,12 @@ def test_latents_for_vae_models(tokenize_inputs, tmp_path):
 
 
 def test_hierarchical_vae_latents_per_group_read_back_and_decode_to_its_reconstructions(tokenize_inputs, tmp_path):
-    from jobs.cli import main
-    from models import load_model
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
-    from pipeline.tokens.detokenize import StoreDecoder
-    from pipeline.tokens.latent_dataset import LatentDataset
+    from tokenmill.jobs.cli import main
+    from tokenmill.models import load_model
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokens.detokenize import StoreDecoder
+    from tokenmill.pipeline.tokens.latent_dataset import LatentDataset
 
     model_dir = make_hvae(tmp_path / "hvae")
     store = tmp_path / "hvae.zarr"
@@ -219,7 +219,7 @@ def test_hierarchical_vae_latents_per_group_read_back_and_decode_to_its_reconstr
 def test_decode_command_writes_png_grids_of_the_reconstructions(tokenize_inputs, uninterrupted_store, tmp_path):
     from PIL import Image
 
-    from jobs.cli import main
+    from tokenmill.jobs.cli import main
 
     assert main(["decode", str(uninterrupted_store["store"]), "--out", str(tmp_path / "png"), "--rows", "0:70"]) == 0
     grids = sorted((tmp_path / "png").glob("grid-*.png"))
@@ -232,8 +232,8 @@ def test_model_references_resolve_to_the_same_weights(tmp_path, mlflow_server, m
     import fsspec
     import mlflow
 
-    from pipeline.registry import tracking
-    from pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.registry import tracking
+    from tokenmill.pipeline.registry.model_ref import resolve_model
 
     globals_ = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     for variable in globals_:

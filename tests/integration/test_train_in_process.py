@@ -13,7 +13,7 @@ import mlflow
 from helpers import CONFIGS
 from helpers.engine import grey_shards, prior_store
 
-from jobs.cli import main as cli_main
+from tokenmill.jobs.cli import main as cli_main
 
 IN_PROCESS = ["scaling.in_process=true", "train.val_every=2", "train.checkpoint_every=2", "train.batch_size=8"]
 
@@ -52,7 +52,7 @@ def test_train_in_process_tracks_exports_registers_and_resumes(tmp_path, monkeyp
 
 
 def test_train_prior_in_process_writes_the_lineage(tmp_path):
-    from pipeline.prior.lineage import read_prior_lineage
+    from tokenmill.pipeline.prior.lineage import read_prior_lineage
 
     store = prior_store(tmp_path)
     summary = run("train-prior", CONFIGS / "debug_prior.yaml", tmp_path, f"data.store={store}", "train.steps=2")

@@ -1,7 +1,7 @@
 """The distributed training job end to end: Ray Train DDP with 2 CPU workers over generated
 shards, an injected worker failure, a resumed rerun, and a real MLflow server; the train
 stream's epoch clock. (Refusals: tests/unit/test_train_job_refusals.py, and of a misspelt config
-by a `python -m jobs.train` process: tests/system/test_job_cli.py.)"""
+by a `python -m tokenmill.jobs.train` process: tests/system/test_job_cli.py.)"""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from helpers import CONFIGS
 from helpers.jobs import write_digits_shards
 
-from jobs.cli import main as cli_main
-from pipeline.shards.writer import ShardSettings, write_shards
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
 DEBUG_CONFIG = str(CONFIGS / "debug_vqvae.yaml")
 
@@ -36,7 +36,7 @@ def train(tmp_path: Path, shards: str, *overrides: str) -> dict:
 @pytest.fixture(scope="module")
 def faulty_run(ray_local, mlflow_server, digits_shards, tmp_path_factory, monkeypatch_module):
     """12 steps, checkpoints every 3; the last rank raises at step 7 once; tracked on the server."""
-    from pipeline.runtime import faults
+    from tokenmill.pipeline.runtime import faults
 
     root = tmp_path_factory.mktemp("faulty-run")
     monkeypatch_module.setenv(faults.ENV, f"train.step,step=7,rank=1,once={root / 'failed-once'}")
@@ -64,7 +64,7 @@ def test_ddp_run_survives_a_worker_failure(faulty_run):
 
 
 def test_loss_falls_and_server_has_params_metrics_images_model(faulty_run, mlflow_server, digits_shards):
-    from pipeline.shards.manifest import manifest_identity, read_manifest
+    from tokenmill.pipeline.shards.manifest import manifest_identity, read_manifest
 
     _, summary = faulty_run
     client = mlflow.MlflowClient(mlflow_server)
@@ -98,11 +98,11 @@ def test_every_epoch_sets_the_train_streams_epoch_clock(ray_local, tmp_path):
     import numpy as np
     import ray
 
-    from pipeline.registry import tracking
-    from pipeline.training.config import load_train_config
-    from pipeline.training.driver import build_torch_trainer
-    from pipeline.training.loop import LoopSpec
-    from pipeline.training.tasks.tokenizer import TokenizerTask
+    from tokenmill.pipeline.registry import tracking
+    from tokenmill.pipeline.training.config import load_train_config
+    from tokenmill.pipeline.training.driver import build_torch_trainer
+    from tokenmill.pipeline.training.loop import LoopSpec
+    from tokenmill.pipeline.training.tasks.tokenizer import TokenizerTask
 
     np.save(tmp_path / "images.npy", np.random.default_rng(0).integers(0, 256, (96, 16, 16), dtype=np.uint8))
     write_shards(str(tmp_path / "images.npy"), str(tmp_path / "shards"), ShardSettings(maxcount=8), progress=False)

@@ -15,9 +15,9 @@ import pytest
 from helpers import CONFIGS
 from helpers.engine import PRIOR_K, prior_store
 
-from jobs.cli import main as cli_main
-from pipeline.prior import data as prior_data
-from pipeline.prior.config import PriorDataSection
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.pipeline.prior import data as prior_data
+from tokenmill.pipeline.prior.config import PriorDataSection
 
 DEBUG_CONFIG = str(CONFIGS / "debug_prior.yaml")
 K = PRIOR_K  # the tokenizer's codebook; 8x8 images -> 2x2 codes
@@ -77,7 +77,7 @@ def test_ddp_prior_learns_resumes_and_reads_each_item_once_per_epoch(ray_local, 
     samples = [a.path for a in client.list_artifacts(run_id, "samples")]
     assert samples == [f"samples/step_{s:07d}.png" for s in (4, 6, 9)]  # every 6 steps and at each run's end
 
-    from pipeline.prior.lineage import read_prior_lineage
+    from tokenmill.pipeline.prior.lineage import read_prior_lineage
 
     lineage = read_prior_lineage(second["model_dir"])
     tokenizer = Path(store).parent / "tokenizer"

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shards.images import TransformConfig
-from pipeline.shards.stream import StreamConfig, open_stream
-from pipeline.training.tasks.image_data import ingest_config
+from tokenmill.pipeline.shards.images import TransformConfig
+from tokenmill.pipeline.shards.stream import StreamConfig, open_stream
+from tokenmill.pipeline.training.tasks.image_data import ingest_config
 
 SHARD_SIZES = (22, 13, 7)  # the biggest first: an unordered pass would likely yield the smallest first
 

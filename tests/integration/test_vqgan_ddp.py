@@ -18,8 +18,8 @@ from helpers import CONFIGS
 from helpers.engine import rgb_shards as helper_rgb_shards
 from helpers.lpips import write_random_lpips_weights
 
-from jobs.cli import main as cli_main
-from models.serialization import load_model
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.models.serialization import load_model
 
 DEBUG_CONFIG = str(CONFIGS / "debug_vqgan.yaml")
 

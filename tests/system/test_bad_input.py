@@ -165,9 +165,9 @@ def _save_tiny_vqvae(path: Path, image_size: int = 8):
     """An untrained VQ-VAE (image_size x image_size grey -> 2x2 codes of 16): config + weights."""
     import torch
 
-    from models import save_model
-    from models.quantizers import QuantizerConfig
-    from models.vqvae import VQVAE, VQVAEConfig
+    from tokenmill.models import save_model
+    from tokenmill.models.quantizers import QuantizerConfig
+    from tokenmill.models.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(0)
     config = VQVAEConfig(in_channels=1, image_size=image_size, hidden=8, res_blocks=0, downsample=image_size // 2,
@@ -189,7 +189,7 @@ def _store_for(url: str, model: Path) -> None:
 def _build_fixtures(root: Path) -> None:
     import zarr
 
-    from pipeline.shards.writer import ShardSettings, write_shards
+    from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
 
     model = _save_tiny_vqvae(root / "model")
     for name in ("empty", "texts", "badmanifest", "badtar", "badzarr", "versions/v1"):

@@ -37,7 +37,7 @@ def test_ray_job_submit_train_succeeds(tmp_path):
         summary = tmp_path / "summary.json"
         sets = [f"data.shards={shards}", f"run.root={tmp_path / 'runs'}", "train.steps=2", "train.val_every=2",
                 "train.checkpoint_every=2", "tracking.log_images=false", "scaling.in_process=true"]
-        entrypoint = " ".join([sys.executable, "-m", "jobs.train", str(CONFIGS / "debug_vqvae.yaml"),
+        entrypoint = " ".join([sys.executable, "-m", "tokenmill.jobs.train", str(CONFIGS / "debug_vqvae.yaml"),
                                *[f"--set {o}" for o in sets], "--json", str(summary)])
         address = f"http://127.0.0.1:{dashboard_port}"
         wait_for_dashboard(address, env)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 # A Transformer training job that reads tokens needs only torch, zarr and numpy.
-TOKEN_READERS = ["pipeline.tokens.dataset", "pipeline.tokens.store", "pipeline.tokens.layout", "pipeline.prior.data"]
+TOKEN_READERS = ["tokenmill.pipeline.tokens.dataset", "tokenmill.pipeline.tokens.store", "tokenmill.pipeline.tokens.layout", "tokenmill.pipeline.prior.data"]
 HEAVY = ["ray", "mlflow", "webdataset"]
 
 

@@ -107,7 +107,7 @@ def data(s3_server, tmp_path_factory):
 
 
 def driver(cluster: RayCluster, args: list[str], env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
-    """`python -m jobs.<args>` as a driver of the cluster."""
+    """`python -m tokenmill.jobs.<args>` as a driver of the cluster."""
     return subprocess.Popen([sys.executable, "-m", *args], env={**cluster.driver_env, **(env or {})}, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -132,7 +132,7 @@ def wait_for_file(path: Path, timeout: float = 120) -> None:
 
 
 def test_train_refuses_node_local_storage_on_the_cluster(cluster, tmp_path):
-    proc = driver(cluster, ["jobs.train", str(TRAIN_CONFIG), "--set", f"run.root={tmp_path}"],
+    proc = driver(cluster, ["tokenmill.jobs.train", str(TRAIN_CONFIG), "--set", f"run.root={tmp_path}"],
                   env={"MLFLOW_TRACKING_URI": ""})
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 2, out + err
@@ -144,16 +144,16 @@ def test_train_refuses_node_local_storage_on_the_cluster(cluster, tmp_path):
 
 
 def test_tokenize_spreads_over_nodes_and_survives_losing_one(cluster, data, ray_local, tmp_path):
-    from pipeline.shards.manifest import read_manifest
-    from pipeline.tokenize.driver import tokenize_dataset
-    from pipeline.tokenize.options import TokenizeOptions
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.shards.manifest import read_manifest
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     fs, bucket = data["fs"], data["bucket"]
     tokenize_dataset(data["model"], data["shards"], f"s3://{bucket}/single-node.zarr",
                      TokenizeOptions(batch_size=4, actors=1))
     store = f"s3://{bucket}/tokens.zarr"
-    args = ["jobs.tokenize", "--model", data["model"], "--data", data["shards"], "--out", store, "--batch-size", "4",
+    args = ["tokenmill.jobs.tokenize", "--model", data["model"], "--data", data["shards"], "--out", store, "--batch-size", "4",
             "--actors", "3"]
     go = tmp_path / "go"
     # Every actor stops before its first marker until the test has removed one of their nodes.
@@ -178,7 +178,7 @@ def test_tokenize_spreads_over_nodes_and_survives_losing_one(cluster, data, ray_
 def test_train_restores_the_worker_group_after_losing_rank_1s_node(cluster, data, mlflow_server, tmp_path):
     go = tmp_path / "go"
     summary = tmp_path / "summary.json"
-    args = ["jobs.train", str(TRAIN_CONFIG), "--json", str(summary)] + [a for o in (
+    args = ["tokenmill.jobs.train", str(TRAIN_CONFIG), "--json", str(summary)] + [a for o in (
         f"data.shards={data['shards']}", f"run.root={tmp_path / 'runs'}", f"run.storage_path={tmp_path / 'ray'}",
         "run.shared_storage=true",  # checkpoints on this machine's disk, which every node here shares
         f"tracking.tracking_uri={mlflow_server}", "tracking.log_images=false", "run.name=multinode-train",
@@ -209,7 +209,7 @@ def test_retrain_runs_as_a_submitted_job_on_the_cluster(cluster, data, mlflow_se
                  f"run.storage_path={tmp_path / 'ray'}", "run.shared_storage=true",
                  f"tracking.tracking_uri={mlflow_server}", "tracking.registered_model=multinode-retrain",
                  "train.steps=6", "train.val_every=6", "train.checkpoint_every=6"]
-    entrypoint = " ".join([sys.executable, "-m", "jobs.retrain", str(RETRAIN_CONFIG),
+    entrypoint = " ".join([sys.executable, "-m", "tokenmill.jobs.retrain", str(RETRAIN_CONFIG),
                            *[f"--set {o}" for o in overrides], "--json", str(decision)])
     wait_for_dashboard(cluster.dashboard, cluster.env)
     proc = subprocess.run([sys.executable, "-c", SUBMIT, cluster.dashboard, entrypoint], env=cluster.env,

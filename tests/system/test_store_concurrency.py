@@ -18,8 +18,8 @@ SAME, OTHER = 20, 3  # races between runs of one model, then between runs of two
 def _racer(urls: list[str], models: list[str], me: int, sync: Path, out: Path) -> None:
     """One driver process: each iteration waits at a file barrier for the other, then calls the
     real `TokenStore.prepare` at the same moment; writes "ok" or "refused <message>" per race."""
-    from models.errors import UserError
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.models.errors import UserError
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     results = []
     for i, (url, model) in enumerate(zip(urls, models)):
@@ -56,7 +56,7 @@ def test_drivers_racing_to_create_a_store_locally_and_on_s3(s3_server, s3_bucket
     either way the store is exactly the winner's single-run store."""
     import s3fs
 
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
     bases = {"local": str(tmp_path), "s3": s3_bucket}

@@ -42,7 +42,7 @@ def test_killing_the_driver_twice_then_rerunning_gives_identical_arrays(
     store = tmp_path / "killed.zarr"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     # The uninterrupted run's settings.
-    cmd = [sys.executable, "-m", "jobs.tokenize", "--model", tokenize_inputs["model"],
+    cmd = [sys.executable, "-m", "tokenmill.jobs.tokenize", "--model", tokenize_inputs["model"],
            "--data", tokenize_inputs["shards"], "--out", str(store), "--batch-size", "4", "--actors", "1"]
     total = uninterrupted_store["summary"].input_shards
     first = _run_until(cmd, env, store, markers=1)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models.quantizers import (
+from tokenmill.models.quantizers import (
     BSQ,
     LFQ,
     MultiScaleQuantizer,

@@ -11,8 +11,8 @@ def test_random_resized_crop_at_256_is_seeded_and_varies():
 
     from PIL import Image
 
-    from pipeline.shards.images import Draw, TransformConfig, decode_image
-    from pipeline.shards.synthetic import photo_like_images
+    from tokenmill.pipeline.shards.images import Draw, TransformConfig, decode_image
+    from tokenmill.pipeline.shards.synthetic import photo_like_images
 
     jpg = io.BytesIO()
     Image.fromarray(photo_like_images(1, size=256)[0]).save(jpg, format="JPEG")

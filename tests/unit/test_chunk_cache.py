@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.tokens.chunk_cache import ChunkCache
+from tokenmill.pipeline.tokens.chunk_cache import ChunkCache
 
 CHUNK_ROWS = 8
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from helpers import CONFIGS
 
-from models.errors import UserError
-from pipeline.training.cluster_check import check_cluster_storage, local_storage_problems
-from pipeline.training.config import load_train_config
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.training.cluster_check import check_cluster_storage, local_storage_problems
+from tokenmill.pipeline.training.config import load_train_config
 
 CONFIG = CONFIGS / "debug_vqvae.yaml"
 SHARED = ["data.shards=s3://b/shards", "run.storage_path=s3://b/ray", "tracking.tracking_uri=http://mlflow:5000"]
@@ -53,8 +53,8 @@ def test_shared_urls_a_single_node_and_declared_shared_storage_pass(monkeypatch)
 
 
 def test_a_priors_local_store_is_refused_by_its_own_key(monkeypatch):
-    from pipeline.prior.config import load_prior_config
-    from pipeline.training.tasks.prior import PriorTask
+    from tokenmill.pipeline.prior.config import load_prior_config
+    from tokenmill.pipeline.training.tasks.prior import PriorTask
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     prior = load_prior_config(CONFIG.parent / "prior_mnist.yaml", SHARED[1:])  # data.store runs/demo/tokens.zarr

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Union
 import pydantic
 import pytest
 
-from pipeline.config import ConfigError, StrictModel, apply_overrides, load_config
+from tokenmill.pipeline.config import ConfigError, StrictModel, apply_overrides, load_config
 
 
 @dataclass

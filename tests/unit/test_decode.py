@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shards.images import DecodeError, Draw, TransformConfig, decode_image, native_pixels
+from tokenmill.pipeline.shards.images import DecodeError, Draw, TransformConfig, decode_image, native_pixels
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -108,7 +108,7 @@ def test_random_transforms_are_deterministic_per_key_and_epoch():
 @pytest.mark.parametrize("save", [{}, {"optimize": True}, {"interlace": 1}, {"gamma": 0.45}, {"transparency": 0}])
 @pytest.mark.parametrize("shape", [(32, 32), (40, 27)])
 def test_fast_png_path_matches_pil_pixel_for_pixel(monkeypatch, channels, save, shape):
-    import pipeline.shards.images as decode
+    import tokenmill.pipeline.shards.images as decode
 
     if decode.pyspng is None:
         pytest.skip("pyspng has no wheel for this platform")
@@ -142,7 +142,7 @@ def test_corrupt_png_gets_the_same_reason_on_the_fast_path():
 @pytest.mark.parametrize("save", [{"subsampling": 0}, {"subsampling": 2}, {"progressive": True}])
 @pytest.mark.parametrize("shape", [(32, 32), (37, 51), (70, 90)])  # 70x90 at size 32: PIL drafts at 1/2
 def test_fast_jpeg_path_matches_pil_pixel_for_pixel(monkeypatch, channels, save, shape):
-    import pipeline.shards.images as decode
+    import tokenmill.pipeline.shards.images as decode
 
     if decode.simplejpeg is None:
         pytest.skip("simplejpeg has no wheel for this platform")
@@ -164,7 +164,7 @@ def test_fast_jpeg_path_matches_pil_pixel_for_pixel(monkeypatch, channels, save,
 
 
 def test_corrupt_or_cmyk_jpeg_takes_the_pil_path():
-    import pipeline.shards.images as decode
+    import tokenmill.pipeline.shards.images as decode
 
     cmyk = encode(Image.new("CMYK", (32, 32), (10, 20, 30, 40)), "JPEG")
     assert decode.fast_pixels(cmyk, TransformConfig(size=32)) is None

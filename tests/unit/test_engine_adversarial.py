@@ -12,14 +12,14 @@ from helpers import CONFIGS
 from helpers.engine import rgb_shards, run_in_process
 from helpers.lpips import write_random_lpips_weights
 
-from models.serialization import load_model
-from models.vqgan_loss import generator_adversarial_loss
-from pipeline.shards.stream import to_model_input
-from pipeline.training.config import load_train_config
-from pipeline.training.context import LocalContext
-from pipeline.training.loop import build_parts
-from pipeline.training.step import StepRunner
-from pipeline.training.tasks.adversarial import AdversarialTask
+from tokenmill.models.serialization import load_model
+from tokenmill.models.vqgan_loss import generator_adversarial_loss
+from tokenmill.pipeline.shards.stream import to_model_input
+from tokenmill.pipeline.training.config import load_train_config
+from tokenmill.pipeline.training.context import LocalContext
+from tokenmill.pipeline.training.loop import build_parts
+from tokenmill.pipeline.training.step import StepRunner
+from tokenmill.pipeline.training.tasks.adversarial import AdversarialTask
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ from helpers import CONFIGS
 from helpers.engine import grey_shards, multiscale_prior_store, prior_store, run_in_process, shrink
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from models.errors import UserError
-from pipeline.prior.config import load_prior_config
-from pipeline.registry.config import load_retrain_config
-from pipeline.training.config import load_train_config
-from pipeline.training.tasks.adversarial import AdversarialTask
-from pipeline.training.tasks.prior import PriorTask
-from pipeline.training.tasks.tokenizer import TokenizerTask
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.prior.config import load_prior_config
+from tokenmill.pipeline.registry.config import load_retrain_config
+from tokenmill.pipeline.training.config import load_train_config
+from tokenmill.pipeline.training.tasks.adversarial import AdversarialTask
+from tokenmill.pipeline.training.tasks.prior import PriorTask
+from tokenmill.pipeline.training.tasks.tokenizer import TokenizerTask
 
 PRESETS = sorted(CONFIGS.glob("*.yaml"))
 # The image views each model family must show at a validation (tasks/image_validation.py).
@@ -134,7 +134,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(kind, shards, store,
 
 
 def test_checkpoint_holds_every_part_and_the_exported_model_is_the_ema(store, tmp_path):
-    from models.serialization import load_model
+    from tokenmill.models.serialization import load_model
 
     run = run_in_process(prior_task(store, tmp_path, "train.steps=3", "optim.ema_decay=0.9"), tmp_path)
     state = run.train_state()
@@ -205,8 +205,8 @@ def test_throughput_is_counted_in_each_tasks_own_unit(shards, store, sqlite_trac
 
 def test_train_prior_refuses_node_local_storage_on_a_multi_node_cluster(store, tmp_path, monkeypatch):
     """The driver's storage check runs for every task, the prior's included (before any Ray work)."""
-    from pipeline.training import cluster_check
-    from pipeline.training.driver import train_prior
+    from tokenmill.pipeline.training import cluster_check
+    from tokenmill.pipeline.training.driver import train_prior
 
     monkeypatch.setattr(cluster_check, "cluster_nodes", lambda: 3)
     config = load_prior_config(CONFIGS / "debug_prior.yaml", [f"data.store={store}", f"run.root={tmp_path}"])
@@ -216,7 +216,7 @@ def test_train_prior_refuses_node_local_storage_on_a_multi_node_cluster(store, t
 
 
 def test_warm_start_loads_the_given_weights_before_training(store, tmp_path):
-    from models.serialization import load_model
+    from tokenmill.models.serialization import load_model
 
     first = run_in_process(prior_task(store, tmp_path / "a", "train.steps=3"), tmp_path / "a")
     source = first.checkpoint() / "model"

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from models.schedules import KLSchedule, free_bits_rate
-from models.vae import GaussianVAE, VAEConfig
-from pipeline.training.optim import OptimConfig, Part, lr_factor
-from pipeline.training.precision import configure_device_math, resolve_precision
-from pipeline.training.step import StepRunner, own_loss
+from tokenmill.models.schedules import KLSchedule, free_bits_rate
+from tokenmill.models.vae import GaussianVAE, VAEConfig
+from tokenmill.pipeline.training.optim import OptimConfig, Part, lr_factor
+from tokenmill.pipeline.training.precision import configure_device_math, resolve_precision
+from tokenmill.pipeline.training.step import StepRunner, own_loss
 
 
 def small_vae() -> GaussianVAE:

@@ -12,8 +12,8 @@ import torch
 import zarr
 from helpers.tokens import build_store
 
-from jobs.cli import main
-from pipeline.tokens.dataset import TokenDataset
+from tokenmill.jobs.cli import main
+from tokenmill.pipeline.tokens.dataset import TokenDataset
 
 COUNTS, SPLITS = [6, 0, 9, 3, 5], ["train", "train", "val", "train", "val"]
 
@@ -69,8 +69,8 @@ def test_parquet_export_of_one_split_is_read_back_by_datasets(tmp_path):
 
 
 def test_an_unfinished_store_or_a_missing_split_is_a_user_error(tmp_path, capsys):
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import ArraySpec, TokenStore
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import ArraySpec, TokenStore
 
     url = str(tmp_path / "s.zarr")
     TokenStore(url).prepare({"model_uri": "m"}, plan_layout([("a", "train", 3)], 8),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.runtime import faults
+from tokenmill.pipeline.runtime import faults
 
 
 def test_off_unless_the_variable_is_set(monkeypatch):

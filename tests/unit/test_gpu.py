@@ -30,10 +30,10 @@ def _syncs(fn) -> int:
 
 def vq_step(precision: str, **optim):
     """A CUDA VQ-VAE and the engine's StepRunner over it."""
-    from models.quantizers import QuantizerConfig
-    from models.vqvae import VQVAE, VQVAEConfig
-    from pipeline.training.optim import OptimConfig, Part
-    from pipeline.training.step import StepRunner
+    from tokenmill.models.quantizers import QuantizerConfig
+    from tokenmill.models.vqvae import VQVAE, VQVAEConfig
+    from tokenmill.pipeline.training.optim import OptimConfig, Part
+    from tokenmill.pipeline.training.step import StepRunner
 
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(in_channels=3, image_size=32, hidden=32, res_blocks=1, downsample=4, latent_dim=16,
@@ -42,7 +42,7 @@ def vq_step(precision: str, **optim):
 
 
 def test_vq_training_step_reads_the_device_at_most_twice():
-    from pipeline.training.step import own_loss
+    from tokenmill.pipeline.training.step import own_loss
 
     step = vq_step("bf16", ema_decay=0.99)
     x = torch.rand(64, 3, 32, 32, device="cuda")
@@ -53,8 +53,8 @@ def test_vq_training_step_reads_the_device_at_most_twice():
 def test_tokenize_encoder_on_cuda_bf16_matches_fp32(tmp_path: Path):
     from helpers.tokens import briefly_trained_demo_vqvae
 
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.tokens.encoder import TokenEncoder
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.tokens.encoder import TokenEncoder
 
     path, val = briefly_trained_demo_vqvae(tmp_path / "model")
     files, labels = resolve_model(str(path)), np.zeros(len(val), dtype=np.int64)
@@ -67,7 +67,7 @@ def test_tokenize_encoder_on_cuda_bf16_matches_fp32(tmp_path: Path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_train_step_on_cuda_learns(precision: str):
-    from pipeline.training.step import own_loss
+    from tokenmill.pipeline.training.step import own_loss
 
     step = vq_step(precision, lr=3e-3, ema_decay=0)
     x = torch.rand(64, 3, 32, 32, device="cuda")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers.tokens import make_vqvae, plant_corrupt, write_shards
 
-from pipeline.tokenize.pool import plan_pool
+from tokenmill.pipeline.tokenize.pool import plan_pool
 
 
 def test_pool_follows_the_cluster_not_the_driver():
@@ -38,9 +38,9 @@ def test_pool_follows_the_cluster_not_the_driver():
 
 
 def test_threaded_decoding_reads_what_the_serial_reader_reads(tmp_path: Path):
-    from pipeline.shards.images import TransformConfig
-    from pipeline.shards.problems import ShardError
-    from pipeline.shards.reader import pixels_decoder, read_shard, read_shard_threaded
+    from tokenmill.pipeline.shards.images import TransformConfig
+    from tokenmill.pipeline.shards.problems import ShardError
+    from tokenmill.pipeline.shards.reader import pixels_decoder, read_shard, read_shard_threaded
 
     shards = write_shards(str(tmp_path / "shards"), tmp_path / "source", n=30)
     tar = sorted(Path(shards).glob("train-*.tar"))[0]
@@ -60,9 +60,9 @@ def test_threaded_decoding_reads_what_the_serial_reader_reads(tmp_path: Path):
 
 @pytest.mark.parametrize("precision", ["fp64"])
 def test_unknown_precision_is_a_user_error(tmp_path: Path, precision: str):
-    from models.errors import UserError
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.tokens.encoder import TokenEncoder
+    from tokenmill.models.errors import UserError
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.tokens.encoder import TokenEncoder
 
     files = resolve_model(str(make_vqvae(tmp_path / "model")))
     with pytest.raises(UserError, match="--precision"):
@@ -78,8 +78,8 @@ def test_unknown_precision_is_a_user_error(tmp_path: Path, precision: str):
 def test_tokenize_options_are_checked_once_at_construction_with_the_cli_checks(field, value, message):
     import argparse
 
-    from models.errors import UserError
-    from pipeline.tokenize.options import CHECKS, TokenizeOptions, cli_type
+    from tokenmill.models.errors import UserError
+    from tokenmill.pipeline.tokenize.options import CHECKS, TokenizeOptions, cli_type
 
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         TokenizeOptions(**{field: value})
@@ -91,7 +91,7 @@ def test_tokenize_options_are_checked_once_at_construction_with_the_cli_checks(f
 
 
 def _counting_collectives():
-    from models.quantizers.collectives import Collectives
+    from tokenmill.models.quantizers.collectives import Collectives
 
     calls = [0]
 
@@ -104,7 +104,7 @@ def _counting_collectives():
 def test_vq_step_runs_restart_collectives_only_when_a_code_is_dead():
     import torch
 
-    from models.quantizers.vector_quantizer import VectorQuantizer
+    from tokenmill.models.quantizers.vector_quantizer import VectorQuantizer
 
     torch.manual_seed(0)
     quantizer = VectorQuantizer(4, codebook_size=8, kmeans_iters=2, dead_code_threshold=1.0).train()
@@ -127,8 +127,8 @@ def test_vq_step_runs_restart_collectives_only_when_a_code_is_dead():
 def test_train_step_autocasts_the_forward_only_and_scales_fp16():
     import torch
 
-    from pipeline.training.optim import OptimConfig, Part
-    from pipeline.training.step import StepRunner, own_loss
+    from tokenmill.pipeline.training.optim import OptimConfig, Part
+    from tokenmill.pipeline.training.step import StepRunner, own_loss
 
     class Probe(torch.nn.Module):
         def __init__(self):

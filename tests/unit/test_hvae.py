@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.hvae import HierarchicalVAE, HVAEConfig, soft_clamp
-from models.image_metrics import importance_weighted_nll
+from tokenmill.models.hvae import HierarchicalVAE, HVAEConfig, soft_clamp
+from tokenmill.models.image_metrics import importance_weighted_nll
 
 
 def small_hvae(**overrides) -> HierarchicalVAE:

@@ -259,8 +259,8 @@ def missing_references(text: str) -> list[str]:
     """What a command line (or path) names that the repository or the image does not have."""
     missing = []
     for module in re.findall(r"python3? -m ([A-Za-z_][\w.]*)", text):
-        rel = module.replace(".", "/")
-        if module.split(".")[0] == "jobs" and not ((REPO / f"{rel}.py").is_file() or (REPO / rel / "__init__.py").is_file()):
+        rel = module.removeprefix("tokenmill.").replace(".", "/")  # tokenmill.jobs.x is the repository's jobs/x.py
+        if module.startswith("tokenmill.") and not ((REPO / f"{rel}.py").is_file() or (REPO / rel / "__init__.py").is_file()):
             missing.append(f"module {module} ({rel}.py does not exist)")
     copied = copied_into_image()
     for path in re.findall(rf"{re.escape(APP_DIR)}/([\w./-]+)", text):
@@ -376,11 +376,11 @@ def test_commands_refer_to_existing_modules_configs_and_files(rel, index, doc):
 
 def test_reference_check_catches_a_renamed_config_or_module():
     """What the test above does when a config is renamed: the old path is reported."""
-    assert missing_references(f"python -m jobs.train {APP_DIR}/configs/renamed_away.yaml") == [
+    assert missing_references(f"python -m tokenmill.jobs.train {APP_DIR}/configs/renamed_away.yaml") == [
         f"{APP_DIR}/configs/renamed_away.yaml (configs/renamed_away.yaml does not exist in the repository)"
     ]
-    assert missing_references("python -m jobs.no_such_job configs/nope.yaml") == [
-        "module jobs.no_such_job (jobs/no_such_job.py does not exist)",
+    assert missing_references("python -m tokenmill.jobs.no_such_job configs/nope.yaml") == [
+        "module tokenmill.jobs.no_such_job (jobs/no_such_job.py does not exist)",
         "configs/nope.yaml does not exist",
     ]
 
@@ -416,16 +416,16 @@ def job_specs() -> Iterator[tuple[str, dict]]:
 
 
 def entrypoint_config(entrypoint: str):
-    """The typed config a `python -m jobs.train|retrain CONFIG --set ...` entrypoint runs with."""
+    """The typed config a `python -m tokenmill.jobs.train|retrain CONFIG --set ...` entrypoint runs with."""
     import shlex
 
-    from pipeline.registry.config import load_retrain_config
-    from pipeline.training.config import load_train_config
+    from tokenmill.pipeline.registry.config import load_retrain_config
+    from tokenmill.pipeline.training.config import load_train_config
 
     words = shlex.split(entrypoint)
     module, path = words[words.index("-m") + 1], words[words.index("-m") + 2]
     overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
-    load = {"jobs.train": load_train_config, "jobs.retrain": load_retrain_config}[module]
+    load = {"tokenmill.jobs.train": load_train_config, "tokenmill.jobs.retrain": load_retrain_config}[module]
     return load(REPO / path.replace(f"{APP_DIR}/", ""), overrides)
 
 
@@ -441,11 +441,11 @@ def test_training_jobs_use_gpus_shared_storage_and_the_mlflow_server():
     """Every shipped training RayJob (train, scheduled retrain) trains on the GPU worker group,
     reads shards and keeps checkpoints on s3://, logs to the MLflow server, and so passes the
     multi-node refusal of node-local storage."""
-    from pipeline.training.cluster_check import check_cluster_storage
+    from tokenmill.pipeline.training.cluster_check import check_cluster_storage
 
     trained = []
     for rel, spec in job_specs():
-        if not re.search(r"-m jobs\.(train|retrain)\b", spec["entrypoint"]):
+        if not re.search(r"-m tokenmill\.jobs\.(train|retrain)\b", spec["entrypoint"]):
             continue
         config = entrypoint_config(spec["entrypoint"])
         trained.append(rel)
@@ -466,7 +466,7 @@ def test_training_jobs_use_gpus_shared_storage_and_the_mlflow_server():
 
 
 def test_tokenize_job_reads_the_model_from_the_mlflow_server():
-    (spec,) = [spec for _, spec in job_specs() if "-m jobs.tokenize" in spec["entrypoint"]]
+    (spec,) = [spec for _, spec in job_specs() if "-m tokenmill.jobs.tokenize" in spec["entrypoint"]]
     words = spec["entrypoint"].split()
     assert words[words.index("--tracking-uri") + 1] == MLFLOW_SERVICE
     assert all(words[words.index(flag) + 1].startswith("s3://") for flag in ("--data", "--out"))

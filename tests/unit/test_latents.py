@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers.tokens import build_store
 
-from models.errors import UserError
-from pipeline.tokens.dataset import TokenDataset
-from pipeline.tokens.latent_dataset import LatentDataset
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.tokens.dataset import TokenDataset
+from tokenmill.pipeline.tokens.latent_dataset import LatentDataset
 
 COUNTS, SPLITS = [12, 5, 9], ["train", "train", "val"]
 GROUPS = {"latents_2x2": (3, 2, 2), "latents_4x4": (3, 4, 4)}
@@ -23,8 +23,8 @@ GROUPS = {"latents_2x2": (3, 2, 2), "latents_4x4": (3, 4, 4)}
 def build_latent_store(url: str, variants: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """A finished store of hierarchical-VAE-like latent groups through the store API alone;
     returns each array in item order (all splits), float16 (N, [V,] ...)."""
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import ArraySpec, TokenStore
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import ArraySpec, TokenStore
 
     rng = np.random.default_rng(seed)
     lead = (variants,) if variants > 1 else ()
@@ -114,8 +114,8 @@ def test_augmented_store_gives_one_variant_per_item_and_epoch(stores):
 
 
 def test_token_dataset_picks_variants_of_augmented_code_stores(tmp_path):
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import ArraySpec, TokenStore
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import ArraySpec, TokenStore
 
     url = str(tmp_path / "codes.zarr")
     spec = ArraySpec("codes", (2, 2, 2), "uint16", 10)
@@ -148,7 +148,7 @@ def test_readers_name_the_other_reader(stores, tmp_path):
 
 
 def test_diffusers_references_that_are_missing_or_not_an_autoencoder(tmp_path, monkeypatch):
-    from pipeline.tokens.extraction import ExtractionOptions, resolve_tokenizer
+    from tokenmill.pipeline.tokens.extraction import ExtractionOptions, resolve_tokenizer
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -175,7 +175,7 @@ def test_diffusers_references_that_are_missing_or_not_an_autoencoder(tmp_path, m
 def test_without_diffusers_the_error_names_the_extra(monkeypatch):
     import sys
 
-    from pipeline.tokens.diffusers_adapter import import_diffusers
+    from tokenmill.pipeline.tokens.diffusers_adapter import import_diffusers
 
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed: `import diffusers` fails
     with pytest.raises(UserError, match=r'pip install "tokenmill\[diffusers\]"'):

@@ -9,9 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from models.errors import UserError
-from models.gaussian import kl_normal, kl_standard_normal, log_normal, reparameterize
-from models.likelihoods import BernoulliLikelihood, DiscretizedLogisticMixture, GaussianLikelihood, make_likelihood
+from tokenmill.models.errors import UserError
+from tokenmill.models.gaussian import kl_normal, kl_standard_normal, log_normal, reparameterize
+from tokenmill.models.likelihoods import (
+    BernoulliLikelihood,
+    DiscretizedLogisticMixture,
+    GaussianLikelihood,
+    make_likelihood,
+)
 
 
 def test_closed_form_kl_matches_monte_carlo():

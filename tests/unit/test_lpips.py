@@ -1,4 +1,4 @@
-"""models.lpips.LPIPS equals the lpips package's `lpips.LPIPS(net="vgg")` given identical weights.
+"""tokenmill.models.lpips.LPIPS equals the lpips package's `lpips.LPIPS(net="vgg")` given identical weights.
 
 lpips needs torchvision only for `torchvision.models.vgg16(...).features`, and torchvision cannot
 be installed on CPU-only machines here (its wheel is CUDA-linked). So when `import lpips` fails for
@@ -19,8 +19,8 @@ import pytest
 import torch
 from helpers.lpips import VGG16Shim, write_random_lpips_weights
 
-from models.errors import UserError
-from models.lpips import LIN_SHA256, LPIPS, LPIPSWeights, resolve_lpips_weights
+from tokenmill.models.errors import UserError
+from tokenmill.models.lpips import LIN_SHA256, LPIPS, LPIPSWeights, resolve_lpips_weights
 
 
 def _reference_lpips(monkeypatch):

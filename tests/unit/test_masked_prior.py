@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from helpers import CONFIGS
 from helpers.engine import prior_store, run_in_process
 
-from jobs.cli import main as cli_main
-from models import load_model, save_model
-from models.masked_prior import MaskGITConfig, MaskGITPrior, masked_after
-from models.prior import PriorConfig, TransformerPrior
-from pipeline.config import ConfigError, to_plain
-from pipeline.prior.config import load_prior_config, prior_config
-from pipeline.training.tasks.prior import PriorTask
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.models import load_model, save_model
+from tokenmill.models.masked_prior import MaskGITConfig, MaskGITPrior, masked_after
+from tokenmill.models.prior import PriorConfig, TransformerPrior
+from tokenmill.pipeline.config import ConfigError, to_plain
+from tokenmill.pipeline.prior.config import load_prior_config, prior_config
+from tokenmill.pipeline.training.tasks.prior import PriorTask
 
 K = 16
 

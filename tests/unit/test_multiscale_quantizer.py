@@ -12,10 +12,10 @@ import torch
 from helpers import CONFIGS
 from helpers.tokens import images
 
-from models import save_model
-from models.quantizers import MultiScaleQuantizer, QuantizerConfig, VectorQuantizer
-from models.vqgan import VQGAN, VQGANConfig
-from models.vqvae import VQVAE, VQVAE2Config, VQVAEConfig
+from tokenmill.models import save_model
+from tokenmill.models.quantizers import MultiScaleQuantizer, QuantizerConfig, VectorQuantizer
+from tokenmill.models.vqgan import VQGAN, VQGANConfig
+from tokenmill.models.vqvae import VQVAE, VQVAE2Config, VQVAEConfig
 
 VQ_OPTIONS = dict(codebook_size=16, kmeans_iters=3, decay=0.5, seed=3)
 MULTISCALE = QuantizerConfig(kind="multiscale", scales=(1, 2, 4), codebook_size=16, kmeans_iters=3)
@@ -109,7 +109,7 @@ def test_straight_through_gradient_of_the_sum_is_the_identity():
 
 
 def test_validation_counts_usage_over_the_shared_codebook():
-    from pipeline.training.tasks.image_validation import evaluate
+    from tokenmill.pipeline.training.tasks.image_validation import evaluate
 
     torch.manual_seed(0)
     model = _vqvae()
@@ -131,22 +131,22 @@ def test_bad_scale_lists_are_one_value_error_naming_them():
         VQGANConfig(image_size=16, channel_mult=(1, 2, 2, 2), quantizer=MULTISCALE)
     with pytest.raises(ValueError, match="vqvae2"):
         VQVAE2Config(image_size=16, quantizer=MULTISCALE)
-    from pipeline.config import ConfigError
-    from pipeline.training.config import load_train_config
+    from tokenmill.pipeline.config import ConfigError
+    from tokenmill.pipeline.training.config import load_train_config
 
     with pytest.raises(ConfigError, match=r"model.*\[1, 2, 4\].*side 8"):
         load_train_config(CONFIGS / "var_vqvae_mnist.yaml", ["model.quantizer.scales=[1,2,4]"])
 
 
 def test_store_holds_one_level_per_scale_coarse_to_fine(tmp_path):
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.tokens import store_code_stats
-    from pipeline.tokens.dataset import TokenDataset
-    from pipeline.tokens.detokenize import StoreDecoder
-    from pipeline.tokens.encoder import TokenEncoder
-    from pipeline.tokens.extraction import ExtractionOptions, tokenizer_lineage
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.tokens import store_code_stats
+    from tokenmill.pipeline.tokens.dataset import TokenDataset
+    from tokenmill.pipeline.tokens.detokenize import StoreDecoder
+    from tokenmill.pipeline.tokens.encoder import TokenEncoder
+    from tokenmill.pipeline.tokens.extraction import ExtractionOptions, tokenizer_lineage
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     torch.manual_seed(0)
     model = _vqvae()

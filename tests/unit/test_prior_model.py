@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from models import load_model, save_model
-from models.prior import KVCache, PriorConfig, TransformerPrior, sample_logits
+from tokenmill.models import load_model, save_model
+from tokenmill.models.prior import KVCache, PriorConfig, TransformerPrior, sample_logits
 
 K = 16
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.cli import main as cli_main
-from models import save_model
-from models.prior import PriorConfig, TransformerPrior
-from models.quantizers import QuantizerConfig
-from models.serialization import WEIGHTS_FILE
-from models.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
-from pipeline.prior.lineage import prior_lineage, read_prior_lineage, write_prior_lineage
-from pipeline.prior.sampling import SampleOptions, sample_prior
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.models import save_model
+from tokenmill.models.prior import PriorConfig, TransformerPrior
+from tokenmill.models.quantizers import QuantizerConfig
+from tokenmill.models.serialization import WEIGHTS_FILE
+from tokenmill.models.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
+from tokenmill.pipeline.prior.lineage import prior_lineage, read_prior_lineage, write_prior_lineage
+from tokenmill.pipeline.prior.sampling import SampleOptions, sample_prior
 
 SMALL = dict(in_channels=1, image_size=16, hidden=8, res_blocks=1, latent_dim=4)
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.code_usage import CodebookStats
-from models.quantizers import BSQ, FSQ, LFQ, Collectives, ResidualVQ, SimVQ, VectorQuantizer
-from models.quantizers.entropy import entropy_penalty
-from models.quantizers.rotation import rotate_onto
+from tokenmill.models.code_usage import CodebookStats
+from tokenmill.models.quantizers import BSQ, FSQ, LFQ, Collectives, ResidualVQ, SimVQ, VectorQuantizer
+from tokenmill.models.quantizers.entropy import entropy_penalty
+from tokenmill.models.quantizers.rotation import rotate_onto
 
 
 def _plain_vq(**options) -> VectorQuantizer:
@@ -329,11 +329,11 @@ def test_llamagen_l2_low_dim_large_codebook_trains_without_collapse():
 
 
 def test_18_bit_lfq_tokenizer_gets_a_uint32_token_store(tmp_path):
-    from models import save_model
-    from models.quantizers import QuantizerConfig
-    from models.vqvae import VQVAE, VQVAEConfig
-    from pipeline.registry.model_ref import resolve_model
-    from pipeline.tokens.encoder import TokenEncoder
+    from tokenmill.models import save_model
+    from tokenmill.models.quantizers import QuantizerConfig
+    from tokenmill.models.vqvae import VQVAE, VQVAEConfig
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.tokens.encoder import TokenEncoder
 
     config = VQVAEConfig(in_channels=1, image_size=16, hidden=8, res_blocks=1, latent_dim=8,
                          quantizer=QuantizerConfig(kind="lfq", bits=18, entropy_group_bits=9))

@@ -10,9 +10,9 @@ from helpers.shards import DIRTY_GOOD as GOOD
 from helpers.shards import DIRTY_KINDS as EXPECTED_KINDS
 from helpers.shards import write_dirty_shard
 
-from pipeline.shards.images import TransformConfig
-from pipeline.shards.problems import ShardError, kind_of
-from pipeline.shards.reader import ShardSample, pixels_decoder, read_shard
+from tokenmill.pipeline.shards.images import TransformConfig
+from tokenmill.pipeline.shards.problems import ShardError, kind_of
+from tokenmill.pipeline.shards.reader import ShardSample, pixels_decoder, read_shard
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import pytest
 from helpers import CONFIGS
 from helpers.jobs import write_digits_shards
 
-from pipeline.registry import promotion
-from pipeline.registry.config import load_retrain_config
-from pipeline.shards.manifest import read_manifest, write_manifest
-from pipeline.shards.versions import newest_version
+from tokenmill.pipeline.registry import promotion
+from tokenmill.pipeline.registry.config import load_retrain_config
+from tokenmill.pipeline.shards.manifest import read_manifest, write_manifest
+from tokenmill.pipeline.shards.versions import newest_version
 
 CONFIG = str(CONFIGS / "debug_retrain_vqvae.yaml")
 
@@ -35,7 +35,7 @@ def digits(tmp_path_factory) -> Path:
     ("vae", {"val/nll_nats": 98.0}, {"val/nll_nats": 100.0}, 5.0, False),
 ])
 def test_decision_rule(kind, challenger, champion, margin, promote):
-    from models.vae import VAEConfig
+    from tokenmill.models.vae import VAEConfig
 
     floor = 0.05 if kind == "vqvae" else 0.0
     config = load_retrain_config(CONFIG, [f"promotion.margin={margin}", f"promotion.usage_floor={floor}"])

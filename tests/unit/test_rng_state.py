@@ -7,8 +7,14 @@ import random
 import pytest
 import torch
 
-from pipeline.training.optim import OptimConfig, Part
-from pipeline.training.state import TrainState, load_train_state, rank_rng_state, restore_rank_rng, save_train_state
+from tokenmill.pipeline.training.optim import OptimConfig, Part
+from tokenmill.pipeline.training.state import (
+    TrainState,
+    load_train_state,
+    rank_rng_state,
+    restore_rank_rng,
+    save_train_state,
+)
 
 CPU = torch.device("cpu")
 

@@ -10,7 +10,7 @@ import mlflow
 import zarr
 from helpers.credentials import KEY, SECRET, leaks
 
-from pipeline.runtime.redaction import MASK, redact
+from tokenmill.pipeline.runtime.redaction import MASK, redact
 
 
 def test_redact_masks_secret_keys_and_url_passwords_only():
@@ -35,8 +35,8 @@ def test_redact_masks_secret_keys_and_url_passwords_only():
 
 
 def test_store_lineage_is_recorded_redacted(tmp_path):
-    from pipeline.tokens.layout import plan_layout
-    from pipeline.tokens.store import ArraySpec, TokenStore
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import ArraySpec, TokenStore
 
     specs = [ArraySpec("codes", (2, 2), "uint16", 50)]
     layout = plan_layout([("a", "train", 5)], 8)
@@ -49,7 +49,7 @@ def test_store_lineage_is_recorded_redacted(tmp_path):
 
 
 def test_retrain_tags_are_recorded_redacted(sqlite_tracking, tmp_path):
-    from pipeline.registry import promotion
+    from tokenmill.pipeline.registry import promotion
 
     client = mlflow.MlflowClient(sqlite_tracking)  # the session's store: names of this test's own
     run_id = client.create_run(client.create_experiment("redacted-tags")).info.run_id

@@ -8,10 +8,10 @@ import pydantic
 import pytest
 import torch
 
-from models import build_model, load_model, save_model
-from models.errors import UserError
-from models.hvae import HierarchicalVAE, HVAEConfig
-from models.vae import ConditionalVAE, CVAEConfig, GaussianVAE, VAEConfig
+from tokenmill.models import build_model, load_model, save_model
+from tokenmill.models.errors import UserError
+from tokenmill.models.hvae import HierarchicalVAE, HVAEConfig
+from tokenmill.models.vae import ConditionalVAE, CVAEConfig, GaussianVAE, VAEConfig
 
 CASES = [
     GaussianVAE(VAEConfig(arch="conv", image_size=16, hidden=8, latent_dim=4)),

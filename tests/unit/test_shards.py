@@ -12,10 +12,16 @@ import pytest
 from helpers.shards import samples_in_shard_order
 from PIL import Image
 
-import pipeline.shards.writer as shard_writer
-from jobs.cli import main
-from pipeline.shards.manifest import manifest_identity, read_manifest, scan_shard, shard_urls, shards_for_split
-from pipeline.shards.writer import ShardSettings, split_of, write_shards
+import tokenmill.pipeline.shards.writer as shard_writer
+from tokenmill.jobs.cli import main
+from tokenmill.pipeline.shards.manifest import (
+    manifest_identity,
+    read_manifest,
+    scan_shard,
+    shard_urls,
+    shards_for_split,
+)
+from tokenmill.pipeline.shards.writer import ShardSettings, split_of, write_shards
 
 
 def make_folder(root, n_per_class=9, classes=("cat", "dog", "emu")):

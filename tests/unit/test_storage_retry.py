@@ -9,8 +9,8 @@ import json
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from models.errors import UserError
-from pipeline.runtime.storage_retry import StorageError, is_storage_error, is_transient, retry_storage
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.runtime.storage_retry import StorageError, is_storage_error, is_transient, retry_storage
 
 
 def client_error(code: str, status: int = 400) -> ClientError:

@@ -12,11 +12,11 @@ import pytest
 import zarr
 from helpers.tokens import build_store
 
-from models.errors import UserError
-from pipeline.runtime.faults import InjectedFault
-from pipeline.tokens.dataset import TokenDataset
-from pipeline.tokens.layout import plan_layout
-from pipeline.tokens.store import ArraySpec, TokenStore
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.runtime.faults import InjectedFault
+from tokenmill.pipeline.tokens.dataset import TokenDataset
+from tokenmill.pipeline.tokens.layout import plan_layout
+from tokenmill.pipeline.tokens.store import ArraySpec, TokenStore
 
 COUNTS, SPLITS = [5, 0, 9, 3], ["train", "train", "val", "train"]
 SPECS = [ArraySpec("codes", (2, 2), "uint16", 50)]
@@ -104,7 +104,7 @@ def test_old_and_foreign_folders_are_refused_with_what_to_do(tmp_path):
 
 
 def test_dimension_names_of_levels_latents_and_augmentation_variants():
-    from pipeline.tokens.store_nodes import dimension_names
+    from tokenmill.pipeline.tokens.store_nodes import dimension_names
 
     assert dimension_names(ArraySpec("codes_1", (8, 8), "uint16", 512)) == ("sample", "h_1", "w_1")
     assert dimension_names(ArraySpec("latents", (16,), "float16")) == ("sample", "latent")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from helpers.shards import write_folder_shards, write_tar
 
-from models.errors import UserError
-from pipeline.shards.manifest import shard_urls
-from pipeline.shards.stream import check_shards, open_stream
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.shards.manifest import shard_urls
+from tokenmill.pipeline.shards.stream import check_shards, open_stream
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import tarfile
 
 import pytest
 
-from pipeline.shards.tar_reader import TarFormatError, iter_files
-from pipeline.shards.wds_io import iter_samples
+from tokenmill.pipeline.shards.tar_reader import TarFormatError, iter_files
+from tokenmill.pipeline.shards.wds_io import iter_samples
 
 NAMES = ["a.png", "b/c.cls", "x" * 150 + ".json", "ü/é.txt", "p" * 90 + "/" + "q" * 90 + ".png"]
 USTAR_NAMES = ["a.png", "b/c.cls", "p" * 90 + "/" + "q" * 90 + ".png"]  # ustar: no names > 100+155

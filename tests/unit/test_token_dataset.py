@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers.tokens import build_store
 
-from models.errors import UserError
-from pipeline.tokens.dataset import TokenDataset
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.tokens.dataset import TokenDataset
 
 COUNTS, SPLITS = [30, 7, 19, 5], ["train", "train", "val", "train"]
 
@@ -75,7 +75,7 @@ def test_distributed_sampler_and_dataloader_cover_every_item_once(store):
 
 
 def test_unfinished_store_and_unknown_split_are_user_errors(store, tmp_path):
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     url, _ = store
     with pytest.raises(UserError, match="no 'holdout' samples"):

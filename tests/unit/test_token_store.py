@@ -7,12 +7,12 @@ import pytest
 import zarr
 from helpers.tokens import array_bytes, build_store
 
-from models.errors import UserError
-from pipeline.tokens import store_code_stats
-from pipeline.tokens.dataset import TokenDataset
-from pipeline.tokens.layout import MAX_UNITS, plan_layout
-from pipeline.tokens.store import ArraySpec, TokenStore, describe_store
-from pipeline.tokens.store_nodes import store_objects
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.tokens import store_code_stats
+from tokenmill.pipeline.tokens.dataset import TokenDataset
+from tokenmill.pipeline.tokens.layout import MAX_UNITS, plan_layout
+from tokenmill.pipeline.tokens.store import ArraySpec, TokenStore, describe_store
+from tokenmill.pipeline.tokens.store_nodes import store_objects
 
 SPECS = [ArraySpec("codes", (2, 2), "uint16", 50)]
 
@@ -94,7 +94,7 @@ def _write(store, layout, unit, codes, keys):
 
 
 def test_rewriting_a_region_after_a_killed_attempt_is_byte_identical(tmp_path, monkeypatch):
-    import pipeline.tokens.layout as token_layout
+    import tokenmill.pipeline.tokens.layout as token_layout
 
     # 4-row chunks, 8-row Zarr shards: a 20-sample input shard spans three Zarr shards.
     monkeypatch.setattr(token_layout, "TARGET_CHUNK_BYTES", 4 * 8)

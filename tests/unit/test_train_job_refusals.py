@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from helpers import CONFIGS
 
-from jobs.cli import main as cli_main
+from tokenmill.jobs.cli import main as cli_main
 
 DEBUG_CONFIG = str(CONFIGS / "debug_vqvae.yaml")
 

@@ -12,9 +12,9 @@ from helpers import CONFIGS
 from helpers.engine import PRIOR_K, learnable_store, prior_store
 from helpers.tokens import make_vqvae
 
-from jobs.cli import main as cli_main
-from pipeline.prior import data as prior_data
-from pipeline.prior.config import PriorDataSection
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.pipeline.prior import data as prior_data
+from tokenmill.pipeline.prior.config import PriorDataSection
 
 DEBUG_CONFIG = str(CONFIGS / "debug_prior.yaml")
 K = PRIOR_K  # the tokenizer's codebook; 8x8 images -> 2x2 codes

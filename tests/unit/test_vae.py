@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.image_metrics import importance_weighted_nll
-from models.latent_ops import apply_attribute, attribute_vector, encode, interpolate, lerp, make_grid, slerp
-from models.vae import ConditionalVAE, CVAEConfig, GaussianVAE, VAEConfig
-from pipeline.grids import save_png_grid
+from tokenmill.models.image_metrics import importance_weighted_nll
+from tokenmill.models.latent_ops import apply_attribute, attribute_vector, encode, interpolate, lerp, make_grid, slerp
+from tokenmill.models.vae import ConditionalVAE, CVAEConfig, GaussianVAE, VAEConfig
+from tokenmill.pipeline.grids import save_png_grid
 
 
 def images(n: int = 6, size: int = 16) -> torch.Tensor:
@@ -110,8 +110,8 @@ def test_interpolation_grid_to_png(tmp_path):
 
 def test_training_image_panels_work_for_the_conditional_vae():
     """Image logging walks latent paths under the pair's labels; a CVAE's encoder needs them."""
-    from models.vae import ConditionalVAE, CVAEConfig
-    from pipeline.training.tasks.image_validation import image_panels
+    from tokenmill.models.vae import ConditionalVAE, CVAEConfig
+    from tokenmill.pipeline.training.tasks.image_validation import image_panels
 
     model = ConditionalVAE(CVAEConfig()).eval()
     x, y = torch.rand(8, model.config.channels, 32, 32), torch.arange(8) % 10

@@ -13,13 +13,13 @@ import torch
 from helpers import CONFIGS
 from helpers.engine import multiscale_prior_store, prior_store, run_in_process
 
-from jobs.cli import main as cli_main
-from models import load_model
-from models.prior import KVCache
-from models.var_prior import VARConfig, VARPrior
-from pipeline.prior.config import load_prior_config, prior_config
-from pipeline.prior.sampling import SampleOptions, sample_prior, takes_steps
-from pipeline.training.tasks.prior import PriorTask
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.models import load_model
+from tokenmill.models.prior import KVCache
+from tokenmill.models.var_prior import VARConfig, VARPrior
+from tokenmill.pipeline.prior.config import load_prior_config, prior_config
+from tokenmill.pipeline.prior.sampling import SampleOptions, sample_prior, takes_steps
+from tokenmill.pipeline.training.tasks.prior import PriorTask
 
 K = 16
 GRID = [[1, 1], [2, 2], [3, 3], [4, 4]]  # 1 + 4 + 9 + 16 = 30 codes

@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import CONFIGS
 
-from jobs.cli import main as cli_main
-from models.serialization import load_model, save_model
-from models.vqgan import VQGAN, VQGANConfig
-from models.vqgan_loss import adaptive_weight, discriminator_loss, generator_adversarial_loss
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.models.serialization import load_model, save_model
+from tokenmill.models.vqgan import VQGAN, VQGANConfig
+from tokenmill.models.vqgan_loss import adaptive_weight, discriminator_loss, generator_adversarial_loss
 
 DEBUG_CONFIG = str(CONFIGS / "debug_vqgan.yaml")
 TINY_VQ = {"kind": "vq", "codebook_size": 16, "kmeans_init": False}
@@ -78,7 +78,7 @@ def test_adaptive_weight_comes_from_the_decoders_last_layer():
 
 def test_ssim_equals_torchmetrics():
     torchmetrics_ssim = pytest.importorskip("torchmetrics.functional.image").structural_similarity_index_measure
-    from models.image_metrics import ssim
+    from tokenmill.models.image_metrics import ssim
 
     x = torch.rand(3, 3, 24, 24, dtype=torch.float64)
     y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)

@@ -7,9 +7,9 @@ import pydantic
 import pytest
 import torch
 
-from models import build_model, load_model, save_model
-from models.quantizers import Collectives, QuantizerConfig
-from models.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
+from tokenmill.models import build_model, load_model, save_model
+from tokenmill.models.quantizers import Collectives, QuantizerConfig
+from tokenmill.models.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
 
 SMALL = dict(in_channels=1, image_size=16, hidden=16, res_blocks=1, latent_dim=8)
 QUANTIZERS = {

@@ -24,21 +24,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.errors import UserError
-from models.lpips import LPIPS, resolve_lpips_weights
-from models.serialization import model_class_for_kind
-from models.vqgan_loss import (
+from tokenmill.models.errors import UserError
+from tokenmill.models.lpips import LPIPS, resolve_lpips_weights
+from tokenmill.models.serialization import model_class_for_kind
+from tokenmill.models.vqgan_loss import (
     LeCAM,
     PatchDiscriminator,
     adaptive_weight,
     discriminator_loss,
     generator_adversarial_loss,
 )
-from pipeline.shards.stream import to_model_input
-from pipeline.training.config import VQGANLossConfig
-from pipeline.training.optim import OptimConfig, Part
-from pipeline.training.step import Loss
-from pipeline.training.tasks.tokenizer import TokenizerTask
+from tokenmill.pipeline.shards.stream import to_model_input
+from tokenmill.pipeline.training.config import VQGANLossConfig
+from tokenmill.pipeline.training.optim import OptimConfig, Part
+from tokenmill.pipeline.training.step import Loss
+from tokenmill.pipeline.training.tasks.tokenizer import TokenizerTask
 
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.shards.local_stream import LocalStream
-from pipeline.shards.manifest import manifest_identity, read_manifest, shards_for_split
-from pipeline.shards.sources import BUILTIN_SOURCES
-from pipeline.shards.stream import EPOCH_CLOCK, ShardStream, StreamConfig, check_shards, open_stream
+from tokenmill.pipeline.shards.local_stream import LocalStream
+from tokenmill.pipeline.shards.manifest import manifest_identity, read_manifest, shards_for_split
+from tokenmill.pipeline.shards.sources import BUILTIN_SOURCES
+from tokenmill.pipeline.shards.stream import EPOCH_CLOCK, ShardStream, StreamConfig, check_shards, open_stream
 
 # Ray Train turns every column into a tensor: keep the numeric ones.
 TRAIN_COLUMNS = ["image", "label"]
@@ -100,7 +100,7 @@ def _make_ingest_config(**kwargs):
 
 def materialize_builtin(source: str, root: str | Path) -> str:
     """Shard a built-in source once under `root/shards/<name>` (a rerun finds it complete)."""
-    from pipeline.shards.writer import write_shards
+    from tokenmill.pipeline.shards.writer import write_shards
 
     dest = Path(root).resolve() / "shards" / source.split(":", 1)[1]
     write_shards(source, str(dest), progress=False)

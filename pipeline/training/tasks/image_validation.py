@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from models.code_usage import code_counts, usage_and_perplexity
-from models.image_metrics import ReconstructionMetrics, bits_per_dim, iw_bounds
-from models.latent_ops import has_latent_paths, interpolate, make_grid
-from models.tokenizer import code_scales, counted_levels
-from pipeline.shards.stream import to_model_input
+from tokenmill.models.code_usage import code_counts, usage_and_perplexity
+from tokenmill.models.image_metrics import ReconstructionMetrics, bits_per_dim, iw_bounds
+from tokenmill.models.latent_ops import has_latent_paths, interpolate, make_grid
+from tokenmill.models.tokenizer import code_scales, counted_levels
+from tokenmill.pipeline.shards.stream import to_model_input
 
 
 @torch.no_grad()

@@ -23,16 +23,16 @@ from typing import Any, Iterator, Mapping
 
 from torch import nn
 
-from models.errors import UserError
-from models.prior import PriorConfig
-from models.serialization import build_model
-from pipeline.prior import data as prior_data
-from pipeline.prior.config import prior_config
-from pipeline.prior.validation import bits_per_token, sample_grid
-from pipeline.runtime.redaction import redact
-from pipeline.training.optim import OptimConfig, Part
-from pipeline.training.step import Loss
-from pipeline.training.task import Task
+from tokenmill.models.errors import UserError
+from tokenmill.models.prior import PriorConfig
+from tokenmill.models.serialization import build_model
+from tokenmill.pipeline.prior import data as prior_data
+from tokenmill.pipeline.prior.config import prior_config
+from tokenmill.pipeline.prior.validation import bits_per_token, sample_grid
+from tokenmill.pipeline.runtime.redaction import redact
+from tokenmill.pipeline.training.optim import OptimConfig, Part
+from tokenmill.pipeline.training.step import Loss
+from tokenmill.pipeline.training.task import Task
 
 LN2 = math.log(2.0)
 
@@ -62,7 +62,7 @@ class PriorTask(Task):
 
     def export_extras(self, model_dir: Path) -> None:
         """lineage.json next to the prior's config.json: the store, its tokenizer and the vocabulary."""
-        from pipeline.prior.lineage import prior_lineage, write_prior_lineage
+        from tokenmill.pipeline.prior.lineage import prior_lineage, write_prior_lineage
 
         prior = prior_config(self.model_fields)
         tokenizer = {"model_uri": self.tokenizer.uri, "weights_sha256": self.tokenizer.weights_sha256}
@@ -133,9 +133,9 @@ def next_token_loss(tokens: Any, parts: Mapping[str, Part]) -> Loss:
 def store_tokenizer(config: Any, prior: PriorConfig, tracking_uri: str | None) -> Any:
     """The `ModelFiles` of the tokenizer the store's lineage names, with the recorded weights
     sha256 and a code shape that fits `prior`; UserError otherwise."""
-    from pipeline.prior.sampling import check_tokenizer_fits
-    from pipeline.tokens.detokenize import resolve_recorded_model
-    from pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.prior.sampling import check_tokenizer_fits
+    from tokenmill.pipeline.tokens.detokenize import resolve_recorded_model
+    from tokenmill.pipeline.tokens.store import TokenStore
 
     data = config.data
     lineage = TokenStore(data.store, data.storage_options).token_attrs()["lineage"]

@@ -17,13 +17,18 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from models.serialization import build_model, model_class_for_kind, save_model
-from pipeline.shards.stream import to_model_input
-from pipeline.training.optim import OptimConfig, Part
-from pipeline.training.step import Loss
-from pipeline.training.task import Inputs, Task
-from pipeline.training.tasks import image_validation
-from pipeline.training.tasks.image_data import TRAIN_COLUMNS, TrainingData, ingest_config, resolve_training_data
+from tokenmill.models.serialization import build_model, model_class_for_kind, save_model
+from tokenmill.pipeline.shards.stream import to_model_input
+from tokenmill.pipeline.training.optim import OptimConfig, Part
+from tokenmill.pipeline.training.step import Loss
+from tokenmill.pipeline.training.task import Inputs, Task
+from tokenmill.pipeline.training.tasks import image_validation
+from tokenmill.pipeline.training.tasks.image_data import (
+    TRAIN_COLUMNS,
+    TrainingData,
+    ingest_config,
+    resolve_training_data,
+)
 
 
 class TokenizerTask(Task):
