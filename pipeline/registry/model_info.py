@@ -44,10 +44,14 @@ def describe_model(ref: str, tracking_uri: str | None = None, storage_options: d
 
 
 def _is_diffusers_folder(ref: str, storage_options: dict | None) -> bool:
+    """A folder whose config.json names a diffusers class (`_class_name`); a tokenmill config has `class`."""
     if ref.startswith(MLFLOW_PREFIXES):
         return False
     fs, path = filesystem(ref, storage_options)
-    return fs.isfile(join(path, diffusers.WEIGHTS_FILE))
+    try:
+        return "_class_name" in json.loads(fs.cat_file(join(path, diffusers.CONFIG_FILE)))
+    except (OSError, ValueError, TypeError):  # missing or unreadable: the tokenmill loader names the problem
+        return False
 
 
 def _native_info(files: ModelFiles) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from tokenmill.pipeline.prior.lineage import prior_lineage, write_prior_lineage
 
 
 def _artifacts(root) -> dict[str, str]:
-    """A tokenizer, a prior whose lineage names it, a two-level store and shards under `root`."""
-    tokenizer = make_vqvae(root / "tokenizer")
+    """A tokenizer, a prior (its lineage.json names a store and tokenizer), a two-level store and shards."""
+    make_vqvae(root / "tokenizer")
     torch.manual_seed(0)
     config = PriorConfig(codebook_size=64, grid=[[4, 4]], dim=16, depth=1, heads=2)
     prior = save_model(TransformerPrior(config), root / "prior")

@@ -128,12 +128,15 @@ def test_a_token_store_gives_rows_levels_completeness_and_every_lineage_key(tmp_
 def test_what_it_cannot_inspect_is_one_line_and_exit_2(tmp_path, capsys, sqlite_tracking):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel"}')  # diffusers, not an autoencoder
     cases = {  # argv -> what the one line must say
         (str(tmp_path / "missing"),): "does not exist",
         (str(tmp_path / "empty"),): "not something tokenmill can inspect",
         (str(tmp_path / "notes.txt"),): "not something tokenmill can inspect",
         ("models:/no-such-model/1", "--tracking-uri", sqlite_tracking): "no-such-model",
         (f"diffusers:{tmp_path}/missing",): "is not a folder",
+        (str(tmp_path / "unet"),): "is a UNet2DModel, not a VQModel or AutoencoderKL",
     }
     for argv, message in cases.items():
         capsys.readouterr()
