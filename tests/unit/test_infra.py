@@ -211,10 +211,25 @@ def ray_kind(kind: str, spec: dict) -> dict:
     )
 
 
+# kustomize's own file (kubectl apply -k): only the fields the overlays under infra/ use.
+KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
+KUSTOMIZATION = obj(
+    {
+        "apiVersion": {"const": KUSTOMIZE_API},
+        "kind": {"const": "Kustomization"},
+        "resources": {"type": "array", "items": STR},
+        "patches": {"type": "array", "items": obj(
+            {"target": obj({"group": STR, "version": STR, "kind": STR, "name": STR}), "patch": STR},
+            required=("target", "patch"))},
+    },
+    required=("apiVersion", "kind", "resources"),
+)
+
 RAY_SCHEMAS = {
     ("ray.io/v1", "RayCluster"): ray_kind("RayCluster", RAY_CLUSTER_SPEC),
     ("ray.io/v1", "RayJob"): ray_kind("RayJob", RAY_JOB_SPEC),
     ("ray.io/v1", "RayCronJob"): ray_kind("RayCronJob", RAY_CRONJOB_SPEC),
+    (KUSTOMIZE_API, "Kustomization"): KUSTOMIZATION,
 }
 
 
@@ -246,7 +261,7 @@ def schema_errors(doc: dict) -> list[str]:
     validator = jsonschema.Draft202012Validator(schema, registry=registry())
     errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(doc)]
     metadata = doc.get("metadata") or {}
-    if not (metadata.get("name") or metadata.get("generateName")):
+    if kind != "Kustomization" and not (metadata.get("name") or metadata.get("generateName")):
         errors.append("metadata: needs a name or generateName")
     return errors
 
@@ -458,10 +473,6 @@ def test_training_jobs_use_gpus_shared_storage_and_the_mlflow_server():
             config = config.challenger_config(f"{config.versions.prefix}/v1", "challenger", None, MLFLOW_SERVICE)
         assert config.data.shards.startswith("s3://"), f"{rel}: data.shards must be on s3://"
         check_cluster_storage(config, {"data.shards": config.data.shards}, nodes=4)  # raises on anything node-local
-        group = gpu_worker_group(spec["clusterSelector"]["ray.io/cluster"])
-        gpu = group["template"]["spec"]["containers"][0]["resources"]
-        assert int(gpu["limits"]["nvidia.com/gpu"]) >= 1 and int(gpu["requests"]["nvidia.com/gpu"]) >= 1
-        assert group["maxReplicas"] * int(gpu["limits"]["nvidia.com/gpu"]) >= config.scaling.num_workers
     assert sorted(trained) == ["infra/kuberay/raycronjob-retrain.yaml", "infra/kuberay/rayjob-train.yaml"]
 
 
@@ -483,3 +494,144 @@ def test_cuda_image_records_gpu_system_metrics():
     assert "infra/requirements-cuda.txt" in copied_into_image()
     (cuda_line,) = [line for line in dockerfile.splitlines() if line.strip().startswith("cuda)")]
     assert "-r infra/requirements-cuda.txt" in cuda_line
+
+
+# ------------------------------------------------------------------------------------------------
+# Nodes of N GPUs (issue 25): one Pod per node, bounded /dev/shm, IPC_LOCK, RDMA overlay, jobs
+# that fill whole nodes and name only shared storage
+
+GPU_NODE_LABEL = "nvidia.com/gpu.count"  # GPU feature discovery's label: GPUs on the node
+
+
+def pod_shape(group: dict) -> tuple[int, int, float]:
+    """(GPUs the node has, GPUs the Pod takes, CPUs the Pod takes) of a GPU worker group."""
+    spec = group["template"]["spec"]
+    resources = spec["containers"][0]["resources"]
+    node_gpus = int((spec.get("nodeSelector") or {}).get(GPU_NODE_LABEL, 0))
+    requests, limits = int(resources["requests"]["nvidia.com/gpu"]), int(resources["limits"]["nvidia.com/gpu"])
+    assert requests == limits, f"{group['groupName']}: GPU requests {requests} != limits {limits}"
+    return node_gpus, limits, float(resources["limits"]["cpu"])
+
+
+def job_gpus(entrypoint: str) -> tuple[int, int]:
+    """(GPUs a shipped job's entrypoint asks for, decode threads per GPU; 0 when not set)."""
+    words = entrypoint.split()
+    if "tokenmill.jobs.tokenize" in words:
+        threads = int(words[words.index("--decode-threads") + 1]) if "--decode-threads" in words else 0
+        return int(words[words.index("--gpus") + 1]), threads
+    config = entrypoint_config(entrypoint)
+    return (config.scaling.num_workers if config.scaling.use_gpu else 0), 0
+
+
+def test_gpu_pods_hold_whole_nodes_and_every_job_fills_them():
+    """One Ray worker Pod per GPU node with all its GPUs (NCCL uses NVLink / shared memory inside
+    it), and every shipped job's GPUs = whole Pods: num_workers x 1 GPU = replicas x GPUs per node,
+    with replicas within the group's maxReplicas (else the job never schedules)."""
+    group = gpu_worker_group("tokenmill")
+    node_gpus, pod_gpus, pod_cpus = pod_shape(group)
+    assert pod_gpus == node_gpus > 1, f"a GPU Pod takes {pod_gpus} GPU(s) of a {node_gpus}-GPU node ({GPU_NODE_LABEL})"
+    checked = []
+    for rel, spec in job_specs():
+        gpus, threads = job_gpus(spec["entrypoint"])
+        replicas, rest = divmod(gpus, pod_gpus)
+        assert rest == 0 and 1 <= replicas <= group["maxReplicas"], (
+            f"{rel}: {gpus} GPU workers is not a whole number of {pod_gpus}-GPU Pods within maxReplicas "
+            f"{group['maxReplicas']}")
+        assert threads * pod_gpus <= pod_cpus, f"{rel}: {threads} decode threads x {pod_gpus} GPUs > {pod_cpus} CPUs"
+        checked.append(rel)
+    assert len(checked) == 3, checked  # train, tokenize, scheduled retrain
+
+
+def ray_groups(doc: dict) -> Iterator[tuple[str, dict]]:
+    """(name, group) of every head and worker group of a RayCluster, including a RayJob's own."""
+    for path, node in walk(doc):
+        if path.endswith(".headGroupSpec"):
+            yield path, node
+        elif path.endswith(".workerGroupSpecs"):
+            yield from ((f"{path}[{g['groupName']}]", g) for g in node)
+
+
+def memory_bytes(quantity: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(quantity))
+    assert match and match.group(2) in {"", *units}, f"unknown quantity {quantity!r}"
+    return float(match.group(1)) * units.get(match.group(2), 1)
+
+
+@pytest.mark.parametrize(("rel", "index", "doc"), ALL_DOCS, ids=DOC_IDS)
+def test_ray_dev_shm_is_bounded_and_holds_the_object_store(rel, index, doc):
+    """Every Ray Pod mounts a memory-backed /dev/shm with a sizeLimit below its memory limit (it
+    counts against it), and pins Ray's object store below that limit."""
+    for path, group in ray_groups(doc):
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        mounts = {m["name"] for m in container.get("volumeMounts") or [] if m["mountPath"] == "/dev/shm"}
+        (volume,) = [v for v in spec.get("volumes") or [] if v["name"] in mounts] or [None]
+        assert volume and volume.get("emptyDir", {}).get("medium") == "Memory", f"{path}: no memory-backed /dev/shm"
+        limit = volume["emptyDir"].get("sizeLimit")
+        assert limit, f"{path}: /dev/shm has no sizeLimit (unbounded, counted against the Pod's memory)"
+        assert memory_bytes(limit) < memory_bytes(container["resources"]["limits"]["memory"]), path
+        store = group.get("rayStartParams", {}).get("object-store-memory")
+        assert store and int(store) < memory_bytes(limit), f"{path}: object-store-memory {store} vs /dev/shm {limit}"
+
+
+def test_gpu_workers_may_pin_memory_and_drop_everything_else():
+    (container,) = gpu_worker_group("tokenmill")["template"]["spec"]["containers"]
+    capabilities = container["securityContext"]["capabilities"]
+    assert capabilities == {"drop": ["ALL"], "add": ["IPC_LOCK"]}, capabilities
+
+
+def test_quantity_parser():
+    assert memory_bytes("256Gi") == 256 * 2**30 and memory_bytes("200000000000") == 2e11
+    with pytest.raises(AssertionError):
+        memory_bytes("12 GB")
+
+
+def json_pointer_add(doc: dict, pointer: str, value: Any) -> None:
+    """RFC 6902 `add` into an existing object (what the overlays use), `~1` and `~0` decoded."""
+    *parents, last = [part.replace("~1", "/").replace("~0", "~") for part in pointer.lstrip("/").split("/")]
+    node = doc
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    assert isinstance(node, dict), f"{pointer}: adds into a list are not used by the overlays"
+    node[last] = value
+
+
+def kustomize_build(directory) -> list[dict]:
+    """`kubectl kustomize DIRECTORY` for the subset infra/ uses: resources (files or directories)
+    and JSON 6902 `add` patches selected by kind and name."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs = []
+    for resource in kustomization["resources"]:
+        path = (directory / resource).resolve()
+        docs += kustomize_build(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in kustomization.get("patches", []):
+        target = patch["target"]
+        selected = [d for d in docs if d["kind"] == target["kind"] and d["metadata"].get("name") == target["name"]
+                    and d["apiVersion"] == f"{target['group']}/{target['version']}"]
+        assert selected, f"{directory}: patch target {target} selects nothing"
+        for op in yaml.safe_load(patch["patch"]):
+            assert op["op"] == "add", f"{directory}: only `add` patches are checked here, got {op['op']}"
+            for doc in selected:
+                json_pointer_add(doc, op["path"], op["value"])
+    return docs
+
+
+def test_rdma_overlay_adds_the_nic_to_the_gpu_workers_only():
+    """infra/kuberay-rdma builds (as kubectl kustomize would) to a valid RayCluster whose GPU
+    workers, and only they, request the RDMA device in requests and limits alike."""
+    (base,) = kustomize_build(INFRA / "kuberay")
+    assert base == load_docs("infra/kuberay/raycluster.yaml")[0]
+    (cluster,) = kustomize_build(INFRA / "kuberay-rdma")
+    assert schema_errors(cluster) == []
+    added = {}
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        resources = group["template"]["spec"]["containers"][0]["resources"]
+        extra = {kind: {k: v for k, v in resources[kind].items() if k not in {"cpu", "memory", "nvidia.com/gpu"}}
+                 for kind in ("requests", "limits")}
+        added[group["groupName"]] = extra
+    assert added["cpu-workers"] == {"requests": {}, "limits": {}}
+    gpu = added["gpu-workers"]
+    assert gpu["requests"] == gpu["limits"] and len(gpu["limits"]) == 1, gpu
+    with pytest.raises(KeyError):  # a patch path into a group that is not there fails the build
+        json_pointer_add(cluster, "/spec/workerGroupSpecs/1/template/spec/nope/resources/x", 1)
