@@ -14,6 +14,8 @@ import hashlib
 import os
 import posixpath
 import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -96,3 +98,17 @@ def local_lpips_weights(config: LPIPSWeights, settings: tuple[str, str] = PERCEP
         else:
             changes[f"{name}_path"] = str(fetch_weights(url, expected or published, setting))
     return dataclasses.replace(config, **changes)
+
+
+def install_weights(url: str, sha256: str, dest: Path) -> Path:
+    """`url`'s checked bytes at `dest`: how infra/Dockerfile bakes weights into the image."""
+    with tempfile.TemporaryDirectory() as cache:
+        found = fetch_weights(url, sha256, dest.name, cache=Path(cache))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(found, dest)
+    return dest
+
+
+if __name__ == "__main__":  # python -m tokenmill.pipeline.runtime.weights URL SHA256 DEST (infra/Dockerfile)
+    url, sha256, dest = sys.argv[1:]
+    print(f"{url} -> {install_weights(url, sha256, Path(dest))}")

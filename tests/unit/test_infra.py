@@ -635,3 +635,163 @@ def test_rdma_overlay_adds_the_nic_to_the_gpu_workers_only():
     assert gpu["requests"] == gpu["limits"] and len(gpu["limits"]) == 1, gpu
     with pytest.raises(KeyError):  # a patch path into a group that is not there fails the build
         json_pointer_add(cluster, "/spec/workerGroupSpecs/1/template/spec/nope/resources/x", 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the shipped jobs name: shared storage and servers only (a path exists on one node only)
+
+SHARED_SCHEMES = {"s3", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "models", "runs"}
+LOCATION_KEYS = {"shards", "path", "root", "prefix", "uri", "out", "out_prefix", "storage_path", "tracking_uri",
+                 "vgg_path", "lin_path", "init_from", "store"}
+MUST_BE_SET = ("run.storage_path", "tracking.tracking_uri")  # None: a local default (<root>/ray, SQLite)
+NODE_SCRATCH = {"run.root"}  # the driver's own run directory (export, lock files): the image makes it writable
+
+
+def flat(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from flat(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, node
+
+
+def node_local_settings(settings: dict[str, Any]) -> list[str]:
+    """Every setting (dotted key -> value) that names a location only one node has: a path, a
+    file:// or builtin: source, or a location left to its local default."""
+    local = [f"{key}=None (a local default)" for key in MUST_BE_SET if key in settings and settings[key] is None]
+    for key, value in settings.items():
+        if key in NODE_SCRATCH or not isinstance(value, str):
+            continue
+        looks_like_location = "://" in value or ":/" in value or value.startswith(("/", ".", "~", "builtin:"))
+        if looks_like_location or key.rsplit(".", 1)[-1].lstrip("-").replace("-", "_") in LOCATION_KEYS:
+            if value.split(":", 1)[0] not in SHARED_SCHEMES or ":" not in value:
+                local.append(f"{key}={value}")
+    return local
+
+
+def job_settings(entrypoint: str) -> dict[str, Any]:
+    """What a shipped job runs with: its resolved config (train, retrain) or its flags (tokenize)."""
+    words = entrypoint.split()
+    if "tokenmill.jobs.tokenize" in words:
+        return {word: words[i + 1] for i, word in enumerate(words) if word.startswith("--") and i + 1 < len(words)}
+    config = entrypoint_config(entrypoint)
+    settings = dict(flat(config.model_dump(mode="json")))
+    if hasattr(config, "versions"):  # retrain: data.shards is the newest version under versions.prefix
+        settings.pop("data.shards")
+    return settings
+
+
+def test_every_job_names_only_shared_storage_and_servers():
+    """Data, checkpoints, artifacts and tracking of every shipped job (its preset plus its --set
+    values, or its flags) are s3:// or server URLs, for every setting that names a location."""
+    for rel, spec in job_specs():
+        settings = job_settings(spec["entrypoint"])
+        assert node_local_settings(settings) == [], f"{rel}: node-local settings"
+    # The check itself: the preset alone (no --set) is refused, for each of its local settings.
+    alone = dict(flat(entrypoint_config(f"python -m tokenmill.jobs.train {APP_DIR}/configs/vqvae_mnist.yaml")
+                      .model_dump(mode="json")))
+    assert node_local_settings(alone) == ["run.storage_path=None (a local default)",
+                                          "tracking.tracking_uri=None (a local default)", "data.shards=builtin:mnist5k"]
+    assert node_local_settings({"--data": "/data/shards", "--out": "file:///x", "loss.perceptual.vgg_path": "vgg.pth",
+                                "--tracking-uri": "sqlite:///m.db", "--model": "models:/m@champion"}) == [
+        "--data=/data/shards", "--out=file:///x", "loss.perceptual.vgg_path=vgg.pth", "--tracking-uri=sqlite:///m.db"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The image (issue 25): CUDA base with NCCL and rdma-core, torch for its CUDA, the diffusers
+# extra, a run root the runtime user owns, LPIPS weights that can be baked in
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """infra/Dockerfile's stages: name (`AS` name, `final` for the last, `global` before the first
+    FROM) -> [(INSTRUCTION, arguments)], continuation lines joined, comments dropped, `${X}` and `$X`
+    expanded from the ARG/ENV defaults seen so far (an unset one stays as written)."""
+    values, stages, current, line = {}, {"global": []}, "global", ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        if raw.lstrip().startswith("#") and not line:
+            continue
+        line += raw.rstrip()
+        if line.endswith("\\"):
+            line = line[:-1] + " "
+            continue
+        text, line = " ".join(line.split()), ""
+        if not text or text.startswith("#"):
+            continue
+        instruction, _, args = text.partition(" ")
+        args = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m[1] or m[2], m[0]), args)
+        if instruction.upper() == "FROM":
+            current = args.split(" AS ")[-1] if " AS " in args else "final"
+            stages[current] = []
+        if instruction.upper() in {"ARG", "ENV"}:
+            values.update(re.findall(r"(\w+)=(\S*)", args))
+        stages[current].append((instruction.upper(), args))
+    return stages
+
+
+def shell_commands(stage: list[tuple[str, str]]) -> list[list[str]]:
+    """The simple commands of a stage's RUN lines (split at &&, ;, ||), as word lists."""
+    return [part.split() for instruction, args in stage if instruction == "RUN"
+            for part in re.split(r"&&|\|\||;", args) if part.split()]
+
+
+def test_image_runs_as_a_user_that_owns_the_run_root():
+    """The final USER's uid is the manifests' runAsUser and owns `run.root` under the WORKDIR: the
+    run root is created and chowned to it (WORKDIR and COPY would leave it to root)."""
+    from tokenmill.pipeline.training.config import RunSection
+
+    final = dockerfile_stages()["final"]
+    (user,) = [args for instruction, args in final if instruction == "USER"][-1:]
+    uid = user.split(":")[0]
+    assert uid == "1000", f"the image runs as {user}, the manifests as runAsUser 1000"
+    workdir = [args for instruction, args in final if instruction == "WORKDIR"][-1]
+    assert workdir == APP_DIR
+    run_root = f"{workdir}/{RunSection().root}"
+    commands = shell_commands(final)
+    assert any(c[0] == "mkdir" and run_root in c for c in commands), f"no RUN creates {run_root}"
+    assert any(c[0] == "chown" and any(w.split(":")[0] in {uid, "ray"} for w in c[1:]) and run_root in c
+               for c in commands), f"no RUN gives {run_root} to uid {uid}"
+
+
+def test_cuda_image_has_nccl_rdma_and_the_torch_of_its_cuda():
+    stages = dockerfile_stages()
+    (cuda_from,) = [args for instruction, args in stages["base-cuda"] if instruction == "FROM"]
+    (cpu_from,) = [args for instruction, args in stages["base-cpu"] if instruction == "FROM"]
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu(\S+) AS base-cuda", cuda_from)
+    assert match, f"the cuda variant's base is {cuda_from}, not an nvidia/cuda cudnn-runtime image (NCCL inside)"
+    # One Python for the Ray head (cpu) and the GPU workers (cuda): the same Ubuntu release.
+    assert cpu_from == f"ubuntu:{match[3]} AS base-cpu", cpu_from
+    installed = {w for c in shell_commands(stages["base-cuda"]) if c[:2] == ["apt-get", "install"] for w in c}
+    assert {"rdma-core", "libibverbs1", "ibverbs-providers"} <= installed, installed
+    env = dict(re.findall(r"(\w+)=(\S*)", " ".join(args for i, args in stages["base-cuda"] if i == "ENV")))
+    assert env["TORCH_VARIANT"] == f"cu{match[1]}{match[2]}", f"torch for CUDA {env['TORCH_VARIANT']} on CUDA {match[0]}"
+    assert dict(re.findall(r"(\w+)=(\S*)", " ".join(a for i, a in stages["base-cpu"] if i == "ENV")))["TORCH_VARIANT"] == "cpu"
+    script = (REPO / "scripts" / "install_torch.sh").read_text()
+    assert "TORCH_VARIANT" in script and 'from_index "$TORCH_INDEX/$TORCH_VARIANT"' in script
+    final = shell_commands(stages["final"])
+    assert ["bash", "scripts/install_torch.sh", "python"] in [c[-3:] for c in final]
+
+
+def test_image_installs_the_diffusers_extra():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "diffusers" in extras
+    installs = [c for c in shell_commands(dockerfile_stages()["final"]) if c[:2] == ["pip", "install"]]
+    assert any(re.fullmatch(r"""["']?\.\[([\w,]*)\]["']?""", w) and "diffusers" in w for c in installs for w in c), installs
+
+
+def test_lpips_weights_can_be_baked_in_with_the_published_hashes():
+    """LPIPS_{VGG,LIN}_URL build arguments fetch through pipeline/runtime/weights.py into the
+    default places of models/lpips.py, checked against the published hashes by default."""
+    from tokenmill.models.lpips import LIN_FILE, LIN_SHA256, VGG_FILE, VGG_SHA256
+
+    final = dockerfile_stages()["final"]
+    args = dict(a.split("=", 1) for i, a in final if i == "ARG" and "=" in a)
+    assert (args["LPIPS_VGG_URL"], args["LPIPS_LIN_URL"]) == ("", "")  # optional: off unless given
+    assert (args["LPIPS_VGG_SHA256"], args["LPIPS_LIN_SHA256"]) == (VGG_SHA256, LIN_SHA256)
+    bake = " ".join(a for i, a in final if i == "RUN" and "python -m tokenmill.pipeline.runtime.weights" in a)
+    assert bake and missing_references(bake) == []
+    env = dict(re.findall(r"(\w+)=(\S*)", " ".join(a for i, a in final if i == "ENV")))
+    assert env["TORCH_HOME"].startswith("/home/ray/")  # the runtime user's: the run-time cache sits beside it
+    for name in (VGG_FILE, LIN_FILE):  # torch.hub.get_dir() is $TORCH_HOME/hub
+        assert f"{env['TORCH_HOME']}/hub/checkpoints/{name}" in bake, name

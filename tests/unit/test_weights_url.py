@@ -100,3 +100,15 @@ def test_train_with_a_wrong_hash_exits_2_in_one_line_before_training(remote, tmp
     (line,) = err
     assert line.startswith("tokenmill train: error: loss.perceptual.vgg_path: memory://") and "expected ffff" in line, line
     assert not (tmp_path / "shards").exists() and not (tmp_path / "ray").exists()
+
+
+def test_install_weights_bakes_a_checked_copy(remote, tmp_path):
+    """infra/Dockerfile's LPIPS_*_URL build arguments: the checked bytes land at the given path."""
+    from tokenmill.pipeline.runtime.weights import install_weights
+
+    url = put(f"{remote}/lin.pth", PAYLOAD)
+    dest = tmp_path / "hub" / "checkpoints" / "lpips_vgg_v0.1.pth"
+    assert install_weights(url, PAYLOAD_SHA, dest) == dest and dest.read_bytes() == PAYLOAD
+    with pytest.raises(UserError, match="expected"):
+        install_weights(url, "a" * 64, tmp_path / "other.pth")
+    assert not (tmp_path / "other.pth").exists()
