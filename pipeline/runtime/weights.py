@@ -2,14 +2,15 @@
 against the sha256 configured next to the URL and cached on this node.
 
 A local file is used in place. A remote one is copied once into `<cache>/<sha256>/<name>`
-(TOKENMILL_WEIGHTS_CACHE, default ~/.cache/tokenmill/weights) through a temporary file and an
-atomic rename, so the ranks of one node may fetch it at the same time; a cached copy is hashed
-again before use. A missing file or a hash mismatch is one UserError (exit 2) naming the setting.
+(TOKENMILL_WEIGHTS_CACHE, default ~/.cache/tokenmill/weights) under a file lock (the ranks of one
+node download it once) through a temporary file renamed only when its hash is right; a cached
+copy is hashed again before use. A missing file or a hash mismatch is one UserError (exit 2) naming the setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import posixpath
@@ -49,11 +50,19 @@ def fetch_weights(url: str, sha256: str, setting: str, cache: Path | None = None
         _check(sha256_of(local), expected, url, setting)
         return local
     cached = (cache or weights_cache()) / expected / posixpath.basename(path.rstrip("/"))
-    if cached.is_file() and sha256_of(cached).startswith(expected):
-        return cached
-    if not retry_storage(lambda: fs.isfile(path), what=f"{setting}: looking up", url=url):
-        raise UserError(f"{setting}: {url} does not exist")
     cached.parent.mkdir(parents=True, exist_ok=True)
+    with open(cached.parent / f".{cached.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the ranks of one node: one downloads, the others wait and reuse
+        if cached.is_file() and sha256_of(cached).startswith(expected):
+            return cached
+        if not retry_storage(lambda: fs.isfile(path), what=f"{setting}: looking up", url=url):
+            raise UserError(f"{setting}: {url} does not exist")
+        _download(fs, path, url, expected, cached, setting)
+    return cached
+
+
+def _download(fs, path: str, url: str, expected: str, cached: Path, setting: str) -> None:
+    """`path` to `cached` through a temporary file, renamed only once its hash is checked."""
     handle, partial = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.")
     os.close(handle)
     try:
@@ -62,7 +71,6 @@ def fetch_weights(url: str, sha256: str, setting: str, cache: Path | None = None
         os.replace(partial, cached)
     finally:
         Path(partial).unlink(missing_ok=True)
-    return cached
 
 
 def _copy(fs, path: str, dest: Path) -> str:

@@ -40,7 +40,7 @@ def test_a_remote_file_is_checked_cached_and_reused(remote, tmp_path):
     assert local == tmp_path / PAYLOAD_SHA / "vgg.pth" and local.read_bytes() == PAYLOAD
     fsspec.filesystem("memory").rm(url)  # gone remotely: the node's checked copy still serves
     assert fetch_weights(url, PAYLOAD_SHA, "loss.perceptual.vgg_path", cache=tmp_path) == local
-    assert sorted(p.name for p in local.parent.iterdir()) == ["vgg.pth"]  # no partial download left
+    assert sorted(p.name for p in local.parent.iterdir()) == [".vgg.pth.lock", "vgg.pth"]  # no partial download left
 
 
 def test_a_local_file_or_file_url_is_used_in_place(tmp_path):
@@ -57,7 +57,7 @@ def test_a_wrong_hash_is_one_line_and_leaves_nothing_cached(remote, tmp_path):
     with pytest.raises(UserError, match=r"loss.perceptual.vgg_path: memory://.*vgg.pth has sha256 .*expected") as err:
         fetch_weights(url, wrong, "loss.perceptual.vgg_path", cache=tmp_path)
     assert "\n" not in str(err.value)
-    assert list((tmp_path / wrong).iterdir()) == []
+    assert [p.name for p in (tmp_path / wrong).iterdir()] == [".vgg.pth.lock"]  # no partial, no cached file
     local = tmp_path / "vgg.pth"
     local.write_bytes(PAYLOAD)
     with pytest.raises(UserError, match="expected"):
