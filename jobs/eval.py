@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=output_folder, default="eval", help="folder for reconstructions.png "
                         "(default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--lpips-vgg", default=None, help="torchvision's vgg16-397923af.pth (default: torch hub cache)")
+    parser.add_argument("--lpips-vgg", default=None, help="torchvision's vgg16-397923af.pth, a path or a URL (s3://, https://; "
+                        "checked against the published sha256, cached) (default: torch hub cache)")
     parser.add_argument("--lpips-lin", default=None, help="lpips' weights/v0.1/vgg.pth (default: installed lpips "
                         "package, else the torch hub cache)")
     parser.add_argument("--inception", default=None, help="torch-fidelity's FID Inception weights for rFID")

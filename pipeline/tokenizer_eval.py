@@ -29,6 +29,7 @@ from tokenmill.models.image_metrics import ReconstructionMetrics
 from tokenmill.models.lpips import LIN_SHA256, LPIPS, VGG_SHA256, LPIPSWeights, missing_weights, resolve_lpips_weights
 from tokenmill.models.tokenizer import code_scales, counted_levels
 from tokenmill.pipeline.grids import save_png_grid
+from tokenmill.pipeline.runtime.weights import local_lpips_weights
 from tokenmill.pipeline.shards.manifest import shards_for_split
 from tokenmill.pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
 
@@ -168,6 +169,7 @@ def _uint8_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def _lpips(weights: LPIPSWeights) -> tuple[LPIPS | None, str | dict[str, str]]:
+    weights = local_lpips_weights(weights, ("--lpips-vgg", "--lpips-lin"))  # a URL the user names must be there
     problem = missing_weights(weights)
     if problem:
         return None, f"unavailable: {problem}"
