@@ -18,6 +18,7 @@ checks live in `tokenmill.pipeline.generation_eval`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -198,14 +199,17 @@ class FIDInceptionV3(nn.Module):
         return pool, pool.mm(self.fc.weight.T)  # logits without the bias: torch-fidelity's IS layer
 
 
-def load_inception(path: str | Path, map_location: str | torch.device = "cpu") -> FIDInceptionV3:
-    """The extractor with torch-fidelity's state dict from a local file; UserError if it holds other weights."""
-    model = FIDInceptionV3()
+def load_inception(source: str | Path | BinaryIO, map_location: str | torch.device = "cpu",
+                   name: str | None = None) -> FIDInceptionV3:
+    """The extractor with torch-fidelity's state dict from a local file or an open binary file
+    (`name` it for messages); UserError if it holds anything else."""
+    with torch.device("meta"):
+        model = FIDInceptionV3()  # no random init of 24M parameters that the file replaces
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, AttributeError, OSError, EOFError) as err:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, assign=True)
+    except (RuntimeError, KeyError, AttributeError, TypeError, OSError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} does not hold torch-fidelity's FID Inception state dict ({INCEPTION_FILE}): "
-                        f"{first[:200]}") from None
-    return model.to(map_location)
+        raise UserError(f"{name or source} does not hold torch-fidelity's FID Inception state dict "
+                        f"({INCEPTION_FILE}): {first[:200]}") from None
+    return model.to(map_location).requires_grad_(False)  # assign=True took the file's tensors as they were

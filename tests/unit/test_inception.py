@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.inception import reference_torch_fidelity, write_random_inception_weights
+from helpers.inception import reference_torch_fidelity
 
 from tokenmill.models.errors import UserError
 from tokenmill.models.inception import FIDInceptionV3, load_inception, resize_like_tf1
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
-
-
-def test_features_and_logits_equal_torch_fidelitys_with_identical_weights(weights, monkeypatch, one_thread):
+def test_features_and_logits_equal_torch_fidelitys_with_identical_weights(inception_weights, monkeypatch, one_thread):
+    weights = inception_weights[0]
     fidelity = reference_torch_fidelity(monkeypatch)
     reference = fidelity.feature_extractor_inceptionv3.FeatureExtractorInceptionV3(
-        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights))
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights)
     ours = load_inception(weights)
     images = torch.randint(0, 256, (2, 3, 32, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     pool, logits = ours(images)

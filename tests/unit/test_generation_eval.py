@@ -1,0 +1,87 @@
+"""Inception metrics end to end, in process: `tokenmill eval` reports rFID under the pinned protocol;
+missing Inception weights degrade to "unavailable: <which file
+where>" while the other metrics run; a wrong weights file, or a missing split, is one line, exit 2;
+`tokenmill fid-stats` writes reference statistics (mu, sigma, features, protocol) and its JSON
+byte-identically twice.
+Random Inception weights in torch-fidelity's file format (tests/helpers/inception.py), accepted with
+--inception-sha256; a 16 px grey VQ-VAE and 2 images per run keep each Inception pass to ~1 s."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers.tokens import make_vqvae, write_shards
+
+from tokenmill.jobs.cli import main as cli_main
+from tokenmill.pipeline.generation_eval import read_reference
+
+PROTOCOL_KEYS = {"resolution", "resize_filter", "crop", "split", "n", "cfg", "evaluator", "inception_weights_sha256"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, inception_weights):
+    root = tmp_path_factory.mktemp("inception-eval")
+    shards = write_shards(str(root / "shards"), root / "source", n=14)  # 2 val images, 12 train
+    weights, sha256 = inception_weights
+    return {"model": str(make_vqvae(root / "vqvae")), "shards": shards, "weights": weights, "sha256": sha256}
+
+
+def _eval(setup, out, *extra) -> int:
+    return cli_main(["eval", "--model", setup["model"], "--data", setup["shards"], "--out", str(out.parent / "png"),
+                     "--lpips-vgg", str(out.parent / "absent.pth"), "--json", str(out), *extra])
+
+
+def test_eval_reports_rfid_under_the_protocol(setup, tmp_path, one_thread):
+    assert _eval(setup, tmp_path / "a.json", "--inception", setup["weights"], "--inception-sha256", setup["sha256"]) == 0
+    summary = json.loads((tmp_path / "a.json").read_text())
+    protocol = summary["protocol"]["rfid"]
+    assert PROTOCOL_KEYS <= set(protocol) and protocol["inception_weights_sha256"] == setup["sha256"]
+    assert (protocol["resolution"], protocol["crop"], protocol["split"], protocol["n"]) == (16, "center-crop", "val", 2)
+    assert summary["rfid"] == {"path": setup["weights"], "sha256": setup["sha256"], "published": "false", "images": 2}
+    assert summary["metrics"]["rfid"] > 0 and np.isfinite(summary["metrics"]["psnr"])
+
+
+def test_missing_inception_weights_leave_the_other_metrics(setup, tmp_path):
+    absent = tmp_path / "hub" / "weights.pth"
+    assert _eval(setup, tmp_path / "eval.json", "--inception", str(absent)) == 0
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    assert summary["rfid"].startswith("unavailable: ") and "weights-inception-2015-12-05-6726825d.pth" in summary["rfid"]
+    assert str(absent) in summary["rfid"] and "rfid" not in summary["metrics"]
+    assert {"psnr", "ssim", "usage"} <= set(summary["metrics"])
+    assert summary["protocol"]["rfid"]["inception_weights_sha256"] is None
+
+
+def test_wrong_weights_missing_split_and_missing_weights_for_fid_stats_are_one_line_exit_2(setup, tmp_path, capsys):
+    assert _eval(setup, tmp_path / "e.json", "--inception", setup["weights"]) == 2  # random weights, published hash
+    assert "expected 6726825d" in capsys.readouterr().err
+    out = str(tmp_path / "ref.npz")
+    assert cli_main(["fid-stats", setup["shards"], "--out", out, "--inception", str(tmp_path / "absent.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weights-inception-2015-12-05-6726825d.pth" in err
+    assert cli_main(["fid-stats", setup["shards"], "--split", "test", "--out", out]) == 2
+    assert "unknown split" in capsys.readouterr().err
+
+
+def test_fid_stats_writes_identical_reference_statistics_with_the_protocol(setup, tmp_path, one_thread):
+    outputs, out = [], tmp_path / "ref.npz"
+    for _ in range(2):  # the same command twice: the same bytes in the .npz and the JSON
+        assert cli_main(["fid-stats", setup["shards"], "--split", "train", "--limit", "2", "--resolution", "20",
+                         "--out", str(out), "--inception", setup["weights"], "--inception-sha256", setup["sha256"][:12],
+                         "--json", str(tmp_path / "ref.json")]) == 0
+        outputs.append((out.read_bytes(), (tmp_path / "ref.json").read_text()))
+        out.unlink()
+    assert outputs[0] == outputs[1]
+    (tmp_path / "again.npz").write_bytes(outputs[0][0])
+    reference = read_reference(str(tmp_path / "again.npz"))
+    assert reference.features.shape == (2, 2048) and reference.stats.n == 2
+    assert torch.allclose(reference.stats.mu, reference.features.double().mean(0))
+    assert torch.allclose(reference.stats.sigma, torch.cov(reference.features.double().T))
+    assert reference.stats.sigma.trace() > 0
+    protocol = reference.protocol
+    assert PROTOCOL_KEYS <= set(protocol) and (protocol["resolution"], protocol["n"], protocol["split"]) == (20, 2, "train")
+    summary = json.loads(outputs[0][1])
+    assert summary["protocol"] == protocol and summary["out_sha256"] == hashlib.sha256(outputs[0][0]).hexdigest()
