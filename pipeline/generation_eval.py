@@ -33,7 +33,14 @@ from tokenmill.models.inception import (
     FIDInceptionV3,
     load_inception,
 )
-from tokenmill.models.inception_metrics import IS_SPLITS, PR_NEIGHBOURS, FeatureStats
+from tokenmill.models.inception_metrics import (
+    IS_SPLITS,
+    PR_NEIGHBOURS,
+    FeatureStats,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 from tokenmill.pipeline.runtime.storage import filesystem
 
 PROTOCOL_VERSION = "tokenmill-inception/1"
@@ -131,6 +138,7 @@ class Reference:
     stats: FeatureStats
     features: torch.Tensor  # (N, 2048) float32
     protocol: dict[str, Any]
+    sha256: str  # of the file
 
 
 def write_npz(url: str, arrays: dict[str, np.ndarray], storage_options: dict | None = None) -> str:
@@ -166,15 +174,16 @@ def read_reference(url: str, storage_options: dict | None = None) -> Reference:
     if not fs.exists(path):
         raise UserError(f"reference statistics {url} do not exist; make them with "
                         "`tokenmill fid-stats SHARDS --split val --out REF.npz`")
+    data = fs.cat_file(path)
     try:
-        with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as npz:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             mu, sigma, features = npz["mu"], npz["sigma"], npz["features"]
             protocol = json.loads(str(npz["protocol"]))
     except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
         raise UserError(f"{url} is not a tokenmill reference statistics file (mu, sigma, features, protocol): "
                         f"{err}") from None
     stats = FeatureStats(torch.from_numpy(mu), torch.from_numpy(sigma), int(features.shape[0]))
-    return Reference(stats, torch.from_numpy(features), protocol)
+    return Reference(stats, torch.from_numpy(features), protocol, hashlib.sha256(data).hexdigest())
 
 
 def write_adm_npz(url: str, images: torch.Tensor, labels: torch.Tensor | None,
@@ -211,3 +220,66 @@ def log_result_run(tracking_uri: str, experiment: str, run_name: str, protocol: 
     mlflow.log_dict(run_id, result, "result.json")
     mlflow.set_terminated(run_id)
     return run_id
+
+
+# -- scoring samples against reference statistics (`tokenmill sample --eval`) ---------------------
+
+@dataclass
+class SampleEval:
+    reference: str | None = None  # REF.npz from `tokenmill fid-stats` to score the samples against
+    npz: str | None = None  # also write the samples here as the ADM evaluator's .npz
+    inception: InceptionWeights = field(default_factory=InceptionWeights)
+
+
+def score_samples(images: torch.Tensor, spec: SampleEval, fields: dict[str, Any],
+                  device: str | torch.device = "cpu") -> dict[str, Any]:
+    """gFID, Inception Score, precision and recall of images (N, C, H, W) in [0, 1] against
+    `spec.reference`, with the protocol (`fields`: cfg, per_class, seed, ...). Each metric the
+    evaluator cannot give is "unavailable: why" under `unavailable`. UserError when the reference
+    is absent or was made at another resolution or with other Inception weights."""
+    reference = read_reference(spec.reference, spec.inception.storage_options)
+    resolution = images.shape[-1]
+    if reference.protocol.get("resolution") != resolution:
+        raise UserError(f"{spec.reference} was computed at {reference.protocol.get('resolution')} px and the "
+                        f"samples are {resolution} px; rerun `tokenmill fid-stats … --resolution {resolution}`")
+    evaluator = evaluator_or_unavailable(spec.inception, device)
+    metrics: dict[str, float] = {}
+    unavailable: dict[str, str] = {}
+    if isinstance(evaluator, str):
+        unavailable = dict.fromkeys(("gfid", "inception_score", "precision", "recall"), evaluator)
+    else:
+        if reference.protocol.get("inception_weights_sha256") != evaluator.weights["sha256"]:
+            raise UserError(f"{spec.reference} was made with Inception weights of sha256 "
+                            f"{str(reference.protocol.get('inception_weights_sha256'))[:16]}…, these are "
+                            f"{evaluator.weights['sha256'][:16]}…; score with the same weights")
+        pool, logits = evaluator.features(images)  # (N, 2048), (N, 1008)
+        metrics, unavailable = _sample_metrics(pool, logits, reference)
+    protocol = inception_protocol(
+        evaluator, resolution=resolution, resize_filter="none: samples are scored at the tokenizer's resolution",
+        crop="none", split=reference.protocol.get("split"), n=len(images), **fields,
+        reference={"path": spec.reference, "sha256": reference.sha256, "n": reference.stats.n,
+                   "protocol": reference.protocol})
+    return {"metrics": metrics, "unavailable": unavailable, "protocol": protocol,
+            "inception": evaluator if isinstance(evaluator, str) else evaluator.weights}
+
+
+def _sample_metrics(pool: torch.Tensor, logits: torch.Tensor,
+                    reference: Reference) -> tuple[dict[str, float], dict[str, str]]:
+    n = len(pool)
+    metrics: dict[str, float] = {}
+    unavailable: dict[str, str] = {}
+    if n >= 2:
+        metrics["gfid"] = frechet_distance(reference.stats, FeatureStats.of(pool))
+    else:
+        unavailable["gfid"] = f"unavailable: {n} sample; a Frechet distance needs at least 2"
+    if n >= IS_SPLITS:
+        order = torch.from_numpy(np.random.RandomState(2020).permutation(n))  # torch-fidelity's shuffle
+        metrics["inception_score"], metrics["inception_score_std"] = inception_score(logits, IS_SPLITS, order)
+    else:
+        unavailable["inception_score"] = f"unavailable: {n} samples; {IS_SPLITS} splits need at least {IS_SPLITS}"
+    if min(n, reference.stats.n) > PR_NEIGHBOURS:
+        metrics["precision"], metrics["recall"] = precision_recall(reference.features, pool)
+    else:
+        why = f"unavailable: k = {PR_NEIGHBOURS} needs more than {PR_NEIGHBOURS} samples and reference images"
+        unavailable |= {"precision": why, "recall": why}
+    return metrics, unavailable

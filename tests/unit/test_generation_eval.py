@@ -85,3 +85,56 @@ def test_fid_stats_writes_identical_reference_statistics_with_the_protocol(setup
     assert PROTOCOL_KEYS <= set(protocol) and (protocol["resolution"], protocol["n"], protocol["split"]) == (20, 2, "train")
     summary = json.loads(outputs[0][1])
     assert summary["protocol"] == protocol and summary["out_sha256"] == hashlib.sha256(outputs[0][0]).hexdigest()
+
+
+def _prior_and_tokenizer(root):
+    """A 2-class tiny AR prior whose lineage names a 16 px grey VQ-VAE (as tests/unit/test_prior_sample.py)."""
+    from tokenmill.models import save_model
+    from tokenmill.models.prior import PriorConfig, TransformerPrior
+    from tokenmill.models.quantizers import QuantizerConfig
+    from tokenmill.models.serialization import WEIGHTS_FILE
+    from tokenmill.models.vqvae import VQVAE, VQVAEConfig
+    from tokenmill.pipeline.prior.lineage import prior_lineage, write_prior_lineage
+
+    torch.manual_seed(0)
+    tokenizer = VQVAE(VQVAEConfig(in_channels=1, image_size=16, hidden=8, res_blocks=1, latent_dim=4, downsample=4,
+                                  quantizer=QuantizerConfig(codebook_size=32)))
+    tok_dir = save_model(tokenizer.eval(), root / "tokenizer")
+    prior = TransformerPrior(PriorConfig(codebook_size=32, num_classes=2, grid=[[4, 4]], dim=16, depth=1, heads=2))
+    prior_dir = save_model(prior, root / "prior")
+    lineage = {"model_uri": str(tok_dir), "weights_sha256": hashlib.sha256((tok_dir / WEIGHTS_FILE).read_bytes()).hexdigest()}
+    write_prior_lineage(prior_dir, prior_lineage("/nowhere/store.zarr", lineage, prior.config.vocab(), [[4, 4]]))
+    return prior_dir
+
+
+def test_sample_eval_scores_against_reference_statistics_and_writes_adm_npz(setup, tmp_path, sqlite_tracking, one_thread):
+    from tokenmill.pipeline.generation_eval import write_reference
+
+    prior_dir = _prior_and_tokenizer(tmp_path)
+    ref, other = str(tmp_path / "ref.npz"), str(tmp_path / "ref32.npz")
+    features = torch.rand(6, 2048, generator=torch.Generator().manual_seed(0))  # 6 reference points
+    write_reference(ref, features, {"resolution": 16, "split": "val", "inception_weights_sha256": setup["sha256"]})
+    write_reference(other, features, {"resolution": 32, "inception_weights_sha256": setup["sha256"]})
+    common = ["sample", "--prior", str(prior_dir), "--per-class", "2", "--cfg", "1.5", "--device", "cpu",
+              "--inception", setup["weights"], "--inception-sha256", setup["sha256"]]
+    assert cli_main([*common, "--out", str(tmp_path / "bad"), "--eval", other]) == 2  # 32 px reference, 16 px samples
+
+    summary_path = tmp_path / "sample.json"
+    assert cli_main([*common, "--out", str(tmp_path / "out"), "--eval", ref, "--npz", str(tmp_path / "adm.npz"),
+                     "--tracking-uri", sqlite_tracking, "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    evaluation = summary["evaluation"]
+    assert evaluation["metrics"]["gfid"] > 0 and 0 <= evaluation["metrics"]["precision"] <= 1
+    assert 0 <= evaluation["metrics"]["recall"] <= 1
+    assert evaluation["unavailable"]["inception_score"].startswith("unavailable: 4 samples")  # IS needs 10
+    protocol = evaluation["protocol"]
+    assert PROTOCOL_KEYS <= set(protocol) and (protocol["n"], protocol["cfg"], protocol["per_class"]) == (4, 1.5, 2)
+    assert protocol["reference"]["sha256"] == hashlib.sha256(open(ref, "rb").read()).hexdigest()
+    with np.load(tmp_path / "adm.npz") as adm:
+        assert adm["arr_0"].shape == (4, 16, 16, 3) and adm["arr_0"].dtype == np.uint8
+        assert adm["arr_1"].tolist() == [0, 0, 1, 1]
+
+    import mlflow
+
+    params = mlflow.MlflowClient(sqlite_tracking).get_run(summary["mlflow_run_id"]).data.params
+    assert params["protocol.inception_weights_sha256"] == setup["sha256"] and params["protocol.cfg"] == "1.5"
