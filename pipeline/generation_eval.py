@@ -15,12 +15,13 @@ and `sigma` (2048, 2048) float64, `features` (N, 2048) float32 (precision/recall
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ from tokenmill.pipeline.runtime.storage import filesystem
 PROTOCOL_VERSION = "tokenmill-inception/1"
 EVALUATOR = ("tokenmill.models.inception.FIDInceptionV3 = torch-fidelity 0.4 'inception-v3-compat' "
              "(TF Inception 2015-12-05): pool 2048 for FID and precision/recall, unbiased logits for IS")
-INCEPTION_INPUT = "uint8 RGB -> TF-1 bilinear resize to 299x299 (align_corners=False) -> (x - 128) / 128"
+INCEPTION_INPUT = ("uint8 RGB -> TF-1 bilinear resize to 299x299 (align_corners=False) -> (x - 128) / 128; "
+                   "float32 throughout (TF32 off on CUDA)")
 TO_UINT8 = "images in [0, 1] -> round(x * 255); grey replicated to 3 channels"
 FORMULAS = {
     "fid": "|mu_a - mu_b|^2 + tr(S_a + S_b) - 2 sum sqrt(eig(S_a S_b)), float64 (TTUR / torch-fidelity)",
@@ -83,8 +85,21 @@ class Evaluator:
         x = images if images.dtype == torch.uint8 else (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         device = next(self.model.parameters()).device
-        parts = [self.model(chunk.to(device)) for chunk in x.split(self.batch_size)]
+        with full_float32():
+            parts = [self.model(chunk.to(device)) for chunk in x.split(self.batch_size)]
         return torch.cat([p for p, _ in parts]).cpu(), torch.cat([lg for _, lg in parts]).cpu()
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """TF32 off for the block (cuDNN allows it by default: ~1e-3 relative error in the convolutions
+    on CUDA, and features that depend on the GPU); restored after. No effect on CPU."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
 def missing_inception(weights: InceptionWeights) -> str | None:

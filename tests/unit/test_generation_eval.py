@@ -66,6 +66,25 @@ def test_wrong_weights_missing_split_and_missing_weights_for_fid_stats_are_one_l
     assert "unknown split" in capsys.readouterr().err
 
 
+def test_weights_and_reference_files_by_fsspec_url(setup):
+    import fsspec
+
+    from tokenmill.pipeline.generation_eval import InceptionWeights, load_evaluator, write_reference
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/metrics-test/inception.pth", open(setup["weights"], "rb").read())
+    evaluator = load_evaluator(InceptionWeights("memory://metrics-test/inception.pth", setup["sha256"][:8]))
+    assert evaluator.weights == {"path": "memory://metrics-test/inception.pth", "sha256": setup["sha256"],
+                                 "published": "false"}
+    state = torch.load(setup["weights"], weights_only=True)
+    assert torch.equal(evaluator.model.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
+    features = torch.rand(3, 2048, generator=torch.Generator().manual_seed(1))
+    sha = write_reference("memory://metrics-test/ref.npz", features, {"resolution": 8})
+    reference = read_reference("memory://metrics-test/ref.npz")
+    assert reference.sha256 == sha and torch.equal(reference.features, features) and reference.protocol == {"resolution": 8}
+    fs.rm("/metrics-test", recursive=True)
+
+
 def test_fid_stats_writes_identical_reference_statistics_with_the_protocol(setup, tmp_path, one_thread):
     outputs, out = [], tmp_path / "ref.npz"
     for _ in range(2):  # the same command twice: the same bytes in the .npz and the JSON
