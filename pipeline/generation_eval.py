@@ -268,7 +268,7 @@ def score_samples(images: torch.Tensor, spec: SampleEval, fields: dict[str, Any]
                             f"{str(reference.protocol.get('inception_weights_sha256'))[:16]}…, these are "
                             f"{evaluator.weights['sha256'][:16]}…; score with the same weights")
         pool, logits = evaluator.features(images)  # (N, 2048), (N, 1008)
-        metrics, unavailable = _sample_metrics(pool, logits, reference)
+        metrics, unavailable = _sample_metrics(pool, logits, reference, device)
     protocol = inception_protocol(
         evaluator, resolution=resolution, resize_filter="none: samples are scored at the tokenizer's resolution",
         crop="none", split=reference.protocol.get("split"), n=len(images), **fields,
@@ -278,8 +278,8 @@ def score_samples(images: torch.Tensor, spec: SampleEval, fields: dict[str, Any]
             "inception": evaluator if isinstance(evaluator, str) else evaluator.weights}
 
 
-def _sample_metrics(pool: torch.Tensor, logits: torch.Tensor,
-                    reference: Reference) -> tuple[dict[str, float], dict[str, str]]:
+def _sample_metrics(pool: torch.Tensor, logits: torch.Tensor, reference: Reference,
+                    device: str | torch.device) -> tuple[dict[str, float], dict[str, str]]:
     n = len(pool)
     metrics: dict[str, float] = {}
     unavailable: dict[str, str] = {}
@@ -293,7 +293,8 @@ def _sample_metrics(pool: torch.Tensor, logits: torch.Tensor,
     else:
         unavailable["inception_score"] = f"unavailable: {n} samples; {IS_SPLITS} splits need at least {IS_SPLITS}"
     if min(n, reference.stats.n) > PR_NEIGHBOURS:
-        metrics["precision"], metrics["recall"] = precision_recall(reference.features, pool)
+        # O(N M D) distances: on the sampling device (50k x 50k x 2048 is minutes on a GPU, hours on a CPU)
+        metrics["precision"], metrics["recall"] = precision_recall(reference.features.to(device), pool.to(device))
     else:
         why = f"unavailable: k = {PR_NEIGHBOURS} needs more than {PR_NEIGHBOURS} samples and reference images"
         unavailable |= {"precision": why, "recall": why}

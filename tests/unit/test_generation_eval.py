@@ -54,6 +54,11 @@ def test_missing_inception_weights_leave_the_other_metrics(setup, tmp_path):
     assert {"psnr", "ssim", "usage"} <= set(summary["metrics"])
     assert summary["protocol"]["rfid"]["inception_weights_sha256"] is None
 
+    from tokenmill.pipeline.reference_stats import first_image_side
+    from tokenmill.pipeline.shards.manifest import shards_for_split
+
+    assert first_image_side(shards_for_split(setup["shards"], "val")) == 16  # fid-stats' default resolution
+
 
 def test_wrong_weights_missing_split_and_missing_weights_for_fid_stats_are_one_line_exit_2(setup, tmp_path, capsys):
     assert _eval(setup, tmp_path / "e.json", "--inception", setup["weights"]) == 2  # random weights, published hash
