@@ -162,3 +162,12 @@ def test_sample_eval_scores_against_reference_statistics_and_writes_adm_npz(setu
 
     params = mlflow.MlflowClient(sqlite_tracking).get_run(summary["mlflow_run_id"]).data.params
     assert params["protocol.inception_weights_sha256"] == setup["sha256"] and params["protocol.cfg"] == "1.5"
+
+    # Without the weights file, sampling still runs and each Inception metric says why it is missing.
+    absent = str(tmp_path / "absent" / "inception.pth")
+    assert cli_main(["sample", "--prior", str(prior_dir), "--per-class", "2", "--device", "cpu", "--eval", ref,
+                     "--inception", absent, "--out", str(tmp_path / "out2"), "--json", str(summary_path)]) == 0
+    evaluation = json.loads(summary_path.read_text())["evaluation"]
+    assert evaluation["metrics"] == {} and set(evaluation["unavailable"]) == {"gfid", "inception_score", "precision",
+                                                                              "recall"}
+    assert all(absent in why and why.startswith("unavailable: ") for why in evaluation["unavailable"].values())
