@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	# lpips is only the reference of tests/unit/test_lpips.py; --no-deps because it requires torchvision,
 	# which does not install on CPU-only machines (pyproject cannot say --no-deps).
 	$(PY) -m pip install --no-deps "lpips==0.1.4"
+	# torch-fidelity is only the reference of tests/unit/test_inception*.py (FID's Inception); --no-deps for the same reason.
+	$(PY) -m pip install --no-deps "torch-fidelity==0.4.0"
 	touch $(STAMP)
 
 # test: every folder, cheapest first (tests/unit, tests/integration, tests/system); test-fast: tests/unit.

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "tokenmill.jobs.export",
     "tokenmill.jobs.sample",
     "tokenmill.jobs.eval",
+    "tokenmill.jobs.fid_stats",
     "tokenmill.jobs.bench",
 ]
 
@@ -38,6 +39,14 @@ EXIT_USER_ERROR = 2
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", type=Path, help="write the result summary as JSON to PATH")
+
+
+def add_inception_options(parser: argparse.ArgumentParser) -> None:
+    """--inception / --inception-sha256, shared by fid-stats, eval and sample."""
+    parser.add_argument("--inception", default=None, metavar="PATH_OR_URL",
+                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    parser.add_argument("--inception-sha256", default=None, metavar="HEX",
+                        help="accept Inception weights with this sha256 (or prefix) instead of the published file's")
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:

@@ -142,6 +142,18 @@ def sqlite_tracking(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite')}/mlflow.db"
 
 
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> tuple[str, str]:
+    """(path, sha256) of random FID-Inception weights in torch-fidelity's file format, written once
+    (24M parameters: seconds) for tests/unit/test_inception.py and test_generation_eval.py."""
+    import hashlib
+
+    from helpers.inception import write_random_inception_weights
+
+    path = write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
+    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.fixture()
 def one_thread():
     """torch on one thread for the test: tiny loops on a loaded 2-core machine are much faster so."""
