@@ -14,7 +14,15 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from tokenmill.jobs.cli import add_json_option, nonnegative_int, output_folder, positive_float, positive_int
+from tokenmill.jobs.cli import (
+    add_json_option,
+    nonnegative_float,
+    nonnegative_int,
+    output_path,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 if TYPE_CHECKING:
     from tokenmill.pipeline.prior.sampling import SampleSummary
@@ -24,14 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("sample", help="sample a trained prior and decode the codes to a PNG grid",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prior", required=True, help="prior model: directory/URL, runs:/ID/model, models:/NAME@ALIAS")
-    parser.add_argument("--out", required=True, type=output_folder, help="folder for samples.png, codes.npy, labels.npy")
+    parser.add_argument("--out", required=True, type=output_path(marks=("samples.png", "codes.npy", "labels.npy")),
+                        help="folder for samples.png, codes.npy, labels.npy")
     parser.add_argument("--class", dest="classes", type=nonnegative_int, action="append", default=[],
                         metavar="C", help="class to sample (repeatable; default: every class)")
     parser.add_argument("--n", type=positive_int, default=8, help="samples per class (default %(default)s)")
-    parser.add_argument("--cfg", type=float, default=1.0, help="class-free guidance scale (1 = none)")
+    parser.add_argument("--cfg", type=nonnegative_float, default=1.0,
+                        help="class-free guidance scale s >= 0: uncond + s (cond - uncond); 1 = none, 0 = unconditional")
     parser.add_argument("--temperature", type=positive_float, default=1.0)
     parser.add_argument("--top-k", type=positive_int, default=None)
-    parser.add_argument("--top-p", type=positive_float, default=None)
+    parser.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="MaskGIT priors only: parallel decoding steps (default: the prior's sample_steps)")

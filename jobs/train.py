@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from tokenmill.jobs.cli import add_config_options, add_json_option
+from tokenmill.jobs.cli import add_config_options, add_json_option, check_run_outputs
 
 if TYPE_CHECKING:
     from tokenmill.pipeline.training.driver import TrainSummary
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> TrainSummary:
     from tokenmill.pipeline.training.driver import train
 
     config = load_train_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
+    check_run_outputs(config.run)
     summary = train(config)
     _print_summary(summary)
     return summary

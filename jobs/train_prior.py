@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from tokenmill.jobs.cli import add_config_options, add_json_option
+from tokenmill.jobs.cli import add_config_options, add_json_option, check_output_setting, check_run_outputs
 
 if TYPE_CHECKING:
     from tokenmill.pipeline.training.driver import TrainSummary
@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> TrainSummary:
     from tokenmill.pipeline.training.driver import train_prior
 
     config = load_prior_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
+    check_run_outputs(config.run)
+    if config.data.item_log:
+        check_output_setting(config.data.item_log, "data.item_log", marks=None)
     summary = train_prior(config)
     metrics = summary.final_metrics
     print(f"trained prior {summary.run_name}: step {metrics['step']}  "

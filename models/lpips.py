@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenmill.models.errors import UserError
+from tokenmill.models.ranges import STRICT
 
 VGG_FILE = "vgg16-397923af.pth"
 LIN_FILE = "lpips_vgg_v0.1.pth"
@@ -40,7 +41,7 @@ class LPIPSWeights:
     lin_path: Optional[str] = None
     verify_sha256: bool = True  # False accepts other weights (tests use random ones); hashes are still recorded
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
 
 @dataclass(frozen=True)
