@@ -123,11 +123,13 @@ def check_output_setting(url: str, setting: str, **kwargs: Any) -> None:
 
 
 def check_run_outputs(run: Any) -> None:
-    """A training run's outputs (its config's `run` section), before Ray starts: `run.root` holds
-    only runs (RUN_ROOT_MARKS) and a local `run.storage_path` (checkpoints) is writable."""
-    from tokenmill.pipeline.runtime.outputs import RUN_ROOT_MARKS
+    """A training run's outputs (its config's `run` section), before Ray starts: `run.root` (a
+    folder shared by many runs and anything else) is writable, the run's own folder in it is new
+    or a run folder (RUN_DIR_MARKS), and a local `run.storage_path` (checkpoints) is writable."""
+    from tokenmill.pipeline.runtime.outputs import RUN_DIR_MARKS
 
-    check_output_setting(run.root, "run.root", marks=RUN_ROOT_MARKS)
+    check_output_setting(run.root, "run.root", marks=None)
+    check_output_setting(str(run.run_dir()), "run.root/run.name", marks=RUN_DIR_MARKS)
     if run.storage_path and "://" not in run.storage_path:
         check_output_setting(run.storage_path, "run.storage_path", marks=None)
 

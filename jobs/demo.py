@@ -6,9 +6,9 @@ import argparse
 
 from tokenmill.jobs.cli import add_json_option, output_path, positive_int
 from tokenmill.pipeline import demo
-from tokenmill.pipeline.runtime.outputs import RUN_ROOT_MARKS
 
-DEMO_MARKS = (*RUN_ROOT_MARKS, "tokens.zarr", "decoded", "samples")  # what run_demo writes under --root
+# What run_demo writes under --root (pipeline/demo.py): a rerun there is ours.
+DEMO_MARKS = ("shards", "tokens.zarr", "decoded", "samples", "demo-vqvae", "demo-prior", "ray", "mlflow.db")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

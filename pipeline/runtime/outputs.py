@@ -20,9 +20,9 @@ from typing import Iterable
 
 from tokenmill.pipeline.runtime.storage import filesystem
 
-# What a training run root holds (`run.root`): run folders with an exported model, Ray Train's
-# checkpoints, built-in shards and the tracking store (pipeline.training.driver, registry.tracking).
-RUN_ROOT_MARKS = ("mlflow.db", "mlartifacts", "ray", "shards", "*/model", "*/mlflow.db", "*/mlartifacts")
+# What a training run's folder (`run.root/run.name`) holds: the exported model and the default
+# tracking store with its artifacts (pipeline.training.driver, pipeline.registry.tracking).
+RUN_DIR_MARKS = ("model", "mlflow.db", "mlartifacts")
 
 
 class OutputError(ValueError):
