@@ -40,7 +40,13 @@ def check_output(url: str | os.PathLike, *, folder: bool = True, marks: Iterable
     text = os.fspath(url)
     if "://" in text and not text.startswith("file://"):
         return _check_remote(text, folder, marks, storage_options)
-    path = Path(text.removeprefix("file://")).expanduser()
+    try:
+        _check_local(text, Path(text.removeprefix("file://")).expanduser(), folder, marks)
+    except PermissionError:  # a parent the user may not even look into
+        raise OutputError(f"{text}: no permission to reach it; pass a path you can write") from None
+
+
+def _check_local(text: str, path: Path, folder: bool, marks: Iterable[str] | None) -> None:
     if path.exists() or path.is_symlink():
         if folder and not path.is_dir():
             raise OutputError(f"{text} is a file; pass a folder (it is created if missing)")

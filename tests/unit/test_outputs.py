@@ -1,0 +1,159 @@
+"""The shared checks of issue 27 point 4, in-process: `check_output` (every output path, before any
+work) and the argparse validators every numeric option uses. The bad-input table
+(tests/system/test_bad_input.py) runs them through every command; here is what it cannot reach:
+the permission check (root writes anywhere: a child process drops to an unprivileged user),
+remote URLs, and the exact ranges."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from tokenmill.jobs.cli import fraction, nonnegative_float, number_in, output_path, positive_int, probability
+from tokenmill.pipeline.runtime.outputs import OutputError, check_output
+
+NOBODY = 65534
+
+
+def test_parent_that_is_a_file_is_refused_naming_both(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for folder in (True, False):
+        with pytest.raises(OutputError, match=r"f/a/b: its parent .*/f is a file"):
+            check_output(tmp_path / "f" / "a" / "b", folder=folder)
+
+
+def test_file_where_a_folder_goes_and_folder_where_a_file_goes(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match="is a file; pass a folder"):
+        check_output(tmp_path / "f")
+    with pytest.raises(OutputError, match="is a folder; pass a file path"):
+        check_output(tmp_path, folder=False)
+    check_output(tmp_path / "f", folder=False)  # an existing file is overwritten: allowed
+    check_output(tmp_path / "new" / "deeper")  # created with its parents: allowed
+
+
+def test_a_non_empty_folder_is_refused_unless_it_holds_one_of_our_marks(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    check_output(out, marks=("manifest.json",))  # empty: ours to fill
+    (out / "notes.txt").write_text("someone else's")
+    with pytest.raises(OutputError, match=r"out is a non-empty folder \(notes.txt\).*none of manifest.json"):
+        check_output(out, marks=("manifest.json",))
+    check_output(out, marks=None)  # a scratch folder the command owns wholly
+    (out / "run" / "model").mkdir(parents=True)
+    check_output(out, marks=("manifest.json", "*/model"))  # a glob below it matches: ours
+
+
+def _child_result(fn) -> str:
+    """fn() run in a forked child that dropped to an unprivileged user: "ok" or the error text."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        os.close(read)
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            fn()
+            message = "ok"
+        except BaseException as err:  # noqa: BLE001 - the parent asserts on whatever happened
+            message = f"{type(err).__name__}: {err}"
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        message = pipe.read()
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_a_folder_without_write_permission_is_refused():
+    base = Path(tempfile.mkdtemp(prefix="tokenmill-outputs-"))  # /tmp: every user may reach it
+    base.chmod(0o755)
+    locked = base / "locked"
+    (locked / "inside").mkdir(parents=True)
+    (locked / "inside").chmod(0o555)
+    locked.chmod(0o555)
+    try:
+        if os.geteuid() == 0:  # root may write anywhere: check as an unprivileged user
+            new = _child_result(lambda: check_output(locked / "new"))
+            existing = _child_result(lambda: check_output(locked / "inside"))
+            file = _child_result(lambda: check_output(locked / "out.json", folder=False))
+        else:
+            new, existing, file = (_catch(lambda p=p, f=f: check_output(p, folder=f))
+                                   for p, f in ((locked / "new", True), (locked / "inside", True),
+                                                (locked / "out.json", False)))
+    finally:
+        locked.chmod(0o755)
+        shutil.rmtree(base)
+    assert new.startswith("OutputError") and "no permission to create it in" in new and str(locked) in new, new
+    assert existing.startswith("OutputError") and "no permission to write there" in existing, existing
+    assert file.startswith("OutputError") and "no permission" in file, file
+
+
+def test_a_path_the_user_cannot_even_reach_is_refused(tmp_path):
+    closed = tmp_path / "closed"
+    (closed / "hidden").mkdir(parents=True)
+    closed.chmod(0o000)  # nobody but root may look inside (root: checked as an unprivileged user)
+    try:
+        check = lambda: check_output(closed / "hidden" / "out")  # noqa: E731
+        message = _child_result(check) if os.geteuid() == 0 else _catch(check)
+    finally:
+        closed.chmod(0o755)
+    assert message.startswith("OutputError") and "no permission to reach it" in message, message
+
+
+def _catch(fn) -> str:
+    try:
+        fn()
+    except OutputError as err:
+        return f"OutputError: {err}"
+    return "ok"
+
+
+def test_remote_urls_are_checked_through_fsspec():
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bi/file", b"x")
+    fs.pipe("/bi/foreign/a.bin", b"x")
+    fs.pipe("/bi/store/zarr.json", b"{}")
+    with pytest.raises(OutputError, match="memory://bi/file is a file"):
+        check_output("memory://bi/file")
+    with pytest.raises(OutputError, match=r"non-empty folder \(a.bin\)"):
+        check_output("memory://bi/foreign", marks=("zarr.json",))
+    check_output("memory://bi/store", marks=("zarr.json",))
+    check_output("memory://bi/new", marks=("zarr.json",))
+
+
+def test_output_path_turns_a_refusal_into_argparse_s_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file"):
+        output_path()(str(tmp_path / "f"))
+    assert output_path(convert=str)(str(tmp_path / "new")) == str(tmp_path / "new")
+
+
+@pytest.mark.parametrize("parse, text, message", [
+    (probability, "0", "must be in (0, 1], got 0"),
+    (probability, "1.5", "must be in (0, 1], got 1.5"),
+    (fraction, "1", "must be in [0, 1), got 1"),
+    (nonnegative_float, "-0.5", "must be >= 0, got -0.5"),
+    (positive_int, "0", "must be >= 1, got 0"),
+    (positive_int, "2.5", "expected an integer, got '2.5'"),
+    (number_in(int, 1, 100), "101", "must be in [1, 100], got 101"),
+    (nonnegative_float, "inf", "expected a finite number, got inf"),
+    (probability, "nan", "expected a finite number, got nan"),
+])
+def test_numeric_validators_name_the_range_and_the_value(parse, text, message):
+    with pytest.raises(argparse.ArgumentTypeError) as err:
+        parse(text)
+    assert str(err.value) == message
+
+
+def test_numeric_validators_accept_their_ends():
+    assert probability("1") == 1.0 and fraction("0") == 0.0 and nonnegative_float("0") == 0.0
+    assert number_in(int, 1, 100)("100") == 100 and math.isclose(probability("1e-9"), 1e-9)
