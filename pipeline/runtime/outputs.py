@@ -13,11 +13,14 @@ folder goes" and the marks apply, through fsspec.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
+from tokenmill.models.errors import UserError
 from tokenmill.pipeline.runtime.storage import filesystem
 
 # What a training run's folder (`run.root/run.name`) holds: the exported model and the default
@@ -62,6 +65,27 @@ def _check_local(text: str, path: Path, folder: bool, marks: Iterable[str] | Non
         raise OutputError(f"{text}: its parent {ancestor} is a file, not a folder; pass a path under a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"{text}: no permission to create it in {ancestor}; pass a path you can write")
+
+
+@contextlib.contextmanager
+def folder_for_checks(path: Path):
+    """Creates the local folder `path` (with its parents) for checks that need it (a run's SQLite
+    tracking store); a UserError inside the block removes the folders it created while they hold
+    no file, so a refused command leaves nothing behind."""
+    top = None if path.exists() else _highest_missing(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except UserError:
+        if top is not None and all(p.is_dir() for p in top.rglob("*")):
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def _highest_missing(path: Path) -> Path:
+    while not path.parent.exists() and path.parent != path.parent.parent:
+        path = path.parent
+    return path
 
 
 def _nearest_existing(path: Path) -> Path:
