@@ -110,6 +110,13 @@ def _check_ours(text: str, entries: list[str], matches, marks: Iterable[str]) ->
 
 def _check_remote(url: str, folder: bool, marks: Iterable[str] | None, storage_options: dict | None) -> None:
     fs, path = filesystem(url, storage_options)
+    try:
+        _check_remote_in(fs, path, url, folder, marks)
+    finally:  # the filesystem instance is shared: later reads must not see these listings (other writers)
+        fs.invalidate_cache()
+
+
+def _check_remote_in(fs, path: str, url: str, folder: bool, marks: Iterable[str] | None) -> None:
     if folder and fs.isfile(path):
         raise OutputError(f"{url} is a file; pass a folder URL")
     if not folder and fs.isdir(path) and fs.ls(path, detail=False):

@@ -7,17 +7,27 @@ remote URLs, and the exact ranges."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
+from typing import Any
 
 import fsspec
+import pydantic
 import pytest
+from helpers import REPO
 
 from tokenmill.jobs.cli import fraction, nonnegative_float, number_in, output_path, positive_int, probability
-from tokenmill.pipeline.runtime.outputs import OutputError, check_output
+from tokenmill.models.errors import UserError
+from tokenmill.pipeline.config import ConfigError
+from tokenmill.pipeline.prior.config import load_prior_config
+from tokenmill.pipeline.registry.config import load_retrain_config
+from tokenmill.pipeline.runtime.outputs import OutputError, check_output, folder_for_checks
+from tokenmill.pipeline.training.config import load_train_config
 
 NOBODY = 65534
 
@@ -118,16 +128,18 @@ def _catch(fn) -> str:
 
 
 def test_remote_urls_are_checked_through_fsspec():
-    fs = fsspec.filesystem("memory")
-    fs.pipe("/bi/file", b"x")
-    fs.pipe("/bi/foreign/a.bin", b"x")
-    fs.pipe("/bi/store/zarr.json", b"{}")
-    with pytest.raises(OutputError, match="memory://bi/file is a file"):
-        check_output("memory://bi/file")
+    fs, base = fsspec.filesystem("memory"), f"bi-{uuid.uuid4().hex}"  # one memory filesystem per process
+    fs.pipe(f"/{base}/file", b"x")
+    fs.pipe(f"/{base}/foreign/a.bin", b"x")
+    fs.pipe(f"/{base}/store/zarr.json", b"{}")
+    with pytest.raises(OutputError, match=f"memory://{base}/file is a file"):
+        check_output(f"memory://{base}/file")
     with pytest.raises(OutputError, match=r"non-empty folder \(a.bin\)"):
-        check_output("memory://bi/foreign", marks=("zarr.json",))
-    check_output("memory://bi/store", marks=("zarr.json",))
-    check_output("memory://bi/new", marks=("zarr.json",))
+        check_output(f"memory://{base}/foreign", marks=("zarr.json",))
+    with pytest.raises(OutputError, match="is a folder; pass a file URL"):
+        check_output(f"memory://{base}/store", folder=False)
+    check_output(f"memory://{base}/store", marks=("zarr.json",))
+    check_output(f"memory://{base}/new", marks=("zarr.json",))
 
 
 def test_output_path_turns_a_refusal_into_argparse_s_error(tmp_path):
@@ -157,3 +169,49 @@ def test_numeric_validators_name_the_range_and_the_value(parse, text, message):
 def test_numeric_validators_accept_their_ends():
     assert probability("1") == 1.0 and fraction("0") == 0.0 and nonnegative_float("0") == 0.0
     assert number_in(int, 1, 100)("100") == 100 and math.isclose(probability("1e-9"), 1e-9)
+
+
+def test_folder_for_checks_leaves_nothing_behind_a_refusal(tmp_path):
+    run = tmp_path / "runs" / "name"
+    with pytest.raises(UserError):
+        with folder_for_checks(run):
+            assert run.is_dir()
+            raise UserError("refused")
+    assert not (tmp_path / "runs").exists()  # every folder it made is gone
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError):
+        with folder_for_checks(tmp_path / "kept" / "run") as made:
+            (made / "mlflow.db").write_text("")  # a file: no longer ours to remove
+            raise UserError("refused")
+    assert (tmp_path / "kept" / "run" / "mlflow.db").exists()
+    with folder_for_checks(tmp_path / "ok") as made:
+        pass
+    assert made.is_dir()
+
+
+PRESETS = [("configs/debug_vae.yaml", load_train_config), ("configs/hvae_mnist.yaml", load_train_config),
+           ("configs/debug_vqgan.yaml", load_train_config), ("configs/vqvae2_mnist.yaml", load_train_config),
+           ("configs/debug_maskgit.yaml", load_prior_config), ("configs/debug_retrain_vqvae.yaml", load_retrain_config)]
+
+
+def _numeric_keys(node: Any, path: str = "") -> list[str]:
+    """Dotted keys of every int/float leaf of a validated config (sections, dataclasses, models)."""
+    if isinstance(node, pydantic.BaseModel):
+        children = {name: getattr(node, name) for name in type(node).model_fields}
+    elif dataclasses.is_dataclass(node):
+        children = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+    else:
+        return [path] if isinstance(node, (int, float)) and not isinstance(node, bool) else []
+    return [key for name, child in children.items() for key in _numeric_keys(child, f"{path}{name}.")]
+
+
+@pytest.mark.parametrize("preset, load", PRESETS, ids=[Path(p).stem for p, _ in PRESETS])
+def test_every_numeric_config_key_has_a_range(preset, load):
+    """A huge negative value is outside every numeric field's range but a seed's: with every numeric
+    key of the preset set to one, the one refusal lists each key but the seeds. A new field without a
+    bound (models.ranges, pydantic.Field) fails here."""
+    keys = {key.rstrip(".") for key in _numeric_keys(load(REPO / preset))}
+    with pytest.raises(ConfigError) as refused:
+        load(REPO / preset, [f"{key}=-{10**18}" for key in sorted(keys)])
+    named = {line.strip().split(": ")[0] for line in str(refused.value).splitlines()[1:]}
+    assert len(keys) > 20 and sorted(keys - named) == sorted(k for k in keys if k.endswith("seed")), keys - named
