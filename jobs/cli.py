@@ -134,6 +134,14 @@ def check_run_outputs(run: Any) -> None:
         check_output_setting(run.storage_path, "run.storage_path", marks=None)
 
 
+def train_refused_cleanly(run: Any):
+    """Around a training driver: the run's folder, created here, is removed again (with any parent
+    created for it) when the driver refuses the job (a UserError) before writing a file into it."""
+    from tokenmill.pipeline.runtime.outputs import removed_if_refused
+
+    return removed_if_refused(run.run_dir())
+
+
 # A scratch folder the command owns wholly (its content is not checked): benchmarks' --workdir.
 output_folder = output_path(marks=None)
 

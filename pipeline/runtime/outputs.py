@@ -68,10 +68,10 @@ def _check_local(text: str, path: Path, folder: bool, marks: Iterable[str] | Non
 
 
 @contextlib.contextmanager
-def folder_for_checks(path: Path):
-    """Creates the local folder `path` (with its parents) for checks that need it (a run's SQLite
-    tracking store); a UserError inside the block removes the folders it created while they hold
-    no file, so a refused command leaves nothing behind."""
+def removed_if_refused(path: Path):
+    """Creates the local folder `path` (with its parents), which the driver's own checks need (a
+    run's SQLite tracking store); a UserError inside the block removes the folders it created
+    while they hold no file, so a refused command leaves nothing behind."""
     top = None if path.exists() else _highest_missing(path)
     path.mkdir(parents=True, exist_ok=True)
     try:

@@ -135,7 +135,6 @@ def _checked_run(task: Task) -> tuple[str, str]:
     """Every check before Ray starts, then the MLflow run: (tracking URI, run id)."""
     from tokenmill.pipeline.config import to_plain
     from tokenmill.pipeline.registry import tracking
-    from tokenmill.pipeline.runtime.outputs import folder_for_checks
     from tokenmill.pipeline.runtime.redaction import redact
     from tokenmill.pipeline.training.cluster_check import check_cluster_storage, check_local_gpus
 
@@ -143,15 +142,15 @@ def _checked_run(task: Task) -> tuple[str, str]:
     check_cluster_storage(config, task.shared_data())  # node-local paths on a multi-node cluster
     check_local_gpus(config.scaling)  # GPUs asked of a local Ray that has none: refused, not waited for
     run_dir = config.run.run_dir()
-    with folder_for_checks(run_dir):  # a refusal here leaves no empty run folder behind
-        tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, run_dir)
-        tags = task.prepare(tracking_uri)  # the task's inputs: every problem stops the job here
-        if config.train.init_from:  # a warm start that cannot load fails here, not later on every rank
-            from tokenmill.pipeline.training.loop import load_initial_weights
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, run_dir)
+    tags = task.prepare(tracking_uri)  # the task's inputs: every problem stops the job here
+    if config.train.init_from:  # a warm start that cannot load fails here, not later on every rank
+        from tokenmill.pipeline.training.loop import load_initial_weights
 
-            module, _ = next(iter(task.build().values()))
-            load_initial_weights(module, config.train.init_from, tracking_uri)
-        tracking.require_reachable(tracking_uri)
+        module, _ = next(iter(task.build().values()))
+        load_initial_weights(module, config.train.init_from, tracking_uri)
+    tracking.require_reachable(tracking_uri)
     kind = getattr(getattr(config, "model", None), "kind", task.name)
     tags |= {"tokenmill.task": task.name, "tokenmill.model_kind": kind, "tokenmill.git_commit": tracking.git_commit()}
     run_id = tracking.get_or_create_run(tracking_uri, config.tracking.experiment, config.run.name, tags=tags,

@@ -26,7 +26,7 @@ from tokenmill.models.errors import UserError
 from tokenmill.pipeline.config import ConfigError
 from tokenmill.pipeline.prior.config import load_prior_config
 from tokenmill.pipeline.registry.config import load_retrain_config
-from tokenmill.pipeline.runtime.outputs import OutputError, check_output, folder_for_checks
+from tokenmill.pipeline.runtime.outputs import OutputError, check_output, removed_if_refused
 from tokenmill.pipeline.training.config import load_train_config
 
 NOBODY = 65534
@@ -171,20 +171,20 @@ def test_numeric_validators_accept_their_ends():
     assert number_in(int, 1, 100)("100") == 100 and math.isclose(probability("1e-9"), 1e-9)
 
 
-def test_folder_for_checks_leaves_nothing_behind_a_refusal(tmp_path):
+def test_removed_if_refused_leaves_nothing_behind_a_refusal(tmp_path):
     run = tmp_path / "runs" / "name"
     with pytest.raises(UserError):
-        with folder_for_checks(run):
+        with removed_if_refused(run):
             assert run.is_dir()
             raise UserError("refused")
     assert not (tmp_path / "runs").exists()  # every folder it made is gone
     (tmp_path / "kept").mkdir()
     with pytest.raises(UserError):
-        with folder_for_checks(tmp_path / "kept" / "run") as made:
+        with removed_if_refused(tmp_path / "kept" / "run") as made:
             (made / "mlflow.db").write_text("")  # a file: no longer ours to remove
             raise UserError("refused")
     assert (tmp_path / "kept" / "run" / "mlflow.db").exists()
-    with folder_for_checks(tmp_path / "ok") as made:
+    with removed_if_refused(tmp_path / "ok") as made:
         pass
     assert made.is_dir()
 
