@@ -48,7 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_prior_options(parser: argparse.ArgumentParser) -> None:
     """The options this benchmark shares with `tokenmill bench prior-families`: tokenizer, judge,
     prior size and training, samples, threads, device, workdir."""
-    from tokenmill.jobs.cli import fraction, nonnegative_float, output_folder, positive_float, positive_int
+    from tokenmill.jobs.cli import (
+        fraction,
+        nonnegative_float,
+        nonnegative_int,
+        output_folder,
+        positive_float,
+        positive_int,
+    )
 
     parser.add_argument("--steps", type=positive_int, default=1600, help="prior training steps (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
@@ -65,7 +72,7 @@ def add_prior_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=positive_int, default=100, help="samples per class")
     parser.add_argument("--cfg", type=nonnegative_float, default=3.0, help="class-free guidance scale of the samples")
     parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="torch threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--device", default="auto", help="where the prior trains and samples: auto (CUDA when "
                         "present), cpu or cuda[:N]; the tokenizer and the judge train on the CPU")
     parser.add_argument("--workdir", type=output_folder, default=None, help="where shards, store, models go")

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=positive_int, default=64, help="patch size in px (default %(default)s)")
     parser.add_argument("--lr", type=positive_float, default=5e-4)
     parser.add_argument("--adversarial-weight", type=positive_float, default=0.6)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default %(default)s: on a shared CPU more threads spin and run slower)")
     parser.add_argument("--smoke", action="store_true", help="a few steps on small patches: checks it runs (< 1 min)")

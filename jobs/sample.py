@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=positive_float, default=1.0)
     parser.add_argument("--top-k", type=positive_int, default=None)
     parser.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass in (0, 1]")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="MaskGIT priors only: parallel decoding steps (default: the prior's sample_steps)")
     parser.add_argument("--tokenizer", default=None, help="decode with this tokenizer instead of the lineage's")

@@ -39,7 +39,7 @@ class QuantizerConfig:
     num_stages: PositiveInt = 4  # rvq
     scales: tuple[int, ...] = ()  # multiscale: token map sides, increasing, ending at the latent grid side
     levels: tuple[int, ...] = (8, 5, 5, 5)  # fsq: values per dimension
-    seed: int = 0  # restart/k-means draws; simvq: the frozen codebook
+    seed: Count = 0  # restart/k-means draws; simvq: the frozen codebook
     rotation_trick: bool = False  # vq, simvq: rotation-trick gradient instead of straight-through
     bits: Bits = 10  # lfq, bsq: codebook of 2^bits sign codes
     entropy_weight: NonNegative = 0.1  # lfq, bsq: weight of the entropy penalty

@@ -41,7 +41,7 @@ class ValidationSection(StrictModel):
     split: str = "val"
     batch_size: int = pydantic.Field(256, gt=0)
     iw_samples: int = pydantic.Field(64, gt=0)  # K of the importance-weighted NLL (VAE family)
-    seed: int = 0  # seeds the IW samples so a model's score is reproducible
+    seed: int = pydantic.Field(0, ge=0)  # seeds the IW samples so a model's score is reproducible
 
 
 class PromotionSection(StrictModel):

@@ -94,7 +94,7 @@ class LoopSection(StrictModel):
     # Micro-batches per optimizer step (gradient accumulation): a step sees
     # batch_size x accumulate x num_workers examples.
     accumulate: int = pydantic.Field(1, gt=0)
-    seed: int = 0
+    seed: int = pydantic.Field(0, ge=0)  # numpy seeds (the prior's epoch order) are non-negative
     # Autocast of the forward: auto = bf16 on CUDA, fp32 on CPU (pipeline.training.precision).
     precision: Precision = "auto"
     # torch.compile every trained module with this backend (inductor: worth it on GPUs for long

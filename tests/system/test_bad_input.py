@@ -37,6 +37,8 @@ VQGAN = str(REPO / "configs" / "debug_vqgan.yaml")
 
 # (id, argv with {F} = the fixture folder, what the message must contain: the user's argument).
 # For a --set override the user's argument is the override itself.
+# Each training case has its own run.root: the two batch processes run cases side by side, and a
+# refused run removes the empty run folder it made (test_no_bad_input_wrote_anything checks it).
 CASES = [
     # -- demo
     ("demo-steps-0", "demo --root {F}/demo --steps 0", ["--steps", "0"]),
@@ -75,22 +77,22 @@ CASES = [
     ("train-steps-abc", "train {TRAIN} --set train.steps=abc", ["train.steps=abc"]),
     ("train-unknown-key", "train {TRAIN} --set train.stpes=3", ["train.stpes"]),
     ("train-gpus-this-machine-lacks", "train {TRAIN} --set scaling.use_gpu=true --set scaling.num_workers=64 "
-     "--set data.shards={F}/shards --set run.root={F}/runs", ["scaling.use_gpu"]),
-    ("train-missing-shards", "train {TRAIN} --set data.shards={F}/missing --set run.root={F}/runs",
+     "--set data.shards={F}/shards --set run.root={F}/runs1", ["scaling.use_gpu"]),
+    ("train-missing-shards", "train {TRAIN} --set data.shards={F}/missing --set run.root={F}/runs2",
      ["{F}/missing"]),
-    ("train-garbage-manifest", "train {TRAIN} --set data.shards={F}/badmanifest --set run.root={F}/runs",
+    ("train-garbage-manifest", "train {TRAIN} --set data.shards={F}/badmanifest --set run.root={F}/runs3",
      ["{F}/badmanifest"]),
-    ("train-init-missing", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs "
+    ("train-init-missing", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs4 "
      "--set train.init_from={F}/missing", ["{F}/missing"]),
-    ("train-init-garbage-weights", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs "
+    ("train-init-garbage-weights", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs5 "
      "--set train.init_from={F}/badweights", ["{F}/badweights"]),
-    ("train-init-other-architecture", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs "
+    ("train-init-other-architecture", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs6 "
      "--set train.init_from={F}/model", ["{F}/model"]),
     ("train-multiscale-scales-miss-the-grid", "train {TRAIN} --set model.quantizer.kind=multiscale "
      "--set model.quantizer.scales=[1,2,3]", ["quantizer.scales [1, 2, 3]", "grid side 4"]),
     # -- train-prior and sample
     ("train-prior-var-on-a-single-scale-store", "train-prior {VAR_PRIOR} --set data.store={F}/store.zarr "
-     "--set run.root={F}/runs", ["needs a multi-scale store", "one level 2x2"]),
+     "--set run.root={F}/runs7", ["needs a multi-scale store", "one level 2x2"]),
     ("sample-steps-0", "sample --prior {F}/missing --out {F}/s --steps 0", ["--steps", "0"]),
     # -- tokenize
     ("tokenize-model-missing", "tokenize --model {F}/missing --data {F}/shards --out {F}/t0.zarr", ["{F}/missing"]),
@@ -123,9 +125,9 @@ CASES = [
      ["--latents", "median"]),
     # -- retrain
     ("retrain-margin-negative", "retrain {RETRAIN} --set promotion.margin=-1", ["promotion.margin=-1"]),
-    ("retrain-versions-missing", "retrain {RETRAIN} --set versions.prefix={F}/missing --set run.root={F}/runs",
+    ("retrain-versions-missing", "retrain {RETRAIN} --set versions.prefix={F}/missing --set run.root={F}/runs8",
      ["{F}/missing"]),
-    ("retrain-validation-missing", "retrain {RETRAIN} --set versions.prefix={F}/versions --set run.root={F}/runs "
+    ("retrain-validation-missing", "retrain {RETRAIN} --set versions.prefix={F}/versions --set run.root={F}/runs9 "
      "--set validation.shards={F}/missing", ["{F}/missing"]),
     # -- decode
     ("decode-missing-store", "decode {F}/missing --out {F}/dec", ["{F}/missing"]),
@@ -203,6 +205,8 @@ RANGES = [
      ["sample.temperature", "greater than 0", "got 0"]),
     ("train-prior-cfg-negative", "train-prior {PRIOR} --set data.store={F}/store.zarr --set sample.cfg_scale=-1",
      ["sample.cfg_scale", "greater than or equal to 0", "got -1"]),
+    ("train-prior-seed-negative", "train-prior {PRIOR} --set data.store={F}/store.zarr --set train.seed=-1",
+     ["train.seed", "greater than or equal to 0", "got -1"]),
     ("train-prior-cache-mb-0", "train-prior {PRIOR} --set data.store={F}/store.zarr --set data.cache_mb=0",
      ["data.cache_mb", "got 0"]),
     ("retrain-usage-floor-2", "retrain {RETRAIN} --set promotion.usage_floor=2", ["promotion.usage_floor", "got 2"]),
@@ -226,6 +230,7 @@ RANGES = [
     ("sample-top-k-0", "sample --prior {F}/missing --out {F}/s --top-k 0", ["--top-k", "must be >= 1", "got 0"]),
     ("sample-n-0", "sample --prior {F}/missing --out {F}/s --n 0", ["--n", "got 0"]),
     ("sample-class-negative", "sample --prior {F}/missing --out {F}/s --class -1", ["--class", "got -1"]),
+    ("sample-seed-negative", "sample --prior {F}/missing --out {F}/s --seed -1", ["--seed", "must be >= 0", "got -1"]),
     ("eval-batch-size-0", "eval --model {F}/model --data {F}/shards --out {F}/ev --batch-size 0",
      ["--batch-size", "got 0"]),
     ("bench-prior-dropout-1", "bench prior --dropout 1", ["--dropout", "in [0, 1)", "got 1"]),
@@ -252,7 +257,7 @@ OUTPUTS = [
      ["run.root", "{F}/imgs.npy/runs", "is a file"]),
     ("train-run-folder-foreign", "train {TRAIN} --set run.root={F} --set run.name=texts",
      ["run.root/run.name", "{F}/texts", "non-empty folder"]),
-    ("train-storage-path-parent-is-a-file", "train {TRAIN} --set run.root={F}/runs --set run.storage_path={F}/imgs.npy/ray",
+    ("train-storage-path-parent-is-a-file", "train {TRAIN} --set run.root={F}/runs10 --set run.storage_path={F}/imgs.npy/ray",
      ["run.storage_path", "{F}/imgs.npy/ray", "is a file"]),
     ("train-json-parent-is-a-file", "train {TRAIN} --json {F}/imgs.npy/t.json", ["--json", "{F}/imgs.npy/t.json"]),
     ("tokenize-out-parent-is-a-file", "tokenize --model {F}/model --data {F}/shards --out {F}/imgs.npy/t.zarr",
@@ -264,10 +269,10 @@ OUTPUTS = [
     ("train-prior-run-folder-foreign", "train-prior {PRIOR} --set data.store={F}/store.zarr --set run.root={F} "
      "--set run.name=texts", ["run.root/run.name", "{F}/texts", "non-empty folder"]),
     ("train-prior-item-log-parent-is-a-file", "train-prior {PRIOR} --set data.store={F}/store.zarr "
-     "--set run.root={F}/runs --set data.item_log={F}/imgs.npy/items", ["data.item_log", "{F}/imgs.npy/items"]),
+     "--set run.root={F}/runs11 --set data.item_log={F}/imgs.npy/items", ["data.item_log", "{F}/imgs.npy/items"]),
     ("retrain-run-root-parent-is-a-file", "retrain {RETRAIN} --set run.root={F}/imgs.npy/runs",
      ["run.root", "{F}/imgs.npy/runs", "is a file"]),
-    ("retrain-out-prefix-parent-is-a-file", "retrain {RETRAIN} --set run.root={F}/runs "
+    ("retrain-out-prefix-parent-is-a-file", "retrain {RETRAIN} --set run.root={F}/runs12 "
      "--set retokenize.out_prefix={F}/imgs.npy/tokens", ["retokenize.out_prefix", "{F}/imgs.npy/tokens"]),
     ("decode-out-parent-is-a-file", "decode {F}/store.zarr --out {F}/imgs.npy/d", ["--out", "{F}/imgs.npy/d"]),
     ("decode-out-foreign-folder", "decode {F}/store.zarr --out {F}/texts", ["--out", "{F}/texts", "non-empty folder"]),
