@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from tokenmill.jobs.cli import add_inception_options, add_json_option, json_object, output_folder, positive_int
+from tokenmill.jobs.cli import add_inception_options, add_json_option, json_object, output_path, positive_int
 
 if TYPE_CHECKING:
     from tokenmill.pipeline.tokenizer_eval import EvalSummary
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="model directory/URL, runs:/…, models:/NAME/VERSION or @ALIAS")
     parser.add_argument("--data", required=True, help="shard folder/URL with manifest.json")
     parser.add_argument("--split", default="val", help="split to evaluate (default %(default)s)")
-    parser.add_argument("--out", type=output_folder, default="eval", help="folder for reconstructions.png "
+    parser.add_argument("--out", type=output_path(marks=("reconstructions.png",)), default="eval", help="folder for reconstructions.png "
                         "(default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--lpips-vgg", default=None, help="torchvision's vgg16-397923af.pth, a path or a URL (s3://, https://; "

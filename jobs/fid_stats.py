@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from tokenmill.jobs.cli import add_inception_options, add_json_option, json_object, positive_int
+from tokenmill.jobs.cli import add_inception_options, add_json_option, json_object, output_path, positive_int
 
 if TYPE_CHECKING:
     from tokenmill.pipeline.reference_stats import StatsSummary
@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("data", metavar="SHARDS", help="shard folder/URL with manifest.json")
     parser.add_argument("--split", default="val", help="split to summarise (default %(default)s)")
-    parser.add_argument("--out", required=True, help="the .npz to write (path or fsspec URL)")
+    parser.add_argument("--out", required=True, type=output_path(folder=False, convert=str),
+                        help="the .npz to write (path or fsspec URL)")
     parser.add_argument("--resolution", type=positive_int, default=None,
                         help="images are brought to this size first (default: the split's first image's shorter side)")
     parser.add_argument("--crop", choices=("center-crop", "resize"), default="center-crop",

@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING
 from tokenmill.jobs.cli import (
     add_inception_options,
     add_json_option,
+    nonnegative_float,
     nonnegative_int,
-    output_folder,
+    output_path,
     positive_float,
     positive_int,
+    probability,
 )
 
 if TYPE_CHECKING:
@@ -37,16 +39,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("sample", help="sample a trained prior and decode the codes to a PNG grid",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prior", required=True, help="prior model: directory/URL, runs:/ID/model, models:/NAME@ALIAS")
-    parser.add_argument("--out", required=True, type=output_folder, help="folder for samples.png, codes.npy, labels.npy")
+    parser.add_argument("--out", required=True, type=output_path(marks=("samples.png", "codes.npy", "labels.npy")),
+                        help="folder for samples.png, codes.npy, labels.npy")
     parser.add_argument("--class", dest="classes", type=nonnegative_int, action="append", default=[],
                         metavar="C", help="class to sample (repeatable; default: every class)")
     parser.add_argument("--n", "--per-class", dest="n", type=positive_int, default=None,
                         help="samples per class (default 8; 50 with --eval)")
-    parser.add_argument("--cfg", type=float, default=1.0, help="class-free guidance scale (1 = none)")
+    parser.add_argument("--cfg", type=nonnegative_float, default=1.0,
+                        help="class-free guidance scale s >= 0: uncond + s (cond - uncond); 1 = none, 0 = unconditional")
     parser.add_argument("--temperature", type=positive_float, default=1.0)
     parser.add_argument("--top-k", type=positive_int, default=None)
-    parser.add_argument("--top-p", type=positive_float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="MaskGIT priors only: parallel decoding steps (default: the prior's sample_steps)")
     parser.add_argument("--tokenizer", default=None, help="decode with this tokenizer instead of the lineage's")
@@ -55,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(and the --eval run)")
     parser.add_argument("--eval", dest="eval_ref", default=None, metavar="REF.npz",
                         help="score the samples against these reference statistics (tokenmill fid-stats)")
-    parser.add_argument("--npz", default=None, metavar="PATH", help="also write the samples as ADM's .npz")
+    parser.add_argument("--npz", type=output_path(folder=False, convert=str), default=None, metavar="PATH", help="also write the samples as ADM's .npz")
     add_inception_options(parser)
     add_json_option(parser)
     parser.set_defaults(run=run)

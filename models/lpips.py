@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenmill.models.errors import UserError
+from tokenmill.models.ranges import STRICT
 
 VGG_FILE = "vgg16-397923af.pth"
 LIN_FILE = "lpips_vgg_v0.1.pth"
@@ -45,7 +46,7 @@ class LPIPSWeights:
     vgg_sha256: Optional[str] = None
     lin_sha256: Optional[str] = None
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenmill.models.quantizers import QuantizerConfig, build_quantizer, check_scales
+from tokenmill.models.ranges import STRICT, Count, PositiveInt
 from tokenmill.models.serialization import register_model
 from tokenmill.models.tokenizer import GridTokenizer, VQOutput, code_metrics, quantizer_config, to_first, to_last
 
@@ -26,17 +27,17 @@ from tokenmill.models.tokenizer import GridTokenizer, VQOutput, code_metrics, qu
 @dataclass
 class VQGANConfig:
     kind: Literal["vqgan"] = "vqgan"
-    in_channels: int = 3
-    image_size: int = 64
-    base_channels: int = 64  # width at full resolution; level i has base_channels * channel_mult[i]
+    in_channels: PositiveInt = 3
+    image_size: PositiveInt = 64
+    base_channels: PositiveInt = 64  # width at full resolution; level i has base_channels * channel_mult[i]
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # one entry per resolution: downsample = 2**(len - 1)
-    res_blocks: int = 2  # per resolution (decoder: one more, as in taming)
+    res_blocks: Count = 2  # per resolution (decoder: one more, as in taming)
     attention: bool = True  # self-attention at the lowest resolution (and in the middle block)
-    latent_dim: int = 64  # quantizer input dim (taming's embed_dim)
+    latent_dim: PositiveInt = 64  # quantizer input dim (taming's embed_dim)
     recon_loss: Literal["l1", "l2"] = "l1"
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)

@@ -21,20 +21,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.models.ranges import STRICT, Count, Fraction, NonNegative, Positive, UnitInterval
+
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 200.0  # max total grad norm; 0 disables clipping
-    skip_grad_norm: float = 0.0  # skip updates whose grad norm exceeds this; 0 skips only NaN/inf
-    ema_decay: float = 0.999  # 0 disables EMA weights
-    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
-    total_steps: int = 0  # cosine decay to lr·min_lr_ratio at total_steps; 0 keeps lr constant
-    min_lr_ratio: float = 0.1
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.0
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    grad_clip: NonNegative = 200.0  # max total grad norm; 0 disables clipping
+    skip_grad_norm: NonNegative = 0.0  # skip updates whose grad norm exceeds this; 0 skips only NaN/inf
+    ema_decay: Fraction = 0.999  # 0 disables EMA weights
+    warmup_steps: Count = 0  # linear warm-up from lr/warmup_steps to lr
+    total_steps: Count = 0  # cosine decay to lr·min_lr_ratio at total_steps; 0 keeps lr constant
+    min_lr_ratio: UnitInterval = 0.1
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
 
 def lr_factor(step: int, config: OptimConfig) -> float:
