@@ -151,6 +151,6 @@ def test_train_step_autocasts_the_forward_only_and_scales_fp16():
                           torch.device("cpu"))
         result = step.run(own_loss, [(torch.randn(8, 4),)], 0)
         assert model.dtypes == [dtype] and model.linear.weight.dtype == torch.float32
-        assert result.losses["model"].dtype == torch.float32 and isinstance(result.parts["model"]["grad_norm"], float)
+        assert result.losses["model"].dtype == torch.float32 and result.parts["model"]["grad_norm"].shape == ()  # on the device
         assert (step.scaler is not None) == (precision == "fp16")
         assert (step.state_dict()["scaler"] is not None) == (precision == "fp16")
