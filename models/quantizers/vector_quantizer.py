@@ -74,9 +74,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training updates so far
         self.collectives = Collectives()
-        # Host copies of `initted` and `steps`: read from the device once (and after a state load),
-        # not on every step; a GPU step then does not wait for the device to read them.
-        self._host: dict[str, int] = {}
+        # Host copies of `initted` and `steps`: known here, read from the device only after a state
+        # load (once), never on every step; a GPU step then does not wait for the device.
+        self._host: dict[str, int] = {"initted": int(not kmeans_init), "steps": 0}
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._host = {}  # the buffers change: read them again when next needed
