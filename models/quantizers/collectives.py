@@ -25,7 +25,7 @@ def _noop(tensor: Tensor) -> None:
 @dataclass(frozen=True)
 class Collectives:
     all_reduce: Callable[[Tensor], None] = _noop  # in place: sum over ranks
-    broadcast: Callable[[Tensor], None] = _noop  # in place: every rank gets rank 0's tensor
+    broadcast: Callable[[Tensor], None] = _noop  # in place: every rank gets rank 0's tensor (quantizers need none now)
     rank: int = 0
     world_size: int = 1
 
@@ -56,6 +56,9 @@ def set_collectives(module: nn.Module, collectives: Collectives) -> int:
     return found
 
 
+SPARE_SEED = 0x9E3779B97F4A7C15  # the golden-ratio constant: far from any seed of a nearby step
+
+
 def _draw(total: int, m: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """(m,) indices into [0, total): distinct when total >= m. Drawn on `device` from `generator`
     (a generator of that device), so nothing is copied from the host."""
@@ -84,7 +87,8 @@ def sample_rows(rows: Tensor, m: int, generator: torch.Generator, collectives: C
         collectives.all_reduce(counts)  # (world,) rows held by each rank
         ends = counts.cumsum(0)
         offset = ends[collectives.rank] - n
-        spare = torch.Generator(device=rows.device).manual_seed(generator.initial_seed() + 1)
+        # Its own seed, apart from every seed a quantizer derives from its step (seed + 2·step + stream).
+        spare = torch.Generator(device=rows.device).manual_seed((generator.initial_seed() + SPARE_SEED) % 2**64)
         uniform = torch.rand(m, dtype=torch.float64, generator=spare, device=rows.device)
         anywhere = (uniform * ends[-1]).long().clamp(max=ends[-1] - 1)  # (m,) with replacement
         picks = torch.where((counts == n).all(), picks, anywhere)  # `n` is the same only if all are equal
