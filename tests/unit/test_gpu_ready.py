@@ -150,3 +150,55 @@ def test_train_step_autocasts_the_forward_only_and_scales_fp16():
         assert result.losses["model"].dtype == torch.float32 and isinstance(result.parts["model"]["grad_norm"], float)
         assert (step.scaler is not None) == (precision == "fp16")
         assert (step.state_dict()["scaler"] is not None) == (precision == "fp16")
+
+
+def test_gpu_check_enforces_thresholds_and_sets_the_failed_phases_bits():
+    from tokenmill.benchmarks.gpu_check import BY_NAME, check_report, render_table
+
+    good = {"vqgan": {"bf16_speedup": 1.8, "bf16_memory_ratio": 0.6}, "syncs": {"syncs_per_step": 4.0},
+            "stream": {"stream_over_step": 3.0, "fed_over_step": 0.97, "gpu_util_pct": 95.0},
+            "tokenize": {"per_gpu_over_limit": 0.85}, "prior": {"bf16_speedup": 1.5},
+            "checkpoint": {"max_diff": 0.0}, "nccl": {"max_diff": "n/a: one GPU"}}
+    outcomes = {"setup": {"figures": {}}, **{name: {"figures": f} for name, f in good.items()}}
+    outcomes["prior"] = {"error": "prior ran past its 45 s limit", "timeout": True}
+    report = _report(outcomes, dry_run=False)
+    check_report(report)
+    status = {row["name"]: row["status"] for row in report["checks"]}
+    assert status["syncs_per_step"] == "fail" and status["nccl_identical"] == "n/a"
+    assert status["prior_bf16_speedup"] == "error" and status["tokenize_over_limit"] == "pass"
+    assert report["phases"]["prior"]["status"] == "timeout"
+    assert report["exit_code"] == BY_NAME["syncs"].bit | BY_NAME["prior"].bit
+    assert report["failed"] == ["syncs", "prior", "syncs_per_step", "prior_bf16_speedup"]
+    assert "| host-device syncs per bf16 VQGAN step | 4 | <= 1 | fail |" in render_table(report)
+    # A dry run enforces nothing: only a phase that did not run fails it.
+    assert _report(outcomes, dry_run=True)["failed"] == ["prior", "prior_bf16_speedup"]
+
+
+def test_gpu_check_report_schema_refuses_a_malformed_report():
+    from tokenmill.benchmarks.gpu_check import check_report
+
+    report = _report({"setup": {"figures": {}}}, dry_run=True)
+    check_report(report)  # phases not run are "skipped", their checks "error"
+    report["checks"][0]["status"] = "great"
+    del report["phases"]["nccl"]
+    with pytest.raises(ValueError, match="bad status 'great'.*|phases .*"):
+        check_report(report)
+
+
+def test_gpu_check_phase_past_its_limit_is_stopped(tmp_path: Path):
+    import time
+
+    from tokenmill.benchmarks.gpu_check import DRY_RUN, Phase, run_phase_here
+
+    slow = Phase("slow", 1, 1, lambda sizes, folder, inputs: time.sleep(30))
+    started = time.perf_counter()
+    outcome = run_phase_here(slow, DRY_RUN, tmp_path, {})
+    assert outcome == {"error": "slow ran past its 1 s limit", "timeout": True} and time.perf_counter() - started < 5
+
+
+def _report(outcomes: dict, dry_run: bool) -> dict:
+    import time
+
+    from tokenmill.benchmarks.gpu_check import build_report
+
+    return build_report(outcomes, {name: 1.0 for name in outcomes}, dry_run, time.time())
