@@ -1,4 +1,6 @@
-"""GPU checks (marked `gpu`, skipped without CUDA): `scripts/gpu_check.sh` runs them on a GPU node.
+"""GPU tests (marked `gpu`, skipped without CUDA): `pytest -m gpu` on a GPU node. The GPU check
+(`scripts/gpu_check.sh`, `benchmarks/gpu_check.py`) measures the same things at 256 px with
+thresholds; both count syncs with `benchmarks.gpu_phases.count_syncs`.
 
 Host-device synchronisations are counted with CUDA's sync debug mode: a VQ training step with
 no dead code reads the device once (the dead-code check) and the optimizer step once more (the
@@ -6,26 +8,15 @@ gradient norm, read for the skip decision)."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tokenmill.benchmarks.gpu_phases import count_syncs
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-def _syncs(fn) -> int:
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def vq_step(precision: str, **optim):
@@ -47,7 +38,7 @@ def test_vq_training_step_reads_the_device_at_most_twice():
     step = vq_step("bf16", ema_decay=0.99)
     x = torch.rand(64, 3, 32, 32, device="cuda")
     step.run(own_loss, [(x,)], 0)  # k-means init: reads the device (once per run)
-    assert _syncs(lambda: step.run(own_loss, [(x,)], 1)) <= 2
+    assert count_syncs(lambda: step.run(own_loss, [(x,)], 1)) <= 2
 
 
 def test_tokenize_encoder_on_cuda_bf16_matches_fp32(tmp_path: Path):
