@@ -48,6 +48,7 @@ from tokenmill.benchmarks.gpu_phases import Sizes
 
 SCHEMA = "tokenmill.gpu_check/1"
 TOTAL_BUDGET_S = 480
+DRY_RUN_FACTOR = 3  # the limits are the GPU run's; toy sizes on 2 shared CPU cores mostly pay imports
 
 GPU = Sizes(
     device="cuda", px=256, images=4096, photos=512, per_shard=256, batch=16, warmup=5, steps=20,
@@ -77,6 +78,10 @@ class Phase:
     budget_s: int
     bit: int
     run: Callable[[Sizes, Path, dict[str, Any]], dict[str, Any]]  # (sizes, its folder, setup's figures)
+
+    def limit_s(self, dry_run: bool) -> int:
+        """The hard limit: `budget_s` on the GPU; a loaded 2-core CI machine gets DRY_RUN_FACTOR times it."""
+        return self.budget_s * (DRY_RUN_FACTOR if dry_run else 1)
 
 
 PHASES = [
@@ -122,8 +127,8 @@ CHECKS = [
     Check("prior_bf16_speedup", "prior", "bf16_speedup", ">=", 1.3, "prior training tokens/s: bf16 / fp32",
           (("fp32 tok/s", "fp32_tokens_s"), ("bf16 tok/s", "bf16_tokens_s"))),
     Check("resume_identical", "checkpoint", "max_diff", "<=", 0.0,
-          "checkpoint save + resume on CUDA: max difference",
-          (("restored", "restored_max_diff"), ("continued", "continued_max_diff"))),
+          "checkpoint save + resume on CUDA: max difference (restored; continued beyond 2x the kernels' noise)",
+          (("restored", "restored_max_diff"), ("continued", "continued_max_diff"), ("noise", "floor_max_diff"))),
     Check("nccl_identical", "nccl", "max_diff", "<=", 0.0,
           "2 GPUs, NCCL: codebook buffers + discriminator weights, max difference between ranks"),
 ]
@@ -138,7 +143,8 @@ class PhaseTimeout(Exception):
 
 @contextlib.contextmanager
 def deadline(seconds: int, name: str) -> Iterator[None]:
-    """In process: SIGALRM interrupts the phase after `seconds` (main thread only)."""
+    """In process: SIGALRM interrupts the phase after `seconds` (main thread only). A timer set
+    before (pytest-timeout's) is put back with what is left of it."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
         yield
         return
@@ -147,12 +153,15 @@ def deadline(seconds: int, name: str) -> Iterator[None]:
         raise PhaseTimeout(f"{name} ran past its {seconds} s limit")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
     try:
         yield
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 0.001))
 
 
 def run_phase_here(phase: Phase, sizes: Sizes, work: Path, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +169,7 @@ def run_phase_here(phase: Phase, sizes: Sizes, work: Path, inputs: dict[str, Any
     folder = work / phase.name
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        with deadline(phase.budget_s, phase.name):
+        with deadline(phase.limit_s(sizes.device == "cpu"), phase.name):
             return {"figures": phase.run(sizes, folder, inputs)}
     except PhaseTimeout as err:
         return {"error": str(err), "timeout": True}
@@ -177,11 +186,11 @@ def run_phase_isolated(phase: Phase, dry_run: bool, work: Path, logs: Path) -> d
     with open(logs / f"{phase.name}.log", "w") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            child.wait(timeout=phase.budget_s)
+            child.wait(timeout=phase.limit_s(dry_run))
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)  # its own group: Ray, spawned ranks and nvidia-smi go too
             child.wait()
-            return {"error": f"{phase.name} ran past its {phase.budget_s} s limit", "timeout": True}
+            return {"error": f"{phase.name} ran past its {phase.limit_s(dry_run)} s limit", "timeout": True}
     if not result.exists():
         return {"error": f"{phase.name} exited with {child.returncode} without a result; see {logs / phase.name}.log"}
     return json.loads(result.read_text())
@@ -331,7 +340,7 @@ def run_check(out: Path, dry_run: bool, isolate: bool, only: list[str] | None = 
     for phase in PHASES:
         if only and phase.name not in only and phase.name != "setup":
             continue
-        print(f"== {phase.name} (limit {phase.budget_s} s)", file=sys.stderr, flush=True)
+        print(f"== {phase.name} (limit {phase.limit_s(dry_run)} s)", file=sys.stderr, flush=True)
         begun = time.perf_counter()
         if isolate:
             outcomes[phase.name] = run_phase_isolated(phase, dry_run, work, logs)
