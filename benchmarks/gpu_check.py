@@ -59,7 +59,7 @@ GPU = Sizes(
     discriminator={"channels": 64, "layers": 3},
     tokenize_batch=256, limit_images=8192,
     prior={"codebook_size": 16384, "num_classes": 1000, "grid": [[16, 16]], "dim": 768, "depth": 12, "heads": 12},
-    prior_batch=64, resume_steps=3,
+    prior_batch=64, resume_steps=3, fed_batches=128,  # 128 fed steps: a steady rate, ~15 s
 )
 DRY_RUN = Sizes(
     device="cpu", px=16, images=24, photos=6, per_shard=12, batch=4, warmup=1, steps=1,

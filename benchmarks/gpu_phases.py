@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import subprocess
 import threading
@@ -46,6 +47,7 @@ class Sizes:
     prior: dict  # PriorConfig fields
     prior_batch: int
     resume_steps: int  # steps after the checkpoint, uninterrupted vs resumed
+    fed_batches: int = 0  # the fed pass stops after this many batches (0: the whole pass)
 
 
 # -- the VQGAN step -------------------------------------------------------------------------------------
@@ -126,6 +128,7 @@ def vqgan_precisions(sizes: Sizes, folder: Path) -> dict[str, Any]:
         out[f"{precision}_img_s"] = sizes.batch / seconds
         out[f"{precision}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else NA_CPU
         del task, parts, runner, batches
+        gc.collect()  # the next precision's peak must not include this one's tensors
     out["bf16_speedup"] = out["fp32_step_ms"] / out["bf16_step_ms"]
     out["bf16_memory_ratio"] = out["bf16_peak_gib"] / out["fp32_peak_gib"] if cuda else NA_CPU
     return out
@@ -187,7 +190,11 @@ class GpuUtilisation:
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(timeout=10)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
             self.reader.join(timeout=5)
 
     @property
@@ -195,9 +202,10 @@ class GpuUtilisation:
         if self.proc is None:
             return "n/a: no nvidia-smi"
         index = _visible_index()
-        busy = [float(u) for i, u in (line.split(",") for line in self.lines if line.count(",") == 1)
+        busy = [u.strip() for i, u in (line.split(",") for line in self.lines if line.count(",") == 1)
                 if i.strip() == index]
-        return sum(busy) / len(busy) if busy else "n/a: no samples"
+        busy = [float(u) for u in busy if u.replace(".", "", 1).isdigit()]  # MIG slices report "[N/A]"
+        return sum(busy) / len(busy) if busy else "n/a: no utilisation samples"
 
 
 def _visible_index() -> str:
@@ -221,7 +229,7 @@ def stream_vs_step(sizes: Sizes, folder: Path, inputs: dict[str, Any]) -> dict[s
         step_img_s = sizes.batch / timed_steps(runner, task.losses, resident, sizes.steps, sizes.warmup)
         counter = iter(range(sizes.warmup + sizes.steps, 10**9))
         with GpuUtilisation() as utilisation:
-            fed_img_s, _ = _stream_rate(sizes, urls, epoch=1,
+            fed_img_s, _ = _stream_rate(sizes, urls, epoch=1, limit=sizes.fed_batches,
                                         consume=lambda batch: runner.run(task.losses, [batch], next(counter)))
     return {"images": inputs["images"], "shards": len(urls), "stream_img_s": stream_img_s,
             "stream_first_batch_s": first_batch_s, "step_img_s": step_img_s, "fed_img_s": fed_img_s,
@@ -246,9 +254,11 @@ def _ray() -> Iterator[None]:
             ray.shutdown()
 
 
-def _stream_rate(sizes: Sizes, urls: list[str], epoch: int, consume: Callable | None) -> tuple[float, float]:
+def _stream_rate(sizes: Sizes, urls: list[str], epoch: int, consume: Callable | None,
+                 limit: int = 0) -> tuple[float, float]:
     """(img/s from the first batch to the last, seconds to the first batch) of one pass of the
-    training stream, read as `TokenizerTask.batches` reads it; `consume(batch)` per batch."""
+    training stream (its first `limit` batches when > 0), read as `TokenizerTask.batches` reads
+    it; `consume(batch)` per batch."""
     from tokenmill.pipeline.shards.images import TransformConfig
     from tokenmill.pipeline.shards.stream import StreamConfig, open_stream
     from tokenmill.pipeline.training.tasks.image_data import TRAIN_COLUMNS
@@ -266,6 +276,8 @@ def _stream_rate(sizes: Sizes, urls: list[str], epoch: int, consume: Callable | 
             count += len(batch["image"])
         if consume is not None:
             consume(batch)
+        if count == (limit - 1) * sizes.batch:
+            break
     sync(sizes.device)
     if first is None or count == 0:
         raise RuntimeError(f"the stream gave fewer than 2 batches of {sizes.batch}")
@@ -330,7 +342,6 @@ def prior_precisions(sizes: Sizes, folder: Path) -> dict[str, Any]:
     from tokenmill.pipeline.training.optim import Part
     from tokenmill.pipeline.training.precision import configure_device_math
     from tokenmill.pipeline.training.step import StepRunner
-    from tokenmill.pipeline.training.tasks.prior import next_token_loss
 
     device = torch.device(sizes.device)
     configure_device_math(device)
@@ -342,13 +353,20 @@ def prior_precisions(sizes: Sizes, folder: Path) -> dict[str, Any]:
         optim = OptimConfig(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, grad_clip=1.0, ema_decay=0.0)
         runner = StepRunner({"model": Part("model", prior, prior, optim)}, precision, device)
         batches = _cycle([prior_tokens(config, sizes.prior_batch, device, seed) for seed in range(2)])
-        losses = lambda tokens, _step, parts: iter([next_token_loss(tokens, parts)])  # noqa: E731
-        timed_steps(runner, losses, batches, sizes.warmup)
-        seconds = timed_steps(runner, losses, batches, sizes.steps, sizes.warmup)
+        timed_steps(runner, _prior_losses, batches, sizes.warmup)
+        seconds = timed_steps(runner, _prior_losses, batches, sizes.steps, sizes.warmup)
         out[f"{precision}_tokens_s"] = sizes.prior_batch * config.seq_len / seconds
         del prior, runner
     out["bf16_speedup"] = out["bf16_tokens_s"] / out["fp32_tokens_s"]
     return out
+
+
+def _prior_losses(tokens: torch.Tensor, step: int, parts: Any) -> Iterator[Any]:
+    """A generator, as a task's `losses`: its body runs under the step's autocast (a loss computed
+    before the step's `next()` would run in fp32 whatever the precision)."""
+    from tokenmill.pipeline.training.tasks.prior import next_token_loss
+
+    yield next_token_loss(tokens, parts)
 
 
 def prior_tokens(config: Any, batch: int, device: torch.device, seed: int) -> torch.Tensor:
@@ -483,6 +501,8 @@ def nccl_identity(sizes: Sizes, folder: Path) -> dict[str, Any]:
     difference between the ranks' codebook buffers (every buffer of the model) and discriminator
     weights must be 0. One GPU: n/a. The CPU dry run runs the same rank code as one gloo rank."""
     init = folder / "nccl-init"
+    for stale in (init, folder / "ddp-rank0.json"):  # a rerun into the same OUT: a fresh rendezvous
+        stale.unlink(missing_ok=True)
     if sizes.device != "cuda":
         _ddp_rank(0, 1, "gloo", sizes, folder, str(init))
     elif torch.cuda.device_count() < 2:

@@ -203,3 +203,16 @@ def _report(outcomes: dict, dry_run: bool) -> dict:
     from tokenmill.benchmarks.gpu_check import build_report
 
     return build_report(outcomes, {name: 1.0 for name in outcomes}, dry_run, time.time())
+
+
+def test_gpu_utilisation_reads_the_gpu_this_process_uses(monkeypatch):
+    from tokenmill.benchmarks.gpu_phases import GpuUtilisation
+
+    sampler = GpuUtilisation()
+    sampler.proc, sampler.lines = object(), ["0, 90\n", "1, 10\n", "0, [N/A]\n", "0, 70\n", "garbage\n"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert sampler.mean == 80.0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert sampler.mean == 10.0
+    sampler.proc = None  # no nvidia-smi on this machine
+    assert sampler.mean == "n/a: no nvidia-smi"
