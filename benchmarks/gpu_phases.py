@@ -218,10 +218,11 @@ def stream_vs_step(sizes: Sizes, folder: Path, inputs: dict[str, Any]) -> dict[s
     """img/s of the Ray Data training stream as a rank reads it (torch batches on the device),
     of the bf16 VQGAN step alone on device-resident batches, and of the step fed by the stream
     (with the GPU's utilisation sampled meanwhile)."""
+    from tokenmill.benchmarks.harness import PeakRSS
     from tokenmill.pipeline.shards.manifest import shard_urls
 
     urls = shard_urls(inputs["shards"])
-    with _ray():
+    with _ray(), PeakRSS() as peak:  # host memory of this process and its Ray workers (the object store's blocks)
         stream_img_s, first_batch_s = _stream_rate(sizes, urls, epoch=0, consume=None)
         task, _, runner = vqgan_step(sizes, "bf16", folder)
         resident = _cycle(image_batches(sizes, 2, runner.device))
@@ -234,7 +235,7 @@ def stream_vs_step(sizes: Sizes, folder: Path, inputs: dict[str, Any]) -> dict[s
     return {"images": inputs["images"], "shards": len(urls), "stream_img_s": stream_img_s,
             "stream_first_batch_s": first_batch_s, "step_img_s": step_img_s, "fed_img_s": fed_img_s,
             "stream_over_step": stream_img_s / step_img_s, "fed_over_step": fed_img_s / step_img_s,
-            "gpu_util_pct": utilisation.mean}
+            "gpu_util_pct": utilisation.mean, "host_peak_rss_gib": peak.total_mb / 1024}
 
 
 @contextlib.contextmanager
@@ -297,14 +298,17 @@ def tokenize_vs_limit(sizes: Sizes, folder: Path, inputs: dict[str, Any]) -> dic
     gpus = torch.cuda.device_count() if cuda else 0
     options = TokenizeOptions(batch_size=sizes.tokenize_batch, overwrite=True, gpus=gpus, precision="bf16",
                               actors=None if cuda else 1)  # decode threads: the pool's own choice
-    with _ray():
+    from tokenmill.benchmarks.harness import PeakRSS
+
+    with _ray(), PeakRSS() as peak:
         summary = tokenize_dataset(inputs["model"], inputs["shards"], str(folder / "tokens.zarr"), options)
     steady_img_s = summary.encoded_now / max(summary.seconds - summary.startup_s, 1e-9)
     per_gpu = steady_img_s / max(gpus, 1)
     limit = encoder_limit(sizes, inputs["model"])
     return {"images": summary.encoded_now, "gpus": gpus, "seconds": summary.seconds, "startup_s": summary.startup_s,
             "img_s": summary.img_per_s, "steady_img_s": steady_img_s, "per_gpu_img_s": per_gpu,
-            "limit_img_s": limit, "per_gpu_over_limit": per_gpu / limit}
+            "limit_img_s": limit, "per_gpu_over_limit": per_gpu / limit, "host_peak_rss_gib": peak.total_mb / 1024,
+            "actor_peak_rss_gib": max(peak.actors_mb().values(), default=0.0) / 1024}
 
 
 def encoder_limit(sizes: Sizes, model_dir: str) -> float:
