@@ -10,14 +10,16 @@ and the exit-code bit set when the phase fails (crashed, timed out, or a thresho
 | setup | 40 s | 1 | 4,096 photo-like 256-px JPEGs in 16 shards; an untrained f16 VQGAN tokenizer saved |
 | vqgan | 75 s | 2 | VQGAN step at 256 px (engine StepRunner, adversarial task): fp32 vs bf16 step time (bf16 ≥ 1.3× faster) and peak memory (bf16 ≤ 0.9× fp32) |
 | syncs | 40 s | 4 | host-device syncs per bf16 VQGAN step under `torch.cuda.set_sync_debug_mode("warn")` (≤ 1) |
-| stream | 90 s | 8 | the Ray training stream's img/s vs the bf16 step's img/s on device-resident batches (≥ 1: the GPU can be fed); the step fed by the stream (≥ 0.9 of the step alone); GPU utilisation from `nvidia-smi` meanwhile (≥ 80 %) |
+| stream | 90 s | 8 | the Ray training stream's img/s (a whole pass, read as a rank reads it) vs the bf16 step's img/s on device-resident batches (≥ 1: the GPU can be fed); the step fed by the stream for 128 steps (≥ 0.9 of the step alone); GPU utilisation from `nvidia-smi` meanwhile (≥ 80 %) |
 | tokenize | 90 s | 16 | `tokenize_dataset` bf16 steady img/s per GPU vs the bf16 encoder alone on uint8 channels_last device batches (≥ 0.8) |
 | prior | 45 s | 32 | the prior's training tokens/s, bf16 vs fp32 (TF32) (≥ 1.3×) |
-| checkpoint | 45 s | 64 | train state saved and resumed on CUDA: restored tensors and the next steps' losses and weights identical (max difference 0) |
+| checkpoint | 45 s | 64 | train state saved and resumed on CUDA, deterministic kernels: restored tensors identical, and the next steps' losses and weights identical up to twice the kernels' own noise (two resumed runs compared; 0 when every kernel is deterministic) |
 | nccl | 45 s | 128 | two ranks over NCCL: codebook buffers and discriminator weights identical (0); "n/a: one GPU" otherwise |
 
 Total of the limits: 470 s (≤ 8 min); the driver's own work (reading results, the table) is
-seconds. Every phase runs in its own process (`--in-process` for tests): a CUDA error or a hang
+seconds. Each limit includes the phase process's start (imports, CUDA context, Ray where used:
+~10-15 s); the estimated work itself is a third to a half of each limit. A dry run gets
+`DRY_RUN_FACTOR` times every limit (a shared 2-core CI machine mostly pays imports). Every phase runs in its own process (`--in-process` for tests): a CUDA error or a hang
 costs that phase only, and each phase's peak memory is its own. Results: `OUT/gpu_check.json`
 (one JSON, schema `SCHEMA`, checked by `check_report`) and `OUT/gpu_table.md` rendered from it;
 phase logs in `OUT/logs/`. Exit code: 0 when every enforced threshold holds and every phase
