@@ -188,13 +188,14 @@ def test_gpu_check_report_schema_refuses_a_malformed_report():
 def test_gpu_check_phase_past_its_limit_is_stopped(tmp_path: Path):
     import time
 
-    from tokenmill.benchmarks.gpu_check import DRY_RUN, Phase, run_phase_here
+    from tokenmill.benchmarks.gpu_check import DRY_RUN, GPU, Phase, run_phase_here
 
     slow = Phase("slow", 1, 1, lambda sizes, folder, inputs: time.sleep(30))
+    assert slow.limit_s(dry_run=True) > slow.limit_s(dry_run=False) == 1 and DRY_RUN.device == "cpu"
     started = time.perf_counter()
-    outcome = run_phase_here(slow, DRY_RUN, tmp_path, {})  # a dry run: DRY_RUN_FACTOR x 1 s
-    assert outcome == {"error": f"slow ran past its {slow.limit_s(True)} s limit", "timeout": True}
-    assert time.perf_counter() - started < slow.limit_s(True) + 3
+    outcome = run_phase_here(slow, GPU, tmp_path, {})  # the GPU sizes: the GPU run's 1 s limit
+    assert outcome == {"error": "slow ran past its 1 s limit", "timeout": True}
+    assert time.perf_counter() - started < 3
 
 
 def _report(outcomes: dict, dry_run: bool) -> dict:
