@@ -24,7 +24,7 @@ costs that phase only, and each phase's peak memory is its own. Results: `OUT/gp
 (one JSON, schema `SCHEMA`, checked by `check_report`) and `OUT/gpu_table.md` rendered from it;
 phase logs in `OUT/logs/`. Exit code: 0 when every enforced threshold holds and every phase
 ran; else the OR of the failed phases' bits (the JSON's `failed` names them); 2 when no CUDA
-device is visible outside a dry run.
+device is visible outside a dry run; 1 also when the driver itself fails (a report off its schema).
 """
 
 from __future__ import annotations
@@ -355,8 +355,8 @@ def run_check(out: Path, dry_run: bool, isolate: bool, only: list[str] | None = 
         print(f"   {phase.name}: {'ok' if 'figures' in outcomes[phase.name] else outcomes[phase.name]['error']} "
               f"({seconds[phase.name]:.1f} s)", file=sys.stderr, flush=True)
     report = build_report(outcomes, seconds, dry_run, started)
-    check_report(report)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    check_report(report)  # after writing: a malformed report is still there to read
     (out / "gpu_table.md").write_text(render_table(report))
     return report
 
