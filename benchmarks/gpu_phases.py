@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
+import math
 import os
 import subprocess
 import threading
@@ -291,6 +293,7 @@ def tokenize_vs_limit(sizes: Sizes, folder: Path, inputs: dict[str, Any]) -> dic
     """`tokenize_dataset` (bf16, every GPU) per GPU after start-up, over the bf16 encoder's limit
     on one GPU with the pipeline's own input: uint8 (B, H, W, C) on the device, permuted to a
     channels_last float view as `TokenEncoder.encode` does, the same model in channels_last."""
+    from tokenmill.benchmarks.harness import PeakRSS
     from tokenmill.pipeline.tokenize.driver import tokenize_dataset
     from tokenmill.pipeline.tokenize.options import TokenizeOptions
 
@@ -298,8 +301,6 @@ def tokenize_vs_limit(sizes: Sizes, folder: Path, inputs: dict[str, Any]) -> dic
     gpus = torch.cuda.device_count() if cuda else 0
     options = TokenizeOptions(batch_size=sizes.tokenize_batch, overwrite=True, gpus=gpus, precision="bf16",
                               actors=None if cuda else 1)  # decode threads: the pool's own choice
-    from tokenmill.benchmarks.harness import PeakRSS
-
     with _ray(), PeakRSS() as peak:
         summary = tokenize_dataset(inputs["model"], inputs["shards"], str(folder / "tokens.zarr"), options)
     steady_img_s = summary.encoded_now / max(summary.seconds - summary.startup_s, 1e-9)
@@ -428,7 +429,8 @@ def _resume(sizes: Sizes, folder: Path, saved: dict, batches: list[Any], seed: i
 
 def _run_diff(a: tuple, b: tuple) -> float:
     """Largest difference between two continued runs' (losses, tensors)."""
-    return max(max(abs(x - y) for x, y in zip(a[0], b[0])), _max_diff(a[1], b[1]))
+    losses = max(abs(x - y) if math.isfinite(x - y) else math.inf for x, y in zip(a[0], b[0]))
+    return max(losses, _max_diff(a[1], b[1]))
 
 
 @contextlib.contextmanager
@@ -477,8 +479,8 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
         y = b[key]
         if x.shape != y.shape:
             return float("inf")
-        if x.numel():
-            worst = max(worst, float((x.double() - y.double()).abs().max()))
+        if x.numel() and not torch.equal(x, y):  # NaN != NaN: a NaN anywhere counts as inf
+            worst = max(worst, float((x.double() - y.double()).abs().nan_to_num(nan=math.inf).max()))
     return worst
 
 
@@ -513,14 +515,10 @@ def nccl_identity(sizes: Sizes, folder: Path) -> dict[str, Any]:
         return {"world_size": 1, "max_diff": "n/a: one GPU"}
     else:
         torch.multiprocessing.spawn(_ddp_rank, args=(2, "nccl", sizes, folder, str(init)), nprocs=2)
-    import json
-
     return json.loads((folder / "ddp-rank0.json").read_text())
 
 
 def _ddp_rank(rank: int, world_size: int, backend: str, sizes: Sizes, folder: Path, init: str) -> None:
-    import json
-
     import torch.distributed as dist
 
     dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world_size)
@@ -548,7 +546,7 @@ def _spread_over_ranks(tensor: torch.Tensor, world_size: int) -> float:
     value = tensor.detach().to(torch.float64 if tensor.is_floating_point() else torch.int64).contiguous()
     gathered = [torch.empty_like(value) for _ in range(world_size)]
     dist.all_gather(gathered, value)
-    return max(float((g - gathered[0]).abs().max()) if g.numel() else 0.0 for g in gathered)
+    return max(float((g - gathered[0]).abs().nan_to_num(nan=math.inf).max()) if g.numel() else 0.0 for g in gathered)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------

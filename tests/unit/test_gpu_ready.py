@@ -217,3 +217,19 @@ def test_gpu_utilisation_reads_the_gpu_this_process_uses(monkeypatch):
     assert sampler.mean == 10.0
     sampler.proc = None  # no nvidia-smi on this machine
     assert sampler.mean == "n/a: no nvidia-smi"
+
+
+def test_resume_comparison_counts_nan_and_missing_tensors_as_infinite():
+    import math
+
+    import torch
+
+    from tokenmill.benchmarks.gpu_phases import _max_diff, _run_diff
+
+    a = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(3)}
+    assert _max_diff(a, {k: v.clone() for k, v in a.items()}) == 0.0
+    assert _max_diff(a, {"w": torch.tensor([1.0, 2.5]), "steps": torch.tensor(3)}) == 0.5
+    assert _max_diff(a, {"w": a["w"]}) == math.inf  # a tensor the resumed state lacks
+    nan = {"w": torch.tensor([float("nan"), 2.0]), "steps": torch.tensor(3)}
+    assert _max_diff(nan, {k: v.clone() for k, v in nan.items()}) == math.inf  # NaN never passes as equal
+    assert _run_diff(([1.0, float("nan")], a), ([1.0, float("nan")], a)) == math.inf
