@@ -523,20 +523,33 @@ def _ddp_rank(rank: int, world_size: int, backend: str, sizes: Sizes, folder: Pa
 
     dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world_size)
     try:
-        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        task, parts, runner = vqgan_step(sizes, "bf16", folder, _DDPContext(rank, world_size, device, folder))
-        for step, batch in enumerate(image_batches(sizes, 3, device, seed=100 + rank)):  # each rank its own data
-            runner.run(task.losses, [batch], step)
-        compared = {f"model/{k}": v for k, v in parts["model"].module.named_buffers()}
-        compared |= {f"discriminator/{k}": v for k, v in parts["discriminator"].module.state_dict().items()}
-        worst = max(_spread_over_ranks(t, world_size) for t in compared.values())
+        result = _train_and_compare(rank, world_size, sizes, folder)
+        gc.collect()  # DDP's reducer holds the group: freed before the group is destroyed, or gloo's teardown hangs
         if rank == 0:
-            result = {"world_size": world_size, "backend": backend, "tensors": len(compared), "max_diff": worst}
-            (folder / "ddp-rank0.json").write_text(json.dumps(result))
+            (folder / "ddp-rank0.json").write_text(json.dumps(result | {"backend": backend}))
     finally:
         dist.destroy_process_group()
+
+
+def _train_and_compare(rank: int, world_size: int, sizes: Sizes, folder: Path) -> dict[str, Any]:
+    """Three DDP steps of the VQGAN task on this rank's own batches, then the largest spread of
+    every model buffer and discriminator tensor over the ranks (its DDP objects die on return)."""
+    device = torch.device("cuda", rank) if dist_backend_is_nccl() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    task, parts, runner = vqgan_step(sizes, "bf16", folder, _DDPContext(rank, world_size, device, folder))
+    for step, batch in enumerate(image_batches(sizes, 3, device, seed=100 + rank)):  # each rank its own data
+        runner.run(task.losses, [batch], step)
+    compared = {f"model/{k}": v for k, v in parts["model"].module.named_buffers()}
+    compared |= {f"discriminator/{k}": v for k, v in parts["discriminator"].module.state_dict().items()}
+    worst = max(_spread_over_ranks(t, world_size) for t in compared.values())
+    return {"world_size": world_size, "tensors": len(compared), "max_diff": worst}
+
+
+def dist_backend_is_nccl() -> bool:
+    import torch.distributed as dist
+
+    return dist.get_backend() == "nccl"
 
 
 def _spread_over_ranks(tensor: torch.Tensor, world_size: int) -> float:
