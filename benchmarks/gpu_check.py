@@ -245,7 +245,7 @@ def build_report(outcomes: dict[str, dict[str, Any]], seconds: dict[str, float],
         status = "ok" if "figures" in outcome else "skipped" if outcome.get("skipped") else \
             "timeout" if outcome.get("timeout") else "error"
         report_phases[phase.name] = {"status": status, "seconds": round(seconds.get(phase.name, 0.0), 2),
-                                     "budget_s": phase.budget_s, "bit": phase.bit,
+                                     "budget_s": phase.budget_s, "limit_s": phase.limit_s(dry_run), "bit": phase.bit,
                                      "error": outcome.get("error"), "figures": outcome.get("figures", {})}
     checks = [evaluate(check, report_phases[check.phase], dry_run) for check in CHECKS]
     failed_phases = {name for name, p in report_phases.items() if p["status"] in ("error", "timeout")}
@@ -320,7 +320,7 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append(f"| {check.label} | {fmt(row['value'])} | {check.op} {fmt(check.threshold)} | "
                      f"{row['status']} | {details} |")
     lines += ["", "| phase | status | seconds | limit s |", "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {p['status']} | {p['seconds']:.1f} | {p['budget_s']} |" for name, p in report["phases"].items()]
+    lines += [f"| {name} | {p['status']} | {p['seconds']:.1f} | {p['limit_s']} |" for name, p in report["phases"].items()]
     return "\n".join(lines) + "\n"
 
 
