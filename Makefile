@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	# lpips is only the reference of tests/unit/test_lpips.py; --no-deps because it requires torchvision,
 	# which does not install on CPU-only machines (pyproject cannot say --no-deps).
 	$(PY) -m pip install --no-deps "lpips==0.1.4"
+	# taming-transformers is only the reference of tests/unit/test_taming_convert.py; --no-deps because it requires
+	# torchvision and pytorch-lightning, and the test imports only its torch-only modules (tests/helpers/taming.py).
+	$(PY) -m pip install --no-deps "taming-transformers==0.0.1"
 	touch $(STAMP)
 
 # test: every folder, cheapest first (tests/unit, tests/integration, tests/system); test-fast: tests/unit.
