@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from helpers.taming import TINY_PARAMS, random_reference, write_taming_log
+from helpers.tokens import write_encoded_store
 
 from tokenmill.jobs.cli import main as cli_main
 from tokenmill.models.converters import convert
@@ -81,6 +82,29 @@ def test_taming_prefix_tokenizes_decodes_and_converts_to_the_same_model(tmp_path
     load_initial_weights(fresh, str(tmp_path / "model"), None)
     assert torch.equal(fresh.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255), ref_codes)
     assert torch.equal(load_model(tmp_path / "model").quantizer.embed, reference.quantize.embedding.weight)
+
+
+def test_a_store_made_with_a_taming_ref_decodes_through_its_lineage(tmp_path):
+    """The store's lineage names `taming:…` and its sha256s; decode converts it again to the same weights."""
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.tokens.detokenize import StoreDecoder
+    from tokenmill.pipeline.tokens.encoder import TokenEncoder
+    from tokenmill.pipeline.tokens.extraction import ExtractionOptions, tokenizer_lineage
+
+    reference = random_reference(seed=4)
+    ref = f"taming:{write_taming_log(tmp_path / 'log', reference)}"
+    files = resolve_model(ref)
+    encoder = TokenEncoder(files, latents=False)
+    images = (_images(5) * 256).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (4, 16, 16, 3) uint8
+    rows = encoder.encode(images, np.zeros(4, dtype=np.int64))
+    url = str(tmp_path / "store.zarr")
+    write_encoded_store(url, encoder, tokenizer_lineage(files, encoder, ExtractionOptions.build()), rows)
+
+    decoded = next(StoreDecoder(url).images(0, 4))  # (4, 3, 16, 16): the lineage's model, sha-checked
+    with torch.no_grad():
+        expected = reference.decode(reference.quantize.get_codebook_entry(torch.from_numpy(rows["codes"]).long().reshape(-1),
+                                                                          (4, 8, 8, 8)))
+    assert torch.allclose(decoded, ((expected + 1) / 2).clamp(0, 1), atol=1e-5)
 
 
 def _lightning_checkpoint(tmp_path, monkeypatch) -> None:
