@@ -23,6 +23,8 @@ from tokenmill.models.converters import convert
 from tokenmill.models.converters.checkpoint import file_sha256
 from tokenmill.models.serialization import load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is faster on a loaded machine
+
 
 def _images(seed: int = 1) -> torch.Tensor:
     """(4, 3, 16, 16) in [0, 1] on a 1/256 grid: 2x - 1 is exact, so both models see the same input."""
@@ -45,13 +47,13 @@ def test_codes_decodes_and_loss_equal_the_reference(tmp_path):
 
 
 def test_converted_model_fine_tunes_without_resetting_its_codebook(tmp_path):
-    """A training step updates the learned codebook by its gradient: no k-means, no dead-code restarts."""
+    """A training forward leaves the learned codebook alone (no k-means init, no dead-code restarts,
+    no EMA); the optimiser moves it by its gradient, as taming's training does."""
     model = convert(f"taming:{write_taming_log(tmp_path / 'log', random_reference())}").model.train()
     codebook = model.quantizer.embed.detach().clone()
     model(_images()[:2]).loss.backward()
-    torch.optim.SGD(model.parameters(), lr=1e-3).step()
-    assert model.quantizer.embed.grad.abs().sum() > 0
-    assert 0 < (model.quantizer.embed - codebook).abs().max() < 1e-2
+    assert torch.equal(model.quantizer.embed, codebook)
+    assert model.quantizer.embed.grad.abs().sum() > 0 and model.encoder[0].weight.grad.abs().sum() > 0
 
 
 def test_taming_prefix_tokenizes_decodes_and_converts_to_the_same_model(tmp_path):
