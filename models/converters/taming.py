@@ -38,7 +38,7 @@ ATTENTION = {"norm": ("norm",), "qkv": ("q", "k", "v"), "proj": ("proj_out",)}
 def convert(location: str, ref: str) -> Converted:
     ckpt, yamls = locate(location, ref)
     params = model_params(yamls, ref)
-    model = VQGAN(translate(params, ref))
+    model = translate(params, ref)
     load_mapped(model, state_dict(ckpt, ref), key_plan(model), ref, FIX, ignored=("loss.",))
     source = {"kind": "taming", "checkpoint": str(ckpt.resolve()), "checkpoint_sha256": file_sha256(ckpt),
               "config": [str(p.resolve()) for p in yamls], "config_sha256": [file_sha256(p) for p in yamls]}
@@ -115,14 +115,29 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def translate(params: dict[str, Any], ref: str) -> VQGANConfig:
-    """taming's VQModel params (ddconfig, embed_dim, n_embed) -> the tokenmill VQGANConfig."""
+def translate(params: dict[str, Any], ref: str) -> VQGAN:
+    """taming's VQModel params (ddconfig, embed_dim, n_embed) -> a fresh tokenmill VQGAN of that layout."""
     dd = params.get("ddconfig") or {}
     required = ["ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels", "in_channels"]
-    absent = [k for k in ("embed_dim", "n_embed") if k not in params] + [f"ddconfig.{k}" for k in required
-                                                                         if k not in dd]
+    absent = [k for k in ("embed_dim", "n_embed") if k not in params] + [f"ddconfig.{k}" for k in required]
+    absent = [k for k in absent if k.removeprefix("ddconfig.") not in (dd if k.startswith("ddconfig.") else params)]
     if absent:
         raise UserError(f"{ref}: the config's model.params lacks {', '.join(absent)}; {FIX}")
+    try:
+        _check_layout(dd, ref)
+        quantizer = QuantizerConfig(kind="vq", codebook_size=params["n_embed"], beta=1.0, codebook_weight=0.25,
+                                    ema=False, kmeans_init=False, dead_code_threshold=0.0)
+        return VQGAN(VQGANConfig(
+            in_channels=dd["in_channels"], image_size=dd["resolution"], base_channels=dd["ch"],
+            channel_mult=tuple(dd["ch_mult"]), res_blocks=dd["num_res_blocks"], attention=True,
+            latent_dim=params["embed_dim"], z_channels=dd["z_channels"], asymmetric_downsample=True,
+            recon_loss="l1", quantizer=quantizer))
+    except (TypeError, ValueError) as err:  # values of the wrong type or out of range
+        raise UserError(f"{ref}: the config does not give a tokenmill VQGAN ({err}); {FIX}") from None
+
+
+def _check_layout(dd: dict[str, Any], ref: str) -> None:
+    """UserError for ddconfig options whose layout tokenmill's VQGAN does not have."""
     levels = len(dd["ch_mult"])
     lowest = dd["resolution"] // 2 ** (levels - 1)
     attended = {dd["resolution"] // 2**i for i in range(levels)} & set(dd["attn_resolutions"])
@@ -137,15 +152,6 @@ def translate(params: dict[str, Any], ref: str) -> VQGANConfig:
         names = ", ".join(f"ddconfig.{k}: {dd.get(k)}" for k, bad in unsupported.items() if bad)
         raise UserError(f"{ref}: {names} is not a VQGAN layout tokenmill converts (double_z false, out_ch = "
                         f"in_channels, resampling convs, attention at the lowest resolution {lowest} only)")
-    quantizer = QuantizerConfig(kind="vq", codebook_size=params["n_embed"], beta=1.0, codebook_weight=0.25,
-                                ema=False, kmeans_init=False, dead_code_threshold=0.0)
-    try:
-        return VQGANConfig(in_channels=dd["in_channels"], image_size=dd["resolution"], base_channels=dd["ch"],
-                           channel_mult=tuple(dd["ch_mult"]), res_blocks=dd["num_res_blocks"], attention=True,
-                           latent_dim=params["embed_dim"], z_channels=dd["z_channels"], asymmetric_downsample=True,
-                           recon_loss="l1", quantizer=quantizer)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{ref}: the config does not give a tokenmill VQGAN ({err})") from None
 
 
 # -- the weights ------------------------------------------------------------------------------------
