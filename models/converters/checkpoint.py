@@ -82,15 +82,20 @@ def load_mapped(model: nn.Module, state: dict[str, Tensor], plan: KeyPlan, ref: 
     needed = {key for sources in plan.values() for key in sources}
     missing = sorted(needed - state.keys())
     if missing:
-        raise UserError(f"{ref}: the checkpoint lacks {len(missing)} weights of the model its config describes "
-                        f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); {fix}")
+        raise UserError(f"{ref}: the checkpoint lacks weights of the model its config describes ({_listed(missing)}); "
+                        f"{fix}")
     unexpected = sorted(k for k in state.keys() - needed if not k.startswith(ignored))
     if unexpected:
-        raise UserError(f"{ref}: the checkpoint has {len(unexpected)} weights the model its config describes "
-                        f"lacks ({', '.join(unexpected[:3])}{', …' if len(unexpected) > 3 else ''}); {fix}")
+        raise UserError(f"{ref}: the checkpoint has weights the model its config describes lacks "
+                        f"({_listed(unexpected)}); {fix}")
     target = model.state_dict()
     values = {key: _planned_value(state, sources, target[key], ref, fix) for key, sources in plan.items()}
     model.load_state_dict({**target, **values})
+
+
+def _listed(keys: list[str]) -> str:
+    """'3: a, b, c' or '52: a, b, c, …'."""
+    return f"{len(keys)}: {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}"
 
 
 def _planned_value(state: dict[str, Tensor], sources: tuple[str, ...], target: Tensor, ref: str, fix: str) -> Tensor:

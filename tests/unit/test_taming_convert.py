@@ -103,9 +103,9 @@ def test_a_store_made_with_a_taming_ref_decodes_through_its_lineage(tmp_path):
     write_encoded_store(url, encoder, tokenizer_lineage(files, encoder, ExtractionOptions.build()), rows)
 
     decoded = next(StoreDecoder(url).images(0, 4))  # (4, 3, 16, 16): the lineage's model, sha-checked
+    codes = torch.from_numpy(rows["codes"]).long().reshape(-1)  # (4 * 8 * 8,)
     with torch.no_grad():
-        expected = reference.decode(reference.quantize.get_codebook_entry(torch.from_numpy(rows["codes"]).long().reshape(-1),
-                                                                          (4, 8, 8, 8)))
+        expected = reference.decode(reference.quantize.get_codebook_entry(codes, (4, 8, 8, 8)))
     assert torch.allclose(decoded, ((expected + 1) / 2).clamp(0, 1), atol=1e-5)
 
 
@@ -138,14 +138,23 @@ def _edit_yaml(log, change) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
+def _add_weight(log, key: str) -> None:
+    path = log / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["state_dict"][key] = torch.zeros(1)
+    torch.save(checkpoint, path)
+
+
 REFUSALS = {
     "missing YAML": (lambda log: [p.unlink() for p in (log / "configs").glob("*.yaml")], "no YAML config found"),
     "YAML of other widths": (lambda log: _edit_yaml(log, lambda m: m["params"]["ddconfig"].update(ch=64)),
                              "encoder.conv_in.weight is (32, 3, 3, 3) in the checkpoint, but (64, 3, 3, 3)"),
     "YAML with more blocks": (lambda log: _edit_yaml(log, lambda m: m["params"]["ddconfig"].update(num_res_blocks=2)),
-                              "the checkpoint lacks"),
+                              "the checkpoint lacks weights of the model its config describes (52: decoder.up.0"),
     "another taming model": (lambda log: _edit_yaml(log, lambda m: m.update(target="taming.models.vqgan.GumbelVQ")),
                              "converts taming.models.vqgan.VQModel"),
+    "weights the YAML lacks": (lambda log: _add_weight(log, "encoder.down.0.block.1.conv1.weight"),
+                               "has weights the model its config describes lacks (1: encoder.down.0.block.1"),
     "corrupt checkpoint": (lambda log: (log / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint"),
                            "is not a readable PyTorch checkpoint"),
     "another architecture": (lambda log: torch.save({"model": {"tok_embeddings.weight": torch.zeros(2)}},
