@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	$(PY) -m pip install --no-deps "lpips==0.1.4"
 	# torch-fidelity is only the reference of tests/unit/test_inception*.py (FID's Inception); --no-deps for the same reason.
 	$(PY) -m pip install --no-deps "torch-fidelity==0.4.0"
+	# taming-transformers is only the reference of tests/unit/test_taming_convert.py; --no-deps because it requires
+	# torchvision and pytorch-lightning, and the test imports only its torch-only modules (tests/helpers/taming.py).
+	$(PY) -m pip install --no-deps "taming-transformers==0.0.1"
 	touch $(STAMP)
 
 # test: every folder, cheapest first (tests/unit, tests/integration, tests/system); test-fast: tests/unit.

@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "tokenmill.jobs.retrain",
     "tokenmill.jobs.decode",
     "tokenmill.jobs.export",
+    "tokenmill.jobs.convert",
     "tokenmill.jobs.sample",
     "tokenmill.jobs.eval",
     "tokenmill.jobs.fid_stats",

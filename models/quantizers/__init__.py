@@ -29,6 +29,9 @@ class QuantizerConfig:
     codebook_size: PositiveInt = 512  # vq, rvq (per stage), simvq, multiscale (shared by the scales)
     codebook_dim: Count = 0  # vq, rvq, multiscale: 0 looks up in the latent dim; >0 a factorized low-dim lookup
     beta: NonNegative = 0.25  # commitment weight (all but fsq)
+    # vq with ema: false: weight of the codebook term ‖sg(z) − e‖² (taming's VQGAN: beta 1.0, codebook_weight 0.25,
+    # its `legacy` loss that puts β on the codebook term instead of the commitment term)
+    codebook_weight: NonNegative = 1.0
     ema: bool = True  # EMA codebook updates instead of the codebook loss
     decay: Fraction = 0.99
     eps: Positive = 1e-5  # Laplace smoothing of EMA counts
@@ -80,7 +83,8 @@ def build_quantizer(config: QuantizerConfig, dim: int, seed_offset: int = 0) -> 
     if config.kind == "multiscale":
         return MultiScaleQuantizer(dim, check_scales(config.scales), **options)
     if config.kind == "vq":
-        return VectorQuantizer(dim, rotation_trick=config.rotation_trick, **options)
+        return VectorQuantizer(dim, rotation_trick=config.rotation_trick, codebook_weight=config.codebook_weight,
+                               **options)
     raise ValueError(f"unknown quantizer kind {config.kind!r}; use vq, rvq, fsq, lfq, bsq, simvq or multiscale")
 
 

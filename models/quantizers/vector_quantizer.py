@@ -1,6 +1,6 @@
 """VectorQuantizer: nearest-code lookup with a straight-through estimator (VQ-VAE).
 
-Codebook learning is either the codebook loss ‖sg(z) − e‖² or EMA updates (decay, Laplace
+Codebook learning is either the codebook loss ‖sg(z) − e‖² (times `codebook_weight`) or EMA updates (decay, Laplace
 smoothing); both add β·‖z − sg(e)‖². k-means initialisation from the first training batch and
 dead-code restarts keep usage high. Optional cosine (l2-normalised) codes and a factorized
 low-dimensional lookup (ViT-VQGAN; with both, LlamaGen's 16,384 x 8 codebook), and the rotation
@@ -53,6 +53,7 @@ class VectorQuantizer(nn.Module):
         cosine: bool = False,
         seed: int = 0,
         rotation_trick: bool = False,
+        codebook_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.dim, self.codebook_size = dim, codebook_size
@@ -60,6 +61,7 @@ class VectorQuantizer(nn.Module):
         self.beta, self.ema, self.decay, self.eps = beta, ema, decay, eps
         self.kmeans_iters, self.dead_code_threshold = kmeans_iters, dead_code_threshold
         self.cosine, self.seed, self.rotation_trick = cosine, seed, rotation_trick
+        self.codebook_weight = codebook_weight
         factorized = self.lookup_dim != dim
         self.project_in = nn.Linear(dim, self.lookup_dim) if factorized else nn.Identity()
         self.project_out = nn.Linear(self.lookup_dim, dim) if factorized else nn.Identity()
@@ -123,7 +125,7 @@ class VectorQuantizer(nn.Module):
             quantized = F.embedding(indices, self.codebook())  # (N, d), from the pre-update codebook
             loss = self.beta * F.mse_loss(flat, quantized.detach())  # commitment
             if not self.ema:
-                loss = loss + F.mse_loss(quantized, flat.detach())  # codebook term
+                loss = loss + self.codebook_weight * F.mse_loss(quantized, flat.detach())  # codebook term
             if update:
                 self._update(flat.detach(), indices)
             # The decoder's gradient goes to the encoder only; the codebook learns from its own term.

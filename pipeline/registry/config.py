@@ -108,11 +108,13 @@ class RetrainConfig(TrainJobConfig):
                           tracking_uri: str) -> TrainJobConfig:
         """The `tokenmill train` config of one challenger: the train sections of this config on
         data version `shards`, under its own run name, optionally warm-started, tracked where
-        retrain tracks (its default store lives under retrain's run directory, not the challenger's)."""
+        retrain tracks (its default store lives under retrain's run directory, not the challenger's).
+        `init_from` (the champion) wins over the configured `train.init_from` (e.g. `taming:…`, the
+        start of the first challenger)."""
         plain = self.model_dump(mode="json", include=set(TrainJobConfig.model_fields))
         plain["data"]["shards"] = shards
         plain["run"]["name"] = run_name
-        plain["train"]["init_from"] = init_from
+        plain["train"]["init_from"] = init_from or plain["train"]["init_from"]
         plain["tracking"]["tracking_uri"] = tracking_uri
         return TrainJobConfig.model_validate(plain)
 

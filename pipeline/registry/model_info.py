@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenmill.models import converters
 from tokenmill.models.errors import UserError
 from tokenmill.pipeline.prior.lineage import LINEAGE_FILE, parse_prior_lineage
 from tokenmill.pipeline.registry import tracking
@@ -26,8 +27,8 @@ PRIOR_KINDS = {"prior": "ar", "maskgit": "maskgit", "var": "var"}  # config kind
 
 
 def is_model_reference(ref: str) -> bool:
-    """A reference that names no path to check first: MLflow URIs and `diffusers:` (hub ids too)."""
-    return ref.startswith((*MLFLOW_PREFIXES, diffusers.PREFIX))
+    """A reference that names no path to check first: MLflow URIs, `diffusers:` (hub ids too), `taming:`…"""
+    return ref.startswith((*MLFLOW_PREFIXES, diffusers.PREFIX, *converters.PREFIXES))
 
 
 def describe_model(ref: str, tracking_uri: str | None = None, storage_options: dict | None = None) -> dict[str, Any]:
@@ -102,6 +103,8 @@ def _diffusers_info(files: diffusers.DiffusersFiles) -> dict[str, Any]:
 def model_origin(ref: str, version: str | None, tracking_uri: str | None = None) -> dict[str, Any]:
     """Where the model came from: the registry version (tracking URI, name, version, its run, source
     and tags) of a `models:/` reference, the run of a `runs:/` one, else the folder or URL read."""
+    if converters.is_converted(ref):  # the source files, with their sha256, are in extra.converted_from
+        return {"location": ref}
     if not ref.startswith(MLFLOW_PREFIXES):
         location = ref.removeprefix(diffusers.PREFIX)
         local = "://" not in location or location.startswith("file://")

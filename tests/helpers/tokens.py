@@ -265,3 +265,26 @@ def build_latent_store(url: str, variants: int = 1, seed: int = 0) -> dict[str, 
             written[name].append(columns[name])
     store.finalize(layout, specs)
     return {name: np.concatenate(parts) for name, parts in written.items()}
+
+
+def write_encoded_store(url: str, encoder, lineage: dict, rows: dict[str, np.ndarray]) -> None:
+    """A finished one-shard store of `rows` (what `encoder.encode` returned for n images, keys k0…,
+    labels 0) with `lineage`, through the store API (no Ray): what `tokenize` writes for them."""
+    from tokenmill.pipeline.tokens import store_code_stats
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import TokenStore
+
+    n = len(next(iter(rows.values())))
+    layout = plan_layout([("shard-0.tar", "train", n)], max(s.row_bytes for s in encoder.specs))
+    store = TokenStore(url)
+    store.prepare(lineage, layout, encoder.specs, overwrite=False)
+    (unit,) = layout.units
+    writer = store.writer(unit, layout.rows_per_zarr_shard, encoder.specs)
+    writer.append({**rows, "keys": np.array([f"k{i}" for i in range(n)], dtype=object),
+                   "labels": np.zeros(n, dtype=np.int64)})
+    counts = {s.name: store_code_stats.to_sparse(store_code_stats.count_codes(rows[s.name], s.codebook_size))
+              for s in encoder.specs}
+    results = [{"rows": writer.end_shard(), "corrupt": [], "code_counts": counts}]
+    writer.close()
+    store.write_marker(unit, results)
+    store.finalize(layout, encoder.specs)
