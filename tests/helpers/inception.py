@@ -1,6 +1,7 @@
 """Random weights for FID's Inception in torch-fidelity's file format (the state dict of
 `FeatureExtractorInceptionV3`, as `weights-inception-2015-12-05-6726825d.pth` holds it), and the
-reference torch_fidelity package imported over a stand-in torchvision when the real one is absent."""
+reference torch_fidelity package (from the environment's `references/` folder, see REFERENCES) imported
+over a stand-in torchvision when the real one is absent."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+
+# make setup installs torch-fidelity here, off sys.path: installed in the environment it would make
+# torchmetrics import it (and its missing torchvision) for every image metric, skipping the SSIM test.
+REFERENCES = Path(sys.prefix) / "references"
 
 
 def write_random_inception_weights(path: Path, seed: int = 0) -> Path:
@@ -41,8 +47,9 @@ def reference_torch_fidelity(monkeypatch):
     """The torch_fidelity package: the real one, or its unmodified source imported over a stand-in
     `torchvision` (it imports torchvision's datasets and transforms at import time, and uses none of
     them for the Inception features or the metric formulas). Skips when torch-fidelity is absent."""
+    monkeypatch.syspath_prepend(str(REFERENCES))
     if importlib.util.find_spec("torch_fidelity") is None:
-        pytest.skip("torch-fidelity is not installed (make setup installs it with --no-deps)")
+        pytest.skip(f"torch-fidelity is not in {REFERENCES} (make setup puts it there with --no-deps)")
     if importlib.util.find_spec("torchvision") is not None:
         return importlib.import_module("torch_fidelity")
     stand_in = {name: types.ModuleType(name) for name in
