@@ -37,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="MaskGIT priors only: parallel decoding steps (default: the prior's sample_steps)")
     parser.add_argument("--tokenizer", default=None, help="decode with this tokenizer instead of the lineage's")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/, and for "
+                        "the tokenizer when its recorded copies and registry fail (default: MLFLOW_TRACKING_URI, "
+                        "else ./runs/mlflow.db)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
