@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import fsspec
 
+from tokenmill.models import converters
 from tokenmill.models.errors import UserError
 from tokenmill.pipeline.registry import tracking
 
@@ -95,6 +96,9 @@ def merge_sources(*sources: dict[str, Any] | None) -> dict[str, Any]:
 def absolute_location(ref: str) -> str:
     """A model or store reference that means the same from any working directory: a relative
     local path (also after `diffusers:` or `file://`) made absolute; URLs and MLflow URIs as they are."""
+    if converters.is_converted(ref):  # taming:CKPT[,YAML]: each local part made absolute
+        prefix, _, rest = ref.partition(":")
+        return f"{prefix}:" + ",".join(part if "://" in part else str(Path(part).resolve()) for part in rest.split(","))
     prefix = DIFFUSERS if ref.startswith(DIFFUSERS) else ""
     rest = ref[len(prefix):]
     if rest.startswith(MLFLOW_REFS) or ("://" in rest and not rest.startswith("file://")):
@@ -178,9 +182,9 @@ def _current_ref(record: Recorded, registry: dict[str, Any] | None) -> str:
 
 
 def _read_location(location: str, registry: dict[str, Any] | None, storage_options: dict | None):
-    """The model folder at a recorded location: a path, an fsspec URL, `diffusers:…`, or an
+    """The model folder at a recorded location: a path, an fsspec URL, `diffusers:…`, `taming:…`, or an
     MLflow artifact URI that only MLflow reads (`mlflow-artifacts:/…`: through the recorded store)."""
-    if location.startswith(DIFFUSERS):
+    if location.startswith(DIFFUSERS) or converters.is_converted(location):
         return resolve_reference(location, None, storage_options)
     scheme = re.match(r"([a-zA-Z][\w+.-]+):/", location)  # also `mlflow-artifacts:/…`, which has no "//"
     protocol = fsspec.core.split_protocol(location)[0] if "://" in location else (scheme and scheme.group(1))
