@@ -36,7 +36,8 @@ from tokenmill.models.errors import UserError
 from tokenmill.models.quantizers import QuantizerConfig
 from tokenmill.models.vqgan import VQGAN, VQGANConfig
 
-FIX = "llamagen: converts LlamaGen's VQModel checkpoints (VQ-16, VQ-8) as its train and sample scripts save them"
+FIX = ("the config is read from the encoder's weights and the rest must fit it: llamagen: converts LlamaGen's "
+       "VQModel checkpoints (VQ-16, VQ-8) as its train and sample scripts save them")
 WEIGHT_ENTRIES = ("ema", "model", "state_dict")  # vq_demo.py's order
 CODEBOOK = "quantize.embedding.weight"
 IGNORED = ("quantize.codebook_used",)  # codebook_show_usage's (65536,) usage history
