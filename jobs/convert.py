@@ -3,9 +3,9 @@
 REF: `taming:PATH` — a taming-transformers VQGAN log folder (checkpoints/last.ckpt + configs/*.yaml),
 a .ckpt with its YAML beside it or in ../configs/, or `taming:CKPT,YAML`; `llamagen:PATH` — a LlamaGen
 VQ-16/VQ-8 `.pt` (image size: the checkpoint's saved args, else 256; or `llamagen:CKPT,IMAGE_SIZE`).
-OUT: a folder or fsspec URL that then works wherever a model is taken (tokenize, decode, eval, train.init_from, retrain); its
-config.json records the source checkpoint's sha256 (`extra.converted_from`). Every command also
-takes REF itself and converts it in memory.
+OUT: a folder or fsspec URL that then works wherever a model is taken (tokenize, decode, eval,
+train.init_from, retrain); its config.json records the source checkpoint's sha256
+(`extra.converted_from`). Every command also takes REF itself and converts it in memory.
 """
 
 from __future__ import annotations
