@@ -106,7 +106,7 @@ class LoopSection(StrictModel):
     # Image panels / sample grids (rank 0, to MLflow): None = at every validation, 0 = never,
     # N = every N steps and at the last step.
     sample_every: Optional[int] = pydantic.Field(None, ge=0)
-    # Warm start: a model (directory/URL, runs:/…, models:/NAME/VERSION, taming:PATH) of the same architecture
+    # Warm start: a model (directory/URL, runs:/…, models:/NAME/VERSION, taming:PATH, llamagen:PATH) of the same architecture
     # whose weights replace the fresh initialisation; a checkpoint being resumed wins over it.
     init_from: Optional[str] = None
     early_stop: EarlyStopSection = EarlyStopSection()
