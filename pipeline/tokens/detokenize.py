@@ -18,15 +18,28 @@ GRID = 64  # images per PNG (8 x 8)
 def resolve_recorded_model(ref: str, weights_sha256: str, owner: str, hint: str, tracking_uri: str | None = None,
                            storage_options: dict | None = None):
     """The model `ref` (a `ModelFiles`) after checking its weights are the ones `owner` (a store,
-    a prior) recorded in its lineage; UserError ending with `hint` when they are not."""
+    a prior) recorded in its lineage, or a decoder-only fine-tune of them (`_same_codes`);
+    UserError ending with `hint` when they are not."""
     from tokenmill.models.errors import UserError
     from tokenmill.pipeline.tokens.extraction import resolve_tokenizer
 
     files = resolve_tokenizer(ref, tracking_uri, storage_options)
-    if files.weights_sha256 != weights_sha256:
+    if files.weights_sha256 != weights_sha256 and not _same_codes(files, weights_sha256):
         raise UserError(f"{files.uri} has weights sha256 {files.weights_sha256[:12]}…, but {owner} was "
                         f"made with {weights_sha256[:12]}…; {hint}")
     return files
+
+
+def _same_codes(files, weights_sha256: str) -> bool:
+    """A tokenmill model fine-tuned from the recorded one with its encoder and quantizer frozen
+    (`train.freeze`): its lineage names the recorded weights and its code parts still hash to
+    the recorded value, so it gives the same codes and decodes them with its own decoder."""
+    from tokenmill.models.freezing import reproduces_codes_of
+
+    if not hasattr(files, "config") or b"same_codes_as" not in files.config:  # cheap test before loading
+        return False
+    model, meta = files.load()
+    return reproduces_codes_of(meta.get("extra", {}).get("lineage", {}), model, weights_sha256)
 
 
 def detokenize_store(store_url: str, out: Path, start: int, stop: int, *, split: str | None = None,
