@@ -84,12 +84,12 @@ def retrain(config) -> RetrainResult:
     from tokenmill.pipeline.shards.versions import newest_version
 
     name, alias = config.registered_model, config.promotion.alias
+    with step("checking promotion.metric"):  # a metric that cannot be computed: refused before anything
+        downstream.check_metric(config)
     with step("finding the newest data version"):  # data first: a wrong prefix fails before any work
         data = newest_version(config.versions.prefix, config.data.storage_options)
     with step("checking the validation shards"):  # scored only after training: check them now
         promotion.validation_shard_urls(config)
-    with step("checking promotion.metric"):
-        downstream.check_metric(config)
     with step("connecting to MLflow"):
         tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, config.run.run_dir())
         tracking.require_reachable(tracking_uri)
