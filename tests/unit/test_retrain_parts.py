@@ -115,3 +115,26 @@ def test_metrics_that_cannot_be_computed_are_refused_before_training(tmp_path):
     with pytest.raises(UserError, match="^promotion.metric lpips needs the LPIPS weights: .*vgg.pth"):
         check_metric(load_retrain_config(CONFIG, ["promotion.metric=lpips", *missing]))
     check_metric(load_retrain_config(CONFIG, ["promotion.metric=prior_bits"]))  # computable: no error
+
+
+def test_retrains_lpips_equals_tokenmill_evals_on_the_same_split(digits, tmp_path):
+    """promotion.metric lpips scores with `tokenmill eval`'s measure (random LPIPS weights here)."""
+    from helpers.lpips import write_random_lpips_weights
+
+    from tokenmill.models import save_model
+    from tokenmill.models.lpips import LPIPSWeights
+    from tokenmill.models.serialization import build_model
+    from tokenmill.pipeline.tokenizer_eval import EvalOptions, evaluate
+
+    vgg, lin = write_random_lpips_weights(tmp_path)
+    config = load_retrain_config(CONFIG, [
+        "promotion.metric=lpips", f"promotion.lpips.vgg_path={vgg}", f"promotion.lpips.lin_path={lin}",
+        "promotion.lpips.verify_sha256=false", f"validation.shards={digits}", f"run.root={tmp_path}"])
+    model = build_model(config.model_dump(mode="json")["model"]).eval()
+    folder = save_model(model, tmp_path / "model",
+                        extra={"transform": config.data.transform.for_eval().model_dump(mode="json")})
+    scores = promotion.score(str(folder), "", config)
+    lpips = LPIPSWeights(vgg_path=str(vgg), lin_path=str(lin), verify_sha256=False)
+    reference = evaluate(str(folder), str(digits), "val", tmp_path / "eval", EvalOptions(lpips=lpips)).metrics
+    assert scores["val/lpips"] > 0 and scores["val/lpips"] == pytest.approx(reference["lpips"], rel=1e-5)
+    assert scores["val/psnr"] == pytest.approx(reference["psnr"], rel=1e-5)

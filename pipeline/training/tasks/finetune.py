@@ -16,6 +16,7 @@ from typing import Any
 
 from tokenmill.models.freezing import code_parts_sha256, freeze, freezes_codes
 from tokenmill.models.serialization import build_model
+from tokenmill.pipeline.runtime.redaction import redact
 
 LINEAGE_KEY = "lineage"
 
@@ -32,7 +33,7 @@ def finetune_lineage(config: Any, tracking_uri: str | None) -> dict[str, Any]:
         return {"freeze": parts} if parts else {}
     files = initial_model_files(loop.init_from, tracking_uri)
     source, meta = files.load()
-    lineage: dict[str, Any] = {"init_from": loop.init_from, "init_model_version": files.version,
+    lineage: dict[str, Any] = {"init_from": redact(loop.init_from), "init_model_version": files.version,
                                "init_weights_sha256": files.weights_sha256, "freeze": parts}
     if freezes_codes(parts, model):
         code_sha = code_parts_sha256(source)
