@@ -117,8 +117,10 @@ def test_metrics_that_cannot_be_computed_are_refused_before_training(tmp_path):
     check_metric(load_retrain_config(CONFIG, ["promotion.metric=prior_bits"]))  # computable: no error
 
 
-def test_retrains_lpips_equals_tokenmill_evals_on_the_same_split(digits, tmp_path):
-    """promotion.metric lpips scores with `tokenmill eval`'s measure (random LPIPS weights here)."""
+def test_retrains_lpips_equals_tokenmill_evals_on_the_same_split(tmp_path):
+    """promotion.metric lpips scores with `tokenmill eval`'s measure (random LPIPS weights here),
+    on ~10 validation images."""
+    from helpers.engine import grey_shards
     from helpers.lpips import write_random_lpips_weights
 
     from tokenmill.models import save_model
@@ -127,14 +129,15 @@ def test_retrains_lpips_equals_tokenmill_evals_on_the_same_split(digits, tmp_pat
     from tokenmill.pipeline.tokenizer_eval import EvalOptions, evaluate
 
     vgg, lin = write_random_lpips_weights(tmp_path)
+    shards = grey_shards(tmp_path, n=32)
     config = load_retrain_config(CONFIG, [
         "promotion.metric=lpips", f"promotion.lpips.vgg_path={vgg}", f"promotion.lpips.lin_path={lin}",
-        "promotion.lpips.verify_sha256=false", f"validation.shards={digits}", f"run.root={tmp_path}"])
+        "promotion.lpips.verify_sha256=false", f"validation.shards={shards}", f"run.root={tmp_path}"])
     model = build_model(config.model_dump(mode="json")["model"]).eval()
     folder = save_model(model, tmp_path / "model",
                         extra={"transform": config.data.transform.for_eval().model_dump(mode="json")})
     scores = promotion.score(str(folder), "", config)
     lpips = LPIPSWeights(vgg_path=str(vgg), lin_path=str(lin), verify_sha256=False)
-    reference = evaluate(str(folder), str(digits), "val", tmp_path / "eval", EvalOptions(lpips=lpips)).metrics
+    reference = evaluate(str(folder), shards, "val", tmp_path / "eval", EvalOptions(lpips=lpips)).metrics
     assert scores["val/lpips"] > 0 and scores["val/lpips"] == pytest.approx(reference["lpips"], rel=1e-5)
     assert scores["val/psnr"] == pytest.approx(reference["psnr"], rel=1e-5)
