@@ -54,7 +54,15 @@ METRICS = {
     "nll_nats": (VAE_METRIC, False), "lpips": ("val/lpips", False), "rfid": ("val/rfid", False),
     "prior_bits": ("downstream/prior_bits", False), "gfid": ("downstream/gfid", False),
 }
-INCEPTION_METRICS = ("rfid", "gfid")  # need Inception weights (not in this tokenmill yet)
+INCEPTION_METRICS = ("rfid", "gfid")  # need FID's Inception weights (promotion.inception)
+
+
+class InceptionSection(StrictModel):
+    """`promotion.inception`: torch-fidelity's FID Inception weights for metric rfid (a local path
+    or fsspec URL; None: the torch hub cache), and their sha256 or a prefix (None: the published one)."""
+
+    path: Optional[str] = None
+    sha256: Optional[str] = None
 
 
 class PriorBudget(StrictModel):
@@ -83,6 +91,7 @@ class PromotionSection(StrictModel):
     margin: float = pydantic.Field(0.0, ge=0.0)
     prior: PriorBudget = PriorBudget()  # metric prior_bits
     lpips: LPIPSWeights = LPIPSWeights()  # metric lpips: the VGG and linear-head weight files
+    inception: InceptionSection = InceptionSection()  # metric rfid: FID's Inception weights
     # VQ family: the challenger's codebook usage (fraction of codes used over the whole split,
     # lowest level for two-level models) must reach this, so a collapsed codebook never wins.
     usage_floor: float = pydantic.Field(0.0, ge=0.0, le=1.0)

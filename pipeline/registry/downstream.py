@@ -8,8 +8,10 @@ the store's `promotion.prior.train_split` for the fixed budget `promotion.prior`
 (one rank, no Ray, no MLflow, the same seed for every model), and its validation bits per code
 token on `validation.split` is the metric. Fewer bits: codes a Transformer predicts better.
 
-rfid / gfid need Inception weights, which this tokenmill cannot load yet: `check_metric` refuses
-them before any training, with one line.
+rfid: the Frechet distance between FID-Inception features of the validation images and of their
+reconstructions (`tokenmill eval`'s rFID), weights from `promotion.inception`; `check_metric` loads
+them before any training. gfid would need a prior trained and sampled per model: refused, with
+prior_bits named as the downstream measure retrain computes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tokenmill.models.errors import UserError
-from tokenmill.pipeline.registry.config import INCEPTION_METRICS, METRICS, RetrainConfig
+from tokenmill.pipeline.registry.config import METRICS, RetrainConfig
 
 VAE_METRICS = ("nll_nats",)
 
@@ -27,16 +29,18 @@ VAE_METRICS = ("nll_nats",)
 def check_metric(config: RetrainConfig) -> None:
     """Refuse, before training, a metric that cannot be computed here (UserError, one line)."""
     name = config.metric_name
-    if name in INCEPTION_METRICS:
-        raise UserError(f"promotion.metric {name} needs Inception weights: this tokenmill has no Inception "
-                        f"feature extractor yet (models/inception.py); choose one of "
-                        f"{', '.join(m for m in METRICS if m not in INCEPTION_METRICS)}")
+    if name == "gfid":
+        raise UserError("promotion.metric gfid needs a prior trained and sampled for each model, which retrain "
+                        "does not do; use prior_bits (the bits per token a prior needs for each model's codes), "
+                        "or score samples with `tokenmill sample --eval`")
     if (name in VAE_METRICS) != config.is_vae:
         family = f"{'VAE' if config.is_vae else 'VQ'} family ({config.model.kind})"
-        choices = ", ".join(m for m in METRICS if (m in VAE_METRICS) == config.is_vae and m not in INCEPTION_METRICS)
+        choices = ", ".join(m for m in METRICS if (m in VAE_METRICS) == config.is_vae and m != "gfid")
         raise UserError(f"promotion.metric {name} does not apply to the {family}; choose one of {choices}")
     if name == "lpips":
         _lpips(config)  # the weight files must be there before the challenger trains
+    if name == "rfid":
+        _inception(config)
 
 
 def lpips_score(model: Any, batches: Iterator[dict[str, Any]], config: RetrainConfig) -> float:
@@ -56,6 +60,35 @@ def lpips_score(model: Any, batches: Iterator[dict[str, Any]], config: RetrainCo
             total += float(lpips(_rgb(x) * 2 - 1, _rgb(recon) * 2 - 1).double().sum())
             images += x.shape[0]
     return total / max(images, 1)
+
+
+def rfid_score(model: Any, batches: Iterator[dict[str, Any]], config: RetrainConfig) -> float:
+    """rFID of the validation images against their reconstructions (`tokenmill eval`'s rFID)."""
+    import torch
+
+    from tokenmill.models.inception_metrics import FeatureStats, frechet_distance
+    from tokenmill.pipeline.shards.stream import to_model_input
+
+    evaluator = _inception(config)
+    features: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # (b, 2048) pools: originals, recons
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            x, _ = to_model_input(batch)  # (B, C, H, W) in [0, 1]
+            for side, images in zip(features, (x, model(x).recon.float())):
+                side.append(evaluator.features(images)[0])
+    originals, recons = (FeatureStats.of(torch.cat(side)) for side in features)
+    return frechet_distance(originals, recons)
+
+
+def _inception(config: RetrainConfig):
+    from tokenmill.pipeline.generation_eval import InceptionWeights, load_evaluator
+
+    weights = config.promotion.inception
+    try:
+        return load_evaluator(InceptionWeights(weights.path, weights.sha256, config.data.storage_options))
+    except UserError as err:
+        raise UserError(f"promotion.metric rfid needs FID's Inception weights: {err}") from None
 
 
 def _lpips(config: RetrainConfig):

@@ -68,6 +68,8 @@ def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str,
     metrics, _ = image_validation.evaluate(model, _validation_batches(config), config.validation.iw_samples)
     if config.metric_name == "lpips":
         metrics[config.metric] = downstream.lpips_score(model, _validation_batches(config), config)
+    if config.metric_name == "rfid":
+        metrics[config.metric] = downstream.rfid_score(model, _validation_batches(config), config)
     if config.metric_name == "prior_bits":
         metrics[config.metric] = downstream.prior_bits(files, config, _validation_folder(config), tracking_uri)
     return metrics

@@ -112,9 +112,11 @@ def test_metrics_that_cannot_be_computed_are_refused_before_training(tmp_path):
 
     with pytest.raises(ConfigError, match="promotion.metric 'bits' is not one of psnr"):
         load_retrain_config(CONFIG, ["promotion.metric=bits"])
-    for name in ("rfid", "gfid"):
-        with pytest.raises(UserError, match=f"^promotion.metric {name} needs Inception weights: "):
-            check_metric(load_retrain_config(CONFIG, [f"promotion.metric={name}"]))
+    absent = f"promotion.inception.path={tmp_path / 'inception.pth'}"
+    with pytest.raises(UserError, match="^promotion.metric rfid needs FID's Inception weights: .*inception.pth"):
+        check_metric(load_retrain_config(CONFIG, ["promotion.metric=rfid", absent]))
+    with pytest.raises(UserError, match="^promotion.metric gfid needs a prior trained and sampled for each model"):
+        check_metric(load_retrain_config(CONFIG, ["promotion.metric=gfid"]))
     vae = load_retrain_config(CONFIG, ["promotion.metric=prior_bits"])
     with pytest.raises(UserError, match="does not apply to the VAE family"):
         check_metric(vae.model_copy(update={"model": VAEConfig()}))
@@ -148,3 +150,26 @@ def test_retrains_lpips_equals_tokenmill_evals_on_the_same_split(tmp_path):
     reference = evaluate(str(folder), shards, "val", tmp_path / "eval", EvalOptions(lpips=lpips)).metrics
     assert scores["val/lpips"] > 0 and scores["val/lpips"] == pytest.approx(reference["lpips"], rel=1e-5)
     assert scores["val/psnr"] == pytest.approx(reference["psnr"], rel=1e-5)
+
+
+def test_retrains_rfid_equals_tokenmill_evals_on_the_same_split(tmp_path, inception_weights, one_thread):
+    """promotion.metric rfid scores with `tokenmill eval`'s rFID (random Inception weights here)."""
+    from helpers.engine import grey_shards
+
+    from tokenmill.models import save_model
+    from tokenmill.models.serialization import build_model
+    from tokenmill.pipeline.generation_eval import InceptionWeights
+    from tokenmill.pipeline.tokenizer_eval import EvalOptions, evaluate
+
+    path, sha256 = inception_weights
+    shards = grey_shards(tmp_path, n=12, size=16)
+    config = load_retrain_config(CONFIG, [
+        "promotion.metric=rfid", f"promotion.inception.path={path}", f"promotion.inception.sha256={sha256}",
+        f"validation.shards={shards}", f"run.root={tmp_path}", "data.transform.size=16"])
+    model = build_model(config.model_dump(mode="json")["model"]).eval()
+    folder = save_model(model, tmp_path / "model",
+                        extra={"transform": config.data.transform.for_eval().model_dump(mode="json")})
+    scores = promotion.score(str(folder), "", config)
+    reference = evaluate(str(folder), shards, "val", tmp_path / "eval",
+                         EvalOptions(inception=InceptionWeights(path, sha256))).metrics
+    assert scores["val/rfid"] > 0 and scores["val/rfid"] == pytest.approx(reference["rfid"], rel=1e-6)
