@@ -24,12 +24,16 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	touch $(STAMP)
 
 # test: every folder, cheapest first (tests/unit, tests/integration, tests/system); test-fast: tests/unit.
+# Two pytest-xdist workers: much of a test's time is waiting (Ray start-up, servers, subprocesses), and
+# tests/conftest.py keeps the system tests, and the tests sharing an expensive fixture, on one worker.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
+
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_WORKERS)
 
 test-fast: setup
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest $(PYTEST_WORKERS) tests/unit
 
 demo: setup
 	$(VENV)/bin/tokenmill demo --json runs/demo/summary.json

@@ -1,10 +1,11 @@
 """`tokenmill convert REF OUT`: a published checkpoint as a tokenmill model folder, written once.
 
 REF: `taming:PATH` — a taming-transformers VQGAN log folder (checkpoints/last.ckpt + configs/*.yaml),
-a .ckpt with its YAML beside it or in ../configs/, or `taming:CKPT,YAML`. OUT: a folder or fsspec URL
-that then works wherever a model is taken (tokenize, decode, eval, train.init_from, retrain); its
-config.json records the source checkpoint's sha256 (`extra.converted_from`). Every command also
-takes REF itself and converts it in memory.
+a .ckpt with its YAML beside it or in ../configs/, or `taming:CKPT,YAML`; `llamagen:PATH` — a LlamaGen
+VQ-16/VQ-8 `.pt` (image size: the checkpoint's saved args, else 256; or `llamagen:CKPT,IMAGE_SIZE`).
+OUT: a folder or fsspec URL that then works wherever a model is taken (tokenize, decode, eval,
+train.init_from, retrain); its config.json records the source checkpoint's sha256
+(`extra.converted_from`). Every command also takes REF itself and converts it in memory.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from tokenmill.jobs.cli import add_json_option, json_object
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("convert", help="write a published checkpoint (taming:…) as a tokenmill model",
+    parser = subparsers.add_parser("convert", help="write a published checkpoint (taming:…, llamagen:…) as a tokenmill model",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ref", help="taming:PATH (a log folder, a .ckpt, or CKPT,YAML)")
+    parser.add_argument("ref", help="taming:PATH (a log folder, a .ckpt, or CKPT,YAML) or llamagen:PATH (a .pt, or CKPT,IMAGE_SIZE)")
     parser.add_argument("out", help="model folder or fsspec URL to write (config.json + model.safetensors)")
     parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
                         help="fsspec options for OUT, e.g. '{\"anon\": true}'")

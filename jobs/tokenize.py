@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory/URL, runs:/ID/model, models:/NAME/VERSION, "
                         "models:/NAME@ALIAS, or diffusers:PATH (a VQModel/AutoencoderKL save_pretrained folder or URL, "
-                        "or a hub id in the local Hugging Face cache), or taming:PATH (a taming VQGAN checkpoint, converted)")
+                        "or a hub id in the local Hugging Face cache), or taming:PATH (a taming VQGAN checkpoint, converted) "
+                        "or llamagen:PATH (a LlamaGen VQ-16/VQ-8 .pt, converted)")
     parser.add_argument("--data", required=True, help="shard folder/URL with manifest.json (indexed on the fly if absent)")
     parser.add_argument("--out", required=True, type=output_path(marks=("zarr.json",), convert=str),
                         help="token store URL (any fsspec URL)")
@@ -52,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decode-threads", type=cli_type("decode_threads"), default=None,
                         help="image decode threads (= CPUs reserved) per actor (default: 1 on CPU, "
                              "the node's CPUs per GPU up to 4 on GPU)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ "
+                        "(default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 

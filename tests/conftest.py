@@ -50,6 +50,10 @@ TESTS = Path(__file__).resolve().parent
 FOLDERS = ("unit", "integration", "system")  # by cost; also the order tests run in
 # Fixtures that start Ray or a server: a unit test may use none of them.
 SERVICE_FIXTURES = {"ray_local", "mlflow_server", "s3_server", "s3_bucket"}
+# `make test` runs two pytest-xdist workers (--dist loadgroup). Tests that share an expensive session
+# fixture stay on one worker, so it is built once; the system tests (clusters, subprocesses, the demo)
+# run one after another on one worker, so two of them never compete for the cores at once.
+SHARED_FIXTURE_GROUPS = {"tokenize_inputs": "tokenize-store", "uninterrupted_store": "tokenize-store"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,6 +73,10 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid}: a unit test uses {', '.join(sorted(services))}; "
                                     "move it to tests/integration")
         item.add_marker(folder)
+        group = next((g for f, g in SHARED_FIXTURE_GROUPS.items() if f in getattr(item, "fixturenames", ())),
+                     "processes" if folder == "system" else None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
         rank[item.nodeid] = FOLDERS.index(folder)
     items.sort(key=lambda item: rank.get(item.nodeid, len(FOLDERS)))
 

@@ -3,7 +3,7 @@ into tokenmill's own model classes, in memory, by the source's module.
 
 A source is one module in this package with `convert(location, ref) -> Converted`: it reads the
 published checkpoint and config, translates the config into a tokenmill config, and maps the
-state dict onto the tokenmill model (`checkpoint.load_mapped`). Adding one (llamagen:, magvit2:)
+state dict onto the tokenmill model (`checkpoint.load_mapped`). Adding one (magvit2:)
 is that module plus one line in SOURCES. The model resolver (`pipeline.registry.model_ref`) calls
 `convert` for these prefixes, so every command that takes a model takes them.
 """
@@ -14,7 +14,10 @@ import importlib
 
 from tokenmill.models.converters.checkpoint import Converted
 
-SOURCES = {"taming:": "tokenmill.models.converters.taming"}  # prefix -> module with `convert`
+SOURCES = {  # prefix -> module with `convert`
+    "taming:": "tokenmill.models.converters.taming",
+    "llamagen:": "tokenmill.models.converters.llamagen",
+}
 PREFIXES = tuple(SOURCES)
 
 

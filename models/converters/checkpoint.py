@@ -5,6 +5,7 @@ model through a key plan, with one-line errors that name the cause.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import pickle
 import zipfile
@@ -19,6 +20,9 @@ from tokenmill.models.errors import UserError
 
 # target key -> source keys; several sources are concatenated along dim 0 (a fused q/k/v conv)
 KeyPlan = dict[str, tuple[str, ...]]
+# Classes outside torch that load as themselves: plain attribute holders whose state a converter
+# reads (LlamaGen's vq_train.py saves its argparse flags, the model's image size among them).
+KNOWN_GLOBALS = {"argparse.Namespace": argparse.Namespace}
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class _Absent:
 def load_checkpoint(path: Path, ref: str) -> dict[str, Any]:
     """`torch.load(weights_only=True)` of a published checkpoint. Globals it names outside torch (the
     training framework's classes) load as inert `_Absent` objects, so no code from the file runs
-    and pytorch_lightning need not be installed."""
+    and pytorch_lightning need not be installed; `KNOWN_GLOBALS` load as themselves."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # weights_only refused a global: stand in for the foreign ones
@@ -61,7 +65,7 @@ def load_checkpoint(path: Path, ref: str) -> dict[str, Any]:
         raise _unreadable(path, ref, err) from None
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        foreign = [(_Absent, name) for name in names if not name.startswith("torch.")]
+        foreign = [(KNOWN_GLOBALS.get(name, _Absent), name) for name in names if not name.startswith("torch.")]
         with torch.serialization.safe_globals(foreign):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:

@@ -168,13 +168,20 @@ def state_dict(ckpt: Path, ref: str) -> dict[str, Any]:
 
 
 def key_plan(model: VQGAN) -> KeyPlan:
-    """tokenmill key -> taming key(s): the Sequential children with weights, in forward order, are
-    taming's modules in forward order; within a block, parameters are renamed (q, k, v fused)."""
+    """tokenmill key -> taming key(s)."""
     levels, blocks = len(model.config.channel_mult), model.config.res_blocks
+    return module_plan(model, {"encoder": _encoder_names(levels, blocks), "decoder": _decoder_names(levels, blocks)})
+
+
+def module_plan(model: VQGAN, modules: dict[str, list[str]]) -> KeyPlan:
+    """tokenmill key -> source key(s) for a model of taming's modules (taming, LlamaGen), given the
+    source's names of the encoder's and decoder's modules with weights, in forward order: those are
+    the Sequential children with weights, in the same order; within a block, parameters are renamed
+    (q, k, v fused). The codebook and the 1x1 convs have taming's names."""
     plan: KeyPlan = {"quantizer.embed": ("quantize.embedding.weight",)}
     for name in ("quant_conv", "post_quant_conv"):
         plan |= {f"{name}.{leaf}": (f"{name}.{leaf}",) for leaf in ("weight", "bias")}
-    for part, names in (("encoder", _encoder_names(levels, blocks)), ("decoder", _decoder_names(levels, blocks))):
+    for part, names in modules.items():
         children = [(i, m) for i, m in getattr(model, part).named_children() if any(True for _ in m.parameters())]
         assert len(children) == len(names), f"{part}: {len(children)} modules with weights, {len(names)} names"
         for (index, module), source in zip(children, names):

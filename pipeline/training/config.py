@@ -106,7 +106,7 @@ class LoopSection(StrictModel):
     # Image panels / sample grids (rank 0, to MLflow): None = at every validation, 0 = never,
     # N = every N steps and at the last step.
     sample_every: Optional[int] = pydantic.Field(None, ge=0)
-    # Warm start: a model (directory/URL, runs:/…, models:/NAME/VERSION, taming:PATH) of the same architecture
+    # Warm start: a model (directory/URL, runs:/…, models:/NAME/VERSION, taming:PATH, llamagen:PATH) of the same architecture
     # whose weights replace the fresh initialisation; a checkpoint being resumed wins over it.
     init_from: Optional[str] = None
     early_stop: EarlyStopSection = EarlyStopSection()
@@ -129,7 +129,8 @@ class ScalingSection(StrictModel):
 
 class RunSection(StrictModel):
     name: str = "tokenmill"
-    # Local directory for the run's SQLite MLflow store, exported model and built-in shards.
+    # Local directory for the run's exported model and built-in shards; the project's SQLite MLflow
+    # store (the default) is beside the runs: `<top folder of a relative root>/mlflow.db`.
     root: str = "runs"
     # Where Ray Train keeps checkpoints (local path or s3://...); default <root>/ray.
     storage_path: Optional[str] = None
@@ -149,7 +150,7 @@ class RunSection(StrictModel):
 
 
 class TrackingSection(StrictModel):
-    tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else SQLite under the run dir
+    tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else the project's SQLite beside the runs
     experiment: str = "tokenmill"
     registered_model: Optional[str] = None  # default: the run name
     log_images: bool = True
