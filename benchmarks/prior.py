@@ -176,29 +176,12 @@ def tokenize_in_process(model_dir: Path, root: Path, name: str = "tokens.zarr") 
     """Shard MNIST-5k into `root/shards` (a rerun finds them complete) and tokenize every shard
     into `root/<name>` in this process."""
     from tokenmill.pipeline.registry.model_ref import resolve_model
-    from tokenmill.pipeline.runtime.storage import join
-    from tokenmill.pipeline.shards.manifest import read_manifest
     from tokenmill.pipeline.shards.writer import write_shards
-    from tokenmill.pipeline.tokens.encode_unit import encode_unit
-    from tokenmill.pipeline.tokens.encoder import TokenEncoder
-    from tokenmill.pipeline.tokens.layout import plan_layout
-    from tokenmill.pipeline.tokens.store import TokenStore
+    from tokenmill.pipeline.tokens import local_tokenize
 
     shards = str(root / "shards")
     write_shards("builtin:mnist5k", shards, progress=False)
-    entries = read_manifest(shards, {})["shards"]
-    files = resolve_model(str(model_dir))
-    encoder = TokenEncoder(files, latents=False)
-    layout = plan_layout([(join(shards, s["url"]), s["split"], s["count"]) for s in entries],
-                         max(spec.row_bytes for spec in encoder.specs))
-    store = TokenStore(str(root / name))
-    lineage = {"model_uri": files.uri, "weights_sha256": files.weights_sha256, "mode": "codes",
-               "codebook_size": encoder.model.codebook_size, "data": shards}
-    store.prepare(lineage, layout, encoder.specs, overwrite=True)
-    for unit in layout.units:
-        encode_unit(unit, store, layout.rows_per_zarr_shard, encoder, 256, {})
-    store.finalize(layout, encoder.specs)
-    return store.url
+    return local_tokenize.tokenize_in_process(resolve_model(str(model_dir)), shards, str(root / name))
 
 
 # -- 2. the judge: a small CNN -----------------------------------------------------------------

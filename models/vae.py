@@ -144,6 +144,8 @@ class _MLPDecoder(nn.Module):
 class GaussianVAE(nn.Module):
     config_class = VAEConfig
     has_kl = True
+    # models.freezing: the posterior head belongs to the encoder, the likelihood's scale to the decoder.
+    freezable_parts = {"encoder": ("encoder", "to_posterior"), "decoder": ("decoder", "likelihood")}
 
     def __init__(self, config: VAEConfig):
         super().__init__()

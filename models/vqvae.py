@@ -133,6 +133,10 @@ class VQVAE2(Tokenizer):
 
     config_class = VQVAE2Config
     has_kl = False
+    # models.freezing: the bottom codes depend on the top level's decode (decoder_top, pre_bottom),
+    # so those belong to the encoder; freezing encoder + quantizer keeps both levels' codes.
+    freezable_parts = {"encoder": ("encoder_bottom", "encoder_top", "decoder_top", "pre_bottom"),
+                       "quantizer": ("quantizer_top", "quantizer_bottom"), "decoder": ("upsample_top", "decoder")}
 
     def __init__(self, config: VQVAE2Config) -> None:
         super().__init__()

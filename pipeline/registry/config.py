@@ -8,7 +8,8 @@ tracking: same keys, same `--set train.steps=…` overrides) with:
                  (use sortable names: `2025-06-01`, `v000042`). Folder names, not timestamps or
                  mtimes, so "newest" is the same on every machine and under any clock skew.
     validation:  the fixed shards challenger and champion are both scored on.
-    promotion:   the margin the challenger must win by, the alias it moves, the lock.
+    promotion:   the metric that decides (and its direction), the margin the challenger must win
+                 by, the alias it moves, the lock.
     retokenize:  where the new champion's versioned token stores go.
 
 `data.shards` is chosen by retrain (the newest version) and must not be set; the registered
@@ -22,6 +23,7 @@ from typing import Literal, Optional
 
 import pydantic
 
+from tokenmill.models.lpips import LPIPSWeights
 from tokenmill.models.serialization import model_class_for_kind
 from tokenmill.pipeline.config import ConfigError, StrictModel, load_config
 from tokenmill.pipeline.training.config import TrainJobConfig
@@ -44,11 +46,43 @@ class ValidationSection(StrictModel):
     seed: int = pydantic.Field(0, ge=0)  # seeds the IW samples so a model's score is reproducible
 
 
+# promotion.metric -> (its key in the scores, higher is better). `val/` metrics come from the
+# fixed validation shards (pipeline.registry.promotion); `downstream/` ones from a model trained
+# on each tokenizer's tokens of them (pipeline.registry.downstream).
+METRICS = {
+    "psnr": (VQ_METRIC, True), "ssim": ("val/ssim", True), "usage": ("val/usage", True),
+    "nll_nats": (VAE_METRIC, False), "lpips": ("val/lpips", False), "rfid": ("val/rfid", False),
+    "prior_bits": ("downstream/prior_bits", False), "gfid": ("downstream/gfid", False),
+}
+INCEPTION_METRICS = ("rfid", "gfid")  # need Inception weights (not in this tokenmill yet)
+
+
+class PriorBudget(StrictModel):
+    """`promotion.prior`: the fixed budget of the small prior behind `prior_bits`, the same for
+    both models: trained on each model's tokens of the validation shards' `train_split`, scored
+    (bits per token) on `validation.split`."""
+
+    train_split: str = "train"
+    steps: int = pydantic.Field(200, gt=0)
+    batch_size: int = pydantic.Field(32, gt=0)
+    dim: int = pydantic.Field(64, gt=0)
+    depth: int = pydantic.Field(2, gt=0)
+    heads: int = pydantic.Field(2, gt=0)
+    lr: float = pydantic.Field(3e-3, gt=0)
+    seed: int = 0
+
+
 class PromotionSection(StrictModel):
     alias: str = "champion"
-    # How much better the challenger must be: dB of PSNR (VQ family) or nats per image of the
-    # importance-weighted NLL (VAE family).
+    # What decides: a name of METRICS (None: psnr for the VQ family, nll_nats for VAEs), and
+    # whether higher wins (None: the metric's known direction).
+    metric: Optional[str] = None
+    direction: Optional[Literal["max", "min"]] = None
+    # How much better the challenger must be, in the metric's unit (dB of PSNR, nats per image of
+    # the IW-NLL, bits per token of prior_bits, ...).
     margin: float = pydantic.Field(0.0, ge=0.0)
+    prior: PriorBudget = PriorBudget()  # metric prior_bits
+    lpips: LPIPSWeights = LPIPSWeights()  # metric lpips: the VGG and linear-head weight files
     # VQ family: the challenger's codebook usage (fraction of codes used over the whole split,
     # lowest level for two-level models) must reach this, so a collapsed codebook never wins.
     usage_floor: float = pydantic.Field(0.0, ge=0.0, le=1.0)
@@ -96,9 +130,31 @@ class RetrainConfig(TrainJobConfig):
             raise ValueError("promotion.usage_floor applies to VQ models only; VAEs are judged by IW-NLL")
         return promotion
 
+    @pydantic.field_validator("promotion")
+    @classmethod
+    def _metric_is_known(cls, promotion):
+        if promotion.metric is not None and promotion.metric not in METRICS:
+            raise ValueError(f"promotion.metric {promotion.metric!r} is not one of {', '.join(METRICS)}")
+        return promotion
+
+    @property
+    def is_vae(self) -> bool:
+        return _is_vae(self.model.kind)
+
+    @property
+    def metric_name(self) -> str:
+        """The name of the deciding metric (promotion.metric, else the model family's)."""
+        return self.promotion.metric or ("nll_nats" if self.is_vae else "psnr")
+
     @property
     def metric(self) -> str:
-        return VAE_METRIC if _is_vae(self.model.kind) else VQ_METRIC
+        """The deciding metric's key in the scores."""
+        return METRICS[self.metric_name][0]
+
+    @property
+    def higher_is_better(self) -> bool:
+        direction = self.promotion.direction
+        return METRICS[self.metric_name][1] if direction is None else direction == "max"
 
     @property
     def registered_model(self) -> str:

@@ -5,10 +5,16 @@ fixed shards in manifest order, on a registered model version, so champion and c
 measured by the same code on the same images: VQ family PSNR and codebook usage over the whole
 split, VAE family importance-weighted NLL with seeded samples. Deterministic for a given model.
 
+The deciding metric is `promotion.metric` (psnr / nll_nats by default) in its direction; LPIPS
+and the downstream `prior_bits` are added to the scores when they decide (pipeline.registry.downstream).
+
 What a decision leaves in MLflow:
   - on the challenger's model version and its training run, under `tokenmill.retrain.`:
-    decision, reason, data_version, champion_version, challenger_scores, champion_scores (JSON),
-    and after a promotion store (the new token store's URL) and store_complete;
+    decision, reason, data_version, champion_version, decided_by, direction, margin,
+    challenger_scores, champion_scores (JSON), and after a promotion store (the new token
+    store's URL) and store_complete;
+  - on the challenger's run, the decision table (every metric of both models, which one
+    decided): the table artifact `retrain/decision_table.json`;
   - on the registered model, once per data version, `tokenmill.decided/<data version>`: the
     idempotency record, written last (after the alias move and the tags) so that it exists only
     for a decision that fully happened.
@@ -22,44 +28,66 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from tokenmill.models.errors import UserError
-from tokenmill.pipeline.registry.config import VAE_METRIC, VQ_METRIC, RetrainConfig
+from tokenmill.pipeline.registry.config import METRICS, RetrainConfig
 
 TAG = "tokenmill.retrain."
 DECIDED = "tokenmill.decided/"
-HIGHER_IS_BETTER = {VQ_METRIC: True, VAE_METRIC: False}
+TABLE_ARTIFACT = "retrain/decision_table.json"
 
 
 @dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
+    metric: str = ""  # the score key that decided
+    higher_is_better: bool = True
+    margin: float = 0.0
+    # One row per metric either model has: {metric, challenger, champion, higher_is_better,
+    # better ("challenger" | "champion" | "tie" | None), decided}.
+    table: tuple[dict[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "direction": "max" if self.higher_is_better else "min",
+                "margin": self.margin, "table": list(self.table)}
 
 
 # -- scoring ------------------------------------------------------------------------------------
 
 def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str, float]:
-    """Validation metrics of model `model_ref` (e.g. models:/name/3) on the fixed shards."""
+    """Validation metrics of model `model_ref` (e.g. models:/name/3) on the fixed shards, plus the
+    deciding metric when it is not one of training's (`pipeline.registry.downstream`)."""
     import torch
 
+    from tokenmill.pipeline.registry import downstream
     from tokenmill.pipeline.registry.model_ref import resolve_model
     from tokenmill.pipeline.training.tasks import image_validation
 
-    model, _ = resolve_model(model_ref, tracking_uri, config.data.storage_options).load()
+    files = resolve_model(model_ref, tracking_uri, config.data.storage_options)
+    model, _ = files.load()
     torch.manual_seed(config.validation.seed)  # the IW samples of VAEs: same draws for every model
     metrics, _ = image_validation.evaluate(model, _validation_batches(config), config.validation.iw_samples)
+    if config.metric_name == "lpips":
+        metrics[config.metric] = downstream.lpips_score(model, _validation_batches(config), config)
+    if config.metric_name == "prior_bits":
+        metrics[config.metric] = downstream.prior_bits(files, config, _validation_folder(config), tracking_uri)
     return metrics
+
+
+def _validation_folder(config: RetrainConfig) -> str:
+    """The fixed validation shards' folder; a built-in source is sharded once under
+    run.root/shards/<name>, like a train config's data."""
+    from tokenmill.pipeline.shards.sources import BUILTIN_SOURCES
+    from tokenmill.pipeline.training.tasks.image_data import materialize_builtin
+
+    shards = config.validation.shards
+    return materialize_builtin(shards, config.run.root) if shards in BUILTIN_SOURCES else shards
 
 
 def validation_shard_urls(config: RetrainConfig) -> list[str]:
     """The fixed validation split's shard URLs; UserError when its manifest is missing."""
     from tokenmill.pipeline.shards.manifest import shards_for_split
-    from tokenmill.pipeline.shards.sources import BUILTIN_SOURCES
-    from tokenmill.pipeline.training.tasks.image_data import materialize_builtin
 
-    shards = config.validation.shards
-    if shards in BUILTIN_SOURCES:  # sharded once under run.root/shards/<name>, like a train config's data
-        shards = materialize_builtin(shards, config.run.root)
-    return shards_for_split(shards, config.validation.split, config.data.storage_options)
+    return shards_for_split(_validation_folder(config), config.validation.split, config.data.storage_options)
 
 
 def _validation_batches(config: RetrainConfig) -> Iterator[dict[str, Any]]:
@@ -85,21 +113,47 @@ def _validation_batches(config: RetrainConfig) -> Iterator[dict[str, Any]]:
 # -- deciding -----------------------------------------------------------------------------------
 
 def decide(config: RetrainConfig, challenger: dict[str, float], champion: dict[str, float] | None) -> Decision:
-    """Promote iff the challenger's metric beats the champion's by more than the margin (a tie
-    keeps the champion), its score is finite and (VQ) its codebook usage reaches the floor."""
-    metric, margin = config.metric, config.promotion.margin
-    value = challenger[metric]
+    """Promote iff the challenger's `promotion.metric` beats the champion's by more than the margin
+    in the metric's direction (a tie keeps the champion), its score is finite and (VQ) its codebook
+    usage reaches the floor. The decision carries the table of every metric of both models."""
+    metric, margin, higher = config.metric, config.promotion.margin, config.higher_is_better
+    made = lambda promote, reason: Decision(promote, reason, metric, higher, margin,  # noqa: E731
+                                            decision_table(challenger, champion, metric, higher))
+    value = challenger.get(metric, math.nan)
     if not math.isfinite(value):
-        return Decision(False, f"challenger {metric} is {value}")
+        return made(False, f"challenger {metric} is {value}")
     usage = min((v for k, v in challenger.items() if k.startswith("val/usage")), default=None)
     if usage is not None and usage < config.promotion.usage_floor:
-        return Decision(False, f"challenger codebook usage {usage:.3f} is below the floor {config.promotion.usage_floor}")
+        return made(False, f"challenger codebook usage {usage:.3f} is below the floor {config.promotion.usage_floor}")
     if champion is None:
-        return Decision(True, f"no {config.promotion.alias} yet; challenger {metric} {value:.4f}")
-    gain = value - champion[metric] if HIGHER_IS_BETTER[metric] else champion[metric] - value
+        return made(True, f"no {config.promotion.alias} yet; challenger {metric} {value:.4f}")
+    gain = value - champion[metric] if higher else champion[metric] - value
     verdict = "wins" if gain > margin else "does not win"
-    return Decision(gain > margin, f"challenger {metric} {value:.4f} vs {config.promotion.alias} "
-                                   f"{champion[metric]:.4f}: {verdict} (gain {gain:+.4f}, margin {margin})")
+    return made(gain > margin, f"challenger {metric} {value:.4f} vs {config.promotion.alias} "
+                               f"{champion[metric]:.4f}: {verdict} on {metric} ({'higher' if higher else 'lower'} "
+                               f"is better; gain {gain:+.4f}, margin {margin})")
+
+
+def decision_table(challenger: dict[str, float], champion: dict[str, float] | None, decided: str,
+                   higher: bool) -> tuple[dict[str, Any], ...]:
+    """A row per metric of either model, in name order; `better` where the direction is known
+    (the deciding metric's configured one, else METRICS')."""
+    known = {key: up for key, up in METRICS.values()} | {decided: higher}
+    rows = []
+    for name in sorted(set(challenger) | set(champion or {})):
+        mine, theirs, up = challenger.get(name), (champion or {}).get(name), known.get(name)
+        better = None
+        if up is not None and mine is not None and theirs is not None:
+            better = "tie" if mine == theirs else "challenger" if (mine > theirs) == up else "champion"
+        rows.append({"metric": name, "challenger": mine, "champion": theirs, "higher_is_better": up,
+                     "better": better, "decided": name == decided})
+    return tuple(rows)
+
+
+def log_decision_table(client, run_id: str, decision: Decision) -> None:
+    """The table as an MLflow table artifact of the challenger's run (`retrain/decision_table.json`)."""
+    columns = ("metric", "challenger", "champion", "higher_is_better", "better", "decided")
+    client.log_table(run_id, {c: [row[c] for row in decision.table] for c in columns}, TABLE_ARTIFACT)
 
 
 # -- the registry -------------------------------------------------------------------------------
@@ -131,6 +185,8 @@ def decision_tags(data_version: str, decision: Decision, champion: str | None,
                   challenger_scores: dict[str, float], champion_scores: dict[str, float] | None) -> dict[str, str]:
     return {"decision": "promoted" if decision.promote else "kept", "reason": decision.reason,
             "data_version": data_version, "champion_version": champion or "none",
+            "decided_by": decision.metric, "direction": "max" if decision.higher_is_better else "min",
+            "margin": str(decision.margin),
             "challenger_scores": json.dumps(challenger_scores, sort_keys=True),
             "champion_scores": json.dumps(champion_scores, sort_keys=True) if champion_scores else "none"}
 

@@ -6,8 +6,10 @@
     when `promotion.warm_start` and the architectures match;
  3. score the challenger on the fixed validation shards; then, holding the promotion lock,
     re-check that no other run decided this data version meanwhile, score the current champion
-    the same way, decide, tag the challenger's run and model version, move the alias on a win
-    and record the data version as decided (pipeline.registry.promotion, pipeline.registry.lock);
+    the same way, decide on `promotion.metric` (PSNR by default; LPIPS, usage, the downstream
+    prior_bits, ...), tag the challenger's run and model version, log the decision table, move
+    the alias on a win and record the data version as decided (pipeline.registry.promotion,
+    pipeline.registry.downstream, pipeline.registry.lock);
  4. after a promotion, tokenize the data version with the new champion into a new store
     `<retokenize.out_prefix>/<data version>/<model>-v<version>`.
 
@@ -60,6 +62,8 @@ class RetrainResult:
     mlflow_run_id: str | None = None  # the challenger's training run
     warm_started_from: str | None = None  # models:/<name>/<champion version>, or None (from scratch)
     decision: str = ""  # promoted | kept | superseded | already-decided
+    # The deciding metric, its direction, the margin and the decision table (every metric of both models)
+    promotion: dict[str, Any] | None = None
     reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -75,11 +79,13 @@ def _one_line(err: BaseException) -> str:
 
 
 def retrain(config) -> RetrainResult:
+    from tokenmill.pipeline.registry import downstream, promotion, tracking
     from tokenmill.pipeline.registry import lock as registry_lock
-    from tokenmill.pipeline.registry import promotion, tracking
     from tokenmill.pipeline.shards.versions import newest_version
 
     name, alias = config.registered_model, config.promotion.alias
+    with step("checking promotion.metric"):  # a metric that cannot be computed: refused before anything
+        downstream.check_metric(config)
     with step("finding the newest data version"):  # data first: a wrong prefix fails before any work
         data = newest_version(config.versions.prefix, config.data.storage_options)
     with step("checking the validation shards"):  # scored only after training: check them now
@@ -121,6 +127,8 @@ def retrain(config) -> RetrainResult:
             client.set_registered_model_alias(name, alias, version)
         promotion.record(client, name, version, run_id, promotion.decision_tags(
             data.name, decision, champion, result.challenger_scores, result.champion_scores))
+        promotion.log_decision_table(client, run_id, decision)
+        result.promotion = decision.to_json()
         promotion.mark_decided(client, name, data.name, version, run_id, decision.promote)
     result.promoted = decision.promote
 

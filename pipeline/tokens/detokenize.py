@@ -16,6 +16,18 @@ from pathlib import Path
 GRID = 64  # images per PNG (8 x 8)
 
 
+def _same_codes(files, weights_sha256: str) -> bool:
+    """A tokenmill model fine-tuned from the recorded one with its encoder and quantizer frozen
+    (`train.freeze`): its lineage names the recorded weights and its code parts still hash to
+    the recorded value, so it gives the same codes and decodes them with its own decoder."""
+    from tokenmill.models.freezing import reproduces_codes_of
+
+    if not hasattr(files, "config") or b"same_codes_as" not in files.config:  # cheap test before loading
+        return False
+    model, meta = files.load()
+    return reproduces_codes_of(meta.get("extra", {}).get("lineage", {}), model, weights_sha256)
+
+
 def detokenize_store(store_url: str, out: Path, start: int, stop: int, *, split: str | None = None,
                  model_ref: str | None = None, tracking_uri: str | None = None,
                  storage_options: dict | None = None) -> list[Path]:
@@ -54,7 +66,7 @@ class StoreDecoder:
             files = found.files
         else:
             files = resolve_reference(model_ref, tracking_uri, storage_options)
-            if files.weights_sha256 != recorded.sha256:
+            if files.weights_sha256 != recorded.sha256 and not _same_codes(files, recorded.sha256):
                 raise UserError(f"{model_ref} has weights sha256 {files.weights_sha256[:12]}…, but {store_url} was "
                                 f"made with {recorded.sha256[:12]}…; pass the store's model with --model")
         self.tokenizer = load_tokenizer(files, ExtractionOptions.from_lineage(lineage))

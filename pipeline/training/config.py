@@ -106,8 +106,9 @@ class LoopSection(StrictModel):
     # Image panels / sample grids (rank 0, to MLflow): None = at every validation, 0 = never,
     # N = every N steps and at the last step.
     sample_every: Optional[int] = pydantic.Field(None, ge=0)
-    # Warm start: a model (directory/URL, runs:/…, models:/NAME/VERSION, taming:PATH, llamagen:PATH) of the same architecture
-    # whose weights replace the fresh initialisation; a checkpoint being resumed wins over it.
+    # Warm start / fine-tuning: any model reference `tokenize --model` takes (directory/URL, runs:/…,
+    # models:/NAME/VERSION, a converted published checkpoint: taming:PATH, llamagen:PATH) of the same
+    # architecture, whose weights replace the fresh initialisation; a checkpoint being resumed wins over it.
     init_from: Optional[str] = None
     early_stop: EarlyStopSection = EarlyStopSection()
 
@@ -116,6 +117,10 @@ class TrainSection(LoopSection):
     """`tokenmill train`'s `train` section: the loop's, plus the VAE family's validation."""
 
     iw_samples: int = pydantic.Field(16, gt=0)  # K of the importance-weighted NLL (VAE family)
+    # Fine-tuning: parts of the tokenizer that do not train (models.freezing: encoder, quant_conv,
+    # quantizer/codebook, post_quant_conv, decoder). [encoder, quantizer] trains the decoder only:
+    # the codes stay the same, so stores made by the `init_from` model still decode.
+    freeze: list[str] = []
 
 
 class ScalingSection(StrictModel):

@@ -230,14 +230,25 @@ def load_initial_weights(module: torch.nn.Module, ref: str, tracking_uri: str | 
     """Copy the weights of model `ref` into `module` (strict: the architectures must match).
     Every rank resolves `ref` itself, so it works on nodes that never saw the driver's disk; the
     driver calls it once on a fresh model before Ray starts, so a bad `ref` is a UserError at once."""
-    from tokenmill.pipeline.registry.model_ref import resolve_model
-
-    source, _ = resolve_model(ref, tracking_uri).load()
+    source = initial_model_files(ref, tracking_uri).load()[0]
     try:
         module.load_state_dict(source.state_dict())
     except RuntimeError as err:  # "Error(s) in loading state_dict for X:\n\tsize mismatch for ..."
         detail = [line.strip() for line in str(err).splitlines() if line.strip()][-1][:300]
         raise UserError(f"train.init_from {ref} does not fit the `model` section of the config ({detail})") from None
+
+
+def initial_model_files(ref: str, tracking_uri: str | None):
+    """The `ModelFiles` of `train.init_from`: any reference the tokenizer resolver takes, as long
+    as it resolves to a tokenmill model (a diffusers autoencoder has no tokenmill architecture)."""
+    from tokenmill.pipeline.tokens.diffusers_adapter import DiffusersFiles
+    from tokenmill.pipeline.tokens.extraction import resolve_tokenizer
+
+    files = resolve_tokenizer(ref, tracking_uri)
+    if isinstance(files, DiffusersFiles):
+        raise UserError(f"train.init_from {ref} is a {type(files).__name__}, not a tokenmill model; "
+                        "give a tokenmill model (a directory, runs:/…, models:/…) or a converted checkpoint")
+    return files
 
 
 class Throughput:

@@ -4,7 +4,9 @@ A Part owns its AdamW, the learning-rate schedule (linear warm-up, cosine decay)
 clipping, the skip rule for NaN/inf or too large gradient norms (VDVAE) and, when
 `ema_decay > 0`, EMA weights: the model that validation, samples and export use. The step
 (`pipeline.training.step`) decides when to backward and when to update; a Part knows only its
-own optimizer. Nothing here knows about ranks or files.
+own optimizer. Frozen parameters (`requires_grad=False`, `train.freeze`) are outside the
+optimizer, the EMA copies them unchanged, and frozen parts stay in eval mode while the rest
+trains. Nothing here knows about ranks or files.
 
 The skip decision uses only the gradient norm: under DDP the gradients are all-reduced during
 backward, so every rank computes the same norm and skips together, and a NaN/inf loss on any rank
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.models.freezing import frozen_modules
 from tokenmill.models.ranges import STRICT, Count, Fraction, NonNegative, Positive, UnitInterval
 
 
@@ -97,6 +100,8 @@ class Part:
             group["lr"] = self.lr
         self.optimizer.zero_grad(set_to_none=True)
         self.model.train()
+        for module in frozen_modules(self.module):  # train.freeze: a frozen quantizer must not learn
+            module.eval()
 
     def finish_step(self, scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
         """Clip the accumulated gradients, then update, or skip on a NaN/inf or too large norm,
@@ -132,7 +137,10 @@ class Part:
         decay = ((1.0 + updates) / (10.0 + updates)).clamp(max=self.config.ema_decay)
         weight = (1.0 - decay) * applied  # () float32
         for shadow, live in zip(self.ema.parameters(), self.module.parameters()):
-            shadow.lerp_(live.detach(), weight.to(shadow.dtype))
+            if live.requires_grad:
+                shadow.lerp_(live.detach(), weight.to(shadow.dtype))
+            else:  # frozen (train.freeze): copied, so the EMA's frozen parts stay bit-identical
+                shadow.copy_(live)
         for shadow, live in zip(self.ema.buffers(), self.module.buffers()):
             shadow.copy_(torch.where(applied, live, shadow))
 

@@ -1,4 +1,5 @@
-"""`tokenmill retrain` end to end with local Ray and a real `mlflow server`: the first run promotes,
+"""`tokenmill retrain` end to end with local Ray and a real `mlflow server`: the first run promotes
+(over a champion whose codes a prior cannot predict, on `promotion.metric: prior_bits`),
 a rerun on the same data version is a no-op, a challenger that does not win keeps the champion,
 a failed step leaves the champion untouched, and two runs racing for the lock promote once.
 Plus the registry lock on its own. (Data version discovery and the decision rule:
@@ -85,24 +86,73 @@ def world(ray_local, mlflow_server, digits, tmp_path_factory) -> Setup:
     return Setup(tmp_path_factory.mktemp("retrain"), digits, mlflow_server, "retrain-a", "builtin:digits")
 
 
+# The first round decides on prior_bits (pipeline.registry.downstream) with a small fixed budget.
+PRIOR_BITS = ["promotion.metric=prior_bits", "promotion.margin=1.0", "promotion.prior.steps=20",
+              "promotion.prior.batch_size=16", "promotion.prior.dim=32", "promotion.prior.depth=1",
+              "promotion.prior.heads=1"]
+
+
+def register_hashing_champion(world: Setup) -> str:
+    """An untrained VQ-VAE with LFQ codes (2^8: the signs of 8 latent channels) behind a random
+    encoder of high gain, registered as the champion: its codes are a near-hash of the image
+    around each position, so the budget's prior gets to ~5 bits/token on them, where the trained
+    32-code challenger's few used codes take ~2 (measured: 5.0 vs 2.25, margin 1.0)."""
+    import torch
+
+    from tokenmill.models import save_model
+    from tokenmill.models.serialization import build_model
+    from tokenmill.pipeline.registry import tracking
+
+    torch.manual_seed(0)
+    model = build_model({"kind": "vqvae", "in_channels": 1, "image_size": 16, "hidden": 16, "res_blocks": 1,
+                         "downsample": 4, "latent_dim": 8, "quantizer": {"kind": "lfq", "bits": 8}})
+    with torch.no_grad():
+        for parameter in model.encoder.parameters():
+            parameter.mul_(4)
+    transform = load_retrain_config(CONFIG).data.transform.for_eval().model_dump(mode="json")
+    folder = save_model(model.eval(), world.root / "hashing-champion", extra={"transform": transform})
+    run_id = tracking.get_or_create_run(world.tracking_uri, "tokenmill-retrain", "hashing-champion", tags={},
+                                        run_dir=world.root / "hashing-champion-run")
+    version = tracking.register_model_dir(world.tracking_uri, run_id, folder, world.model, tags={})
+    world.client.set_registered_model_alias(world.model, "champion", version)
+    return version
+
+
 @pytest.fixture(scope="module")
 def first(world) -> dict:
-    code, decision = world.cli("v001")
+    """The first round: a challenger trained from scratch (the champion's architecture differs)
+    against the hashing champion, decided on prior_bits."""
+    champion = register_hashing_champion(world)
+    code, decision = world.cli("v001", *PRIOR_BITS)
     assert code == 0
+    decision["hashing_champion"] = champion
     return decision
 
 
-def test_first_retrain_promotes_and_retokenizes(world, first):
+def test_first_retrain_promotes_on_prior_bits_and_retokenizes(world, first):
     from tokenmill.pipeline.tokens.store import TokenStore
 
     version = first["model_version"]
     assert first["promoted"] is True and first["decision"] == "promoted"
-    assert first["data_version"] == "v001" and first["champion_version"] is None
-    assert "no champion yet" in first["reason"]
+    assert first["data_version"] == "v001" and first["champion_version"] == first["hashing_champion"]
+    assert first["warm_started_from"] is None  # the champion's architecture differs: trained from scratch
     assert world.champion() == version
-    assert first["challenger_scores"]["val/psnr"] > 0.0 and first["champion_scores"] is None
+    # The challenger's codes are far more predictable: fewer bits per token by more than the margin.
+    bits = "downstream/prior_bits"
+    assert first["challenger_scores"][bits] + 1.0 < first["champion_scores"][bits]
+    assert "wins on downstream/prior_bits" in first["reason"]
+    decided = first["promotion"]
+    assert (decided["metric"], decided["direction"], decided["margin"]) == (bits, "min", 1.0)
+    rows = {row["metric"]: row for row in decided["table"]}
+    assert [name for name, row in rows.items() if row["decided"]] == [bits]
+    assert rows[bits]["better"] == "challenger" and rows[bits]["champion"] == first["champion_scores"][bits]
+    assert {"val/psnr", "val/usage"} <= set(rows)  # every metric of both models, not only the deciding one
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=first["mlflow_run_id"], artifact_path=promotion.TABLE_ARTIFACT, tracking_uri=world.tracking_uri,
+        dst_path=str(world.root / "table"))).read_text())
+    assert bits in json.dumps(table) and "decided" in table["columns"]
     tags = world.version_tags(version)
-    assert tags["tokenmill.retrain.decision"] == "promoted"
+    assert tags["tokenmill.retrain.decision"] == "promoted" and tags["tokenmill.retrain.decided_by"] == bits
     assert tags["tokenmill.retrain.data_version"] == "v001"
     assert json.loads(tags["tokenmill.retrain.challenger_scores"]) == first["challenger_scores"]
     run_tags = world.client.get_run(first["mlflow_run_id"]).data.tags
@@ -135,8 +185,9 @@ def test_challenger_that_does_not_win_keeps_the_champion(world, first):
     assert decision["promoted"] is False and decision["decision"] == "kept" and decision["store_url"] is None
     assert decision["data_version"] == "v002" and decision["champion_version"] == first["model_version"]
     assert world.champion() == first["model_version"]
-    # The champion was scored again on the same shards by the same code: the same numbers.
-    assert decision["champion_scores"] == first["challenger_scores"]
+    # The champion was scored again on the same shards by the same code: the same numbers
+    # (prior_bits decided the first round only).
+    assert decision["champion_scores"] == {k: v for k, v in first["challenger_scores"].items() if k.startswith("val/")}
     assert decision["warm_started_from"] == f"models:/retrain-a/{first['model_version']}"
     assert abs(decision["challenger_scores"]["val/psnr"] - first["challenger_scores"]["val/psnr"]) < 1.0
     tags = world.version_tags(decision["model_version"])

@@ -88,6 +88,8 @@ CASES = [
      "--set train.init_from={F}/badweights", ["{F}/badweights"]),
     ("train-init-other-architecture", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs6 "
      "--set train.init_from={F}/model", ["{F}/model"]),
+    ("train-freeze-unknown-part", "train {TRAIN} --set data.shards={F}/shards --set run.root={F}/runs "
+     "--set train.freeze=[encoder,decodr]", ["train.freeze ['decodr']", "valid: encoder, quantizer, decoder"]),
     ("train-multiscale-scales-miss-the-grid", "train {TRAIN} --set model.quantizer.kind=multiscale "
      "--set model.quantizer.scales=[1,2,3]", ["quantizer.scales [1, 2, 3]", "grid side 4"]),
     # -- train-prior and sample
@@ -129,6 +131,8 @@ CASES = [
      ["{F}/missing"]),
     ("retrain-validation-missing", "retrain {RETRAIN} --set versions.prefix={F}/versions --set run.root={F}/runs9 "
      "--set validation.shards={F}/missing", ["{F}/missing"]),
+    ("retrain-metric-needs-inception", "retrain {RETRAIN} --set promotion.metric=rfid",
+     ["promotion.metric rfid needs Inception weights"]),
     # -- decode
     ("decode-missing-store", "decode {F}/missing --out {F}/dec", ["{F}/missing"]),
     ("decode-garbage-zarr", "decode {F}/badzarr --out {F}/dec", ["{F}/badzarr"]),

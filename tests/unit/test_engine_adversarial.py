@@ -133,3 +133,27 @@ def test_both_optimizers_checkpoint_and_resume(shards, lpips_files, tmp_path):
 def test_lpips_weights_are_recorded_as_run_tags(shards, lpips_files, tmp_path):
     tags = gan_task(shards, lpips_files, tmp_path).prepare("")
     assert len(tags["tokenmill.lpips.vgg_sha256"]) == 64 and len(tags["tokenmill.lpips.lin_sha256"]) == 64
+
+
+def test_a_decoder_only_vqgan_fine_tune_trains_with_lpips_and_the_gan(shards, lpips_files, tmp_path):
+    """train.freeze [encoder, quantizer] on the adversarial task: LPIPS, the discriminator and the
+    adaptive weight at the decoder's last layer all run; only the decoder moves. Freezing the
+    decoder with the adaptive weight on is refused (its gradient there is what the weight compares)."""
+    from tokenmill.models.errors import UserError
+
+    class Kept(AdversarialTask):
+        def build(self):  # the run's own initial weights
+            parts = super().build()
+            self.initial = {k: v.clone() for k, v in parts["model"][0].state_dict().items()}
+            return parts
+
+    config = gan_task(shards, lpips_files, tmp_path / "a", "loss.disc_start=0", "train.steps=2", "train.val_every=2",
+                      "train.checkpoint_every=2", "optim.ema_decay=0", "train.freeze=[encoder,quantizer]").config
+    run = run_in_process(Kept(config), tmp_path / "a")
+    before, after = run.task.initial, run.train_state()["parts"]["model"]["module"]
+    assert run.context.reports[-1]["step"] == 2 and "discriminator" in run.train_state()["parts"]
+    frozen = [k for k in after if k.startswith(("encoder.", "quantizer."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("decoder."))
+    with pytest.raises(UserError, match="set loss.adaptive_weight: false"):
+        gan_task(shards, lpips_files, tmp_path / "b", "train.freeze=[decoder]").prepare("")

@@ -60,3 +60,91 @@ def test_a_challenger_starts_from_the_champion_else_from_the_configured_init_fro
     config = load_retrain_config(CONFIG, ["train.init_from=taming:logs/vqgan_imagenet_f16_1024"])
     assert config.challenger_config("v1", "c", None, "").train.init_from == "taming:logs/vqgan_imagenet_f16_1024"
     assert config.challenger_config("v1", "c", "models:/tok/3", "").train.init_from == "models:/tok/3"
+
+
+SCORES = {"val/psnr": 20.0, "val/usage": 0.5, "val/lpips": 0.20, "downstream/prior_bits": 3.0}
+
+
+@pytest.mark.parametrize(("overrides", "challenger", "promote"), [
+    (["promotion.metric=prior_bits", "promotion.margin=0.5"], {"downstream/prior_bits": 2.0}, True),  # fewer bits win
+    (["promotion.metric=prior_bits", "promotion.margin=1.5"], {"downstream/prior_bits": 2.0}, False),  # not by 1.5
+    (["promotion.metric=prior_bits"], {"downstream/prior_bits": 3.5}, False),
+    (["promotion.metric=lpips", "promotion.margin=0.01"], {"val/lpips": 0.15}, True),  # lower LPIPS wins
+    (["promotion.metric=usage"], {"val/usage": 0.6}, True),  # higher usage wins
+    (["promotion.metric=usage"], {"val/usage": 0.4}, False),
+    (["promotion.metric=psnr", "promotion.direction=min"], {"val/psnr": 19.0}, True),  # a direction overrides
+    (["promotion.metric=prior_bits", "promotion.direction=max"], {"downstream/prior_bits": 2.0}, False),
+])
+def test_promotion_by_any_metric_in_its_direction_with_a_margin(overrides, challenger, promote):
+    config = load_retrain_config(CONFIG, overrides)
+    decision = promotion.decide(config, SCORES | challenger, SCORES)
+    assert decision.promote is promote, decision.reason
+    metric = challenger.popitem()[0]
+    assert decision.metric == metric and metric in decision.reason
+    assert [row["metric"] for row in decision.table if row["decided"]] == [metric]
+
+
+def test_the_decision_table_shows_every_metric_and_which_one_decided():
+    """prior_bits decides for the challenger although PSNR and LPIPS favour the champion."""
+    config = load_retrain_config(CONFIG, ["promotion.metric=prior_bits", "promotion.margin=0.25"])
+    challenger = {"val/psnr": 18.0, "val/usage": 0.5, "val/lpips": 0.25, "val/images": 100.0,
+                  "downstream/prior_bits": 1.0}
+    decision = promotion.decide(config, challenger, SCORES)
+    assert decision.promote and decision.margin == 0.25 and not decision.higher_is_better
+    rows = {row["metric"]: row for row in decision.table}
+    assert set(rows) == set(challenger)  # every metric of either model
+    assert rows["downstream/prior_bits"] == {"metric": "downstream/prior_bits", "challenger": 1.0, "champion": 3.0,
+                                             "higher_is_better": False, "better": "challenger", "decided": True}
+    assert rows["val/psnr"]["better"] == "champion" and rows["val/lpips"]["better"] == "champion"
+    assert rows["val/usage"]["better"] == "tie" and rows["val/images"]["better"] is None  # no direction: no verdict
+    assert rows["val/images"]["champion"] is None
+    summary = decision.to_json()
+    assert summary["metric"] == "downstream/prior_bits" and summary["direction"] == "min" and len(summary["table"]) == 5
+    tags = promotion.decision_tags("v1", decision, "3", challenger, SCORES)
+    assert (tags["decided_by"], tags["direction"], tags["margin"]) == ("downstream/prior_bits", "min", "0.25")
+
+
+def test_metrics_that_cannot_be_computed_are_refused_before_training(tmp_path):
+    from tokenmill.models.errors import UserError
+    from tokenmill.models.vae import VAEConfig
+    from tokenmill.pipeline.config import ConfigError
+    from tokenmill.pipeline.registry.downstream import check_metric
+
+    with pytest.raises(ConfigError, match="promotion.metric 'bits' is not one of psnr"):
+        load_retrain_config(CONFIG, ["promotion.metric=bits"])
+    for name in ("rfid", "gfid"):
+        with pytest.raises(UserError, match=f"^promotion.metric {name} needs Inception weights: "):
+            check_metric(load_retrain_config(CONFIG, [f"promotion.metric={name}"]))
+    vae = load_retrain_config(CONFIG, ["promotion.metric=prior_bits"])
+    with pytest.raises(UserError, match="does not apply to the VAE family"):
+        check_metric(vae.model_copy(update={"model": VAEConfig()}))
+    missing = [f"promotion.lpips.vgg_path={tmp_path / 'vgg.pth'}", f"promotion.lpips.lin_path={tmp_path / 'lin.pth'}"]
+    with pytest.raises(UserError, match="^promotion.metric lpips needs the LPIPS weights: .*vgg.pth"):
+        check_metric(load_retrain_config(CONFIG, ["promotion.metric=lpips", *missing]))
+    check_metric(load_retrain_config(CONFIG, ["promotion.metric=prior_bits"]))  # computable: no error
+
+
+def test_retrains_lpips_equals_tokenmill_evals_on_the_same_split(tmp_path):
+    """promotion.metric lpips scores with `tokenmill eval`'s measure (random LPIPS weights here),
+    on ~10 validation images."""
+    from helpers.engine import grey_shards
+    from helpers.lpips import write_random_lpips_weights
+
+    from tokenmill.models import save_model
+    from tokenmill.models.lpips import LPIPSWeights
+    from tokenmill.models.serialization import build_model
+    from tokenmill.pipeline.tokenizer_eval import EvalOptions, evaluate
+
+    vgg, lin = write_random_lpips_weights(tmp_path)
+    shards = grey_shards(tmp_path, n=32)
+    config = load_retrain_config(CONFIG, [
+        "promotion.metric=lpips", f"promotion.lpips.vgg_path={vgg}", f"promotion.lpips.lin_path={lin}",
+        "promotion.lpips.verify_sha256=false", f"validation.shards={shards}", f"run.root={tmp_path}"])
+    model = build_model(config.model_dump(mode="json")["model"]).eval()
+    folder = save_model(model, tmp_path / "model",
+                        extra={"transform": config.data.transform.for_eval().model_dump(mode="json")})
+    scores = promotion.score(str(folder), "", config)
+    lpips = LPIPSWeights(vgg_path=str(vgg), lin_path=str(lin), verify_sha256=False)
+    reference = evaluate(str(folder), shards, "val", tmp_path / "eval", EvalOptions(lpips=lpips)).metrics
+    assert scores["val/lpips"] > 0 and scores["val/lpips"] == pytest.approx(reference["lpips"], rel=1e-5)
+    assert scores["val/psnr"] == pytest.approx(reference["psnr"], rel=1e-5)

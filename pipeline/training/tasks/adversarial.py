@@ -55,7 +55,11 @@ class AdversarialTask(TokenizerTask):
 
     # -- driver ---------------------------------------------------------------------------------------
     def prepare(self, tracking_uri: str) -> dict[str, str]:
-        lpips_tags = require_loss_weights(self.config.loss, model_class_for_kind(self.config.model.kind))
+        loss = self.config.loss
+        lpips_tags = require_loss_weights(loss, model_class_for_kind(self.config.model.kind))
+        if loss.uses_discriminator and loss.adaptive_weight and "decoder" in self.config.train.freeze:
+            raise UserError("loss.adaptive_weight compares gradients at the decoder's last layer, which "
+                            "train.freeze keeps frozen; set loss.adaptive_weight: false")
         return lpips_tags | super().prepare(tracking_uri)  # the weights first: their absence is the likelier mistake
 
     # -- every rank -----------------------------------------------------------------------------------

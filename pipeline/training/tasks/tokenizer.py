@@ -7,7 +7,8 @@ stream per split; Ray Train splits train equally between ranks and val without d
 `kl`'s schedule). Validation: IW-NLL/ELBO for the VAE family, PSNR/SSIM/usage for the VQ family
 (`image_validation`); rank 0 shows image panels of the first validation batch and, for VQ
 models, the codebook usage of the whole split. The exported model carries the eval transform,
-so tokenization decodes images the way training did.
+so tokenization decodes images the way training did, and the fine-tuning lineage
+(`train.init_from`, `train.freeze`: `tasks.finetune`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from tokenmill.models.freezing import freeze
 from tokenmill.models.serialization import build_model, model_class_for_kind, save_model
 from tokenmill.pipeline.shards.stream import to_model_input
 from tokenmill.pipeline.training.optim import OptimConfig, Part
 from tokenmill.pipeline.training.step import Loss
 from tokenmill.pipeline.training.task import Inputs, Task
 from tokenmill.pipeline.training.tasks import image_validation
+from tokenmill.pipeline.training.tasks.finetune import LINEAGE_KEY, finetune_lineage, lineage_tags
 from tokenmill.pipeline.training.tasks.image_data import (
     TRAIN_COLUMNS,
     TrainingData,
@@ -37,11 +40,12 @@ class TokenizerTask(Task):
 
     # -- driver ---------------------------------------------------------------------------------------
     def prepare(self, tracking_uri: str) -> dict[str, str]:
+        self.lineage = finetune_lineage(self.config, tracking_uri)  # a wrong train.freeze name fails here
         self.data: TrainingData = resolve_training_data(self.config)  # missing / empty shards fail here
-        return {"tokenmill.data_manifest_identity": self.data.manifest_identity}
+        return self.version_tags()
 
     def version_tags(self) -> dict[str, str]:
-        return {"tokenmill.data_manifest_identity": self.data.manifest_identity}
+        return {"tokenmill.data_manifest_identity": self.data.manifest_identity, **lineage_tags(self.lineage)}
 
     def shared_data(self) -> dict[str, str]:
         return {"data.shards": self.config.data.shards}
@@ -59,7 +63,9 @@ class TokenizerTask(Task):
 
     # -- every rank -----------------------------------------------------------------------------------
     def build(self) -> dict[str, tuple[nn.Module, OptimConfig]]:
-        return {"model": (build_model(self.config.model), self.config.optim)}
+        model = build_model(self.config.model)
+        freeze(model, self.config.train.freeze)  # before DDP and the EMA copy see it
+        return {"model": (model, self.config.optim)}
 
     def setup(self, context: Any) -> None:
         super().setup(context)
@@ -113,4 +119,5 @@ class TokenizerTask(Task):
 
     def save(self, model: nn.Module, directory: Any) -> None:
         transform = self.config.data.transform.for_eval().model_dump(mode="json")
-        save_model(model, directory, extra={"transform": transform})
+        lineage = getattr(self, "lineage", {})  # set by prepare (a task built without it: none)
+        save_model(model, directory, extra={"transform": transform, **({LINEAGE_KEY: lineage} if lineage else {})})
