@@ -264,16 +264,12 @@ def _timed_encode(batch_size: int, n: int) -> tuple[float, float]:
 def _encode_span(model, batch_size: int, n: int, device: str = "cpu", precision: str = "fp32") -> tuple[float, float]:
     """(start, end) wall-clock times of encoding n in-memory 32x32 images in batches (on
     `device`, already there: the compute alone; under the job's autocast)."""
-    import contextlib
-
     import torch
 
-    from tokenmill.pipeline.tokens.encoder import PRECISIONS
+    from tokenmill.pipeline.training.precision import autocast
 
     x = torch.rand(n, 3, 32, 32, device=device)
-    dtype = PRECISIONS[precision]
-    autocast = torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(precision, torch.device(device)):
         model.encode(x[:batch_size])  # warm-up
         started = time.time()
         for i in range(0, n, batch_size):

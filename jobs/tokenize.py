@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="GPU actors, up to N (0: CPU only; default: GPUs if the cluster has any; "
                              "pass N on a cluster that autoscales GPU nodes from zero)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="encoder autocast dtype; codes are still chosen in fp32 (default %(default)s)")
+                        help="encoder autocast dtype, tokenmill and diffusers models; codes are still chosen in fp32; "
+                        "fp16 is refused for a diffusers VAE that sets force_upcast (default %(default)s)")
     parser.add_argument("--decode-threads", type=cli_type("decode_threads"), default=None,
                         help="image decode threads (= CPUs reserved) per actor (default: 1 on CPU, "
                              "the node's CPUs per GPU up to 4 on GPU)")

@@ -44,8 +44,12 @@ def iw_bounds(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, k: int = 100, max_batch: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image: the importance-weighted bound on log p(x) and the ELBO (mean of the same log w), each (B,)."""
-    lw = log_weights(model, x, y, k, max_batch)  # (k, B)
-    return torch.logsumexp(lw, dim=0) - math.log(k), lw.mean(0)
+    return bounds_of_log_weights(log_weights(model, x, y, k, max_batch))
+
+
+def bounds_of_log_weights(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log w (k, B) -> per image the importance-weighted bound on log p(x) and the ELBO, each (B,)."""
+    return torch.logsumexp(lw, dim=0) - math.log(lw.shape[0]), lw.mean(0)
 
 
 @torch.no_grad()

@@ -165,7 +165,11 @@ class MaskGITPrior(nn.Module):
         masked = self.draw_mask(codes.shape[0], codes.device)  # (B, N) bool
         inputs = torch.cat([seq[:, : c.class_len], codes.masked_fill(masked, c.mask)], dim=1)
         h = self.hidden(inputs)[:, c.class_len :]  # (B, N, dim)
-        return F.cross_entropy(self.logits(h[masked]).float(), codes[masked])  # over the (M,) masked codes
+        # Every position's loss, weighted by the mask: indexing with `masked` would give a
+        # data-dependent size (a host-device sync per step); every row masks >= 1 code.
+        per_code = F.cross_entropy(self.logits(h).float().flatten(0, 1), codes.flatten(), reduction="none")  # (B·N,)
+        weights = masked.flatten().float()  # (B·N,)
+        return (per_code * weights).sum() / weights.sum()  # the mean over masked codes
 
     def loss(self, tokens: Tensor) -> Tensor:
         """Mean cross-entropy in nats per masked code (bits = loss / ln 2); train mode adds label dropout."""

@@ -2,7 +2,8 @@
 
 Validation: every rank scores its own share of the validation items (`data.val_batches`); the
 sums (nats, code tokens) are all-reduced once, so every rank gets the same number and no item is
-counted twice. Sample grids are rank 0's alone: one row per class (or rows of unconditional
+counted twice. The forward runs under the training precision's autocast; the loss itself is
+computed in fp32 from the logits (the priors' `loss`). Sample grids are rank 0's alone: one row per class (or rows of unconditional
 samples), decoded by the tokenizer that made the store.
 """
 
@@ -15,22 +16,28 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from tokenmill.pipeline.training.precision import autocast
+
 LN2 = math.log(2.0)
 
 
 @torch.no_grad()
-def bits_per_token(prior: torch.nn.Module, batches: Iterable[dict], device: torch.device) -> float:
-    """Mean cross-entropy in bits per code token over every rank's `batches` (the split's items).
-    A MaskGIT prior's `loss` is per masked code (its eval-mode masks are seeded, so this is
-    comparable across steps), weighted here by each batch's code tokens."""
+def bits_per_token(prior: torch.nn.Module, batches: Iterable[dict], device: torch.device,
+                   precision: str = "fp32") -> float:
+    """Mean cross-entropy in bits per code token over every rank's `batches` (the split's items),
+    the forward under `precision`'s autocast. A MaskGIT prior's `loss` is per masked code (its
+    eval-mode masks are seeded, so this is comparable across steps), weighted here by each
+    batch's code tokens. Sums stay on the device: one read at the end."""
     was_training = prior.training
     prior.eval()  # no label dropout: every sequence is scored with its own class
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, code tokens
     for batch in batches:
         tokens = batch["tokens"].to(device)  # (B, prefix + N)
         code_tokens = tokens.shape[0] * (tokens.shape[1] - prior.config.prefix_len)
-        totals += torch.tensor([float(prior.loss(tokens)) * code_tokens, code_tokens], dtype=torch.float64,
-                               device=device)
+        with autocast(precision, device):
+            loss = prior.loss(tokens)  # fp32 scalar
+        totals[0] += loss.double() * code_tokens
+        totals[1] += code_tokens
     prior.train(was_training)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)

@@ -61,7 +61,8 @@ def tokenize_dataset(model_ref: str, shards_url: str, store_url: str,
     options = options or TokenizeOptions()
     files = resolve_reference(model_ref, options.tracking_uri, options.storage_options)
     shards, identity = _manifest_shards(shards_url, options.storage_options)
-    encoder = load_tokenizer(files, options.extraction)  # on the driver only to learn the arrays' shapes
+    # On the driver only to learn the arrays' shapes, and to refuse a precision the model cannot take
+    encoder = load_tokenizer(files, options.extraction, precision=options.precision)
     layout = plan_layout([(s["url"], s["split"], s["count"]) for s in shards],
                          max(spec.row_bytes for spec in encoder.specs))
     lineage = {

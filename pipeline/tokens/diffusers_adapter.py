@@ -13,6 +13,11 @@ already in the local Hugging Face cache; nothing is ever downloaded. Two classes
 Pixels: uint8 `(B, H, W, C)` -> float `(B, C, H, W)` in [-1, 1], at the config's `sample_size`
 (center crop) unless `--size` / `--crop` say otherwise. The tokenizer interface is the one
 `pipeline.tokens.encoder.TokenEncoder` offers: `specs`, `transform`, `encode`, plus `decode`.
+
+Precision as `TokenEncoder`'s (`--precision`): bf16/fp16 autocast around the networks, codes
+picked and posteriors formed in fp32 from their outputs, channels_last and pinned non-blocking
+copies on CUDA. fp16 is refused for a model whose config sets `force_upcast` (diffusers' own
+flag for VAEs that overflow in fp16, e.g. SD's; its pipelines then run them in fp32).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import torch
 
 from tokenmill.models.errors import UserError
 from tokenmill.pipeline.shards.images import TransformConfig
+from tokenmill.pipeline.tokens.encoder import check_precision, inference_layout, to_device, to_host
 from tokenmill.pipeline.tokens.store_format import ArraySpec, codes_dtype
+from tokenmill.pipeline.training.precision import autocast
 
 PREFIX = "diffusers:"
 CONFIG_FILE = "config.json"
@@ -137,15 +144,19 @@ class DiffusersTokenizer:
     """`encode(images uint8 (B, H, W, C), labels, keys)` -> {array: numpy rows}; `decode`."""
 
     def __init__(self, files: DiffusersFiles, latents: str | None, device: str = "cpu",
-                 size: int | None = None, crop: str | None = None):
-        self.files, self.kind, self.mode = files, files.class_name, latents
+                 size: int | None = None, crop: str | None = None, precision: str = "fp32"):
+        self.files, self.kind, self.mode, self.precision = files, files.class_name, latents, precision
         if self.kind == "VQModel" and latents:
             raise UserError(f"{files.uri} is a VQModel (codes); --latents needs an AutoencoderKL")
         if self.kind == "AutoencoderKL" and not latents:
             raise UserError(f"{files.uri} is an AutoencoderKL (continuous latents): pass --latents mean|sample")
-        self.device = torch.device(device)
-        self.model = files.load(self.device)
         self.config = json.loads(files.config)
+        check_precision(precision)
+        if precision == "fp16" and self.config.get("force_upcast", self.kind == "AutoencoderKL"):
+            raise UserError(f"--precision fp16: {files.uri} sets force_upcast (it overflows in fp16); "
+                            "use --precision bf16 or fp32")
+        self.device = torch.device(device)
+        self.model = inference_layout(files.load(self.device), self.device)
         sample_size = self.config.get("sample_size", 256)
         sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
         channels = int(self.config.get("in_channels", 3))
@@ -178,32 +189,38 @@ class DiffusersTokenizer:
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray, labels: np.ndarray, keys: list[str] | None = None) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # [-1, 1]
+        x = to_device(torch.from_numpy(images), self.device)  # uint8 (B, H, W, C)
+        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, C, H, W) in [-1, 1], NHWC in memory
+        with autocast(self.precision, self.device):
+            h = self.model.encode(x)
         if self.kind == "VQModel":
-            h = self.model.encode(x).latents  # (B, D, h, w) before quantization
+            h = h.latents.float()  # (B, D, h, w) before quantization: codes are picked in fp32
             indices = self.model.quantize(h)[2][2].reshape(h.shape[0], *h.shape[2:])  # (B, h, w)
-            return {"codes": indices.cpu().numpy().astype(codes_dtype(self.codebook_size))}
-        dist = self.model.encode(x).latent_dist
+            return {"codes": to_host([indices], self.device)[0].numpy().astype(codes_dtype(self.codebook_size))}
+        dist = h.latent_dist
+        dist = type(dist)(dist.parameters.float())  # mean and std in fp32 from the (B, 2C, h, w) moments
         z = dist.mean
         if self.mode == "sample":  # noise from the sample's key: the same draw on every rerun
             noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(_key_seed(k)))
-                                 for k in keys or [""] * len(z)]).to(z.device)
-            z = z + dist.std * noise
-        return {"latents": ((z - self.shift) * self.scaling).cpu().numpy().astype(np.float16)}
+                                 for k in keys or [""] * len(z)])
+            z = z + dist.std * to_device(noise, self.device)
+        latents = to_host([(z - self.shift) * self.scaling], self.device)[0]
+        return {"latents": latents.numpy().astype(np.float16)}
 
     @torch.inference_mode()
     def decode(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """Stored rows (one array) -> images (B, C, H, W) in [0, 1]."""
-        rows = torch.from_numpy(np.asarray(arrays[0])).to(self.device)
-        if self.kind == "VQModel":
-            codes = rows.long()
-            dim = self.model.quantize.vq_embed_dim
-            shape = (codes.shape[0], *codes.shape[1:], dim)  # (B, h, w, D)
-            if self.model.config.lookup_from_codebook:
-                images = self.model.decode(codes.reshape(-1), force_not_quantize=True, shape=shape).sample
+        rows = to_device(torch.from_numpy(np.asarray(arrays[0])), self.device)
+        with autocast(self.precision, self.device):
+            if self.kind == "VQModel":
+                codes = rows.long()
+                dim = self.model.quantize.vq_embed_dim
+                shape = (codes.shape[0], *codes.shape[1:], dim)  # (B, h, w, D)
+                if self.model.config.lookup_from_codebook:
+                    images = self.model.decode(codes.reshape(-1), force_not_quantize=True, shape=shape).sample
+                else:
+                    quant = self.model.quantize.get_codebook_entry(codes.reshape(-1), shape)  # (B, D, h, w)
+                    images = self.model.decode(quant, force_not_quantize=True).sample
             else:
-                quant = self.model.quantize.get_codebook_entry(codes.reshape(-1), shape)  # (B, D, h, w)
-                images = self.model.decode(quant, force_not_quantize=True).sample
-        else:
-            images = self.model.decode(rows.float() / self.scaling + self.shift).sample
-        return ((images + 1.0) / 2.0).clamp_(0.0, 1.0).cpu()
+                images = self.model.decode(rows.float() / self.scaling + self.shift).sample
+        return to_host([((images.float() + 1.0) / 2.0).clamp_(0.0, 1.0)], self.device)[0]

@@ -10,7 +10,6 @@ model that honours the contract works without per-class code here.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from tokenmill.pipeline.registry.model_ref import ModelFiles
 from tokenmill.pipeline.shards.images import TransformConfig
 from tokenmill.pipeline.tokens.latent_groups import latent_names, split_latents
 from tokenmill.pipeline.tokens.store_format import ArraySpec, codes_dtype
+from tokenmill.pipeline.training.precision import AUTOCAST_DTYPES, autocast  # torch only: no Ray here
 
 
 def model_transform(meta: dict[str, Any]) -> TransformConfig:
@@ -34,7 +34,30 @@ def model_transform(meta: dict[str, Any]) -> TransformConfig:
     return TransformConfig(size=config.get("image_size", 32), channels=channels)
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+def check_precision(precision: str) -> None:
+    if precision not in AUTOCAST_DTYPES:
+        raise UserError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
+
+
+def inference_layout(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` as inference on `device` wants it: channels_last on CUDA (cuDNN's fastest
+    convolutions under autocast take NHWC); unchanged on the CPU."""
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch onto `device`: on CUDA from pinned memory, without blocking (send uint8
+    images: 4x fewer bytes than float)."""
+    return batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
+
+
+def to_host(outputs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Device outputs -> CPU tensors: non-blocking copies, then one wait for all of them."""
+    cuda = device.type == "cuda"
+    host = [out.to("cpu", non_blocking=cuda) for out in outputs]
+    if cuda:
+        torch.cuda.current_stream(device).synchronize()
+    return host
 
 
 class TokenEncoder:
@@ -45,15 +68,12 @@ class TokenEncoder:
     channels_last and batches travel from pinned memory with non-blocking copies."""
 
     def __init__(self, files: ModelFiles, latents: bool, device: str = "cpu", precision: str = "fp32"):
-        if precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         # Training exports EMA weights as *the* model, so loading it is loading EMA weights.
         model, self.meta = files.load(map_location=device)
         self.model = model.eval().requires_grad_(False)
         self.device, self.latents, self.precision = torch.device(device), latents, precision
-        self.cuda = self.device.type == "cuda"
-        if self.cuda:  # cuDNN's fastest convolutions under autocast take NHWC
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = inference_layout(self.model, self.device)
         if latents and not getattr(self.model, "has_kl", False):
             raise UserError(f"--latents needs a VAE-family model; {files.uri} is a {self.meta['class']}")
         if not latents and not hasattr(self.model, "codebook_size"):
@@ -61,15 +81,9 @@ class TokenEncoder:
         self.transform = model_transform(self.meta)
         self.specs = self._probe_specs()
 
-    def _autocast(self):
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
-
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        with self._autocast():
+        with autocast(self.precision, self.device):
             outputs = self._forward_model(x, y)
         return [o.float() if o.is_floating_point() else o for o in outputs]  # latents leave in fp32
 
@@ -96,12 +110,7 @@ class TokenEncoder:
         return [ArraySpec(n, tuple(o.shape[1:]), codes_dtype(int(k)), int(k)) for n, o, k in zip(names, outputs, sizes)]
 
     def encode(self, images: np.ndarray, labels: np.ndarray, keys: list[str] | None = None) -> dict[str, np.ndarray]:
-        x, y = torch.from_numpy(images), torch.from_numpy(labels)
-        if self.cuda:  # uint8 travels (4x fewer bytes than float), from pinned memory, without blocking
-            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        x, y = to_device(torch.from_numpy(images), self.device), to_device(torch.from_numpy(labels), self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W), NHWC in memory: channels_last
-        outputs = self._forward(x, y.clamp(min=0))  # conditional VAEs need a class id
-        host = [out.to("cpu", non_blocking=self.cuda) for out in outputs]
-        if self.cuda:
-            torch.cuda.current_stream(self.device).synchronize()  # one wait for every array of the batch
+        host = to_host(self._forward(x, y.clamp(min=0)), self.device)  # conditional VAEs need a class id
         return {spec.name: out.numpy().astype(spec.dtype) for spec, out in zip(self.specs, host)}

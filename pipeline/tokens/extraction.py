@@ -66,10 +66,9 @@ def resolve_tokenizer(ref: str, tracking_uri: str | None = None, storage_options
 
 def load_tokenizer(files, options: ExtractionOptions, device: str = "cpu", precision: str = "fp32"):
     """The loaded tokenizer for `files`, wrapped in the augmentation when one is asked for.
-    `precision` (fp32/bf16/fp16): the autocast dtype of a tokenmill model's encoder.
-    (diffusers models run in their own dtype.)"""
+    `precision` (fp32/bf16/fp16): the encoder's autocast dtype, for tokenmill and diffusers models."""
     if isinstance(files, DiffusersFiles):
-        tokenizer = DiffusersTokenizer(files, options.latents, device, options.size, options.crop)
+        tokenizer = DiffusersTokenizer(files, options.latents, device, options.size, options.crop, precision)
     else:
         from tokenmill.pipeline.tokens.encoder import TokenEncoder
 

@@ -163,7 +163,7 @@ class RankRun:
         return last or self.state.stopped_early
 
     def validate(self) -> None:
-        metrics = self.task.validate(self.main.eval_module())
+        metrics = self.task.validate(self.main.eval_module(), self.runner.precision)  # the training's autocast
         self.state.record_validation(metrics, self.loop.early_stop)
         if self.logger:
             self.logger.log_validation(self.state.step, metrics)

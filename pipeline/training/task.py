@@ -95,9 +95,10 @@ class Task:
         up to each yield runs under autocast, the loop runs the backward in between."""
         raise NotImplementedError
 
-    def validate(self, model: nn.Module) -> dict[str, float]:
+    def validate(self, model: nn.Module, precision: str) -> dict[str, float]:
         """abstract: "val/..." metrics of `model` over the validation split (every rank its share,
-        sums all-reduced, so every rank returns the same numbers)."""
+        sums all-reduced, so every rank returns the same numbers); its forward under `precision`'s
+        autocast (the training's, resolved: fp32, bf16 or fp16), the metrics in fp32."""
         raise NotImplementedError
 
     def log_extras(self, model: nn.Module, step: int, logger: Any) -> None:

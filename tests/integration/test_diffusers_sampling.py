@@ -1,18 +1,21 @@
 """The `diffusers:` adapter in this process: `--latents sample` draws a KL autoencoder's noise from
-the sample's key (the same latents in any batch and order), unlike `--latents mean`. (Tokenizing
-with diffusers autoencoders on Ray: tests/integration/test_diffusers_tokenize.py.)"""
+the sample's key (the same latents in any batch and order), unlike `--latents mean`; `--precision
+bf16` runs the networks under autocast and gives fp32's codes and latents; fp16 is refused, in one
+line, for a VAE that sets `force_upcast`. (Tokenizing with diffusers autoencoders on Ray:
+tests/integration/test_diffusers_tokenize.py.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.diffusers import SHIFT, rgb_images, save_tiny_kl
+import torch
+from helpers.diffusers import SHIFT, rgb_images, save_tiny_kl, save_tiny_vq, write_rgb_shards
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("diffusers")
-    return {"root": root, "kl": save_tiny_kl(root / "kl", shift_factor=SHIFT)}
+    return {"root": root, "kl": save_tiny_kl(root / "kl", shift_factor=SHIFT), "vq": save_tiny_vq(root / "vq")}
 
 
 def test_kl_samples_are_seeded_by_the_sample_key(data):
@@ -28,3 +31,37 @@ def test_kl_samples_are_seeded_by_the_sample_key(data):
     mean = load_tokenizer(resolve_tokenizer(f"diffusers:{data['kl']}"), ExtractionOptions.build("mean"))
     assert np.abs(mean.encode(images, labels, list("abcd"))["latents"] - first).max() > 1e-2
 
+
+
+def _encode_watched(model: str, latents: str | None, precision: str, images: np.ndarray) -> tuple[np.ndarray, set]:
+    """The stored rows of `images` and the dtypes the encoder's first convolution put out."""
+    from tokenmill.pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer
+
+    tokenizer = load_tokenizer(resolve_tokenizer(model), ExtractionOptions.build(latents), precision=precision)
+    seen = set()
+    tokenizer.model.encoder.conv_in.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    rows = tokenizer.encode(images, np.zeros(len(images), np.int64), [str(i) for i in range(len(images))])
+    return rows["latents" if latents else "codes"], seen
+
+
+def test_bf16_runs_under_autocast_and_gives_fp32s_codes_and_latents(data, one_thread):
+    images = rgb_images(16)
+    fp32, seen32 = _encode_watched(f"diffusers:{data['vq']}", None, "fp32", images)
+    bf16, seen16 = _encode_watched(f"diffusers:{data['vq']}", None, "bf16", images)
+    assert seen32 == {torch.float32} and seen16 == {torch.bfloat16}  # bf16 ran under autocast
+    assert fp32.shape == (16, 16, 16) and len(np.unique(fp32)) >= 8  # codes vary: agreement means something
+    assert (fp32 == bf16).mean() >= 0.99, (fp32 == bf16).mean()
+    mean32, _ = _encode_watched(f"diffusers:{data['kl']}", "mean", "fp32", images)
+    mean16, seen = _encode_watched(f"diffusers:{data['kl']}", "mean", "bf16", images)
+    assert seen == {torch.bfloat16} and mean16.dtype == np.float16
+    np.testing.assert_allclose(mean16.astype(np.float32), mean32.astype(np.float32), atol=0.02 * np.abs(mean32).max())
+
+
+def test_fp16_is_refused_in_one_line_for_a_vae_that_sets_force_upcast(data, tmp_path, capsys):
+    from tokenmill.jobs.cli import main as cli_main
+
+    shards = write_rgb_shards(str(tmp_path / "shards"), tmp_path / "source", 4)
+    code = cli_main(["tokenize", "--model", f"diffusers:{data['kl']}", "--data", shards, "--out",
+                     str(tmp_path / "kl.zarr"), "--latents", "mean", "--precision", "fp16"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "force_upcast" in err[0] and "--precision bf16" in err[0], err

@@ -272,3 +272,33 @@ def test_a_compiled_run_trains_the_same_weights_and_checkpoints_plain_keys(store
     ema = weights(compiled.train_state(), key="ema")
     assert not any("_orig_mod" in k for k in b) and set(ema) == set(b)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("preset", ["debug_vqvae", "debug_vae", "debug_maskgit"])
+def test_validation_runs_under_the_training_precision_with_fp32_metrics(preset, shards, store, tmp_path, one_thread):
+    """train.precision=bf16: the loop's validation forward runs under autocast (a hook on the first
+    layer sees bf16) and its metrics are finite and close to an fp32 validation of the same weights."""
+    from tokenmill.pipeline.training.context import LocalContext
+    from tokenmill.pipeline.training.loop import LoopSpec, RankRun
+
+    task = preset_task(CONFIGS / f"{preset}.yaml", shards, store, tmp_path, "train.precision=bf16")
+    task.prepare("")
+    torch.manual_seed(0)
+    run = RankRun.start(task, LocalContext(tmp_path, task.inputs(in_process=True).datasets), LoopSpec())
+    run.step([next(batch for _, batch in task.batches(0, 0))])  # one step: codebooks initialised
+    model = run.main.eval_module()
+    first = next(m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    seen: list[torch.dtype] = []
+    first.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    torch.manual_seed(1)  # the VAE's posterior samples: the same draws in both passes
+    run.validate()
+    bf16, seen_bf16 = run.state.last_val, set(seen)
+    seen.clear()
+    torch.manual_seed(1)
+    fp32 = task.validate(model, "fp32")
+    assert seen_bf16 == {torch.bfloat16} and set(seen) == {torch.float32}, (seen_bf16, set(seen))
+    assert bf16.keys() == fp32.keys() and all(math.isfinite(v) for v in bf16.values()), bf16
+    for name, value in fp32.items():
+        counted = name.startswith(("val/usage", "val/perplexity"))  # code counts: a near-tie code may flip in bf16
+        rel, abs_ = (0.1, 0.07) if counted else (0.02, 1e-3)  # 0.07: two codes of the debug preset's 32
+        assert bf16[name] == pytest.approx(value, rel=rel, abs=abs_), (name, bf16[name], value)

@@ -1,7 +1,8 @@
 """No host reads in a training step (what would be a host-device sync on a GPU), counted on the CPU
 (helpers/syncs.py): every quantizer's step reads nothing; through the engine's own step (RankRun,
 the task's losses, StepRunner, the Parts) a VQ, an LFQ and a VQGAN step with dead codes present
-read once on logging steps (the logged values, together) and never otherwise. The dead-code
+read once on logging steps (the logged values, together) and never otherwise; a MaskGIT prior's
+step reads nothing, with the loss the boolean-mask indexing it replaced gave. The dead-code
 restart that makes this possible is checked here too: dead codes take rows of the batch, live ones
 are untouched, and two ranks (threads) agree with one process on the concatenation.
 (tests/unit/test_gpu.py counts real CUDA syncs with the same expectations.)"""
@@ -12,11 +13,13 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import CONFIGS
 from helpers.engine import grey_shards, rgb_shards, shrink
 from helpers.lpips import write_random_lpips_weights
 from helpers.syncs import HostReads
 
+from tokenmill.models.masked_prior import MaskGITConfig, MaskGITPrior
 from tokenmill.models.quantizers import Collectives, QuantizerConfig, VectorQuantizer
 from tokenmill.models.quantizers.collectives import sample_rows
 from tokenmill.models.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
@@ -26,6 +29,7 @@ from tokenmill.pipeline.training.loop import LoopSpec, RankRun
 from tokenmill.pipeline.training.optim import OptimConfig, Part
 from tokenmill.pipeline.training.step import StepRunner, own_loss
 from tokenmill.pipeline.training.tasks.adversarial import AdversarialTask
+from tokenmill.pipeline.training.tasks.prior import next_token_loss
 from tokenmill.pipeline.training.tasks.tokenizer import TokenizerTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster and steadier
@@ -66,6 +70,41 @@ def test_every_quantizers_training_step_reads_nothing(model_kind, quantizer, pre
         assert not reads.sites, reads.report()
         assert not codebook or restarted_codes(model) > 0  # the step had dead codes to restart
     assert torch.isfinite(result.losses["model"]) and "usage" in result.metrics
+
+
+def masked_indexing_loss(model: MaskGITPrior, tokens: torch.Tensor, seed: int) -> torch.Tensor:
+    """The MaskGIT loss as it was (logits of the masked codes only, `h[masked]`), with the RNG
+    draws of a forward seeded by `seed`: label dropout, then the mask."""
+    c = model.config
+    torch.manual_seed(seed)
+    seq = model._drop_labels(tokens)[:, 1:]
+    codes = seq[:, c.class_len :]  # (B, N)
+    masked = model.draw_mask(codes.shape[0], codes.device)  # (B, N) bool
+    h = model.hidden(torch.cat([seq[:, : c.class_len], codes.masked_fill(masked, c.mask)], dim=1))[:, c.class_len :]
+    return F.cross_entropy(model.logits(h[masked]).float(), codes[masked])
+
+
+def test_a_maskgit_prior_step_reads_nothing_and_its_loss_equals_masked_indexing():
+    torch.manual_seed(0)
+    model = MaskGITPrior(MaskGITConfig(codebook_size=16, num_classes=3, grid=[[4, 4]], dim=32, depth=1, heads=2,
+                                       label_dropout=0.5)).train()
+    tokens = torch.cat([model.prefix(6, torch.tensor([0, 1, 2, 0, 1, 2])),
+                        torch.randint(0, 16, (6, 16), generator=torch.Generator().manual_seed(1))], dim=1)
+    with torch.no_grad():
+        for seed in (3, 4):  # different masks and dropped labels
+            expected = masked_indexing_loss(model, tokens, seed)
+            torch.manual_seed(seed)
+            torch.testing.assert_close(model.loss(tokens), expected, rtol=1e-6, atol=1e-6)
+    step = StepRunner({"model": Part("model", model, model, OptimConfig())}, "bf16", torch.device("cpu"))
+
+    def losses(batch, step_index, parts):
+        yield next_token_loss(batch, parts)
+
+    step.run(losses, [tokens], 0)
+    with HostReads() as reads:
+        result = step.run(losses, [tokens], 1)
+    assert not reads.sites, reads.report()
+    assert torch.isfinite(result.losses["model"]) and result.losses["model"] > 0
 
 
 @pytest.fixture(scope="module")

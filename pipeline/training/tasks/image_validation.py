@@ -4,7 +4,8 @@ Ray Train splits the validation stream between ranks without dropping rows
 (`pipeline.training.tasks.image_data.ingest_config`: `streaming_split(equal=False)`), so each rank decodes
 and evaluates only its own share; the sums are all-reduced once at the end, so every rank returns
 the same numbers (which makes early-stopping decisions identical) and no sample is dropped or
-counted twice. `val/images` is the number of images counted.
+counted twice. The model's forward runs under the training precision's autocast; every metric is
+computed in fp32 (or fp64) from its outputs, outside it. `val/images` is the number of images counted.
 VAE family: importance-weighted NLL and ELBO (nats per image) and bits/dim.
 VQ family: MSE, PSNR, SSIM (means over images) and hf_ratio from `models.image_metrics.ReconstructionMetrics`
 (the code `tokenmill eval` uses), and codebook usage / perplexity from counts accumulated over the
@@ -23,18 +24,21 @@ import torch
 import torch.distributed as dist
 
 from tokenmill.models.code_usage import code_counts, usage_and_perplexity
-from tokenmill.models.image_metrics import ReconstructionMetrics, bits_per_dim, iw_bounds
+from tokenmill.models.image_metrics import ReconstructionMetrics, bits_per_dim, bounds_of_log_weights, log_weights
 from tokenmill.models.latent_ops import has_latent_paths, interpolate, make_grid
 from tokenmill.models.tokenizer import code_scales, counted_levels
 from tokenmill.pipeline.shards.stream import to_model_input
+from tokenmill.pipeline.training.precision import autocast
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, batches: Iterable[Any], iw_samples: int, rank: int = 0, world_size: int = 1
+    model: torch.nn.Module, batches: Iterable[Any], iw_samples: int, rank: int = 0, world_size: int = 1,
+    precision: str = "fp32",
 ) -> tuple[dict[str, float], list[torch.Tensor]]:
-    """`batches`: this rank's share of the validation stream (disjoint from the other ranks').
-    Returns the metrics and, for VQ models, the per-level (stages, K) code counts."""
+    """`batches`: this rank's share of the validation stream (disjoint from the other ranks');
+    `precision`: the forward's autocast (a resolved `train.precision`). Returns the metrics and,
+    for VQ models, the per-level (stages, K) code counts."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -47,11 +51,14 @@ def evaluate(
         x, y = to_model_input(batch)  # x: (B, C, H, W) in [0, 1], on the model's device
         pixels = x[0].numel()
         if is_vae:
-            iw, elbo = iw_bounds(model, x, y, k=iw_samples)  # (B,) log p(x) bound, (B,) ELBO
+            with autocast(precision, device):
+                lw = log_weights(model, x, y, k=iw_samples)  # (k, B)
+            iw, elbo = bounds_of_log_weights(lw.float())  # (B,) log p(x) bound, (B,) ELBO
             totals += torch.stack([torch.tensor(float(x.shape[0]), device=device), -iw.sum(), -elbo.sum()]).double()
         else:
-            output = model(x, y)
-            recon.update(x, output.recon)
+            with autocast(precision, device):
+                output = model(x, y)
+            recon.update(x, output.recon.float())
             levels = counted_levels(model, output.indices)
             batch_counts = [_level_counts(model, level) for level in levels]
             counts = batch_counts if not counts else [a + b for a, b in zip(counts, batch_counts)]

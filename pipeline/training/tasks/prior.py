@@ -104,11 +104,11 @@ class PriorTask(Task):
     def losses(self, batch: Any, step: int, parts: Mapping[str, Part]) -> Iterator[Loss]:
         yield next_token_loss(batch.to(self.context.device, non_blocking=True), parts)
 
-    def validate(self, model: nn.Module) -> dict[str, float]:
+    def validate(self, model: nn.Module, precision: str) -> dict[str, float]:
         loop, data = self.config.train, self.config.data
         batches = prior_data.val_batches(self.val, self.context.rank, self.context.world_size, loop.batch_size,
                                          data.val_max_items)
-        return {"val/bits_per_token": bits_per_token(model, batches, self.context.device)}
+        return {"val/bits_per_token": bits_per_token(model, batches, self.context.device, precision)}
 
     def log_extras(self, model: nn.Module, step: int, logger: Any) -> None:
         if self.decoder is None or not self.config.tracking.log_images:

@@ -92,11 +92,12 @@ class TokenizerTask(Task):
         output = parts["model"].model(x, y, **extra)
         yield Loss("model", output.loss, metrics={**output.metrics, **extra})
 
-    def validate(self, model: nn.Module) -> dict[str, float]:
+    def validate(self, model: nn.Module, precision: str) -> dict[str, float]:
         batches = self.val.iter_torch_batches(batch_size=self.config.train.batch_size, device=str(self.context.device))
         self.first_val_batch = None
         metrics, self.code_counts = image_validation.evaluate(
-            model, self._keep_first(batches), self.config.train.iw_samples, self.context.rank, self.context.world_size)
+            model, self._keep_first(batches), self.config.train.iw_samples, self.context.rank, self.context.world_size,
+            precision)
         return metrics
 
     def _keep_first(self, batches: Iterator[Any]) -> Iterator[Any]:
