@@ -1,10 +1,9 @@
 """The README's walkthrough, from your own images to samples, runs as written: every block marked
 `<!-- walkthrough -->`, in order, in a fresh folder that is not the repository, with the
 environment's `tokenmill` on PATH (tests/helpers/readme.py). Its quick settings (tiny presets,
-`train.steps`, `scaling.in_process`) are in the README itself. The one step on Ray (`tokenize`)
-joins the session's Ray through RAY_ADDRESS, as a user's command joins a running cluster, instead
-of starting a second local Ray on the same cores (~10 s). (The demo's follow-up blocks run on the
-demo's own outputs: tests/system/test_demo_cli.py.)"""
+`scaling.in_process`) are in the README itself; the one step on Ray (`tokenize`) starts its own
+local Ray, as in a new user's shell. (The demo's follow-up blocks run on the demo's own outputs:
+tests/system/test_demo_cli.py.)"""
 
 from __future__ import annotations
 
@@ -19,10 +18,10 @@ from helpers.readme import failure, readme_blocks, run_block, user_env
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_walkthrough_runs_as_written_and_each_step_makes_the_next_ones_input(tmp_path, ray_local):
+def test_the_walkthrough_runs_as_written_and_each_step_makes_the_next_ones_input(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
-    env = user_env(RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env = user_env()
     printed = ""
     for block in readme_blocks("walkthrough"):
         proc = run_block(block, project, env)
