@@ -14,15 +14,26 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	# lpips is only the reference of tests/unit/test_lpips.py; --no-deps because it requires torchvision,
 	# which does not install on CPU-only machines (pyproject cannot say --no-deps).
 	$(PY) -m pip install --no-deps "lpips==0.1.4"
+	# torch-fidelity is only the reference of tests/unit/test_inception*.py (FID's Inception); --no-deps for the same
+	# reason, and into a folder off sys.path (tests/helpers/inception.py adds it): torchmetrics imports any
+	# torch-fidelity it can find, and with it the missing torchvision.
+	$(PY) -m pip install --no-deps --target $(VENV)/references "torch-fidelity==0.4.0"
+	# taming-transformers is only the reference of tests/unit/test_taming_convert.py; --no-deps because it requires
+	# torchvision and pytorch-lightning, and the test imports only its torch-only modules (tests/helpers/taming.py).
+	$(PY) -m pip install --no-deps "taming-transformers==0.0.1"
 	touch $(STAMP)
 
 # test: every folder, cheapest first (tests/unit, tests/integration, tests/system); test-fast: tests/unit.
+# Two pytest-xdist workers: much of a test's time is waiting (Ray start-up, servers, subprocesses), and
+# tests/conftest.py keeps the system tests, and the tests sharing an expensive fixture, on one worker.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
+
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_WORKERS)
 
 test-fast: setup
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest $(PYTEST_WORKERS) tests/unit
 
 demo: setup
 	$(VENV)/bin/tokenmill demo --json runs/demo/summary.json

@@ -32,7 +32,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqvae_mnist.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tokenmill.jobs.cli import add_json_option, positive_int
+    from tokenmill.jobs.cli import add_json_option, output_path, positive_int
 
     parser = subparsers.add_parser("prior", help="train a prior on an MNIST-5k token store; data, bits, samples, KV",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--segment", type=positive_int, default=10, help="steps per data-source segment")
     parser.add_argument("--kv-rows", type=positive_int, default=32, help="rows sampled for kv_speedup")
     parser.add_argument("--workers", type=positive_int, default=2, help="DataLoader workers of the store sources")
-    parser.add_argument("--grid", type=Path, default=None, help="also write a 10 x 10 sample grid PNG here")
+    parser.add_argument("--grid", type=output_path(folder=False), default=None, help="also write a 10 x 10 sample grid PNG here")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
@@ -48,7 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_prior_options(parser: argparse.ArgumentParser) -> None:
     """The options this benchmark shares with `tokenmill bench prior-families`: tokenizer, judge,
     prior size and training, samples, threads, device, workdir."""
-    from tokenmill.jobs.cli import output_folder, positive_float, positive_int
+    from tokenmill.jobs.cli import (
+        fraction,
+        nonnegative_float,
+        nonnegative_int,
+        output_folder,
+        positive_float,
+        positive_int,
+    )
 
     parser.add_argument("--steps", type=positive_int, default=1600, help="prior training steps (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
@@ -56,29 +63,19 @@ def add_prior_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=positive_int, default=96)
     parser.add_argument("--depth", type=positive_int, default=4)
     parser.add_argument("--heads", type=positive_int, default=4)
-    parser.add_argument("--dropout", type=_unit_float, default=0.1, help="prior residual/attention dropout "
+    parser.add_argument("--dropout", type=fraction, default=0.1, help="prior residual/attention dropout "
                         "(default %(default)s: without it this prior overfits MNIST-5k and its samples score lower)")
-    parser.add_argument("--label-dropout", type=_unit_float, default=0.1, help="share of rows trained with the "
+    parser.add_argument("--label-dropout", type=fraction, default=0.1, help="share of rows trained with the "
                         "null class, for class-free guidance (default %(default)s)")
     parser.add_argument("--vq-steps", type=positive_int, default=300, help="tokenizer training steps")
     parser.add_argument("--classifier-epochs", type=positive_int, default=8)
     parser.add_argument("--per-class", type=positive_int, default=100, help="samples per class")
-    parser.add_argument("--cfg", type=float, default=3.0, help="class-free guidance scale of the samples")
+    parser.add_argument("--cfg", type=nonnegative_float, default=3.0, help="class-free guidance scale of the samples")
     parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="torch threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--device", default="auto", help="where the prior trains and samples: auto (CUDA when "
                         "present), cpu or cuda[:N]; the tokenizer and the judge train on the CPU")
     parser.add_argument("--workdir", type=output_folder, default=None, help="where shards, store, models go")
-
-
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

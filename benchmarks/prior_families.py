@@ -46,7 +46,7 @@ MULTISCALE = ("model.quantizer.kind=multiscale",)  # + model.quantizer.scales=[.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tokenmill.jobs.cli import add_json_option
+    from tokenmill.jobs.cli import add_json_option, output_folder
 
     parser = subparsers.add_parser("prior-families", help="AR vs MaskGIT vs VAR priors on MNIST-5k, equal budget",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default %(default)s)")
     parser.add_argument("--speed-rows", type=_counts, default="1,32", help="comma list of batch sizes (rows) at "
                         "which samples/s is timed (default %(default)s)")
-    parser.add_argument("--grids", type=Path, default=None, help="write a sample grid PNG per family here")
+    parser.add_argument("--grids", type=output_folder, default=None, help="write a sample grid PNG per family here")
     add_json_option(parser)
     parser.set_defaults(run=run)
 

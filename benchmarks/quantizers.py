@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=nonnegative_int, default=10, help="untimed first steps (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--lr", type=positive_float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default %(default)s: on a shared machine, one thread per process "
                              "keeps step times from waiting on descheduled sibling threads)")

@@ -25,7 +25,7 @@ from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tokenmill.jobs.cli import add_json_option, output_folder, positive_int
+    from tokenmill.jobs.cli import add_json_option, nonnegative_int, output_folder, positive_int
 
     parser = subparsers.add_parser("scale", help="shard and tokenize N (1M) images: throughput, memory, objects",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,10 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=positive_int, default=None, help="parallel shard writers (default: cores)")
     parser.add_argument("--maxcount", type=positive_int, default=10_000, help="samples per shard (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
-    parser.add_argument("--rss-shards", type=int, default=30,
+    parser.add_argument("--rss-shards", type=nonnegative_int, default=30,
                         help="then encode this many of the N run's input shards in turn in one process (an "
                              "actor's loop without Ray) and record its RSS after each (0: skip; default %(default)s)")
-    parser.add_argument("--px256", type=int, default=2048,
+    parser.add_argument("--px256", type=nonnegative_int, default=2048,
                         help="also tokenize this many 256x256 JPEGs in img2dataset shards with the x16 debug "
                              "model: img/s and actor peak RSS (0: skip; default %(default)s)")
     parser.add_argument("--only-256", action="store_true", help="run the 256-px measurement alone")

@@ -27,7 +27,7 @@ class TrainResult:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tokenmill.jobs.cli import add_json_option, positive_float, positive_int
+    from tokenmill.jobs.cli import add_json_option, nonnegative_int, positive_float, positive_int
 
     parser = subparsers.add_parser(
         "vae", help="one-layer VAE vs hierarchical VAE on binarized MNIST-5k at equal training time",
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--budget-s", type=positive_float, default=DEFAULT_BUDGET_S, help="training seconds per model (default %(default)s)")
     parser.add_argument("--k", type=positive_int, default=DEFAULT_K, help="importance samples for the val bound (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default %(default)s: steady timings on a shared machine)")
     add_json_option(parser)

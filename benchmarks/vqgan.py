@@ -22,19 +22,19 @@ VAL_STRIDE = 32  # val crops overlap by half at 64 px: 96 crops
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tokenmill.jobs.cli import add_json_option, positive_float, positive_int
+    from tokenmill.jobs.cli import add_json_option, nonnegative_int, positive_float, positive_int
 
     parser = subparsers.add_parser(
         "vqgan", help="VQGAN on natural-image patches: recon loss alone vs + adversarial (+ perceptual)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--steps", type=positive_int, default=200, help="training steps per run (default %(default)s)")
-    parser.add_argument("--disc-start", type=int, default=None, help="discriminator start step (default: steps / 3)")
+    parser.add_argument("--disc-start", type=nonnegative_int, default=None, help="discriminator start step (default: steps / 3)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--size", type=positive_int, default=64, help="patch size in px (default %(default)s)")
     parser.add_argument("--lr", type=positive_float, default=5e-4)
     parser.add_argument("--adversarial-weight", type=positive_float, default=0.6)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default %(default)s: on a shared CPU more threads spin and run slower)")
     parser.add_argument("--smoke", action="store_true", help="a few steps on small patches: checks it runs (< 1 min)")

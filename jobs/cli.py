@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +29,10 @@ COMMAND_MODULES = [
     "tokenmill.jobs.retrain",
     "tokenmill.jobs.decode",
     "tokenmill.jobs.export",
+    "tokenmill.jobs.convert",
     "tokenmill.jobs.sample",
     "tokenmill.jobs.eval",
+    "tokenmill.jobs.fid_stats",
     "tokenmill.jobs.bench",
 ]
 
@@ -37,7 +40,15 @@ EXIT_USER_ERROR = 2
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", metavar="PATH", type=Path, help="write the result summary as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH", type=output_path(folder=False), help="write the result summary as JSON to PATH")
+
+
+def add_inception_options(parser: argparse.ArgumentParser) -> None:
+    """--inception / --inception-sha256, shared by fid-stats, eval and sample."""
+    parser.add_argument("--inception", default=None, metavar="PATH_OR_URL",
+                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    parser.add_argument("--inception-sha256", default=None, metavar="HEX",
+                        help="accept Inception weights with this sha256 (or prefix) instead of the published file's")
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -50,40 +61,100 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 # argparse `type=` validators: a bad value is refused before any work with argparse's one
-# `error: argument --NAME: ...` line (exit 2), which names the option and the value typed.
-def int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+# `error: argument --NAME: ...` line (exit 2), which names the option, the value typed and the
+# valid range. Every numeric option of every command uses one of these.
+def number_in(kind: type = float, low: float | None = None, high: float | None = None, *,
+              low_open: bool = False, high_open: bool = False) -> Callable[[str], Any]:
+    """Parses an int (`kind=int`) or a finite float and refuses it outside [low, high] (an open
+    end with `low_open` / `high_open`; None: unbounded)."""
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            raise argparse.ArgumentTypeError(f"must be {_range_text(low, high, low_open, high_open)}, got {text}")
         return value
 
     return parse
 
 
-positive_int = int_at_least(1)
-nonnegative_int = int_at_least(0)
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
-def positive_float(text: str) -> float:
+def int_at_least(low: int) -> Callable[[str], int]:
+    return number_in(int, low)
+
+
+positive_int = int_at_least(1)  # counts, sizes, steps, workers
+nonnegative_int = int_at_least(0)  # class ids, warm-up steps, "0: skip"
+positive_float = number_in(float, 0, low_open=True)  # temperatures, learning rates, seconds
+nonnegative_float = number_in(float, 0)  # guidance scales (0: unconditional, 1: none), weights
+probability = number_in(float, 0, 1, low_open=True)  # (0, 1]: top-p
+fraction = number_in(float, 0, 1, high_open=True)  # [0, 1): dropout, a split's share of keys
+
+
+def output_path(*, folder: bool = True, marks: tuple[str, ...] | None = (),
+                convert: Callable[[str], Any] = Path) -> Callable[[str], Any]:
+    """argparse `type=` for a local path or URL the command writes (a folder, or a file with
+    `folder=False`): `pipeline.runtime.outputs.check_output` refuses a parent that is a file, no
+    write permission, or a non-empty folder holding none of `marks` (the command's own outputs)."""
+    def parse(text: str) -> Any:
+        from tokenmill.pipeline.runtime.outputs import OutputError, check_output
+
+        try:
+            check_output(text, folder=folder, marks=marks)
+        except OutputError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return convert(text)
+
+    return parse
+
+
+def check_output_setting(url: str, setting: str, **kwargs: Any) -> None:
+    """`check_output` for an output named by a config key (run.root) or an option checked after
+    parsing (it needs --storage-options): a UserError (exit 2) naming `setting`."""
+    from tokenmill.models.errors import UserError
+    from tokenmill.pipeline.runtime.outputs import OutputError, check_output
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+        check_output(url, **kwargs)
+    except OutputError as err:
+        raise UserError(f"{setting}: {err}") from None
 
 
-def output_folder(text: str) -> Path:
-    """A local folder the job writes into: it may not exist yet, but must not be a file."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file; expected a folder (it is created if missing)")
-    return path
+def check_run_outputs(run: Any) -> None:
+    """A training run's outputs (its config's `run` section), before Ray starts: `run.root` (a
+    folder shared by many runs and anything else) is writable, the run's own folder in it is new
+    or a run folder (RUN_DIR_MARKS), and a local `run.storage_path` (checkpoints) is writable."""
+    from tokenmill.pipeline.runtime.outputs import RUN_DIR_MARKS
+
+    check_output_setting(run.root, "run.root", marks=None)
+    check_output_setting(str(run.run_dir()), "run.root/run.name", marks=RUN_DIR_MARKS)
+    if run.storage_path and "://" not in run.storage_path:
+        check_output_setting(run.storage_path, "run.storage_path", marks=None)
+
+
+def train_refused_cleanly(run: Any):
+    """Around a training driver: the run's folder, created here, is removed again (with any parent
+    created for it) when the driver refuses the job (a UserError) before writing a file into it."""
+    from tokenmill.pipeline.runtime.outputs import removed_if_refused
+
+    return removed_if_refused(run.run_dir())
+
+
+# A scratch folder the command owns wholly (its content is not checked): benchmarks' --workdir.
+output_folder = output_path(marks=None)
 
 
 def json_object(text: str) -> dict[str, Any]:

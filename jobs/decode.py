@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tokenmill.jobs.cli import add_json_option, output_folder
+from tokenmill.jobs.cli import add_json_option, output_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("decode", help="decode a token store's rows back to images (PNG grids)")
     parser.add_argument("store", help="token store URL")
-    parser.add_argument("--out", required=True, type=output_folder, help="folder for grid-XXXXX.png")
+    parser.add_argument("--out", required=True, type=output_path(marks=("grid-*.png",)),
+                        help="folder for grid-XXXXX.png")
     parser.add_argument("--rows", default="0:64", help="item range a:b (default %(default)s)")
     parser.add_argument("--split", default=None, help="number items within one split (default: all)")
     parser.add_argument("--model", default=None, help="model to decode with, also diffusers:PATH (default: the store's lineage)")

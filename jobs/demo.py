@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from tokenmill.jobs.cli import add_json_option, output_folder, positive_int
+from tokenmill.jobs.cli import add_json_option, output_path, positive_int
 from tokenmill.pipeline import demo
+
+# What run_demo writes under --root (pipeline/demo.py): a rerun there is ours.
+DEMO_MARKS = ("shards", "tokens.zarr", "decoded", "samples", "demo-vqvae", "demo-prior", "ray", "mlflow.db")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="shard MNIST-5k, train a VQ-VAE on local Ray, tokenize it into Zarr, train a prior and sample digits",
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--root", type=output_folder, default=Path("runs/demo"), help="output directory (default %(default)s)")
+    parser.add_argument("--root", type=output_path(marks=DEMO_MARKS), default="runs/demo", help="output directory (default %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=600, help="training steps (default %(default)s)")
     parser.add_argument("--prior-steps", type=positive_int, default=600,
                         help="Transformer prior training steps (default %(default)s)")

@@ -1,7 +1,8 @@
 """`tokenmill eval --model MODEL --data SHARDS [--split val] [--json PATH]`: a tokenizer's
 reconstruction quality and code usage over a whole split, under a pinned protocol
 (pipeline/tokenizer_eval.py): PSNR, SSIM, hf_ratio, usage / perplexity / code entropy, and LPIPS and
-rFID when their local weights exist ("unavailable: <which file where>" otherwise).
+rFID when their weights exist ("unavailable: <which file where>" otherwise). The protocol
+(resolution, resize filter, crop, split, N, evaluator, Inception weights sha256) is in the result.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from tokenmill.jobs.cli import add_json_option, json_object, output_folder, positive_int
+from tokenmill.jobs.cli import add_inception_options, add_json_option, json_object, output_path, positive_int
 
 if TYPE_CHECKING:
     from tokenmill.pipeline.tokenizer_eval import EvalSummary
@@ -24,13 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="model directory/URL, runs:/…, models:/NAME/VERSION or @ALIAS")
     parser.add_argument("--data", required=True, help="shard folder/URL with manifest.json")
     parser.add_argument("--split", default="val", help="split to evaluate (default %(default)s)")
-    parser.add_argument("--out", type=output_folder, default="eval", help="folder for reconstructions.png "
+    parser.add_argument("--out", type=output_path(marks=("reconstructions.png",)), default="eval", help="folder for reconstructions.png "
                         "(default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--lpips-vgg", default=None, help="torchvision's vgg16-397923af.pth (default: torch hub cache)")
+    parser.add_argument("--lpips-vgg", default=None, help="torchvision's vgg16-397923af.pth, a path or a URL (s3://, https://; "
+                        "checked against the published sha256, cached) (default: torch hub cache)")
     parser.add_argument("--lpips-lin", default=None, help="lpips' weights/v0.1/vgg.pth (default: installed lpips "
                         "package, else the torch hub cache)")
-    parser.add_argument("--inception", default=None, help="torch-fidelity's FID Inception weights for rFID")
+    add_inception_options(parser)
     parser.add_argument("--tracking-uri", default=None, help="log to this MLflow (default: MLFLOW_TRACKING_URI if set)")
     parser.add_argument("--storage-options", type=json_object, default={}, help="fsspec options as JSON")
     add_json_option(parser)
@@ -39,10 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> EvalSummary:
     from tokenmill.models.lpips import LPIPSWeights
+    from tokenmill.pipeline.generation_eval import InceptionWeights
     from tokenmill.pipeline.tokenizer_eval import EvalOptions, evaluate
 
     options = EvalOptions(batch_size=args.batch_size, lpips=LPIPSWeights(args.lpips_vgg, args.lpips_lin, verify_sha256=False),
-                          inception_path=args.inception, storage_options=args.storage_options,
+                          inception=InceptionWeights(args.inception, args.inception_sha256, args.storage_options),
+                          storage_options=args.storage_options,
                           tracking_uri=args.tracking_uri)
     summary = evaluate(args.model, args.data, args.split, args.out, options)
     shown = "  ".join(f"{k}={v:.4g}" for k, v in summary.metrics.items())

@@ -37,7 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> ExportSummary:
+    from tokenmill.jobs.cli import check_output_setting
     from tokenmill.pipeline.tokens.export import export_store
+
+    for path in ([f"{args.out}.bin", f"{args.out}.idx", f"{args.out}.json"] if args.fmt == "megatron" else [args.out]):
+        check_output_setting(path, "OUT", folder=False, storage_options=args.storage_options)
 
     summary = export_store(
         args.store, args.fmt, args.out, split=args.split, add_bos=args.bos, class_token=args.class_token,

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from tokenmill.jobs.cli import add_config_options, add_json_option
+from tokenmill.jobs.cli import add_config_options, add_json_option, check_output_setting, check_run_outputs
 
 if TYPE_CHECKING:
     from tokenmill.pipeline.registry.retrain import RetrainResult
@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> RetrainResult:
     from tokenmill.pipeline.registry.retrain import StepFailed, retrain
 
     config = load_retrain_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
+    check_run_outputs(config.run)
+    if "://" not in config.retokenize.out_prefix:  # versioned stores: <out_prefix>/<version>/<model>-v<N>
+        check_output_setting(config.retokenize.out_prefix, "retokenize.out_prefix", marks=None)
     try:
         return retrain(config)
     except StepFailed as err:

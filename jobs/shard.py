@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+# What a shard writer leaves in DEST (a rerun resumes there): its manifest, shards, shards in progress.
+SHARD_MARKS = ("manifest.json", "*.tar", "*.partial")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tokenmill.jobs.cli import add_json_option, json_object
+    from tokenmill.jobs.cli import add_json_option, fraction, json_object, number_in, positive_float, positive_int
 
     parser = subparsers.add_parser(
         "shard", help="write images as WebDataset shards with a manifest (or `shard index URL`)",
@@ -25,11 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("src", metavar="SRC", help="image folder, .npy/.npz, builtin:NAME, or the word `index`")
     parser.add_argument("dest", metavar="DEST", help="output folder URL (with `index`: the folder of shards)")
     parser.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"], default="png")
-    parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality (default %(default)s)")
-    parser.add_argument("--maxcount", type=int, default=None,
+    parser.add_argument("--quality", type=number_in(int, 1, 100), default=95, help="jpg/webp quality (default %(default)s)")
+    parser.add_argument("--maxcount", type=positive_int, default=None,
                         help="samples per shard (default 10000; 1000 for builtin: sources)")
-    parser.add_argument("--maxsize", type=float, default=1e9, help="payload bytes per shard (default %(default)g)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
+    parser.add_argument("--maxsize", type=positive_float, default=1e9, help="payload bytes per shard (default %(default)g)")
+    parser.add_argument("--val-fraction", type=fraction, default=0.1,
                         help="share of keys (by sha1 hash) in the val split (default %(default)s)")
     parser.add_argument("--prefix", default="", help="shard name prefix: PREFIX-train-000000.tar")
     parser.add_argument("--class-from-subfolder", action="store_true", help="label = first sub-folder name")
@@ -40,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="write samples in source (key) order instead of a seeded random order")
     parser.add_argument("--split", choices=["train", "val"], help="with `index`: the split of every shard "
                         "(default: guessed from names containing val/test)")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--workers", type=positive_int, default=1,
                         help="parallel shard writers (Ray actors), each its own shard sequence; the same "
                              "seed and N give the same tars, another N other shard boundaries (default 1)")
     parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
@@ -51,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tokenmill.models.errors import UserError
+    from tokenmill.jobs.cli import check_output_setting
     from tokenmill.pipeline.config import validate
     from tokenmill.pipeline.shards.manifest import index_shards, manifest_url, write_manifest
     from tokenmill.pipeline.shards.writer import ShardSettings, write_shards
@@ -71,8 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         labels=args.labels, shuffle=args.shuffle, seed=args.seed,
     )
     settings = validate(ShardSettings, options, "tokenmill shard options")
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    check_output_setting(args.dest, "DEST", marks=SHARD_MARKS, storage_options=args.storage_options)
     if args.workers > 1:
         from tokenmill.pipeline.shards.parallel_writer import write_shards_parallel
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from tokenmill.jobs.cli import add_json_option
+from tokenmill.jobs.cli import add_json_option, output_path, positive_int
 from tokenmill.pipeline.tokenize.options import PRECISIONS, cli_type
 
 if TYPE_CHECKING:
@@ -27,15 +27,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory/URL, runs:/ID/model, models:/NAME/VERSION, "
                         "models:/NAME@ALIAS, or diffusers:PATH (a VQModel/AutoencoderKL save_pretrained folder or URL, "
-                        "or a hub id in the local Hugging Face cache)")
+                        "or a hub id in the local Hugging Face cache), or taming:PATH (a taming VQGAN checkpoint, converted)")
     parser.add_argument("--data", required=True, help="shard folder/URL with manifest.json (indexed on the fly if absent)")
-    parser.add_argument("--out", required=True, help="token store URL (any fsspec URL)")
+    parser.add_argument("--out", required=True, type=output_path(marks=("zarr.json",), convert=str),
+                        help="token store URL (any fsspec URL)")
     parser.add_argument("--batch-size", type=cli_type("batch_size"), default=256)
     parser.add_argument("--overwrite", action="store_true", help="replace a store made by another model or config")
     parser.add_argument("--latents", nargs="?", const="mean", default=None, choices=["mean", "sample"],
                         help="VAE models and diffusers AutoencoderKL: store latents (float16): the posterior mean "
                         "(default) or a sample seeded by the sample's key")
-    parser.add_argument("--size", type=int, default=None, help="diffusers models: image size (default: the config's)")
+    parser.add_argument("--size", type=positive_int, default=None, help="diffusers models: image size (default: the config's)")
     parser.add_argument("--crop", default=None, choices=["center", "resize"],
                         help="diffusers models: center crop (default) or squash to the size")
     parser.add_argument("--augment", default=None, choices=["flip"],

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from tokenmill.jobs.cli import add_config_options, add_json_option
+from tokenmill.jobs.cli import add_config_options, add_json_option, check_run_outputs, train_refused_cleanly
 
 if TYPE_CHECKING:
     from tokenmill.pipeline.training.driver import TrainSummary
@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> TrainSummary:
     from tokenmill.pipeline.training.driver import train
 
     config = load_train_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
-    summary = train(config)
+    check_run_outputs(config.run)
+    with train_refused_cleanly(config.run):
+        summary = train(config)
     _print_summary(summary)
     return summary
 

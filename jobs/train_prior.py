@@ -10,7 +10,13 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from tokenmill.jobs.cli import add_config_options, add_json_option
+from tokenmill.jobs.cli import (
+    add_config_options,
+    add_json_option,
+    check_output_setting,
+    check_run_outputs,
+    train_refused_cleanly,
+)
 
 if TYPE_CHECKING:
     from tokenmill.pipeline.training.driver import TrainSummary
@@ -33,7 +39,11 @@ def run(args: argparse.Namespace) -> TrainSummary:
     from tokenmill.pipeline.training.driver import train_prior
 
     config = load_prior_config(args.config, args.overrides)  # exits 2 on a bad config, before Ray
-    summary = train_prior(config)
+    check_run_outputs(config.run)
+    if config.data.item_log:
+        check_output_setting(config.data.item_log, "data.item_log", marks=None)
+    with train_refused_cleanly(config.run):
+        summary = train_prior(config)
     metrics = summary.final_metrics
     print(f"trained prior {summary.run_name}: step {metrics['step']}  "
           f"val bits/token {metrics.get('val/bits_per_token', float('nan')):.4f}")

@@ -12,10 +12,13 @@ from torch import Tensor
 
 
 def code_counts(indices: Tensor, codebook_size: int, stages: int = 1) -> Tensor:
-    """(S, K) int64 counts of `indices` ((...) for one stage, (..., S) for S stages)."""
+    """(S, K) int64 counts of `indices` ((...) for one stage, (..., S) for S stages). A scatter-add
+    into a fixed-size table, not `bincount`: bincount reads the largest index back to the host (a
+    GPU sync on every training forward that logs usage)."""
     flat = indices.reshape(-1, stages).long()  # (N, S)
     offsets = torch.arange(stages, device=flat.device) * codebook_size
-    counts = torch.bincount((flat + offsets).reshape(-1), minlength=stages * codebook_size)
+    counts = torch.zeros(stages * codebook_size, dtype=torch.long, device=flat.device)
+    counts.index_add_(0, (flat + offsets).reshape(-1), torch.ones_like(flat).reshape(-1))
     return counts.reshape(stages, codebook_size)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from tokenmill.models.gaussian import kl_normal, log_normal
 from tokenmill.models.likelihoods import make_likelihood
+from tokenmill.models.ranges import STRICT, NonNegative, Positive, PositiveInt
 from tokenmill.models.serialization import register_model
 from tokenmill.models.vae import VAEOutput, assemble_output
 
@@ -34,20 +35,20 @@ def soft_clamp(x: torch.Tensor, bound: float = LOG_SCALE_BOUND) -> torch.Tensor:
 @dataclass
 class HVAEConfig:
     kind: Literal["hvae"] = "hvae"
-    image_size: int = 32
-    channels: int = 1
-    width: int = 32  # channels of the bottom-up and top-down residual streams
-    latent_channels: int = 8  # channels of each latent group
+    image_size: PositiveInt = 32
+    channels: PositiveInt = 1
+    width: PositiveInt = 32  # channels of the bottom-up and top-down residual streams
+    latent_channels: PositiveInt = 8  # channels of each latent group
     resolutions: tuple[int, ...] = (16, 8, 4)  # latent group resolutions (powers-of-two steps)
-    groups_per_resolution: int = 1
-    blocks_per_resolution: int = 1  # bottom-up residual blocks at each resolution
+    groups_per_resolution: PositiveInt = 1
+    blocks_per_resolution: PositiveInt = 1  # bottom-up residual blocks at each resolution
     likelihood: Literal["bernoulli", "gaussian", "dlogistic"] = "bernoulli"
-    sigma: float = 0.1
+    sigma: Positive = 0.1
     learn_sigma: bool = False
-    n_mix: int = 5
-    free_bits: float = 0.0  # nats per latent channel of each group, loss only
+    n_mix: PositiveInt = 5
+    free_bits: NonNegative = 0.0  # nats per latent channel of each group, loss only
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __post_init__(self) -> None:
         self.resolutions = tuple(int(r) for r in self.resolutions)  # JSON gives lists back

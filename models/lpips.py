@@ -2,7 +2,8 @@
 stack plus the lpips package's five linear heads, computed exactly as `lpips.LPIPS(net="vgg")`
 (tests/unit/test_lpips.py compares the two given identical weights).
 
-Weights are never downloaded. Two local files are needed, each checked against its sha256:
+This module never downloads: it reads two local files, each checked against its sha256 (a URL in
+vgg_path / lin_path, s3:// or https://, is first fetched and checked by pipeline.runtime.weights):
   vgg  torchvision's ImageNet VGG16 checkpoint `vgg16-397923af.pth`, by default in the torch hub
        cache (`torch.hub.get_dir()/checkpoints`, where torchvision would have put it);
   lin  lpips' linear heads `lpips/weights/v0.1/vgg.pth` (inside the lpips wheel), by default the
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenmill.models.errors import UserError
+from tokenmill.models.ranges import STRICT
 
 VGG_FILE = "vgg16-397923af.pth"
 LIN_FILE = "lpips_vgg_v0.1.pth"
@@ -36,11 +38,15 @@ TAP_CHANNELS = (64, 128, 256, 512, 512)
 class LPIPSWeights:
     """Where the two weight files are (None: the default places above)."""
 
+    # Local paths or, through pipeline.runtime.weights, any fsspec URL (s3://, https://).
     vgg_path: Optional[str] = None
     lin_path: Optional[str] = None
     verify_sha256: bool = True  # False accepts other weights (tests use random ones); hashes are still recorded
+    # The expected sha256 of each file (None: the published weights'); always checked when set.
+    vgg_sha256: Optional[str] = None
+    lin_sha256: Optional[str] = None
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
 
 @dataclass(frozen=True)
@@ -97,9 +103,13 @@ def resolve_lpips_weights(config: LPIPSWeights) -> ResolvedWeights:
     vgg = Path(config.vgg_path) if config.vgg_path else hub_checkpoints() / VGG_FILE
     lin = Path(config.lin_path) if config.lin_path else _default_lin_path()
     resolved = ResolvedWeights(vgg, lin, sha256_of(vgg), sha256_of(lin))
-    for path, found, expected in ((vgg, resolved.vgg_sha256, VGG_SHA256), (lin, resolved.lin_sha256, LIN_SHA256)):
-        if config.verify_sha256 and not found.startswith(expected):
-            raise UserError(f"{path} has sha256 {found[:16]}…, not the published {expected[:16]}…; "
+    for path, found, configured, published in ((vgg, resolved.vgg_sha256, config.vgg_sha256, VGG_SHA256),
+                                               (lin, resolved.lin_sha256, config.lin_sha256, LIN_SHA256)):
+        if configured and not found.startswith(configured.lower()):
+            raise UserError(f"{path} has sha256 {found[:16]}…, not the configured {configured[:16]}…; "
+                            "replace the file, or fix the expected sha256 next to its path")
+        if config.verify_sha256 and not configured and not found.startswith(published):
+            raise UserError(f"{path} has sha256 {found[:16]}…, not the published {published[:16]}…; "
                             "replace the file, or set verify_sha256: false to use these weights knowingly")
     return resolved
 

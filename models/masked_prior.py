@@ -44,6 +44,7 @@ from tokenmill.models.prior import (
     sample_logits,
     sampling_autocast,
 )
+from tokenmill.models.ranges import NonNegative, PositiveInt
 from tokenmill.models.serialization import register_model
 
 EVAL_MASK_SEED = 0  # eval-mode masks: the same for every validation, so val losses compare
@@ -52,9 +53,9 @@ EVAL_MASK_SEED = 0  # eval-mode masks: the same for every validation, so val los
 @dataclass
 class MaskGITConfig(PriorConfig):
     kind: Literal["maskgit"] = "maskgit"
-    sample_steps: int = 8  # parallel decoding steps when `sample` is given none
+    sample_steps: PositiveInt = 8  # parallel decoding steps when `sample` is given none
     mask_schedule: Literal["cosine"] = "cosine"  # masked fraction as a function of progress in [0, 1]
-    choice_temperature: float = 4.5  # Gumbel noise on the confidences (MaskGIT's), annealed to 0
+    choice_temperature: NonNegative = 4.5  # Gumbel noise on the confidences (MaskGIT's), annealed to 0
 
     def __post_init__(self) -> None:
         super().__post_init__()

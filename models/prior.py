@@ -28,27 +28,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenmill.models.ranges import STRICT, Count, Fraction, Positive, PositiveInt
 from tokenmill.models.serialization import register_model
 
 
 @dataclass
 class PriorConfig:
     kind: Literal["prior"] = "prior"
-    codebook_size: int = 512  # K
-    num_classes: int = 0  # C; 0 = unconditional (no class token)
+    codebook_size: PositiveInt = 512  # K
+    num_classes: Count = 0  # C; 0 = unconditional (no class token)
     grid: list[list[int]] = field(default_factory=lambda: [[8, 8]])  # (h, w) per level, store order
-    dim: int = 256
-    depth: int = 6
-    heads: int = 8
-    mlp_ratio: float = 4.0
+    dim: PositiveInt = 256
+    depth: PositiveInt = 6
+    heads: PositiveInt = 8
+    mlp_ratio: Positive = 4.0
     positions: Literal["learned", "rope2d"] = "rope2d"
-    rope_base: float = 100.0  # grids are small: a low base spreads the angles over few positions
-    label_dropout: float = 0.1
-    dropout: float = 0.0
+    rope_base: Positive = 100.0  # grids are small: a low base spreads the angles over few positions
+    label_dropout: Fraction = 0.1
+    dropout: Fraction = 0.0
     tie_weights: bool = True  # output head = the code rows of the input embedding
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __post_init__(self) -> None:
         self.grid = [[int(h), int(w)] for h, w in self.grid]  # JSON/YAML give lists or tuples back

@@ -12,16 +12,18 @@ from typing import Literal
 
 import torch
 
+from tokenmill.models.ranges import STRICT, Count, NonNegative, PositiveInt, UnitInterval
+
 
 @dataclass
 class KLSchedule:
     kind: Literal["constant", "linear", "cyclical"] = "constant"
-    beta: float = 1.0
-    warmup_steps: int = 0
-    cycle_steps: int = 1000
-    ramp_ratio: float = 0.5
+    beta: NonNegative = 1.0
+    warmup_steps: Count = 0
+    cycle_steps: PositiveInt = 1000
+    ramp_ratio: UnitInterval = 0.5
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __call__(self, step: int) -> float:
         if self.kind == "constant":

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from tokenmill.models.errors import UserError
 
@@ -74,20 +75,26 @@ def model_config_dict(model: torch.nn.Module) -> dict[str, Any]:
     return dataclasses.asdict(model.config)
 
 
-def save_model(model: torch.nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write `path/config.json` and `path/model.safetensors`; returns the directory."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+def model_file_bytes(model: torch.nn.Module, extra: dict[str, Any] | None = None) -> tuple[bytes, bytes]:
+    """The bytes of `config.json` and `model.safetensors` for `model` (deterministic for equal weights)."""
     meta = {
         "format_version": FORMAT_VERSION,
         "class": type(model).__name__,
         "config": model_config_dict(model),
         "extra": extra or {},
     }
-    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     # safetensors refuses shared storage; contiguous clones keep tied weights safe to save.
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(path / WEIGHTS_FILE))
+    return json.dumps(meta, indent=2, sort_keys=True).encode(), safetensors_bytes(state)
+
+
+def save_model(model: torch.nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write `path/config.json` and `path/model.safetensors`; returns the directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config, weights = model_file_bytes(model, extra)
+    (path / CONFIG_FILE).write_bytes(config)
+    (path / WEIGHTS_FILE).write_bytes(weights)
     return path
 
 

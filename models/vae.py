@@ -16,6 +16,7 @@ from torch import nn
 from tokenmill.models.gaussian import kl_standard_normal, log_normal, log_standard_normal, reparameterize
 from tokenmill.models.image_metrics import bits_per_dim
 from tokenmill.models.likelihoods import make_likelihood
+from tokenmill.models.ranges import STRICT, NonNegative, Positive, PositiveInt
 from tokenmill.models.schedules import free_bits_rate
 from tokenmill.models.serialization import register_model
 
@@ -56,26 +57,26 @@ def assemble_output(
 class VAEConfig:
     kind: Literal["vae"] = "vae"
     arch: Literal["conv", "mlp"] = "conv"
-    image_size: int = 32  # conv: divisible by 8
-    channels: int = 1
-    latent_dim: int = 32
-    hidden: int = 64  # conv: base channels; mlp: hidden units
+    image_size: PositiveInt = 32  # conv: divisible by 8
+    channels: PositiveInt = 1
+    latent_dim: PositiveInt = 32
+    hidden: PositiveInt = 64  # conv: base channels; mlp: hidden units
     likelihood: Literal["bernoulli", "gaussian", "dlogistic"] = "bernoulli"
-    sigma: float = 0.1  # gaussian likelihood σ (initial value when learned)
+    sigma: Positive = 0.1  # gaussian likelihood σ (initial value when learned)
     learn_sigma: bool = False
-    n_mix: int = 5  # dlogistic mixture components
-    free_bits: float = 0.0  # nats per latent dim, loss only
+    n_mix: PositiveInt = 5  # dlogistic mixture components
+    free_bits: NonNegative = 0.0  # nats per latent dim, loss only
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
 
 @dataclass
 class CVAEConfig(VAEConfig):
     kind: Literal["cvae"] = "cvae"  # stays the first field: dataclasses keep an overridden field's slot
-    num_classes: int = 10
-    label_dim: int = 16  # label embedding width fed to encoder and decoder
+    num_classes: PositiveInt = 10
+    label_dim: PositiveInt = 16  # label embedding width fed to encoder and decoder
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
 
 class _ConvEncoder(nn.Module):

@@ -51,6 +51,7 @@ from tokenmill.models.prior import (
     sample_logits,
     sampling_autocast,
 )
+from tokenmill.models.ranges import STRICT
 from tokenmill.models.serialization import register_model
 
 MULTISCALE_HINT = "tokenize with a multi-scale tokenizer (quantizer kind multiscale)"
@@ -63,7 +64,7 @@ class VARConfig(PriorConfig):
     positions: Literal["learned", "rope2d"] = "learned"
     interpolation: Literal["bilinear", "nearest"] = "bilinear"  # coarser scales -> scale s's size
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __post_init__(self) -> None:
         super().__post_init__()

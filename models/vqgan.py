@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenmill.models.quantizers import QuantizerConfig, build_quantizer, check_scales
+from tokenmill.models.ranges import STRICT, Count, PositiveInt
 from tokenmill.models.serialization import register_model
 from tokenmill.models.tokenizer import GridTokenizer, VQOutput, code_metrics, quantizer_config, to_first, to_last
 
@@ -26,23 +27,27 @@ from tokenmill.models.tokenizer import GridTokenizer, VQOutput, code_metrics, qu
 @dataclass
 class VQGANConfig:
     kind: Literal["vqgan"] = "vqgan"
-    in_channels: int = 3
-    image_size: int = 64
-    base_channels: int = 64  # width at full resolution; level i has base_channels * channel_mult[i]
+    in_channels: PositiveInt = 3
+    image_size: PositiveInt = 64
+    base_channels: PositiveInt = 64  # width at full resolution; level i has base_channels * channel_mult[i]
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # one entry per resolution: downsample = 2**(len - 1)
-    res_blocks: int = 2  # per resolution (decoder: one more, as in taming)
+    res_blocks: Count = 2  # per resolution (decoder: one more, as in taming)
     attention: bool = True  # self-attention at the lowest resolution (and in the middle block)
-    latent_dim: int = 64  # quantizer input dim (taming's embed_dim)
+    latent_dim: PositiveInt = 64  # quantizer input dim (taming's embed_dim)
+    # Encoder output / decoder input width (taming's z_channels); >0 adds taming's 1x1 `quant_conv`
+    # (z_channels -> latent_dim) and `post_quant_conv` (latent_dim -> z_channels); 0: the encoder ends at latent_dim.
+    z_channels: Count = 0
+    asymmetric_downsample: bool = False  # taming/LlamaGen: pad right and bottom by 1, stride-2 conv without padding
     recon_loss: Literal["l1", "l2"] = "l1"
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
         self.quantizer = quantizer_config(self.quantizer)
-        if len(self.channel_mult) not in (3, 4, 5):
-            raise ValueError(f"channel_mult needs 3, 4 or 5 entries (downsample 4, 8 or 16), got {self.channel_mult}")
+        if not 1 <= len(self.channel_mult) <= 5:
+            raise ValueError(f"channel_mult needs 1 to 5 entries (downsample 1 to 16), got {self.channel_mult}")
         if self.image_size % self.downsample:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the downsample factor {self.downsample}")
         if self.quantizer.kind == "multiscale":  # the grid side is known here, not in the quantizer's config
@@ -88,6 +93,22 @@ class AttnBlock(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+class AsymmetricDownsample(nn.Conv2d):
+    """taming's Downsample: zero-pad right and bottom by one, then a 3x3 stride-2 conv without
+    padding (a plain Conv2d subclass, so its weights keep the Sequential's key layout)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+def _downsample(channels: int, asymmetric: bool) -> nn.Module:
+    """Halve H, W."""
+    return AsymmetricDownsample(channels) if asymmetric else nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+
 def _level(in_channels: int, out_channels: int, blocks: int, attention: bool) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for i in range(blocks):
@@ -102,7 +123,7 @@ def _middle(channels: int, attention: bool) -> list[nn.Module]:
 
 
 class Encoder(nn.Sequential):
-    """(B, in, H, W) -> (B, latent_dim, H/f, W/f), f = 2**(len(channel_mult) - 1)."""
+    """(B, in, H, W) -> (B, z_channels or latent_dim, H/f, W/f), f = 2**(len(channel_mult) - 1)."""
 
     def __init__(self, c: VQGANConfig) -> None:
         widths = [c.base_channels * m for m in c.channel_mult]
@@ -113,18 +134,20 @@ class Encoder(nn.Sequential):
             layers += _level(width, out, c.res_blocks, c.attention and lowest)
             width = out
             if not lowest:
-                layers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))  # halve H, W
-        layers += [*_middle(width, c.attention), _norm(width), nn.SiLU(), nn.Conv2d(width, c.latent_dim, 3, padding=1)]
+                layers.append(_downsample(width, c.asymmetric_downsample))
+        out = c.z_channels or c.latent_dim
+        layers += [*_middle(width, c.attention), _norm(width), nn.SiLU(), nn.Conv2d(width, out, 3, padding=1)]
         super().__init__(*layers)
 
 
 class Decoder(nn.Sequential):
-    """(B, latent_dim, h, w) -> (B, in, h*f, w*f); the last module is the output conv."""
+    """(B, z_channels or latent_dim, h, w) -> (B, in, h*f, w*f); the last module is the output conv."""
 
     def __init__(self, c: VQGANConfig) -> None:
         widths = [c.base_channels * m for m in reversed(c.channel_mult)]
         width = widths[0]
-        layers: list[nn.Module] = [nn.Conv2d(c.latent_dim, width, 3, padding=1), *_middle(width, c.attention)]
+        layers: list[nn.Module] = [nn.Conv2d(c.z_channels or c.latent_dim, width, 3, padding=1),
+                                   *_middle(width, c.attention)]
         for i, out in enumerate(widths):
             layers += _level(width, out, c.res_blocks + 1, c.attention and i == 0)
             width = out
@@ -146,7 +169,11 @@ class VQGAN(GridTokenizer):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
+        # Identity (no weights) unless z_channels is set, so models saved before keep their keys.
+        z, d = config.z_channels, config.latent_dim
+        self.quant_conv = nn.Conv2d(z, d, 1) if z else nn.Identity()
         self.quantizer = build_quantizer(config.quantizer, config.latent_dim)
+        self.post_quant_conv = nn.Conv2d(d, z, 1) if z else nn.Identity()
         self.decoder = Decoder(config)
 
     @property
@@ -156,7 +183,7 @@ class VQGAN(GridTokenizer):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> VQOutput:
         """x: (B, C, H, W) in [0, 1]; labels are ignored. `prediction` is the unclamped output in [0, 1] scale."""
-        q = self.quantizer(to_last(self.encoder(2 * x - 1)))  # codes (B, h, w, D)
+        q = self.quantizer(self._latents(x))  # codes (B, h, w, D)
         prediction = self._predict(q.codes)
         distance = F.l1_loss if self.config.recon_loss == "l1" else F.mse_loss
         recon_loss = distance(prediction.float(), x.float())
@@ -165,12 +192,16 @@ class VQGAN(GridTokenizer):
                    "psnr": -10 * torch.log10(mse.clamp(min=1e-10))} | code_metrics(q.indices, self.quantizer)
         return VQOutput(recon_loss + q.loss, prediction.clamp(0, 1), metrics, q.indices, prediction)
 
+    def _latents(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> quantizer inputs (B, h, w, D)."""
+        return to_last(self.quant_conv(self.encoder(2 * x - 1)))
+
     def _predict(self, codes: Tensor) -> Tensor:
         """Quantized latents (B, h, w, D) -> unclamped images in the [0, 1] scale."""
-        return (self.decoder(to_first(codes)) + 1) / 2
+        return (self.decoder(self.post_quant_conv(to_first(codes))) + 1) / 2
 
     def _encode(self, x: Tensor) -> Tensor:
-        return self.quantizer(to_last(self.encoder(2 * x - 1))).indices
+        return self.quantizer(self._latents(x)).indices
 
     def _decode(self, codes: Tensor) -> Tensor:
         return self._predict(self.quantizer.indices_to_codes(codes)).clamp(0, 1)

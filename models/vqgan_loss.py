@@ -16,14 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenmill.models.ranges import STRICT, PositiveInt
+
 
 @dataclass
 class DiscriminatorConfig:
-    channels: int = 64  # first layer's width, doubled per layer up to 8x
-    layers: int = 3  # stride-2 layers: 3 gives 70x70 patches on 256 px images (pix2pix)
+    channels: PositiveInt = 64  # first layer's width, doubled per layer up to 8x
+    layers: PositiveInt = 3  # stride-2 layers: 3 gives 70x70 patches on 256 px images (pix2pix)
     norm: Literal["batch", "group"] = "group"  # group: no batch statistics, identical on every rank
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
 
 class PatchDiscriminator(nn.Module):

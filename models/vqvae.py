@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tokenmill.models.image_metrics import psnr
 from tokenmill.models.layers import conv_decoder, conv_encoder, upsample
 from tokenmill.models.quantizers import QuantizerConfig, build_quantizer, check_scales
+from tokenmill.models.ranges import STRICT, Count, PositiveInt
 from tokenmill.models.serialization import register_model
 from tokenmill.models.tokenizer import (
     GridTokenizer,
@@ -39,14 +40,14 @@ class _VQConfig:
     down-sampling factors."""
 
     kind: str = ""
-    in_channels: int = 1
-    image_size: int = 32
-    hidden: int = 64
-    res_blocks: int = 2
-    latent_dim: int = 64
+    in_channels: PositiveInt = 1
+    image_size: PositiveInt = 32
+    hidden: PositiveInt = 64
+    res_blocks: Count = 2
+    latent_dim: PositiveInt = 64
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # VQ-VAE-2: one instance per level
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __post_init__(self) -> None:
         self.quantizer = quantizer_config(self.quantizer)
@@ -57,7 +58,7 @@ class VQVAEConfig(_VQConfig):
     kind: Literal["vqvae"] = "vqvae"
     downsample: Literal[4, 8, 16] = 4
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,7 +72,7 @@ class VQVAE2Config(_VQConfig):
     bottom_downsample: Literal[4, 8] = 4  # image -> bottom codes
     top_downsample: Literal[2, 4] = 2  # bottom codes -> top codes
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __post_init__(self) -> None:
         super().__post_init__()

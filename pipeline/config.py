@@ -28,9 +28,11 @@ class ConfigError(UserError):
 
 
 class StrictModel(pydantic.BaseModel):
-    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+    """Base for config sections: unknown keys are errors, values are validated on assignment,
+    inf and NaN are refused (a number's range is declared with its field: pydantic.Field(gt=0),
+    or models.ranges' annotations in the config dataclasses)."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

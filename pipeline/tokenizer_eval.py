@@ -6,7 +6,10 @@ reconstructed as `decode(encode(x))` (the model's eval-mode forward). Metrics:
   - PSNR, SSIM, MSE, hf_ratio: `models.image_metrics.ReconstructionMetrics` (what training validation uses);
   - codebook usage, perplexity and code entropy (bits) from counts over the whole split;
   - LPIPS (VGG, v0.1) when its two weight files are present (`models.lpips`), with their sha256;
-  - rFID when torch-fidelity's Inception and its weights are present, else "unavailable: <why>".
+  - rFID: the Frechet distance between FID-Inception features of the originals and of their
+    reconstructions (`pipeline.generation_eval`: torch-fidelity's Inception, weights by path or
+    fsspec URL, sha256 checked), under the protocol in `protocol["rfid"]`; without the weights
+    file, "unavailable: <which file goes where>" and every other metric still runs.
 Nothing is random and the order is fixed, so two runs give identical numbers. A PNG shows the
 first 8 originals above their reconstructions; with a tracking URI everything also goes to MLflow.
 """
@@ -19,21 +22,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from tokenmill.models.code_usage import CodebookStats
 from tokenmill.models.errors import UserError
 from tokenmill.models.image_metrics import ReconstructionMetrics
+from tokenmill.models.inception_metrics import FeatureStats, frechet_distance
 from tokenmill.models.lpips import LIN_SHA256, LPIPS, VGG_SHA256, LPIPSWeights, missing_weights, resolve_lpips_weights
 from tokenmill.models.tokenizer import code_scales, counted_levels
+from tokenmill.pipeline.generation_eval import Evaluator, InceptionWeights, evaluator_or_unavailable, inception_protocol
 from tokenmill.pipeline.grids import save_png_grid
+from tokenmill.pipeline.runtime.weights import local_lpips_weights
 from tokenmill.pipeline.shards.manifest import shards_for_split
 from tokenmill.pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
 
-PROTOCOL_VERSION = "tokenmill-eval/1"
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception
+PROTOCOL_VERSION = "tokenmill-eval/2"  # 2: rFID through tokenmill's FID Inception, its protocol recorded
 PNG_IMAGES = 8
 
 
@@ -48,7 +52,7 @@ class EvalSummary:
     protocol: dict[str, Any]
     metrics: dict[str, float]
     lpips: str | dict[str, str]  # the weights' paths and sha256, or "unavailable: ..."
-    rfid: str | dict[str, str]
+    rfid: str | dict[str, Any]  # the Inception weights (path, sha256, published) and images, or "unavailable: ..."
     skipped_samples: dict[str, Any]
     png: str
     mlflow_run_id: str | None = None
@@ -61,7 +65,7 @@ class EvalSummary:
 class EvalOptions:
     batch_size: int = 64
     lpips: LPIPSWeights = dataclasses.field(default_factory=lambda: LPIPSWeights(verify_sha256=False))
-    inception_path: str | None = None  # default: <torch hub>/checkpoints/INCEPTION_FILE
+    inception: InceptionWeights = dataclasses.field(default_factory=InceptionWeights)
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI; neither: no MLflow
 
@@ -79,9 +83,9 @@ def evaluate(model_ref: str, data: str, split: str, out_dir: str | Path, options
     transform = model_transform(meta).for_eval()
     urls = shards_for_split(data, split, options.storage_options)  # UserError: no such split / manifest
     lpips, lpips_info = _lpips(options.lpips)
-    inception, rfid_info = _inception(options.inception_path)
+    inception = evaluator_or_unavailable(options.inception)  # a wrong file is a UserError, an absent one is not
     torch.manual_seed(0)  # nothing below draws; pinned anyway so a future quantizer cannot vary runs
-    run = _Accumulators(model, lpips, inception)
+    run = _Accumulators(model, lpips, inception if isinstance(inception, Evaluator) else None)
     errors: list[dict[str, str]] = []
     for url in tqdm(urls, desc=f"eval {split}", unit="shard", leave=False):
         samples = good_samples(read_shard(url, pixels_decoder(transform), options.storage_options), errors)
@@ -93,8 +97,8 @@ def evaluate(model_ref: str, data: str, split: str, out_dir: str | Path, options
                         nrow=max(1, run.first.shape[0]))
     summary = EvalSummary(
         model=model_ref, model_sha256=files.weights_sha256, data=data, split=split,
-        protocol=_protocol(transform, options, meta), metrics=run.result(),
-        lpips=lpips_info, rfid=rfid_info if inception is None else {**rfid_info, "images": run.images},
+        protocol=_protocol(transform, options, meta, inception, split, run.images), metrics=run.result(),
+        lpips=lpips_info, rfid=_rfid_info(inception, run.images),
         skipped_samples={"count": len(errors), "samples": errors[:20]}, png=str(png),
     )
     if tracking_uri:
@@ -102,7 +106,8 @@ def evaluate(model_ref: str, data: str, split: str, out_dir: str | Path, options
     return summary
 
 
-def _protocol(transform, options: EvalOptions, meta: dict[str, Any]) -> dict[str, Any]:
+def _protocol(transform, options: EvalOptions, meta: dict[str, Any], inception: Evaluator | str, split: str,
+              images: int) -> dict[str, Any]:
     return {
         "version": PROTOCOL_VERSION,
         "transform": transform.model_dump(mode="json"),  # resize / crop to the model's size, no randomness
@@ -112,7 +117,9 @@ def _protocol(transform, options: EvalOptions, meta: dict[str, Any]) -> dict[str
                      "cycles/px, recon/original); float64 sums over every image",
         "codebook": "counts over the whole split; usage = codes used / K, perplexity = exp(H), entropy in bits",
         "lpips": "VGG16 + lpips v0.1 linear heads, inputs scaled to [-1, 1], mean over images",
-        "rfid": "Frechet distance of torch-fidelity inception-v3-compat pool features, originals vs reconstructions",
+        "rfid": inception_protocol(inception, resolution=transform.size, resize_filter="PIL bilinear (none for "
+                                   "images already at the resolution)", crop=transform.resize, split=split, n=images,
+                                   cfg=None, compared="originals vs their reconstructions, both from this split"),
         "batch_size": options.batch_size,
         "model_class": meta["class"],
     }
@@ -121,14 +128,14 @@ def _protocol(transform, options: EvalOptions, meta: dict[str, Any]) -> dict[str
 class _Accumulators:
     """Running sums over batches: reconstruction metrics, code counts, LPIPS, Inception features."""
 
-    def __init__(self, model: torch.nn.Module, lpips: LPIPS | None, inception: Any) -> None:
+    def __init__(self, model: torch.nn.Module, lpips: LPIPS | None, inception: Evaluator | None) -> None:
         self.model, self.lpips, self.inception = model, lpips, inception
         self.recon = ReconstructionMetrics()
         shape, shared = model.token_shape, bool(code_scales(model))  # multi-scale: one codebook, all scales
         stages = shape[-1] if len(shape) == 3 and not shared else 1
         self.codes = CodebookStats(model.codebook_size, stages) if shared or not isinstance(shape[0], tuple) else None
         self.lpips_sum, self.images = 0.0, 0
-        self.features: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        self.features: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # (b, 2048) pools: originals, recons
         self.first = self.first_recon = None
 
     @torch.no_grad()
@@ -143,7 +150,7 @@ class _Accumulators:
             self.lpips_sum += float(self.lpips(_rgb(x) * 2 - 1, _rgb(recon) * 2 - 1).double().sum())
         if self.inception is not None:
             for side, images in zip(self.features, (x, recon)):
-                side.append(self.inception(_uint8_rgb(images))[0].double().numpy())
+                side.append(self.inception.features(images)[0])
         if self.first is None:
             self.first, self.first_recon = x[:PNG_IMAGES], recon[:PNG_IMAGES]
 
@@ -154,8 +161,9 @@ class _Accumulators:
                         "code_entropy_bits": math.log2(self.codes.perplexity)}
         if self.lpips is not None:
             metrics["lpips"] = self.lpips_sum / self.images
-        if self.inception is not None:
-            metrics["rfid"] = frechet_distance(np.concatenate(self.features[0]), np.concatenate(self.features[1]))
+        if self.inception is not None and self.images >= 2:  # a covariance needs two images
+            originals, recons = (FeatureStats.of(torch.cat(side)) for side in self.features)
+            metrics["rfid"] = frechet_distance(originals, recons)
         return metrics
 
 
@@ -163,11 +171,8 @@ def _rgb(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def _uint8_rgb(x: torch.Tensor) -> torch.Tensor:
-    return (_rgb(x).clamp(0, 1) * 255 + 0.5).to(torch.uint8)
-
-
 def _lpips(weights: LPIPSWeights) -> tuple[LPIPS | None, str | dict[str, str]]:
+    weights = local_lpips_weights(weights, ("--lpips-vgg", "--lpips-lin"))  # a URL the user names must be there
     problem = missing_weights(weights)
     if problem:
         return None, f"unavailable: {problem}"
@@ -176,29 +181,12 @@ def _lpips(weights: LPIPSWeights) -> tuple[LPIPS | None, str | dict[str, str]]:
     return LPIPS.from_files(found), {**found.describe(), "published_weights": str(published).lower()}
 
 
-def _inception(path: str | None) -> tuple[Any, str | dict[str, str]]:
-    """torch-fidelity's FID Inception from a local weights file, or (None, "unavailable: why")."""
-    from tokenmill.models.lpips import hub_checkpoints, sha256_of
-
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except Exception as err:  # noqa: BLE001 - ImportError, or torchvision failing inside it
-        return None, (f"unavailable: torch-fidelity cannot be imported ({type(err).__name__}: {err}); "
-                      "it needs torchvision, which CPU-only installs here lack")
-    weights = Path(path) if path else hub_checkpoints() / INCEPTION_FILE
-    if not weights.is_file():
-        return None, f"unavailable: put torch-fidelity's {INCEPTION_FILE} at {weights} (or pass --inception)"
-    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
-    return extractor.eval(), {"inception": str(weights), "inception_sha256": sha256_of(weights)}
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two (N, D) feature sets: |μa − μb|² + tr(Σa + Σb − 2 (Σa Σb)^½), in float64."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eigenvalues = np.linalg.eigvals(cov_a @ cov_b)  # tr sqrt(Σa Σb) = Σ sqrt(λ) (λ real, ≥ 0 up to rounding)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+def _rfid_info(inception: Evaluator | str, images: int) -> str | dict[str, Any]:
+    if isinstance(inception, str):
+        return inception
+    if images < 2:
+        return f"unavailable: the split has {images} image; a Frechet distance needs at least 2"
+    return {**inception.weights, "images": images}
 
 
 def _log_to_mlflow(summary: EvalSummary, tracking_uri: str) -> str:

@@ -50,6 +50,10 @@ TESTS = Path(__file__).resolve().parent
 FOLDERS = ("unit", "integration", "system")  # by cost; also the order tests run in
 # Fixtures that start Ray or a server: a unit test may use none of them.
 SERVICE_FIXTURES = {"ray_local", "mlflow_server", "s3_server", "s3_bucket"}
+# `make test` runs two pytest-xdist workers (--dist loadgroup). Tests that share an expensive session
+# fixture stay on one worker, so it is built once; the system tests (clusters, subprocesses, the demo)
+# run one after another on one worker, so two of them never compete for the cores at once.
+SHARED_FIXTURE_GROUPS = {"tokenize_inputs": "tokenize-store", "uninterrupted_store": "tokenize-store"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,6 +73,10 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid}: a unit test uses {', '.join(sorted(services))}; "
                                     "move it to tests/integration")
         item.add_marker(folder)
+        group = next((g for f, g in SHARED_FIXTURE_GROUPS.items() if f in getattr(item, "fixturenames", ())),
+                     "processes" if folder == "system" else None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
         rank[item.nodeid] = FOLDERS.index(folder)
     items.sort(key=lambda item: rank.get(item.nodeid, len(FOLDERS)))
 
@@ -140,6 +148,18 @@ def ray_local():
 def sqlite_tracking(tmp_path_factory) -> str:
     """One SQLite MLflow store for the session's in-process runs (creating one costs seconds)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite')}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> tuple[str, str]:
+    """(path, sha256) of random FID-Inception weights in torch-fidelity's file format, written once
+    (24M parameters: seconds) for tests/unit/test_inception.py and test_generation_eval.py."""
+    import hashlib
+
+    from helpers.inception import write_random_inception_weights
+
+    path = write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
+    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture()

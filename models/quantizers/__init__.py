@@ -20,33 +20,37 @@ from tokenmill.models.quantizers.multiscale import MultiScaleQuantizer, check_sc
 from tokenmill.models.quantizers.residual_vq import ResidualVQ
 from tokenmill.models.quantizers.simvq import SimVQ
 from tokenmill.models.quantizers.vector_quantizer import QuantizerOutput, VectorQuantizer
+from tokenmill.models.ranges import STRICT, Bits, Count, Fraction, NonNegative, Positive, PositiveInt
 
 
 @dataclass
 class QuantizerConfig:
     kind: Literal["vq", "rvq", "fsq", "lfq", "bsq", "simvq", "multiscale"] = "vq"
-    codebook_size: int = 512  # vq, rvq (per stage), simvq, multiscale (shared by the scales)
-    codebook_dim: int = 0  # vq, rvq, multiscale: 0 looks up in the latent dim; >0 a factorized low-dim lookup
-    beta: float = 0.25  # commitment weight (all but fsq)
+    codebook_size: PositiveInt = 512  # vq, rvq (per stage), simvq, multiscale (shared by the scales)
+    codebook_dim: Count = 0  # vq, rvq, multiscale: 0 looks up in the latent dim; >0 a factorized low-dim lookup
+    beta: NonNegative = 0.25  # commitment weight (all but fsq)
+    # vq with ema: false: weight of the codebook term ‖sg(z) − e‖² (taming's VQGAN: beta 1.0, codebook_weight 0.25,
+    # its `legacy` loss that puts β on the codebook term instead of the commitment term)
+    codebook_weight: NonNegative = 1.0
     ema: bool = True  # EMA codebook updates instead of the codebook loss
-    decay: float = 0.99
-    eps: float = 1e-5  # Laplace smoothing of EMA counts
+    decay: Fraction = 0.99
+    eps: Positive = 1e-5  # Laplace smoothing of EMA counts
     kmeans_init: bool = True
-    kmeans_iters: int = 10
-    dead_code_threshold: float = 1.0  # EMA count (rows per step, all ranks) below which a code restarts; 0 = off
+    kmeans_iters: Count = 10
+    dead_code_threshold: NonNegative = 1.0  # EMA count (rows per step, all ranks) below which a code restarts; 0 = off
     cosine: bool = False  # l2-normalised codes and inputs
-    num_stages: int = 4  # rvq
+    num_stages: PositiveInt = 4  # rvq
     scales: tuple[int, ...] = ()  # multiscale: token map sides, increasing, ending at the latent grid side
     levels: tuple[int, ...] = (8, 5, 5, 5)  # fsq: values per dimension
-    seed: int = 0  # restart/k-means draws; simvq: the frozen codebook
+    seed: Count = 0  # restart/k-means draws; simvq: the frozen codebook
     rotation_trick: bool = False  # vq, simvq: rotation-trick gradient instead of straight-through
-    bits: int = 10  # lfq, bsq: codebook of 2^bits sign codes
-    entropy_weight: float = 0.1  # lfq, bsq: weight of the entropy penalty
-    diversity: float = 1.0  # lfq, bsq: codebook-entropy weight inside the penalty
-    inv_temperature: float = 1.0  # lfq, bsq: τ of the soft assignment, bit logit 4·τ·scale·h (see lfq.py)
-    entropy_group_bits: int = 10  # lfq, bsq: codebook entropy exact up to this many bits, grouped above
+    bits: Bits = 10  # lfq, bsq: codebook of 2^bits sign codes
+    entropy_weight: NonNegative = 0.1  # lfq, bsq: weight of the entropy penalty
+    diversity: NonNegative = 1.0  # lfq, bsq: codebook-entropy weight inside the penalty
+    inv_temperature: Positive = 1.0  # lfq, bsq: τ of the soft assignment, bit logit 4·τ·scale·h (see lfq.py)
+    entropy_group_bits: PositiveInt = 10  # lfq, bsq: codebook entropy exact up to this many bits, grouped above
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)  # JSON/YAML give lists; keep configs comparable
@@ -79,7 +83,8 @@ def build_quantizer(config: QuantizerConfig, dim: int, seed_offset: int = 0) -> 
     if config.kind == "multiscale":
         return MultiScaleQuantizer(dim, check_scales(config.scales), **options)
     if config.kind == "vq":
-        return VectorQuantizer(dim, rotation_trick=config.rotation_trick, **options)
+        return VectorQuantizer(dim, rotation_trick=config.rotation_trick, codebook_weight=config.codebook_weight,
+                               **options)
     raise ValueError(f"unknown quantizer kind {config.kind!r}; use vq, rvq, fsq, lfq, bsq, simvq or multiscale")
 
 

@@ -52,7 +52,7 @@ def entropy_penalty(logits: Tensor, group_bits: int, diversity: float, collectiv
     per_sample = bit_entropy(logits).mean()
     parts = [_group_log_probs(chunk).exp().sum(0) for chunk in logits.split(bit_groups(logits.shape[1], group_bits), 1)]
     sums = torch.cat(parts)  # (Σ 2^g,) this rank's summed group distributions
-    stats = torch.cat([sums.detach(), sums.new_tensor([logits.shape[0]])])
+    stats = torch.cat([sums.detach(), sums.new_full((1,), logits.shape[0])])  # new_full: no host-to-device copy
     collectives.all_reduce(stats)  # (Σ 2^g + 1,) global sums | global rows
     rows = stats[-1].clamp(min=1)
     mean = stats[:-1] / rows + (sums - sums.detach()) * (collectives.world_size / rows)

@@ -64,7 +64,7 @@ class LFQ(nn.Module):
         """project_in such that h = project_in(z) has per-bit mean 0, std 1 over the global batch.
         z: (N, dim) fp32; one all-reduce, the same result on every rank."""
         h = self.project_in(z)  # (N, bits)
-        stats = torch.cat([h.sum(0), h.pow(2).sum(0), h.new_tensor([h.shape[0]])])
+        stats = torch.cat([h.sum(0), h.pow(2).sum(0), h.new_full((1,), h.shape[0])])
         self.collectives.all_reduce(stats)  # (2 bits + 1,) global Σh | Σh² | rows
         rows = stats[-1].clamp(min=1)
         mean = stats[: self.bits] / rows

@@ -1,6 +1,6 @@
 """VectorQuantizer: nearest-code lookup with a straight-through estimator (VQ-VAE).
 
-Codebook learning is either the codebook loss ‖sg(z) − e‖² or EMA updates (decay, Laplace
+Codebook learning is either the codebook loss ‖sg(z) − e‖² (times `codebook_weight`) or EMA updates (decay, Laplace
 smoothing); both add β·‖z − sg(e)‖². k-means initialisation from the first training batch and
 dead-code restarts keep usage high. Optional cosine (l2-normalised) codes and a factorized
 low-dimensional lookup (ViT-VQGAN; with both, LlamaGen's 16,384 x 8 codebook), and the rotation
@@ -53,6 +53,7 @@ class VectorQuantizer(nn.Module):
         cosine: bool = False,
         seed: int = 0,
         rotation_trick: bool = False,
+        codebook_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.dim, self.codebook_size = dim, codebook_size
@@ -60,6 +61,7 @@ class VectorQuantizer(nn.Module):
         self.beta, self.ema, self.decay, self.eps = beta, ema, decay, eps
         self.kmeans_iters, self.dead_code_threshold = kmeans_iters, dead_code_threshold
         self.cosine, self.seed, self.rotation_trick = cosine, seed, rotation_trick
+        self.codebook_weight = codebook_weight
         factorized = self.lookup_dim != dim
         self.project_in = nn.Linear(dim, self.lookup_dim) if factorized else nn.Identity()
         self.project_out = nn.Linear(self.lookup_dim, dim) if factorized else nn.Identity()
@@ -74,9 +76,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training updates so far
         self.collectives = Collectives()
-        # Host copies of `initted` and `steps`: read from the device once (and after a state load),
-        # not on every step; a GPU step then does not wait for the device to read them.
-        self._host: dict[str, int] = {}
+        # Host copies of `initted` and `steps`: known here, read from the device only after a state
+        # load (once), never on every step; a GPU step then does not wait for the device.
+        self._host: dict[str, int] = {"initted": int(not kmeans_init), "steps": 0}
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._host = {}  # the buffers change: read them again when next needed
@@ -123,7 +125,7 @@ class VectorQuantizer(nn.Module):
             quantized = F.embedding(indices, self.codebook())  # (N, d), from the pre-update codebook
             loss = self.beta * F.mse_loss(flat, quantized.detach())  # commitment
             if not self.ema:
-                loss = loss + F.mse_loss(quantized, flat.detach())  # codebook term
+                loss = loss + self.codebook_weight * F.mse_loss(quantized, flat.detach())  # codebook term
             if update:
                 self._update(flat.detach(), indices)
             # The decoder's gradient goes to the encoder only; the codebook learns from its own term.
@@ -146,10 +148,12 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             self._update(self._rows(z.detach()), indices.reshape(-1))
 
-    def _generator(self, stream: int) -> torch.Generator:
+    def _generator(self, stream: int, device: torch.device) -> torch.Generator:
         # Seeded by step so every rank (and a resumed run) draws the same rows; `stream` keeps the
-        # k-means seeds and the same step's restart rows apart.
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + 2 * self._host_value("steps") + stream)
+        # k-means seeds and the same step's restart rows apart. A generator of the rows' device:
+        # the draw then needs no copy from the host.
+        seed = self.seed * 1_000_003 + 2 * self._host_value("steps") + stream
+        return torch.Generator(device=device).manual_seed(seed)
 
     def _code_stats(self, z: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Global per-code (sums (K, d), counts (K,)) in one all-reduce."""
@@ -162,7 +166,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _kmeans_init(self, z: Tensor) -> None:
         """Lloyd's k-means over the global batch, seeded with K distinct global rows."""
-        centroids = sample_rows(z, self.codebook_size, self._generator(0), self.collectives)  # (K, d)
+        centroids = sample_rows(z, self.codebook_size, self._generator(0, z.device), self.collectives)  # (K, d)
         counts = torch.zeros(self.codebook_size, device=z.device)
         for _ in range(self.kmeans_iters):
             self.embed.data.copy_(centroids)
@@ -194,15 +198,13 @@ class VectorQuantizer(nn.Module):
         self.steps += 1
 
     def _restart_dead_codes(self, z: Tensor) -> None:
-        """Codes whose EMA usage fell below the threshold jump to random encoder outputs. The dead
-        mask comes from all-reduced counts and the rows from `sample_rows`, so every rank agrees;
-        rows are drawn for all K codes (fixed shapes: no data-dependent collective). When no code
-        is dead, nothing runs: `cluster_size` is identical on every rank (built from all-reduced
-        counts), so every rank skips together, and one scalar read replaces three collectives."""
+        """Codes whose EMA usage fell below the threshold jump to random encoder outputs z (N, d).
+        The dead mask comes from all-reduced counts and the rows from `sample_rows`, so every rank
+        agrees. Unconditional and on the device: rows are drawn for all K codes every step and
+        `torch.where` keeps the live ones, so no host read decides whether anything is dead (with
+        16,384 codes some nearly always are) and the collectives are the same every step."""
         dead = self.cluster_size < self.dead_code_threshold  # (K,)
-        if not bool(dead.any()):
-            return
-        rows = sample_rows(z, self.codebook_size, self._generator(1), self.collectives)  # (K, d)
+        rows = sample_rows(z, self.codebook_size, self._generator(1, z.device), self.collectives)  # (K, d)
         self.embed.data.copy_(torch.where(dead[:, None], rows, self.embed))
         self.cluster_size.masked_fill_(dead, self.dead_code_threshold)
         if self.ema:

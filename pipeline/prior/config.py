@@ -96,7 +96,7 @@ def _model_section() -> type[StrictModel]:
     one of their kinds, and FROM_STORE defaulting to None: the store's."""
     fields: dict[str, Any] = {"kind": (Literal[tuple(PRIOR_CONFIGS)], "prior")}
     for config_class in PRIOR_CONFIGS.values():
-        hints = typing.get_type_hints(config_class)
+        hints = typing.get_type_hints(config_class, include_extras=True)  # with models.ranges' bounds
         for field in dataclasses.fields(config_class):
             if field.name in fields:
                 continue

@@ -8,6 +8,10 @@ in store order and `labels.npy` (n,) int64 (-1 for an unconditional prior).
 
 The prior is an AR `TransformerPrior` or a `MaskGITPrior` (any model whose config is a
 `PriorConfig`); `steps` (`--steps`) sets a MaskGIT prior's decoding steps and is refused for others.
+
+With a `SampleEval` (`--eval REF.npz`, `--npz PATH`) the decoded samples are also scored against
+reference statistics from `tokenmill fid-stats` (gFID, Inception Score, precision/recall, with the
+protocol: `pipeline.generation_eval.score_samples`) and/or written as the ADM evaluator's .npz.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from tokenmill.models.errors import UserError
 from tokenmill.models.prior import PriorConfig
+from tokenmill.pipeline.generation_eval import SampleEval, log_result_run, score_samples, write_adm_npz
 from tokenmill.pipeline.grids import save_png_grid
 from tokenmill.pipeline.prior.lineage import LINEAGE_FILE, parse_prior_lineage
 from tokenmill.pipeline.registry.model_ref import resolve_model
@@ -52,6 +57,9 @@ class SampleSummary:
     labels: str
     seconds: float  # sampling only (no loading, no decoding)
     tokens_per_s: float
+    evaluation: dict[str, Any] | None = None  # score_samples' result (metrics, unavailable, protocol, inception)
+    npz: dict[str, str] | None = None  # the ADM .npz written: path, sha256
+    mlflow_run_id: str | None = None  # the evaluation's MLflow run
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,9 +78,11 @@ class SampleOptions:
 
 def sample_prior(prior_ref: str, out: Path, *, classes: list[int] | None = None, n: int = 8,
                  options: SampleOptions | None = None, tokenizer_ref: str | None = None, device: str = "auto",
-                 tracking_uri: str | None = None, storage_options: dict | None = None) -> SampleSummary:
+                 tracking_uri: str | None = None, storage_options: dict | None = None,
+                 evaluate: SampleEval | None = None) -> SampleSummary:
     """Sample `n` codes per class (all classes when `classes` is None; `n` in all for an
-    unconditional prior), decode them and write the PNG grid, codes.npy and labels.npy to `out`."""
+    unconditional prior), decode them and write the PNG grid, codes.npy and labels.npy to `out`;
+    with `evaluate`, score them and/or write them as ADM's .npz."""
     options = options or SampleOptions()
     dev = resolve_device(device)
     prior, lineage = load_prior(prior_ref, dev, tracking_uri, storage_options)
@@ -91,7 +101,7 @@ def sample_prior(prior_ref: str, out: Path, *, classes: list[int] | None = None,
     np.save(out / "codes.npy", codes.numpy())
     label_array = labels.numpy() if labels is not None else np.full(len(codes), -1, dtype=np.int64)
     np.save(out / "labels.npy", label_array)
-    return SampleSummary(
+    summary = SampleSummary(
         prior=prior_ref, tokenizer=tokenizer_uri, device=str(dev),
         classes=None if labels is None else sorted(set(labels.tolist())), per_class=n, samples=len(codes),
         cfg_scale=options.cfg_scale, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
@@ -99,6 +109,27 @@ def sample_prior(prior_ref: str, out: Path, *, classes: list[int] | None = None,
         codes=str(out / "codes.npy"), labels=str(out / "labels.npy"), seconds=round(seconds, 3),
         tokens_per_s=round(codes.numel() / max(seconds, 1e-9), 1),
     )
+    if evaluate is not None:
+        _evaluate(summary, images, labels, evaluate, dev, tracking_uri)
+    return summary
+
+
+def _evaluate(summary: SampleSummary, images: torch.Tensor, labels: torch.Tensor | None, spec: SampleEval,
+              device: torch.device, tracking_uri: str | None) -> None:
+    """The ADM .npz and/or the scores against the reference statistics, into `summary` (and MLflow)."""
+    if spec.npz:
+        summary.npz = {"path": spec.npz, "sha256": write_adm_npz(spec.npz, images, labels,
+                                                                  spec.inception.storage_options)}
+    if not spec.reference:
+        return
+    fields = {"cfg": summary.cfg_scale, "per_class": summary.per_class, "classes": summary.classes,
+              "temperature": summary.temperature, "top_k": summary.top_k, "top_p": summary.top_p,
+              "seed": summary.seed, "steps": summary.steps, "prior": summary.prior, "tokenizer": summary.tokenizer}
+    summary.evaluation = score_samples(images, spec, fields, device)
+    if tracking_uri:
+        summary.mlflow_run_id = log_result_run(tracking_uri, "tokenmill-sample-eval", f"sample-eval-{summary.seed}",
+                                               summary.evaluation["protocol"], summary.evaluation["metrics"],
+                                               summary.to_json())
 
 
 def resolve_device(device: str) -> torch.device:

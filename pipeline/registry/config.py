@@ -41,7 +41,7 @@ class ValidationSection(StrictModel):
     split: str = "val"
     batch_size: int = pydantic.Field(256, gt=0)
     iw_samples: int = pydantic.Field(64, gt=0)  # K of the importance-weighted NLL (VAE family)
-    seed: int = 0  # seeds the IW samples so a model's score is reproducible
+    seed: int = pydantic.Field(0, ge=0)  # seeds the IW samples so a model's score is reproducible
 
 
 class PromotionSection(StrictModel):
@@ -63,8 +63,8 @@ class RetokenizeSection(StrictModel):
     # The store of a promotion: <out_prefix>/<data version>/<registered model>-v<model version>
     out_prefix: str
     batch_size: int = pydantic.Field(256, gt=0)
-    actors: Optional[int] = None  # most actors; default: one per GPU, else per CPU, of the cluster
-    gpus: Optional[int] = None  # GPU actors up to N (0: CPU); default: GPUs if the cluster has any
+    actors: Optional[int] = pydantic.Field(None, gt=0)  # most actors; default: one per GPU, else per CPU, of the cluster
+    gpus: Optional[int] = pydantic.Field(None, ge=0)  # GPU actors up to N (0: CPU); default: GPUs if the cluster has any
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
@@ -108,11 +108,13 @@ class RetrainConfig(TrainJobConfig):
                           tracking_uri: str) -> TrainJobConfig:
         """The `tokenmill train` config of one challenger: the train sections of this config on
         data version `shards`, under its own run name, optionally warm-started, tracked where
-        retrain tracks (its default store lives under retrain's run directory, not the challenger's)."""
+        retrain tracks (its default store lives under retrain's run directory, not the challenger's).
+        `init_from` (the champion) wins over the configured `train.init_from` (e.g. `taming:…`, the
+        start of the first challenger)."""
         plain = self.model_dump(mode="json", include=set(TrainJobConfig.model_fields))
         plain["data"]["shards"] = shards
         plain["run"]["name"] = run_name
-        plain["train"]["init_from"] = init_from
+        plain["train"]["init_from"] = init_from or plain["train"]["init_from"]
         plain["tracking"]["tracking_uri"] = tracking_uri
         return TrainJobConfig.model_validate(plain)
 

@@ -3,7 +3,9 @@
 MODEL is one of:
   - a local model directory, or any fsspec URL of one (`s3://bucket/runs/x/model`);
   - an MLflow URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<name>@<alias>`
-    (the training driver logs the directory as the run's `model` artifact and registers that).
+    (the training driver logs the directory as the run's `model` artifact and registers that);
+  - a published checkpoint, `taming:PATH` (`models.converters`), converted into a tokenmill model
+    in memory; its config.json's `extra.converted_from` names the source and its sha256.
 
 The result carries the files' bytes rather than a path: the driver ships them to encoding
 actors through the Ray object store, so actors on other nodes never need the driver's disk.
@@ -21,8 +23,9 @@ from typing import Any
 import fsspec
 import torch
 
+from tokenmill.models import converters
 from tokenmill.models.errors import UserError
-from tokenmill.models.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model, read_model_config
+from tokenmill.models.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model, model_file_bytes, read_model_config
 from tokenmill.pipeline.registry import tracking
 
 _MLFLOW_PREFIXES = ("runs:/", "models:/")
@@ -58,6 +61,8 @@ def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: di
     returned in `extras` when present."""
     if ref.startswith(_MLFLOW_PREFIXES):
         return _read_mlflow(ref, tracking_uri, extra_files)
+    if converters.is_converted(ref):
+        return _converted(ref)
     if "://" in ref and not ref.startswith("file://"):
         fs, path = fsspec.core.url_to_fs(ref, **(storage_options or {}))
         try:
@@ -70,6 +75,13 @@ def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: di
     if not path.is_dir():
         raise UserError(f"model {ref!r} is neither a directory nor an MLflow URI (runs:/…, models:/…)")
     return _read_dir(ref, None, _model_dir(path, ref), extra_files)
+
+
+def _converted(ref: str) -> ModelFiles:
+    """A published checkpoint (`taming:…`) as the files `tokenmill convert` would write."""
+    converted = converters.convert(ref)
+    config, weights = model_file_bytes(converted.model, {"converted_from": converted.source})
+    return ModelFiles(ref, None, config, weights)
 
 
 def _read_mlflow(ref: str, tracking_uri: str | None, extra_files: tuple[str, ...] = ()) -> ModelFiles:

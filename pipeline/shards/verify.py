@@ -15,8 +15,9 @@ from tokenmill.pipeline.shards.problems import COUNT_DIFFERS, SHA256_DIFFERS, SH
 
 
 def inspect_shards(url: str, storage_options: dict | None = None, verify: bool = False) -> dict[str, Any]:
-    """Counts, splits, formats and image statistics of a shard folder, a manifest.json URL or one
-    .tar URL; with `verify`, also `verified`, `ok` and `problems`."""
+    """Counts, splits, formats, image statistics and (from the manifest) source and writer settings
+    of a shard folder, a manifest.json URL or one .tar URL; with `verify`, also `verified`, `ok` and
+    `problems`."""
     if url.endswith(".tar"):
         manifest, problems = _one_tar(url, storage_options)
     else:
@@ -25,7 +26,8 @@ def inspect_shards(url: str, storage_options: dict | None = None, verify: bool =
             manifest, problems = index_shards(url, storage_options, progress=False)
     result = dict(target=url, manifest=None if url.endswith(".tar") else manifest_url(url),
                   shards=len(manifest["shards"]), samples=manifest["samples"], splits=manifest["splits"],
-                  formats=manifest["formats"], image_stats=manifest["image_stats"])
+                  formats=manifest["formats"], image_stats=manifest["image_stats"],
+                  source=manifest.get("source"), settings=manifest.get("settings"))  # settings: seed, split, format
     if verify:
         if problems is None:
             problems = verify_shards(manifest, manifest_url(url).rsplit("/", 1)[0], storage_options)

@@ -94,6 +94,8 @@ def tokenizer_lineage(files, tokenizer, options: ExtractionOptions) -> dict[str,
         model = {"adapter": "tokenmill", "model_class": base.meta["class"], "model_config": base.meta["config"],
                  "config_sha256": hashlib.sha256(files.config).hexdigest(),
                  "codebook_size": getattr(base.model, "codebook_size", None) if not options.latents else None}
+        if "converted_from" in base.meta.get("extra", {}):  # a published checkpoint: its kind and sha256
+            model["converted_from"] = base.meta["extra"]["converted_from"]
     return {
         "model_uri": files.uri, "model_version": files.version, "weights_sha256": files.weights_sha256, **model,
         "mode": "latents" if options.latents else "codes",

@@ -379,7 +379,7 @@ def _describe_lineage(lineage: dict[str, Any]) -> str:
 
 
 def describe_store(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What `tokenmill inspect STORE` prints: arrays (shape, dtype, chunks, shards), lineage,
+    """What `tokenmill inspect STORE` prints: levels, arrays (shape, dtype, chunks, shards), lineage,
     progress, sample counts per split and codebook statistics."""
     store = TokenStore(url, storage_options)
     attrs = store.token_attrs()
@@ -397,6 +397,7 @@ def describe_store(url: str, storage_options: dict[str, Any] | None = None) -> d
         "state": attrs["tokenmill"]["state"],
         "lineage": attrs["lineage"],
         "layout": attrs["layout"],
+        "levels": attrs["arrays"],  # the token arrays (codes or latents per level): name, row shape, dtype
         "arrays": arrays,
         "input_shards": {"total": int(group["shards/url"].shape[0]), "finished": len(done)},
         "summary": attrs.get("summary"),

@@ -16,6 +16,7 @@ import pydantic
 
 import tokenmill.models  # noqa: F401 - registers every model class
 from tokenmill.models.lpips import LPIPSWeights
+from tokenmill.models.ranges import STRICT, Count, Fraction, NonNegative
 from tokenmill.models.schedules import KLSchedule
 from tokenmill.models.serialization import registered_models
 from tokenmill.models.vqgan_loss import DiscriminatorConfig
@@ -42,18 +43,18 @@ class VQGANLossConfig:
     """The `loss` section: perceptual and adversarial terms (taming's `vqperceptual.py`, without
     its legacy flags); `pipeline.training.tasks.adversarial` trains with it."""
 
-    perceptual_weight: float = 1.0  # LPIPS (VGG); > 0 needs the weight files (models.lpips)
+    perceptual_weight: NonNegative = 1.0  # LPIPS (VGG); > 0 needs the weight files (models.lpips)
     perceptual: LPIPSWeights = field(default_factory=LPIPSWeights)
-    adversarial_weight: float = 0.5  # taming's disc_weight; 0 turns the discriminator off
+    adversarial_weight: NonNegative = 0.5  # taming's disc_weight; 0 turns the discriminator off
     adversarial_loss: Literal["hinge", "non-saturating"] = "hinge"
     adaptive_weight: bool = True  # scale the GAN term by |grad nll| / |grad gan| at the decoder's last layer
-    disc_start: int = 0  # optimizer steps before the discriminator (and the generator's GAN term) start
-    lecam_weight: float = 0.0  # LeCAM regulariser on the discriminator; 0 = off
-    lecam_decay: float = 0.999  # EMA of the discriminator's mean outputs
+    disc_start: Count = 0  # optimizer steps before the discriminator (and the generator's GAN term) start
+    lecam_weight: NonNegative = 0.0  # LeCAM regulariser on the discriminator; 0 = off
+    lecam_decay: Fraction = 0.999  # EMA of the discriminator's mean outputs
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     disc_optim: OptimConfig = field(default_factory=_disc_optim)  # its EMA is always off
 
-    __pydantic_config__ = {"extra": "forbid"}
+    __pydantic_config__ = STRICT
 
     def __post_init__(self) -> None:  # YAML / checkpoints give dicts
         if isinstance(self.perceptual, dict):
@@ -75,14 +76,14 @@ class DataSection(StrictModel):
     train_split: str = "train"
     val_split: str = "val"
     transform: TransformConfig = TransformConfig()
-    shuffle_buffer: int = 1024
+    shuffle_buffer: int = pydantic.Field(1024, ge=0)  # samples; 0: no local shuffle
     storage_options: dict[str, Any] = {}
 
 
 class EarlyStopSection(StrictModel):
     metric: Optional[str] = None  # e.g. "val/psnr" or "val/nll_nats"; None disables early stopping
     mode: Literal["min", "max"] = "min"
-    patience: int = 3  # validations without improvement before stopping
+    patience: int = pydantic.Field(3, gt=0)  # validations without improvement before stopping
 
 
 class LoopSection(StrictModel):
@@ -93,7 +94,7 @@ class LoopSection(StrictModel):
     # Micro-batches per optimizer step (gradient accumulation): a step sees
     # batch_size x accumulate x num_workers examples.
     accumulate: int = pydantic.Field(1, gt=0)
-    seed: int = 0
+    seed: int = pydantic.Field(0, ge=0)  # numpy seeds (the prior's epoch order) are non-negative
     # Autocast of the forward: auto = bf16 on CUDA, fp32 on CPU (pipeline.training.precision).
     precision: Precision = "auto"
     # torch.compile every trained module with this backend (inductor: worth it on GPUs for long
@@ -105,7 +106,7 @@ class LoopSection(StrictModel):
     # Image panels / sample grids (rank 0, to MLflow): None = at every validation, 0 = never,
     # N = every N steps and at the last step.
     sample_every: Optional[int] = pydantic.Field(None, ge=0)
-    # Warm start: a model (directory/URL, runs:/…, models:/NAME/VERSION) of the same architecture
+    # Warm start: a model (directory/URL, runs:/…, models:/NAME/VERSION, taming:PATH) of the same architecture
     # whose weights replace the fresh initialisation; a checkpoint being resumed wins over it.
     init_from: Optional[str] = None
     early_stop: EarlyStopSection = EarlyStopSection()
@@ -120,7 +121,7 @@ class TrainSection(LoopSection):
 class ScalingSection(StrictModel):
     num_workers: int = pydantic.Field(2, gt=0)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = pydantic.Field(1.0, ge=0)  # Ray's num_CPUs per worker (fractions allowed)
     # Train on one rank inside this process, without Ray (num_workers and cpus_per_worker do not
     # apply): step through it with a debugger or a profiler, or run a quick experiment.
     in_process: bool = False
@@ -132,8 +133,8 @@ class RunSection(StrictModel):
     root: str = "runs"
     # Where Ray Train keeps checkpoints (local path or s3://...); default <root>/ray.
     storage_path: Optional[str] = None
-    max_failures: int = 2
-    keep_checkpoints: int = 2
+    max_failures: int = pydantic.Field(2, ge=-1)  # Ray Train's FailureConfig: -1 retries forever
+    keep_checkpoints: int = pydantic.Field(2, gt=0)
     # On a multi-node Ray cluster local paths are refused (pipeline.training.cluster_check) unless
     # they are on a filesystem every node mounts at the same path (NFS): then set this true.
     shared_storage: bool = False

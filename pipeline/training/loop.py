@@ -133,13 +133,14 @@ class RankRun:
             self.logger.log_step(self.state.step, metrics, postfix)
 
     def step_metrics(self, result: StepResult) -> dict[str, float]:
-        """Floats to log (one host read for every tensor): the model's loss, grad norm and lr,
-        the other parts' with their name as prefix, the task's metrics and the rates."""
+        """Floats to log (one host read for every tensor, the step's only one, on logging steps
+        alone): the model's loss, grad norm and lr, the other parts' with their name as prefix,
+        the task's metrics and the rates."""
         values: dict[str, Any] = dict(result.metrics)
         for name, stats in result.parts.items():
             prefix = "" if self.parts[name] is self.main else f"{name}_"
             values |= {f"{prefix}loss": result.losses[name], f"{prefix}grad_norm": stats["grad_norm"],
-                       f"{prefix}lr": stats["lr"], f"{prefix}skipped_updates": self.parts[name].skipped}
+                       f"{prefix}lr": stats["lr"], f"{prefix}skipped_updates": self.parts[name].skipped_tensor}
         scalars = {k: v for k, v in values.items() if not torch.is_tensor(v) or v.numel() == 1}
         tensors = [k for k, v in scalars.items() if torch.is_tensor(v)]
         if tensors:

@@ -9,6 +9,7 @@ folder because tests/conftest.py puts tests/ on sys.path.
     lpips        random LPIPS weights in the published formats, the VGG16 stand-in
     credentials  fake storage credentials and the leak check
     threads      one torch thread for tiny loops on a loaded machine
+    syncs        host reads of tensors (GPU syncs) counted on the CPU, with the line that made each
     net          free ports
     multinode    a several-node Ray cluster, run as a script by tests/system/test_multinode.py
 """

@@ -1,8 +1,8 @@
 """Run many `tokenmill` command lines in ONE fresh process, each as `python -m jobs ARGS` would:
 the exit code `python -m jobs` would end with (argparse's SystemExit, `main()`'s return value, 1 and
 a printed traceback for anything else), and what the command wrote to file descriptors 1 and 2
-(so Ray's, logging's and tqdm's output count too). One interpreter start instead of one per
-command line: the bad-input table's 88 refusals cost seconds, not minutes.
+(so Ray's, logging's and tqdm's output count too), and the seconds it took. One interpreter start instead of one per
+command line: the bad-input table's 171 command lines cost seconds, not minutes.
 
     python tests/helpers/cli_batch.py IN.json OUT.json   (IN: [[id, [arg, ...]], ...]; run in the cwd)
 """
@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import traceback
 
 TIMEOUT_S = 60  # a refusal takes well under a second: a command still running did work instead
@@ -51,6 +52,7 @@ def captured(argv: list[str]) -> dict:
         saved = os.dup(1), os.dup(2)
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
+        start = time.perf_counter()
         try:
             code = run_one(argv)
         finally:
@@ -63,7 +65,7 @@ def captured(argv: list[str]) -> dict:
         out.seek(0)
         err.seek(0)
         return {"returncode": code, "stdout": out.read().decode(errors="replace"),
-                "stderr": err.read().decode(errors="replace")}
+                "stderr": err.read().decode(errors="replace"), "seconds": round(time.perf_counter() - start, 3)}
 
 
 def main() -> None:

@@ -228,3 +228,63 @@ def briefly_trained_demo_vqvae(path: Path, steps: int = 40):
         for i in range(steps):
             step.run(own_loss, [(x[torch.randint(0, len(x), (32,))],)], i)
     return save_model(model.eval(), path), digits[4500:]
+
+
+# `build_latent_store`'s store: 12 + 5 train items, 9 val, two latent groups (C, h, w).
+LATENT_COUNTS, LATENT_SPLITS = [12, 5, 9], ["train", "train", "val"]
+LATENT_GROUPS = {"latents_2x2": (3, 2, 2), "latents_4x4": (3, 4, 4)}
+
+
+def build_latent_store(url: str, variants: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """A finished store of hierarchical-VAE-like latent groups through the store API alone;
+    returns each array in item order (all splits), float16 (N, [V,] ...)."""
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import ArraySpec, TokenStore
+
+    rng = np.random.default_rng(seed)
+    lead = (variants,) if variants > 1 else ()
+    specs = [ArraySpec(name, lead + shape, "float16") for name, shape in LATENT_GROUPS.items()]
+    layout = plan_layout([(f"s{i}.tar", s, n) for i, (n, s) in enumerate(zip(LATENT_COUNTS, LATENT_SPLITS))],
+                         max(s.row_bytes for s in specs))
+    lineage = {"model_uri": "test", "weights_sha256": "0" * 64, "mode": "latents"}
+    if variants > 1:
+        lineage["augment"] = {"name": "flip", "variants": variants}
+    store = TokenStore(url)
+    store.prepare(lineage, layout, specs, overwrite=False)
+    written: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
+    for unit in layout.units:
+        [shard] = unit.shards
+        n = shard.count
+        columns = {s.name: rng.normal(size=(n, *s.row_shape)).astype(np.float16) for s in specs}
+        writer = store.writer(unit, layout.rows_per_zarr_shard, specs)
+        writer.append({**columns, "keys": np.array([f"k{shard.index}-{j}" for j in range(n)], dtype=object),
+                       "labels": np.arange(n, dtype=np.int64) % 4})
+        rows = writer.close()
+        store.write_marker(unit, [{"rows": rows[0], "corrupt": [], "code_counts": {}}])
+        for name in written:
+            written[name].append(columns[name])
+    store.finalize(layout, specs)
+    return {name: np.concatenate(parts) for name, parts in written.items()}
+
+
+def write_encoded_store(url: str, encoder, lineage: dict, rows: dict[str, np.ndarray]) -> None:
+    """A finished one-shard store of `rows` (what `encoder.encode` returned for n images, keys k0…,
+    labels 0) with `lineage`, through the store API (no Ray): what `tokenize` writes for them."""
+    from tokenmill.pipeline.tokens import store_code_stats
+    from tokenmill.pipeline.tokens.layout import plan_layout
+    from tokenmill.pipeline.tokens.store import TokenStore
+
+    n = len(next(iter(rows.values())))
+    layout = plan_layout([("shard-0.tar", "train", n)], max(s.row_bytes for s in encoder.specs))
+    store = TokenStore(url)
+    store.prepare(lineage, layout, encoder.specs, overwrite=False)
+    (unit,) = layout.units
+    writer = store.writer(unit, layout.rows_per_zarr_shard, encoder.specs)
+    writer.append({**rows, "keys": np.array([f"k{i}" for i in range(n)], dtype=object),
+                   "labels": np.zeros(n, dtype=np.int64)})
+    counts = {s.name: store_code_stats.to_sparse(store_code_stats.count_codes(rows[s.name], s.codebook_size))
+              for s in encoder.specs}
+    results = [{"rows": writer.end_shard(), "corrupt": [], "code_counts": counts}]
+    writer.close()
+    store.write_marker(unit, results)
+    store.finalize(layout, encoder.specs)

@@ -118,3 +118,23 @@ def test_vq_codes_equal_diffusers_quantize_and_decode_through_the_codebook(data,
     assert len(list((tmp_path / "png").glob("grid-*.png"))) == 1
 
 
+
+
+def test_inspect_a_diffusers_folder_with_or_without_the_prefix(data, tmp_path, capsys):
+    """`tokenmill inspect` on a diffusers folder: its class, parameters (its whole state dict, counted
+    from the weights file), codebook and sha256 (here, where diffusers is imported anyway)."""
+    import json
+
+    from diffusers import VQModel
+
+    from tokenmill.jobs.cli import main
+
+    expected = sum(p.numel() for p in VQModel.from_pretrained(data["vq"]).parameters())
+    for target in (f"diffusers:{data['vq']}", str(data["vq"])):
+        assert main(["inspect", target, "--json", str(tmp_path / "inspect.json")]) == 0
+        result = json.loads((tmp_path / "inspect.json").read_text())
+        assert result["kind"] == "model" and result["class"] == "VQModel" and result["parameters"] == expected
+        assert result["tokens"] == {"codebook_size": 32} and result["config"]["sample_size"] == 32
+        weights = (data["vq"] / "diffusion_pytorch_model.safetensors").read_bytes()
+        assert result["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+        assert result["origin"] == {"location": str(data["vq"].resolve())} and "VQModel" in capsys.readouterr().out

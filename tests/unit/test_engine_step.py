@@ -81,6 +81,24 @@ def test_step_skips_on_nan_loss_and_counts_it():
     assert all(torch.equal(a, b) for a, b in zip(before, params_of(part.ema)))
 
 
+def test_a_skipped_step_leaves_adams_moments_and_step_count_alone():
+    """The skip is decided on the device (fused AdamW's found_inf): after a NaN step, a good step
+    gives exactly the weights of a run that never saw the bad batch."""
+    bad = batch()
+    bad[0, 0, 0, 0] = float("nan")
+    skipping, clean = runner(small_vae(), ema_decay=0.9), runner(small_vae(), ema_decay=0.9)
+    assert skipping.run(own_loss, [(bad,)], 0).parts["model"]["skipped"]
+    torch.manual_seed(5)  # the same posterior samples in both good steps
+    assert not skipping.run(own_loss, [(batch(),)], 1).parts["model"]["skipped"]
+    torch.manual_seed(5)
+    clean.run(own_loss, [(batch(),)], 0)
+    for name in ("module", "ema"):
+        a, b = (getattr(r.parts["model"], name) for r in (skipping, clean))
+        assert all(torch.equal(x, y) for x, y in zip(params_of(a), params_of(b))), name
+    steps = [s["step"] for s in skipping.parts["model"].optimizer.state_dict()["state"].values()]
+    assert all(float(step) == 1 for step in steps)
+
+
 def test_step_skips_on_huge_grad_norm():
     model = small_vae()
     step = runner(model, skip_grad_norm=1e-6)

@@ -101,7 +101,9 @@ def _counting_collectives():
     return Collectives(all_reduce=count, broadcast=count), calls
 
 
-def test_vq_step_runs_restart_collectives_only_when_a_code_is_dead():
+def test_vq_step_runs_the_same_collectives_whether_or_not_a_code_is_dead():
+    """The restart draws rows every step and `torch.where` keeps the live codes: no host read
+    decides, so the collectives are the same with and without dead codes (ranks stay in step)."""
     import torch
 
     from tokenmill.models.quantizers.vector_quantizer import VectorQuantizer
@@ -112,12 +114,14 @@ def test_vq_step_runs_restart_collectives_only_when_a_code_is_dead():
     z = torch.randn(256, 4)
     quantizer(z)  # k-means init + first update
     calls[0] = 0
-    quantizer(z)  # every code in use: only the code statistics' all-reduce
-    assert calls[0] == 1
-    quantizer.cluster_size[0] = 0.0  # code 0 dies: its restart draws rows through the collectives
+    quantizer(z)  # every code in use: the code statistics' all-reduce and the restart's
+    assert calls[0] == 2 and not (quantizer.cluster_size < 1.0).any()
+    live = quantizer.embed.clone()
+    quantizer.cluster_size[0] = 0.0  # code 0 dies: restarted at a row of z, the others untouched
     calls[0] = 0
     quantizer(z)
-    assert calls[0] > 1 and int(quantizer.steps) == 3
+    assert calls[0] == 2 and int(quantizer.steps) == 3
+    assert (quantizer.embed[0] == z).all(1).any() and not torch.equal(quantizer.embed[0], live[0])
     # The host copy of `steps` follows a state load (a resumed run draws the same restart rows).
     fresh = VectorQuantizer(4, codebook_size=8, kmeans_iters=2, dead_code_threshold=1.0)
     fresh.load_state_dict(quantizer.state_dict())
@@ -147,6 +151,90 @@ def test_train_step_autocasts_the_forward_only_and_scales_fp16():
                           torch.device("cpu"))
         result = step.run(own_loss, [(torch.randn(8, 4),)], 0)
         assert model.dtypes == [dtype] and model.linear.weight.dtype == torch.float32
-        assert result.losses["model"].dtype == torch.float32 and isinstance(result.parts["model"]["grad_norm"], float)
+        assert result.losses["model"].dtype == torch.float32 and result.parts["model"]["grad_norm"].shape == ()  # on the device
         assert (step.scaler is not None) == (precision == "fp16")
         assert (step.state_dict()["scaler"] is not None) == (precision == "fp16")
+
+
+def test_gpu_check_enforces_thresholds_and_sets_the_failed_phases_bits():
+    from tokenmill.benchmarks.gpu_check import BY_NAME, check_report, render_table
+
+    good = {"vqgan": {"bf16_speedup": 1.8, "bf16_memory_ratio": 0.6}, "syncs": {"syncs_per_step": 4.0},
+            "stream": {"stream_over_step": 3.0, "fed_over_step": 0.97, "gpu_util_pct": 95.0},
+            "tokenize": {"per_gpu_over_limit": 0.85}, "prior": {"bf16_speedup": 1.5},
+            "checkpoint": {"max_diff": 0.0}, "nccl": {"max_diff": "n/a: one GPU"}}
+    outcomes = {"setup": {"figures": {}}, **{name: {"figures": f} for name, f in good.items()}}
+    outcomes["prior"] = {"error": "prior ran past its 45 s limit", "timeout": True}
+    report = _report(outcomes, dry_run=False)
+    check_report(report)
+    status = {row["name"]: row["status"] for row in report["checks"]}
+    assert status["syncs_per_step"] == "fail" and status["nccl_identical"] == "n/a"
+    assert status["prior_bf16_speedup"] == "error" and status["tokenize_over_limit"] == "pass"
+    assert report["phases"]["prior"]["status"] == "timeout"
+    assert report["exit_code"] == BY_NAME["syncs"].bit | BY_NAME["prior"].bit
+    assert report["failed"] == ["syncs", "prior", "syncs_per_step", "prior_bf16_speedup"]
+    assert "| host-device syncs per bf16 VQGAN step | 4 | <= 1 | fail |" in render_table(report)
+    # A dry run enforces nothing: only a phase that did not run fails it.
+    assert _report(outcomes, dry_run=True)["failed"] == ["prior", "prior_bf16_speedup"]
+
+
+def test_gpu_check_report_schema_refuses_a_malformed_report():
+    from tokenmill.benchmarks.gpu_check import check_report
+
+    report = _report({"setup": {"figures": {}}}, dry_run=True)
+    check_report(report)  # phases left out (--phases) are "skipped", their checks n/a: nothing failed
+    assert report["failed"] == [] and {row["status"] for row in report["checks"]} == {"n/a"}
+    report["checks"][0]["status"] = "great"
+    del report["phases"]["nccl"]
+    with pytest.raises(ValueError, match="bad status 'great'.*|phases .*"):
+        check_report(report)
+
+
+def test_gpu_check_phase_past_its_limit_is_stopped(tmp_path: Path):
+    import time
+
+    from tokenmill.benchmarks.gpu_check import DRY_RUN, GPU, Phase, run_phase_here
+
+    slow = Phase("slow", 1, 1, lambda sizes, folder, inputs: time.sleep(30))
+    assert slow.limit_s(dry_run=True) > slow.limit_s(dry_run=False) == 1 and DRY_RUN.device == "cpu"
+    started = time.perf_counter()
+    outcome = run_phase_here(slow, GPU, tmp_path, {})  # the GPU sizes: the GPU run's 1 s limit
+    assert outcome == {"error": "slow ran past its 1 s limit", "timeout": True}
+    assert time.perf_counter() - started < 3
+
+
+def _report(outcomes: dict, dry_run: bool) -> dict:
+    import time
+
+    from tokenmill.benchmarks.gpu_check import build_report
+
+    return build_report(outcomes, {name: 1.0 for name in outcomes}, dry_run, time.time())
+
+
+def test_gpu_utilisation_reads_the_gpu_this_process_uses(monkeypatch):
+    from tokenmill.benchmarks.gpu_phases import GpuUtilisation
+
+    sampler = GpuUtilisation()
+    sampler.proc, sampler.lines = object(), ["0, 90\n", "1, 10\n", "0, [N/A]\n", "0, 70\n", "garbage\n"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert sampler.mean == 80.0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert sampler.mean == 10.0
+    sampler.proc = None  # no nvidia-smi on this machine
+    assert sampler.mean == "n/a: no nvidia-smi"
+
+
+def test_resume_comparison_counts_nan_and_missing_tensors_as_infinite():
+    import math
+
+    import torch
+
+    from tokenmill.benchmarks.gpu_phases import _max_diff, _run_diff
+
+    a = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(3)}
+    assert _max_diff(a, {k: v.clone() for k, v in a.items()}) == 0.0
+    assert _max_diff(a, {"w": torch.tensor([1.0, 2.5]), "steps": torch.tensor(3)}) == 0.5
+    assert _max_diff(a, {"w": a["w"]}) == math.inf  # a tensor the resumed state lacks
+    nan = {"w": torch.tensor([float("nan"), 2.0]), "steps": torch.tensor(3)}
+    assert _max_diff(nan, {k: v.clone() for k, v in nan.items()}) == math.inf  # NaN never passes as equal
+    assert _run_diff(([1.0, float("nan")], a), ([1.0, float("nan")], a)) == math.inf

@@ -211,10 +211,25 @@ def ray_kind(kind: str, spec: dict) -> dict:
     )
 
 
+# kustomize's own file (kubectl apply -k): only the fields the overlays under infra/ use.
+KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
+KUSTOMIZATION = obj(
+    {
+        "apiVersion": {"const": KUSTOMIZE_API},
+        "kind": {"const": "Kustomization"},
+        "resources": {"type": "array", "items": STR},
+        "patches": {"type": "array", "items": obj(
+            {"target": obj({"group": STR, "version": STR, "kind": STR, "name": STR}), "patch": STR},
+            required=("target", "patch"))},
+    },
+    required=("apiVersion", "kind", "resources"),
+)
+
 RAY_SCHEMAS = {
     ("ray.io/v1", "RayCluster"): ray_kind("RayCluster", RAY_CLUSTER_SPEC),
     ("ray.io/v1", "RayJob"): ray_kind("RayJob", RAY_JOB_SPEC),
     ("ray.io/v1", "RayCronJob"): ray_kind("RayCronJob", RAY_CRONJOB_SPEC),
+    (KUSTOMIZE_API, "Kustomization"): KUSTOMIZATION,
 }
 
 
@@ -246,7 +261,7 @@ def schema_errors(doc: dict) -> list[str]:
     validator = jsonschema.Draft202012Validator(schema, registry=registry())
     errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(doc)]
     metadata = doc.get("metadata") or {}
-    if not (metadata.get("name") or metadata.get("generateName")):
+    if kind != "Kustomization" and not (metadata.get("name") or metadata.get("generateName")):
         errors.append("metadata: needs a name or generateName")
     return errors
 
@@ -458,10 +473,6 @@ def test_training_jobs_use_gpus_shared_storage_and_the_mlflow_server():
             config = config.challenger_config(f"{config.versions.prefix}/v1", "challenger", None, MLFLOW_SERVICE)
         assert config.data.shards.startswith("s3://"), f"{rel}: data.shards must be on s3://"
         check_cluster_storage(config, {"data.shards": config.data.shards}, nodes=4)  # raises on anything node-local
-        group = gpu_worker_group(spec["clusterSelector"]["ray.io/cluster"])
-        gpu = group["template"]["spec"]["containers"][0]["resources"]
-        assert int(gpu["limits"]["nvidia.com/gpu"]) >= 1 and int(gpu["requests"]["nvidia.com/gpu"]) >= 1
-        assert group["maxReplicas"] * int(gpu["limits"]["nvidia.com/gpu"]) >= config.scaling.num_workers
     assert sorted(trained) == ["infra/kuberay/raycronjob-retrain.yaml", "infra/kuberay/rayjob-train.yaml"]
 
 
@@ -483,3 +494,303 @@ def test_cuda_image_records_gpu_system_metrics():
     assert "infra/requirements-cuda.txt" in copied_into_image()
     (cuda_line,) = [line for line in dockerfile.splitlines() if line.strip().startswith("cuda)")]
     assert "-r infra/requirements-cuda.txt" in cuda_line
+
+
+# ------------------------------------------------------------------------------------------------
+# Nodes of N GPUs (issue 25): one Pod per node, bounded /dev/shm, IPC_LOCK, RDMA overlay, jobs
+# that fill whole nodes and name only shared storage
+
+GPU_NODE_LABEL = "nvidia.com/gpu.count"  # GPU feature discovery's label: GPUs on the node
+
+
+def pod_shape(group: dict) -> tuple[int, int, float]:
+    """(GPUs the node has, GPUs the Pod takes, CPUs the Pod takes) of a GPU worker group."""
+    spec = group["template"]["spec"]
+    resources = spec["containers"][0]["resources"]
+    node_gpus = int((spec.get("nodeSelector") or {}).get(GPU_NODE_LABEL, 0))
+    requests, limits = int(resources["requests"]["nvidia.com/gpu"]), int(resources["limits"]["nvidia.com/gpu"])
+    assert requests == limits, f"{group['groupName']}: GPU requests {requests} != limits {limits}"
+    return node_gpus, limits, float(resources["limits"]["cpu"])
+
+
+def job_gpus(entrypoint: str) -> tuple[int, int]:
+    """(GPUs a shipped job's entrypoint asks for, decode threads per GPU; 0 when not set)."""
+    words = entrypoint.split()
+    if "tokenmill.jobs.tokenize" in words:
+        threads = int(words[words.index("--decode-threads") + 1]) if "--decode-threads" in words else 0
+        return int(words[words.index("--gpus") + 1]), threads
+    config = entrypoint_config(entrypoint)
+    return (config.scaling.num_workers if config.scaling.use_gpu else 0), 0
+
+
+def test_gpu_pods_hold_whole_nodes_and_every_job_fills_them():
+    """One Ray worker Pod per GPU node with all its GPUs (NCCL uses NVLink / shared memory inside
+    it), and every shipped job's GPUs = whole Pods: num_workers x 1 GPU = replicas x GPUs per node,
+    with replicas within the group's maxReplicas (else the job never schedules)."""
+    group = gpu_worker_group("tokenmill")
+    node_gpus, pod_gpus, pod_cpus = pod_shape(group)
+    assert pod_gpus == node_gpus > 1, f"a GPU Pod takes {pod_gpus} GPU(s) of a {node_gpus}-GPU node ({GPU_NODE_LABEL})"
+    checked = []
+    for rel, spec in job_specs():
+        gpus, threads = job_gpus(spec["entrypoint"])
+        replicas, rest = divmod(gpus, pod_gpus)
+        assert rest == 0 and 1 <= replicas <= group["maxReplicas"], (
+            f"{rel}: {gpus} GPU workers is not a whole number of {pod_gpus}-GPU Pods within maxReplicas "
+            f"{group['maxReplicas']}")
+        assert threads * pod_gpus <= pod_cpus, f"{rel}: {threads} decode threads x {pod_gpus} GPUs > {pod_cpus} CPUs"
+        checked.append(rel)
+    assert len(checked) == 3, checked  # train, tokenize, scheduled retrain
+
+
+def ray_groups(doc: dict) -> Iterator[tuple[str, dict]]:
+    """(name, group) of every head and worker group of a RayCluster, including a RayJob's own."""
+    for path, node in walk(doc):
+        if path.endswith(".headGroupSpec"):
+            yield path, node
+        elif path.endswith(".workerGroupSpecs"):
+            yield from ((f"{path}[{g['groupName']}]", g) for g in node)
+
+
+def memory_bytes(quantity: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(quantity))
+    assert match and match.group(2) in {"", *units}, f"unknown quantity {quantity!r}"
+    return float(match.group(1)) * units.get(match.group(2), 1)
+
+
+@pytest.mark.parametrize(("rel", "index", "doc"), ALL_DOCS, ids=DOC_IDS)
+def test_ray_dev_shm_is_bounded_and_holds_the_object_store(rel, index, doc):
+    """Every Ray Pod mounts a memory-backed /dev/shm with a sizeLimit below its memory limit (it
+    counts against it), and pins Ray's object store below that limit."""
+    for path, group in ray_groups(doc):
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        mounts = {m["name"] for m in container.get("volumeMounts") or [] if m["mountPath"] == "/dev/shm"}
+        (volume,) = [v for v in spec.get("volumes") or [] if v["name"] in mounts] or [None]
+        assert volume and volume.get("emptyDir", {}).get("medium") == "Memory", f"{path}: no memory-backed /dev/shm"
+        limit = volume["emptyDir"].get("sizeLimit")
+        assert limit, f"{path}: /dev/shm has no sizeLimit (unbounded, counted against the Pod's memory)"
+        assert memory_bytes(limit) < memory_bytes(container["resources"]["limits"]["memory"]), path
+        store = group.get("rayStartParams", {}).get("object-store-memory")
+        assert store and int(store) < memory_bytes(limit), f"{path}: object-store-memory {store} vs /dev/shm {limit}"
+
+
+def test_gpu_workers_may_pin_memory_and_drop_everything_else():
+    (container,) = gpu_worker_group("tokenmill")["template"]["spec"]["containers"]
+    capabilities = container["securityContext"]["capabilities"]
+    assert capabilities == {"drop": ["ALL"], "add": ["IPC_LOCK"]}, capabilities
+
+
+def test_quantity_parser():
+    assert memory_bytes("256Gi") == 256 * 2**30 and memory_bytes("200000000000") == 2e11
+    with pytest.raises(AssertionError):
+        memory_bytes("12 GB")
+
+
+def json_pointer_add(doc: dict, pointer: str, value: Any) -> None:
+    """RFC 6902 `add` into an existing object (what the overlays use), `~1` and `~0` decoded."""
+    *parents, last = [part.replace("~1", "/").replace("~0", "~") for part in pointer.lstrip("/").split("/")]
+    node = doc
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    assert isinstance(node, dict), f"{pointer}: adds into a list are not used by the overlays"
+    node[last] = value
+
+
+def kustomize_build(directory) -> list[dict]:
+    """`kubectl kustomize DIRECTORY` for the subset infra/ uses: resources (files or directories)
+    and JSON 6902 `add` patches selected by kind and name."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs = []
+    for resource in kustomization["resources"]:
+        path = (directory / resource).resolve()
+        docs += kustomize_build(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in kustomization.get("patches", []):
+        target = patch["target"]
+        selected = [d for d in docs if d["kind"] == target["kind"] and d["metadata"].get("name") == target["name"]
+                    and d["apiVersion"] == f"{target['group']}/{target['version']}"]
+        assert selected, f"{directory}: patch target {target} selects nothing"
+        for op in yaml.safe_load(patch["patch"]):
+            assert op["op"] == "add", f"{directory}: only `add` patches are checked here, got {op['op']}"
+            for doc in selected:
+                json_pointer_add(doc, op["path"], op["value"])
+    return docs
+
+
+def test_rdma_overlay_adds_the_nic_to_the_gpu_workers_only():
+    """infra/kuberay-rdma builds (as kubectl kustomize would) to a valid RayCluster whose GPU
+    workers, and only they, request the RDMA device in requests and limits alike."""
+    (base,) = kustomize_build(INFRA / "kuberay")
+    assert base == load_docs("infra/kuberay/raycluster.yaml")[0]
+    (cluster,) = kustomize_build(INFRA / "kuberay-rdma")
+    assert schema_errors(cluster) == []
+    added = {}
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        resources = group["template"]["spec"]["containers"][0]["resources"]
+        extra = {kind: {k: v for k, v in resources[kind].items() if k not in {"cpu", "memory", "nvidia.com/gpu"}}
+                 for kind in ("requests", "limits")}
+        added[group["groupName"]] = extra
+    assert added["cpu-workers"] == {"requests": {}, "limits": {}}
+    gpu = added["gpu-workers"]
+    assert gpu["requests"] == gpu["limits"] and len(gpu["limits"]) == 1, gpu
+    with pytest.raises(KeyError):  # a patch path into a group that is not there fails the build
+        json_pointer_add(cluster, "/spec/workerGroupSpecs/1/template/spec/nope/resources/x", 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the shipped jobs name: shared storage and servers only (a path exists on one node only)
+
+SHARED_SCHEMES = {"s3", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "models", "runs"}
+LOCATION_KEYS = {"shards", "path", "root", "prefix", "uri", "out", "out_prefix", "storage_path", "tracking_uri",
+                 "vgg_path", "lin_path", "init_from", "store"}
+MUST_BE_SET = ("run.storage_path", "tracking.tracking_uri")  # None: a local default (<root>/ray, SQLite)
+NODE_SCRATCH = {"run.root"}  # the driver's own run directory (export, lock files): the image makes it writable
+
+
+def flat(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from flat(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, node
+
+
+def node_local_settings(settings: dict[str, Any]) -> list[str]:
+    """Every setting (dotted key -> value) that names a location only one node has: a path, a
+    file:// or builtin: source, or a location left to its local default."""
+    local = [f"{key}=None (a local default)" for key in MUST_BE_SET if key in settings and settings[key] is None]
+    for key, value in settings.items():
+        if key in NODE_SCRATCH or not isinstance(value, str):
+            continue
+        looks_like_location = "://" in value or ":/" in value or value.startswith(("/", ".", "~", "builtin:"))
+        if looks_like_location or key.rsplit(".", 1)[-1].lstrip("-").replace("-", "_") in LOCATION_KEYS:
+            if value.split(":", 1)[0] not in SHARED_SCHEMES or ":" not in value:
+                local.append(f"{key}={value}")
+    return local
+
+
+def job_settings(entrypoint: str) -> dict[str, Any]:
+    """What a shipped job runs with: its resolved config (train, retrain) or its flags (tokenize)."""
+    words = entrypoint.split()
+    if "tokenmill.jobs.tokenize" in words:
+        return {word: words[i + 1] for i, word in enumerate(words) if word.startswith("--") and i + 1 < len(words)}
+    config = entrypoint_config(entrypoint)
+    settings = dict(flat(config.model_dump(mode="json")))
+    if hasattr(config, "versions"):  # retrain: data.shards is the newest version under versions.prefix
+        settings.pop("data.shards")
+    return settings
+
+
+def test_every_job_names_only_shared_storage_and_servers():
+    """Data, checkpoints, artifacts and tracking of every shipped job (its preset plus its --set
+    values, or its flags) are s3:// or server URLs, for every setting that names a location."""
+    for rel, spec in job_specs():
+        settings = job_settings(spec["entrypoint"])
+        assert node_local_settings(settings) == [], f"{rel}: node-local settings"
+    # The check itself: the preset alone (no --set) is refused, for each of its local settings.
+    alone = dict(flat(entrypoint_config(f"python -m tokenmill.jobs.train {APP_DIR}/configs/vqvae_mnist.yaml")
+                      .model_dump(mode="json")))
+    assert node_local_settings(alone) == ["run.storage_path=None (a local default)",
+                                          "tracking.tracking_uri=None (a local default)", "data.shards=builtin:mnist5k"]
+    assert node_local_settings({"--data": "/data/shards", "--out": "file:///x", "loss.perceptual.vgg_path": "vgg.pth",
+                                "--tracking-uri": "sqlite:///m.db", "--model": "models:/m@champion"}) == [
+        "--data=/data/shards", "--out=file:///x", "loss.perceptual.vgg_path=vgg.pth", "--tracking-uri=sqlite:///m.db"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The image (issue 25): CUDA base with NCCL and rdma-core, torch for its CUDA, the diffusers
+# extra, a run root the runtime user owns, LPIPS weights that can be baked in
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """infra/Dockerfile's stages: name (`AS` name, `final` for the last, `global` before the first
+    FROM) -> [(INSTRUCTION, arguments)], continuation lines joined, comments dropped, `${X}` and `$X`
+    expanded from the ARG/ENV defaults seen so far (an unset one stays as written)."""
+    values, stages, current, line = {}, {"global": []}, "global", ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        if raw.lstrip().startswith("#") and not line:
+            continue
+        line += raw.rstrip()
+        if line.endswith("\\"):
+            line = line[:-1] + " "
+            continue
+        text, line = " ".join(line.split()), ""
+        if not text or text.startswith("#"):
+            continue
+        instruction, _, args = text.partition(" ")
+        args = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m[1] or m[2], m[0]), args)
+        if instruction.upper() == "FROM":
+            current = args.split(" AS ")[-1] if " AS " in args else "final"
+            stages[current] = []
+        if instruction.upper() in {"ARG", "ENV"}:
+            values.update(re.findall(r"(\w+)=(\S*)", args))
+        stages[current].append((instruction.upper(), args))
+    return stages
+
+
+def shell_commands(stage: list[tuple[str, str]]) -> list[list[str]]:
+    """The simple commands of a stage's RUN lines (split at &&, ;, ||), as word lists."""
+    return [part.split() for instruction, args in stage if instruction == "RUN"
+            for part in re.split(r"&&|\|\||;", args) if part.split()]
+
+
+def test_image_runs_as_a_user_that_owns_the_run_root():
+    """The final USER's uid is the manifests' runAsUser and owns `run.root` under the WORKDIR: the
+    run root is created and chowned to it (WORKDIR and COPY would leave it to root)."""
+    from tokenmill.pipeline.training.config import RunSection
+
+    final = dockerfile_stages()["final"]
+    (user,) = [args for instruction, args in final if instruction == "USER"][-1:]
+    uid = user.split(":")[0]
+    assert uid == "1000", f"the image runs as {user}, the manifests as runAsUser 1000"
+    workdir = [args for instruction, args in final if instruction == "WORKDIR"][-1]
+    assert workdir == APP_DIR
+    run_root = f"{workdir}/{RunSection().root}"
+    commands = shell_commands(final)
+    assert any(c[0] == "mkdir" and run_root in c for c in commands), f"no RUN creates {run_root}"
+    assert any(c[0] == "chown" and any(w.split(":")[0] in {uid, "ray"} for w in c[1:]) and run_root in c
+               for c in commands), f"no RUN gives {run_root} to uid {uid}"
+
+
+def test_cuda_image_has_nccl_rdma_and_the_torch_of_its_cuda():
+    stages = dockerfile_stages()
+    (cuda_from,) = [args for instruction, args in stages["base-cuda"] if instruction == "FROM"]
+    (cpu_from,) = [args for instruction, args in stages["base-cpu"] if instruction == "FROM"]
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu(\S+) AS base-cuda", cuda_from)
+    assert match, f"the cuda variant's base is {cuda_from}, not an nvidia/cuda cudnn-runtime image (NCCL inside)"
+    # One Python for the Ray head (cpu) and the GPU workers (cuda): the same Ubuntu release.
+    assert cpu_from == f"ubuntu:{match[3]} AS base-cpu", cpu_from
+    installed = {w for c in shell_commands(stages["base-cuda"]) if c[:2] == ["apt-get", "install"] for w in c}
+    assert {"rdma-core", "libibverbs1", "ibverbs-providers"} <= installed, installed
+    env = dict(re.findall(r"(\w+)=(\S*)", " ".join(args for i, args in stages["base-cuda"] if i == "ENV")))
+    assert env["TORCH_VARIANT"] == f"cu{match[1]}{match[2]}", f"torch for CUDA {env['TORCH_VARIANT']} on CUDA {match[0]}"
+    assert dict(re.findall(r"(\w+)=(\S*)", " ".join(a for i, a in stages["base-cpu"] if i == "ENV")))["TORCH_VARIANT"] == "cpu"
+    script = (REPO / "scripts" / "install_torch.sh").read_text()
+    assert "TORCH_VARIANT" in script and 'from_index "$TORCH_INDEX/$TORCH_VARIANT"' in script
+    final = shell_commands(stages["final"])
+    assert ["bash", "scripts/install_torch.sh", "python"] in [c[-3:] for c in final]
+
+
+def test_image_installs_the_diffusers_extra():
+    from importlib.metadata import metadata
+
+    assert "diffusers" in metadata("tokenmill").get_all("Provides-Extra")  # pyproject's extra of that name
+    installs = [c for c in shell_commands(dockerfile_stages()["final"]) if c[:2] == ["pip", "install"]]
+    assert any(re.fullmatch(r"""["']?\.\[([\w,]*)\]["']?""", w) and "diffusers" in w for c in installs for w in c), installs
+
+
+def test_lpips_weights_can_be_baked_in_with_the_published_hashes():
+    """LPIPS_{VGG,LIN}_URL build arguments fetch through pipeline/runtime/weights.py into the
+    default places of models/lpips.py, checked against the published hashes by default."""
+    from tokenmill.models.lpips import LIN_FILE, LIN_SHA256, VGG_FILE, VGG_SHA256
+
+    final = dockerfile_stages()["final"]
+    args = dict(a.split("=", 1) for i, a in final if i == "ARG" and "=" in a)
+    assert (args["LPIPS_VGG_URL"], args["LPIPS_LIN_URL"]) == ("", "")  # optional: off unless given
+    assert (args["LPIPS_VGG_SHA256"], args["LPIPS_LIN_SHA256"]) == (VGG_SHA256, LIN_SHA256)
+    bake = " ".join(a for i, a in final if i == "RUN" and "python -m tokenmill.pipeline.runtime.weights" in a)
+    assert bake and missing_references(bake) == []
+    env = dict(re.findall(r"(\w+)=(\S*)", " ".join(a for i, a in final if i == "ENV")))
+    assert env["TORCH_HOME"].startswith("/home/ray/")  # the runtime user's: the run-time cache sits beside it
+    for name in (VGG_FILE, LIN_FILE):  # torch.hub.get_dir() is $TORCH_HOME/hub
+        assert f"{env['TORCH_HOME']}/hub/checkpoints/{name}" in bake, name

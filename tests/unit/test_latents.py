@@ -10,46 +10,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from helpers.tokens import build_store
+from helpers.tokens import LATENT_GROUPS as GROUPS
+from helpers.tokens import build_latent_store, build_store
 
 from tokenmill.models.errors import UserError
 from tokenmill.pipeline.tokens.dataset import TokenDataset
 from tokenmill.pipeline.tokens.latent_dataset import LatentDataset
-
-COUNTS, SPLITS = [12, 5, 9], ["train", "train", "val"]
-GROUPS = {"latents_2x2": (3, 2, 2), "latents_4x4": (3, 4, 4)}
-
-
-def build_latent_store(url: str, variants: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """A finished store of hierarchical-VAE-like latent groups through the store API alone;
-    returns each array in item order (all splits), float16 (N, [V,] ...)."""
-    from tokenmill.pipeline.tokens.layout import plan_layout
-    from tokenmill.pipeline.tokens.store import ArraySpec, TokenStore
-
-    rng = np.random.default_rng(seed)
-    lead = (variants,) if variants > 1 else ()
-    specs = [ArraySpec(name, lead + shape, "float16") for name, shape in GROUPS.items()]
-    layout = plan_layout([(f"s{i}.tar", s, n) for i, (n, s) in enumerate(zip(COUNTS, SPLITS))],
-                         max(s.row_bytes for s in specs))
-    lineage = {"model_uri": "test", "weights_sha256": "0" * 64, "mode": "latents"}
-    if variants > 1:
-        lineage["augment"] = {"name": "flip", "variants": variants}
-    store = TokenStore(url)
-    store.prepare(lineage, layout, specs, overwrite=False)
-    written: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
-    for unit in layout.units:
-        [shard] = unit.shards
-        n = shard.count
-        columns = {s.name: rng.normal(size=(n, *s.row_shape)).astype(np.float16) for s in specs}
-        writer = store.writer(unit, layout.rows_per_zarr_shard, specs)
-        writer.append({**columns, "keys": np.array([f"k{shard.index}-{j}" for j in range(n)], dtype=object),
-                       "labels": np.arange(n, dtype=np.int64) % 4})
-        rows = writer.close()
-        store.write_marker(unit, [{"rows": rows[0], "corrupt": [], "code_counts": {}}])
-        for name in written:
-            written[name].append(columns[name])
-    store.finalize(layout, specs)
-    return {name: np.concatenate(parts) for name, parts in written.items()}
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,7 @@ def test_steps_0_and_steps_on_an_ar_prior_and_foreign_fields_are_refused(tmp_pat
     assert exited.value.code == 2 and len(err) == 1 and "--steps: must be >= 1, got 0" in err[0], err
     ar = save_model(TransformerPrior(PriorConfig(codebook_size=K, grid=[[2, 2]], dim=16, depth=1, heads=2)),
                     tmp_path / "ar")
-    assert cli_main(["sample", "--prior", str(ar), "--steps", "4", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert cli_main(["sample", "--prior", str(ar), "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "samples")]) == 2
     err = _error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "--steps" in err[0] and "kind: prior" in err[0] and "Traceback" not in err[0], err
     # The model section holds every kind's fields; a config sets only its own kind's.

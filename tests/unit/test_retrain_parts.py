@@ -53,3 +53,10 @@ def test_newest_version_is_the_greatest_complete_folder_name(digits, tmp_path):
     found = newest_version(str(tmp_path))
     assert (found.name, found.url) == ("2025-02-01", str(tmp_path / "2025-02-01"))
 
+
+
+def test_a_challenger_starts_from_the_champion_else_from_the_configured_init_from():
+    """No champion yet: the first challenger warm-starts from `train.init_from` (e.g. a published checkpoint)."""
+    config = load_retrain_config(CONFIG, ["train.init_from=taming:logs/vqgan_imagenet_f16_1024"])
+    assert config.challenger_config("v1", "c", None, "").train.init_from == "taming:logs/vqgan_imagenet_f16_1024"
+    assert config.challenger_config("v1", "c", "models:/tok/3", "").train.init_from == "models:/tok/3"

@@ -34,6 +34,7 @@ from tokenmill.models.vqgan_loss import (
     discriminator_loss,
     generator_adversarial_loss,
 )
+from tokenmill.pipeline.runtime.weights import local_lpips_weights
 from tokenmill.pipeline.shards.stream import to_model_input
 from tokenmill.pipeline.training.config import VQGANLossConfig
 from tokenmill.pipeline.training.optim import OptimConfig, Part
@@ -71,7 +72,8 @@ class AdversarialTask(TokenizerTask):
         loss = self.config.loss
         self.lpips = None
         if loss.perceptual_weight > 0:
-            self.lpips = LPIPS.from_files(resolve_lpips_weights(loss.perceptual)).to(context.device)
+            weights = local_lpips_weights(loss.perceptual)  # this node's cached copy of a URL
+            self.lpips = LPIPS.from_files(resolve_lpips_weights(weights)).to(context.device)
         self.lecam = LeCAM(loss.lecam_decay).to(context.device)
 
     def losses(self, batch: Any, step: int, parts: Mapping[str, Part]) -> Iterator[Loss]:
@@ -158,5 +160,5 @@ def require_loss_weights(loss: VQGANLossConfig | None, model_class: type) -> dic
                         f"not {model_class.__name__}; set loss.adaptive_weight: false")
     if loss.perceptual_weight <= 0:
         return {}
-    found = resolve_lpips_weights(loss.perceptual).describe()
+    found = resolve_lpips_weights(local_lpips_weights(loss.perceptual)).describe()
     return {f"tokenmill.lpips.{k}": v for k, v in found.items()}
