@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rows", default="0:64", help="item range a:b (default %(default)s)")
     parser.add_argument("--split", default=None, help="number items within one split (default: all)")
     parser.add_argument("--model", default=None, help="model to decode with, also diffusers:PATH (default: the store's lineage)")
-    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--tracking-uri", default=None,
+                        help="registry to look for the store's model in when its recorded copies and registry "
+                             "fail (default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 

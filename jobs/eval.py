@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lpips-lin", default=None, help="lpips' weights/v0.1/vgg.pth (default: installed lpips "
                         "package, else the torch hub cache)")
     add_inception_options(parser)
-    parser.add_argument("--tracking-uri", default=None, help="log to this MLflow (default: MLFLOW_TRACKING_URI if set)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow to read runs:/ and models:/ from and log to "
+                        "(default: MLFLOW_TRACKING_URI if set; models are also looked up in ./runs/mlflow.db)")
     parser.add_argument("--storage-options", type=json_object, default={}, help="fsspec options as JSON")
     add_json_option(parser)
     parser.set_defaults(run=run)

@@ -55,11 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="MaskGIT priors only: parallel decoding steps (default: the prior's sample_steps)")
     parser.add_argument("--tokenizer", default=None, help="decode with this tokenizer instead of the lineage's")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ "
-                        "(and the --eval run)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/, for "
+                        "the tokenizer when its recorded copies and registry fail, and for the --eval run "
+                        "(default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db)")
     parser.add_argument("--eval", dest="eval_ref", default=None, metavar="REF.npz",
                         help="score the samples against these reference statistics (tokenmill fid-stats)")
-    parser.add_argument("--npz", type=output_path(folder=False, convert=str), default=None, metavar="PATH", help="also write the samples as ADM's .npz")
+    parser.add_argument("--npz", type=output_path(folder=False, convert=str), default=None, metavar="PATH",
+                        help="also write the samples as ADM's .npz")
     add_inception_options(parser)
     add_json_option(parser)
     parser.set_defaults(run=run)

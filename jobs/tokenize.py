@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decode-threads", type=cli_type("decode_threads"), default=None,
                         help="image decode threads (= CPUs reserved) per actor (default: 1 on CPU, "
                              "the node's CPUs per GPU up to 4 on GPU)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ "
+                        "(default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 

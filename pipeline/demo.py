@@ -2,8 +2,8 @@
 
 1. shard the built-in MNIST-5k digits into WebDataset tars (+ manifest): shuffled, 1,000 per
    shard, so the 5 train shards mix every digit and Ray Data reads them in parallel;
-2. train a VQ-VAE (configs/vqvae_mnist.yaml) with 2 DDP workers on local Ray, tracked in a
-   SQLite MLflow store, and register the model;
+2. train a VQ-VAE (configs/vqvae_mnist.yaml) with 2 DDP workers on local Ray, tracked in the
+   project's SQLite MLflow store (runs/mlflow.db beside the runs), and register the model;
 3. tokenize every shard into a Zarr token store with the registered model;
 4. decode a few token rows back into a PNG grid;
 5. train a class-conditional Transformer prior on the token store (configs/prior_mnist.yaml,
@@ -41,7 +41,7 @@ class DemoSummary:
     prior_model_uri: str
     samples_png: str  # digits drawn from the prior: one row per class
     mlflow_tracking_uri: str
-    mlflow_ui: str  # the command that opens the MLflow UI on this run's store
+    mlflow_ui: str  # the command that opens the MLflow UI on the project's store
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
@@ -50,6 +50,7 @@ class DemoSummary:
 
 def run_demo(root: Path, steps: int, workers: int, prior_steps: int = 600) -> DemoSummary:
     """Shard MNIST-5k, train, tokenize, decode, train a prior and sample it under `root`."""
+    from tokenmill.pipeline.registry.tracking import resolve_tracking_uri
     from tokenmill.pipeline.shards.writer import write_shards
     from tokenmill.pipeline.tokenize.driver import tokenize_dataset
     from tokenmill.pipeline.tokenize.options import TokenizeOptions
@@ -58,6 +59,9 @@ def run_demo(root: Path, steps: int, workers: int, prior_steps: int = 600) -> De
     from tokenmill.pipeline.training.driver import train
 
     started = time.perf_counter()
+    # The project's store (runs/mlflow.db for the default root runs/demo), shared with the runs of
+    # `tokenmill train`, `train-prior` and `retrain` started from the same folder.
+    tracking_uri = resolve_tracking_uri(None, root)
     root = root.resolve()
     shards = write_shards("builtin:mnist5k", str(root / "shards"))
     print(f"[1/6] shards: {shards['shards']} tars, {shards['samples']} images in {shards['dest']}", flush=True)
@@ -65,7 +69,7 @@ def run_demo(root: Path, steps: int, workers: int, prior_steps: int = 600) -> De
     config = load_train_config(PRESET, [
         f"data.shards={root / 'shards'}", f"run.root={root}", f"train.steps={steps}",
         f"train.val_every={steps}", f"train.checkpoint_every={max(steps // 4, 1)}",
-        f"scaling.num_workers={workers}", "run.name=demo-vqvae",
+        f"scaling.num_workers={workers}", "run.name=demo-vqvae", f"tracking.tracking_uri={tracking_uri}",
     ])
     print(f"[2/6] training a VQ-VAE for {steps} steps on {workers} Ray workers ...", flush=True)
     trained = train(config)

@@ -71,11 +71,12 @@ class EvalOptions:
 
 
 def evaluate(model_ref: str, data: str, split: str, out_dir: str | Path, options: EvalOptions) -> EvalSummary:
-    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.registry.resolver import resolve_reference
     from tokenmill.pipeline.tokens.encoder import model_transform
 
-    tracking_uri = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    files = resolve_model(model_ref, tracking_uri, options.storage_options)
+    tracking_uri = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # where the results are logged
+    # runs:/ and models:/ come from `tracking_uri`, else this folder's project store (runs/mlflow.db).
+    files = resolve_reference(model_ref, tracking_uri, options.storage_options)
     model, meta = files.load()
     if not hasattr(model, "codebook_size"):
         raise UserError(f"{model_ref} is a {meta['class']}; tokenmill eval measures tokenizers (VQ family)")

@@ -1,8 +1,10 @@
 """A prior's lineage: `lineage.json` next to its config.json, written by the training engine (the prior task) and read by
 `tokenmill sample` to find the tokenizer that turns sampled codes back into images.
 
-Keys: `store_url` (the token store it was trained on), `tokenizer_uri` and `tokenizer_sha256`
-(the store's model and its weights hash, from the store's own lineage), `vocab` (the token
+Keys: `store_url` (the token store it was trained on, absolute), `tokenizer_uri` and `tokenizer_sha256`
+(the store's model and its weights hash, from the store's own lineage), `tokenizer_source` (every
+way to find that model: its locations and registry, `pipeline.registry.resolver`; absent in
+lineages of older versions), `tokenizer_version` (its registry version, or null), `vocab` (the token
 layout, the prior config's `vocab()`), `grid` ((h, w) per level in store order; a level with a stages
 axis (h, w, S) is the grid (h, w * S), its raster order).
 """
@@ -22,11 +24,15 @@ VOCAB_KEYS = ("codebook_size", "class_offset", "num_classes", "null_class")
 
 
 def prior_lineage(store_url: str, store_lineage: dict[str, Any], vocab: dict[str, int],
-                  grid: list[list[int]]) -> dict[str, Any]:
+                  grid: list[list[int]], tokenizer_source: dict[str, Any] | None = None) -> dict[str, Any]:
     """The lineage of a prior trained on `store_url`, whose own lineage (`TokenStore.token_attrs()
-    ["lineage"]`) names the tokenizer; `vocab` is `PriorConfig.vocab()`."""
+    ["lineage"]`) names the tokenizer; `vocab` is `PriorConfig.vocab()`; `tokenizer_source`: where
+    the tokenizer is (default: what the store's lineage records)."""
+    found = tokenizer_source or store_lineage.get("model_source")
     return {"store_url": store_url, "tokenizer_uri": store_lineage["model_uri"],
-            "tokenizer_sha256": store_lineage["weights_sha256"], "vocab": dict(vocab),
+            "tokenizer_sha256": store_lineage["weights_sha256"],
+            "tokenizer_version": store_lineage.get("model_version"),
+            **({"tokenizer_source": found} if found else {}), "vocab": dict(vocab),
             "grid": [[int(v) for v in level] for level in grid]}
 
 

@@ -1,7 +1,8 @@
 """`tokenmill sample`: draw codes from a trained prior and decode them with its tokenizer.
 
 The prior is any model reference (`pipeline.registry.model_ref`); its `lineage.json` names the
-tokenizer (`tokenizer_uri`), whose weights must hash to the recorded `tokenizer_sha256`. An
+tokenizer (`tokenizer_uri`, and where to find it: `pipeline.registry.resolver`), whose weights must
+hash to the recorded `tokenizer_sha256`. An
 explicit tokenizer replaces it after a compatibility check (codebook size, levels, token shape
 against the prior's grid). Output: `samples.png` (one row per class), `codes.npy` (n, N) int64
 in store order and `labels.npy` (n,) int64 (-1 for an unconditional prior).
@@ -31,8 +32,7 @@ from tokenmill.models.prior import PriorConfig
 from tokenmill.pipeline.generation_eval import SampleEval, log_result_run, score_samples, write_adm_npz
 from tokenmill.pipeline.grids import save_png_grid
 from tokenmill.pipeline.prior.lineage import LINEAGE_FILE, parse_prior_lineage
-from tokenmill.pipeline.registry.model_ref import resolve_model
-from tokenmill.pipeline.tokens.detokenize import resolve_recorded_model
+from tokenmill.pipeline.registry.resolver import Recorded, resolve_recorded, resolve_reference
 
 DECODE_BATCH = 256
 
@@ -89,9 +89,11 @@ def sample_prior(prior_ref: str, out: Path, *, classes: list[int] | None = None,
     if options.steps is not None and not takes_steps(prior):
         raise UserError(f"--steps sets a MaskGIT prior's decoding steps; {prior_ref} is a `kind: "
                         f"{prior.config.kind}` prior, which draws one code per step (drop --steps)")
-    tokenizer, tokenizer_uri = load_tokenizer(prior.config, lineage, prior_ref, tokenizer_ref, dev, tracking_uri,
-                                              storage_options)
+    tokenizer, tokenizer_uri, found = load_tokenizer(prior.config, lineage, prior_ref, tokenizer_ref, dev,
+                                                     tracking_uri, storage_options)
     labels = sample_labels(prior.config, classes, n)
+    if found:  # every input accepted: say where the lineage's tokenizer was found
+        found.announce()
     start = time.perf_counter()
     codes = draw_codes(prior, labels, options, dev, n=n)  # (n_all, N) int64 on CPU
     seconds = time.perf_counter() - start
@@ -144,7 +146,7 @@ def load_prior(ref: str, device: torch.device, tracking_uri: str | None = None,
                storage_options: dict | None = None) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     """The prior (eval mode, on `device`) and its lineage (None when it has no lineage.json).
     Any prior kind (its config a `PriorConfig`: the AR prior, MaskGIT, VAR) samples through `prior.sample`."""
-    files = resolve_model(ref, tracking_uri, storage_options, extra_files=(LINEAGE_FILE,))
+    files = resolve_reference(ref, tracking_uri, storage_options, extra_files=(LINEAGE_FILE,))
     prior = files.load(device)[0].eval()
     if not isinstance(getattr(prior, "config", None), PriorConfig):
         raise UserError(f"{ref} is a {type(prior).__name__}, not a Transformer prior; pass a model from "
@@ -161,20 +163,23 @@ def load_prior(ref: str, device: torch.device, tracking_uri: str | None = None,
 
 def load_tokenizer(config: PriorConfig, lineage: dict[str, Any] | None, prior_ref: str, tokenizer_ref: str | None,
                    device: torch.device, tracking_uri: str | None = None,
-                   storage_options: dict | None = None) -> tuple[torch.nn.Module, str]:
-    """The tokenizer that decodes the prior's codes, and its reference: `tokenizer_ref` after a
-    compatibility check, else the lineage's tokenizer after its sha256 check."""
+                   storage_options: dict | None = None) -> tuple[torch.nn.Module, str, Any]:
+    """The tokenizer that decodes the prior's codes, and where it came from: `tokenizer_ref` after a
+    compatibility check, else the lineage's tokenizer (found as `pipeline.registry.resolver` says)
+    after its sha256 check; and that `Resolved` (None for `tokenizer_ref`), to announce."""
     if tokenizer_ref is None:
         if lineage is None:
             raise UserError(f"{prior_ref} has no {LINEAGE_FILE} naming its tokenizer; pass one with --tokenizer")
-        tokenizer_ref = lineage["tokenizer_uri"]
-        files = resolve_recorded_model(tokenizer_ref, lineage["tokenizer_sha256"], prior_ref,
-                                       "pass a compatible tokenizer with --tokenizer", tracking_uri, storage_options)
+        found = resolve_recorded(Recorded.of_prior(lineage), owner=prior_ref, tracking_uri=tracking_uri,
+                                 storage_options=storage_options,
+                                 fix="pass a compatible tokenizer with --tokenizer, or the registry that holds it "
+                                     "with --tracking-uri")
+        files, tokenizer_ref = found.files, found.where
     else:
-        files = resolve_model(tokenizer_ref, tracking_uri, storage_options)
+        files, found = resolve_reference(tokenizer_ref, tracking_uri, storage_options), None
     tokenizer = files.load(device)[0].eval()
     check_tokenizer_fits(tokenizer, config, tokenizer_ref)
-    return tokenizer, tokenizer_ref
+    return tokenizer, tokenizer_ref, found
 
 
 def level_shapes(tokenizer: torch.nn.Module) -> list[tuple[int, ...]]:

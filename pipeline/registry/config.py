@@ -108,7 +108,7 @@ class RetrainConfig(TrainJobConfig):
                           tracking_uri: str) -> TrainJobConfig:
         """The `tokenmill train` config of one challenger: the train sections of this config on
         data version `shards`, under its own run name, optionally warm-started, tracked where
-        retrain tracks (its default store lives under retrain's run directory, not the challenger's).
+        retrain tracks (the store retrain resolved: its config's, MLFLOW_TRACKING_URI or the project's).
         `init_from` (the champion) wins over the configured `train.init_from` (e.g. `taming:…`, the
         start of the first challenger)."""
         plain = self.model_dump(mode="json", include=set(TrainJobConfig.model_fields))

@@ -9,6 +9,9 @@ MODEL is one of:
 
 The result carries the files' bytes rather than a path: the driver ships them to encoding
 actors through the Ray object store, so actors on other nodes never need the driver's disk.
+It also says where the files can be found again from anywhere (`locations`: absolute folders,
+URLs, MLflow artifact URIs; `registry`: the tracking store, name and version): what a store's
+and a prior's lineage record (`pipeline.registry.resolver`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tokenmill.models.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model
 from tokenmill.pipeline.registry import tracking
 
 _MLFLOW_PREFIXES = ("runs:/", "models:/")
+MODEL_DIR_TAG = "tokenmill.model_dir"  # a model version's tag: the absolute folder training exported it to
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,11 @@ class ModelFiles:
     config: bytes  # config.json
     weights: bytes  # model.safetensors
     extras: dict[str, bytes] = field(default_factory=dict)  # optional side files asked for, when present
+    # Where the same files are, from any folder: absolute paths / URLs of the model folder, the
+    # MLflow artifact URI; a registry model's exported folder first when its version names one.
+    locations: tuple[str, ...] = ()
+    # {"tracking_uri", "uri" (pinned: models:/NAME/VERSION or runs:/ID/PATH), "name", "version"}
+    registry: dict[str, str] | None = None
 
     @property
     def weights_sha256(self) -> str:
@@ -60,7 +69,7 @@ def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: di
     `extra_files`: optional side files of the model directory (e.g. a prior's lineage.json),
     returned in `extras` when present."""
     if ref.startswith(_MLFLOW_PREFIXES):
-        return _read_mlflow(ref, tracking_uri, extra_files)
+        return _read_mlflow(ref, tracking.current_tracking_uri(tracking_uri), extra_files)
     if converters.is_converted(ref):
         return _converted(ref)
     if "://" in ref and not ref.startswith("file://"):
@@ -70,11 +79,12 @@ def resolve_model(ref: str, tracking_uri: str | None = None, storage_options: di
         except FileNotFoundError:
             raise UserError(f"{ref} is not a model directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}") from None
         extras = {name: fs.cat_file(f"{path}/{name}") for name in extra_files if fs.exists(f"{path}/{name}")}
-        return ModelFiles(ref, None, config, weights, extras)
+        return ModelFiles(ref, None, config, weights, extras, locations=(ref.rstrip("/"),))
     path = Path(ref.removeprefix("file://"))
     if not path.is_dir():
         raise UserError(f"model {ref!r} is neither a directory nor an MLflow URI (runs:/…, models:/…)")
-    return _read_dir(ref, None, _model_dir(path, ref), extra_files)
+    folder = _model_dir(path, ref)
+    return _read_dir(ref, None, folder, extra_files, locations=(str(folder.resolve()),))
 
 
 def _converted(ref: str) -> ModelFiles:
@@ -93,16 +103,54 @@ def _read_mlflow(ref: str, tracking_uri: str | None, extra_files: tuple[str, ...
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    missing = tracking.missing_store(tracking_uri)
+    if missing:  # MLflow would create an empty store there, then not find the model in it
+        raise UserError(f"cannot download model {ref}: there is no MLflow store at {missing} (run from the project "
+                        "folder that holds runs/mlflow.db, or pass --tracking-uri / set MLFLOW_TRACKING_URI)")
     try:
         client = tracking.client(tracking_uri)
         version = _registry_version(ref, client)
-        source = client.get_model_version_download_uri(*version.rsplit("/", 1)) if version else ref
+        locations, pinned = _artifact_locations(ref, version, client)
+        source = locations[-1]
         with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as tmp:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
-            return _read_dir(ref, version, _model_dir(Path(local), ref), extra_files)
+            where = tracking.absolute_tracking_uri(tracking_uri or mlflow.get_tracking_uri())
+            name, number = version.rsplit("/", 1) if version else (None, None)
+            registry = {"tracking_uri": where, "uri": pinned, "name": name, "version": number}
+            return _read_dir(ref, version, _model_dir(Path(local), ref), extra_files, locations=tuple(locations),
+                             registry=registry)
     except (MlflowException, OSError) as err:
         where = tracking_uri or mlflow.get_tracking_uri()
         raise UserError(f"cannot download model {ref} from MLflow at {where}: {str(err).splitlines()[0]}") from None
+
+
+def download_artifact(uri: str, tracking_uri: str | None, extra_files: tuple[str, ...] = ()) -> ModelFiles:
+    """The model folder at an MLflow artifact URI (`mlflow-artifacts:/…`, `runs:/…`, or any scheme
+    MLflow's artifact repositories read), through the store at `tracking_uri`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="tokenmill-model-") as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri)
+            return _read_dir(uri, None, _model_dir(Path(local), uri), extra_files, locations=(uri,))
+    except (MlflowException, OSError) as err:
+        raise UserError(f"cannot download {uri} from MLflow at {tracking_uri}: {str(err).splitlines()[0]}") from None
+
+
+def _artifact_locations(ref: str, version: str | None, client) -> tuple[list[str], str]:
+    """Where a `runs:/` or `models:/` model's files are: a registry version's exported folder (the
+    version's `tokenmill.model_dir` tag, when training set one) and its artifact URI, the download
+    source (last); and the reference pinned to its version."""
+    if version:
+        name, number = version.rsplit("/", 1)
+        tags = client.get_model_version(name, number).tags or {}
+        source = client.get_model_version_download_uri(name, number)
+        exported = [tags[MODEL_DIR_TAG]] if tags.get(MODEL_DIR_TAG) else []
+        return exported + [source], f"models:/{name}/{number}"
+    run_id, _, path = ref.removeprefix("runs:/").partition("/")
+    artifact = client.get_run(run_id).info.artifact_uri.rstrip("/")
+    return ([f"{artifact}/{path}".rstrip("/")] if artifact else [ref]), ref
 
 
 def _registry_version(ref: str, client) -> str | None:
@@ -128,9 +176,11 @@ def _model_dir(path: Path, ref: str) -> Path:
     return found[0]
 
 
-def _read_dir(ref: str, version: str | None, path: Path, extra_files: tuple[str, ...] = ()) -> ModelFiles:
+def _read_dir(ref: str, version: str | None, path: Path, extra_files: tuple[str, ...] = (),
+              locations: tuple[str, ...] = (), registry: dict[str, str] | None = None) -> ModelFiles:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{ref}: {WEIGHTS_FILE} is missing; the model directory is incomplete")
     extras = {name: (path / name).read_bytes() for name in extra_files if (path / name).is_file()}
-    return ModelFiles(ref, version, (path / CONFIG_FILE).read_bytes(), weights.read_bytes(), extras)
+    return ModelFiles(ref, version, (path / CONFIG_FILE).read_bytes(), weights.read_bytes(), extras,
+                      locations, registry)

@@ -85,7 +85,7 @@ def retrain(config) -> RetrainResult:
     with step("checking the validation shards"):  # scored only after training: check them now
         promotion.validation_shard_urls(config)
     with step("connecting to MLflow"):
-        tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, config.run.run_dir())
+        tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, config.run.root)
         tracking.require_reachable(tracking_uri)
         client = tracking.client(tracking_uri)
     with step("reading the registry"):

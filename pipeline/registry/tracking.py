@@ -1,7 +1,10 @@
 """MLflow helpers: where to track, one run per training run name, and model registration.
 
-Embedded default: a SQLite file under the run directory (MLflow >= 3.13 refuses a plain
-`./mlruns` file store). `MLFLOW_TRACKING_URI` (or the config) points the same code at a server.
+Embedded default: one SQLite file per project folder, beside the runs (`runs/mlflow.db` for
+`run.root: runs/<anything>`; MLflow >= 3.13 refuses a plain `./mlruns` file store), so the demo,
+`train`, `train-prior` and `retrain` started from one folder share one store and one registry.
+`MLFLOW_TRACKING_URI` (or the config) points the same code at a server. Stores of older runs
+(`<run dir>/mlflow.db`) still open with `--tracking-uri` / `tracking.tracking_uri`.
 Only one process writes at a time: the driver before and after training, rank 0 during it.
 """
 
@@ -18,15 +21,89 @@ RUN_NAME_TAG = "tokenmill.run_name"
 MODEL_ARTIFACT = "model"
 
 
-def resolve_tracking_uri(configured: str | None, run_dir: str | Path) -> str:
-    """Config value, else `MLFLOW_TRACKING_URI`, else `sqlite:///<run_dir>/mlflow.db`."""
+TRACKING_DB = "mlflow.db"
+DEFAULT_RUNS_ROOT = "runs"  # `run.root`'s default: the project's store is <project>/runs/mlflow.db
+
+
+def project_store_folder(run_root: str | Path = DEFAULT_RUNS_ROOT) -> Path:
+    """The folder of the project's default tracking store, absolute: for a relative `run.root`
+    inside the working directory, its top folder there (`runs/demo`, `runs/retrain` and `runs`
+    all give `<cwd>/runs`); for any other root, the root itself."""
+    root = Path(run_root)
+    if root.is_absolute():
+        return root.resolve()
+    resolved, cwd = root.resolve(), Path.cwd().resolve()
+    if resolved == cwd or not resolved.is_relative_to(cwd):
+        return resolved
+    return cwd / resolved.relative_to(cwd).parts[0]
+
+
+def default_tracking_uri(run_root: str | Path = DEFAULT_RUNS_ROOT) -> str:
+    """`sqlite:///<project store folder>/mlflow.db` (see `project_store_folder`)."""
+    return f"sqlite:///{project_store_folder(run_root) / TRACKING_DB}"
+
+
+def resolve_tracking_uri(configured: str | None, run_root: str | Path = DEFAULT_RUNS_ROOT) -> str:
+    """Config value, else `MLFLOW_TRACKING_URI`, else the project's store beside the runs
+    (`default_tracking_uri(run_root)`, its folder created). Relative SQLite paths made absolute."""
     if configured:
-        return configured
+        return absolute_tracking_uri(configured)
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{run_dir / 'mlflow.db'}"
+        return absolute_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    project_store_folder(run_root).mkdir(parents=True, exist_ok=True)
+    return default_tracking_uri(run_root)
+
+
+def current_tracking_uri(explicit: str | None = None) -> str | None:
+    """The registry a command reads when it is given no other: `explicit` (a flag), else
+    `MLFLOW_TRACKING_URI`, else this folder's project store (`runs/mlflow.db`) when it exists,
+    else None (MLflow's own default). Never creates a store."""
+    if explicit:
+        return absolute_tracking_uri(explicit)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return absolute_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    if (project_store_folder() / TRACKING_DB).is_file():
+        return default_tracking_uri()
+    return None
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """`uri` with a relative SQLite path or bare folder made absolute (`sqlite:///runs/mlflow.db`
+    -> `sqlite:////home/me/project/runs/mlflow.db`), so a recorded URI means the same store from
+    any working directory; any other URI (a server, `databricks`, an absolute path) unchanged."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path and not path.startswith("/") and not path.startswith(":memory:"):
+            return f"sqlite:///{Path(path).resolve()}"
+        return uri
+    if ":" not in uri and not uri.startswith("databricks"):
+        return str(Path(uri).resolve())  # a bare folder: MLflow's file store
+    return uri
+
+
+def missing_store(tracking_uri: str | None) -> str | None:
+    """The store's URI when it is a SQLite file that does not exist (None: MLflow's default store);
+    reading it would create an empty one. None when it exists or is no SQLite file."""
+    if tracking_uri is None:
+        import mlflow
+
+        tracking_uri = mlflow.get_tracking_uri()
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path.startswith(":memory:") or Path(path).is_file():
+        return None
+    return tracking_uri
+
+
+def sqlite_folder(tracking_uri: str) -> Path | None:
+    """The folder of a SQLite store's file (`sqlite:///…/mlflow.db`), None for any other store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).resolve().parent
 
 
 def client(tracking_uri: str | None):
@@ -42,15 +119,17 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, tags: d
                       run_dir: str | Path | None = None) -> str:
     """The id of the MLflow run for `run_name` (reused when a training run resumes).
 
-    With a local SQLite store, artifacts go to `<run_dir>/mlartifacts` (MLflow's default would be
-    `./mlruns` in whatever directory the job was started from); a server decides for itself."""
+    With a local SQLite store, artifacts go to `mlartifacts/` beside the database file (MLflow's
+    default would be `./mlruns` in whatever directory the job was started from; `run_dir`, when
+    the store has no file, e.g. in memory); a server decides for itself."""
     mlflow_client = client(tracking_uri)
     found = mlflow_client.get_experiment_by_name(experiment)
     if found:
         experiment_id = found.experiment_id
     else:
-        local = tracking_uri.startswith("sqlite:") and run_dir is not None
-        location = (Path(run_dir).resolve() / "mlartifacts").as_uri() if local else None
+        folder = sqlite_folder(tracking_uri) or (Path(run_dir).resolve() if run_dir is not None else None)
+        local = tracking_uri.startswith("sqlite:") and folder is not None
+        location = (folder / "mlartifacts").as_uri() if local else None
         experiment_id = mlflow_client.create_experiment(experiment, artifact_location=location)
     runs = mlflow_client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1,
@@ -114,14 +193,14 @@ def register_model_dir(
     return str(version.version)
 
 
-def require_reachable(tracking_uri: str) -> None:
+def require_reachable(tracking_uri: str, timeout: float = 10) -> None:
     """Fail before any work when a tracking server is configured but cannot be reached."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
     import urllib.request
 
     try:
-        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10)
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout)
     except OSError as err:
         raise UserError(
             f"MLflow tracking server {tracking_uri} is not reachable ({err}); start it or unset "

@@ -3,7 +3,8 @@
 
 Rows are item indices over the store's good samples in store order (input shard order, then tar
 order; `split` picks one split, as `TokenDataset` numbers them). The model is the one the
-store's lineage names (or `model_ref`): a tokenmill model or a `diffusers:` autoencoder, checked
+store's lineage names (found as `pipeline.registry.resolver` says: a recorded copy, the recorded
+registry, the current one), or `model_ref`: a tokenmill model or a `diffusers:` autoencoder, checked
 against the recorded weights sha256. Every store decodes: codes, single latents, a hierarchical
 VAE's latent groups; of a store written with `--augment`, the un-augmented variant 0.
 """
@@ -13,20 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 GRID = 64  # images per PNG (8 x 8)
-
-
-def resolve_recorded_model(ref: str, weights_sha256: str, owner: str, hint: str, tracking_uri: str | None = None,
-                           storage_options: dict | None = None):
-    """The model `ref` (a `ModelFiles`) after checking its weights are the ones `owner` (a store,
-    a prior) recorded in its lineage; UserError ending with `hint` when they are not."""
-    from tokenmill.models.errors import UserError
-    from tokenmill.pipeline.tokens.extraction import resolve_tokenizer
-
-    files = resolve_tokenizer(ref, tracking_uri, storage_options)
-    if files.weights_sha256 != weights_sha256:
-        raise UserError(f"{files.uri} has weights sha256 {files.weights_sha256[:12]}…, but {owner} was "
-                        f"made with {weights_sha256[:12]}…; {hint}")
-    return files
 
 
 def detokenize_store(store_url: str, out: Path, start: int, stop: int, *, split: str | None = None,
@@ -49,6 +36,8 @@ class StoreDecoder:
 
     def __init__(self, store_url: str, *, model_ref: str | None = None, tracking_uri: str | None = None,
                  storage_options: dict | None = None):
+        from tokenmill.models.errors import UserError
+        from tokenmill.pipeline.registry.resolver import Recorded, resolve_recorded, resolve_reference
         from tokenmill.pipeline.tokens.extraction import ExtractionOptions, load_tokenizer
         from tokenmill.pipeline.tokens.store import TokenStore
         from tokenmill.pipeline.tokens.store_rows import store_variants
@@ -56,9 +45,20 @@ class StoreDecoder:
         self.url, self.store = store_url, TokenStore(store_url, storage_options)
         attrs = self.store.token_attrs()
         lineage = attrs["lineage"]
-        files = resolve_recorded_model(model_ref or lineage["model_uri"], lineage["weights_sha256"], store_url,
-                                       "pass the store's model with --model", tracking_uri, storage_options)
+        recorded, found = Recorded.of_store(lineage), None
+        if model_ref is None:
+            found = resolve_recorded(recorded, owner=store_url, what="model", tracking_uri=tracking_uri,
+                                     storage_options=storage_options,
+                                     fix="pass the store's model with --model, or the registry that holds it "
+                                         "with --tracking-uri")
+            files = found.files
+        else:
+            files = resolve_reference(model_ref, tracking_uri, storage_options)
+            if files.weights_sha256 != recorded.sha256:
+                raise UserError(f"{model_ref} has weights sha256 {files.weights_sha256[:12]}…, but {store_url} was "
+                                f"made with {recorded.sha256[:12]}…; pass the store's model with --model")
         self.tokenizer = load_tokenizer(files, ExtractionOptions.from_lineage(lineage))
+        self.found = found  # announced once the rows asked for are accepted
         self.names = [spec["name"] for spec in attrs["arrays"]]
         self.variants = store_variants(lineage)
 
@@ -72,6 +72,9 @@ class StoreDecoder:
         rows = items[start:stop]
         if len(rows) == 0:
             raise UserError(f"{self.url} has {len(items)} items; --rows {start}:{stop} selects none")
+        if self.found:
+            self.found.announce()
+            self.found = None
         group = self.store.open_group("r")
         for i in range(0, len(rows), GRID):
             chunk = rows[i : i + GRID]

@@ -57,6 +57,7 @@ class DiffusersFiles:
     config: bytes
     weights: bytes
     version: str | None = None
+    locations: tuple[str, ...] = ()  # `diffusers:` + the absolute folder or URL (a hub id as given)
 
     @property
     def weights_sha256(self) -> str:
@@ -80,10 +81,12 @@ def resolve_diffusers(ref: str, storage_options: dict | None = None) -> Diffuser
     import fsspec
 
     location = ref[len(PREFIX):]
+    found = ref  # where the same files are from any folder
     if "://" in location and not location.startswith("file://"):
         fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
     elif Path(location.removeprefix("file://")).is_dir():
         fs, path = fsspec.filesystem("file"), location.removeprefix("file://")
+        found = PREFIX + str(Path(path).resolve())
     elif _HUB_ID.fullmatch(location) and not Path(location).exists():
         fs, path = fsspec.filesystem("file"), _hub_cache_folder(ref, location)
     else:
@@ -105,7 +108,7 @@ def resolve_diffusers(ref: str, storage_options: dict | None = None) -> Diffuser
     except FileNotFoundError:
         raise UserError(f"{ref}: {WEIGHTS_FILE} is missing (tokenmill loads safetensors only; re-save with "
                         "save_pretrained(..., safe_serialization=True))") from None
-    return DiffusersFiles(ref, config, weights)
+    return DiffusersFiles(ref, config, weights, locations=(found,))
 
 
 def _hub_cache_folder(ref: str, location: str) -> str:

@@ -82,12 +82,15 @@ def export_store(
 
 
 def _metadata(dataset: TokenDataset, store_url: str, split: str, dtype: np.dtype) -> dict[str, Any]:
-    """The export's lineage and vocabulary: enough to train on it and to trace it to its store."""
+    """The export's lineage and vocabulary: enough to train on it and to trace it to its store
+    (absolute, and the store's own lineage: its model's sha256, locations and registry)."""
+    from tokenmill.pipeline.registry.resolver import absolute_location
+
     attrs = dataset.store.attrs()
     k, bos = dataset.codebook_size, dataset.add_bos
     # Key names avoid a "token" suffix, which `redact` treats as a secret's name.
     return redact({
-        "store": store_url, "split": split, "samples": len(dataset), "seq_len": dataset.seq_len,
+        "store": absolute_location(store_url), "split": split, "samples": len(dataset), "seq_len": dataset.seq_len,
         "dtype": dtype.name, "vocab_size": dataset.vocab_size, "codebook_size": k,
         "bos_id": k if bos else None,
         "class_ids": {"first": k + bos, "num_classes": dataset.num_classes, "no_class": k + bos + dataset.num_classes}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tokenmill.models.errors import UserError
-from tokenmill.pipeline.tokens.diffusers_adapter import PREFIX, DiffusersFiles, DiffusersTokenizer, resolve_diffusers
+from tokenmill.pipeline.tokens.diffusers_adapter import DiffusersFiles, DiffusersTokenizer
 from tokenmill.pipeline.tokens.latent_groups import join_latents
 from tokenmill.pipeline.tokens.store_format import ArraySpec
 
@@ -57,12 +57,11 @@ class ExtractionOptions:
 
 
 def resolve_tokenizer(ref: str, tracking_uri: str | None = None, storage_options: dict | None = None):
-    """`ModelFiles` (native models: paths, runs:/, models:/) or `DiffusersFiles` (`diffusers:`)."""
-    if ref.startswith(PREFIX):
-        return resolve_diffusers(ref, storage_options)
-    from tokenmill.pipeline.registry.model_ref import resolve_model
+    """`ModelFiles` (native models: paths, runs:/, models:/) or `DiffusersFiles` (`diffusers:`):
+    `pipeline.registry.resolver.resolve_reference`."""
+    from tokenmill.pipeline.registry.resolver import resolve_reference
 
-    return resolve_model(ref, tracking_uri, storage_options)
+    return resolve_reference(ref, tracking_uri, storage_options)
 
 
 def load_tokenizer(files, options: ExtractionOptions, device: str = "cpu", precision: str = "fp32"):
@@ -85,8 +84,11 @@ def load_tokenizer(files, options: ExtractionOptions, device: str = "cpu", preci
 
 
 def tokenizer_lineage(files, tokenizer, options: ExtractionOptions) -> dict[str, Any]:
-    """The store lineage's model part: which weights and config, what was stored and how (and,
-    for a multi-scale tokenizer, each level's scale)."""
+    """The store lineage's model part: which weights and config, every way to find them again
+    (`model_source`, `pipeline.registry.resolver`), what was stored and how (and, for a multi-scale
+    tokenizer, each level's scale)."""
+    from tokenmill.pipeline.registry.resolver import source
+
     base = tokenizer.inner if isinstance(tokenizer, Augmented) else tokenizer
     if isinstance(base, DiffusersTokenizer):
         model = base.lineage()
@@ -97,7 +99,8 @@ def tokenizer_lineage(files, tokenizer, options: ExtractionOptions) -> dict[str,
         if "converted_from" in base.meta.get("extra", {}):  # a published checkpoint: its kind and sha256
             model["converted_from"] = base.meta["extra"]["converted_from"]
     return {
-        "model_uri": files.uri, "model_version": files.version, "weights_sha256": files.weights_sha256, **model,
+        "model_uri": files.uri, "model_version": files.version, "weights_sha256": files.weights_sha256,
+        "model_source": source(files), **model,
         "mode": "latents" if options.latents else "codes",
         "token_shape": [list(s.row_shape) for s in tokenizer.specs],
         **_scales_lineage(base),

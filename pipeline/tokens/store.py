@@ -51,7 +51,9 @@ from tokenmill.pipeline.tokens.store_nodes import valid_chunk_rows
 # Lineage entries that may differ between runs writing one store: the same weights reached by
 # another URI (runs:/ vs models:/name@alias), the same manifest under another URL, or a newer
 # tokenmill produce the same tokens.
-_LINEAGE_LABELS = ("model_uri", "model_version", "data", "tokenmill_version")
+# Labels: where the model and data were found, not what they are (the weights' and config's sha256
+# are identity): a rerun may name the same model by another path, folder or registry.
+_LINEAGE_LABELS = ("model_uri", "model_version", "model_source", "data", "tokenmill_version")
 
 
 def tokenmill_version() -> str:

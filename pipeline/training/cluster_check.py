@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import fsspec
 
 from tokenmill.models.errors import UserError
+from tokenmill.pipeline.registry.tracking import default_tracking_uri
 
 LOCAL_PROTOCOLS = {"file", "local"}
 LOCAL_TRACKING_SCHEMES = {"", "file", "sqlite"}
@@ -63,7 +64,7 @@ def local_storage_problems(config, data: dict[str, str]) -> list[str]:
                         f"s3:// URL, {shared}")
     tracking = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking is None or urlparse(tracking).scheme in LOCAL_TRACKING_SCHEMES and tracking != "databricks":
-        tracking = tracking or f"sqlite:///{config.run.run_dir()}/mlflow.db (the default)"
+        tracking = tracking or f"{default_tracking_uri(config.run.root)} (the default)"
         problems.append(f"tracking.tracking_uri={tracking} is a file on this node, but rank 0 logs from another; "
                         f"set MLFLOW_TRACKING_URI (or tracking.tracking_uri) to an MLflow server, {shared}")
     return problems

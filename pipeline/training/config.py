@@ -129,7 +129,8 @@ class ScalingSection(StrictModel):
 
 class RunSection(StrictModel):
     name: str = "tokenmill"
-    # Local directory for the run's SQLite MLflow store, exported model and built-in shards.
+    # Local directory for the run's exported model and built-in shards; the project's SQLite MLflow
+    # store (the default) is beside the runs: `<top folder of a relative root>/mlflow.db`.
     root: str = "runs"
     # Where Ray Train keeps checkpoints (local path or s3://...); default <root>/ray.
     storage_path: Optional[str] = None
@@ -149,7 +150,7 @@ class RunSection(StrictModel):
 
 
 class TrackingSection(StrictModel):
-    tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else SQLite under the run dir
+    tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else the project's SQLite beside the runs
     experiment: str = "tokenmill"
     registered_model: Optional[str] = None  # default: the run name
     log_images: bool = True

@@ -78,8 +78,11 @@ def fit(task: Task) -> TrainSummary:
     checkpoint, metrics, inputs = train(task, LoopSpec(tracking_uri, run_id), model_dir)
     task.export_extras(model_dir)
     registered = config.tracking.registered_model or config.run.name
+    from tokenmill.pipeline.registry.model_ref import MODEL_DIR_TAG
+
     version = tracking.register_model_dir(tracking_uri, run_id, model_dir, registered,
-                                          tags={"tokenmill.step": str(metrics["step"]), **task.version_tags()})
+                                          tags={"tokenmill.step": str(metrics["step"]), **task.version_tags(),
+                                                MODEL_DIR_TAG: str(model_dir.resolve())})
     return TrainSummary(
         task=task.name, run_name=config.run.name, final_metrics=metrics, checkpoint=checkpoint,
         model_dir=str(model_dir.resolve()), mlflow_tracking_uri=tracking_uri, mlflow_run_id=run_id,
@@ -143,7 +146,7 @@ def _checked_run(task: Task) -> tuple[str, str]:
     check_local_gpus(config.scaling)  # GPUs asked of a local Ray that has none: refused, not waited for
     run_dir = config.run.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, run_dir)
+    tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, config.run.root)
     tags = task.prepare(tracking_uri)  # the task's inputs: every problem stops the job here
     if config.train.init_from:  # a warm start that cannot load fails here, not later on every rank
         from tokenmill.pipeline.training.loop import load_initial_weights
@@ -151,6 +154,7 @@ def _checked_run(task: Task) -> tuple[str, str]:
         module, _ = next(iter(task.build().values()))
         load_initial_weights(module, config.train.init_from, tracking_uri)
     tracking.require_reachable(tracking_uri)
+    task.announce()  # every input accepted
     kind = getattr(getattr(config, "model", None), "kind", task.name)
     tags |= {"tokenmill.task": task.name, "tokenmill.model_kind": kind, "tokenmill.git_commit": tracking.git_commit()}
     run_id = tracking.get_or_create_run(tracking_uri, config.tracking.experiment, config.run.name, tags=tags,

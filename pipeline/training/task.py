@@ -55,6 +55,10 @@ class Task:
         """config key -> URL of the data every node reads (refused when node-local on a cluster)."""
         return {}
 
+    def announce(self) -> None:
+        """Once every check passed: one line per input `prepare` found for the user (the prior
+        task: where the store's tokenizer was found)."""
+
     def inputs(self, in_process: bool) -> Inputs:
         """The data the ranks read: Ray Datasets for Ray Train (after `ray` is connected), or
         streams read in this process (`scaling.in_process`)."""

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 # make setup installs torch-fidelity here, off sys.path: installed in the environment it would make
 # torchmetrics import it (and its missing torchvision) for every image metric, skipping the SSIM test.
 REFERENCES = Path(sys.prefix) / "references"

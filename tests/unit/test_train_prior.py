@@ -68,7 +68,7 @@ def test_store_whose_tokenizer_is_missing_differs_or_misfits_is_refused_before_r
     differs = learnable_store(str(tmp_path / "differs.zarr"), other)
     make_vqvae(other, codebook_size=K, seed=1, image_size=8)  # the same path now holds other weights
     misfit = learnable_store(str(tmp_path / "misfit.zarr"), make_vqvae(tmp_path / "16px", codebook_size=K))  # 4x4 codes
-    for url, reason in ((missing, "is neither a directory"), (differs, "weights sha256"), (misfit, "does not fit")):
+    for url, reason in ((missing, "no such folder"), (differs, "weights sha256"), (misfit, "does not fit")):
         code = cli_main(["train-prior", DEBUG_CONFIG, "--set", f"data.store={url}", "--set", f"run.root={tmp_path}"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and reason in err[0] and url in err[0], err

@@ -54,23 +54,31 @@ class PriorTask(Task):
         except ValueError as err:
             raise UserError(f"model: {err}") from None
         self.model_fields = fields
-        self.tokenizer = store_tokenizer(self.config, prior, tracking_uri)  # ModelFiles, sha256 checked
+        # ModelFiles, sha256 checked; the store's lineage; where the tokenizer was found (`Resolved`)
+        self.tokenizer, self.store_lineage, self.found = store_tokenizer(self.config, prior, tracking_uri)
         return {"tokenmill.token_store": redact(data.store), "tokenmill.tokenizer_sha256": self.tokenizer.weights_sha256}
 
     def shared_data(self) -> dict[str, str]:
         return {"data.store": self.config.data.store}
 
+    def announce(self) -> None:
+        self.found.announce()
+
     def export_extras(self, model_dir: Path) -> None:
         """lineage.json next to the prior's config.json: the store, its tokenizer and the vocabulary."""
         from tokenmill.pipeline.prior.lineage import prior_lineage, write_prior_lineage
+        from tokenmill.pipeline.registry.resolver import absolute_location, merge_sources, source
 
         prior = prior_config(self.model_fields)
-        tokenizer = {"model_uri": self.tokenizer.uri, "weights_sha256": self.tokenizer.weights_sha256}
-        write_prior_lineage(model_dir, prior_lineage(redact(self.config.data.store), tokenizer, prior.vocab(),
-                                                     prior.grid))
+        # Where the store says the tokenizer is, and where this run found it (an older store records no source).
+        found = merge_sources(self.store_lineage.get("model_source"), source(self.tokenizer))
+        lineage = prior_lineage(absolute_location(self.config.data.store), self.store_lineage, prior.vocab(),
+                                prior.grid, found)
+        write_prior_lineage(model_dir, redact(lineage))
 
     def summary(self, inputs: Any) -> dict[str, Any]:
-        return {"store": self.config.data.store, "tokenizer_uri": self.tokenizer.uri}
+        return {"store": self.config.data.store, "tokenizer_uri": self.store_lineage["model_uri"],
+                "tokenizer_found": self.found.where}
 
     # -- every rank -----------------------------------------------------------------------------------
     def build(self) -> dict[str, tuple[nn.Module, OptimConfig]]:
@@ -130,21 +138,24 @@ def next_token_loss(tokens: Any, parts: Mapping[str, Part]) -> Loss:
     return Loss("model", loss, metrics={"bits_per_token": loss.detach() / LN2})
 
 
-def store_tokenizer(config: Any, prior: PriorConfig, tracking_uri: str | None) -> Any:
-    """The `ModelFiles` of the tokenizer the store's lineage names, with the recorded weights
-    sha256 and a code shape that fits `prior`; UserError otherwise."""
+def store_tokenizer(config: Any, prior: PriorConfig, tracking_uri: str | None) -> tuple[Any, dict[str, Any], Any]:
+    """The `ModelFiles` of the tokenizer the store's lineage names (found as
+    `pipeline.registry.resolver` says, `tracking_uri` the current registry), with the recorded
+    weights sha256 and a code shape that fits `prior`; the store's lineage; the `Resolved` saying
+    where it was found (announced by the driver once every check passed). UserError otherwise."""
     from tokenmill.pipeline.prior.sampling import check_tokenizer_fits
-    from tokenmill.pipeline.tokens.detokenize import resolve_recorded_model
+    from tokenmill.pipeline.registry.resolver import Recorded, resolve_recorded
     from tokenmill.pipeline.tokens.store import TokenStore
 
     data = config.data
     lineage = TokenStore(data.store, data.storage_options).token_attrs()["lineage"]
-    hint = "train-prior needs the store's own tokenizer (it decodes the sample grids and goes into the lineage)"
+    hint = ("train-prior needs the store's own tokenizer (sample grids, lineage): point --set "
+            "tracking.tracking_uri=… (or MLFLOW_TRACKING_URI) at the registry that holds it")
+    # Not found anywhere with the recorded weights: one UserError naming the store, the attempts and the fix.
+    found = resolve_recorded(Recorded.of_store(lineage), owner=data.store, fix=hint, tracking_uri=tracking_uri,
+                             storage_options=data.storage_options)
     try:
-        files = resolve_recorded_model(lineage["model_uri"], lineage["weights_sha256"], data.store, hint,
-                                       tracking_uri, data.storage_options)
-        check_tokenizer_fits(files.load()[0], prior, files.uri)
-    except UserError as err:  # not found, other weights (that message ends with the hint), other code shapes
-        detail = str(err) if str(err).endswith(hint) else f"{err}; {hint}"
-        raise UserError(f"the tokenizer of {data.store} is unusable: {detail}") from None
-    return files
+        check_tokenizer_fits(found.files.load()[0], prior, found.where)
+    except UserError as err:  # other code shapes
+        raise UserError(f"the tokenizer of {data.store} is unusable: {err}") from None
+    return found.files, lineage, found
