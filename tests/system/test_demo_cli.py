@@ -12,6 +12,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from helpers.readme import failure, readme_blocks, run_block, user_env
@@ -57,6 +58,10 @@ def test_demo_runs_end_to_end_and_prints_only_its_own_lines(quiet_demo):
         assert Path(summary[png]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 0 < summary["prior_val_bits_per_token"] < 12  # below log2(4096); a 512-code uniform guess is 9
     assert summary["model_uri"].startswith("models:/") and 0 < summary["codebook_usage"] <= 1
+    # One tracking store for the project folder: what `mlflow ui` there shows holds both models.
+    assert summary["mlflow_tracking_uri"] == f"sqlite:///{project / 'runs' / 'mlflow.db'}"
+    registered = {m.name for m in mlflow.MlflowClient(summary["mlflow_tracking_uri"]).search_registered_models()}
+    assert {"tokenmill-vqvae", "tokenmill-prior"} <= registered, registered
     lines = console_lines(proc)
     assert [line for line in lines if any(noise in line for noise in CHATTER)] == []
     assert len(lines) <= 40, "\n".join(lines)
@@ -75,7 +80,7 @@ def test_the_readmes_follow_ups_run_on_the_demos_outputs_from_another_folder(qui
         assert proc.returncode == 0, failure(block, proc)
     summary = json.loads((project / "runs/demo/summary.json").read_text())
     elsewhere = project / "my-project"  # where the README's block goes: not the demo's folder
-    grid = elsewhere / "decoded/grid-00000.png"
+    grid = elsewhere / "decoded/grid-00001.png"  # the second grid of 64 rows
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert grid.read_bytes() != Path(summary["decoded_png"]).read_bytes()  # rows 64:128, not the demo's 0:64
     labels = np.load(elsewhere / "samples/labels.npy")
