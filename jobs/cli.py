@@ -52,7 +52,8 @@ def add_inception_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config file (omit to use the embedded defaults)")
+    parser.add_argument("config", nargs="?", help="YAML config file, or the name of a preset shipped with tokenmill: "
+                        "debug_vqvae, vqvae_mnist, prior_mnist, ... (a wrong name lists them all)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.steps=200 (repeatable)",

@@ -18,6 +18,10 @@ from tokenmill.models.errors import UserError
 
 T = TypeVar("T", bound=pydantic.BaseModel)
 
+# The presets ship inside the package (`tokenmill/configs`, beside `pipeline/`), so a bare name
+# like `debug_vqvae` works from any folder, in a clone and in an install alike.
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
+
 
 class ConfigError(UserError):
     """An invalid config file or override; the message names the key and the file."""
@@ -61,8 +65,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESETS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config argument: a YAML file, or the bare name of a preset (`vqvae_mnist`: `tokenmill/configs/vqvae_mnist.yaml`).
+    A file of that name in the working folder wins; anything with a folder or a .yaml/.yml suffix is a file."""
+    text = str(path)
+    if Path(text).exists() or "/" in text or text.endswith((".yaml", ".yml")):
+        return Path(text)
+    preset = PRESETS / f"{text}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"config {text!r} is neither a file nor a preset (presets: {', '.join(preset_names())})")
+    return preset
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = resolve_config_path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder; pass a YAML file")
     if not path.is_file():

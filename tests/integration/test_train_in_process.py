@@ -1,6 +1,8 @@
 """The engine's driver end to end in this process (`scaling.in_process`: the loop runs on one rank
-here, no Ray): `tokenmill train` and `train-prior` check, track in MLflow, train, export, register
-and resume a rerun, as on Ray (tests/integration/test_train_job.py runs the same driver on Ray)."""
+here, no Ray): `tokenmill train` checks, tracks in MLflow, trains, exports, registers and resumes a
+rerun, as on Ray (tests/integration/test_train_job.py runs the same driver on Ray). `train-prior
+--set scaling.in_process=true` on a store, with the prior's lineage naming the store's tokenizer:
+the README walkthrough, tests/system/test_readme.py."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 from helpers import CONFIGS
-from helpers.engine import grey_shards, prior_store
+from helpers.engine import grey_shards
 
 from tokenmill.jobs.cli import main as cli_main
 
@@ -50,13 +52,3 @@ def test_train_in_process_tracks_exports_registers_and_resumes(tmp_path, monkeyp
     # later command in this process must not log to the run's store.
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
-
-def test_train_prior_in_process_writes_the_lineage(tmp_path):
-    from tokenmill.pipeline.prior.lineage import read_prior_lineage
-
-    store = prior_store(tmp_path)
-    summary = run("train-prior", CONFIGS / "debug_prior.yaml", tmp_path, f"data.store={store}", "train.steps=2")
-    assert summary["task"] == "prior" and summary["store"] == store and summary["final_metrics"]["step"] == 2
-    assert summary["tokenizer_uri"] == str(Path(store).parent / "tokenizer")
-    assert read_prior_lineage(summary["model_dir"])["store_url"] == store
-    assert "seq_per_s" in summary["final_metrics"]

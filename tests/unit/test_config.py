@@ -78,3 +78,17 @@ def test_override_must_be_key_value():
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Example, tmp_path / "nope.yaml")
+
+
+def test_a_bare_name_is_a_shipped_preset_from_any_folder(tmp_path, monkeypatch):
+    from tokenmill.pipeline.training.config import load_train_config
+
+    monkeypatch.chdir(tmp_path)  # not the repository: the preset comes from the installed package
+    assert load_train_config("debug_vqvae", ["train.steps=3"]).run.name == "debug-vqvae"
+    (tmp_path / "debug_vqvae").write_text("train: {steps: 7}\n")  # a file of that name here wins
+    with pytest.raises(ConfigError, match="model: required key is missing"):
+        load_train_config("debug_vqvae")
+    with pytest.raises(ConfigError, match="'debug_vqvea' is neither a file nor a preset .*debug_vqvae"):
+        load_config(Example, "debug_vqvea")
+    with pytest.raises(ConfigError, match="does not exist"):  # a path is never a preset
+        load_config(Example, "configs/debug_vqvae.yaml")
