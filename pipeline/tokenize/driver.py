@@ -52,13 +52,16 @@ def tokenize_dataset(model_ref: str, shards_url: str, store_url: str,
     `options` say (checked when they were built; the defaults when None): the latent mode,
     preprocessing and augmentation (`pipeline.tokens.extraction`), the actor pool
     (`pipeline.tokenize.pool.plan_pool`) and the encoder's autocast precision."""
-    from tokenmill.pipeline.registry.resolver import resolve_reference
+    from tokenmill.pipeline.registry.resolver import absolute_location, resolve_reference
     from tokenmill.pipeline.runtime.storage_retry import retry_storage
     from tokenmill.pipeline.tokens.extraction import load_tokenizer, tokenizer_lineage
     from tokenmill.pipeline.tokens.layout import plan_layout
     from tokenmill.pipeline.tokens.store import TokenStore, tokenmill_version
 
     options = options or TokenizeOptions()
+    # Actors of a running cluster (`ray start`, RAY_ADDRESS) work in another folder: paths relative
+    # to this one must not reach them.
+    shards_url, store_url = absolute_location(shards_url), absolute_location(store_url)
     files = resolve_reference(model_ref, options.tracking_uri, options.storage_options)
     shards, identity = _manifest_shards(shards_url, options.storage_options)
     # On the driver only to learn the arrays' shapes, and to refuse a precision the model cannot take

@@ -72,6 +72,21 @@ def test_rerun_of_a_finished_store_encodes_nothing(tokenize_inputs, uninterrupte
     assert array_bytes(uninterrupted_store["store"]) == before
 
 
+def test_relative_paths_reach_the_actors_of_a_running_ray(tokenize_inputs, uninterrupted_store, tmp_path, monkeypatch):
+    """The session's Ray workers started in another folder: relative --data/--out are made
+    absolute before they reach them (as with `ray start` and RAY_ADDRESS set)."""
+    import os
+
+    from tokenmill.pipeline.tokenize.driver import tokenize_dataset
+    from tokenmill.pipeline.tokenize.options import TokenizeOptions
+
+    monkeypatch.chdir(tmp_path)
+    shards = os.path.relpath(tokenize_inputs["shards"], tmp_path)
+    summary = tokenize_dataset(tokenize_inputs["model"], shards, "relative.zarr", TokenizeOptions(batch_size=4))
+    assert summary.store == str(tmp_path / "relative.zarr") and summary.encoded_now > 0
+    assert array_bytes(tmp_path / "relative.zarr") == array_bytes(uninterrupted_store["store"])
+
+
 def test_inspect_prints_shape_dtype_lineage_and_codebook_stats(
         tokenize_inputs, uninterrupted_store, tmp_path, capsys):
     from tokenmill.jobs.cli import main
