@@ -13,7 +13,6 @@ vgg_path / lin_path, s3:// or https://, is first fetched and checked by pipeline
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from tokenmill.models.errors import UserError
 from tokenmill.models.ranges import STRICT
+from tokenmill.models.serialization import file_sha256
 
 VGG_FILE = "vgg16-397923af.pth"
 LIN_FILE = "lpips_vgg_v0.1.pth"
@@ -74,14 +74,6 @@ def _default_lin_path() -> Path:
     return hub_checkpoints() / LIN_FILE
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def missing_weights(config: LPIPSWeights) -> str | None:
     """None when both files exist, else one sentence saying which file to put where."""
     vgg = Path(config.vgg_path) if config.vgg_path else hub_checkpoints() / VGG_FILE
@@ -102,7 +94,7 @@ def resolve_lpips_weights(config: LPIPSWeights) -> ResolvedWeights:
         raise UserError(problem)
     vgg = Path(config.vgg_path) if config.vgg_path else hub_checkpoints() / VGG_FILE
     lin = Path(config.lin_path) if config.lin_path else _default_lin_path()
-    resolved = ResolvedWeights(vgg, lin, sha256_of(vgg), sha256_of(lin))
+    resolved = ResolvedWeights(vgg, lin, file_sha256(vgg), file_sha256(lin))
     for path, found, configured, published in ((vgg, resolved.vgg_sha256, config.vgg_sha256, VGG_SHA256),
                                                (lin, resolved.lin_sha256, config.lin_sha256, LIN_SHA256)):
         if configured and not found.startswith(configured.lower()):

@@ -9,6 +9,7 @@ the weights strictly, so a checkpoint from another architecture fails with a cle
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,15 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from tokenmill.models.errors import UserError
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a (possibly large) file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

@@ -6,7 +6,6 @@ model through a key plan, with one-line errors that name the cause.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenmill.models.errors import UserError
+from tokenmill.models.serialization import file_sha256  # noqa: F401 - the converters' checkpoint hash
 
 # target key -> source keys; several sources are concatenated along dim 0 (a fused q/k/v conv)
 KeyPlan = dict[str, tuple[str, ...]]
@@ -29,14 +29,6 @@ KNOWN_GLOBALS = {"argparse.Namespace": argparse.Namespace}
 class Converted:
     model: nn.Module  # a registered tokenmill model, eval mode
     source: dict[str, Any]  # kind, checkpoint path and sha256, config path(s) and sha256: the lineage's origin
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Absent:

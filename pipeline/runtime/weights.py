@@ -23,7 +23,8 @@ from pathlib import Path
 from fsspec.implementations.local import LocalFileSystem
 
 from tokenmill.models.errors import UserError
-from tokenmill.models.lpips import LIN_SHA256, VGG_SHA256, LPIPSWeights, sha256_of
+from tokenmill.models.lpips import LIN_SHA256, VGG_SHA256, LPIPSWeights
+from tokenmill.models.serialization import file_sha256
 from tokenmill.pipeline.runtime.storage import filesystem
 from tokenmill.pipeline.runtime.storage_retry import retry_storage
 
@@ -47,13 +48,13 @@ def fetch_weights(url: str, sha256: str, setting: str, cache: Path | None = None
         local = Path(path)
         if not local.is_file():
             raise UserError(f"{setting}: {url} does not exist")
-        _check(sha256_of(local), expected, url, setting)
+        _check(file_sha256(local), expected, url, setting)
         return local
     cached = (cache or weights_cache()) / expected / posixpath.basename(path.rstrip("/"))
     cached.parent.mkdir(parents=True, exist_ok=True)
     with open(cached.parent / f".{cached.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the ranks of one node: one downloads, the others wait and reuse
-        if cached.is_file() and sha256_of(cached).startswith(expected):
+        if cached.is_file() and file_sha256(cached).startswith(expected):
             return cached
         if not retry_storage(lambda: fs.isfile(path), what=f"{setting}: looking up", url=url):
             raise UserError(f"{setting}: {url} does not exist")

@@ -139,14 +139,13 @@ def test_bad_scale_lists_are_one_value_error_naming_them():
 
 
 def test_store_holds_one_level_per_scale_coarse_to_fine(tmp_path):
+    from helpers.tokens import write_encoded_store
+
     from tokenmill.pipeline.registry.model_ref import resolve_model
-    from tokenmill.pipeline.tokens import store_code_stats
     from tokenmill.pipeline.tokens.dataset import TokenDataset
     from tokenmill.pipeline.tokens.detokenize import StoreDecoder
     from tokenmill.pipeline.tokens.encoder import TokenEncoder
     from tokenmill.pipeline.tokens.extraction import ExtractionOptions, tokenizer_lineage
-    from tokenmill.pipeline.tokens.layout import plan_layout
-    from tokenmill.pipeline.tokens.store import TokenStore
 
     torch.manual_seed(0)
     model = _vqvae()
@@ -160,19 +159,8 @@ def test_store_holds_one_level_per_scale_coarse_to_fine(tmp_path):
 
     pixels, n = images(5), 5
     rows = encoder.encode(pixels, np.zeros(n, dtype=np.int64))
-    layout = plan_layout([("shard-0.tar", "train", n)], max(s.row_bytes for s in encoder.specs))
     url = str(tmp_path / "store.zarr")
-    store = TokenStore(url)
-    store.prepare(lineage, layout, encoder.specs, overwrite=False)
-    (unit,) = layout.units
-    writer = store.writer(unit, layout.rows_per_zarr_shard, encoder.specs)
-    writer.append({**rows, "keys": np.array([f"k{i}" for i in range(n)], dtype=object),
-                   "labels": np.zeros(n, dtype=np.int64)})
-    counts = {s.name: store_code_stats.to_sparse(store_code_stats.count_codes(rows[s.name], 16)) for s in encoder.specs}
-    results = [{"rows": writer.end_shard(), "corrupt": [], "code_counts": counts}]
-    writer.close()
-    store.write_marker(unit, results)
-    store.finalize(layout, encoder.specs)
+    write_encoded_store(url, encoder, lineage, rows)
 
     dataset = TokenDataset(url, split="train")
     expected = np.concatenate([rows[f"codes_{i}"].reshape(n, -1) for i in range(3)], axis=1)  # coarse to fine
