@@ -1,5 +1,5 @@
-"""`magvit2:LOCATION`: an Open-MAGVIT2 LFQ tokenizer (`src.Open_MAGVIT2.models.lfqgan.VQModel` of
-github.com/TencentARC/SEED-Voken) as a tokenmill `VQGAN`.
+"""`magvit2:LOCATION`: an Open-MAGVIT2 LFQ tokenizer (`src.Open_MAGVIT2.models.lfqgan.VQModel` or
+`lfqgan_pretrain.VQModel` of github.com/TencentARC/SEED-Voken) as a tokenmill `VQGAN`.
 
 LOCATION is `CKPT,YAML` (the released `.ckpt` and the repository's config it was trained with, e.g.
 configs/Open-MAGVIT2/gpu/imagenet_lfqgan_256_L.yaml) or a `.ckpt` with exactly one YAML beside it.
@@ -33,7 +33,8 @@ from tokenmill.models.errors import UserError
 from tokenmill.models.quantizers import QuantizerConfig
 from tokenmill.models.vqgan import VQGAN, VQGANConfig
 
-TARGET = "src.Open_MAGVIT2.models.lfqgan.VQModel"
+# lfqgan.py and lfqgan_pretrain.py (the Pretrain_256 checkpoints) build the same Encoder, Decoder and LFQ
+TARGETS = ("src.Open_MAGVIT2.models.lfqgan.VQModel", "src.Open_MAGVIT2.models.lfqgan_pretrain.VQModel")
 FIX = "pass the YAML the checkpoint was trained with: magvit2:CKPT,YAML"
 IBQ = ("IBQ's IndexPropagationQuantize picks the code of largest dot product z·e, which no tokenmill quantizer "
        "does (vq picks the nearest code); magvit2: converts Open-MAGVIT2's LFQ models only")
@@ -79,8 +80,9 @@ def model_params(config: Path, ref: str) -> tuple[dict[str, Any], int | None]:
         raise UserError(f"{ref}: {config} has no `model.init_args` section; {FIX}")
     if "IBQ" in str(target):
         raise UserError(f"{ref}: the config's model is {target}; {IBQ}")
-    if target != TARGET:
-        raise UserError(f"{ref}: the config's model is {target!r}; magvit2: converts {TARGET} (LFQ image tokenizers)")
+    if target not in TARGETS:
+        raise UserError(f"{ref}: the config's model is {target!r}; magvit2: converts {' and '.join(TARGETS)} "
+                        "(LFQ image tokenizers)")
     try:
         size = loaded["data"]["init_args"]["test"]["params"]["config"]["size"]
     except (KeyError, TypeError):

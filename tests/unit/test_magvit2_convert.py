@@ -76,6 +76,16 @@ def test_ema_weights_are_used_when_the_config_says_use_ema(tmp_path):
     assert np.array_equal(converted.model.encode(tiny_images()[1]).numpy(), expected["codes"])
 
 
+def test_the_pretrain_models_config_converts_the_same(tmp_path):
+    """lfqgan_pretrain.VQModel (the Pretrain_256 checkpoints) builds the same Encoder, Decoder and LFQ;
+    `magvit2:CKPT` alone reads the one YAML beside it."""
+    _, expected = tiny_case()
+    ckpt = write_checkpoint(tmp_path).split(",")[0]
+    pretrain = "src.Open_MAGVIT2.models.lfqgan_pretrain.VQModel"
+    write_config(tmp_path / "tiny.yaml", lambda c: c["model"].update(class_path=pretrain))
+    assert np.array_equal(convert(f"magvit2:{ckpt}").model.encode(tiny_images()[1]).numpy(), expected["codes"])
+
+
 def test_default_vqgan_keys_are_unchanged_by_the_magvit2_option():
     """`blocks` defaults to taming's: a model saved before keeps every key (biases included)."""
     keys = VQGAN(VQGANConfig(base_channels=32, channel_mult=(1, 2), res_blocks=1)).state_dict().keys()
@@ -109,7 +119,7 @@ REFUSALS = {  # case -> (damage the folder's tiny.ckpt / tiny.yaml, the error's 
                                                       folder / "tiny.ckpt"), "is not an Open-MAGVIT2 checkpoint"),
     "IBQ": (_yaml_edit(_ibq), "IBQ's IndexPropagationQuantize picks the code of largest dot product"),
     "another model": (_yaml_edit(lambda c: c["model"].update(class_path="taming.models.vqgan.VQModel")),
-                      "magvit2: converts src.Open_MAGVIT2.models.lfqgan.VQModel"),
+                      "magvit2: converts src.Open_MAGVIT2.models.lfqgan.VQModel and"),
     "LFQ with a projection": (_yaml_edit(lambda c: c["model"]["init_args"].update(embed_dim=6)),
                               "magvit2: converts LFQ without projections"),
     "a YAML of other widths": (_yaml_edit(lambda c: c["model"]["init_args"]["ddconfig"].update(ch=64)),
