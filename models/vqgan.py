@@ -1,6 +1,7 @@
 """VQGAN-class tokenizer (Esser et al. 2021, taming-transformers; LlamaGen's VQ-16): a ResNet
 encoder/decoder with GroupNorm + SiLU, channel multipliers per resolution and self-attention at
-the lowest resolution, around any quantizer of `models.quantizers`.
+the lowest resolution, around any quantizer of `models.quantizers`. `blocks: magvit2` swaps in
+Open-MAGVIT2's encoder/decoder (no attention, adaptive GroupNorm on the codes in the decoder).
 
 Images are (B, C, H, W) in [0, 1] at the interface and [-1, 1] inside (taming's range).
 `forward` returns the reconstruction loss (L1 or L2, mean over pixels) plus the quantizer's
