@@ -2,7 +2,8 @@
 
 REF: `taming:PATH` — a taming-transformers VQGAN log folder (checkpoints/last.ckpt + configs/*.yaml),
 a .ckpt with its YAML beside it or in ../configs/, or `taming:CKPT,YAML`; `llamagen:PATH` — a LlamaGen
-VQ-16/VQ-8 `.pt` (image size: the checkpoint's saved args, else 256; or `llamagen:CKPT,IMAGE_SIZE`).
+VQ-16/VQ-8 `.pt` (image size: the checkpoint's saved args, else 256; or `llamagen:CKPT,IMAGE_SIZE`);
+`magvit2:CKPT,YAML` — an Open-MAGVIT2 LFQ .ckpt and its YAML (or a .ckpt with one YAML beside it).
 OUT: a folder or fsspec URL that then works wherever a model is taken (tokenize, decode, eval,
 train.init_from, retrain); its config.json records the source checkpoint's sha256
 (`extra.converted_from`). Every command also takes REF itself and converts it in memory.
@@ -18,9 +19,9 @@ from tokenmill.jobs.cli import add_json_option, json_object
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("convert", help="write a published checkpoint (taming:…, llamagen:…) as a tokenmill model",
+    parser = subparsers.add_parser("convert", help="write a published checkpoint (taming:…, llamagen:…, magvit2:…) as a tokenmill model",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ref", help="taming:PATH (a log folder, a .ckpt, or CKPT,YAML) or llamagen:PATH (a .pt, or CKPT,IMAGE_SIZE)")
+    parser.add_argument("ref", help="taming:PATH (a log folder, a .ckpt, or CKPT,YAML) llamagen:PATH (a .pt, or CKPT,IMAGE_SIZE) or magvit2:CKPT,YAML")
     parser.add_argument("out", help="model folder or fsspec URL to write (config.json + model.safetensors)")
     parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
                         help="fsspec options for OUT, e.g. '{\"anon\": true}'")

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="model directory/URL, runs:/ID/model, models:/NAME/VERSION, "
                         "models:/NAME@ALIAS, or diffusers:PATH (a VQModel/AutoencoderKL save_pretrained folder or URL, "
                         "or a hub id in the local Hugging Face cache), or taming:PATH (a taming VQGAN checkpoint, converted) "
-                        "or llamagen:PATH (a LlamaGen VQ-16/VQ-8 .pt, converted)")
+                        "or llamagen:PATH (a LlamaGen VQ-16/VQ-8 .pt, converted) or magvit2:CKPT,YAML (Open-MAGVIT2 LFQ, converted)")
     parser.add_argument("--data", required=True, help="shard folder/URL with manifest.json (indexed on the fly if absent)")
     parser.add_argument("--out", required=True, type=output_path(marks=("zarr.json",), convert=str),
                         help="token store URL (any fsspec URL)")

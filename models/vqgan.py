@@ -1,6 +1,7 @@
 """VQGAN-class tokenizer (Esser et al. 2021, taming-transformers; LlamaGen's VQ-16): a ResNet
 encoder/decoder with GroupNorm + SiLU, channel multipliers per resolution and self-attention at
-the lowest resolution, around any quantizer of `models.quantizers`.
+the lowest resolution, around any quantizer of `models.quantizers`. `blocks: magvit2` swaps in
+Open-MAGVIT2's encoder/decoder (no attention, adaptive GroupNorm on the codes in the decoder).
 
 Images are (B, C, H, W) in [0, 1] at the interface and [-1, 1] inside (taming's range).
 `forward` returns the reconstruction loss (L1 or L2, mean over pixels) plus the quantizer's
@@ -38,6 +39,9 @@ class VQGANConfig:
     # (z_channels -> latent_dim) and `post_quant_conv` (latent_dim -> z_channels); 0: the encoder ends at latent_dim.
     z_channels: Count = 0
     asymmetric_downsample: bool = False  # taming/LlamaGen: pad right and bottom by 1, stride-2 conv without padding
+    # "magvit2": Open-MAGVIT2's improved_model.py blocks (bias-free ResBlocks, res_blocks middle blocks, no
+    # attention, 1x1 encoder output, adaptive GroupNorm on the quantized latent, depth-to-space upsampling)
+    blocks: Literal["taming", "magvit2"] = "taming"
     recon_loss: Literal["l1", "l2"] = "l1"
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
@@ -65,13 +69,14 @@ def _norm(channels: int) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 shortcut when the width changes."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            _norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            _norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            _norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
+            _norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias),
         )
-        self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.shortcut = (nn.Identity() if in_channels == out_channels
+                         else nn.Conv2d(in_channels, out_channels, 1, bias=bias))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.shortcut(x) + self.block(x)
@@ -157,6 +162,83 @@ class Decoder(nn.Sequential):
         super().__init__(*layers)
 
 
+class AdaptiveGroupNorm(nn.Module):
+    """Open-MAGVIT2's adaptive GroupNorm: an affine-free GroupNorm of x, scaled and shifted per channel
+    by linear maps of the quantized latent's per-channel std and mean over positions."""
+
+    def __init__(self, z_channels: int, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(min(32, channels), channels, eps=1e-6, affine=False)
+        self.gamma = nn.Linear(z_channels, channels)
+        self.beta = nn.Linear(z_channels, channels)
+
+    def forward(self, x: Tensor, style: Tensor) -> Tensor:
+        """x: (B, C, H, W); style: the decoder's input (B, z, h, w)."""
+        flat = style.flatten(2)  # (B, z, hw)
+        scale = self.gamma((flat.var(dim=-1) + 1e-6).sqrt())  # torch.var's unbiased default, as the reference
+        shift = self.beta(flat.mean(dim=-1))
+        return scale[..., None, None] * self.norm(x) + shift[..., None, None]
+
+
+class DepthToSpaceUpsample(nn.Conv2d):
+    """Open-MAGVIT2's Upsampler: a 3x3 conv to 4x the channels, then depth-to-space in DCR order
+    (the 2x2 offset is the channel's *outer* index; pixel_shuffle's is the inner one)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, 4 * channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)  # (B, 4C, H, W)
+        b, c4, h, w = out.shape
+        out = out.view(b, 2, 2, c4 // 4, h, w).permute(0, 3, 4, 1, 5, 2)  # (B, C, H, 2, W, 2)
+        return out.reshape(b, c4 // 4, 2 * h, 2 * w)
+
+
+def _plain_level(in_channels: int, out_channels: int, blocks: int) -> list[nn.Module]:
+    return [ResBlock(in_channels if i == 0 else out_channels, out_channels, bias=False) for i in range(blocks)]
+
+
+class Magvit2Encoder(nn.Sequential):
+    """Open-MAGVIT2's Encoder: (B, in, H, W) -> (B, latent_dim, H/f, W/f)."""
+
+    def __init__(self, c: VQGANConfig) -> None:
+        widths = [c.base_channels * m for m in c.channel_mult]
+        layers: list[nn.Module] = [nn.Conv2d(c.in_channels, c.base_channels, 3, padding=1, bias=False)]
+        width = c.base_channels
+        for i, out in enumerate(widths):
+            layers += _plain_level(width, out, c.res_blocks)
+            width = out
+            if i < len(widths) - 1:
+                layers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+        layers += [*_plain_level(width, width, c.res_blocks), _norm(width), nn.SiLU(),
+                   nn.Conv2d(width, c.z_channels or c.latent_dim, 1)]
+        super().__init__(*layers)
+
+
+class Magvit2Decoder(nn.Sequential):
+    """Open-MAGVIT2's Decoder: (B, z, h, w) -> (B, in, h*f, w*f); each level starts with an adaptive
+    GroupNorm conditioned on the decoder's input. The last module is the output conv."""
+
+    def __init__(self, c: VQGANConfig) -> None:
+        z = c.z_channels or c.latent_dim
+        widths = [c.base_channels * m for m in reversed(c.channel_mult)]
+        width = widths[0]
+        layers: list[nn.Module] = [nn.Conv2d(z, width, 3, padding=1), *_plain_level(width, width, c.res_blocks)]
+        for i, out in enumerate(widths):
+            layers += [AdaptiveGroupNorm(z, width), *_plain_level(width, out, c.res_blocks)]
+            width = out
+            if i < len(widths) - 1:
+                layers.append(DepthToSpaceUpsample(width))
+        layers += [_norm(width), nn.SiLU(), nn.Conv2d(width, c.in_channels, 3, padding=1)]
+        super().__init__(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = z
+        for layer in self:
+            x = layer(x, z) if isinstance(layer, AdaptiveGroupNorm) else layer(x)
+        return x
+
+
 @register_model
 class VQGAN(GridTokenizer):
     """Codes: (B, h, w) int64 ((B, h, w, stages) for rvq; a tuple of (B, s, s) per scale, coarse to
@@ -168,13 +250,14 @@ class VQGAN(GridTokenizer):
     def __init__(self, config: VQGANConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
+        magvit2 = config.blocks == "magvit2"
+        self.encoder = Magvit2Encoder(config) if magvit2 else Encoder(config)
         # Identity (no weights) unless z_channels is set, so models saved before keep their keys.
         z, d = config.z_channels, config.latent_dim
         self.quant_conv = nn.Conv2d(z, d, 1) if z else nn.Identity()
         self.quantizer = build_quantizer(config.quantizer, config.latent_dim)
         self.post_quant_conv = nn.Conv2d(d, z, 1) if z else nn.Identity()
-        self.decoder = Decoder(config)
+        self.decoder = Magvit2Decoder(config) if magvit2 else Decoder(config)
 
     @property
     def last_layer(self) -> nn.Parameter:

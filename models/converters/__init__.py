@@ -3,8 +3,8 @@ into tokenmill's own model classes, in memory, by the source's module.
 
 A source is one module in this package with `convert(location, ref) -> Converted`: it reads the
 published checkpoint and config, translates the config into a tokenmill config, and maps the
-state dict onto the tokenmill model (`checkpoint.load_mapped`). Adding one (magvit2:)
-is that module plus one line in SOURCES. The model resolver (`pipeline.registry.model_ref`) calls
+state dict onto the tokenmill model (`checkpoint.load_mapped`). Adding one is that
+module plus one line in SOURCES. The model resolver (`pipeline.registry.model_ref`) calls
 `convert` for these prefixes, so every command that takes a model takes them.
 """
 
@@ -17,6 +17,7 @@ from tokenmill.models.converters.checkpoint import Converted
 SOURCES = {  # prefix -> module with `convert`
     "taming:": "tokenmill.models.converters.taming",
     "llamagen:": "tokenmill.models.converters.llamagen",
+    "magvit2:": "tokenmill.models.converters.magvit2",
 }
 PREFIXES = tuple(SOURCES)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +54,14 @@ def load_checkpoint(path: Path, ref: str) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # weights_only refused a global: stand in for the foreign ones
         pass
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error) as err:  # struct: truncated
         raise _unreadable(path, ref, err) from None
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         foreign = [(KNOWN_GLOBALS.get(name, _Absent), name) for name in names if not name.startswith("torch.")]
         with torch.serialization.safe_globals(foreign):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, struct.error) as err:
         raise _unreadable(path, ref, err) from None
 
 

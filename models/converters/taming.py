@@ -173,13 +173,13 @@ def key_plan(model: VQGAN) -> KeyPlan:
     return module_plan(model, {"encoder": _encoder_names(levels, blocks), "decoder": _decoder_names(levels, blocks)})
 
 
-def module_plan(model: VQGAN, modules: dict[str, list[str]]) -> KeyPlan:
-    """tokenmill key -> source key(s) for a model of taming's modules (taming, LlamaGen), given the
-    source's names of the encoder's and decoder's modules with weights, in forward order: those are
-    the Sequential children with weights, in the same order; within a block, parameters are renamed
-    (q, k, v fused). The codebook and the 1x1 convs have taming's names."""
-    plan: KeyPlan = {"quantizer.embed": ("quantize.embedding.weight",)}
-    for name in ("quant_conv", "post_quant_conv"):
+def module_plan(model: VQGAN, modules: dict[str, list[str]], codebook: bool = True) -> KeyPlan:
+    """tokenmill key -> source key(s) for a model of taming's modules (taming, LlamaGen, Open-MAGVIT2),
+    given the source's names of the encoder's and decoder's modules with weights, in forward order:
+    those are the Sequential children with weights, in the same order; within a block, parameters are
+    renamed (q, k, v fused). With `codebook`, the codebook and the 1x1 convs have taming's names."""
+    plan: KeyPlan = {"quantizer.embed": ("quantize.embedding.weight",)} if codebook else {}
+    for name in ("quant_conv", "post_quant_conv") if codebook else ():
         plan |= {f"{name}.{leaf}": (f"{name}.{leaf}",) for leaf in ("weight", "bias")}
     for part, names in modules.items():
         children = [(i, m) for i, m in getattr(model, part).named_children() if any(True for _ in m.parameters())]
@@ -197,7 +197,7 @@ def _renamed(module, sub: str) -> list[str]:
         return [f"{RESBLOCK[sub]}."]
     if isinstance(module, AttnBlock):
         return [f"{name}." for name in ATTENTION[sub]]
-    return [""]
+    return [f"{sub}." if sub else ""]  # same names below the module (Open-MAGVIT2's adaptive norm: gamma, beta)
 
 
 def _encoder_names(levels: int, blocks: int) -> list[str]:

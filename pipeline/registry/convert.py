@@ -1,4 +1,4 @@
-"""`tokenmill convert REF OUT`: a published checkpoint (`taming:…`, `llamagen:…`) written once as a tokenmill model
+"""`tokenmill convert REF OUT`: a published checkpoint (`taming:…`, `llamagen:…`, `magvit2:…`) written once as a tokenmill model
 folder (config.json + model.safetensors), the same bytes the resolver converts in memory, so the
 folder and the reference tokenize to identical stores and carry the same lineage.
 """

@@ -4,7 +4,7 @@ MODEL is one of:
   - a local model directory, or any fsspec URL of one (`s3://bucket/runs/x/model`);
   - an MLflow URI: `runs:/<run_id>/model`, `models:/<name>/<version>`, `models:/<name>@<alias>`
     (the training driver logs the directory as the run's `model` artifact and registers that);
-  - a published checkpoint, `taming:PATH` or `llamagen:PATH` (`models.converters`), converted into a tokenmill model
+  - a published checkpoint, `taming:PATH`, `llamagen:PATH` or `magvit2:CKPT,YAML` (`models.converters`), converted into a tokenmill model
     in memory; its config.json's `extra.converted_from` names the source and its sha256.
 
 The result carries the files' bytes rather than a path: the driver ships them to encoding
