@@ -15,14 +15,15 @@ import argparse
 import sys
 from typing import Any
 
-from tokenmill.jobs.cli import add_json_option, json_object
+from tokenmill.jobs.cli import add_json_option, json_object, output_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="write a published checkpoint (taming:…, llamagen:…, magvit2:…) as a tokenmill model",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref", help="taming:PATH (a log folder, a .ckpt, or CKPT,YAML) llamagen:PATH (a .pt, or CKPT,IMAGE_SIZE) or magvit2:CKPT,YAML")
-    parser.add_argument("out", help="model folder or fsspec URL to write (config.json + model.safetensors)")
+    parser.add_argument("out", type=output_path(marks=("config.json", "model.safetensors"), convert=str),
+                        help="model folder or fsspec URL to write (config.json + model.safetensors)")
     parser.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
                         help="fsspec options for OUT, e.g. '{\"anon\": true}'")
     add_json_option(parser)

@@ -131,8 +131,12 @@ CASES = [
      ["{F}/missing"]),
     ("retrain-validation-missing", "retrain {RETRAIN} --set versions.prefix={F}/versions --set run.root={F}/runs9 "
      "--set validation.shards={F}/missing", ["{F}/missing"]),
-    ("retrain-metric-needs-inception", "retrain {RETRAIN} --set promotion.metric=rfid",
-     ["promotion.metric rfid needs Inception weights"]),
+    ("retrain-metric-needs-inception", "retrain {RETRAIN} --set promotion.metric=rfid "
+     "--set promotion.inception.path={F}/missing.pth", ["promotion.metric rfid needs FID's Inception", "{F}/missing.pth"]),
+    ("retrain-metric-gfid", "retrain {RETRAIN} --set promotion.metric=gfid", ["promotion.metric gfid", "prior_bits"]),
+    # -- convert, fid-stats
+    ("convert-missing-checkpoint", "convert taming:{F}/missing {F}/conv", ["taming:{F}/missing"]),
+    ("fid-stats-missing-shards", "fid-stats {F}/missing --out {F}/r.npz", ["{F}/missing"]),
     # -- decode
     ("decode-missing-store", "decode {F}/missing --out {F}/dec", ["{F}/missing"]),
     ("decode-garbage-zarr", "decode {F}/badzarr --out {F}/dec", ["{F}/badzarr"]),
@@ -243,6 +247,9 @@ RANGES = [
     ("bench-prior-families-speed-rows-0", "bench prior-families --speed-rows 1,0", ["--speed-rows", "got 0"]),
     ("bench-vqgan-disc-start-negative", "bench vqgan --disc-start -1", ["--disc-start", "got -1"]),
     ("bench-scale-rss-shards-negative", "bench scale --rss-shards -1", ["--rss-shards", "got -1"]),
+    ("fid-stats-resolution-0", "fid-stats {F}/shards --out {F}/r.npz --resolution 0", ["--resolution", "got 0"]),
+    ("fid-stats-limit-0", "fid-stats {F}/shards --out {F}/r.npz --limit 0", ["--limit", "got 0"]),
+    ("fid-stats-batch-size-0", "fid-stats {F}/shards --out {F}/r.npz --batch-size 0", ["--batch-size", "got 0"]),
 ]
 
 # Issue 27 point 4, class 2: every output path checked before work starts: a parent that is a file, an
@@ -293,6 +300,10 @@ OUTPUTS = [
      ["--out", "{F}/texts", "non-empty folder"]),
     ("eval-json-parent-is-a-file", "eval --model {F}/model --data {F}/shards --out {F}/ev --json {F}/imgs.npy/e.json",
      ["--json", "{F}/imgs.npy/e.json"]),
+    ("convert-out-parent-is-a-file", "convert taming:{F}/missing {F}/imgs.npy/c", ["out", "{F}/imgs.npy/c"]),
+    ("convert-out-foreign-folder", "convert taming:{F}/missing {F}/texts", ["out", "{F}/texts", "non-empty"]),
+    ("fid-stats-out-parent-is-a-file", "fid-stats {F}/shards --out {F}/imgs.npy/r.npz", ["--out", "{F}/imgs.npy/r.npz"]),
+    ("fid-stats-out-is-a-folder", "fid-stats {F}/shards --out {F}/empty", ["--out", "{F}/empty is a folder"]),
     ("bench-prior-grid-parent-is-a-file", "bench prior --grid {F}/imgs.npy/g.png", ["--grid", "{F}/imgs.npy/g.png"]),
     ("bench-prior-families-grids-is-a-file", "bench prior-families --grids {F}/imgs.npy", ["--grids", "{F}/imgs.npy"]),
     ("bench-vae-json-parent-is-a-file", "bench vae --json {F}/imgs.npy/v.json", ["--json", "{F}/imgs.npy/v.json"]),
