@@ -263,3 +263,25 @@ def _modes_hint(modes: tuple[str | None, ...]) -> str:
         return "it stores codes; --latents is for latent autoencoders"
     flag = f"--latents {'|'.join(named)}"
     return f"pass {flag}" if None not in modes else f"no flag or {flag} (its latents are deterministic)"
+
+
+class DiffusersReconstruction(torch.nn.Module):
+    """A diffusers autoencoder as `tokenmill eval` sees a tokenizer: `forward(x)` with x (B, C, H, W)
+    in [0, 1] -> `.recon` (B, C, H, W) in [0, 1] and `.indices` (codes (B, h, w), or None for
+    latents), through this adapter's encode and decode: what a store made by `tokenize` decodes
+    to (latents rounded to the store's float16). A KL is judged on its posterior mean."""
+
+    def __init__(self, files: DiffusersFiles, device: str = "cpu"):
+        super().__init__()
+        mode = KINDS[files.class_name].modes[0]  # the deterministic mode: None, or a KL's "mean"
+        self.tokenizer = DiffusersTokenizer(files, mode, device)
+        self.codebook_size = self.tokenizer.codebook_size
+        self.token_shape = self.tokenizer.specs[0].row_shape
+
+    def forward(self, x: torch.Tensor):
+        from types import SimpleNamespace
+
+        images = (x * 255.0).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # the shards' uint8 again, exactly
+        (rows,) = self.tokenizer.encode(images, np.zeros(len(images), np.int64)).values()
+        indices = torch.from_numpy(rows.astype(np.int64)) if self.codebook_size else None
+        return SimpleNamespace(recon=self.tokenizer.decode([rows]).to(x.device), indices=indices)

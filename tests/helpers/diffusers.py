@@ -41,13 +41,19 @@ TINY_DC = dict(in_channels=3, latent_channels=4, attention_head_dim=4,
                decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)))
 
 
-def save_tiny_dc(path: Path, seed: int = 0, **overrides) -> Path:
-    """An `AutoencoderDC` (DC-AE) with a scaling factor (it has no shift factor and no sample_size)."""
+def save_tiny_dc(path: Path, seed: int = 0, sample_size: int | None = None, **overrides) -> Path:
+    """An `AutoencoderDC` (DC-AE) with a scaling factor. It has no shift factor, and its config no
+    sample_size unless one is written in (diffusers ignores the key; tokenmill sizes images by it)."""
+    import json
+
     import torch
     from diffusers import AutoencoderDC
 
     torch.manual_seed(seed)
     AutoencoderDC(**{**TINY_DC, "scaling_factor": SCALE, **overrides}).eval().save_pretrained(path)
+    if sample_size:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "sample_size": sample_size}))
     return path
 
 
