@@ -67,7 +67,8 @@ def test_dc_latents_equal_diffusers_encode_exactly_and_decodes_its_decode(data):
     ({"encoder_layers_per_block": [2, 1]}, r"does not fit its weights \(missing encoder.down_blocks.0.1.conv1.bias.*; unexpected"),
     ({"encoder_block_types": ["Attention", "ResBlock"]}, "does not fit its weights: Block with block_type"),
 ])
-def test_a_dc_config_that_does_not_fit_its_weights_is_one_user_error(data, tmp_path, change, message):
+def test_a_dc_config_that_does_not_fit_its_weights_is_one_user_error(data, tmp_path, capsys, change, message):
+    from tokenmill.jobs.cli import main
     from tokenmill.pipeline.tokens.extraction import ExtractionOptions, load_tokenizer, resolve_tokenizer
 
     folder = shutil.copytree(data["dc"], tmp_path / "dc")
@@ -76,3 +77,7 @@ def test_a_dc_config_that_does_not_fit_its_weights_is_one_user_error(data, tmp_p
     with pytest.raises(UserError, match=message) as caught:
         load_tokenizer(resolve_tokenizer(f"diffusers:{folder}"), ExtractionOptions.build(size=SIZE))
     assert "\n" not in str(caught.value)
+    capsys.readouterr()  # and on the command line (eval loads the model before reading any shard): one line, exit 2
+    assert main(["eval", "--model", f"diffusers:{folder}", "--data", str(tmp_path), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit its weights" in err and "Traceback" not in err

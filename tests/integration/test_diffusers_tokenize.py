@@ -170,6 +170,7 @@ def test_a_dc_ae_store_decodes_reads_inspects_and_evaluates_like_diffusers(data,
     assert main(["inspect", f"diffusers:{data['dc']}", "--json", str(tmp_path / "inspect.json")]) == 0
     info = json.loads((tmp_path / "inspect.json").read_text())
     assert info["class"] == "AutoencoderDC" and info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["latents"] == {"channels": 4, "scaling_factor": SCALE, "shift_factor": None}
     assert main(["eval", "--model", f"diffusers:{data['dc']}", "--data", data["shards"], "--split", "train",
                  "--out", str(tmp_path / "eval"), "--json", str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
