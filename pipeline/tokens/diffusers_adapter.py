@@ -26,7 +26,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -39,19 +39,36 @@ PREFIX = "diffusers:"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
+
+def _kl_latents(output, mode: str | None, keys: list[str] | None) -> torch.Tensor:
+    """The posterior mean, or a draw whose noise is seeded by the sample's key (the same on every rerun)."""
+    dist = output.latent_dist
+    if mode != "sample":
+        return dist.mean
+    noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(_key_seed(k)))
+                         for k in keys or [""] * len(dist.mean)]).to(dist.mean.device)
+    return dist.mean + dist.std * noise
+
+
+def _key_seed(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
 @dataclass(frozen=True)
 class Kind:
     """What one diffusers class stores and which `--latents` modes it takes (None: no flag)."""
 
     array: str  # "codes" or "latents"
     modes: tuple[str | None, ...]
-    shift: bool  # the config's shift_factor applies
+    shift: bool = False  # the config's shift_factor applies
+    latents: Callable[..., torch.Tensor] | None = None  # (encode output, mode, keys) -> unscaled (B, C, h, w)
 
 
 KINDS = {
-    "VQModel": Kind("codes", (None,), shift=False),
-    "AutoencoderKL": Kind("latents", ("mean", "sample"), shift=True),
-    "AutoencoderDC": Kind("latents", (None, "mean"), shift=False),  # deterministic: "mean" is the latent itself
+    "VQModel": Kind("codes", (None,)),
+    "AutoencoderKL": Kind("latents", ("mean", "sample"), shift=True, latents=_kl_latents),
+    # DC-AE: deterministic, no posterior to sample ("mean" is accepted: it is the latent itself)
+    "AutoencoderDC": Kind("latents", (None, "mean"), latents=lambda output, mode, keys: output.latent),
 }
 CLASSES = tuple(KINDS)
 EXTRA = 'pip install "tokenmill[diffusers]"'
@@ -161,10 +178,6 @@ def _hub_cache_folder(ref: str, location: str) -> str:
     return str(Path(folder) / subfolder) if subfolder else folder
 
 
-def _key_seed(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-
-
 class DiffusersTokenizer:
     """`encode(images uint8 (B, H, W, C), labels, keys)` -> {array: numpy rows}; `decode`."""
 
@@ -174,7 +187,7 @@ class DiffusersTokenizer:
         self.layout = KINDS[self.kind]
         if latents not in self.layout.modes:
             raise UserError(f"{files.uri} is a {self.kind} ({self.layout.array}): " + _modes_hint(self.layout.modes))
-        self.mode = latents if self.kind == "AutoencoderKL" else None  # only a KL has a choice to record
+        self.mode = latents if None not in self.layout.modes else None  # recorded where the flag is a choice
         self.device = torch.device(device)
         self.model = files.load(self.device)
         self.config = json.loads(files.config)
@@ -219,7 +232,7 @@ class DiffusersTokenizer:
             h = self.model.encode(x).latents  # (B, D, h, w) before quantization
             indices = self.model.quantize(h)[2][2].reshape(h.shape[0], *h.shape[2:])  # (B, h, w)
             return {"codes": indices.cpu().numpy().astype(codes_dtype(self.codebook_size))}
-        z = _LATENTS[self.kind](self.model.encode(x), self.mode, keys)  # (B, C, h, w)
+        z = self.layout.latents(self.model.encode(x), self.mode, keys)  # (B, C, h, w)
         return {"latents": ((z - self.shift) * self.scaling).cpu().numpy().astype(np.float16)}
 
     @torch.inference_mode()
@@ -238,23 +251,6 @@ class DiffusersTokenizer:
         else:
             images = self.model.decode(rows.float() / self.scaling + self.shift).sample
         return ((images + 1.0) / 2.0).clamp_(0.0, 1.0).cpu()
-
-
-def _kl_latents(output, mode: str | None, keys: list[str] | None) -> torch.Tensor:
-    """The posterior mean, or a draw whose noise is seeded by the sample's key (the same on every rerun)."""
-    dist = output.latent_dist
-    if mode != "sample":
-        return dist.mean
-    noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(_key_seed(k)))
-                         for k in keys or [""] * len(dist.mean)]).to(dist.mean.device)
-    return dist.mean + dist.std * noise
-
-
-# latent classes: the encoder output -> unscaled latents (B, C, h, w)
-_LATENTS = {
-    "AutoencoderKL": _kl_latents,
-    "AutoencoderDC": lambda output, mode, keys: output.latent,  # deterministic: no posterior to sample
-}
 
 
 def _modes_hint(modes: tuple[str | None, ...]) -> str:
