@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="measure a tokenizer over a whole split: PSNR, SSIM, codebook usage, LPIPS, rFID",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model directory/URL, runs:/…, models:/NAME/VERSION or @ALIAS")
+    parser.add_argument("--model", required=True, help="model directory/URL, runs:/…, models:/NAME/VERSION or @ALIAS, "
+                        "diffusers:PATH (VQModel, AutoencoderKL: its posterior mean, AutoencoderDC)")
     parser.add_argument("--data", required=True, help="shard folder/URL with manifest.json")
     parser.add_argument("--split", default="val", help="split to evaluate (default %(default)s)")
     parser.add_argument("--out", type=output_path(marks=("reconstructions.png",)), default="eval", help="folder for reconstructions.png "

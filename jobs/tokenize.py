@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("tokenize", help="encode a sharded dataset into a Zarr token store",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory/URL, runs:/ID/model, models:/NAME/VERSION, "
-                        "models:/NAME@ALIAS, or diffusers:PATH (a VQModel/AutoencoderKL save_pretrained folder or URL, "
+                        "models:/NAME@ALIAS, or diffusers:PATH (a VQModel/AutoencoderKL/AutoencoderDC save_pretrained folder or URL, "
                         "or a hub id in the local Hugging Face cache), or taming:PATH (a taming VQGAN checkpoint, converted) "
                         "or llamagen:PATH (a LlamaGen VQ-16/VQ-8 .pt, converted) or magvit2:CKPT,YAML (Open-MAGVIT2 LFQ, converted)")
     parser.add_argument("--data", required=True, help="shard folder/URL with manifest.json (indexed on the fly if absent)")
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a store made by another model or config")
     parser.add_argument("--latents", nargs="?", const="mean", default=None, choices=["mean", "sample"],
                         help="VAE models and diffusers AutoencoderKL: store latents (float16): the posterior mean "
-                        "(default) or a sample seeded by the sample's key")
+                        "(default) or a sample seeded by the sample's key (a diffusers AutoencoderDC stores its latents without the flag)")
     parser.add_argument("--size", type=positive_int, default=None, help="diffusers models: image size (default: the config's)")
     parser.add_argument("--crop", default=None, choices=["center", "resize"],
                         help="diffusers models: center crop (default) or squash to the size")

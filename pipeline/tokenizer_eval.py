@@ -2,7 +2,8 @@
 
 Every good sample of the split's shards is read once, in manifest then tar order, through the one
 shard reader with the transform saved with the model (its eval form: center crop, no flip), and
-reconstructed as `decode(encode(x))` (the model's eval-mode forward). Metrics:
+reconstructed as `decode(encode(x))` (the model's eval-mode forward; a `diffusers:` autoencoder's
+through the adapter, as its store decodes: codes, or float16 latents, so no codebook metrics). Metrics:
   - PSNR, SSIM, MSE, hf_ratio: `models.image_metrics.ReconstructionMetrics` (what training validation uses);
   - codebook usage, perplexity and code entropy (bits) from counts over the whole split;
   - LPIPS (VGG, v0.1) when its two weight files are present (`models.lpips`), with their sha256;
@@ -36,9 +37,17 @@ from tokenmill.pipeline.grids import save_png_grid
 from tokenmill.pipeline.runtime.weights import local_lpips_weights
 from tokenmill.pipeline.shards.manifest import shards_for_split
 from tokenmill.pipeline.shards.reader import good_samples, pixels_decoder, read_shard, sample_batches
+from tokenmill.pipeline.tokens.diffusers_adapter import DiffusersFiles, DiffusersReconstruction
 
 PROTOCOL_VERSION = "tokenmill-eval/2"  # 2: rFID through tokenmill's FID Inception, its protocol recorded
 PNG_IMAGES = 8
+_DIFFUSERS_RECON = ("diffusers {}: decode(encode(x)) through tokenmill's diffusers adapter, as a store made by "
+                    "tokenize decodes ({}), clamped to [0, 1]")
+RECONSTRUCTION = {  # diffusers classes: how eval reconstructs (tokenmill models: their eval forward)
+    "VQModel": _DIFFUSERS_RECON.format("VQModel", "its codes through the codebook"),
+    "AutoencoderKL": _DIFFUSERS_RECON.format("AutoencoderKL", "the posterior mean, scaled and rounded to float16"),
+    "AutoencoderDC": _DIFFUSERS_RECON.format("AutoencoderDC", "its latents, scaled and rounded to float16"),
+}
 
 
 @dataclasses.dataclass
@@ -77,11 +86,15 @@ def evaluate(model_ref: str, data: str, split: str, out_dir: str | Path, options
     tracking_uri = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # where the results are logged
     # runs:/ and models:/ come from `tracking_uri`, else this folder's project store (runs/mlflow.db).
     files = resolve_reference(model_ref, tracking_uri, options.storage_options)
-    model, meta = files.load()
-    if not hasattr(model, "codebook_size"):
-        raise UserError(f"{model_ref} is a {meta['class']}; tokenmill eval measures tokenizers (VQ family)")
+    if isinstance(files, DiffusersFiles):  # its transform: the config's sample_size, center crop
+        model = DiffusersReconstruction(files)
+        meta, transform = {"class": files.class_name}, model.tokenizer.transform.for_eval()
+    else:
+        model, meta = files.load()
+        if not hasattr(model, "codebook_size"):
+            raise UserError(f"{model_ref} is a {meta['class']}; tokenmill eval measures tokenizers (VQ family)")
+        transform = model_transform(meta).for_eval()
     model.eval().requires_grad_(False)
-    transform = model_transform(meta).for_eval()
     urls = shards_for_split(data, split, options.storage_options)  # UserError: no such split / manifest
     lpips, lpips_info = _lpips(options.lpips)
     inception = evaluator_or_unavailable(options.inception)  # a wrong file is a UserError, an absent one is not
@@ -112,7 +125,7 @@ def _protocol(transform, options: EvalOptions, meta: dict[str, Any], inception: 
     return {
         "version": PROTOCOL_VERSION,
         "transform": transform.model_dump(mode="json"),  # resize / crop to the model's size, no randomness
-        "reconstruction": "model eval forward = decode(encode(x)), clamped to [0, 1]",
+        "reconstruction": RECONSTRUCTION.get(meta["class"], "model eval forward = decode(encode(x)), clamped to [0, 1]"),
         "evaluator": "tokenmill.models.image_metrics.ReconstructionMetrics: per-image MSE and PSNR (dB, peak 1), SSIM "
                      "(Gaussian 11/1.5, reflect padding, as torchmetrics), hf_ratio (FFT power above 0.25 "
                      "cycles/px, recon/original); float64 sums over every image",
@@ -134,7 +147,8 @@ class _Accumulators:
         self.recon = ReconstructionMetrics()
         shape, shared = model.token_shape, bool(code_scales(model))  # multi-scale: one codebook, all scales
         stages = shape[-1] if len(shape) == 3 and not shared else 1
-        self.codes = CodebookStats(model.codebook_size, stages) if shared or not isinstance(shape[0], tuple) else None
+        counted = model.codebook_size is not None and (shared or not isinstance(shape[0], tuple))  # None: latents
+        self.codes = CodebookStats(model.codebook_size, stages) if counted else None
         self.lpips_sum, self.images = 0.0, 0
         self.features: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # (b, 2048) pools: originals, recons
         self.first = self.first_recon = None

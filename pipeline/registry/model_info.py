@@ -97,6 +97,9 @@ def _diffusers_info(files: diffusers.DiffusersFiles) -> dict[str, Any]:
             "parameters": sum(t.numel() for t in load_tensors(files.weights).values())}
     if files.class_name == "VQModel":
         info["tokens"] = {"codebook_size": config.get("num_vq_embeddings")}
+    elif diffusers.KINDS[files.class_name].array == "latents":  # what a store of its latents is scaled by
+        info["latents"] = {"channels": config.get("latent_channels"), "scaling_factor": config.get("scaling_factor"),
+                           "shift_factor": config.get("shift_factor") if diffusers.KINDS[files.class_name].shift else None}
     return info
 
 

@@ -29,7 +29,7 @@ AUGMENTS = {"flip": 2}  # name -> variants per sample
 
 @dataclass(frozen=True)
 class ExtractionOptions:
-    latents: str | None = None  # None: codes; "mean" or "sample" (diffusers AutoencoderKL only)
+    latents: str | None = None  # None: codes (or a DC-AE's latents); "mean" or "sample" (AutoencoderKL only)
     size: int | None = None  # diffusers: image size instead of the config's sample_size
     crop: str | None = None  # diffusers: "center" (default) or "resize"
     augment: str | None = None  # None or a name in AUGMENTS
@@ -100,7 +100,7 @@ def tokenizer_lineage(files, tokenizer, options: ExtractionOptions) -> dict[str,
     return {
         "model_uri": files.uri, "model_version": files.version, "weights_sha256": files.weights_sha256,
         "model_source": source(files), **model,
-        "mode": "latents" if options.latents else "codes",
+        "mode": "latents" if options.latents or getattr(base, "stores_latents", False) else "codes",
         "token_shape": [list(s.row_shape) for s in tokenizer.specs],
         **_scales_lineage(base),
         "transform": tokenizer.transform.model_dump(mode="json"),

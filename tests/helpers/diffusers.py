@@ -1,4 +1,4 @@
-"""Tiny randomly initialised diffusers autoencoders (saved with `save_pretrained`) and 32 px RGB
+"""Tiny randomly initialised diffusers autoencoders (VQ, KL, DC-AE) (saved with `save_pretrained`) and 32 px RGB
 shards, for the `diffusers:` adapter tests and the tokenize benchmark."""
 
 from __future__ import annotations
@@ -31,6 +31,29 @@ def save_tiny_vq(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     VQModel(**TINY, num_vq_embeddings=32).eval().save_pretrained(path)
+    return path
+
+
+# the smallest AutoencoderDC of both block kinds: 32 px RGB -> 4 x 16 x 16 latents (one downsampling level)
+TINY_DC = dict(in_channels=3, latent_channels=4, attention_head_dim=4,
+               encoder_block_types=("ResBlock", "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
+               encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1),
+               decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)))
+
+
+def save_tiny_dc(path: Path, seed: int = 0, sample_size: int | None = None, **overrides) -> Path:
+    """An `AutoencoderDC` (DC-AE) with a scaling factor. It has no shift factor, and its config no
+    sample_size unless one is written in (diffusers ignores the key; tokenmill sizes images by it)."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    AutoencoderDC(**{**TINY_DC, "scaling_factor": SCALE, **overrides}).eval().save_pretrained(path)
+    if sample_size:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "sample_size": sample_size}))
     return path
 
 

@@ -1,7 +1,7 @@
 """`tokenize --model diffusers:PATH` on local Ray with tiny random diffusers autoencoders: stored
 codes/latents equal diffusers' own encode of the same pixels, decode equals diffusers' decode,
 `--augment flip` stores the mirrored encoding as variant 1, and an actor killed mid-shard is
-retried to identical arrays. (`--latents sample` draws its noise from the sample's key:
+retried to identical arrays; a DC-AE store is decoded, read, inspected and its model evaluated. (`--latents sample` draws its noise from the sample's key:
 tests/unit/test_diffusers_sampling.py.)"""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers.diffusers import SCALE, SHIFT, rgb_images, save_tiny_kl, save_tiny_vq, write_rgb_shards
+from helpers.diffusers import SCALE, SHIFT, rgb_images, save_tiny_dc, save_tiny_kl, save_tiny_vq, write_rgb_shards
 from helpers.tokens import array_bytes
 
 N = 20  # shards of 8, 8, 4
@@ -22,6 +22,7 @@ N = 20  # shards of 8, 8, 4
 def data(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("diffusers")
     return {"root": root, "kl": save_tiny_kl(root / "kl", shift_factor=SHIFT), "vq": save_tiny_vq(root / "vq"),
+            "dc": save_tiny_dc(root / "dc", sample_size=32),
             "shards": write_rgb_shards(str(root / "shards"), root / "source", N)}
 
 
@@ -138,3 +139,44 @@ def test_inspect_a_diffusers_folder_with_or_without_the_prefix(data, tmp_path, c
         weights = (data["vq"] / "diffusion_pytorch_model.safetensors").read_bytes()
         assert result["weights_sha256"] == hashlib.sha256(weights).hexdigest()
         assert result["origin"] == {"location": str(data["vq"].resolve())} and "VQModel" in capsys.readouterr().out
+
+
+def test_a_dc_ae_store_decodes_reads_inspects_and_evaluates_like_diffusers(data, tmp_path, capsys):
+    """`tokenize --model diffusers:DC` (no --latents: DC-AE latents are deterministic), then `decode`,
+    `LatentDataset`, `inspect` and `eval` on it. (Equality in-process: test_diffusers_sampling.py.)"""
+    import json
+
+    from diffusers import AutoencoderDC
+
+    from tokenmill.jobs.cli import main
+    from tokenmill.pipeline.tokens.latent_dataset import LatentDataset
+
+    store = tmp_path / "dc.zarr"
+    assert main(["tokenize", "--model", f"diffusers:{data['dc']}", "--data", data["shards"], "--out", str(store),
+                 "--batch-size", "8", "--actors", "1"]) == 0
+    group = zarr.open_group(str(store), mode="r")
+    lineage = group.attrs["lineage"]
+    assert (lineage["model_class"], lineage["mode"], lineage["latents"]) == ("AutoencoderDC", "latents", None)
+    assert (lineage["scaling_factor"], lineage["shift_factor"], lineage["transform"]["size"]) == (SCALE, 0.0, 32)
+    rows, x = _items(group)
+    stored = group["latents"][:][rows]  # (N, 4, 16, 16) float16
+    model = AutoencoderDC.from_pretrained(data["dc"]).eval()
+    with torch.no_grad():
+        assert np.array_equal(stored, (model.encode(x).latent * SCALE).half().numpy())
+    assert main(["decode", str(store), "--out", str(tmp_path / "png"), "--rows", "0:4"]) == 0
+    assert len(list((tmp_path / "png").glob("grid-*.png"))) == 1
+    item = LatentDataset(str(store), split=None)[0]
+    assert item["latents"].shape == (4, 16, 16) and item["latents"].dtype == torch.float32
+    assert main(["inspect", f"diffusers:{data['dc']}", "--json", str(tmp_path / "inspect.json")]) == 0
+    info = json.loads((tmp_path / "inspect.json").read_text())
+    assert info["class"] == "AutoencoderDC" and info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["latents"] == {"channels": 4, "scaling_factor": SCALE, "shift_factor": None}
+    assert main(["eval", "--model", f"diffusers:{data['dc']}", "--data", data["shards"], "--split", "train",
+                 "--out", str(tmp_path / "eval"), "--json", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    with torch.no_grad():  # eval reconstructs as the store decodes: its float16 latents through decode
+        recon = ((model.decode(torch.from_numpy(stored).float() / SCALE).sample + 1) / 2).clamp(0, 1)
+    mse = float(((recon.double() - (x.double() + 1) / 2) ** 2).mean())
+    assert result["metrics"]["images"] == N and "usage" not in result["metrics"]
+    assert abs(result["metrics"]["mse"] - mse) < 1e-6 and "AutoencoderDC" in result["protocol"]["reconstruction"]
+    capsys.readouterr()

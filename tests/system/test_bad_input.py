@@ -122,7 +122,7 @@ CASES = [
     ("tokenize-diffusers-not-an-autoencoder", "tokenize --model diffusers:{F}/unet --data {F}/shards --out {F}/t13.zarr",
      ["diffusers:{F}/unet", "UNet2DModel"]),
     ("tokenize-diffusers-tokenmill-model", "tokenize --model diffusers:{F}/model --data {F}/shards --out {F}/t14.zarr",
-     ["diffusers:{F}/model", "not a VQModel or AutoencoderKL"]),
+     ["diffusers:{F}/model", "not a VQModel, AutoencoderKL or AutoencoderDC"]),
     ("tokenize-latents-unknown", "tokenize --model {F}/model --data {F}/shards --out {F}/t15.zarr --latents median",
      ["--latents", "median"]),
     # -- retrain

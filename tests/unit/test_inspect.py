@@ -136,7 +136,7 @@ def test_what_it_cannot_inspect_is_one_line_and_exit_2(tmp_path, capsys, sqlite_
         (str(tmp_path / "notes.txt"),): "not something tokenmill can inspect",
         ("models:/no-such-model/1", "--tracking-uri", sqlite_tracking): "no-such-model",
         (f"diffusers:{tmp_path}/missing",): "is not a folder",
-        (str(tmp_path / "unet"),): "is a UNet2DModel, not a VQModel or AutoencoderKL",
+        (str(tmp_path / "unet"),): "is a UNet2DModel, not a VQModel, AutoencoderKL or AutoencoderDC",
     }
     for argv, message in cases.items():
         capsys.readouterr()

@@ -127,7 +127,7 @@ def test_diffusers_references_that_are_missing_or_not_an_autoencoder(tmp_path, m
     cases = [
         (f"diffusers:{tmp_path}/missing", "is not a folder"),
         (f"diffusers:{tmp_path}", "no config.json"),
-        (f"diffusers:{unet}", "is a UNet2DModel, not a VQModel or AutoencoderKL"),
+        (f"diffusers:{unet}", "is a UNet2DModel, not a VQModel, AutoencoderKL or AutoencoderDC"),
         (f"diffusers:{pickled}", "diffusion_pytorch_model.safetensors is missing"),
         ("diffusers:acme/no-such-vae", "acme/no-such-vae is not in the local Hugging Face cache"),
     ]
