@@ -5,7 +5,7 @@ No installable LlamaGen package is faithful, so its published source was run onc
 repository, and what it gave is data here (no LlamaGen code):
   - `tiny_vq.json`: the source commit, the tiny config, the checkpoint's `args`, the state dict's
     layout (every key and shape `VQModel.state_dict()` gave, in its order), the seed and rule
-    the weights were drawn with (`draw_weights`), and their sha256;
+    the weights were drawn with (`helpers.seeded_weights.draw_weights`), and their sha256;
   - `tiny_vq.npz`: the codebook (drawn from the encoder's own outputs, so many codes are used),
     the input images (uint8), and LlamaGen's outputs on them: codes, decodes (its [-1, 1]
     scale, float32) and its training loss (vq + commitment).
@@ -16,13 +16,14 @@ change) instead of being stored: 0.9 M float32 weights would be 3.7 MB of test d
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from helpers.seeded_weights import draw_weights, weights_sha256
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "llamagen"
 CODEBOOK_KEY = "quantize.embedding.weight"
@@ -34,39 +35,11 @@ def tiny_case() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return json.loads((DATA / "tiny_vq.json").read_text()), dict(arrays)
 
 
-def draw_weights(layout: list, seed: int, codebook: np.ndarray) -> dict[str, torch.Tensor]:
-    """The state dict for `layout` ([[key, shape], ...] in state-dict order): weights of rank > 1
-    ~ N(0, 1/fan_in), GroupNorm scales 1 + 0.1·N, other vectors 0.1·N (so a swapped mapping shows),
-    all drawn in layout order in float64 and rounded to float32; the usage buffer zeros (as before
-    training) and the codebook given."""
-    rng = np.random.RandomState(seed)
-    state = {}
-    for key, shape in layout:
-        if key == CODEBOOK_KEY:
-            value = codebook
-        elif key.endswith("codebook_used"):
-            value = np.zeros(shape)
-        elif len(shape) > 1:
-            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-        elif "norm" in key.rsplit(".", 2)[-2] and key.endswith(".weight"):
-            value = 1 + 0.1 * rng.standard_normal(shape)
-        else:
-            value = 0.1 * rng.standard_normal(shape)
-        state[key] = torch.from_numpy(np.asarray(value, dtype=np.float32))
-    return state
-
-
-def weights_sha256(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for value in state.values():
-        digest.update(value.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def tiny_state() -> dict[str, torch.Tensor]:
     """The reference's weights, checked against the sha256 they had when its outputs were made."""
     meta, arrays = tiny_case()
-    state = draw_weights(meta["layout"], meta["seed"], arrays["codebook"])
+    fixed = {key: np.zeros(shape) for key, shape in meta["layout"] if key.endswith("codebook_used")}  # as before training
+    state = draw_weights(meta["layout"], meta["seed"], {**fixed, CODEBOOK_KEY: arrays["codebook"]})
     assert weights_sha256(state) == meta["weights_sha256"], "the regenerated weights differ from the reference's"
     return state
 

@@ -5,7 +5,7 @@ No installable Open-MAGVIT2 package is faithful, so its published source was run
 repository, and what it gave is data here (no Open-MAGVIT2 code):
   - `tiny_lfq.json`: the source commit, the YAML (`config`), the state dict's layout (every key and
     shape `VQModel.state_dict()` gave, in its order; `loss.*` a stand-in for the discriminator), the
-    seed the weights were drawn with (`draw_weights`) and their sha256;
+    seed the weights were drawn with (`helpers.seeded_weights.draw_weights`) and their sha256;
   - `tiny_lfq.npz`: the input images (uint8) and Open-MAGVIT2's outputs on them: codes and decodes
     (its [-1, 1] scale, float32).
 The weights are regenerated from the seed (numpy's legacy RandomState, whose streams never change).
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from helpers.llamagen import weights_sha256
+from helpers.seeded_weights import draw_weights, weights_sha256
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "magvit2"
 
@@ -30,22 +30,6 @@ def tiny_case() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(tiny_lfq.json, tiny_lfq.npz's arrays)."""
     with np.load(DATA / "tiny_lfq.npz") as arrays:
         return json.loads((DATA / "tiny_lfq.json").read_text()), dict(arrays)
-
-
-def draw_weights(layout: list, seed: int) -> dict[str, torch.Tensor]:
-    """The state dict for `layout` ([[key, shape], ...]): weights of rank > 1 ~ N(0, 1/fan_in),
-    GroupNorm scales 1 + 0.1·N, other vectors 0.1·N, drawn in layout order in float64, rounded to float32."""
-    rng = np.random.RandomState(seed)
-    state = {}
-    for key, shape in layout:
-        if len(shape) > 1:
-            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-        elif "norm" in key.rsplit(".", 2)[-2] and key.endswith(".weight"):
-            value = 1 + 0.1 * rng.standard_normal(shape)
-        else:
-            value = 0.1 * rng.standard_normal(shape)
-        state[key] = torch.from_numpy(np.asarray(value, dtype=np.float32))
-    return state
 
 
 def tiny_state() -> dict[str, torch.Tensor]:
