@@ -24,16 +24,14 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	touch $(STAMP)
 
 # test: every folder, cheapest first (tests/unit, tests/integration, tests/system); test-fast: tests/unit.
-# Two pytest-xdist workers: much of a test's time is waiting (Ray start-up, servers, subprocesses), and
-# tests/conftest.py keeps the system tests, and the tests sharing an expensive fixture, on one worker.
-PYTEST_WORKERS ?= -n 2 --dist loadgroup
-
+# test-fast runs two pytest-xdist workers (unit tests start no Ray and no server). The whole suite runs in
+# one process: Ray clusters of two workers at once share /tmp/ray and the auth token (a system test failed).
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_WORKERS)
+	$(PY) -m pytest
 
 test-fast: setup
-	$(PY) -m pytest $(PYTEST_WORKERS) tests/unit
+	$(PY) -m pytest -n 2 tests/unit
 
 demo: setup
 	$(VENV)/bin/tokenmill demo --json runs/demo/summary.json

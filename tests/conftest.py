@@ -50,9 +50,9 @@ TESTS = Path(__file__).resolve().parent
 FOLDERS = ("unit", "integration", "system")  # by cost; also the order tests run in
 # Fixtures that start Ray or a server: a unit test may use none of them.
 SERVICE_FIXTURES = {"ray_local", "mlflow_server", "s3_server", "s3_bucket"}
-# `make test` runs two pytest-xdist workers (--dist loadgroup). Tests that share an expensive session
-# fixture stay on one worker, so it is built once; the system tests (clusters, subprocesses, the demo)
-# run one after another on one worker, so two of them never compete for the cores at once.
+# Under pytest-xdist (`make test-fast` runs tests/unit on two workers; `pytest -n 2 --dist loadgroup`
+# elsewhere) tests that share an expensive session fixture stay on one worker, so it is built once, and
+# the system tests (clusters, subprocesses, the demo) run one after another on one worker.
 SHARED_FIXTURE_GROUPS = {"tokenize_inputs": "tokenize-store", "uninterrupted_store": "tokenize-store"}
 
 

@@ -77,7 +77,7 @@ class PriorBudget(StrictModel):
     depth: int = pydantic.Field(2, gt=0)
     heads: int = pydantic.Field(2, gt=0)
     lr: float = pydantic.Field(3e-3, gt=0)
-    seed: int = 0
+    seed: int = pydantic.Field(0, ge=0)
 
 
 class PromotionSection(StrictModel):
