@@ -288,3 +288,18 @@ def write_encoded_store(url: str, encoder, lineage: dict, rows: dict[str, np.nda
     writer.close()
     store.write_marker(unit, results)
     store.finalize(layout, encoder.specs)
+
+
+def decoded_through_lineage(ref: str, images: np.ndarray, url: str):
+    """`images` (uint8 (n, H, W, C)) tokenized by model `ref` into a one-shard store at `url`, then
+    decoded by the model the store's lineage names (resolved again, sha-checked): (n, C, H, W) in [0, 1]."""
+    from tokenmill.pipeline.registry.model_ref import resolve_model
+    from tokenmill.pipeline.tokens.detokenize import StoreDecoder
+    from tokenmill.pipeline.tokens.encoder import TokenEncoder
+    from tokenmill.pipeline.tokens.extraction import ExtractionOptions, tokenizer_lineage
+
+    files = resolve_model(ref)
+    encoder = TokenEncoder(files, latents=False)
+    rows = encoder.encode(images, np.zeros(len(images), dtype=np.int64))
+    write_encoded_store(url, encoder, tokenizer_lineage(files, encoder, ExtractionOptions.build()), rows)
+    return next(StoreDecoder(url).images(0, len(images)))

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from helpers.llamagen import tiny_case, tiny_images, tiny_state, write_checkpoint
-from helpers.tokens import write_encoded_store
 
 from tokenmill.jobs.cli import main as cli_main
 from tokenmill.models.converters import convert
@@ -68,18 +67,10 @@ def test_llamagen_prefix_tokenizes_and_converts_once(tmp_path):
 
 def test_a_store_made_with_a_llamagen_ref_decodes_to_the_reference_decodes(tmp_path):
     """The store's lineage names `llamagen:…`; decode converts it again (sha-checked) and gives LlamaGen's images."""
-    from tokenmill.pipeline.registry.model_ref import resolve_model
-    from tokenmill.pipeline.tokens.detokenize import StoreDecoder
-    from tokenmill.pipeline.tokens.encoder import TokenEncoder
-    from tokenmill.pipeline.tokens.extraction import ExtractionOptions, tokenizer_lineage
+    from helpers.tokens import decoded_through_lineage
 
     _, expected = tiny_case()
-    files = resolve_model(f"llamagen:{write_checkpoint(tmp_path / 'vq.pt')}")
-    encoder = TokenEncoder(files, latents=False)
-    rows = encoder.encode(tiny_images()[0], np.zeros(3, dtype=np.int64))
-    url = str(tmp_path / "store.zarr")
-    write_encoded_store(url, encoder, tokenizer_lineage(files, encoder, ExtractionOptions.build()), rows)
-    decoded = next(StoreDecoder(url).images(0, 3))  # (3, 3, 16, 16) in [0, 1]
+    decoded = decoded_through_lineage(f"llamagen:{write_checkpoint(tmp_path / 'vq.pt')}", tiny_images()[0], str(tmp_path / "store.zarr"))
     assert torch.allclose(decoded, ((torch.from_numpy(expected["decodes"]) + 1) / 2).clamp(0, 1), atol=1e-5)
 
 

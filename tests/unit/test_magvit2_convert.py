@@ -147,20 +147,10 @@ def test_a_bad_checkpoint_or_yaml_is_one_line_and_exit_2(tmp_path, capsys, case)
 
 def test_a_store_made_with_a_magvit2_ref_decodes_to_the_reference_decodes(tmp_path):
     """The store's lineage names `magvit2:…`; decode converts it again (sha-checked) and gives Open-MAGVIT2's images."""
-    from helpers.tokens import write_encoded_store
-
-    from tokenmill.pipeline.registry.model_ref import resolve_model
-    from tokenmill.pipeline.tokens.detokenize import StoreDecoder
-    from tokenmill.pipeline.tokens.encoder import TokenEncoder
-    from tokenmill.pipeline.tokens.extraction import ExtractionOptions, tokenizer_lineage
+    from helpers.tokens import decoded_through_lineage
 
     _, expected = tiny_case()
-    files = resolve_model(f"magvit2:{write_checkpoint(tmp_path)}")
-    encoder = TokenEncoder(files, latents=False)
-    rows = encoder.encode(tiny_images()[0], np.zeros(3, dtype=np.int64))
-    url = str(tmp_path / "store.zarr")
-    write_encoded_store(url, encoder, tokenizer_lineage(files, encoder, ExtractionOptions.build()), rows)
-    decoded = next(StoreDecoder(url).images(0, 3))  # (3, 3, 16, 16) in [0, 1]
+    decoded = decoded_through_lineage(f"magvit2:{write_checkpoint(tmp_path)}", tiny_images()[0], str(tmp_path / "store.zarr"))
     assert torch.allclose(decoded, ((torch.from_numpy(expected["decodes"]) + 1) / 2).clamp(0, 1), atol=1e-5)
 
 
