@@ -23,12 +23,13 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	$(PY) -m pip install --no-deps "taming-transformers==0.0.1"
 	touch $(STAMP)
 
-# test: every folder, cheapest first (tests/unit, tests/integration, tests/system); test-fast: tests/unit.
-# test-fast runs two pytest-xdist workers (unit tests start no Ray and no server). The whole suite runs in
-# one process: Ray clusters of two workers at once share /tmp/ray and the auth token (a system test failed).
+# test: every folder (tests/unit, tests/integration, tests/system); test-fast: tests/unit. Both run two
+# pytest-xdist workers: most of an integration or system test is waiting (Ray start-ups, health checks,
+# subprocesses), and tests/conftest.py gives each worker one torch thread and its own Ray temp dir.
+# `--dist loadgroup` keeps the system tests (clusters, subprocesses, the demo) one after another on one worker.
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 test-fast: setup
 	$(PY) -m pytest -n 2 tests/unit

@@ -39,6 +39,14 @@ os.environ.update(
     AWS_DEFAULT_REGION="us-east-1",
     AWS_ENDPOINT_URL_S3=S3_ENDPOINT,
 )
+# Under pytest-xdist (`-n 2`) two workers share the machine's cores. Each gets one torch thread (two each
+# spin four OpenMP threads on two cores: three times the CPU time) and a Ray temp dir of its own: a
+# `ray start --head` in one worker's test writes its address under the temp dir, and every plain
+# `ray.init()` of the other worker's drivers would join that cluster (with a foreign auth token).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["RAY_TMPDIR"] = f"/tmp/tokenmill-tests-{XDIST_WORKER}"
 # Keep Ray quiet and small on 2-core machines.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -33,16 +33,20 @@ def run_misspelt_config(module: str, config: str, key: str, typo: str, tmp_path:
 # for it to end and prints its log tail and "STATUS <status>". The client runs in its own process
 # so its token is not the test session's cached one.
 SUBMIT = """
-import sys, time
+import sys, time, uuid
+import requests
 from ray.job_submission import JobSubmissionClient, JobStatus
 client = JobSubmissionClient(sys.argv[1])
+job = f"tokenmill-test-{uuid.uuid4().hex[:8]}"  # one id for every try: a retried submit never runs the job twice
 deadline = time.time() + 120
-while True:  # the job agent starts after the dashboard answers: retry until it takes the job
+while True:  # the job agent starts after the dashboard answers, and a busy dashboard may drop a request: retry
     try:
-        job = client.submit_job(entrypoint=sys.argv[2])
+        client.submit_job(entrypoint=sys.argv[2], submission_id=job)
         break
-    except RuntimeError as err:
-        if "No available agent" not in str(err) or time.time() > deadline:
+    except (RuntimeError, requests.ConnectionError) as err:
+        if "already exists" in str(err):  # an earlier try got through
+            break
+        if isinstance(err, RuntimeError) and "No available agent" not in str(err) or time.time() > deadline:
             raise
         time.sleep(2)
 deadline = time.time() + 480
