@@ -56,13 +56,16 @@ class TokenDataset(StoreRows):
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """Stacked items: tokens int64 (B, seq_len), labels int64 (B,). The fast path for a
         sampler's index batch."""
-        indices, levels, labels = self.read(indices)
-        codes = np.concatenate([lv.reshape(len(indices), -1) for lv in levels], axis=1).astype(np.int64)
-        prefix = []
+        if self.variants == 1:  # flat rows already are the levels' codes concatenated in store order
+            _, codes, labels = self.read_rows(indices)
+        else:
+            indices, levels, labels = self.read(indices)
+            codes = np.concatenate([lv.reshape(len(indices), -1) for lv in levels], axis=1)
+        prefix = int(self.add_bos) + int(self.class_token)
+        tokens = np.empty((len(labels), prefix + codes.shape[1]), dtype=np.int64)  # (B, seq_len)
+        tokens[:, prefix:] = codes  # the one widening copy (a concatenate would copy twice)
         if self.add_bos:
-            prefix.append(np.full((len(indices), 1), self.codebook_size, dtype=np.int64))
+            tokens[:, 0] = self.codebook_size
         if self.class_token:
-            classes = np.where(labels >= 0, labels, self.num_classes)
-            prefix.append((self.codebook_size + self.add_bos + classes)[:, None])
-        tokens = np.concatenate([*prefix, codes], axis=1) if prefix else codes
+            tokens[:, int(self.add_bos)] = self.codebook_size + self.add_bos + np.where(labels >= 0, labels, self.num_classes)
         return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}

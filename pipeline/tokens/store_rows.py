@@ -88,13 +88,22 @@ class StoreRows(torch.utils.data.Dataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_rows_all": None, "_chunks": None}
 
+    def read_rows(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Item indices -> (indices in [0, len), flat rows (B, width) in the store's dtype, labels (B,)).
+        The hot path of every batch: one `take` per array, no per-spec Python."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.resident:
+            flat = self._resident().take(indices, axis=0)  # IndexError when out of range; negatives wrap
+        else:
+            indices = self._in_range(indices)
+            flat = self._chunk_cache().gather(self._rows(indices))
+        if indices.size and indices.min() < 0:
+            indices = indices + len(self)
+        return indices, flat, self.labels.take(indices)
+
     def read(self, indices) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """Item indices -> (indices in range, one (B, *item_shape) array per spec, labels (B,))."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
-            raise IndexError(f"index out of range for {len(self)} items")
-        indices = indices % max(len(self), 1)
-        flat = self._resident()[indices] if self.resident else self._chunk_cache().gather(self._rows(indices))
+        indices, flat, labels = self.read_rows(indices)
         variant = variant_of(self.seed, self.epoch, indices, self.variants) if self.variants > 1 else None
         arrays, offset = [], 0
         for spec in self.specs:
@@ -102,7 +111,15 @@ class StoreRows(torch.utils.data.Dataset):
             part = flat[:, offset : offset + width].reshape(len(indices), *spec["row_shape"])
             arrays.append(part[np.arange(len(indices)), variant] if variant is not None else part)
             offset += width
-        return indices, arrays, self.labels[indices]
+        return indices, arrays, labels
+
+    def _in_range(self, indices: np.ndarray) -> np.ndarray:
+        if not indices.size:
+            return indices
+        low, high = indices.min(), indices.max()
+        if low < -len(self) or high >= len(self):
+            raise IndexError(f"index out of range for {len(self)} items")
+        return indices + len(self) * (indices < 0) if low < 0 else indices
 
     # -- reading ----------------------------------------------------------------------------
     def _rows(self, indices: np.ndarray) -> np.ndarray:
