@@ -8,6 +8,7 @@ per chunk touched: ~13x slower than a memmap on 256 random rows spread over 80 c
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -16,11 +17,12 @@ import numpy as np
 class ChunkCache:
     """`gather(rows)` -> (B, width) rows, loading chunk `c` (rows [c * chunk_rows, ...)) with
     `load(c)` -> (n <= chunk_rows, width) when it is not cached. Holds at most `slots` chunks,
-    evicting the least recently used; grows if one batch alone needs more."""
+    evicting the least recently used; grows if one batch alone needs more. The chunks one batch
+    misses load on up to `threads` threads at once (object-store and Zarr reads release the GIL)."""
 
     def __init__(self, load: Callable[[int], np.ndarray], chunks: int, chunk_rows: int, width: int,
-                 dtype: np.dtype, slots: int):
-        self.load, self.chunk_rows = load, chunk_rows
+                 dtype: np.dtype, slots: int, threads: int = 1):
+        self.load, self.chunk_rows, self.threads = load, chunk_rows, threads
         self.slot_of = np.full(chunks, -1, dtype=np.int64)  # chunk -> slot, -1 when not cached
         self.chunk_in = np.full(slots, -1, dtype=np.int64)  # slot -> chunk, -1 when free
         self.last_used = np.zeros(slots, dtype=np.int64)  # slot -> tick of its last batch
@@ -50,8 +52,14 @@ class ChunkCache:
         victims = np.argpartition(self.last_used, missing.size - 1)[: missing.size]
         old = self.chunk_in[victims]
         self.slot_of[old[old >= 0]] = -1
-        for slot, chunk in zip(victims, missing):
-            block = self.load(int(chunk))  # (n, width), n < chunk_rows only for the last chunk
+        chunks = [int(c) for c in missing]
+        threads = min(self.threads, len(chunks))
+        if threads > 1:  # a pool per fill: no idle thread outlives a read (a fill costs far more than a start)
+            with ThreadPoolExecutor(threads, thread_name_prefix="chunk-read") as pool:
+                blocks = list(pool.map(self.load, chunks))
+        else:
+            blocks = [self.load(c) for c in chunks]
+        for slot, chunk, block in zip(victims, missing, blocks):  # block (n, width), n < chunk_rows for the last
             self.slab[slot, : len(block)] = block
             self.chunk_in[slot], self.slot_of[chunk], self.last_used[slot] = chunk, slot, self.tick
 

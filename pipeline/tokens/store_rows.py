@@ -21,6 +21,8 @@ import torch
 
 from tokenmill.models.errors import UserError
 from tokenmill.pipeline.tokens.chunk_cache import ChunkCache
+from tokenmill.pipeline.tokens.node_cache import NodeChunkCache, store_namespace
+from tokenmill.pipeline.tokens.objects import is_local
 from tokenmill.pipeline.tokens.store import TokenStore
 
 
@@ -45,11 +47,18 @@ class StoreRows(torch.utils.data.Dataset):
     attributes) with `_select_specs` and build items from `read(indices)`."""
 
     def __init__(self, store_url: str, split: str | None, storage_options: dict[str, Any] | None,
-                 cache_bytes: int, seed: int = 0):
+                 cache_bytes: int, seed: int = 0, *, read_threads: int = 1, node_cache_dir: str | None = None,
+                 node_cache_bytes: int = 0):
         self.store = TokenStore(store_url, storage_options)
+        self.read_threads = read_threads
+        # The node-local chunk cache only where a chunk is costly to fetch: a store on another machine.
+        self.node_cache = None
+        if node_cache_dir and node_cache_bytes > 0 and not is_local(self.store.fs):
+            self.node_cache = NodeChunkCache(node_cache_dir, node_cache_bytes)
         attrs = self.store.attrs()
         if attrs.get("tokenmill", {}).get("state") != "complete":
             raise UserError(f"{store_url} is not a finished token store; rerun `tokenmill tokenize` to complete it")
+        self._attrs = attrs
         self.lineage = attrs.get("lineage", {})
         self.variants = store_variants(self.lineage)
         self.specs = self._select_specs(store_url, attrs["arrays"])
@@ -149,10 +158,16 @@ class StoreRows(torch.utils.data.Dataset):
             width = sum(int(np.prod(spec["row_shape"])) for spec in self.specs)
             dtype = np.result_type(*(arr.dtype for arr in arrays))
 
-            def load(chunk: int) -> np.ndarray:  # (chunk_rows, width), fewer rows for the last chunk
+            def fetch(chunk: int) -> np.ndarray:  # (chunk_rows, width), fewer rows for the last chunk
                 span = slice(chunk * chunk_rows, (chunk + 1) * chunk_rows)
                 return np.concatenate([arr[span].reshape(-1, int(np.prod(arr.shape[1:]))) for arr in arrays], axis=1)
 
+            prefix = store_namespace(self.store.url, [spec["name"] for spec in self.specs], self._attrs)
+
+            def load(chunk: int) -> np.ndarray:  # through the node's shared folder when there is one
+                node = self.node_cache
+                return fetch(chunk) if node is None else node.get(f"{prefix}-{chunk}", lambda: fetch(chunk))
             slots = max(1, self.cache_bytes // (chunk_rows * width * dtype.itemsize))
-            self._chunks = ChunkCache(load, -(-rows // chunk_rows), chunk_rows, width, dtype, slots)
+            self._chunks = ChunkCache(load, -(-rows // chunk_rows), chunk_rows, width, dtype, slots,
+                                      self.read_threads)
         return self._chunks
