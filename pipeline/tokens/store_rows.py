@@ -14,6 +14,7 @@ epoch (`set_epoch`) sees other variants. Only torch, zarr and numpy are imported
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,8 @@ class StoreRows(torch.utils.data.Dataset):
         # The node-local chunk cache only where a chunk is costly to fetch: a store on another machine.
         self.node_cache = None
         if node_cache_dir and node_cache_bytes > 0 and not is_local(self.store.fs):
-            self.node_cache = NodeChunkCache(node_cache_dir, node_cache_bytes)
+            with contextlib.suppress(OSError):  # a folder this user cannot write: every rank fetches for itself
+                self.node_cache = NodeChunkCache(node_cache_dir, node_cache_bytes)
         attrs = self.store.attrs()
         if attrs.get("tokenmill", {}).get("state") != "complete":
             raise UserError(f"{store_url} is not a finished token store; rerun `tokenmill tokenize` to complete it")
