@@ -1,8 +1,8 @@
 """`ChunkCache`: random row access to a chunked array through an LRU cache of whole chunks.
 
 The cache is one preallocated slab of `slots` chunks plus a chunk -> slot table, so a batch of
-hits is a single fancy-index (`slab[slot, row % chunk_rows]`) whatever the number of chunks it
-touches; Python only runs once per *missing* chunk. (A dict of chunk arrays costs a Python step
+hits is a single `take` (row `slot * chunk_rows + row % chunk_rows` of the slab seen as 2-D)
+whatever the number of chunks it touches; Python only runs once per *missing* chunk. (A dict of chunk arrays costs a Python step
 per chunk touched: ~13x slower than a memmap on 256 random rows spread over 80 chunks.)
 """
 
