@@ -1,4 +1,5 @@
-"""What the benchmarks measure alike: peak memory of a run, and the tokenizer they encode with.
+"""What the benchmarks measure alike: peak memory of a run, the tokenizer they encode with, and an
+S3 server on loopback for benchmarks of remote stores.
 
 `PeakRSS` samples every 0.2 s, in a thread, the RSS of this process, of the Ray worker
 processes under it (a local Ray instance is this process's child) and of each Ray Data
@@ -7,8 +8,10 @@ actor that encodes: the numbers that show whether memory grows with the size of 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
+from typing import Any, Iterator
 
 
 def _is_ray_worker(proc) -> bool:
@@ -62,6 +65,29 @@ class PeakRSS:
 
     def actors_mb(self) -> dict[int, float]:
         return dict(self._actors)
+
+
+@contextlib.contextmanager
+def loopback_s3() -> Iterator[dict[str, Any]]:
+    """moto's S3 server on a free 127.0.0.1 port, as tests/conftest.py starts it; yields the
+    fsspec storage options of s3fs for it. Every request is real HTTP through botocore."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request on stderr
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+    finally:
+        server.stop()
 
 
 def make_bench_tokenizer(path: Path) -> Path:

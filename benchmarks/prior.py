@@ -9,7 +9,11 @@
    rotate, in segments, between three data sources feeding the same loop: in-memory tensors,
    `TokenDataset` resident path and `TokenDataset` chunk-cache path (forced with a tiny
    `cache_bytes`), both through a DataLoader with workers. `data_ratio_*` = steps/s of a store
-   source / steps/s of the in-memory source (the first round of segments is warm-up).
+   source / steps/s of the in-memory source (the first round of segments is warm-up). `--s3` adds
+   a fourth source: the store copied to a loopback S3 server (moto) and read by train-prior's own
+   data path (`TrainBatches`: chunk-level shuffle, read-ahead thread, concurrent chunk fetches,
+   the node's chunk folder), with the rank's chunk cache and the node folder both smaller than
+   the split (`data_ratio_s3`).
 4. `val_bits_per_token` (prior cross-entropy on the store's val split) against the store's
    unigram code entropy (`bits_ratio`); `class_accuracy` of 100 CFG samples per class decoded by
    the tokenizer and classified; `fid_classifier`: Fréchet distance in the classifier's
@@ -21,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import tempfile
@@ -40,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--segment", type=positive_int, default=10, help="steps per data-source segment")
     parser.add_argument("--kv-rows", type=positive_int, default=32, help="rows sampled for kv_speedup")
     parser.add_argument("--workers", type=positive_int, default=2, help="DataLoader workers of the store sources")
+    parser.add_argument("--s3", action="store_true", help="also feed steps from the store on a loopback S3 server "
+                        "through train-prior's data path, caches smaller than the store (data_ratio_s3)")
     parser.add_argument("--grid", type=output_path(folder=False), default=None, help="also write a 10 x 10 sample grid PNG here")
     add_json_option(parser)
     parser.set_defaults(run=run)
@@ -112,7 +119,7 @@ def benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     result["device"] = str(device)
     prior.to(device)
     with stages("prior"):
-        result |= train_prior(prior, store_url, args)
+        result |= train_prior(prior, store_url, args, SOURCES + (("s3",) if getattr(args, "s3", False) else ()))
     with stages("evaluate"):
         result |= bits_per_token(prior, store_url)
         result |= sample_quality(prior, tokenizer, classifier, mnist_tensors("val"), args)
@@ -300,7 +307,47 @@ def _memory_batches(tokens, batch: int, seed: int):
             yield tokens[order[i : i + batch]]
 
 
-SOURCES = ("memory", "resident", "streaming")
+SOURCES = ("memory", "resident", "streaming")  # and "s3" (`--s3`)
+
+
+S3_CACHE_CHUNKS, S3_NODE_CHUNKS, S3_WINDOW_CHUNKS = 2, 3, 2  # of the split's ~5 chunks (MNIST-5k train)
+
+
+def _s3_batches(store_url: str, args: argparse.Namespace, stack, result: dict[str, Any]):
+    """Endless (B, L) batches of train-prior's data path (rank 0 of 1) over a copy of the store on
+    a loopback S3 server; the rank's chunk cache holds S3_CACHE_CHUNKS chunks, the node folder
+    S3_NODE_CHUNKS, both fewer than the split has. Records the sizes in `result`."""
+    import itertools
+
+    import numpy as np
+    import s3fs
+
+    from tokenmill.benchmarks.harness import loopback_s3
+    from tokenmill.pipeline.prior import data as prior_data
+    from tokenmill.pipeline.prior.config import PriorDataSection
+
+    MIB = 1 << 20
+    options = stack.enter_context(loopback_s3())
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("bench")
+    fs.put(store_url, "bench/tokens.zarr", recursive=True)
+    local = prior_data.open_split(PriorDataSection(store=store_url), "train", 10)
+    group = local.store.open_group("r")
+    codes = group[local.specs[0]["name"]]
+    chunk_bytes = codes.chunks[0] * int(np.prod(codes.shape[1:])) * codes.dtype.itemsize  # one slot of the cache
+    data = PriorDataSection(store="s3://bench/tokens.zarr", storage_options=options,
+                            cache_mb=S3_CACHE_CHUNKS * chunk_bytes / MIB, node_cache_mb=S3_NODE_CHUNKS * chunk_bytes / MIB,
+                            node_cache_dir=str(Path(store_url).parent / "node-chunks"),
+                            shuffle_window_chunks=S3_WINDOW_CHUNKS)
+    dataset = prior_data.open_split(data, "train", 10)
+    chunks = len(np.unique(prior_data.item_chunks(dataset, "train")))
+    assert not dataset.resident and dataset.node_cache is not None and chunks > S3_NODE_CHUNKS
+    result.update(s3_split_chunks=chunks, s3_cache_chunks=S3_CACHE_CHUNKS, s3_node_cache_chunks=S3_NODE_CHUNKS)
+    batches = prior_data.TrainBatches(dataset, "train", 0, 1, args.batch_size, args.seed, data.shuffle_window_chunks,
+                                      data.prefetch_batches)
+    for epoch in itertools.count():
+        for _, batch in batches.epoch(epoch):
+            yield batch["tokens"]
 
 
 def train_prior(prior, store_url: str, args: argparse.Namespace, sources: tuple[str, ...] = SOURCES) -> dict[str, Any]:
@@ -309,20 +356,12 @@ def train_prior(prior, store_url: str, args: argparse.Namespace, sources: tuple[
     the first; none with one source), the data ratios and the last loss."""
     import torch
 
-    from tokenmill.pipeline.tokens.dataset import TokenDataset
     from tokenmill.pipeline.training.optim import OptimConfig, Part
     from tokenmill.pipeline.training.step import StepRunner
     from tokenmill.pipeline.training.tasks.prior import next_token_loss
 
-    opened = dict(add_bos=True, class_token=True, num_classes=10)
-    resident = TokenDataset(store_url, "train", **opened)
-    streaming = TokenDataset(store_url, "train", **opened, cache_bytes=16 * 1024)
-    assert resident.resident and not streaming.resident
-    feeds = {"memory": lambda: _memory_batches(resident.batch(range(len(resident)))["tokens"], args.batch_size,
-                                               args.seed),
-             "resident": lambda: _store_batches(resident, args.batch_size, args.workers, args.seed),
-             "streaming": lambda: _store_batches(streaming, args.batch_size, args.workers, args.seed)}
-    feeds = {name: feeds[name]() for name in sources}
+    stack, extra = contextlib.ExitStack(), {}  # extra: what the S3 source records
+    feeds = _feeds(store_url, args, sources, stack, extra)
     segment_steps = args.segment if len(feeds) > 1 else args.steps
     optim = OptimConfig(lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, grad_clip=1.0, ema_decay=0.0,
                         warmup_steps=min(100, args.steps // 10), total_steps=args.steps)
@@ -340,7 +379,26 @@ def train_prior(prior, store_url: str, args: argparse.Namespace, sources: tuple[
         if segment >= len(feeds):  # the first round starts the loaders' workers: not timed
             step_seconds[name].append(time.perf_counter() - begun)
     prior.eval()
-    return {"train_loss": float(result.losses["model"]), **_data_ratios(step_seconds)}
+    for feed in feeds.values():  # the read-ahead thread and the S3 server end here
+        feed.close()
+    stack.close()
+    return {"train_loss": float(result.losses["model"]), **_data_ratios(step_seconds), **extra}
+
+
+def _feeds(store_url: str, args: argparse.Namespace, sources: tuple[str, ...], stack, extra: dict[str, Any]):
+    """name -> endless (B, L) batches, for each of `sources`."""
+    from tokenmill.pipeline.tokens.dataset import TokenDataset
+
+    opened = dict(add_bos=True, class_token=True, num_classes=10)
+    resident = TokenDataset(store_url, "train", **opened)
+    streaming = TokenDataset(store_url, "train", **opened, cache_bytes=16 * 1024)
+    assert resident.resident and not streaming.resident
+    feeds = {"memory": lambda: _memory_batches(resident.batch(range(len(resident)))["tokens"], args.batch_size,
+                                               args.seed),
+             "resident": lambda: _store_batches(resident, args.batch_size, args.workers, args.seed),
+             "streaming": lambda: _store_batches(streaming, args.batch_size, args.workers, args.seed),
+             "s3": lambda: _s3_batches(store_url, args, stack, extra)}
+    return {name: feeds[name]() for name in sources}
 
 
 def _data_ratios(step_seconds: dict[str, list[float]]) -> dict[str, Any]:
@@ -352,7 +410,7 @@ def _data_ratios(step_seconds: dict[str, list[float]]) -> dict[str, Any]:
     median = {name: 1 / statistics.median(s) for name, s in timed.items()}
     mean = {name: len(s) / sum(s) for name, s in timed.items()}
     out: dict[str, Any] = {"steps_per_s_median": median, "steps_per_s_mean": mean}
-    for name in ("resident", "streaming"):
+    for name in ("resident", "streaming", "s3"):
         ok = name in timed and "memory" in timed
         out[f"data_ratio_{name}"] = median[name] / median["memory"] if ok else None
         out[f"data_ratio_{name}_mean"] = mean[name] / mean["memory"] if ok else None
@@ -444,7 +502,7 @@ def _print_table(result: dict[str, Any]) -> None:
         return "n/a" if value is None else f"{value:.3g}"
 
     rows = [
-        ("data_ratio_resident", ">= 0.95"), ("data_ratio_streaming", ">= 0.95"),
+        ("data_ratio_resident", ">= 0.95"), ("data_ratio_streaming", ">= 0.95"), ("data_ratio_s3", ">= 0.95"),
         ("val_bits_per_token", ""), ("unigram_bits_per_token", ""), ("bits_ratio", "<= 0.75"),
         ("classifier_val_accuracy", ">= 0.97"), ("class_accuracy", ">= 0.9"), ("recon_class_accuracy", ""),
         ("fid_classifier", ""), ("fid_classifier_recon_floor", "floor"), ("fid_classifier_random_codes", "ceiling"),

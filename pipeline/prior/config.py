@@ -37,6 +37,13 @@ class PriorDataSection(StrictModel):
     # one streams through the chunk cache with a chunk-level shuffle (see pipeline/prior/data.py).
     cache_mb: float = pydantic.Field(1024, gt=0)
     shuffle_window_chunks: int = pydantic.Field(16, gt=0)  # rows are shuffled within this many chunks
+    # Batches read ahead of the step by a background thread (0: read on the training thread).
+    prefetch_batches: int = pydantic.Field(4, ge=0)
+    read_threads: int = pydantic.Field(8, gt=0)  # chunks a streamed batch misses are fetched this many at once
+    # A remote (s3://...) store's chunks are shared by the ranks of a node through this local folder
+    # (None: /dev/shm/tokenmill-chunks, or the temp dir without /dev/shm), at most node_cache_mb; 0 turns it off.
+    node_cache_dir: Optional[str] = None
+    node_cache_mb: float = pydantic.Field(4096, ge=0)
     val_max_items: Optional[int] = pydantic.Field(None, gt=0)  # None: the whole validation split
     # A local folder: each rank appends the items it reads to rank<r>.txt (an audit; tests use it).
     item_log: Optional[str] = None

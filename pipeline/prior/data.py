@@ -8,6 +8,11 @@ computes the same one and a resumed run recomputes it from the checkpoint's (epo
   * a bigger split streams through TokenDataset's chunk cache with a *chunk-level* shuffle: the
     chunks' order is permuted, then items are permuted within windows of `shuffle_window_chunks`
     consecutive chunks, so a batch touches a few cached chunks, never random rows of object storage.
+    A window's chunks are fetched `read_threads` at once, a remote store's through a folder the
+    node's ranks share (`node_cache_dir`: every rank needs the same chunks in the same order).
+
+Batches are read `prefetch_batches` ahead by a thread while the step runs (the order is the one
+computed here, so prefetching changes nothing a resume recomputes).
 
 The permutation is cut into global batches of `world_size * batch_size` items, and global batch
 `b` gives rank `r` its `r`-th slice of `batch_size` items. Within an epoch no item is read twice,
@@ -26,6 +31,8 @@ import numpy as np
 
 from tokenmill.models.errors import UserError
 from tokenmill.pipeline.tokens.dataset import TokenDataset
+from tokenmill.pipeline.tokens.node_cache import default_folder
+from tokenmill.pipeline.tokens.prefetch import prefetch
 
 MIB = 1 << 20
 
@@ -33,7 +40,9 @@ MIB = 1 << 20
 def open_split(data, split: str, num_classes: int) -> TokenDataset:
     """The split as the prior's sequences: [BOS, class token (when num_classes > 0), codes...]."""
     return TokenDataset(data.store, split, add_bos=True, class_token=num_classes > 0, num_classes=num_classes,
-                        storage_options=data.storage_options, cache_bytes=int(data.cache_mb * MIB))
+                        storage_options=data.storage_options, cache_bytes=int(data.cache_mb * MIB),
+                        read_threads=data.read_threads, node_cache_dir=data.node_cache_dir or default_folder(),
+                        node_cache_bytes=int(data.node_cache_mb * MIB))
 
 
 @dataclass(frozen=True)
@@ -107,11 +116,14 @@ class Partition:
 
 class TrainBatches:
     """This rank's training batches, epoch by epoch: `epoch(e, start)` yields (batch index,
-    {"tokens": (B, prefix + N) int64, "labels": (B,) int64}) from batch `start` on."""
+    {"tokens": (B, prefix + N) int64, "labels": (B,) int64}) from batch `start` on, read
+    `prefetch_batches` ahead by a background thread (`pipeline.tokens.prefetch`; the same batches
+    in the same order) that owns the dataset while the epoch's iterator is open."""
 
     def __init__(self, dataset: TokenDataset, split: str, rank: int, world_size: int, batch_size: int,
-                 seed: int, window_chunks: int):
+                 seed: int, window_chunks: int, prefetch_batches: int = 0):
         self.dataset, self.rank, self.seed, self.window_chunks = dataset, rank, seed, window_chunks
+        self.prefetch_batches = prefetch_batches
         self.partition = Partition(len(dataset), world_size, batch_size)
         if self.partition.batches_per_epoch == 0:
             raise UserError(f"the {split!r} split has {len(dataset)} items, fewer than one global batch "
@@ -122,6 +134,9 @@ class TrainBatches:
         return epoch_order(len(self.dataset), self.seed, epoch, self.chunk_of, self.window_chunks)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+        yield from prefetch(self._read(epoch, start), self.prefetch_batches, name=f"prior-batches-rank{self.rank}")
+
+    def _read(self, epoch: int, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         order = self.order(epoch)
         for batch in range(start, self.partition.batches_per_epoch):
             indices = self.partition.rank_batch(order, batch, self.rank)

@@ -10,7 +10,9 @@ another each epoch (`set_epoch`, seeded by `seed`).
 
 Reads are whole chunks (`pipeline.tokens.store_rows`): when the split's tokens fit in
 `cache_bytes` they are read once (whole Zarr shards, the fastest path) into one array;
-otherwise an LRU cache of inner chunks serves random access. Nothing is read at construction
+otherwise an LRU cache of inner chunks serves random access, the chunks one batch misses read on
+`read_threads` threads at once and, for a remote store, through a folder shared by the node's
+ranks (`node_cache_dir`, at most `node_cache_bytes`; `pipeline.tokens.node_cache`). Nothing is read at construction
 beyond the small shard table and labels, and the cache is not pickled, so DataLoader workers
 each fill their own.
 """
@@ -30,9 +32,11 @@ class TokenDataset(StoreRows):
     def __init__(
         self, store_url: str, split: str | None = "train", *, add_bos: bool = False, class_token: bool = False,
         num_classes: int | None = None, storage_options: dict[str, Any] | None = None,
-        cache_bytes: int = 1 << 30, seed: int = 0,
+        cache_bytes: int = 1 << 30, seed: int = 0, read_threads: int = 1, node_cache_dir: str | None = None,
+        node_cache_bytes: int = 0,
     ):
-        super().__init__(store_url, split, storage_options, cache_bytes, seed)
+        super().__init__(store_url, split, storage_options, cache_bytes, seed, read_threads=read_threads,
+                         node_cache_dir=node_cache_dir, node_cache_bytes=node_cache_bytes)
         self.codebook_size = max(s["codebook_size"] for s in self.specs)
         self.add_bos, self.class_token = add_bos, class_token
         self.num_classes = num_classes if num_classes is not None else self._max_label + 1
@@ -56,13 +60,16 @@ class TokenDataset(StoreRows):
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """Stacked items: tokens int64 (B, seq_len), labels int64 (B,). The fast path for a
         sampler's index batch."""
-        indices, levels, labels = self.read(indices)
-        codes = np.concatenate([lv.reshape(len(indices), -1) for lv in levels], axis=1).astype(np.int64)
-        prefix = []
+        if self.variants == 1:  # flat rows already are the levels' codes concatenated in store order
+            _, codes, labels = self.read_rows(indices)
+        else:
+            indices, levels, labels = self.read(indices)
+            codes = np.concatenate([lv.reshape(len(indices), -1) for lv in levels], axis=1)
+        prefix = int(self.add_bos) + int(self.class_token)
+        tokens = np.empty((len(labels), prefix + codes.shape[1]), dtype=np.int64)  # (B, seq_len)
+        tokens[:, prefix:] = codes  # the one widening copy (a concatenate would copy twice)
         if self.add_bos:
-            prefix.append(np.full((len(indices), 1), self.codebook_size, dtype=np.int64))
+            tokens[:, 0] = self.codebook_size
         if self.class_token:
-            classes = np.where(labels >= 0, labels, self.num_classes)
-            prefix.append((self.codebook_size + self.add_bos + classes)[:, None])
-        tokens = np.concatenate([*prefix, codes], axis=1) if prefix else codes
+            tokens[:, int(self.add_bos)] = self.codebook_size + self.add_bos + np.where(labels >= 0, labels, self.num_classes)
         return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}

@@ -14,6 +14,7 @@ epoch (`set_epoch`) sees other variants. Only torch, zarr and numpy are imported
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ import torch
 
 from tokenmill.models.errors import UserError
 from tokenmill.pipeline.tokens.chunk_cache import ChunkCache
+from tokenmill.pipeline.tokens.node_cache import NodeChunkCache, store_namespace
+from tokenmill.pipeline.tokens.objects import is_local
 from tokenmill.pipeline.tokens.store import TokenStore
 
 
@@ -45,11 +48,19 @@ class StoreRows(torch.utils.data.Dataset):
     attributes) with `_select_specs` and build items from `read(indices)`."""
 
     def __init__(self, store_url: str, split: str | None, storage_options: dict[str, Any] | None,
-                 cache_bytes: int, seed: int = 0):
+                 cache_bytes: int, seed: int = 0, *, read_threads: int = 1, node_cache_dir: str | None = None,
+                 node_cache_bytes: int = 0):
         self.store = TokenStore(store_url, storage_options)
+        self.read_threads = read_threads
+        # The node-local chunk cache only where a chunk is costly to fetch: a store on another machine.
+        self.node_cache = None
+        if node_cache_dir and node_cache_bytes > 0 and not is_local(self.store.fs):
+            with contextlib.suppress(OSError):  # a folder this user cannot write: every rank fetches for itself
+                self.node_cache = NodeChunkCache(node_cache_dir, node_cache_bytes)
         attrs = self.store.attrs()
         if attrs.get("tokenmill", {}).get("state") != "complete":
             raise UserError(f"{store_url} is not a finished token store; rerun `tokenmill tokenize` to complete it")
+        self._attrs = attrs
         self.lineage = attrs.get("lineage", {})
         self.variants = store_variants(self.lineage)
         self.specs = self._select_specs(store_url, attrs["arrays"])
@@ -88,13 +99,22 @@ class StoreRows(torch.utils.data.Dataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_rows_all": None, "_chunks": None}
 
+    def read_rows(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Item indices -> (indices in [0, len), flat rows (B, width) in the store's dtype, labels (B,)).
+        The hot path of every batch: one `take` per array, no per-spec Python."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.resident:
+            flat = self._resident().take(indices, axis=0)  # IndexError when out of range; negatives wrap
+        else:
+            indices = self._in_range(indices)
+            flat = self._chunk_cache().gather(self._rows(indices))
+        if indices.size and indices.min() < 0:
+            indices = indices + len(self)
+        return indices, flat, self.labels.take(indices)
+
     def read(self, indices) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """Item indices -> (indices in range, one (B, *item_shape) array per spec, labels (B,))."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
-            raise IndexError(f"index out of range for {len(self)} items")
-        indices = indices % max(len(self), 1)
-        flat = self._resident()[indices] if self.resident else self._chunk_cache().gather(self._rows(indices))
+        indices, flat, labels = self.read_rows(indices)
         variant = variant_of(self.seed, self.epoch, indices, self.variants) if self.variants > 1 else None
         arrays, offset = [], 0
         for spec in self.specs:
@@ -102,7 +122,15 @@ class StoreRows(torch.utils.data.Dataset):
             part = flat[:, offset : offset + width].reshape(len(indices), *spec["row_shape"])
             arrays.append(part[np.arange(len(indices)), variant] if variant is not None else part)
             offset += width
-        return indices, arrays, self.labels[indices]
+        return indices, arrays, labels
+
+    def _in_range(self, indices: np.ndarray) -> np.ndarray:
+        if not indices.size:
+            return indices
+        low, high = indices.min(), indices.max()
+        if low < -len(self) or high >= len(self):
+            raise IndexError(f"index out of range for {len(self)} items")
+        return indices + len(self) * (indices < 0) if low < 0 else indices
 
     # -- reading ----------------------------------------------------------------------------
     def _rows(self, indices: np.ndarray) -> np.ndarray:
@@ -132,10 +160,16 @@ class StoreRows(torch.utils.data.Dataset):
             width = sum(int(np.prod(spec["row_shape"])) for spec in self.specs)
             dtype = np.result_type(*(arr.dtype for arr in arrays))
 
-            def load(chunk: int) -> np.ndarray:  # (chunk_rows, width), fewer rows for the last chunk
+            def fetch(chunk: int) -> np.ndarray:  # (chunk_rows, width), fewer rows for the last chunk
                 span = slice(chunk * chunk_rows, (chunk + 1) * chunk_rows)
                 return np.concatenate([arr[span].reshape(-1, int(np.prod(arr.shape[1:]))) for arr in arrays], axis=1)
 
+            prefix = store_namespace(self.store.url, [spec["name"] for spec in self.specs], self._attrs)
+
+            def load(chunk: int) -> np.ndarray:  # through the node's shared folder when there is one
+                node = self.node_cache
+                return fetch(chunk) if node is None else node.get(f"{prefix}-{chunk}", lambda: fetch(chunk))
             slots = max(1, self.cache_bytes // (chunk_rows * width * dtype.itemsize))
-            self._chunks = ChunkCache(load, -(-rows // chunk_rows), chunk_rows, width, dtype, slots)
+            self._chunks = ChunkCache(load, -(-rows // chunk_rows), chunk_rows, width, dtype, slots,
+                                      self.read_threads)
         return self._chunks

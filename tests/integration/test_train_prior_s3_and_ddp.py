@@ -28,20 +28,26 @@ def store(tmp_path_factory) -> str:
     return prior_store(tmp_path_factory.mktemp("prior-store"))
 
 
-def test_a_store_on_s3_reads_the_same_batches_resident_and_streaming(store, s3_server, s3_bucket):
-    """`data.store` may be any fsspec URL: the same store on the S3 server gives the same batches."""
+def test_a_store_on_s3_reads_the_same_batches_resident_and_streaming(store, s3_server, s3_bucket, tmp_path):
+    """`data.store` may be any fsspec URL: the same store on the S3 server gives the same batches,
+    read ahead by a thread, streamed chunks kept in the node's shared folder."""
     import s3fs
 
     options = s3_server["storage_options"]
     s3fs.S3FileSystem(**options).put(store, f"{s3_bucket}/tokens.zarr", recursive=True)
     local = prior_data.open_split(PriorDataSection(store=store), "train", 7)
     for cache_mb in (1024, 1e-6):  # resident, then chunk-cached reads over S3
-        remote = prior_data.open_split(
-            PriorDataSection(store=f"{s3_bucket}/tokens.zarr", storage_options=options, cache_mb=cache_mb), "train", 7)
+        remote = prior_data.open_split(PriorDataSection(
+            store=f"{s3_bucket}/tokens.zarr", storage_options=options, cache_mb=cache_mb,
+            node_cache_dir=str(tmp_path / "node")), "train", 7)
         assert remote.resident == (cache_mb > 1)
-        stream = prior_data.TrainBatches(remote, "train", 1, 2, 4, seed=0, window_chunks=2)
+        stream = prior_data.TrainBatches(remote, "train", 1, 2, 4, seed=0, window_chunks=2, prefetch_batches=2)
+        read = []
         for _, batch in stream.epoch(0):
             assert np.array_equal(batch["tokens"], local.batch(batch["indices"])["tokens"])
+            read.append(batch["indices"])
+    touched = np.unique(stream.chunk_of[np.concatenate(read)])  # one file per chunk the streamed reads needed
+    assert len(list((tmp_path / "node").glob("*.npy"))) == len(touched) > 0
 
 
 # -- 2-worker DDP on local Ray ---------------------------------------------------------------------

@@ -57,6 +57,12 @@ def test_chunk_cache_path_equals_the_resident_path(store):
     assert resident.resident and not chunked.resident
     idx = np.random.default_rng(0).integers(0, len(resident), 100)
     torch.testing.assert_close(resident.batch(idx), chunked.batch(idx))
+    n = len(resident)
+    for ds in (resident, chunked):  # negative items count from the end; out of range is an IndexError
+        torch.testing.assert_close(ds.batch([-1, -n]), resident.batch([n - 1, 0]))
+        for bad in ([n], [-n - 1]):
+            with pytest.raises(IndexError):
+                ds.batch(bad)
 
 
 def test_distributed_sampler_and_dataloader_cover_every_item_once(store):

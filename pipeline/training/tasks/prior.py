@@ -90,7 +90,8 @@ class PriorTask(Task):
         classes = self.model_fields["num_classes"]
         train = prior_data.open_split(data, data.train_split, classes)
         self.train = prior_data.TrainBatches(train, data.train_split, context.rank, context.world_size,
-                                             loop.batch_size, loop.seed, data.shuffle_window_chunks)
+                                             loop.batch_size, loop.seed, data.shuffle_window_chunks,
+                                             data.prefetch_batches)
         self.val = prior_data.open_split(data, data.val_split, classes)
         self.decoder = None  # rank 0, when it draws sample grids: the store's tokenizer
         if context.rank == 0 and loop.sample_every != 0:
