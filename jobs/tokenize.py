@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "fp16 is refused for a diffusers VAE that sets force_upcast (default %(default)s)")
     parser.add_argument("--decode-threads", type=cli_type("decode_threads"), default=None,
                         help="image decode threads (= CPUs reserved) per actor (default: 1 on CPU, "
-                             "the node's CPUs per GPU up to 4 on GPU)")
+                             "on GPU the node's CPUs per GPU)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ "
                         "(default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db)")
     add_json_option(parser)

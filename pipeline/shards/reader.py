@@ -16,7 +16,7 @@ Damage to the tar ends the shard with one ShardError; every sample read before i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -65,17 +65,28 @@ def read_shard(url: str, decode: Decoder | None, storage_options: dict | None = 
 
 def read_shard_threaded(url: str, decode: Decoder, threads: int, storage_options: dict | None = None,
                         window: int = 256) -> Iterator[ShardSample | ShardError]:
-    """`read_shard`, with images decoded by `threads` threads (PIL, libspng and libjpeg-turbo
-    release the GIL): the same items in the same order. One thread reads the tar; decoding runs
-    `window` samples at a time, so memory stays at one window of compressed bytes and pixels."""
-    if threads <= 1:
-        yield from read_shard(url, decode, storage_options)
-        return
-    from concurrent.futures import ThreadPoolExecutor
+    """`read_shard`, with images decoded by `threads` threads: the same items in the same order
+    (`read_shards_threaded` of one shard)."""
+    for _, item in read_shards_threaded([url], decode, threads, storage_options, ahead=window):
+        yield item
 
-    def finish(item: ShardSample | ShardError) -> ShardSample | ShardError:
-        if isinstance(item, ShardError):
-            return item
+
+def read_shards_threaded(urls: list[str], decode: Decoder, threads: int, storage_options: dict | None = None,
+                         ahead: int = 256) -> Iterator[tuple[int, ShardSample | ShardError]]:
+    """(position in `urls`, item) of every shard in turn, as `read_shard` gives them, with images
+    decoded by `threads` threads (PIL, libspng and libjpeg-turbo release the GIL). The caller's
+    thread reads the tars and keeps up to `ahead` samples submitted to the decoders, continuously
+    and across shard boundaries (no per-window or per-shard stall); memory stays at `ahead`
+    samples of compressed bytes and pixels."""
+    if threads <= 1:
+        for position, url in enumerate(urls):
+            for item in read_shard(url, decode, storage_options):
+                yield position, item
+        return
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    def finish(url: str, item: ShardSample) -> ShardSample | ShardError:
         found = Sample(item.key, item.members).image_member()  # read_shard without a decoder checked it exists
         try:
             item.pixels = decode(item.key, *found)
@@ -83,14 +94,25 @@ def read_shard_threaded(url: str, decode: Decoder, threads: int, storage_options
             return ShardError(url, item.key, str(err))
         return item
 
+    queued: deque[tuple[int, Future | ShardError]] = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
-        window_items: list[ShardSample | ShardError] = []
-        for item in read_shard(url, None, storage_options):
-            window_items.append(item)
-            if len(window_items) == window:
-                yield from pool.map(finish, window_items)
-                window_items = []
-        yield from pool.map(finish, window_items)
+        try:
+            for position, url in enumerate(urls):
+                for item in read_shard(url, None, storage_options):
+                    queued.append((position, item if isinstance(item, ShardError) else pool.submit(finish, url, item)))
+                    while len(queued) > ahead:
+                        yield _resolved(queued.popleft())
+            while queued:
+                yield _resolved(queued.popleft())
+        finally:  # closed early: queued decodes are dropped, not waited for
+            for _, pending in queued:
+                if isinstance(pending, Future):
+                    pending.cancel()
+
+
+def _resolved(entry: tuple[int, Any]) -> tuple[int, ShardSample | ShardError]:
+    position, pending = entry
+    return position, pending if isinstance(pending, ShardError) else pending.result()
 
 
 def pixels_decoder(transform: TransformConfig, seed: int = 0, epoch: int = 0) -> Decoder:

@@ -134,7 +134,8 @@ def _run_actors(pending: list[WorkUnit], store: TokenStore, rows_per_zarr_shard:
     quiet_ray_data_logs()
     # The driver may sit on a CPU head node: decide from the cluster, not from this process's torch.
     plan = plan_pool(ray.cluster_resources(), len(pending), gpus=options.gpus, actors=options.actors,
-                     decode_threads=options.decode_threads, local_cores=local_cores())
+                     decode_threads=options.decode_threads, local_cores=local_cores(),
+                     nodes=[n["Resources"] for n in ray.nodes() if n.get("Alive")])
     items = [{"unit": json.dumps(u.to_json())} for u in pending]
     fault_env = faults.env_vars()  # tests: actors do not inherit this process's environment
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-DEFAULT_GPU_DECODE_THREADS = 4  # decode threads (CPUs reserved) per GPU actor unless the node says otherwise
+SCALED_TO_ZERO_DECODE_THREADS = 4  # per GPU actor while no GPU node is up to say how many CPUs it has
 
 
 @dataclass(frozen=True)
@@ -33,27 +33,41 @@ class PoolPlan:
     decode_threads: int
 
     def strategy_kwargs(self) -> dict[str, int]:
-        """Keyword arguments of `ray.data.ActorPoolStrategy`."""
-        if self.min_size == self.max_size:
-            return {"size": self.max_size}
-        return {"min_size": self.min_size, "max_size": self.max_size, "initial_size": self.initial_size}
+        """Keyword arguments of `ray.data.ActorPoolStrategy`. One work unit in flight per actor:
+        a unit is seconds to minutes of work, so a queue per actor only makes a tail (the last
+        actors finishing their queued units while the others idle)."""
+        sizes = {"size": self.max_size} if self.min_size == self.max_size else {
+            "min_size": self.min_size, "max_size": self.max_size, "initial_size": self.initial_size}
+        return {**sizes, "max_tasks_in_flight_per_actor": 1}
+
+
+def cpus_per_gpu(nodes: list[Mapping[str, float]]) -> int | None:
+    """The fewest CPUs per GPU of the GPU nodes among `nodes` (each node's resources, as
+    `ray.nodes()[i]["Resources"]`), so an actor of that many CPUs fits on every one; None when
+    no GPU node is up."""
+    ratios = [int(n.get("CPU", 0)) // int(n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1]
+    return max(1, min(ratios)) if ratios else None
 
 
 def plan_pool(resources: Mapping[str, float], pending_shards: int, *, gpus: int | None = None,
-              actors: int | None = None, decode_threads: int | None = None, local_cores: int | None = None) -> PoolPlan:
+              actors: int | None = None, decode_threads: int | None = None, local_cores: int | None = None,
+              nodes: list[Mapping[str, float]] | None = None) -> PoolPlan:
     """The pool for `pending_shards` work units on a cluster with `resources` (cluster totals,
     as `ray.cluster_resources()`). `gpus`: None decides from the cluster, 0 forces CPU actors,
     N > 0 GPU actors up to N (also when the cluster shows none yet: scaled to zero). `actors`
     caps the pool (and on a CPU cluster scaled to zero sets how far it may grow). `local_cores`:
     the cores of this machine when Ray is the local instance, whose logical CPUs over-subscribe
-    them (one actor per logical CPU there is ~30% slower); None on a real cluster."""
+    them (one actor per logical CPU there is ~30% slower); None on a real cluster. `nodes`: each
+    node's resources; a GPU actor's decode threads are its node's CPUs per GPU (`cpus_per_gpu`)."""
     cluster_gpus = int(resources.get("GPU", 0))
     cluster_cpus = max(1, int(resources.get("CPU", 1)))
     use_gpu = cluster_gpus > 0 if gpus is None else gpus > 0
     work = max(1, pending_shards)
     if use_gpu:
-        # Decode threads feed the device: the node's CPUs per GPU, up to a sensible default.
-        threads = decode_threads or max(1, min(DEFAULT_GPU_DECODE_THREADS, cluster_cpus // max(1, cluster_gpus)))
+        # Decode threads feed the device: all of the node's CPUs per GPU (a GPU encodes faster than
+        # a few cores decode); without a GPU node to ask, the cluster's ratio, at most the default.
+        threads = decode_threads or cpus_per_gpu(nodes or []) or max(
+            1, min(SCALED_TO_ZERO_DECODE_THREADS, cluster_cpus // max(1, cluster_gpus)))
         ceiling = gpus if gpus else cluster_gpus
         fit_now = cluster_gpus
         num_cpus = threads

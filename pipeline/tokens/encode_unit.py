@@ -1,26 +1,36 @@
-"""One work unit of `tokenize`: read its input shards in turn, decode, encode, write their rows,
-then the unit's marker.
+"""One work unit of `tokenize`: read its input shards, decode, encode, write their rows, then
+the unit's marker. Three stages run at once, each on its own thread, joined by bounded queues:
 
-A reader thread streams the tar and decodes images into batches while the caller's thread runs
-the model on the previous batch (PIL and torch both release the GIL), so decoding overlaps
-encoding and memory stays at a few batches plus one Zarr shard, whatever the shard's size.
+    read + decode   (`unit_batches` in a `prefetch` thread; decode threads from `read_shards_threaded`):
+                    one continuous read-ahead over all the unit's input shards, no stall at a
+                    shard boundary -> Batch ... ShardEnd, Batch ... ShardEnd
+    encode          (the caller's thread): launches batch i+1 (`start_encode`: pinned,
+                    non-blocking copies on CUDA) before batch i's rows are read
+    write           (`UnitWriter`'s thread): reads batch i's rows, counts codes, writes whole
+                    Zarr shards; `close()` waits for every write
+
+The marker (the commit) is written only after the writer has closed the region, so a unit is
+exactly once and resumable as before. Memory stays at a few batches plus one Zarr shard,
+whatever the shard's size.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
 from tokenmill.pipeline.runtime import faults
 from tokenmill.pipeline.shards.images import TransformConfig
-from tokenmill.pipeline.shards.reader import good_samples, pixels_decoder, read_shard_threaded, sample_batches
-from tokenmill.pipeline.tokens import store_code_stats
+from tokenmill.pipeline.shards.reader import good_samples, pixels_decoder, read_shards_threaded, sample_batches
+from tokenmill.pipeline.tokens.encoder import start_encode
 from tokenmill.pipeline.tokens.layout import WorkUnit
 from tokenmill.pipeline.tokens.store import TokenStore
+from tokenmill.pipeline.tokens.unit_writer import UnitWriter
 
 PREFETCH_BATCHES = 2
 
@@ -33,41 +43,69 @@ class Batch:
 
 
 @dataclass
-class DecodedShard:
-    """Batches of one shard in tar order; `corrupt` holds {"shard", "key", "reason"} of skipped samples."""
+class ShardEnd:
+    """Every batch of an input shard came before this; `corrupt`: its skipped samples
+    ({"shard", "key", "reason"})."""
 
-    url: str
-    transform: TransformConfig
-    batch_size: int
-    storage_options: dict[str, Any]
-    decode_threads: int = 1  # > 1: a thread pool decodes (GPU actors: keeps the device fed)
-    corrupt: list[dict[str, str]] = field(default_factory=list)
+    corrupt: list[dict[str, str]]
 
-    def batches(self) -> Iterator[Batch]:
-        items = read_shard_threaded(self.url, pixels_decoder(self.transform), self.decode_threads, self.storage_options,
-                                    window=max(self.batch_size, 64))
-        for images, labels, keys in sample_batches(good_samples(items, self.corrupt), self.batch_size):
+
+def unit_batches(urls: list[str], transform: TransformConfig, batch_size: int, storage_options: dict[str, Any],
+                 decode_threads: int = 1) -> Iterator[Batch | ShardEnd]:
+    """Batches of each input shard in tar order (a batch never spans two shards), each shard
+    closed by its ShardEnd (also a shard with no good sample)."""
+    items = read_shards_threaded(urls, pixels_decoder(transform), decode_threads, storage_options,
+                                 ahead=2 * max(batch_size, 64))
+    ended = 0
+    for position, group in itertools.groupby(items, key=lambda entry: entry[0]):
+        for _ in range(ended, position):  # shards with no item at all (empty tars)
+            yield ShardEnd([])
+        corrupt: list[dict[str, str]] = []
+        for images, labels, keys in sample_batches(good_samples((item for _, item in group), corrupt), batch_size):
             yield Batch(images, labels, keys)
+        yield ShardEnd(corrupt)
+        ended = position + 1
+    for _ in range(ended, len(urls)):
+        yield ShardEnd([])
 
 
-def prefetch(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterator[Batch]:
-    """Run `batches` in a thread, `depth` batches ahead; re-raises its exception here."""
+def prefetch(items: Iterator, depth: int = PREFETCH_BATCHES) -> Iterator:
+    """Run `items` in a thread, `depth` items ahead; re-raises its exception here. Closing this
+    generator early (the consumer failed) stops and joins the thread."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
-            for batch in batches:
-                slots.put(batch)
-            slots.put(done)
+            for item in items:
+                if not offer(item):
+                    break
+            else:
+                offer(done)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            slots.put(err)
+            offer(err)
+        finally:
+            getattr(items, "close", lambda: None)()  # ends the decode pool of an abandoned read
 
-    threading.Thread(target=produce, daemon=True, name="shard-decode").start()
-    while (item := slots.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=produce, daemon=True, name="shard-decode")
+    thread.start()
+    try:
+        while (item := slots.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def encode_unit(
@@ -77,22 +115,19 @@ def encode_unit(
     """Encode every good sample of the unit's input shards into their rows, then write the
     unit's marker; returns each input shard's result (rows, corrupt, code_counts). `worker`
     (e.g. {"node": Ray node id}) is recorded in the marker."""
-    writer = store.writer(unit, rows_per_zarr_shard, encoder.specs)
-    results = []
-    for shard in unit.shards:
-        source = DecodedShard(shard.url, encoder.transform, batch_size, storage_options, decode_threads)
-        counts = {s.name: np.zeros(s.codebook_size, dtype=np.int64) for s in encoder.specs if s.codebook_size}
-        for batch in prefetch(source.batches()):
-            rows = encoder.encode(batch.images, batch.labels, batch.keys)  # keys seed per-sample draws
-            for name in counts:
-                counts[name] += store_code_stats.count_codes(rows[name], len(counts[name]))
-            writer.append({**rows, "keys": np.array(batch.keys, dtype=object), "labels": batch.labels})
-        results.append({
-            "rows": writer.end_shard(),
-            "corrupt": source.corrupt,
-            "code_counts": {name: store_code_stats.to_sparse(c) for name, c in counts.items()},
-        })
-    writer.close()
+    writer = UnitWriter(store.writer(unit, rows_per_zarr_shard, encoder.specs), encoder.specs)
+    batches = prefetch(unit_batches([s.url for s in unit.shards], encoder.transform, batch_size, storage_options,
+                                    decode_threads))
+    try:
+        for item in batches:
+            if isinstance(item, ShardEnd):
+                writer.end_shard(item.corrupt)
+            else:  # keys seed per-sample draws
+                writer.put(start_encode(encoder, item.images, item.labels, item.keys), item.labels, item.keys)
+        results = writer.close()
+    finally:  # on an error: no thread of this unit keeps running, nothing is committed
+        batches.close()
+        writer.abort()
     faults.hit("tokenize.before_marker", unit=unit.index)  # tests: die at the worst moment
     store.write_marker(unit, results, worker)
     return results

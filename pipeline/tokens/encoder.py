@@ -53,11 +53,50 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def to_host(outputs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Device outputs -> CPU tensors: non-blocking copies, then one wait for all of them."""
-    cuda = device.type == "cuda"
-    host = [out.to("cpu", non_blocking=cuda) for out in outputs]
-    if cuda:
-        torch.cuda.current_stream(device).synchronize()
-    return host
+    return PendingRows(None, outputs, device, []).host()
+
+
+class PendingRows:
+    """A batch whose encoding was launched (`TokenEncoder.start`) and whose rows are not read yet.
+    On CUDA the outputs travel to pinned host memory without blocking and an event marks their
+    arrival: `rows()` waits for that batch alone, so the next batch's copy and kernels are already
+    queued behind it (double buffering); on the CPU the work is already done."""
+
+    def __init__(self, specs, outputs: list[torch.Tensor], device: torch.device, keep: list[torch.Tensor]):
+        self.specs, self.keep = specs, keep  # keep: pinned inputs, alive until their copy has run
+        cuda = device.type == "cuda"
+        self.outputs = [o.to("cpu", non_blocking=cuda) for o in outputs]
+        self.event = None
+        if cuda:
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(device))
+
+    def host(self) -> list[torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()  # this batch's copies only; later batches keep running
+        self.keep = []
+        return self.outputs
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """{array name: numpy rows (B, ...)} in the store's dtypes."""
+        return {spec.name: out.numpy().astype(spec.dtype) for spec, out in zip(self.specs, self.host())}
+
+
+class Done:
+    """`PendingRows` of an encoder without `start` (adapters): rows computed already."""
+
+    def __init__(self, rows: dict[str, np.ndarray]):
+        self._rows = rows
+
+    def rows(self) -> dict[str, np.ndarray]:
+        return self._rows
+
+
+def start_encode(encoder, images: np.ndarray, labels: np.ndarray, keys: list[str]):
+    """`encoder.start(...)` when it has one (launches, returns `PendingRows`), else its `encode`."""
+    if hasattr(encoder, "start"):
+        return encoder.start(images, labels, keys)
+    return Done(encoder.encode(images, labels, keys))
 
 
 class TokenEncoder:
@@ -80,6 +119,7 @@ class TokenEncoder:
             raise UserError(f"{files.uri} is a {self.meta['class']} without codes; pass --latents for VAE models")
         self.transform = model_transform(self.meta)
         self.specs = self._probe_specs()
+        self.copy_stream = None  # CUDA: the side stream of host->device copies (made on first use)
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -110,7 +150,30 @@ class TokenEncoder:
         return [ArraySpec(n, tuple(o.shape[1:]), codes_dtype(int(k)), int(k)) for n, o, k in zip(names, outputs, sizes)]
 
     def encode(self, images: np.ndarray, labels: np.ndarray, keys: list[str] | None = None) -> dict[str, np.ndarray]:
-        x, y = to_device(torch.from_numpy(images), self.device), to_device(torch.from_numpy(labels), self.device)
+        return self.start(images, labels, keys).rows()
+
+    def start(self, images: np.ndarray, labels: np.ndarray, keys: list[str] | None = None) -> PendingRows:
+        """Launch the encoding of images uint8 (B, H, W, C) and labels int64 (B,); on CUDA nothing
+        here waits for the device (pinned, non-blocking copies in both directions)."""
+        host = [torch.from_numpy(images), torch.from_numpy(labels)]
+        if self.device.type == "cuda":
+            host = [t.pin_memory() for t in host]
+        x, y = self._upload(host)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W), NHWC in memory: channels_last
-        host = to_host(self._forward(x, y.clamp(min=0)), self.device)  # conditional VAEs need a class id
-        return {spec.name: out.numpy().astype(spec.dtype) for spec, out in zip(self.specs, host)}
+        outputs = self._forward(x, y.clamp(min=0))  # conditional VAEs need a class id
+        return PendingRows(self.specs, outputs, self.device, host)
+
+    def _upload(self, host: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host tensors onto the device. On CUDA the copies run on a side stream, so the copy of
+        batch i+1 overlaps the kernels of batch i; the compute stream waits for them."""
+        if self.device.type != "cuda":
+            return [t.to(self.device) for t in host]
+        if self.copy_stream is None:
+            self.copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self.copy_stream):
+            moved = [t.to(self.device, non_blocking=True) for t in host]
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.copy_stream)
+        for t in moved:  # allocated on the copy stream, used on the compute stream
+            t.record_stream(compute)
+        return moved

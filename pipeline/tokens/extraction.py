@@ -128,8 +128,25 @@ class Augmented:
 
     def encode(self, images: np.ndarray, labels: np.ndarray, keys: list[str] | None = None) -> dict[str, np.ndarray]:
         keys = list(keys) if keys is not None else [str(i) for i in range(len(images))]
-        variants = [(images, keys), (np.ascontiguousarray(images[:, :, ::-1]), [f"{k}#flip" for k in keys])]
-        rows = [self.inner.encode(view, labels, view_keys) for view, view_keys in variants]
+        return self.start(images, labels, keys).rows()
+
+    def start(self, images: np.ndarray, labels: np.ndarray, keys: list[str]) -> "AugmentedRows":
+        """`encode`, launched: both variants are queued before either is read."""
+        from tokenmill.pipeline.tokens.encoder import start_encode
+
+        flipped = np.ascontiguousarray(images[:, :, ::-1])
+        return AugmentedRows([start_encode(self.inner, images, labels, list(keys)),
+                              start_encode(self.inner, flipped, labels, [f"{k}#flip" for k in keys])])
+
+
+class AugmentedRows:
+    """The launched variants of one batch; `rows()` stacks them along axis 1 as `encode` does."""
+
+    def __init__(self, pending: list):
+        self.pending = pending
+
+    def rows(self) -> dict[str, np.ndarray]:
+        rows = [p.rows() for p in self.pending]
         return {name: np.stack([r[name] for r in rows], axis=1) for name in rows[0]}
 
 

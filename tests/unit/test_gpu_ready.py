@@ -13,15 +13,20 @@ from tokenmill.pipeline.tokenize.pool import plan_pool
 
 
 def test_pool_follows_the_cluster_not_the_driver():
-    # KubeRay: a CPU head (the driver) and two GPU workers of 8 CPUs each -> GPU actors, 4 decode threads.
-    plan = plan_pool({"CPU": 16, "GPU": 2}, pending_shards=100)
-    assert (plan.num_gpus, plan.min_size, plan.max_size, plan.initial_size) == (1, 1, 2, 2)
+    # KubeRay: a CPU head (the driver) and two GPU workers of 8 CPUs and 2 GPUs each -> GPU
+    # actors, each decoding with its node's CPUs per GPU; without the nodes, the cluster's ratio up to 4.
+    nodes = [{"CPU": 2}, {"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}]
+    plan = plan_pool({"CPU": 18, "GPU": 4}, pending_shards=100, nodes=nodes)
+    assert (plan.num_gpus, plan.min_size, plan.max_size, plan.initial_size) == (1, 1, 4, 4)
     assert plan.num_cpus == plan.decode_threads == 4
+    assert plan_pool({"CPU": 66, "GPU": 8}, 100, nodes=[{"CPU": 2}, {"CPU": 64, "GPU": 8}]).decode_threads == 8
+    assert plan_pool({"CPU": 66, "GPU": 8}, 100).decode_threads == 4
+    assert plan_pool({"CPU": 66, "GPU": 8}, 100, nodes=[{"CPU": 64, "GPU": 8}], decode_threads=2).num_cpus == 2
     # Scaled to zero: the head alone, no GPU yet. `--gpus 8` asks for GPU actors that the
     # autoscaler adds nodes for; the pool starts at one and may grow to eight.
     plan = plan_pool({"CPU": 2}, pending_shards=100, gpus=8)
     assert plan.num_gpus == 1 and (plan.min_size, plan.initial_size, plan.max_size) == (1, 1, 8)
-    assert plan.strategy_kwargs() == {"min_size": 1, "max_size": 8, "initial_size": 1}
+    assert plan.strategy_kwargs() == {"min_size": 1, "max_size": 8, "initial_size": 1, "max_tasks_in_flight_per_actor": 1}
     # CPU cluster: one actor per CPU, autoscaling; `--actors` raises the ceiling beyond what is up now.
     plan = plan_pool({"CPU": 6}, pending_shards=100)
     assert (plan.num_gpus, plan.min_size, plan.max_size) == (0, 1, 6) and plan.num_cpus == 1
@@ -31,7 +36,7 @@ def test_pool_follows_the_cluster_not_the_driver():
     assert plan_pool({"CPU": 64, "GPU": 8}, pending_shards=100, gpus=0).num_gpus == 0
     # Local instance (logical CPUs over-subscribe 2 cores): a fixed pool of one actor per core.
     plan = plan_pool({"CPU": 4}, pending_shards=100, local_cores=2)
-    assert plan.strategy_kwargs() == {"size": 2}
+    assert plan.strategy_kwargs() == {"size": 2, "max_tasks_in_flight_per_actor": 1}
     # --decode-threads reserves that many CPUs per actor, so fewer CPU actors fit.
     plan = plan_pool({"CPU": 8}, pending_shards=100, decode_threads=4)
     assert (plan.max_size, plan.num_cpus, plan.decode_threads) == (2, 4, 4)
