@@ -12,7 +12,7 @@ kinds the same tokens; the model drops the BOS column.
 
 Training (`forward(tokens, return_loss=True)`): per row a mask ratio r = cos(pi/2 * u), u ~ U[0, 1)
 (the cosine schedule), ceil(r N) random codes replaced by MASK, and the cross-entropy over the
-masked codes only (nats per masked code). Label dropout swaps the class for the null token, as
+masked codes only (nats per masked code; `label_smoothing` on its targets in train mode). Label dropout swaps the class for the null token, as
 in the AR prior. In eval mode the masks come from a generator seeded with EVAL_MASK_SEED, so
 validation scores the same masks at every step.
 
@@ -44,7 +44,7 @@ from tokenmill.models.prior import (
     sample_logits,
     sampling_autocast,
 )
-from tokenmill.models.ranges import NonNegative, PositiveInt
+from tokenmill.models.ranges import Fraction, NonNegative, PositiveInt
 from tokenmill.models.serialization import register_model
 
 EVAL_MASK_SEED = 0  # eval-mode masks: the same for every validation, so val losses compare
@@ -56,6 +56,7 @@ class MaskGITConfig(PriorConfig):
     sample_steps: PositiveInt = 8  # parallel decoding steps when `sample` is given none
     mask_schedule: Literal["cosine"] = "cosine"  # masked fraction as a function of progress in [0, 1]
     choice_temperature: NonNegative = 4.5  # Gumbel noise on the confidences (MaskGIT's), annealed to 0
+    label_smoothing: Fraction = 0.0  # on the masked codes' targets, train mode only (MaskGIT trains with 0.1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +64,8 @@ class MaskGITConfig(PriorConfig):
             raise ValueError(f"sample_steps must be >= 1, got {self.sample_steps}")
         if self.choice_temperature < 0:
             raise ValueError(f"choice_temperature must be >= 0, got {self.choice_temperature}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     @property
     def mask(self) -> int:
@@ -167,7 +170,9 @@ class MaskGITPrior(nn.Module):
         h = self.hidden(inputs)[:, c.class_len :]  # (B, N, dim)
         # Every position's loss, weighted by the mask: indexing with `masked` would give a
         # data-dependent size (a host-device sync per step); every row masks >= 1 code.
-        per_code = F.cross_entropy(self.logits(h).float().flatten(0, 1), codes.flatten(), reduction="none")  # (B·N,)
+        smoothing = c.label_smoothing if self.training else 0.0  # validation scores the plain cross-entropy
+        per_code = F.cross_entropy(self.logits(h).float().flatten(0, 1), codes.flatten(), reduction="none",
+                                   label_smoothing=smoothing)  # (B·N,)
         weights = masked.flatten().float()  # (B·N,)
         return (per_code * weights).sum() / weights.sum()  # the mean over masked codes
 

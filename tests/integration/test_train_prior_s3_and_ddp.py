@@ -1,7 +1,8 @@
 """`tokenmill train-prior` against services: its store read from the S3 server gives the same
 batches resident and streaming, and a 2-worker DDP run on local Ray learns, resumes at the right
-batch and reads every training item exactly once per epoch across ranks. (The partition and the
-refusals before Ray: tests/unit/test_train_prior.py.)"""
+batch and reads every training item exactly once per epoch across ranks; the MaskGIT and VAR
+kinds each train once on two ranks too. (The partition and the refusals before Ray:
+tests/unit/test_train_prior.py; resume of each kind: tests/unit/test_masked_prior.py, test_var_prior.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 from helpers import CONFIGS
-from helpers.engine import PRIOR_K, prior_store
+from helpers.engine import PRIOR_K, multiscale_prior_store, prior_store
 
 from tokenmill.jobs.cli import main as cli_main
 from tokenmill.pipeline.prior import data as prior_data
@@ -51,11 +52,17 @@ def test_a_store_on_s3_reads_the_same_batches_resident_and_streaming(store, s3_s
 
 
 # -- 2-worker DDP on local Ray ---------------------------------------------------------------------
-def train(root: Path, store: str, *overrides: str) -> dict:
+def train(root: Path, store: str, *overrides: str, config: str = DEBUG_CONFIG) -> dict:
     out = root / f"summary-{len(list(root.glob('summary-*')))}.json"
     sets = [f"data.store={store}", f"run.root={root}", f"data.item_log={root / 'items'}", *overrides]
-    assert cli_main(["train-prior", DEBUG_CONFIG, *[a for o in sets for a in ("--set", o)], "--json", str(out)]) == 0
+    assert cli_main(["train-prior", config, *[a for o in sets for a in ("--set", o)], "--json", str(out)]) == 0
     return json.loads(out.read_text())
+
+
+def items_by_rank(root: Path) -> dict[int, list[int]]:
+    """rank -> the items it read (every epoch) in the item log under `root`."""
+    return {rank: [int(i) for line in (root / "items" / f"rank{rank}.txt").read_text().splitlines()
+                   for i in line.split()[2:]] for rank in (0, 1)}
 
 
 def test_ddp_prior_learns_resumes_and_reads_each_item_once_per_epoch(ray_local, store, tmp_path):
@@ -92,3 +99,26 @@ def test_ddp_prior_learns_resumes_and_reads_each_item_once_per_epoch(ray_local, 
     assert lineage["vocab"]["bos"] == K and lineage["grid"] == [[2, 2]]
     assert client.get_model_version(second["registered_model"], second["model_version"]).run_id == run_id
 
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "var"])
+def test_ddp_trains_a_maskgit_and_a_var_prior_on_two_ranks(ray_local, store, kind, tmp_path):
+    """The other two kinds under the same 2-worker DDP (no unused parameter stalls DDP's reducer):
+    each rank reads its own half of every global batch, validation learns below a uniform guess,
+    and the export is a prior of that kind with its lineage (MaskGIT's MASK token, VAR's scales)."""
+    from tokenmill.models import load_model
+    from tokenmill.pipeline.prior.lineage import read_prior_lineage
+
+    data = store if kind == "maskgit" else multiscale_prior_store(tmp_path / "scales")
+    summary = train(tmp_path, data, "train.steps=3", "train.sample_every=3", config=str(CONFIGS / f"debug_{kind}.yaml"))
+    metrics = summary["final_metrics"]
+    assert metrics["step"] == 3 and 0 < metrics["val/bits_per_token"] < np.log2(K), metrics  # uniform: 6 bits
+    ranks = items_by_rank(tmp_path)
+    assert len(ranks[0]) == len(ranks[1]) == 3 * 4 and not set(ranks[0]) & set(ranks[1])  # 3 steps of 4 per rank
+
+    prior = load_model(summary["model_dir"])
+    lineage = read_prior_lineage(summary["model_dir"])
+    assert prior.config.kind == kind and lineage["grid"] == prior.config.grid
+    assert (lineage["vocab"]["mask"] == K if kind == "maskgit" else lineage["grid"] == [[2, 2], [4, 4]]), lineage
+    client = mlflow.MlflowClient(summary["mlflow_tracking_uri"])
+    assert [a.path for a in client.list_artifacts(summary["mlflow_run_id"], "samples")] == ["samples/step_0000003.png"]

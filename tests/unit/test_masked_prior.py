@@ -126,6 +126,26 @@ def test_the_loss_counts_masked_codes_only_is_fixed_in_eval_mode_and_reaches_eve
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_label_smoothing_mixes_the_masked_targets_in_training_and_leaves_validation_plain():
+    """Smoothed cross-entropy is linear in epsilon: (1 - e) CE + e * mean_k(-log p_k), on the
+    same masks and label drops (one seed); eval mode scores the plain cross-entropy."""
+    model = _maskgit(label_dropout=0.5)
+    tokens = _tokens(model, [0, 1, 2, 0])
+    plain_eval = model.loss(tokens).item()
+    model.config.label_smoothing = 0.1
+    assert model.loss(tokens).item() == plain_eval
+    model.train()
+
+    def train_loss(smoothing: float) -> float:
+        model.config.label_smoothing = smoothing
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return model.loss(tokens).item()
+
+    plain, small, large = train_loss(0.0), train_loss(0.1), train_loss(0.5)
+    assert abs(small - plain) > 1e-3 and large - plain == pytest.approx(5 * (small - plain), rel=1e-4)
+
+
 def test_a_tiny_maskgit_prior_learns_a_toy_sequence_set():
     """Four fixed code sequences, one per class: the masked loss falls from ~ln K and
     conditional samples in 3 parallel steps reproduce each class's sequence."""
