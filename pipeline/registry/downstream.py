@@ -3,9 +3,10 @@ validation shards, and `prior_bits`, a downstream measure of how well a generato
 tokenizer's codes.
 
 prior_bits: the model tokenizes the validation shards (every split) into a store of its own, in
-this process (`pipeline.tokens.local_tokenize`); the engine's prior task trains a small prior on
-the store's `promotion.prior.train_split` for the fixed budget `promotion.prior`, in this process
-(one rank, no Ray, no MLflow, the same seed for every model), and its validation bits per code
+the scoring process (a Ray task under retrain: `pipeline.registry.scoring`), through
+`pipeline.tokens.local_tokenize`; the engine's prior task trains a small prior on the store's
+`promotion.prior.train_split` for the fixed budget `promotion.prior`, in that process (one rank,
+no Ray Train, no MLflow, the same seed for every model), and its validation bits per code
 token on `validation.split` is the metric. Fewer bits: codes a Transformer predicts better.
 
 rfid: the Frechet distance between FID-Inception features of the validation images and of their
