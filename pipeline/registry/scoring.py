@@ -56,12 +56,12 @@ def score_shards(model_ref: str, tracking_uri: str, config: RetrainConfig,
     parts = []
     for index, url in shards:
         torch.manual_seed(config.validation.seed + index)  # the IW samples of VAEs: same draws for every model
-        sums = image_validation.accumulate(model, _batches(url, config), config.validation.iw_samples).cpu()
+        sums = image_validation.accumulate(model, shard_batches(url, config), config.validation.iw_samples).cpu()
         part = ShardScore(index, sums)
         if lpips is not None:
-            part.lpips = downstream.lpips_sums(model, _batches(url, config), lpips)
+            part.lpips = downstream.lpips_sums(model, shard_batches(url, config), lpips)
         if inception is not None:
-            part.features = downstream.inception_features(model, _batches(url, config), inception)
+            part.features = downstream.inception_features(model, shard_batches(url, config), inception)
         parts.append(part)
     return parts
 
@@ -103,8 +103,8 @@ def score_on_workers(model_ref: str, tracking_uri: str,
 
     ensure_ray()
     scaling = config.scaling
-    resources = {"num_cpus": scaling.cpus_per_worker, "num_gpus": 1 if scaling.use_gpu else 0,
-                 "max_retries": 0}  # a failure is reported, not hidden: the retrain step fails with it
+    # Ray retries a task whose worker or node died (scoring is deterministic); an exception is not retried.
+    resources = {"num_cpus": scaling.cpus_per_worker, "num_gpus": 1 if scaling.use_gpu else 0}
     shares = deal(_shard_urls(config), scaling.num_workers)
     pending = [ray.remote(**resources)(_shards_task).remote(model_ref, tracking_uri, config, share)
                for share in shares]
@@ -143,7 +143,7 @@ def _shard_urls(config: RetrainConfig) -> list[str]:
     return urls
 
 
-def _batches(url: str, config: RetrainConfig):
+def shard_batches(url: str, config: RetrainConfig):
     """One validation shard's batches, decoded as training decodes validation data (bad samples
     are skipped alike for both models)."""
     from tokenmill.pipeline.shards.stream import StreamConfig, iter_shard_batches

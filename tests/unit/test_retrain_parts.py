@@ -207,7 +207,7 @@ def test_scores_merged_from_shards_split_over_tasks_equal_one_pass(tmp_path, kin
         assert sorted(i for share in shares for i, _ in share) == [0, 1, 2]  # every shard once
         parts = [part for share in reversed(shares) for part in scoring.score_shards(folder, "", config, share)]
         assert scoring.merge(parts, config) == one
-    batches = [b for url in urls for b in scoring._batches(url, config)]
+    batches = [b for url in urls for b in scoring.shard_batches(url, config)]
     assert one["val/images"] == sum(len(b["key"]) for b in batches) > 0
     if kind == "vqvae":  # no random draws: training's single pass over all batches gives the same numbers
         reference, _ = image_validation.evaluate(model, batches, iw_samples=2)
