@@ -3,9 +3,10 @@ validation shards, and `prior_bits`, a downstream measure of how well a generato
 tokenizer's codes.
 
 prior_bits: the model tokenizes the validation shards (every split) into a store of its own, in
-this process (`pipeline.tokens.local_tokenize`); the engine's prior task trains a small prior on
-the store's `promotion.prior.train_split` for the fixed budget `promotion.prior`, in this process
-(one rank, no Ray, no MLflow, the same seed for every model), and its validation bits per code
+the scoring process (a Ray task under retrain: `pipeline.registry.scoring`), through
+`pipeline.tokens.local_tokenize`; the engine's prior task trains a small prior on the store's
+`promotion.prior.train_split` for the fixed budget `promotion.prior`, in that process (one rank,
+no Ray Train, no MLflow, the same seed for every model), and its validation bits per code
 token on `validation.split` is the metric. Fewer bits: codes a Transformer predicts better.
 
 rfid: the Frechet distance between FID-Inception features of the validation images and of their
@@ -38,60 +39,67 @@ def check_metric(config: RetrainConfig) -> None:
         choices = ", ".join(m for m in METRICS if (m in VAE_METRICS) == config.is_vae and m != "gfid")
         raise UserError(f"promotion.metric {name} does not apply to the {family}; choose one of {choices}")
     if name == "lpips":
-        _lpips(config)  # the weight files must be there before the challenger trains
+        lpips_model(config)  # the weight files must be there before the challenger trains
     if name == "rfid":
-        _inception(config)
+        inception_model(config)
 
 
-def lpips_score(model: Any, batches: Iterator[dict[str, Any]], config: RetrainConfig) -> float:
-    """Mean LPIPS between each validation image and its reconstruction (`tokenmill eval`'s measure)."""
+def lpips_sums(model: Any, batches: Iterator[dict[str, Any]], lpips: Any) -> tuple[float, int]:
+    """(sum of LPIPS between each image and its reconstruction, images) over `batches`: the mean
+    over shares is `tokenmill eval`'s measure. `lpips`: `lpips_model` on the model's device."""
     import torch
 
     from tokenmill.pipeline.shards.stream import to_model_input
     from tokenmill.pipeline.tokenizer_eval import _rgb
 
-    lpips = _lpips(config)
     total, images = 0.0, 0
+    device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            x, _ = to_model_input(batch)  # (B, C, H, W) in [0, 1]
+            x, _ = to_model_input(batch, device)  # (B, C, H, W) in [0, 1]
             recon = model(x).recon.float()
             total += float(lpips(_rgb(x) * 2 - 1, _rgb(recon) * 2 - 1).double().sum())
             images += x.shape[0]
-    return total / max(images, 1)
+    return total, images
 
 
-def rfid_score(model: Any, batches: Iterator[dict[str, Any]], config: RetrainConfig) -> float:
-    """rFID of the validation images against their reconstructions (`tokenmill eval`'s rFID)."""
+def inception_features(model: Any, batches: Iterator[dict[str, Any]], evaluator: Any) -> tuple[Any, Any]:
+    """FID-Inception pools (n, 2048) of the images of `batches` and of their reconstructions, on
+    the CPU; rFID is the Frechet distance of the whole split's (`rfid`)."""
     import torch
 
-    from tokenmill.models.inception_metrics import FeatureStats, frechet_distance
     from tokenmill.pipeline.shards.stream import to_model_input
 
-    evaluator = _inception(config)
-    features: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # (b, 2048) pools: originals, recons
+    features: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # originals, recons
+    device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            x, _ = to_model_input(batch)  # (B, C, H, W) in [0, 1]
+            x, _ = to_model_input(batch, device)  # (B, C, H, W) in [0, 1]
             for side, images in zip(features, (x, model(x).recon.float())):
-                side.append(evaluator.features(images)[0])
-    originals, recons = (FeatureStats.of(torch.cat(side)) for side in features)
-    return frechet_distance(originals, recons)
+                side.append(evaluator.features(images)[0].cpu())
+    return tuple(torch.cat(side) if side else torch.zeros(0, 2048) for side in features)
 
 
-def _inception(config: RetrainConfig):
+def rfid(originals: Any, recons: Any) -> float:
+    """rFID of (N, 2048) original and reconstruction pools (`tokenmill eval`'s rFID)."""
+    from tokenmill.models.inception_metrics import FeatureStats, frechet_distance
+
+    return frechet_distance(FeatureStats.of(originals), FeatureStats.of(recons))
+
+
+def inception_model(config: RetrainConfig, device: Any = "cpu"):
     from tokenmill.pipeline.generation_eval import InceptionWeights, load_evaluator
 
     weights = config.promotion.inception
     try:
-        return load_evaluator(InceptionWeights(weights.path, weights.sha256, config.data.storage_options))
+        return load_evaluator(InceptionWeights(weights.path, weights.sha256, config.data.storage_options), device)
     except UserError as err:
         raise UserError(f"promotion.metric rfid needs FID's Inception weights: {err}") from None
 
 
-def _lpips(config: RetrainConfig):
+def lpips_model(config: RetrainConfig, device: Any = "cpu"):
     from tokenmill.models.lpips import LPIPS, missing_weights, resolve_lpips_weights
     from tokenmill.pipeline.runtime.weights import local_lpips_weights
 
@@ -99,7 +107,7 @@ def _lpips(config: RetrainConfig):
     problem = missing_weights(weights)
     if problem:
         raise UserError(f"promotion.metric lpips needs the LPIPS weights: {problem}")
-    return LPIPS.from_files(resolve_lpips_weights(weights)).eval()
+    return LPIPS.from_files(resolve_lpips_weights(weights)).eval().to(device)
 
 
 def prior_bits(files: Any, config: RetrainConfig, shards: str, tracking_uri: str) -> float:

@@ -1,9 +1,10 @@
 """Champion vs challenger: score both on the fixed validation shards, decide, record, promote.
 
-Scores come from `pipeline.training.tasks.image_validation.evaluate` (training's own validation code) run over the
-fixed shards in manifest order, on a registered model version, so champion and challenger are
-measured by the same code on the same images: VQ family PSNR and codebook usage over the whole
-split, VAE family importance-weighted NLL with seeded samples. Deterministic for a given model.
+Scores come from training's own validation code (`pipeline.training.tasks.image_validation`) run over the
+fixed shards on a registered model version, in Ray tasks with the training's resources
+(`pipeline.registry.scoring`), so champion and challenger are measured by the same code on the same
+images: VQ family PSNR and codebook usage over the whole split, VAE family importance-weighted NLL
+with seeded samples. Deterministic for a given model.
 
 The deciding metric is `promotion.metric` (psnr / nll_nats by default) in its direction; LPIPS
 and the downstream `prior_bits` are added to the scores when they decide (pipeline.registry.downstream).
@@ -25,9 +26,8 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
-from tokenmill.models.errors import UserError
 from tokenmill.pipeline.registry.config import METRICS, RetrainConfig
 
 TAG = "tokenmill.retrain."
@@ -55,27 +55,14 @@ class Decision:
 
 def score(model_ref: str, tracking_uri: str, config: RetrainConfig) -> dict[str, float]:
     """Validation metrics of model `model_ref` (e.g. models:/name/3) on the fixed shards, plus the
-    deciding metric when it is not one of training's (`pipeline.registry.downstream`)."""
-    import torch
+    deciding metric when it is not one of training's (`pipeline.registry.downstream`), in this
+    process; retrain computes the same numbers on Ray workers (`pipeline.registry.scoring`)."""
+    from tokenmill.pipeline.registry import scoring
 
-    from tokenmill.pipeline.registry import downstream
-    from tokenmill.pipeline.registry.model_ref import resolve_model
-    from tokenmill.pipeline.training.tasks import image_validation
-
-    files = resolve_model(model_ref, tracking_uri, config.data.storage_options)
-    model, _ = files.load()
-    torch.manual_seed(config.validation.seed)  # the IW samples of VAEs: same draws for every model
-    metrics, _ = image_validation.evaluate(model, _validation_batches(config), config.validation.iw_samples)
-    if config.metric_name == "lpips":
-        metrics[config.metric] = downstream.lpips_score(model, _validation_batches(config), config)
-    if config.metric_name == "rfid":
-        metrics[config.metric] = downstream.rfid_score(model, _validation_batches(config), config)
-    if config.metric_name == "prior_bits":
-        metrics[config.metric] = downstream.prior_bits(files, config, _validation_folder(config), tracking_uri)
-    return metrics
+    return scoring.score_in_process(model_ref, tracking_uri, config)
 
 
-def _validation_folder(config: RetrainConfig) -> str:
+def validation_folder(config: RetrainConfig) -> str:
     """The fixed validation shards' folder; a built-in source is sharded once under
     run.root/shards/<name>, like a train config's data."""
     from tokenmill.pipeline.shards.sources import BUILTIN_SOURCES
@@ -89,27 +76,7 @@ def validation_shard_urls(config: RetrainConfig) -> list[str]:
     """The fixed validation split's shard URLs; UserError when its manifest is missing."""
     from tokenmill.pipeline.shards.manifest import shards_for_split
 
-    return shards_for_split(_validation_folder(config), config.validation.split, config.data.storage_options)
-
-
-def _validation_batches(config: RetrainConfig) -> Iterator[dict[str, Any]]:
-    """The fixed split in manifest order, decoded as training decodes validation data."""
-    from tokenmill.pipeline.shards.stream import StreamConfig, check_shards, iter_shard_batches
-
-    section, options = config.validation, config.data.storage_options
-    urls = validation_shard_urls(config)
-    check_shards(urls, options)
-    stream = StreamConfig(transform=config.data.transform.for_eval(), shuffle=False, shuffle_buffer=0,
-                          batch_rows=section.batch_size)
-    errors: list[dict[str, str]] = []  # bad samples are skipped alike for both models
-    images = 0
-    for url in urls:
-        for batch in iter_shard_batches(url, stream, errors, storage_options=options):
-            images += len(batch["key"])
-            if len(batch["key"]):
-                yield batch
-    if not images:
-        raise UserError(f"validation.shards {section.shards} has no readable {section.split} images")
+    return shards_for_split(validation_folder(config), config.validation.split, config.data.storage_options)
 
 
 # -- deciding -----------------------------------------------------------------------------------

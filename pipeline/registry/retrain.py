@@ -4,7 +4,8 @@
     if it was already decided, say so and stop (finishing an interrupted re-tokenization);
  2. train a challenger on it with `pipeline.training.driver.train`, warm-started from the champion's weights
     when `promotion.warm_start` and the architectures match;
- 3. score the challenger on the fixed validation shards; then, holding the promotion lock,
+ 3. score the challenger on the fixed validation shards, in Ray tasks with the training's resources
+    (pipeline.registry.scoring: the driver loads no model and decodes no image); then, holding the promotion lock,
     re-check that no other run decided this data version meanwhile, score the current champion
     the same way, decide on `promotion.metric` (PSNR by default; LPIPS, usage, the downstream
     prior_bits, ...), tag the challenger's run and model version, log the decision table, move
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 import uuid
@@ -65,6 +67,9 @@ class RetrainResult:
     # The deciding metric, its direction, the margin and the decision table (every metric of both models)
     promotion: dict[str, Any] | None = None
     reason: str = ""
+    # Where the scores were computed: {"driver_pid", "challenger": [...], "champion": [...]}, each
+    # task's {"node", "pid", "gpus", "shards" (or "metric")} (pipeline.registry.scoring)
+    scored_on: dict[str, Any] = dataclasses.field(default_factory=lambda: {"driver_pid": os.getpid()})
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,7 +113,7 @@ def retrain(config) -> RetrainResult:
     version, run_id = summary.model_version, summary.mlflow_run_id
     result.model_version, result.mlflow_run_id, result.warm_started_from = version, run_id, init_from
     with step("scoring the challenger"):
-        result.challenger_scores = promotion.score(f"models:/{name}/{version}", tracking_uri, config)
+        result.challenger_scores = _score(result, "challenger", f"models:/{name}/{version}", tracking_uri, config)
 
     with step("deciding"), registry_lock.acquire(client, f"{name}.retrain-lock", config.promotion.lock_expiry_s,
                                                  config.promotion.lock_wait_s) as lock:
@@ -120,7 +125,7 @@ def retrain(config) -> RetrainResult:
             return _finish(result, "superseded", reason)
         champion = result.champion_version = promotion.champion_version(client, name, alias)
         if champion:
-            result.champion_scores = promotion.score(f"models:/{name}/{champion}", tracking_uri, config)
+            result.champion_scores = _score(result, "champion", f"models:/{name}/{champion}", tracking_uri, config)
         decision = promotion.decide(config, result.challenger_scores, result.champion_scores)
         lock.check()  # the alias moves only while the lock is provably ours
         if decision.promote:
@@ -136,6 +141,14 @@ def retrain(config) -> RetrainResult:
         with step(f"re-tokenizing {data.name} with {name} v{version} (promoted; rerun to resume)"):
             result.store_url = _retokenize(config, client, tracking_uri, data, version, run_id)
     return _finish(result, "promoted" if decision.promote else "kept", decision.reason)
+
+
+def _score(result: RetrainResult, role: str, model_ref: str, tracking_uri: str, config) -> dict[str, float]:
+    """Model `model_ref`'s scores, computed by Ray tasks on the workers; where they ran goes into `result`."""
+    from tokenmill.pipeline.registry.scoring import score_on_workers
+
+    scores, result.scored_on[role] = score_on_workers(model_ref, tracking_uri, config)
+    return scores
 
 
 def _train(train_config) -> TrainSummary:

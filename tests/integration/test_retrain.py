@@ -164,6 +164,12 @@ def test_first_retrain_promotes_on_prior_bits_and_retokenizes(world, first):
     assert store.attrs()["lineage"]["model_version"] == f"retrain-a/{version}"
     assert tags["tokenmill.retrain.store_complete"] == "true"
     assert read_manifest(str(world.root / "runs" / "shards" / "digits"))["complete"]  # builtin validation set
+    # Both models were scored by Ray tasks, not by the driver (pipeline.registry.scoring); prior_bits too.
+    scored = first["scored_on"]
+    for role in ("challenger", "champion"):
+        assert scored[role] and all(task["node"] and task["pid"] != scored["driver_pid"] for task in scored[role])
+    assert [task["metric"] for task in scored["challenger"] if "metric" in task] == [bits]
+    assert sorted(i for task in scored["challenger"] for i in task.get("shards", [])) == [0]  # the one val shard
 
 
 def test_second_run_on_the_same_data_version_is_a_noop(world, first):

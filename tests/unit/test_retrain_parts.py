@@ -7,9 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import CONFIGS
 from helpers.jobs import write_digits_shards
 
+from tokenmill.models.vae import VAEConfig
 from tokenmill.pipeline.registry import promotion
 from tokenmill.pipeline.registry.config import load_retrain_config
 from tokenmill.pipeline.shards.manifest import read_manifest, write_manifest
@@ -173,3 +175,42 @@ def test_retrains_rfid_equals_tokenmill_evals_on_the_same_split(tmp_path, incept
     reference = evaluate(str(folder), shards, "val", tmp_path / "eval",
                          EvalOptions(inception=InceptionWeights(path, sha256))).metrics
     assert scores["val/rfid"] > 0 and scores["val/rfid"] == pytest.approx(reference["rfid"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["vqvae", "vae"])
+def test_scores_merged_from_shards_split_over_tasks_equal_one_pass(tmp_path, kind, one_thread):
+    """Retrain scores on Ray tasks, each given some of the validation shards (pipeline.registry.scoring):
+    the merged shares equal the scores of one share holding every shard, bit for bit, however the
+    shards are dealt; and (VQ) training's one validation pass over the whole split."""
+    from helpers.engine import grey_shards
+
+    from tokenmill.models import save_model
+    from tokenmill.models.serialization import build_model
+    from tokenmill.pipeline.registry import scoring
+    from tokenmill.pipeline.training.tasks import image_validation
+
+    shards = grey_shards(tmp_path, n=40, size=16, maxcount=4)  # ~12 val images in 3 shards
+    overrides = [f"validation.shards={shards}", f"run.root={tmp_path}", "validation.batch_size=3",
+                 "validation.iw_samples=2", "data.transform.size=16"]
+    config = load_retrain_config(CONFIG, overrides)
+    if kind == "vae":
+        config = config.model_copy(update={"model": VAEConfig(arch="mlp", image_size=16, hidden=16, latent_dim=4)})
+    torch.manual_seed(0)
+    model = build_model(config.model_dump(mode="json")["model"]).eval()
+    folder = str(save_model(model, tmp_path / "model",
+                            extra={"transform": config.data.transform.for_eval().model_dump(mode="json")}))
+    urls = promotion.validation_shard_urls(config)
+    assert len(urls) == 3
+    one = scoring.merge(scoring.score_shards(folder, "", config, scoring.deal(urls, 1)[0]), config)
+    for tasks in (2, 3):
+        shares = scoring.deal(urls, tasks)
+        assert sorted(i for share in shares for i, _ in share) == [0, 1, 2]  # every shard once
+        parts = [part for share in reversed(shares) for part in scoring.score_shards(folder, "", config, share)]
+        assert scoring.merge(parts, config) == one
+    batches = [b for url in urls for b in scoring.shard_batches(url, config)]
+    assert one["val/images"] == sum(len(b["key"]) for b in batches) > 0
+    if kind == "vqvae":  # no random draws: training's single pass over all batches gives the same numbers
+        reference, _ = image_validation.evaluate(model, batches, iw_samples=2)
+        assert one.keys() == reference.keys()
+        assert all(one[k] == pytest.approx(reference[k], rel=1e-12) for k in one)
+        assert one["val/usage"] == reference["val/usage"]

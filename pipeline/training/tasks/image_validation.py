@@ -17,6 +17,7 @@ codebook usage histogram, each where the model offers it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -39,16 +40,74 @@ def evaluate(
     """`batches`: this rank's share of the validation stream (disjoint from the other ranks');
     `precision`: the forward's autocast (a resolved `train.precision`). Returns the metrics and,
     for VQ models, the per-level (stages, K) code counts."""
+    sums = accumulate(model, batches, iw_samples, precision)
+    if world_size > 1:
+        sums.all_reduce()
+    return sums.result()
+
+
+@dataclass
+class ValidationSums:
+    """What one share of the split adds up to: every metric is a ratio of these sums, so shares
+    merge by adding them (`+`, or `all_reduce` across ranks) and the merge equals one pass."""
+
+    is_vae: bool
+    totals: torch.Tensor  # (3,) float64, VAE: images, -IW bound sum, -ELBO sum
+    recon: torch.Tensor  # (len(ReconstructionMetrics.NAMES),) float64, VQ family
+    counts: list[torch.Tensor]  # VQ: per level (stages, K) int64 code counts
+    pixels: int = 0  # values per image (bits/dim); 0 until a batch is seen
+
+    @property
+    def images(self) -> float:
+        return float(self.totals[0] if self.is_vae else self.recon[0])
+
+    def __add__(self, other: ValidationSums) -> ValidationSums:
+        return ValidationSums(self.is_vae, self.totals + other.totals.to(self.totals.device),
+                              self.recon + other.recon.to(self.recon.device),
+                              [a + b.to(a.device) for a, b in zip(self.counts, other.counts)],
+                              max(self.pixels, other.pixels))
+
+    def all_reduce(self) -> None:
+        for tensor in (self.totals, self.recon, *self.counts):
+            dist.all_reduce(tensor)
+
+    def cpu(self) -> ValidationSums:
+        return ValidationSums(self.is_vae, self.totals.cpu(), self.recon.cpu(), [c.cpu() for c in self.counts],
+                              self.pixels)
+
+    def result(self) -> tuple[dict[str, float], list[torch.Tensor]]:
+        """The metrics of these sums and the per-level code counts (see `evaluate`)."""
+        images = max(float(self.totals[0]), 1.0)
+        if self.is_vae:
+            nll = float(self.totals[1]) / images
+            return {"val/images": float(self.totals[0]), "val/nll_nats": nll,
+                    "val/elbo_nats": float(self.totals[2]) / images,
+                    "val/bits_per_dim": bits_per_dim(nll, self.pixels)}, []
+        recon = ReconstructionMetrics(self.recon.device)
+        recon.totals = self.recon
+        metrics = {f"val/{k}": v for k, v in recon.result().items()}
+        for level, level_counts in enumerate(self.counts):
+            usage, perplexity = usage_and_perplexity(level_counts.cpu())
+            suffix = "" if len(self.counts) == 1 else f"_level{level}"
+            metrics[f"val/usage{suffix}"] = float(usage)
+            metrics[f"val/perplexity{suffix}"] = float(perplexity)
+        return metrics, self.counts
+
+
+@torch.no_grad()
+def accumulate(model: torch.nn.Module, batches: Iterable[Any], iw_samples: int,
+               precision: str = "fp32") -> ValidationSums:
+    """The sums of one share of the validation split (on the model's device)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     is_vae = getattr(model, "has_kl", False)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # VAE: images, then two metric sums
-    recon = ReconstructionMetrics(device)  # VQ family
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    recon = ReconstructionMetrics(device)
     counts: list[torch.Tensor] = []  # per level: (stages, K) code counts
     pixels = 0
     for batch in batches:
-        x, y = to_model_input(batch)  # x: (B, C, H, W) in [0, 1], on the model's device
+        x, y = to_model_input(batch, device)  # x: (B, C, H, W) in [0, 1], on the model's device
         pixels = x[0].numel()
         if is_vae:
             with autocast(precision, device):
@@ -63,26 +122,9 @@ def evaluate(
             batch_counts = [_level_counts(model, level) for level in levels]
             counts = batch_counts if not counts else [a + b for a, b in zip(counts, batch_counts)]
     model.train(was_training)
-
-    if not is_vae and not counts:  # this rank saw no batch: contribute zeros of the right shape
+    if not is_vae and not counts:  # this share held no batch: zeros of the right shape
         counts = [torch.zeros(s, model.codebook_size, dtype=torch.long, device=device) for s in _level_stages(model)]
-    if world_size > 1:
-        dist.all_reduce(totals)
-        dist.all_reduce(recon.totals)
-        for level_counts in counts:
-            dist.all_reduce(level_counts)
-    images = max(float(totals[0]), 1.0)
-    if is_vae:
-        nll = float(totals[1]) / images
-        return {"val/images": float(totals[0]), "val/nll_nats": nll, "val/elbo_nats": float(totals[2]) / images,
-                "val/bits_per_dim": bits_per_dim(nll, pixels)}, []
-    metrics = {f"val/{k}": v for k, v in recon.result().items()}
-    for level, level_counts in enumerate(counts):
-        usage, perplexity = usage_and_perplexity(level_counts.cpu())
-        suffix = "" if len(counts) == 1 else f"_level{level}"
-        metrics[f"val/usage{suffix}"] = float(usage)
-        metrics[f"val/perplexity{suffix}"] = float(perplexity)
-    return metrics, counts
+    return ValidationSums(is_vae, totals, recon.totals, counts, pixels)
 
 
 def _level_counts(model: torch.nn.Module, indices: torch.Tensor) -> torch.Tensor:
