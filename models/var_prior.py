@@ -27,10 +27,10 @@ Sampling: one pass per scale, all of the scale's codes drawn at once from its lo
 KV cache each pass feeds only the new scale's inputs (the cache holds the coarser blocks'
 keys/values), without it every pass reruns all blocks so far. Classifier-free guidance runs the
 conditional and null start tokens as one batch; training swaps the class token for the null
-token with probability `label_dropout`. `cfg_schedule` "constant" guides every scale alike;
-"linear" (VAR's sampler) grows the guidance with the scale index, from 1 (plain conditional)
-at the 1x1 scale to `cfg_scale` at the finest, so the coarsest codes (a digit's overall ink)
-are drawn from the distribution the prior learned rather than extrapolated past it.
+token with probability `label_dropout`. Its scale grows with the scale index (`cfg_schedule`
+"linear", as VAR's sampler): 1 (plain conditional) at the 1x1 scale up to `cfg_scale` at the
+finest, because guiding the coarsest codes, which set a digit's overall ink, extrapolates them
+past the data (blank or blotted digits); "constant" guides every scale alike.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class VARConfig(PriorConfig):
     grid: list[list[int]] = field(default_factory=lambda: [[1, 1], [2, 2], [3, 3], [4, 4], [6, 6], [8, 8]])
     positions: Literal["learned", "rope2d"] = "learned"
     interpolation: Literal["bilinear", "nearest"] = "bilinear"  # coarser scales -> scale s's size
-    cfg_schedule: Literal["constant", "linear"] = "constant"  # guidance per scale (module docstring)
+    cfg_schedule: Literal["linear", "constant"] = "linear"  # guidance per scale (module docstring)
 
     __pydantic_config__ = STRICT
 
