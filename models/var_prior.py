@@ -27,7 +27,10 @@ Sampling: one pass per scale, all of the scale's codes drawn at once from its lo
 KV cache each pass feeds only the new scale's inputs (the cache holds the coarser blocks'
 keys/values), without it every pass reruns all blocks so far. Classifier-free guidance runs the
 conditional and null start tokens as one batch; training swaps the class token for the null
-token with probability `label_dropout`.
+token with probability `label_dropout`. Its scale grows with the scale index (`cfg_schedule`
+"linear", as VAR's sampler): 1 (plain conditional) at the 1x1 scale up to `cfg_scale` at the
+finest, because guiding the coarsest codes, which set a digit's overall ink, extrapolates them
+past the data (blank or blotted digits); "constant" guides every scale alike.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class VARConfig(PriorConfig):
     grid: list[list[int]] = field(default_factory=lambda: [[1, 1], [2, 2], [3, 3], [4, 4], [6, 6], [8, 8]])
     positions: Literal["learned", "rope2d"] = "learned"
     interpolation: Literal["bilinear", "nearest"] = "bilinear"  # coarser scales -> scale s's size
+    cfg_schedule: Literal["linear", "constant"] = "linear"  # guidance per scale (module docstring)
 
     __pydantic_config__ = STRICT
 
@@ -186,7 +190,8 @@ class VARPrior(nn.Module):
         use_cache: bool = True, dtype: torch.dtype | str | None = "auto",
     ) -> Tensor:
         """n code sequences (n, N) int64, one pass per scale. With labels and cfg_scale != 1,
-        logits = uncond + s (cond - uncond). (No `steps`: MaskGIT's option; `tokenmill sample --steps`
+        logits = uncond + s (cond - uncond), s per scale from `cfg_scale` by the config's
+        `cfg_schedule` (`guidance_scales`). (No `steps`: MaskGIT's option; `tokenmill sample --steps`
         on a VAR prior is refused by `pipeline.prior.sampling`.)"""
         start = self.prefix(n, labels)[:, -1]  # (n,) class, null or BOS
         if cfg_scale != 1.0:
@@ -205,14 +210,23 @@ class VARPrior(nn.Module):
         rows = start.shape[0]
         cache = KVCache(self.config.depth, self.config.seq_len) if use_cache else None
         start_embedding, maps, inputs, codes = self.embed(start), [], [], []  # (R, dim)
+        guidance = guidance_scales(cfg_scale, len(self.sizes), self.config.cfg_schedule)
         for scale, size in enumerate(self.sizes):
             x = self.scale_input(start_embedding, maps, scale)  # (R, size, dim)
             inputs.append(x)
             h = self.hidden(x, cache) if use_cache else self.hidden(torch.cat(inputs, dim=1))[:, -size:]
             logits = self.logits(h).float()  # (R, size, K)
             if rows > n:
-                logits = logits[:n] + (cfg_scale - 1.0) * (logits[:n] - logits[n:])
+                logits = logits[:n] + (guidance[scale] - 1.0) * (logits[:n] - logits[n:])
             code = sample_logits(logits.flatten(0, 1), *draw).view(n, size)  # (n, size)
             codes.append(code)
             maps.append(self.code_map(code.repeat(rows // n, 1), scale))  # the same codes for null rows
         return torch.cat(codes, dim=1)  # (n, N)
+
+
+def guidance_scales(cfg_scale: float, scales: int, schedule: str) -> list[float]:
+    """The guidance of each of `scales` scales: "constant" `cfg_scale` at every one; "linear" from
+    1 (no guidance) at the coarsest to `cfg_scale` at the finest."""
+    if schedule == "constant":
+        return [cfg_scale] * scales
+    return [1.0 + (cfg_scale - 1.0) * s / (scales - 1) for s in range(scales)]

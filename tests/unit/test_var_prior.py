@@ -16,7 +16,7 @@ from helpers.engine import multiscale_prior_store, prior_store, run_in_process
 from tokenmill.jobs.cli import main as cli_main
 from tokenmill.models import load_model
 from tokenmill.models.prior import KVCache
-from tokenmill.models.var_prior import VARConfig, VARPrior
+from tokenmill.models.var_prior import VARConfig, VARPrior, guidance_scales
 from tokenmill.pipeline.prior.config import load_prior_config, prior_config
 from tokenmill.pipeline.prior.sampling import SampleOptions, sample_prior, takes_steps
 from tokenmill.pipeline.training.tasks.prior import PriorTask
@@ -81,6 +81,22 @@ def test_kv_cache_over_scales_gives_the_full_pass_logits_and_samples(positions):
         assert cached.shape == (4, 30) and cached.dtype == torch.long and 0 <= cached.min() and cached.max() < K
         assert torch.equal(cached, recomputed)
     assert not takes_steps(model)  # `tokenmill sample --steps` is refused for it, as for the AR prior
+
+
+def test_guidance_ramps_from_none_at_the_coarsest_scale_to_cfg_at_the_finest():
+    """VAR's schedule: scale 0 (1x1, the overall ink) is drawn from the plain conditional logits,
+    the finest from the fully guided ones; "constant" guides scale 0 too. Greedy draws (top_k=1)
+    make each scale's code the argmax of the logits it was drawn from."""
+    assert guidance_scales(3.0, 4, "linear") == pytest.approx([1.0, 5 / 3, 7 / 3, 3.0])
+    assert guidance_scales(3.0, 4, "constant") == [3.0] * 4
+    labels = torch.tensor([0, 1, 2])
+    for schedule in ("linear", "constant"):
+        model = _var(cfg_schedule=schedule)
+        cond, null = model(_tokens(model, [0, 1, 2]))[:, 0], model(_tokens(model, [-1, -1, -1]))[:, 0]  # (3, K); -1: null
+        guided = null + 3.0 * (cond - null)
+        assert not torch.equal(cond.argmax(-1), guided.argmax(-1))  # the schedule shows in the first code
+        first = model.sample(3, labels, cfg_scale=3.0, top_k=1)[:, 0]
+        assert torch.equal(first, (cond if schedule == "linear" else guided).argmax(-1))
 
 
 def test_the_loss_is_nats_per_code_and_label_dropout_swaps_the_class_for_null():
