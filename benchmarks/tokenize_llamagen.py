@@ -14,7 +14,8 @@
   of its (1, 2, h*w) codes and one of its label. LlamaGen's `VQModel` is not installable, so the
   loop runs tokenmill's conversion of the same checkpoint, which equals LlamaGen's `vq_model.py`
   (tests/unit/test_llamagen_convert.py); both sides run the same network and the loop's cost is the
-  loop's own. The bench asserts that both give the same codes for every image and mirror.
+  loop's own. The bench asserts that both give the same codes for every image and mirror, up to
+  fp32 near-ties flipped by the batch size (at most 1 in 10,000 codes; `codes_differing`).
 """
 
 from __future__ import annotations
@@ -109,9 +110,12 @@ def benchmark_llamagen(root: Path, n: int, batch_size: int, actors: int | None) 
                                                                         actors=actors, overwrite=True))
     seconds = time.perf_counter() - started
     assert summary.samples == n, summary
-    assert np.array_equal(_store_codes(store, n), baseline["codes"]), "tokenmill's codes differ from the loop's"
+    # Batch 64 vs batch 2 run different fp32 conv kernels: a near-tie between two of the 16384 codes
+    # can flip (1 of 64,000 codes at N = 2000); anything beyond that is a real difference.
+    differing = int((_store_codes(store, n) != baseline["codes"]).sum())
+    assert differing <= 1e-4 * baseline["codes"].size, f"{differing} of tokenmill's codes differ from the loop's"
     result = {
-        "images": n, "batch_size": batch_size, "codes_equal": True,
+        "images": n, "batch_size": batch_size, "codes_differing": differing, "codes": int(baseline["codes"].size),
         "tokenmill_img_s": n / seconds, "tokenmill_files": sum(1 for p in store.rglob("*") if p.is_file()),
         "tokenmill_startup_s": summary.startup_s,
         "llamagen_img_s": baseline["img_s"], "llamagen_files": baseline["files"],
