@@ -32,6 +32,9 @@ The model is an untrained VQ-VAE of realistic size (speed does not depend on tra
   then one `np.save` per sample for its latents and one for its label, as fast-DiT writes them.
 Reported: img/s of both, their ratio, and the number of files each wrote. The model is a tiny
 randomly initialised AutoencoderKL (speed does not depend on training).
+
+`--llamagen-vs-extract` instead: `tokenize --model llamagen:…` against LlamaGen's
+`extract_codes_c2i.py` loop, codes asserted equal (`benchmarks.tokenize_llamagen`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kl-vs-fastdit", action="store_true",
                         help="instead: a tiny diffusers AutoencoderKL through tokenmill vs fast-DiT's extraction loop "
                         "(benchmarks.peers.fastdit_extract)")
+    parser.add_argument("--llamagen-vs-extract", action="store_true",
+                        help="instead: tokenize --model llamagen:… --augment flip vs LlamaGen's extract_codes_c2i.py "
+                        "loop (benchmarks.tokenize_llamagen)")
     add_json_option(parser)
     parser.set_defaults(run=run)
 
@@ -72,6 +78,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = dict(gpus=args.gpus, precision=args.precision, decode_threads=args.decode_threads)
     if args.kl_vs_fastdit:
         chosen, device = benchmark_kl, {}
+    elif args.llamagen_vs_extract:
+        from tokenmill.benchmarks.tokenize_llamagen import benchmark_llamagen
+
+        chosen, device = benchmark_llamagen, {}
     else:
         chosen = benchmark
     if args.workdir is not None:

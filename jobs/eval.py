@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_inception_options(parser)
     parser.add_argument("--tracking-uri", default=None, help="MLflow to read runs:/ and models:/ from and log to "
                         "(default: MLFLOW_TRACKING_URI if set; models are also looked up in ./runs/mlflow.db)")
+    parser.add_argument("--experiment", default=None, help="log the result to this MLflow experiment (default "
+                        "tokenmill-eval, with a tracking URI); without one, to the project's runs/mlflow.db")
     parser.add_argument("--storage-options", type=json_object, default={}, help="fsspec options as JSON")
     add_json_option(parser)
     parser.set_defaults(run=run)
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> EvalSummary:
     options = EvalOptions(batch_size=args.batch_size, lpips=LPIPSWeights(args.lpips_vgg, args.lpips_lin, verify_sha256=False),
                           inception=InceptionWeights(args.inception, args.inception_sha256, args.storage_options),
                           storage_options=args.storage_options,
-                          tracking_uri=args.tracking_uri)
+                          tracking_uri=args.tracking_uri, experiment=args.experiment)
     summary = evaluate(args.model, args.data, args.split, args.out, options)
     shown = "  ".join(f"{k}={v:.4g}" for k, v in summary.metrics.items())
     print(f"evaluated {summary.model} on {summary.split}: {shown}")

@@ -1,7 +1,8 @@
 """Freezing named parts of a tokenizer for fine-tuning (`train.freeze: [encoder, quantizer]`).
 
 A tokenizer's parts are named as in taming/diffusers: encoder, quant_conv, quantizer (alias
-codebook), post_quant_conv, decoder. A model class may say which of its modules make up each
+codebook), post_quant_conv, decoder; freezing encoder and quantizer freezes quant_conv, between
+them, too (`[encoder, quantizer]` is decoder-only fine-tuning: the codes stay the same). A model class may say which of its modules make up each
 part with a class attribute `freezable_parts = {"encoder": ("encoder_bottom", ...), ...}`;
 otherwise each part is the attribute of that name, where the model has one.
 
@@ -47,7 +48,9 @@ def canonical_parts(model: nn.Module, names: Iterable[str]) -> tuple[str, ...]:
         valid = [p for p in PARTS if p in parts] + [a for a, p in ALIASES.items() if p in parts]
         raise UserError(f"train.freeze {unknown}: {type(model).__name__} has no such part; "
                         f"valid: {', '.join(valid) or 'none (this model cannot be partly frozen)'}")
-    return tuple(p for p in PARTS if p in resolved)
+    if {"encoder", "quantizer"} <= resolved:  # quant_conv maps one into the other: frozen with them, or the codes move
+        resolved.add("quant_conv")
+    return tuple(p for p in PARTS if p in resolved and p in parts)
 
 
 def freeze(model: nn.Module, names: Iterable[str]) -> tuple[str, ...]:

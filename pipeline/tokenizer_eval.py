@@ -76,11 +76,15 @@ class EvalOptions:
     lpips: LPIPSWeights = dataclasses.field(default_factory=lambda: LPIPSWeights(verify_sha256=False))
     inception: InceptionWeights = dataclasses.field(default_factory=InceptionWeights)
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI; neither: no MLflow
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI; neither: no MLflow (unless `experiment`)
+    # The MLflow experiment to log to; naming one logs even without a tracking URI, to the
+    # project's store (runs/mlflow.db), so evals sit beside the training runs of that experiment.
+    experiment: str | None = None
 
 
 def evaluate(model_ref: str, data: str, split: str, out_dir: str | Path, options: EvalOptions) -> EvalSummary:
     from tokenmill.pipeline.registry.resolver import resolve_reference
+    from tokenmill.pipeline.registry.tracking import resolve_tracking_uri
     from tokenmill.pipeline.tokens.encoder import model_transform
 
     tracking_uri = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # where the results are logged
@@ -115,8 +119,9 @@ def evaluate(model_ref: str, data: str, split: str, out_dir: str | Path, options
         lpips=lpips_info, rfid=_rfid_info(inception, run.images),
         skipped_samples={"count": len(errors), "samples": errors[:20]}, png=str(png),
     )
-    if tracking_uri:
-        summary.mlflow_run_id = _log_to_mlflow(summary, tracking_uri)
+    log_uri = tracking_uri or (resolve_tracking_uri(None) if options.experiment else None)
+    if log_uri:
+        summary.mlflow_run_id = _log_to_mlflow(summary, log_uri, options.experiment or "tokenmill-eval", out_dir)
     return summary
 
 
@@ -204,14 +209,17 @@ def _rfid_info(inception: Evaluator | str, images: int) -> str | dict[str, Any]:
     return {**inception.weights, "images": images}
 
 
-def _log_to_mlflow(summary: EvalSummary, tracking_uri: str) -> str:
+def _log_to_mlflow(summary: EvalSummary, tracking_uri: str, experiment: str, out_dir: str | Path) -> str:
+    """One MLflow run named after the output folder (`eval-before`, `eval-after`: one model's evals
+    side by side in the experiment's table), with the protocol as params."""
     import mlflow
 
     from tokenmill.pipeline.registry.tracking import flatten
 
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("tokenmill-eval")
-    with mlflow.start_run(run_name=f"eval-{Path(summary.model).name or summary.model}") as run:
+    mlflow.set_experiment(experiment)
+    folder = Path(out_dir).name
+    with mlflow.start_run(run_name=folder if folder.startswith("eval") else f"eval-{folder}") as run:
         mlflow.log_params(flatten({"protocol": summary.protocol, "model": summary.model, "data": summary.data,
                                    "split": summary.split}))
         mlflow.set_tags({"tokenmill.model_sha256": summary.model_sha256,

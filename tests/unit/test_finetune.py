@@ -110,7 +110,7 @@ def test_a_wrong_part_name_is_one_line_listing_the_valid_ones(tmp_path):
     assert "valid: encoder, quantizer, decoder, codebook" in message
 
 
-def test_freezing_every_part_is_refused_and_vqvae2_freezes_its_whole_code_path():
+def test_freezing_every_part_is_refused_and_vqvae2_and_vqgan_freeze_their_whole_code_path():
     from tokenmill.models.freezing import code_parts_sha256, freeze
     from tokenmill.models.serialization import build_model
 
@@ -124,3 +124,7 @@ def test_freezing_every_part_is_refused_and_vqvae2_freezes_its_whole_code_path()
     with torch.no_grad():
         next(model.decoder_top.parameters()).add_(1.0)
     assert code_parts_sha256(model) != sha
+    vqgan = build_model({"kind": "vqgan", "image_size": 16, "base_channels": 8, "channel_mult": [1, 2], "latent_dim": 4,
+                         "z_channels": 8})  # quant_conv: 8 -> 4 channels, as LlamaGen's
+    assert freeze(vqgan, ["encoder", "codebook"]) == ("encoder", "quant_conv", "quantizer")  # decoder-only: codes kept
+    assert not vqgan.quant_conv.weight.requires_grad and vqgan.post_quant_conv.weight.requires_grad
