@@ -36,6 +36,25 @@ class PeerQuantizer(nn.Module):
         return QuantizerOutput(out[0].reshape(z.shape), out[1].reshape(b, h, w, *out[1].shape[2:]), loss)
 
 
+class PngFolder:
+    """The PNGs of a folder in name order as a map-style dataset of ((3, H, W) float32, label 0):
+    what the peers' ImageFolder + ToTensor (+ Normalize) give, as pixels / divisor - offset."""
+
+    def __init__(self, folder: Path, divisor: float, offset: float):
+        self.paths, self.divisor, self.offset = sorted(folder.glob("*.png")), divisor, offset
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(self.paths[i]).convert("RGB"), dtype=np.float32)
+        return torch.from_numpy(pixels).permute(2, 0, 1) / self.divisor - self.offset, 0
+
+
 def fastdit_extract(model_dir: Path, folder: Path, out: Path, batch_size: int) -> dict[str, float]:
     """fast-DiT's extract_features.py, single process, on the PNGs in `folder` with the diffusers
     AutoencoderKL saved at `model_dir`: DataLoader (1 worker) -> encode -> sample * 0.18215 ->
@@ -43,25 +62,14 @@ def fastdit_extract(model_dir: Path, folder: Path, out: Path, batch_size: int) -
     the number of files written."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from tokenmill.pipeline.tokens.diffusers_adapter import import_diffusers
-
-    class Folder(torch.utils.data.Dataset):  # ImageFolder + ToTensor + Normalize(0.5, 0.5)
-        def __init__(self):
-            self.paths = sorted(folder.glob("*.png"))
-
-        def __len__(self):
-            return len(self.paths)
-
-        def __getitem__(self, i):
-            pixels = np.asarray(Image.open(self.paths[i]).convert("RGB"), dtype=np.float32)
-            return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1.0, 0
 
     vae = import_diffusers().AutoencoderKL.from_pretrained(model_dir).eval()
     (out / "features").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
-    loader = torch.utils.data.DataLoader(Folder(), batch_size=batch_size, shuffle=False, num_workers=1)
+    images = PngFolder(folder, 127.5, 1.0)  # ToTensor + Normalize(0.5, 0.5): [-1, 1]
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=1)
     started, step = time.perf_counter(), 0
     with torch.no_grad():
         for x, y in loader:

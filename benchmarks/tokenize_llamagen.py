@@ -52,25 +52,15 @@ def llamagen_extract(ref: str, folder: Path, out: Path) -> dict[str, Any]:
     """extract_codes_c2i.py on one process (module docstring): returns img/s, files written and the
     codes, (N, 2, h*w) in file order."""
     import torch
-    from PIL import Image
 
+    from tokenmill.benchmarks.peers import PngFolder
     from tokenmill.pipeline.registry.model_ref import resolve_model
-
-    class Folder(torch.utils.data.Dataset):  # ImageFolder + center_crop_arr (a no-op at the size) + ToTensor
-        def __init__(self):
-            self.paths = sorted(folder.glob("*.png"))
-
-        def __len__(self):
-            return len(self.paths)
-
-        def __getitem__(self, i):
-            pixels = np.asarray(Image.open(self.paths[i]).convert("RGB"), dtype=np.float32)
-            return torch.from_numpy(pixels).permute(2, 0, 1) / 255.0, 0  # tokenmill's model maps [0, 1] to [-1, 1]
 
     vq_model = resolve_model(ref).load()[0].eval()
     for name in ("codes", "labels"):
         (out / name).mkdir(parents=True, exist_ok=True)
-    loader = torch.utils.data.DataLoader(Folder(), batch_size=1, shuffle=False, num_workers=1)
+    images = PngFolder(folder, 255.0, 0.0)  # ToTensor: [0, 1] (tokenmill's model maps it to [-1, 1])
+    loader = torch.utils.data.DataLoader(images, batch_size=1, shuffle=False, num_workers=1)
     started, total, codes = time.perf_counter(), 0, []
     with torch.no_grad():
         for x, y in loader:
